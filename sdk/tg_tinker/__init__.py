@@ -1,0 +1,48 @@
+"""tg_tinker: the TenSafe SDK. Queue training operations, get futures, train privately."""
+
+from .config import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
+from .errors import (
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+    AuthenticationError,
+    ConnectionError,
+    DPBudgetExceededError,
+    FutureTimeoutError,
+    OperationCancelledError,
+    OperationLostError,
+    ResourceExhaustedError,
+    TGTinkerError,
+    TrainingClientError,
+    ValidationError,
+)
+from .futures import Future
+from .sampling_client import SamplingClient
+from .service_client import ServiceClient
+from .training_client import TrainingClient
+from .types import (
+    ArtifactInfo,
+    AuditEntry,
+    BatchData,
+    ClientStatus,
+    ComputeLogprobsResult,
+    DPMetrics,
+    ForwardBackwardResult,
+    ForwardResult,
+    LoadStateResult,
+    OptimStepResult,
+    SampleResult,
+    SampleSequence,
+    SaveStateResult,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuthenticationError",
+    "BatchData", "ClientStatus", "ComputeLogprobsResult", "ConnectionError", "DPBudgetExceededError", "DPConfig",
+    "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError", "LoRAConfig",
+    "LoadStateResult", "OperationCancelledError", "OperationLostError", "OptimStepResult", "OptimizerConfig",
+    "ResourceExhaustedError", "SampleResult", "SampleSequence", "SamplingClient", "SaveStateResult",
+    "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingConfig",
+    "ValidationError",
+]

@@ -1,0 +1,115 @@
+"""The TenSafe error hierarchy, shared by the SDK and the trainer.
+
+The trainer raises these; the wire carries ``{"type": <class name>, "message", "details"}``; the SDK
+turns that back into the same class with :func:`error_from_wire`.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+
+class TGTinkerError(Exception):
+    """Base of every TenSafe error. ``details`` holds machine-readable context."""
+
+    #: HTTP status the trainer answers with when this error ends a request.
+    http_status = 500
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "message": self.message, "details": self.details}
+
+
+class ValidationError(TGTinkerError, ValueError):
+    """A bad config, batch or request: fix the input and retry."""
+
+    http_status = 422
+
+
+class FutureTimeoutError(TGTinkerError, TimeoutError):
+    """``future.result(timeout)`` expired; the operation itself goes on."""
+
+    http_status = 408
+
+
+class OperationCancelledError(TGTinkerError):
+    """The operation was cancelled before it started."""
+
+    http_status = 409
+
+
+class DPBudgetExceededError(TGTinkerError):
+    """The step would take total epsilon past ``target_epsilon``; no weight was changed."""
+
+    http_status = 409
+
+
+class ArtifactNotFoundError(TGTinkerError, KeyError):
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.message
+
+
+class ArtifactIntegrityError(TGTinkerError):
+    """Stored bytes failed authentication: tampered, truncated, swapped or under the wrong key."""
+
+    http_status = 422
+
+
+class AuthenticationError(TGTinkerError):
+    http_status = 401
+
+
+class ConnectionError(TGTinkerError, builtins.ConnectionError):  # noqa: A001 - part of the API
+    """The trainer could not be reached after retries."""
+
+    http_status = 503
+
+
+class TrainingClientError(TGTinkerError):
+    """The training client is in ``ERROR`` or an operation failed inside the trainer."""
+
+    http_status = 500
+
+
+class OperationLostError(TGTinkerError):
+    """The trainer no longer knows the operation (it restarted): its outcome is unknown."""
+
+    http_status = 410
+
+
+class ResourceExhaustedError(TGTinkerError):
+    """The trainer's queue is full: back off and resubmit."""
+
+    http_status = 429
+
+
+_BY_NAME: dict[str, type[TGTinkerError]] = {
+    cls.__name__: cls
+    for cls in (
+        TGTinkerError,
+        ValidationError,
+        FutureTimeoutError,
+        OperationCancelledError,
+        DPBudgetExceededError,
+        ArtifactNotFoundError,
+        ArtifactIntegrityError,
+        AuthenticationError,
+        ConnectionError,
+        TrainingClientError,
+        OperationLostError,
+        ResourceExhaustedError,
+    )
+}
+
+
+def error_from_wire(payload: dict[str, Any]) -> TGTinkerError:
+    """Rebuild the error the trainer reported; unknown types become ``TGTinkerError``."""
+    cls = _BY_NAME.get(str(payload.get("type")), TGTinkerError)
+    return cls(str(payload.get("message", "unknown error")), payload.get("details") or {})

@@ -1,0 +1,140 @@
+"""Futures for queued operations, resolved by long-polling the trainer's operation record."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable, Generic, Optional, TypeVar
+
+from .errors import (
+    FutureTimeoutError,
+    OperationCancelledError,
+    OperationLostError,
+    TGTinkerError,
+    error_from_wire,
+)
+from .transport import Transport
+from .types import OperationRecord, OperationStatus
+from .wire import WireModel
+
+T = TypeVar("T")
+POLL_S = 30.0
+
+
+class Future(Generic[T]):
+    """The eventual result of one operation. Operations of a client run in submission order,
+    whatever order their futures are waited on."""
+
+    def __init__(self, transport: Transport, record: OperationRecord, result_type: type[WireModel],
+                 on_result: Optional[Callable[[Any], None]] = None):
+        self._transport = transport
+        self._result_type = result_type
+        self._on_result = on_result
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[["Future[T]"], None]] = []
+        self.operation_id = record.operation_id
+        self.type = record.type
+        self._outcome: Optional[tuple[bool, Any]] = None
+        self._absorb(record)
+
+    def __repr__(self) -> str:
+        state = "pending" if self._outcome is None else ("done" if self._outcome[0] else "failed")
+        return f"<Future {self.type} {self.operation_id} {state}>"
+
+    # --- resolution -------------------------------------------------------------------------
+
+    def _absorb(self, record: OperationRecord) -> None:
+        if not record.status.finished:
+            return
+        if record.status is OperationStatus.SUCCEEDED:
+            outcome = (True, self._result_type.parse(record.result))
+        else:
+            outcome = (False, error_from_wire(record.error.model_dump() if record.error else {}))
+        self._settle(outcome)
+
+    def _settle(self, outcome: tuple[bool, Any]) -> None:
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = outcome
+            callbacks, self._callbacks = self._callbacks, []
+        if outcome[0] and self._on_result is not None:
+            self._on_result(outcome[1])
+        for callback in callbacks:
+            callback(self)
+
+    def _poll(self, wait: float) -> None:
+        try:
+            data = self._transport.request("GET", f"/v1/operations/{self.operation_id}",
+                                           params={"wait": wait}, timeout=wait + 30.0)
+        except OperationLostError as exc:
+            self._settle((False, exc))
+            return
+        self._absorb(OperationRecord.parse(data))
+
+    def _wait(self, timeout: Optional[float]) -> tuple[bool, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outcome is None:
+            remaining = POLL_S if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise FutureTimeoutError(
+                    f"{self.type} operation {self.operation_id} not finished after {timeout}s; it goes on",
+                    {"operation_id": self.operation_id, "timeout": timeout})
+            self._poll(min(remaining, POLL_S))
+        return self._outcome
+
+    # --- the concurrent.futures-like surface -------------------------------------------------
+
+    def done(self) -> bool:
+        if self._outcome is None:
+            self._poll(0.0)
+        return self._outcome is not None
+
+    def result(self, timeout: Optional[float] = None) -> T:
+        ok, value = self._wait(timeout)
+        if ok:
+            return value
+        raise value
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[TGTinkerError]:
+        ok, value = self._wait(timeout)
+        return None if ok else value
+
+    def cancel(self) -> bool:
+        """Cancel if the operation has not started; True only then."""
+        if self._outcome is not None:
+            return False
+        data = self._transport.request("POST", f"/v1/operations/{self.operation_id}/cancel")
+        self._absorb(OperationRecord.parse(data["record"]))
+        return bool(data["cancelled"])
+
+    def cancelled(self) -> bool:
+        return self._outcome is not None and isinstance(self._outcome[1], OperationCancelledError)
+
+    def add_done_callback(self, fn: Callable[["Future[T]"], None]) -> None:
+        with self._lock:
+            if self._outcome is None:
+                self._callbacks.append(fn)
+                start_watcher = len(self._callbacks) == 1
+            else:
+                start_watcher = None
+        if start_watcher is None:
+            fn(self)
+        elif start_watcher:
+            threading.Thread(target=self._watch, name=f"watch-{self.operation_id}", daemon=True).start()
+
+    def _watch(self) -> None:
+        while self._outcome is None:
+            try:
+                self._poll(POLL_S)
+            except TGTinkerError as exc:  # transport gave up: the callbacks learn of it as the outcome
+                self._settle((False, exc))
+
+    # --- asyncio -----------------------------------------------------------------------------
+
+    async def result_async(self, timeout: Optional[float] = None) -> T:
+        return await asyncio.to_thread(self.result, timeout)
+
+    def __await__(self):
+        return self.result_async().__await__()

@@ -1,0 +1,68 @@
+"""The embedded local backend: the trainer server as a child process on loopback.
+
+It is the same server a trainer pod runs (``tensafe serve``), bound to 127.0.0.1 with a fresh
+bearer token, and it exits when this process does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import TGTinkerError
+
+START_TIMEOUT_S = 180.0
+
+
+class LocalTrainer:
+    def __init__(self, home: Optional[Path] = None, log_level: str = "warning"):
+        if importlib.util.find_spec("tensafe_trainer") is None:
+            raise TGTinkerError(
+                "the embedded local backend needs the trainer: pip install 'tensafe[trainer]' "
+                "(or pass base_url= / backend='kubernetes' to use a remote trainer)")
+        self.token = secrets.token_urlsafe(32)
+        self._dir = Path(tempfile.mkdtemp(prefix="tensafe-local-"))
+        ready = self._dir / "ready.json"
+        self.log_path = self._dir / "trainer.log"
+        env = dict(os.environ, TENSAFE_AUTH_TOKEN=self.token)
+        if home is not None:
+            env["TENSAFE_HOME"] = str(home)
+        command = [sys.executable, "-m", "tensafe_trainer", "serve", "--host", "127.0.0.1", "--port", "0",
+                   "--ready-file", str(ready), "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if self.process.poll() is not None:
+                raise TGTinkerError(f"the local trainer exited with code {self.process.returncode}:\n"
+                                    f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TGTinkerError(f"the local trainer did not start in {START_TIMEOUT_S:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.base_url = f"http://127.0.0.1:{info['port']}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,139 @@
+"""``TrainingClient``: queue training operations on one trainer session and get futures back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from .config import TrainingConfig
+from .futures import Future
+from .types import (
+    RESULT_TYPES,
+    BatchData,
+    ClientInfo,
+    ClientStatus,
+    ForwardBackwardRequest,
+    ForwardBackwardResult,
+    ForwardRequest,
+    ForwardResult,
+    LoadStateRequest,
+    LoadStateResult,
+    OperationRecord,
+    OptimStepRequest,
+    OptimStepResult,
+    SaveStateRequest,
+    SaveStateResult,
+)
+
+if TYPE_CHECKING:
+    from .sampling_client import SamplingClient
+    from .service_client import ServiceClient
+
+Batch = Union[BatchData, dict]
+
+
+class OperationQueue:
+    """Submits operations of one client in call order, each with a fresh idempotency key."""
+
+    def __init__(self, service: "ServiceClient", client_id: str):
+        self._transport = service.transport
+        self._path = f"/v1/clients/{client_id}/operations"
+        self._lock = threading.Lock()
+
+    def submit(self, request: Any, on_result=None) -> Future:
+        body = {"request": request.model_dump(mode="json"), "idempotency_key": uuid.uuid4().hex}
+        with self._lock:  # the trainer sees submissions in the order the caller made them
+            data = self._transport.request("POST", self._path, json=body)
+        return Future(self._transport, OperationRecord.parse(data), RESULT_TYPES[request.type], on_result)
+
+
+class TrainingClient:
+    def __init__(self, service: "ServiceClient", info: ClientInfo, config: TrainingConfig):
+        self._service = service
+        self.id = info.client_id
+        self.config = config
+        self._info = info
+        self._queue = OperationQueue(service, self.id)
+
+    def __repr__(self) -> str:
+        return f"<TrainingClient {self.id} {self.status.value} step={self.step}>"
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self._info.step
+
+    @property
+    def status(self) -> ClientStatus:
+        return self._info.status
+
+    @property
+    def total_epsilon(self) -> Optional[float]:
+        return self._info.total_epsilon
+
+    @property
+    def info(self) -> ClientInfo:
+        return self._info
+
+    def refresh(self) -> "TrainingClient":
+        self._info = self._service._client_info(self.id)
+        return self
+
+    def _advance(self, result: Union[OptimStepResult, LoadStateResult]) -> None:
+        self._info = self._info.model_copy(update={"step": result.step})
+
+    # --- operations -------------------------------------------------------------------------
+
+    def forward_backward(self, batch: Batch) -> Future[ForwardBackwardResult]:
+        return self._queue.submit(ForwardBackwardRequest(batch=BatchData.parse(batch)))
+
+    def forward(self, batch: Batch) -> Future[ForwardResult]:
+        return self._queue.submit(ForwardRequest(batch=BatchData.parse(batch)))
+
+    def optim_step(self, apply_dp_noise: Optional[bool] = None) -> Future[OptimStepResult]:
+        return self._queue.submit(OptimStepRequest(apply_dp_noise=apply_dp_noise), on_result=self._advance)
+
+    def save_state(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
+        request = SaveStateRequest(include_optimizer=include_optimizer, metadata=metadata or {})
+        return self._queue.submit(request).result()
+
+    def load_state(self, artifact_id: str) -> LoadStateResult:
+        return self._queue.submit(LoadStateRequest(artifact_id=artifact_id), on_result=self._advance).result()
+
+    def save_weights_for_sampler(self, name: Optional[str] = None) -> str:
+        """Save the current weights (no optimizer state) as a sampler artifact; returns its id."""
+        request = SaveStateRequest(kind="sampler", include_optimizer=False, name=name)
+        return self._queue.submit(request).result().artifact_id
+
+    def create_sampling_client(self) -> "SamplingClient":
+        """A sampler over this client's live weights; its operations queue behind training ones."""
+        from .sampling_client import SamplingClient
+
+        return SamplingClient(self._service, self.id, owned=False)
+
+    def close(self) -> None:
+        """Terminate the trainer session; queued operations are cancelled."""
+        if self.status is not ClientStatus.TERMINATED:
+            self._info = self._service._terminate(self.id)
+
+    terminate = close
+
+    # --- asyncio twins ----------------------------------------------------------------------
+
+    async def forward_backward_async(self, batch: Batch) -> Future[ForwardBackwardResult]:
+        return await asyncio.to_thread(self.forward_backward, batch)
+
+    async def forward_async(self, batch: Batch) -> Future[ForwardResult]:
+        return await asyncio.to_thread(self.forward, batch)
+
+    async def optim_step_async(self, apply_dp_noise: Optional[bool] = None) -> Future[OptimStepResult]:
+        return await asyncio.to_thread(self.optim_step, apply_dp_noise)
+
+    async def save_state_async(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
+        return await asyncio.to_thread(self.save_state, include_optimizer, metadata)
+
+    async def load_state_async(self, artifact_id: str) -> LoadStateResult:
+        return await asyncio.to_thread(self.load_state, artifact_id)

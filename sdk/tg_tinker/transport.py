@@ -1,0 +1,66 @@
+"""HTTP transport to a trainer: bearer auth, retries with backoff, errors mapped to TenSafe types.
+
+Every request is safe to retry: reads are idempotent, and submissions carry an idempotency key that
+the trainer uses to return the operation it already created instead of running it twice.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Optional
+
+import httpx
+
+from .errors import AuthenticationError, ConnectionError, TGTinkerError, error_from_wire
+
+RETRY_STATUSES = {502, 503, 504}
+
+
+class Transport:
+    def __init__(self, base_url: str, token: Optional[str], *, timeout: float = 30.0, retries: int = 5,
+                 backoff: float = 0.2, verify: Any = True):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, limits=limits,
+                                    verify=verify)
+        self.retries, self.backoff = retries, backoff
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, *, json: Any = None, params: Optional[dict] = None,
+                timeout: Optional[float] = None, raw: bool = False) -> Any:
+        attempt = 0
+        while True:
+            try:
+                kwargs = {"json": json, "params": params}
+                if timeout is not None:
+                    kwargs["timeout"] = timeout
+                response = self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise ConnectionError(
+                        f"trainer at {self.base_url} unreachable after {attempt + 1} attempts: "
+                        f"{type(exc).__name__}: {exc}", {"url": self.base_url}) from None
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+                    return self._decode(response, raw)
+            attempt += 1
+            time.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+
+    @staticmethod
+    def _decode(response: httpx.Response, raw: bool) -> Any:
+        if response.status_code < 400:
+            return response.content if raw else response.json()
+        try:
+            payload = response.json().get("error")
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict):
+            raise error_from_wire(payload)
+        if response.status_code == 401:
+            raise AuthenticationError("the trainer refused the request's credentials")
+        raise TGTinkerError(f"trainer answered HTTP {response.status_code}: {response.text[:300]}",
+                            {"status_code": response.status_code})

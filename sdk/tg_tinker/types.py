@@ -1,0 +1,346 @@
+"""Wire types shared by the SDK and the trainer: batches, operation records and results."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .config import TrainingConfig
+from .wire import WireModel
+
+IGNORE_INDEX = -100
+
+
+class ClientStatus(str, Enum):
+    INITIALIZING = "INITIALIZING"
+    READY = "READY"
+    BUSY = "BUSY"
+    ERROR = "ERROR"
+    TERMINATED = "TERMINATED"
+
+
+class OperationStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.CANCELLED)
+
+
+def _as_int_rows(value: Any, name: str) -> list[list[int]]:
+    """Accept lists, numpy arrays and torch tensors; refuse floats, bools and ragged rows."""
+    if hasattr(value, "tolist") and not isinstance(value, list):
+        dtype = str(getattr(value, "dtype", ""))
+        if "float" in dtype or "complex" in dtype or "bool" in dtype:
+            raise ValueError(f"{name} must hold integers, got dtype {dtype}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty list of rows")
+    rows = []
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)) or len(row) == 0:
+            raise ValueError(f"{name}[{i}] must be a non-empty list of integers")
+        for tok in row:
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise ValueError(f"{name}[{i}] must hold integers, found {type(tok).__name__} {tok!r}")
+        rows.append(list(row))
+    return rows
+
+
+class BatchData(WireModel):
+    """One micro-batch. ``labels[b][t]`` is the target for position t (already shifted); -100 ignores it."""
+
+    input_ids: list[list[int]]
+    attention_mask: Optional[list[list[int]]] = None
+    labels: Optional[list[list[int]]] = None
+
+    @field_validator("input_ids", "attention_mask", "labels", mode="before")
+    @classmethod
+    def _rows(cls, value, info):
+        return None if value is None else _as_int_rows(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        widths = {len(r) for r in self.input_ids}
+        if len(widths) != 1:
+            raise ValueError(f"input_ids is ragged: row lengths {sorted(widths)}; pad to one length")
+        shape = (len(self.input_ids), widths.pop())
+        for name in ("attention_mask", "labels"):
+            rows = getattr(self, name)
+            if rows is None:
+                continue
+            other = (len(rows), len({len(r) for r in rows}) == 1 and len(rows[0]))
+            if other != shape:
+                raise ValueError(f"{name} shape does not match input_ids {list(shape)}")
+        if self.attention_mask is not None and any(v not in (0, 1) for r in self.attention_mask for v in r):
+            raise ValueError("attention_mask values must be 0 or 1")
+        if min(v for r in self.input_ids for v in r) < 0:
+            raise ValueError("input_ids must be non-negative token ids")
+        if self.labels is not None and any(v < 0 and v != IGNORE_INDEX for r in self.labels for v in r):
+            raise ValueError(f"labels must be token ids or {IGNORE_INDEX} (ignored)")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.input_ids), len(self.input_ids[0])
+
+
+# --- operation requests -------------------------------------------------------------------------
+
+
+class ForwardBackwardRequest(WireModel):
+    type: Literal["forward_backward"] = "forward_backward"
+    batch: BatchData
+
+
+class ForwardRequest(WireModel):
+    type: Literal["forward"] = "forward"
+    batch: BatchData
+
+
+class OptimStepRequest(WireModel):
+    type: Literal["optim_step"] = "optim_step"
+    apply_dp_noise: Optional[bool] = None
+
+
+class SaveStateRequest(WireModel):
+    type: Literal["save_state"] = "save_state"
+    include_optimizer: bool = True
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["checkpoint", "sampler"] = "checkpoint"
+    name: Optional[str] = Field(None, max_length=128)
+
+
+class LoadStateRequest(WireModel):
+    type: Literal["load_state"] = "load_state"
+    artifact_id: str = Field(min_length=1, max_length=128)
+
+
+class SampleRequest(WireModel):
+    type: Literal["sample"] = "sample"
+    prompt: Union[str, list[int]]
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=1)
+    stop: Optional[list[Union[str, int]]] = None
+    seed: Optional[int] = None
+    num_samples: int = Field(1, ge=1, le=64)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, list) and (not value or any(isinstance(t, bool) or t < 0 for t in value)):
+            raise ValueError("a token prompt must be a non-empty list of non-negative token ids")
+        if isinstance(value, str) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ComputeLogprobsRequest(WireModel):
+    type: Literal["compute_logprobs"] = "compute_logprobs"
+    tokens: list[int] = Field(min_length=1)
+
+
+OperationRequest = Union[
+    ForwardBackwardRequest,
+    ForwardRequest,
+    OptimStepRequest,
+    SaveStateRequest,
+    LoadStateRequest,
+    SampleRequest,
+    ComputeLogprobsRequest,
+]
+
+
+class SubmitOperation(WireModel):
+    request: OperationRequest = Field(discriminator="type")
+    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=128)
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+class DPMetrics(WireModel):
+    noise_applied: bool
+    noise_multiplier: float
+    epsilon_spent: float
+    total_epsilon: float
+    delta: float
+    grad_norm_before_clip: float
+    grad_norm_after_clip: float
+    num_clipped: int
+    num_examples: int
+    sample_rate: float
+    sampling_assumption: str
+    accountant_type: str
+
+
+class ForwardBackwardResult(WireModel):
+    loss: float
+    grad_norm: float
+    tokens_processed: int
+    num_examples: int
+
+
+class ForwardResult(WireModel):
+    loss: float
+    tokens_processed: int
+    logprobs: list[list[float]]
+
+
+class OptimStepResult(WireModel):
+    step: int
+    learning_rate: float
+    dp_metrics: Optional[DPMetrics] = None
+
+
+class EncryptionInfo(WireModel):
+    algorithm: str
+    key_id: str
+    tenant_id: str
+
+
+class SaveStateResult(WireModel):
+    artifact_id: str
+    size_bytes: int
+    content_hash: str
+    encryption: EncryptionInfo
+    step: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    kind: str = "checkpoint"
+    name: Optional[str] = None
+
+
+class LoadStateResult(WireModel):
+    artifact_id: str
+    step: int
+    status: str
+    total_epsilon: Optional[float] = None
+
+
+class SampleSequence(WireModel):
+    tokens: list[int]
+    text: Optional[str] = None
+    logprobs: list[float]
+    stop_reason: Literal["length", "stop", "eos"]
+
+
+class SampleResult(WireModel):
+    sequences: list[SampleSequence]
+    prompt_tokens: list[int]
+
+    @property
+    def text(self) -> Optional[str]:
+        return self.sequences[0].text
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequences[0].tokens
+
+
+class ComputeLogprobsResult(WireModel):
+    logprobs: list[Optional[float]]
+
+
+class ErrorInfo(WireModel):
+    type: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class OperationRecord(WireModel):
+    operation_id: str
+    client_id: str
+    type: str
+    status: OperationStatus
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    result: Optional[dict[str, Any]] = None
+    error: Optional[ErrorInfo] = None
+
+
+class CreateTrainingClient(WireModel):
+    config: TrainingConfig
+    client_id: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class CreateSamplingClient(WireModel):
+    training_client_id: Optional[str] = None
+    artifact_id: Optional[str] = None
+    model_path: Optional[str] = None
+    base_model: Optional[str] = None
+    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [n for n in ("training_client_id", "artifact_id", "model_path") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one weight source, not {given}")
+        if not given and not self.base_model:
+            raise ValueError("give a training client, an artifact_id, a model_path or a base_model")
+        return self
+
+
+class ClientInfo(WireModel):
+    client_id: str
+    kind: Literal["training", "sampling"]
+    status: ClientStatus
+    step: int
+    tenant_id: str
+    config: Optional[TrainingConfig] = None
+    total_epsilon: Optional[float] = None
+    last_checkpoint: Optional[str] = None
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    queue_depth: int = 0
+
+
+class ArtifactInfo(WireModel):
+    artifact_id: str
+    tenant_id: str
+    training_client_id: str
+    kind: str
+    size_bytes: int
+    content_hash: str
+    created_at: float
+    step: int
+    key_id: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    name: Optional[str] = None
+
+
+class AuditEntry(WireModel):
+    entry_id: str
+    sequence: int
+    timestamp: float
+    operation: str
+    training_client_id: Optional[str]
+    tenant_id: Optional[str]
+    request_hash: str
+    success: bool
+    artifact_ids_produced: list[str] = Field(default_factory=list)
+    artifact_ids_consumed: list[str] = Field(default_factory=list)
+    dp_metrics: Optional[dict[str, Any]] = None
+    error: Optional[str] = None
+    prev_hash: str
+    record_hash: str
+
+
+RESULT_TYPES: dict[str, type[WireModel]] = {
+    "forward_backward": ForwardBackwardResult,
+    "forward": ForwardResult,
+    "optim_step": OptimStepResult,
+    "save_state": SaveStateResult,
+    "load_state": LoadStateResult,
+    "sample": SampleResult,
+    "compute_logprobs": ComputeLogprobsResult,
+}

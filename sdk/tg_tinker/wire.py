@@ -1,0 +1,44 @@
+"""Base class for every wire model: strict, and failing with TenSafe's ``ValidationError``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+
+from .errors import ValidationError
+
+
+def describe_pydantic_error(exc: pydantic.ValidationError, model: str) -> ValidationError:
+    problems = []
+    for err in exc.errors():
+        original = (err.get("ctx") or {}).get("error")
+        if isinstance(original, ValidationError) and len(exc.errors()) == 1:
+            return original  # already described by a nested model
+        field = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
+        message = str(original) if original is not None else err.get("msg", "invalid")
+        problems.append({"field": field, "problem": message})
+    text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+    return ValidationError(f"invalid {model}: {text}", {"errors": problems})
+
+
+class WireModel(pydantic.BaseModel):
+    """Unknown fields are refused; invalid values raise ``tg_tinker.ValidationError`` naming the field."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise describe_pydantic_error(exc, type(self).__name__) from None
+
+    @classmethod
+    def parse(cls, data: Any):
+        """Validate wire data (a dict) into this model, raising TenSafe's ``ValidationError``."""
+        if isinstance(data, cls):
+            return data
+        try:
+            return cls.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise describe_pydantic_error(exc, cls.__name__) from None

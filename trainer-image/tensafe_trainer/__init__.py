@@ -1,0 +1,1 @@
+"""The TenSafe trainer: FastAPI operation queue, training engine, DP-SGD, encrypted artifacts, audit."""

@@ -1,0 +1,144 @@
+"""The artifact store: encrypted files on a local filesystem (a PersistentVolume in Kubernetes).
+
+Layout: ``<root>/<tenant>/<artifact_id>.tsa`` (the encrypted artifact) and ``<artifact_id>.json``
+(its public description: ids, kind, step, size, content hash, key id; never user metadata, which
+travels encrypted inside the payload). Writes go to a temporary name, are fsynced and renamed, so
+a reader sees the old state or the new one and never half of either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Optional
+
+from tg_tinker.errors import ArtifactNotFoundError, ValidationError
+from tg_tinker.types import ArtifactInfo
+
+from . import crypto
+from .keys import KeyProvider, check_tenant
+
+ARTIFACT_ID = re.compile(r"^art-[0-9a-f]{32}$")
+
+
+def new_artifact_id() -> str:
+    return f"art-{secrets.token_hex(16)}"
+
+
+def check_artifact_id(artifact_id: str) -> str:
+    if not isinstance(artifact_id, str) or not ARTIFACT_ID.match(artifact_id):
+        raise ArtifactNotFoundError(f"no artifact {artifact_id!r}: artifact ids look like art-<32 hex digits>",
+                                    {"artifact_id": str(artifact_id)[:80]})
+    return artifact_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+class ArtifactStore:
+    def __init__(self, root: Path, keys: KeyProvider):
+        self.root = Path(root)
+        self.keys = keys
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, tenant_id: str) -> Path:
+        folder = self.root / check_tenant(tenant_id)
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def _paths(self, tenant_id: str, artifact_id: str) -> tuple[Path, Path]:
+        folder = self._dir(tenant_id)
+        check_artifact_id(artifact_id)
+        return folder / f"{artifact_id}.tsa", folder / f"{artifact_id}.json"
+
+    def put(self, plaintext: bytes, *, tenant_id: str, training_client_id: str, kind: str, step: int,
+            name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
+        artifact_id = artifact_id or new_artifact_id()
+        data_path, info_path = self._paths(tenant_id, artifact_id)
+        binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
+        result = {}
+
+        def write(f):
+            result["size"], result["hash"] = crypto.encrypt_to(f, plaintext, binding, self.keys)
+
+        _atomic_write(data_path, write)
+        with open(data_path, "rb") as f:
+            header, _ = crypto.read_header(f)
+        info = ArtifactInfo(
+            artifact_id=artifact_id, tenant_id=tenant_id, training_client_id=training_client_id, kind=kind,
+            size_bytes=result["size"], content_hash=result["hash"], created_at=time.time(), step=step,
+            key_id=header["kid"], name=name,
+        )
+        _atomic_write(info_path, lambda f: f.write(info.model_dump_json().encode()))
+        return info
+
+    def info(self, tenant_id: str, artifact_id: str) -> ArtifactInfo:
+        data_path, info_path = self._paths(tenant_id, artifact_id)
+        if not data_path.exists() or not info_path.exists():
+            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} for tenant {tenant_id!r}",
+                                        {"artifact_id": artifact_id})
+        return ArtifactInfo.model_validate_json(info_path.read_bytes())
+
+    def read_raw(self, tenant_id: str, artifact_id: str) -> bytes:
+        """The ciphertext exactly as stored."""
+        self.info(tenant_id, artifact_id)
+        return self._paths(tenant_id, artifact_id)[0].read_bytes()
+
+    def get(self, tenant_id: str, artifact_id: str, training_client_id: str = "") -> bytes:
+        """Decrypted payload. ``training_client_id`` restricts it to that client's artifacts."""
+        info = self.info(tenant_id, artifact_id)
+        data_path = self._paths(tenant_id, artifact_id)[0]
+        binding = crypto.Binding(tenant_id, training_client_id or info.training_client_id, artifact_id)
+        with open(data_path, "rb") as f:
+            return crypto.decrypt_from(f, os.fstat(f.fileno()).st_size, binding, self.keys)
+
+    def list(self, tenant_id: str, training_client_id: Optional[str] = None) -> list[ArtifactInfo]:
+        infos = []
+        for info_path in sorted(self._dir(tenant_id).glob("art-*.json")):
+            info = ArtifactInfo.model_validate_json(info_path.read_bytes())
+            if training_client_id is None or info.training_client_id == training_client_id:
+                infos.append(info)
+        return sorted(infos, key=lambda i: i.created_at)
+
+    def delete(self, tenant_id: str, artifact_id: str) -> None:
+        self.info(tenant_id, artifact_id)
+        for path in self._paths(tenant_id, artifact_id):
+            path.unlink(missing_ok=True)
+        _fsync_dir(self._dir(tenant_id))
+
+    def rotate(self, tenant_id: str) -> str:
+        """Make a new KEK active and re-wrap every artifact's data key under it; payloads stay as they are."""
+        kid = self.keys.rotate(tenant_id)
+        for info in self.list(tenant_id):
+            data_path, info_path = self._paths(tenant_id, info.artifact_id)
+            with open(data_path, "rb") as src:
+                header, offset = crypto.read_header(src)
+                src.seek(offset)
+                stored = crypto.rewrap_header(header, self.keys) + src.read()
+            _atomic_write(data_path, lambda f, data=stored: f.write(data))
+            updated = info.model_copy(update={
+                "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()})
+            _atomic_write(info_path, lambda f, u=updated: f.write(u.model_dump_json().encode()))
+        return kid

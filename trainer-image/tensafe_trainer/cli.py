@@ -1,0 +1,85 @@
+"""The ``tensafe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _serve(args) -> int:
+    from .serve import run
+
+    run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
+        args.client_config, args.log_level)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(steps=args.steps, out=args.out, dp=args.dp, model_ref=args.model)
+
+
+def _artifact(args) -> int:
+    from .admin import artifact_command
+
+    return artifact_command(args)
+
+
+def _audit(args) -> int:
+    from .admin import audit_command
+
+    return audit_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensafe", description="TenSafe: private fine-tuning service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the trainer server (bearer token from $TENSAFE_AUTH_TOKEN)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    serve.add_argument("--home", type=Path, default=None, help="data folder (default $TENSAFE_HOME)")
+    serve.add_argument("--ready-file", type=Path, default=None, help="write host/port here once listening")
+    serve.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
+    serve.add_argument("--client-config", type=Path, default=None,
+                       help="JSON CreateTrainingClient to start at boot (else $TENSAFE_CLIENT_CONFIG)")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="accept requests without a token")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M with LoRA on the bundled dataset")
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--dp", action="store_true", help="train with DP-SGD and report epsilon")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.set_defaults(func=_demo)
+
+    artifact = sub.add_parser("artifact", help="inspect, decrypt and re-key stored artifacts")
+    asub = artifact.add_subparsers(dest="artifact_command", required=True)
+    for name, text in (("list", "list a tenant's artifacts"), ("decrypt", "decrypt an artifact"),
+                       ("export", "write a PEFT adapter folder from an artifact"),
+                       ("rotate", "rotate the tenant key and re-wrap every data key"),
+                       ("shred", "delete the tenant's keys: its artifacts become unreadable")):
+        p = asub.add_parser(name, help=text)
+        p.add_argument("--home", type=Path, default=None)
+        p.add_argument("--tenant", default="default")
+        if name in ("decrypt", "export"):
+            p.add_argument("artifact_id")
+            p.add_argument("--out", type=Path, required=True)
+        if name == "shred":
+            p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
+    artifact.set_defaults(func=_artifact)
+
+    audit = sub.add_parser("audit", help="the audit log")
+    ausub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = ausub.add_parser("verify", help="check the hash chain; report the first broken link")
+    verify.add_argument("path", type=Path, nargs="?", default=None, help="default: $TENSAFE_HOME/audit/audit.jsonl")
+    audit.set_defaults(func=_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

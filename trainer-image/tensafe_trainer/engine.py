@@ -1,0 +1,278 @@
+"""The training engine: one model, its optimizer, and the accumulated gradient of a logical batch.
+
+Not thread-safe by design: a training client's operations run one at a time, in order, on the
+session's worker thread.
+
+Loss conventions:
+- ``labels[b][t]`` is the target for position t (already shifted); -100 positions are ignored.
+- Without DP, the objective is the mean NLL over every label token in the logical batch (all
+  micro-batches since the last ``optim_step``): gradients are summed and divided by the total
+  token count at ``optim_step``, so accumulation equals one large batch exactly.
+- With DP, each example's loss is the mean NLL over its own tokens, so that one example's
+  gradient does not depend on the others; see privacy.py.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tg_tinker.config import TrainingConfig
+from tg_tinker.errors import TrainingClientError, ValidationError
+from tg_tinker.types import (
+    IGNORE_INDEX,
+    BatchData,
+    ForwardBackwardResult,
+    ForwardResult,
+    OptimStepResult,
+)
+
+from .models import LoadedModel, load_model, pick_device, pick_dtype
+from .optim import build_optimizer, set_learning_rate
+from .privacy import DPGradientAccumulator, PrivacyAccountant, check_noise_request
+
+CHECKPOINT_FORMAT = 1
+# Fields that define the model: a checkpoint only loads into a client whose config agrees on them.
+MODEL_DEFINING = ("model_ref", "lora_config", "dtype")
+
+
+def _apply_lora(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora_config
+    peft_config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ValidationError(f"invalid lora_config for this model: {exc}", {"field": "lora_config"}) from None
+
+
+class TrainingEngine:
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        loaded: LoadedModel = load_model(config.model_ref, seed=config.seed, dtype=self.dtype, device=self.device)
+        self.tokenizer = loaded.tokenizer
+        self.vocab_size = loaded.vocab_size
+        self.eos_token_id = loaded.eos_token_id
+        model = loaded.model
+        if config.lora_config is not None:
+            model = _apply_lora(model, config)
+        else:
+            model.requires_grad_(True)
+        self.model = model.train()
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
+        self.step = 0
+        self.dp: Optional[DPGradientAccumulator] = None
+        self.accountant: Optional[PrivacyAccountant] = None
+        if config.dp_enabled:
+            self.accountant = PrivacyAccountant(config.dp_config, config.effective_batch_size)
+            self.dp = DPGradientAccumulator(self.model, config.dp_config)
+        self._reset_accumulation()
+
+    # --- batches -----------------------------------------------------------------------------
+
+    def _tensors(self, batch: BatchData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, width = batch.shape
+        if rows > self.config.batch_size:
+            raise ValidationError(
+                f"batch has {rows} examples, more than batch_size={self.config.batch_size}",
+                {"field": "input_ids", "rows": rows, "batch_size": self.config.batch_size},
+            )
+        if width > self.config.max_seq_len:
+            raise ValidationError(
+                f"sequence length {width} exceeds max_seq_len={self.config.max_seq_len}",
+                {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
+            )
+        ids = torch.tensor(batch.input_ids, dtype=torch.long)
+        mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
+                else torch.ones_like(ids))
+        if batch.labels is not None:
+            labels = torch.tensor(batch.labels, dtype=torch.long)
+        else:  # next-token prediction on the input itself
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[:, :-1] = ids[:, 1:]
+        labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        for name, tensor in (("input_ids", ids), ("labels", labels)):
+            top = int(tensor.max())
+            if top >= self.vocab_size:
+                raise ValidationError(
+                    f"{name} holds token id {top}, outside the model's vocabulary of {self.vocab_size}",
+                    {"field": name, "token_id": top, "vocab_size": self.vocab_size},
+                )
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood, [B, T], zero at ignored positions."""
+        # Positions from the mask, so left padding gives each example the positions it would have alone.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+    # --- training ----------------------------------------------------------------------------
+
+    def _reset_accumulation(self) -> None:
+        self._grad_sum: Optional[list[torch.Tensor]] = None
+        self._tokens = 0
+        if self.dp is not None:
+            self.dp.reset()
+
+    def forward_backward(self, batch: BatchData) -> ForwardBackwardResult:
+        ids, mask, labels = self._tensors(batch)
+        token_counts = (labels != IGNORE_INDEX).sum(dim=1)
+        n_tokens = int(token_counts.sum())
+        if self.dp is not None and self.dp.num_examples + ids.shape[0] > self.config.effective_batch_size:
+            raise ValidationError(
+                f"a DP logical batch holds at most batch_size x gradient_accumulation_steps = "
+                f"{self.config.effective_batch_size} examples (the accountant's sampling rate assumes it); "
+                "call optim_step first", {"field": "input_ids"},
+            )
+        self.model.train()
+        if self.dp is not None:
+            holder = {}
+
+            def per_example_loss() -> torch.Tensor:
+                holder["nll"] = self._finite(self._token_nll(ids, mask, labels))
+                return holder["nll"].sum(dim=1) / token_counts.clamp(min=1).to(holder["nll"].dtype)
+
+            _, grad_norm = self.dp.backward(per_example_loss)
+            nll = holder["nll"]
+        else:
+            nll = self._finite(self._token_nll(ids, mask, labels))
+            nll.sum().backward()
+            grad_norm = self._accumulate(n_tokens)
+        loss = float(nll.detach().sum()) / max(n_tokens, 1)
+        return ForwardBackwardResult(loss=loss, grad_norm=grad_norm, tokens_processed=n_tokens,
+                                     num_examples=int(ids.shape[0]))
+
+    @staticmethod
+    def _finite(nll: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(nll).all()):
+            raise TrainingClientError("the loss is not finite for this batch; nothing was accumulated")
+        return nll
+
+    def _accumulate(self, n_tokens: int) -> float:
+        """Move this micro-batch's summed gradient into the logical batch's sum; return its mean's norm."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable.values()]
+        for p in self.trainable.values():
+            p.grad = None
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if self._grad_sum is None:
+            self._grad_sum = grads
+        else:
+            torch._foreach_add_(self._grad_sum, grads)
+        self._tokens += n_tokens
+        return norm / max(n_tokens, 1)
+
+    def optim_step(self, apply_dp_noise: Optional[bool] = None) -> OptimStepResult:
+        add_noise = check_noise_request(self.dp is not None, apply_dp_noise)
+        dp_metrics = None
+        if self.dp is not None:
+            before, after = self.accountant.check_step()  # raises before any weight changes
+            self.dp.release(self.accountant.noise_multiplier, add_noise, self.config.effective_batch_size)
+            dp_metrics = self.dp.metrics(self.accountant, before, after, add_noise)
+        elif self._grad_sum is not None:
+            scale = 1.0 / max(self._tokens, 1)
+            for p, g in zip(self.trainable.values(), self._grad_sum):
+                p.grad = g.mul_(scale)
+        lr = set_learning_rate(self.optimizer, self.config.optimizer, self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accountant is not None:
+            self.accountant.record_step()
+        self.step += 1
+        self._reset_accumulation()
+        return OptimStepResult(step=self.step, learning_rate=lr, dp_metrics=dp_metrics)
+
+    @torch.no_grad()
+    def forward(self, batch: BatchData) -> ForwardResult:
+        ids, mask, labels = self._tensors(batch)
+        self.model.eval()
+        try:
+            nll = self._token_nll(ids, mask, labels)
+        finally:
+            self.model.train()
+        keep = labels != IGNORE_INDEX
+        n_tokens = int(keep.sum())
+        logprobs = [[(-float(v) if k else None) for v, k in zip(row, krow)]
+                    for row, krow in zip(nll.tolist(), keep.tolist())]
+        return ForwardResult(loss=float(nll.sum()) / max(n_tokens, 1), tokens_processed=n_tokens,
+                             logprobs=logprobs)
+
+    def discard_gradients(self) -> None:
+        """Forget a half-finished logical batch (after a failed operation)."""
+        for p in self.trainable.values():
+            p.grad = None
+        self._reset_accumulation()
+
+    @property
+    def total_epsilon(self) -> Optional[float]:
+        return self.accountant.total_epsilon() if self.accountant is not None else None
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self, include_optimizer: bool) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.config.model_dump(mode="json"),
+            "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable.items()},
+            "optimizer": self.optimizer.state_dict() if include_optimizer else None,
+            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+        }
+
+    def _check_fits(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValidationError(f"unsupported checkpoint format {state.get('format')!r}")
+        saved = TrainingConfig.parse(state["config"])
+        for field in MODEL_DEFINING:
+            if getattr(saved, field) != getattr(self.config, field):
+                raise ValidationError(
+                    f"checkpoint does not fit this client: {field} differs "
+                    f"({getattr(saved, field)!r} vs {getattr(self.config, field)!r})", {"field": field})
+        if set(state["trainable"]) != set(self.trainable):
+            raise ValidationError("checkpoint parameters do not match this client's trainable parameters")
+
+    def load_weights(self, state: dict[str, Any]) -> None:
+        """Only the trained weights (for sampling)."""
+        self._check_fits(state)
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(state["trainable"][name])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Weights, optimizer state, step and privacy accounting: training resumes exactly."""
+        self._check_fits(state)
+        if (state["accountant"] is None) != (self.accountant is None):
+            raise ValidationError("checkpoint and client disagree on whether DP is enabled")
+        self.load_weights(state)
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer = build_optimizer(self.trainable.values(), self.config.optimizer)
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
+        self.step = int(state["step"])
+        self._reset_accumulation()
+
+
+def serialize_state(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def deserialize_state(data: bytes) -> dict[str, Any]:
+    # weights_only: a checkpoint is data, never code, even after it decrypted correctly.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -1,0 +1,20 @@
+"""Prometheus metrics of the trainer (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+OPERATIONS = Counter("tensafe_operations_total", "Finished operations", ["type", "status"], registry=REGISTRY)
+DURATION = Histogram("tensafe_operation_seconds", "Operation execution time", ["type"], registry=REGISTRY,
+                     buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+TOKENS = Counter("tensafe_tokens_processed_total", "Label tokens processed by forward_backward", registry=REGISTRY)
+QUEUE_DEPTH = Gauge("tensafe_queue_depth", "Operations waiting in all queues", registry=REGISTRY)
+CLIENTS = Gauge("tensafe_clients", "Live clients", ["kind"], registry=REGISTRY)
+
+
+def observe(op_type: str, status: str, seconds: float, tokens: int) -> None:
+    OPERATIONS.labels(op_type, status).inc()
+    DURATION.labels(op_type).observe(seconds)
+    if tokens:
+        TOKENS.inc(tokens)

@@ -1,0 +1,113 @@
+"""What each operation does, given a client's runtime (engine, sampler, artifact store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tg_tinker.config import TrainingConfig
+from tg_tinker.errors import ValidationError
+from tg_tinker.types import (
+    ComputeLogprobsRequest,
+    EncryptionInfo,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    LoadStateRequest,
+    LoadStateResult,
+    OptimStepRequest,
+    SampleRequest,
+    SaveStateRequest,
+    SaveStateResult,
+    WireModel,
+)
+
+from .artifacts import ArtifactStore
+from .crypto import ALGORITHM
+from .engine import TrainingEngine, deserialize_state, serialize_state
+from .sampling import Sampler
+
+TRAINING_ONLY = {"forward_backward", "optim_step", "save_state", "load_state"}
+
+
+@dataclass
+class Outcome:
+    result: WireModel
+    produced: list[str] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Runtime:
+    """Everything one client's operations act on. Used only from that client's worker thread."""
+
+    client_id: str
+    tenant_id: str
+    kind: str  # "training" or "sampling"
+    engine: TrainingEngine
+    store: ArtifactStore
+    last_checkpoint: Optional[str] = None
+
+    def __post_init__(self):
+        e = self.engine
+        self.sampler = Sampler(e.model, e.tokenizer, e.vocab_size, e.eos_token_id, e.device)
+
+    @classmethod
+    def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore) -> "Runtime":
+        return cls(client_id, tenant_id, "training", TrainingEngine(config), store)
+
+    @classmethod
+    def for_sampling(cls, client_id: str, tenant_id: str, store: ArtifactStore, *, artifact_id: Optional[str] = None,
+                     base_model: Optional[str] = None) -> "Runtime":
+        if artifact_id is None:
+            config = TrainingConfig(model_ref=base_model, lora_config=None)
+            return cls(client_id, tenant_id, "sampling", TrainingEngine(config), store)
+        state = deserialize_state(store.get(tenant_id, artifact_id))
+        config = TrainingConfig.parse(state["config"]).model_copy(update={"dp_config": None})
+        if base_model and base_model != config.model_ref:
+            raise ValidationError(f"artifact {artifact_id} was trained on {config.model_ref!r}, not {base_model!r}",
+                                  {"field": "base_model"})
+        engine = TrainingEngine(config)
+        engine.load_weights(state)
+        return cls(client_id, tenant_id, "sampling", engine, store)
+
+    def execute(self, request: Any) -> Outcome:
+        kind = request.type
+        if self.kind == "sampling" and kind in TRAINING_ONLY:
+            raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
+        if isinstance(request, ForwardBackwardRequest):
+            return Outcome(self.engine.forward_backward(request.batch))
+        if isinstance(request, ForwardRequest):
+            return Outcome(self.engine.forward(request.batch))
+        if isinstance(request, OptimStepRequest):
+            return Outcome(self.engine.optim_step(request.apply_dp_noise))
+        if isinstance(request, SaveStateRequest):
+            return self._save(request)
+        if isinstance(request, LoadStateRequest):
+            return self._load(request)
+        if isinstance(request, SampleRequest):
+            return Outcome(self.sampler.sample(request))
+        if isinstance(request, ComputeLogprobsRequest):
+            return Outcome(self.sampler.compute_logprobs(request.tokens))
+        raise ValidationError(f"unknown operation {kind!r}")
+
+    def _save(self, req: SaveStateRequest) -> Outcome:
+        include_optimizer = req.include_optimizer and req.kind == "checkpoint"
+        state = self.engine.state_dict(include_optimizer=include_optimizer)
+        state["metadata"] = req.metadata
+        info = self.store.put(serialize_state(state), tenant_id=self.tenant_id, training_client_id=self.client_id,
+                              kind=req.kind, step=self.engine.step, name=req.name)
+        if req.kind == "checkpoint":
+            self.last_checkpoint = info.artifact_id
+        result = SaveStateResult(
+            artifact_id=info.artifact_id, size_bytes=info.size_bytes, content_hash=info.content_hash,
+            encryption=EncryptionInfo(algorithm=ALGORITHM, key_id=info.key_id, tenant_id=self.tenant_id),
+            step=info.step, metadata=req.metadata, kind=req.kind, name=req.name,
+        )
+        return Outcome(result, produced=[info.artifact_id])
+
+    def _load(self, req: LoadStateRequest) -> Outcome:
+        state = deserialize_state(self.store.get(self.tenant_id, req.artifact_id))
+        self.engine.load_state_dict(state)
+        result = LoadStateResult(artifact_id=req.artifact_id, step=self.engine.step, status="loaded",
+                                 total_epsilon=self.engine.total_epsilon)
+        return Outcome(result, consumed=[req.artifact_id])

@@ -1,0 +1,68 @@
+"""``tensafe serve``: run the trainer server (pod entrypoint and embedded local backend alike)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import uvicorn
+
+from tg_tinker.types import CreateTrainingClient
+
+from .paths import tensafe_home
+from .server import Settings, create_app
+
+TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
+CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
+
+
+def _watch_parent(pid: int) -> None:
+    """Exit when the process that started us is gone (the SDK's local backend)."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+
+
+def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], parent_pid: Optional[int],
+        insecure_no_auth: bool, client_config: Optional[Path], log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(TOKEN_ENV)
+    if not token and not insecure_no_auth:
+        raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
+                         "(or pass --insecure-no-auth on a trusted network)")
+    initial = None
+    raw = client_config.read_text() if client_config else os.environ.get(CLIENT_CONFIG_ENV)
+    if raw:
+        initial = CreateTrainingClient.parse(json.loads(raw))
+    settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial)
+    app = create_app(settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    if parent_pid:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if ready_file:
+        original_startup = server.startup
+
+        async def startup(sockets=None):
+            await original_startup(sockets=sockets)
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"host": host, "port": bound_port, "pid": os.getpid()}))
+            os.replace(tmp, ready_file)
+
+        server.startup = startup
+    logging.getLogger("tensafe.trainer").info("serving on %s:%d (data in %s)", host, bound_port, settings.home)
+    server.run(sockets=[sock])

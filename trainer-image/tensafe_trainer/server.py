@@ -1,0 +1,256 @@
+"""The trainer's HTTP API: a FastAPI operation queue in front of the training engine.
+
+The same app runs in a trainer pod (one training client, created at start-up from the pod's
+config) and in the SDK's embedded local backend (clients created on demand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tg_tinker.errors import (
+    AuthenticationError,
+    OperationLostError,
+    TGTinkerError,
+    ValidationError,
+)
+from tg_tinker.types import (
+    ArtifactInfo,
+    AuditEntry,
+    ClientInfo,
+    ClientStatus,
+    CreateSamplingClient,
+    CreateTrainingClient,
+    OperationRecord,
+    SubmitOperation,
+)
+
+from . import metrics
+from .artifacts import ArtifactStore
+from .audit import AuditLog
+from .audit_writer import AuditWriter
+from .keys import LocalKeyProvider
+from .operations import Runtime
+from .sessions import Operation, Session
+
+log = logging.getLogger("tensafe.trainer")
+MAX_WAIT_S = 60.0
+
+
+@dataclass
+class Settings:
+    home: Path
+    token: Optional[str]
+    max_pending: int = 10_000
+    max_request_bytes: int = 64 << 20
+    initial_client: Optional[CreateTrainingClient] = None
+
+
+@dataclass
+class State:
+    settings: Settings
+    store: ArtifactStore
+    audit_log: AuditLog
+    audit: AuditWriter
+    loop: asyncio.AbstractEventLoop
+    sessions: dict[str, Session] = field(default_factory=dict)
+    operations: dict[str, tuple[Operation, Session]] = field(default_factory=dict)
+
+    def session(self, client_id: str) -> Session:
+        try:
+            return self.sessions[client_id]
+        except KeyError:
+            raise TrainingClientNotFound(client_id) from None
+
+    def start(self, client_id: str, tenant_id: str, kind: str, build, config=None) -> Session:
+        if client_id in self.sessions and self.sessions[client_id].status is not ClientStatus.TERMINATED:
+            raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
+        session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
+                          max_pending=self.settings.max_pending, config=config)
+        self.sessions[client_id] = session
+        metrics.CLIENTS.labels(kind).inc()
+        return session
+
+    def start_training(self, req: CreateTrainingClient) -> Session:
+        client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
+        return self.start(client_id, req.tenant_id, "training",
+                          lambda: Runtime.for_training(client_id, req.tenant_id, req.config, self.store),
+                          config=req.config)
+
+
+class TrainingClientNotFound(TGTinkerError):
+    http_status = 404
+
+    def __init__(self, client_id: str):
+        super().__init__(f"no client {client_id!r} on this trainer", {"client_id": client_id})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        home = settings.home
+        keys = LocalKeyProvider(home / "keys")
+        audit_log = AuditLog(home / "audit" / "audit.jsonl")
+        state = State(settings, ArtifactStore(home / "artifacts", keys), audit_log, AuditWriter(audit_log),
+                      asyncio.get_running_loop())
+        app.state.tensafe = state
+        if settings.initial_client is not None:
+            state.start_training(settings.initial_client)
+        yield
+        for session in state.sessions.values():
+            session.terminate()
+        state.audit.close()
+
+    app = FastAPI(title="TenSafe trainer", version="v1", lifespan=lifespan)
+
+    def get_state(request: Request) -> State:
+        return request.app.state.tensafe
+
+    def authenticate(request: Request) -> None:
+        if settings.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), settings.token.encode()):
+            raise AuthenticationError("missing or wrong bearer token for this trainer")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            err = ValidationError(f"request body larger than {settings.max_request_bytes} bytes",
+                                  {"max_request_bytes": settings.max_request_bytes})
+            return JSONResponse({"error": err.to_wire()}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(TGTinkerError)
+    async def on_tensafe_error(request: Request, exc: TGTinkerError):
+        return JSONResponse({"error": exc.to_wire()}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_request(request: Request, exc: RequestValidationError):
+        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "invalid")}
+                    for e in exc.errors()]
+        text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        err = ValidationError(f"invalid request: {text}", {"errors": problems})
+        return JSONResponse({"error": err.to_wire()}, status_code=422)
+
+    auth = [Depends(authenticate)]
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(state: State = Depends(get_state)):
+        waiting = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.INITIALIZING]
+        failed = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.ERROR]
+        if waiting or failed:
+            return JSONResponse({"ready": False, "initializing": waiting, "failed": failed}, status_code=503)
+        return {"ready": True}
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/training_clients", response_model=ClientInfo, status_code=201, dependencies=auth)
+    async def create_training_client(body: CreateTrainingClient, state: State = Depends(get_state)):
+        return state.start_training(body).info()
+
+    @app.post("/v1/sampling_clients", response_model=ClientInfo, status_code=201, dependencies=auth)
+    async def create_sampling_client(body: CreateSamplingClient, state: State = Depends(get_state)):
+        if body.training_client_id:
+            return state.session(body.training_client_id).info()
+        if body.artifact_id:
+            await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id)  # 404 now, not later
+        client_id = f"sc-{uuid.uuid4().hex[:12]}"
+        base = body.model_path or body.base_model
+
+        def build():
+            return Runtime.for_sampling(client_id, body.tenant_id, state.store, artifact_id=body.artifact_id,
+                                        base_model=base)
+
+        return state.start(client_id, body.tenant_id, "sampling", build).info()
+
+    @app.get("/v1/clients", response_model=list[ClientInfo], dependencies=auth)
+    async def list_clients(state: State = Depends(get_state)):
+        return [s.info() for s in state.sessions.values()]
+
+    @app.get("/v1/clients/{client_id}", response_model=ClientInfo, dependencies=auth)
+    async def get_client(client_id: str, state: State = Depends(get_state)):
+        return state.session(client_id).info()
+
+    @app.delete("/v1/clients/{client_id}", response_model=ClientInfo, dependencies=auth)
+    async def terminate_client(client_id: str, state: State = Depends(get_state)):
+        session = state.session(client_id)
+        session.terminate()
+        metrics.CLIENTS.labels(session.kind).dec()
+        info = session.info()
+        return info.model_copy(update={"status": ClientStatus.TERMINATED})
+
+    @app.post("/v1/clients/{client_id}/operations", response_model=OperationRecord, dependencies=auth)
+    async def submit_operation(client_id: str, body: SubmitOperation, state: State = Depends(get_state)):
+        session = state.session(client_id)
+        op, created = session.submit(body.request, body.idempotency_key)
+        if created:
+            state.operations[op.id] = (op, session)
+        return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
+
+    def find(state: State, operation_id: str) -> tuple[Operation, Session]:
+        try:
+            return state.operations[operation_id]
+        except KeyError:
+            raise OperationLostError(
+                f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "
+                "its outcome is unknown", {"operation_id": operation_id}) from None
+
+    @app.get("/v1/operations/{operation_id}", response_model=OperationRecord, dependencies=auth)
+    async def get_operation(operation_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
+                            state: State = Depends(get_state)):
+        op, _ = find(state, operation_id)
+        if wait > 0 and not op.waiter.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(op.waiter), timeout=wait)
+        return op.record()
+
+    @app.post("/v1/operations/{operation_id}/cancel", dependencies=auth)
+    async def cancel_operation(operation_id: str, state: State = Depends(get_state)):
+        op, session = find(state, operation_id)
+        cancelled = session.cancel(op)
+        return {"cancelled": cancelled, "record": op.record().model_dump(mode="json")}
+
+    @app.get("/v1/artifacts", response_model=list[ArtifactInfo], dependencies=auth)
+    def list_artifacts(tenant_id: str = "default", training_client_id: Optional[str] = None,
+                       state: State = Depends(get_state)):
+        return state.store.list(tenant_id, training_client_id)
+
+    @app.get("/v1/artifacts/{artifact_id}", response_model=ArtifactInfo, dependencies=auth)
+    def artifact_info(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
+        return state.store.info(tenant_id, artifact_id)
+
+    @app.get("/v1/artifacts/{artifact_id}/content", dependencies=auth,
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    def artifact_content(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
+        data = state.store.read_raw(tenant_id, artifact_id)
+        return Response(data, media_type="application/octet-stream")
+
+    @app.get("/v1/audit", response_model=list[AuditEntry], dependencies=auth)
+    def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,
+                      limit: int = Query(100, ge=1, le=10_000), state: State = Depends(get_state)):
+        state.audit.flush()
+        return state.audit_log.query(training_client_id=training_client_id, operation=operation, limit=limit)
+
+    return app
+

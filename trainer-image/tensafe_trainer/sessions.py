@@ -1,0 +1,229 @@
+"""One session per client: an ordered operation queue drained by a single worker thread.
+
+Submissions are appended under a lock and executed strictly in that order. Each operation has an
+asyncio future on the server's event loop, resolved from the worker thread, which is what the
+long-poll endpoint awaits. Idempotency keys map a retried submission to the operation it already
+created, so a retry never runs an operation twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Callable, Optional
+
+from tg_tinker.errors import (
+    OperationCancelledError,
+    ResourceExhaustedError,
+    TGTinkerError,
+    TrainingClientError,
+    ValidationError,
+)
+from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
+
+from . import metrics
+from .audit_writer import AuditWriter
+from .operations import Runtime
+
+log = logging.getLogger("tensafe.trainer")
+
+DURABLE_OPERATIONS = {"save_state", "load_state"}
+
+
+class Operation:
+    def __init__(self, client_id: str, request: Any, key: Optional[str], fingerprint: str,
+                 loop: asyncio.AbstractEventLoop):
+        self.id = f"op-{uuid.uuid4().hex}"
+        self.client_id = client_id
+        self.request = request
+        self.key = key
+        self.fingerprint = fingerprint
+        self.status = OperationStatus.PENDING
+        self.created_at = time.time()
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self.result: Optional[dict] = None
+        self.error: Optional[ErrorInfo] = None
+        self._loop = loop
+        self.waiter: asyncio.Future = loop.create_future()
+
+    @property
+    def type(self) -> str:
+        return self.request.type
+
+    def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None):
+        self.status, self.result, self.error = status, result, error
+        self.finished_at = time.time()
+        self._loop.call_soon_threadsafe(lambda: self.waiter.done() or self.waiter.set_result(None))
+
+    def record(self) -> OperationRecord:
+        return OperationRecord(
+            operation_id=self.id, client_id=self.client_id, type=self.type, status=self.status,
+            created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at,
+            result=self.result, error=self.error,
+        )
+
+
+def fingerprint(request: Any) -> str:
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+class Session:
+    def __init__(self, client_id: str, tenant_id: str, kind: str, build_runtime: Callable[[], Runtime],
+                 audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, config=None):
+        self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
+        self._build_runtime = build_runtime
+        self._audit = audit
+        self._loop = loop
+        self._max_pending = max_pending
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Operation] = collections.deque()
+        self._by_key: dict[str, Operation] = {}
+        self.status = ClientStatus.INITIALIZING
+        self.error: Optional[str] = None
+        self.error_type: Optional[str] = None
+        self.runtime: Optional[Runtime] = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"session-{client_id}", daemon=True)
+        self._thread.start()
+
+    # --- called from the event loop ----------------------------------------------------------
+
+    def submit(self, request: Any, key: Optional[str]) -> tuple[Operation, bool]:
+        """Queue ``request``; returns (operation, created). A repeated key returns the first operation."""
+        fp = fingerprint(request)
+        with self._cond:
+            if key is not None and key in self._by_key:
+                existing = self._by_key[key]
+                if existing.fingerprint != fp:
+                    raise ValidationError("idempotency key reused for a different request",
+                                          {"idempotency_key": key, "operation_id": existing.id})
+                return existing, False
+            if self.status in (ClientStatus.TERMINATED, ClientStatus.ERROR):
+                raise TrainingClientError(
+                    f"client {self.client_id} is {self.status.value}" + (f": {self.error}" if self.error else ""),
+                    {"status": self.status.value})
+            if len(self._queue) >= self._max_pending:
+                raise ResourceExhaustedError(
+                    f"client {self.client_id} already has {len(self._queue)} operations queued; "
+                    "wait for some to finish", {"max_pending": self._max_pending})
+            op = Operation(self.client_id, request, key, fp, self._loop)
+            if key is not None:
+                self._by_key[key] = op
+            self._queue.append(op)
+            self._cond.notify()
+        metrics.QUEUE_DEPTH.inc()
+        return op, True
+
+    def cancel(self, op: Operation) -> bool:
+        with self._cond:
+            if op.status is not OperationStatus.PENDING or op not in self._queue:
+                return False
+            self._queue.remove(op)
+        metrics.QUEUE_DEPTH.dec()
+        op.finish(OperationStatus.CANCELLED,
+                  error=ErrorInfo(**OperationCancelledError("cancelled before it started").to_wire()))
+        return True
+
+    def info(self) -> ClientInfo:
+        runtime = self.runtime
+        engine = runtime.engine if runtime else None
+        return ClientInfo(
+            client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
+            step=engine.step if engine else 0, config=self.config,
+            total_epsilon=engine.total_epsilon if engine else None,
+            last_checkpoint=runtime.last_checkpoint if runtime else None,
+            error=self.error, error_type=self.error_type, queue_depth=len(self._queue),
+        )
+
+    def terminate(self) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+        for op in pending:
+            metrics.QUEUE_DEPTH.dec()
+            op.finish(OperationStatus.CANCELLED,
+                      error=ErrorInfo(**OperationCancelledError("the client was terminated").to_wire()))
+
+    # --- the worker thread -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            self.runtime = self._build_runtime()
+        except Exception as exc:  # noqa: BLE001 - reported to every caller, never swallowed
+            self.error = exc.message if isinstance(exc, TGTinkerError) else f"{type(exc).__name__}: {exc}"
+            self.error_type = type(exc).__name__ if isinstance(exc, TGTinkerError) else "TrainingClientError"
+            log.error("client %s failed to start: %s\n%s", self.client_id, self.error, traceback.format_exc())
+            self._fail_all(exc)
+            return
+        with self._cond:
+            if self.status is ClientStatus.INITIALIZING:
+                self.status = ClientStatus.READY
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    self.status = ClientStatus.TERMINATED
+                    return
+                op = self._queue.popleft()
+                op.status = OperationStatus.RUNNING
+                self.status = ClientStatus.BUSY
+            metrics.QUEUE_DEPTH.dec()
+            self._run(op)
+            with self._cond:
+                if self.status is ClientStatus.BUSY:
+                    self.status = ClientStatus.READY
+
+    def _run(self, op: Operation) -> None:
+        op.started_at = time.time()
+        outcome, error = None, None
+        try:
+            outcome = self.runtime.execute(op.request)
+        except TGTinkerError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - an engine bug must fail the operation, not the server
+            log.error("operation %s (%s) failed:\n%s", op.id, op.type, traceback.format_exc())
+            self.runtime.engine.discard_gradients()
+            error = TrainingClientError(
+                f"{op.type} failed inside the trainer ({type(exc).__name__}: {exc}); the current logical "
+                "batch's gradients were discarded", {"operation": op.type})
+        self._audit.submit(
+            durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
+            tenant_id=self.tenant_id, request=op.request.model_dump(mode="json"), success=error is None,
+            produced=outcome.produced if outcome else [], consumed=outcome.consumed if outcome else [],
+            dp_metrics=_dp_metrics(outcome), error=error.message if error else None,
+        )
+        status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
+        metrics.observe(op.type, status.value, time.time() - op.started_at,
+                        getattr(outcome.result, "tokens_processed", 0) if outcome else 0)
+        if error:
+            op.finish(status, error=ErrorInfo(**error.to_wire()))
+        else:
+            op.finish(status, result=outcome.result.model_dump(mode="json"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._cond:
+            self.status = ClientStatus.ERROR
+            pending = list(self._queue)
+            self._queue.clear()
+        wire = TrainingClientError(f"client {self.client_id} failed to start: {self.error}",
+                                   {"status": "ERROR"}).to_wire()
+        if isinstance(exc, TGTinkerError):
+            wire = {**exc.to_wire(), "message": f"client {self.client_id} failed to start: {exc.message}"}
+        for op in pending:
+            metrics.QUEUE_DEPTH.dec()
+            op.finish(OperationStatus.FAILED, error=ErrorInfo(**wire))
+
+
+def _dp_metrics(outcome) -> Optional[dict]:
+    dp = getattr(outcome.result, "dp_metrics", None) if outcome else None
+    return dp.model_dump(mode="json") if dp is not None else None
