@@ -7,6 +7,7 @@ the trainer uses to return the operation it already created instead of running i
 from __future__ import annotations
 
 import random
+import socket
 import time
 from typing import Any, Optional
 
@@ -21,10 +22,12 @@ class Transport:
     def __init__(self, base_url: str, token: Optional[str], *, timeout: float = 30.0, retries: int = 5,
                  backoff: float = 0.2, verify: Any = True):
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        # TCP_NODELAY: without it Nagle holds the request body behind the headers until the server's
+        # delayed ACK (40 ms), which capped every call at ~20 per second.
+        transport = httpx.HTTPTransport(verify=verify, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, limits=limits,
-                                    verify=verify)
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
         self.retries, self.backoff = retries, backoff
 
     def close(self) -> None:

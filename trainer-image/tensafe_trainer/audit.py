@@ -22,6 +22,9 @@ GENESIS = "0" * 64
 
 
 def request_hash(payload: Any) -> str:
+    """SHA-256 of a request: of its canonical JSON, or of the bytes given (already canonical)."""
+    if isinstance(payload, (bytes, bytearray)):
+        return hashlib.sha256(payload).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
@@ -46,7 +49,7 @@ def _last_line(f) -> Optional[bytes]:
 
 
 def _fields(prev: Optional[dict], *, operation: str, training_client_id: Optional[str], tenant_id: Optional[str],
-            request: Any, success: bool, produced: list[str] = (), consumed: list[str] = (),
+            request_hash: str, success: bool, produced: list[str] = (), consumed: list[str] = (),
             dp_metrics: Optional[dict] = None, error: Optional[str] = None) -> dict:
     fields = {
         "entry_id": f"aud-{uuid.uuid4().hex}",
@@ -55,7 +58,7 @@ def _fields(prev: Optional[dict], *, operation: str, training_client_id: Optiona
         "operation": operation,
         "training_client_id": training_client_id,
         "tenant_id": tenant_id,
-        "request_hash": request_hash(request),
+        "request_hash": request_hash,
         "success": success,
         "artifact_ids_produced": list(produced),
         "artifact_ids_consumed": list(consumed),

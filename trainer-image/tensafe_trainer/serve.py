@@ -46,7 +46,9 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial)
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it
+    # every keep-alive response waits out the client's 40 ms delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]

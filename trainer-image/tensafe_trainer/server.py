@@ -42,7 +42,7 @@ from .artifacts import ArtifactStore
 from .audit import AuditLog
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
-from .operations import Runtime
+from .engine_process import EngineProcess
 from .sessions import Operation, Session
 
 log = logging.getLogger("tensafe.trainer")
@@ -83,11 +83,14 @@ class State:
         metrics.CLIENTS.labels(kind).inc()
         return session
 
+    def start_engine(self, spec: dict) -> EngineProcess:
+        return EngineProcess(spec, self.settings.home)
+
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
-        return self.start(client_id, req.tenant_id, "training",
-                          lambda: Runtime.for_training(client_id, req.tenant_id, req.config, self.store),
-                          config=req.config)
+        spec = {"kind": "training", "client_id": client_id, "tenant_id": req.tenant_id,
+                "config": req.config.model_dump(mode="json")}
+        return self.start(client_id, req.tenant_id, "training", lambda: self.start_engine(spec), config=req.config)
 
 
 class TrainingClientNotFound(TGTinkerError):
@@ -176,13 +179,9 @@ def create_app(settings: Settings) -> FastAPI:
         if body.artifact_id:
             await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id)  # 404 now, not later
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
-        base = body.model_path or body.base_model
-
-        def build():
-            return Runtime.for_sampling(client_id, body.tenant_id, state.store, artifact_id=body.artifact_id,
-                                        base_model=base)
-
-        return state.start(client_id, body.tenant_id, "sampling", build).info()
+        spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
+                "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
+        return state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec)).info()
 
     @app.get("/v1/clients", response_model=list[ClientInfo], dependencies=auth)
     async def list_clients(state: State = Depends(get_state)):

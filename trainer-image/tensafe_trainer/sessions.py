@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -24,12 +23,14 @@ from tg_tinker.errors import (
     TGTinkerError,
     TrainingClientError,
     ValidationError,
+    error_from_wire,
 )
 from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
 
 from . import metrics
+from .audit import request_hash
 from .audit_writer import AuditWriter
-from .operations import Runtime
+from .engine_process import EngineProcess
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -71,14 +72,15 @@ class Operation:
 
 
 def fingerprint(request: Any) -> str:
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    """The request's SHA-256: matches idempotent retries, and is the audit log's request_hash."""
+    return request_hash(request.model_dump_json().encode())
 
 
 class Session:
-    def __init__(self, client_id: str, tenant_id: str, kind: str, build_runtime: Callable[[], Runtime],
+    def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineProcess],
                  audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, config=None):
         self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
-        self._build_runtime = build_runtime
+        self._start_engine = start_engine
         self._audit = audit
         self._loop = loop
         self._max_pending = max_pending
@@ -88,7 +90,7 @@ class Session:
         self.status = ClientStatus.INITIALIZING
         self.error: Optional[str] = None
         self.error_type: Optional[str] = None
-        self.runtime: Optional[Runtime] = None
+        self.engine: Optional[EngineProcess] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=f"session-{client_id}", daemon=True)
         self._thread.start()
@@ -132,14 +134,12 @@ class Session:
         return True
 
     def info(self) -> ClientInfo:
-        runtime = self.runtime
-        engine = runtime.engine if runtime else None
+        summary = self.engine.summary if self.engine else {}
         return ClientInfo(
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
-            step=engine.step if engine else 0, config=self.config,
-            total_epsilon=engine.total_epsilon if engine else None,
-            last_checkpoint=runtime.last_checkpoint if runtime else None,
-            error=self.error, error_type=self.error_type, queue_depth=len(self._queue),
+            step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),
+            last_checkpoint=summary.get("last_checkpoint"), error=self.error, error_type=self.error_type,
+            queue_depth=len(self._queue),
         )
 
     def terminate(self) -> None:
@@ -157,12 +157,9 @@ class Session:
 
     def _work(self) -> None:
         try:
-            self.runtime = self._build_runtime()
+            self.engine = self._start_engine()
         except Exception as exc:  # noqa: BLE001 - reported to every caller, never swallowed
-            self.error = exc.message if isinstance(exc, TGTinkerError) else f"{type(exc).__name__}: {exc}"
-            self.error_type = type(exc).__name__ if isinstance(exc, TGTinkerError) else "TrainingClientError"
-            log.error("client %s failed to start: %s\n%s", self.client_id, self.error, traceback.format_exc())
-            self._fail_all(exc)
+            self._enter_error(exc, f"client {self.client_id} failed to start")
             return
         with self._cond:
             if self.status is ClientStatus.INITIALIZING:
@@ -173,57 +170,57 @@ class Session:
                     self._cond.wait()
                 if self._stopping:
                     self.status = ClientStatus.TERMINATED
+                    self.engine.close()
                     return
                 op = self._queue.popleft()
                 op.status = OperationStatus.RUNNING
                 self.status = ClientStatus.BUSY
             metrics.QUEUE_DEPTH.dec()
-            self._run(op)
+            if not self._run(op):
+                return
             with self._cond:
                 if self.status is ClientStatus.BUSY:
                     self.status = ClientStatus.READY
 
-    def _run(self, op: Operation) -> None:
+    def _run(self, op: Operation) -> bool:
+        """Execute one operation; False when the engine process is gone and the client is in ERROR."""
         op.started_at = time.time()
-        outcome, error = None, None
         try:
-            outcome = self.runtime.execute(op.request)
+            reply = self.engine.execute(op.request)
         except TGTinkerError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - an engine bug must fail the operation, not the server
-            log.error("operation %s (%s) failed:\n%s", op.id, op.type, traceback.format_exc())
-            self.runtime.engine.discard_gradients()
-            error = TrainingClientError(
-                f"{op.type} failed inside the trainer ({type(exc).__name__}: {exc}); the current logical "
-                "batch's gradients were discarded", {"operation": op.type})
+            reply, error = None, exc.to_wire()
+        else:
+            error = reply.error
         self._audit.submit(
             durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
-            tenant_id=self.tenant_id, request=op.request.model_dump(mode="json"), success=error is None,
-            produced=outcome.produced if outcome else [], consumed=outcome.consumed if outcome else [],
-            dp_metrics=_dp_metrics(outcome), error=error.message if error else None,
+            tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
+            produced=reply.produced if reply else [], consumed=reply.consumed if reply else [],
+            dp_metrics=reply.dp_metrics if reply else None, error=error["message"] if error else None,
         )
         status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
-        metrics.observe(op.type, status.value, time.time() - op.started_at,
-                        getattr(outcome.result, "tokens_processed", 0) if outcome else 0)
+        tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
+        metrics.observe(op.type, status.value, time.time() - op.started_at, tokens)
         if error:
-            op.finish(status, error=ErrorInfo(**error.to_wire()))
+            op.finish(status, error=ErrorInfo(**error))
         else:
-            op.finish(status, result=outcome.result.model_dump(mode="json"))
+            op.finish(status, result=reply.result)
+        if reply is None:
+            self._enter_error(error_from_wire(error), f"client {self.client_id} lost its engine")
+            return False
+        return True
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _enter_error(self, exc: Exception, context: str) -> None:
+        """Move to ERROR and fail everything still queued with the reason."""
+        if isinstance(exc, TGTinkerError):
+            self.error, self.error_type = exc.message, type(exc).__name__
+        else:
+            log.error("%s:\n%s", context, traceback.format_exc())
+            self.error, self.error_type = f"{type(exc).__name__}: {exc}", "TrainingClientError"
         with self._cond:
             self.status = ClientStatus.ERROR
             pending = list(self._queue)
             self._queue.clear()
-        wire = TrainingClientError(f"client {self.client_id} failed to start: {self.error}",
-                                   {"status": "ERROR"}).to_wire()
-        if isinstance(exc, TGTinkerError):
-            wire = {**exc.to_wire(), "message": f"client {self.client_id} failed to start: {exc.message}"}
+        wire = {"type": self.error_type, "message": f"{context}: {self.error}", "details": {"status": "ERROR"}}
         for op in pending:
             metrics.QUEUE_DEPTH.dec()
             op.finish(OperationStatus.FAILED, error=ErrorInfo(**wire))
-
-
-def _dp_metrics(outcome) -> Optional[dict]:
-    dp = getattr(outcome.result, "dp_metrics", None) if outcome else None
-    return dp.model_dump(mode="json") if dp is not None else None

@@ -1,0 +1,127 @@
+"""What the service costs over a bare training loop.
+
+In one process, trains the same tiny Llama (hidden 256, 4 layers, LoRA r16 on q/k/v/o, batch 8x128)
+for the same number of steps:
+  (a) direct: a plain in-process transformers + peft loop;
+  (b) sdk: through tg_tinker and the local trainer server, futures pipelined.
+Short rounds alternate a/b so the slow phases of a noisy machine hit both alike; the reported
+ratio is the median of the per-round ratios.
+
+    python benchmarks/overhead.py [--steps 8] [--rounds 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tg_tinker import BatchData, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
+
+MODEL = "tiny-random-llama:hidden=256,layers=4"
+BATCH, SEQ, VOCAB = 8, 128, 4096
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def make_batches(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(n):
+        ids = [[rng.randrange(VOCAB) for _ in range(SEQ)] for _ in range(BATCH)]
+        labels = [row[1:] + [-100] for row in ids]
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+class DirectLoop:
+    """The baseline: a plain transformers + peft training loop in this process."""
+
+    def __init__(self):
+        from peft import LoraConfig, get_peft_model
+
+        from tensafe_trainer.models import build_tiny_llama
+
+        self.model = get_peft_model(build_tiny_llama(MODEL, seed=0),
+                                    LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run(self, batches: list[dict]) -> int:
+        tokens = 0
+        for batch in batches:
+            ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
+            logits = self.model(input_ids=ids).logits.float()
+            loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            tokens += int((labels != -100).sum())
+        return tokens
+
+
+class SdkLoop:
+    """The same training through tg_tinker and the local trainer server, futures pipelined."""
+
+    def __init__(self, service: ServiceClient):
+        config = TrainingConfig(model_ref=MODEL, lora_config=LoRAConfig(rank=16, alpha=32, target_modules=TARGETS),
+                                optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=BATCH, max_seq_len=SEQ)
+        self.tc = service.create_training_client(config)
+
+    def run(self, batches: list[dict]) -> int:
+        futures = []
+        for batch in batches:
+            futures.append(self.tc.forward_backward(batch))
+            last = self.tc.optim_step()
+        last.result()  # the round ends when its last update is applied
+        return sum(f.result().tokens_processed for f in futures)
+
+
+def timed(loop, batches) -> float:
+    start = time.perf_counter()
+    tokens = loop.run(batches)
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(steps: int, rounds: int) -> dict:
+    batches = make_batches(steps)
+    sdk_batches = [BatchData(**b) for b in batches]  # validated once, like a prepared dataset
+    direct_runs, sdk_runs = [], []
+    with ServiceClient() as service:
+        direct, sdk = DirectLoop(), SdkLoop(service)
+        timed(direct, batches[:3])  # warm-up
+        timed(sdk, sdk_batches[:3])
+        for _ in range(rounds):  # alternate, so slow phases of a noisy machine hit both alike
+            direct_runs.append(timed(direct, batches))
+            sdk_runs.append(timed(sdk, sdk_batches))
+    ratios = [s / d for s, d in zip(sdk_runs, direct_runs)]
+    return {"direct_tok_s": round(statistics.median(direct_runs), 1), "sdk_tok_s": round(statistics.median(sdk_runs), 1),
+            "ratio": round(statistics.median(ratios), 4), "round_ratios": [round(r, 3) for r in ratios],
+            "rounds": rounds, "steps_per_round": steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.steps, args.rounds)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"direct peft loop : {result['direct_tok_s']:9.1f} tok/s (median of {args.rounds} rounds)")
+    print(f"tg_tinker + queue: {result['sdk_tok_s']:9.1f} tok/s")
+    print(f"ratio sdk/direct : {result['ratio']:.3f} median of per-round ratios {result['round_ratios']} "
+          "(target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
