@@ -192,7 +192,7 @@ class ForwardBackwardResult(WireModel):
 class ForwardResult(WireModel):
     loss: float
     tokens_processed: int
-    logprobs: list[list[float]]
+    logprobs: list[list[Optional[float]]]  # None where the label is ignored
 
 
 class OptimStepResult(WireModel):

@@ -142,14 +142,28 @@ def _from_folder(folder: Path | str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def smollm2_folder() -> Path:
+    """The converted SmolLM2 checkpoint (model + tokenizer), converting the GGUF once if needed."""
+    cached = model_cache() / SMOLLM2_REF
+    if not (cached / "config.json").exists():
+        _convert_smollm2(cached)
+    return cached
+
+
+def load_tokenizer(ref: str):
+    """The tokenizer for ``ref`` (None for the tokenizer-less tiny random model)."""
+    from transformers import AutoTokenizer
+
+    if ref == TINY_REF or ref.startswith(TINY_REF + ":"):
+        return None
+    return AutoTokenizer.from_pretrained(smollm2_folder() if ref == SMOLLM2_REF else ref)
+
+
 def load_model(ref: str, *, seed: int, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     if ref == TINY_REF or ref.startswith(TINY_REF + ":"):
         model, tokenizer = build_tiny_llama(ref, seed).to(dtype), None
     elif ref == SMOLLM2_REF:
-        cached = model_cache() / SMOLLM2_REF
-        if not (cached / "config.json").exists():
-            _convert_smollm2(cached)
-        model, tokenizer = _from_folder(cached, dtype)
+        model, tokenizer = _from_folder(smollm2_folder(), dtype)
     elif Path(ref).is_dir():
         model, tokenizer = _from_folder(ref, dtype)
     else:

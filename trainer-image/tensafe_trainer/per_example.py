@@ -58,20 +58,22 @@ _RULES: dict[type, Callable] = {nn.Linear: _linear, nn.Embedding: _embedding}
 
 
 class PerExampleGradients:
-    """Hooks a model; inside :meth:`capture`, backward fills :attr:`grads` ({param: [B, *shape]})."""
+    """Hooks a model. Inside :meth:`capture`, forward and backward record each hooked call's input
+    activation and output gradient; :meth:`collect` then forms {param: [B, *shape]} per-example
+    gradients (after backward, since functorch transforms must not run inside autograd's engine)."""
 
     def __init__(self, model: nn.Module):
         self._handles = []
         self._capturing = False
         self._pending: dict[nn.Module, list[torch.Tensor]] = {}
-        self.grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._recorded: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.params: list[nn.Parameter] = []
         seen = set()
         for module in model.modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            for _, p in own:
+            for p in own:
                 if id(p) not in seen:
                     seen.add(id(p))
                     self.params.append(p)
@@ -87,8 +89,7 @@ class PerExampleGradients:
 
     @contextlib.contextmanager
     def capture(self):
-        self.grads = {}
-        self._pending = {}
+        self._pending, self._recorded = {}, []
         self._capturing = True
         try:
             yield self
@@ -104,14 +105,18 @@ class PerExampleGradients:
 
     def _on_backward(self, module: nn.Module, grad_output: torch.Tensor) -> None:
         activation = self._pending[module].pop()  # backward visits calls in reverse order
-        rule = _RULES.get(type(module), _generic)
-        per_example = rule(module, activation, grad_output.detach())
-        for name, grad in per_example.items():
-            param = getattr(module, name)
-            if param in self.grads:
-                self.grads[param] = self.grads[param] + grad  # tied weights (embedding = lm_head)
-            else:
-                self.grads[param] = grad
+        self._recorded.append((module, activation, grad_output.detach()))
+
+    def collect(self) -> dict[nn.Parameter, torch.Tensor]:
+        self._capturing = False  # the generic rule calls the module again: that call must not be recorded
+        grads: dict[nn.Parameter, torch.Tensor] = {}
+        for module, activation, grad_output in self._recorded:
+            rule = _RULES.get(type(module), _generic)
+            for name, grad in rule(module, activation, grad_output).items():
+                param = getattr(module, name)
+                grads[param] = grads[param] + grad if param in grads else grad  # tied weights add up
+        self._recorded = []
+        return grads
 
 
 def per_example_norms(grads: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:

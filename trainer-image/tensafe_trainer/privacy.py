@@ -135,7 +135,7 @@ class DPGradientAccumulator:
         with self.hooks.capture():
             per_example_loss = per_example_loss_fn()
             per_example_loss.sum().backward()
-            grads = self.hooks.grads
+            grads = self.hooks.collect()
         missing = [p for p in self.params if p not in grads]
         if missing:
             raise TrainingClientError(

