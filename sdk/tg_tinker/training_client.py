@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import tarfile
 import threading
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .config import TrainingConfig
+from .errors import TrainingClientError
 from .futures import Future
 from .types import (
     RESULT_TYPES,
     BatchData,
     ClientInfo,
     ClientStatus,
+    ExportAdapterRequest,
     ForwardBackwardRequest,
     ForwardBackwardResult,
     ForwardRequest,
@@ -113,6 +119,19 @@ class TrainingClient:
         from .sampling_client import SamplingClient
 
         return SamplingClient(self._service, self.id, owned=False)
+
+    def export_adapter(self, path) -> Path:
+        """Write the current LoRA adapter, decrypted, as a PEFT folder at ``path``
+        (``adapter_config.json`` + ``adapter_model.safetensors``); returns the folder."""
+        result = self._queue.submit(ExportAdapterRequest()).result()
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(result.archive_b64))) as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or Path(member.name).name != member.name:
+                    raise TrainingClientError(f"unexpected entry {member.name!r} in the adapter archive")
+                (folder / member.name).write_bytes(tar.extractfile(member).read())
+        return folder
 
     def close(self) -> None:
         """Terminate the trainer session; queued operations are cancelled."""

@@ -148,6 +148,10 @@ class ComputeLogprobsRequest(WireModel):
     tokens: list[int] = Field(min_length=1)
 
 
+class ExportAdapterRequest(WireModel):
+    type: Literal["export_adapter"] = "export_adapter"
+
+
 OperationRequest = Union[
     ForwardBackwardRequest,
     ForwardRequest,
@@ -156,6 +160,7 @@ OperationRequest = Union[
     LoadStateRequest,
     SampleRequest,
     ComputeLogprobsRequest,
+    ExportAdapterRequest,
 ]
 
 
@@ -247,6 +252,12 @@ class SampleResult(WireModel):
 
 class ComputeLogprobsResult(WireModel):
     logprobs: list[Optional[float]]
+
+
+class ExportAdapterResult(WireModel):
+    archive_b64: str  # tar of the PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
+    files: list[str]
+    step: int
 
 
 class ErrorInfo(WireModel):
@@ -343,4 +354,5 @@ RESULT_TYPES: dict[str, type[WireModel]] = {
     "load_state": LoadStateResult,
     "sample": SampleResult,
     "compute_logprobs": ComputeLogprobsResult,
+    "export_adapter": ExportAdapterResult,
 }

@@ -15,6 +15,7 @@ Loss conventions:
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -219,6 +220,14 @@ class TrainingEngine:
     @property
     def total_epsilon(self) -> Optional[float]:
         return self.accountant.total_epsilon() if self.accountant is not None else None
+
+    def export_adapter(self, folder: Path) -> list[str]:
+        """Write a PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads."""
+        if self.config.lora_config is None:
+            raise ValidationError("this client does full fine-tuning: there is no adapter to export; "
+                                  "use save_state for the full weights", {"field": "lora_config"})
+        self.model.save_pretrained(folder)
+        return sorted(p.name for p in Path(folder).iterdir())
 
     # --- checkpoints -------------------------------------------------------------------------
 

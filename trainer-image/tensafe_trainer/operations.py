@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from tg_tinker.config import TrainingConfig
@@ -10,6 +15,8 @@ from tg_tinker.errors import ValidationError
 from tg_tinker.types import (
     ComputeLogprobsRequest,
     EncryptionInfo,
+    ExportAdapterRequest,
+    ExportAdapterResult,
     ForwardBackwardRequest,
     ForwardRequest,
     LoadStateRequest,
@@ -88,6 +95,8 @@ class Runtime:
             return Outcome(self.sampler.sample(request))
         if isinstance(request, ComputeLogprobsRequest):
             return Outcome(self.sampler.compute_logprobs(request.tokens))
+        if isinstance(request, ExportAdapterRequest):
+            return Outcome(self._export())
         raise ValidationError(f"unknown operation {kind!r}")
 
     def _save(self, req: SaveStateRequest) -> Outcome:
@@ -104,6 +113,16 @@ class Runtime:
             step=info.step, metadata=req.metadata, kind=req.kind, name=req.name,
         )
         return Outcome(result, produced=[info.artifact_id])
+
+    def _export(self) -> ExportAdapterResult:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = self.engine.export_adapter(Path(tmp))
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as tar:
+                for name in files:
+                    tar.add(Path(tmp) / name, arcname=name)
+        return ExportAdapterResult(archive_b64=base64.b64encode(buffer.getvalue()).decode(), files=files,
+                                   step=self.engine.step)
 
     def _load(self, req: LoadStateRequest) -> Outcome:
         state = deserialize_state(self.store.get(self.tenant_id, req.artifact_id))

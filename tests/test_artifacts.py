@@ -1,0 +1,178 @@
+"""Encrypted artifacts: round trips, tampering, keys, rotation, shredding, atomicity, path escapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tg_tinker import ArtifactIntegrityError, ArtifactNotFoundError, ValidationError
+
+
+@pytest.fixture
+def store(tmp_path):
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.keys import LocalKeyProvider
+
+    return ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
+
+
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)  # not a multiple of the AES block: exercises the tail
+
+
+def put(store, payload=PAYLOAD, tenant="acme", client="tc-1"):
+    return store.put(payload, tenant_id=tenant, training_client_id=client, kind="checkpoint", step=3)
+
+
+def path_of(store, info):
+    return store.root / info.tenant_id / f"{info.artifact_id}.tsa"
+
+
+def test_round_trip_is_bit_exact_and_hash_is_of_stored_bytes(store):
+    import hashlib
+
+    info = put(store)
+    stored = store.read_raw("acme", info.artifact_id)
+    assert info.size_bytes == len(stored) and info.content_hash == hashlib.sha256(stored).hexdigest()
+    assert PAYLOAD not in stored and PAYLOAD[:64] not in stored  # really encrypted
+    assert store.get("acme", info.artifact_id) == PAYLOAD
+    assert [i.artifact_id for i in store.list("acme")] == [info.artifact_id]
+
+
+def test_large_payload_streams_through_chunks(store):
+    from tensafe_trainer import crypto
+
+    big = os.urandom(crypto.CHUNK * 2 + 12345)
+    info = put(store, big)
+    assert store.get("acme", info.artifact_id) == big
+
+
+@pytest.mark.parametrize("where", ["magic", "header", "wrapped_key", "nonce", "body_start", "body_middle", "tag"])
+def test_one_flipped_bit_anywhere_is_detected(store, where):
+    import json
+
+    info = put(store)
+    path = path_of(store, info)
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[5:9], "big")
+    header_text = data[9:9 + header_len].decode()
+    header = json.loads(header_text)
+    offsets = {
+        "magic": 0, "header": 9 + header_text.index('"training_client"') + 20,
+        "wrapped_key": 9 + header_text.index(header["wrapped_dek"]) + 3,
+        "nonce": 9 + header_text.index(header["nonce"]) + 2,
+        "body_start": 9 + header_len, "body_middle": len(data) // 2, "tag": len(data) - 3,
+    }
+    data[offsets[where]] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError):
+        store.get("acme", info.artifact_id)
+
+
+def test_truncated_file_is_detected(store):
+    info = put(store)
+    path = path_of(store, info)
+    for keep in (len(path.read_bytes()) - 1, 100, 5):
+        path.write_bytes(path.read_bytes()[:keep])
+        with pytest.raises(ArtifactIntegrityError):
+            store.get("acme", info.artifact_id)
+
+
+def test_swapped_header_is_detected(store):
+    from tensafe_trainer import crypto
+
+    a, b = put(store), put(store, os.urandom(1000))
+    pa, pb = path_of(store, a), path_of(store, b)
+    with open(pa, "rb") as f:
+        _, offset_a = crypto.read_header(f)
+    with open(pb, "rb") as f:
+        _, offset_b = crypto.read_header(f)
+    # b's header (a valid header of this tenant) in front of a's ciphertext, stored under b's name
+    pb.write_bytes(pb.read_bytes()[:offset_b] + pa.read_bytes()[offset_a:])
+    with pytest.raises(ArtifactIntegrityError):
+        store.get("acme", b.artifact_id)
+
+
+def test_renamed_artifact_and_other_tenant_are_refused(store):
+    a = put(store)
+    b = put(store)
+    path_of(store, b).write_bytes(path_of(store, a).read_bytes())  # a's bytes under b's id
+    with pytest.raises(ArtifactIntegrityError, match="artifact_id"):
+        store.get("acme", b.artifact_id)
+    other = put(store, tenant="globex")
+    path_of(store, other).write_bytes(path_of(store, a).read_bytes())  # acme's artifact in globex's folder
+    with pytest.raises(ArtifactIntegrityError, match="tenant"):
+        store.get("globex", other.artifact_id)
+    with pytest.raises(ArtifactNotFoundError):
+        store.get("globex", a.artifact_id)  # tenants do not see each other's artifacts
+
+
+def test_wrong_key_is_refused(store, tmp_path):
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.keys import LocalKeyProvider
+
+    info = put(store)
+    stranger = ArtifactStore(store.root, LocalKeyProvider(tmp_path / "other-keys"))
+    stranger.keys.active_key("acme")  # a different KEK under the same tenant name
+    with pytest.raises(ArtifactIntegrityError, match="not available|does not unwrap"):
+        stranger.get("acme", info.artifact_id)
+
+
+def test_key_file_is_private(store, tmp_path):
+    put(store)
+    assert (tmp_path / "keys" / "acme.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+
+
+def test_rotation_rewraps_without_reencrypting(store):
+    from tensafe_trainer import crypto
+
+    info = put(store)
+    path = path_of(store, info)
+    with open(path, "rb") as f:
+        _, offset = crypto.read_header(f)
+    body_before = path.read_bytes()[offset:]
+    new_kid = store.rotate("acme")
+    assert new_kid != info.key_id
+    with open(path, "rb") as f:
+        header, offset = crypto.read_header(f)
+    assert header["kid"] == new_kid and path.read_bytes()[offset:] == body_before
+    rotated = store.info("acme", info.artifact_id)
+    assert rotated.key_id == new_kid and rotated.content_hash != info.content_hash
+    assert store.get("acme", info.artifact_id) == PAYLOAD
+    assert put(store).key_id == new_kid
+
+
+def test_crypto_shredding_makes_artifacts_unreadable(store):
+    info = put(store)
+    store.keys.shred("acme")
+    with pytest.raises(ArtifactIntegrityError, match="not available"):
+        store.get("acme", info.artifact_id)
+
+
+def test_crash_between_write_and_rename_keeps_the_previous_artifact(store, monkeypatch):
+    first = put(store)
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr("tensafe_trainer.artifacts.os.replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        put(store, os.urandom(100))
+    monkeypatch.undo()
+    assert store.get("acme", first.artifact_id) == PAYLOAD
+    assert [p.name for p in (store.root / "acme").iterdir() if p.name.startswith(".")] == []  # no temp left
+    assert [i.artifact_id for i in store.list("acme")] == [first.artifact_id]
+
+
+@pytest.mark.parametrize("artifact_id", ["../keys/acme", "art-../../x", "art-" + "g" * 32, "/etc/passwd",
+                                         "art-" + "0" * 31, "art-" + "0" * 32 + "/..", ""])
+def test_artifact_ids_cannot_escape_the_store(store, artifact_id):
+    with pytest.raises(ArtifactNotFoundError):
+        store.get("acme", artifact_id)
+
+
+@pytest.mark.parametrize("tenant", ["..", "../x", "a/b", "", "x" * 65])
+def test_tenant_ids_cannot_escape_the_store(store, tenant):
+    with pytest.raises(ValidationError):
+        put(store, tenant=tenant)
