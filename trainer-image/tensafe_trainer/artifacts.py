@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 from tg_tinker.errors import ArtifactNotFoundError, ValidationError
 from tg_tinker.types import ArtifactInfo
@@ -73,15 +73,18 @@ class ArtifactStore:
         check_artifact_id(artifact_id)
         return folder / f"{artifact_id}.tsa", folder / f"{artifact_id}.json"
 
-    def put(self, plaintext: bytes, *, tenant_id: str, training_client_id: str, kind: str, step: int,
-            name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
+    def put(self, plaintext: bytes | Callable[[BinaryIO], None], *, tenant_id: str, training_client_id: str,
+            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
+        """Encrypt and store. ``plaintext`` is the payload, or a function that writes it to a file object
+        (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory)."""
         artifact_id = artifact_id or new_artifact_id()
         data_path, info_path = self._paths(tenant_id, artifact_id)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
         result = {}
 
         def write(f):
-            result["size"], result["hash"] = crypto.encrypt_to(f, plaintext, binding, self.keys)
+            produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
+            result["size"], result["hash"] = crypto.encrypt_stream(f, produce, binding, self.keys)
 
         _atomic_write(data_path, write)
         with open(data_path, "rb") as f:

@@ -276,9 +276,13 @@ class TrainingEngine:
         self._reset_accumulation()
 
 
+def write_state(state: dict[str, Any], out) -> None:
+    torch.save(state, out)
+
+
 def serialize_state(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    write_state(state, buffer)
     return buffer.getvalue()
 
 

@@ -30,7 +30,7 @@ from tg_tinker.types import (
 
 from .artifacts import ArtifactStore
 from .crypto import ALGORITHM
-from .engine import TrainingEngine, deserialize_state, serialize_state
+from .engine import TrainingEngine, deserialize_state, write_state
 from .sampling import Sampler
 
 TRAINING_ONLY = {"forward_backward", "optim_step", "save_state", "load_state"}
@@ -103,7 +103,7 @@ class Runtime:
         include_optimizer = req.include_optimizer and req.kind == "checkpoint"
         state = self.engine.state_dict(include_optimizer=include_optimizer)
         state["metadata"] = req.metadata
-        info = self.store.put(serialize_state(state), tenant_id=self.tenant_id, training_client_id=self.client_id,
+        info = self.store.put(lambda out: write_state(state, out), tenant_id=self.tenant_id, training_client_id=self.client_id,
                               kind=req.kind, step=self.engine.step, name=req.name)
         if req.kind == "checkpoint":
             self.last_checkpoint = info.artifact_id

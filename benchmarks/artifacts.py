@@ -1,0 +1,109 @@
+"""What encryption costs when saving a checkpoint.
+
+In one process: an encrypted save (serialize, AES-256-GCM envelope, SHA-256 of the stored bytes,
+write to a temporary name, fsync, rename) against a plain ``torch.save`` of the same state (fsync),
+for a small LoRA state and a ~200 MB model+optimizer state. Rounds alternate; medians are reported.
+
+    python benchmarks/artifacts.py [--rounds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from tg_tinker import BatchData, LoRAConfig, TrainingConfig  # noqa: E402
+
+SMALL = TrainingConfig(model_ref="tiny-random-llama:hidden=256,layers=4", batch_size=2, max_seq_len=32,
+                       lora_config=LoRAConfig(rank=16))
+LARGE = TrainingConfig(model_ref="tiny-random-llama:hidden=512,layers=4,vocab=4096,intermediate=1536", batch_size=2,
+                       max_seq_len=32, lora_config=None)  # full fine-tuning: weights + two AdamW moments
+
+
+def trained_state(config: TrainingConfig) -> dict:
+    from tensafe_trainer.engine import TrainingEngine
+
+    engine = TrainingEngine(config)
+    engine.forward_backward(BatchData(input_ids=[[1, 2, 3, 4]] * 2))
+    engine.optim_step()
+    return engine.state_dict(include_optimizer=True)
+
+
+def plain_save(state: dict, folder: Path) -> float:
+    path = folder / "plain.pt"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+def encrypted_save(state: dict, store) -> float:
+    """What save_state does: torch.save streamed into the encrypting, hashing, fsyncing store."""
+    from tensafe_trainer.engine import write_state
+
+    start = time.perf_counter()
+    info = store.put(lambda out: write_state(state, out), tenant_id="bench", training_client_id="tc-bench", kind="checkpoint",
+                     step=1)
+    elapsed = time.perf_counter() - start
+    store.delete("bench", info.artifact_id)
+    return elapsed
+
+
+def measure(rounds: int) -> dict:
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.engine import serialize_state
+    from tensafe_trainer.keys import LocalKeyProvider
+
+    result = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TENSAFE_BENCH_DIR")) as tmp:
+        folder = Path(tmp)
+        store = ArtifactStore(folder / "artifacts", LocalKeyProvider(folder / "keys"))
+        for label, config in (("small", SMALL), ("large", LARGE)):
+            state = trained_state(config)
+            size = len(serialize_state(state))
+            plain_save(state, folder), encrypted_save(state, store)  # warm-up
+            plain, encrypted = [], []
+            for _ in range(rounds):
+                plain.append(plain_save(state, folder))
+                encrypted.append(encrypted_save(state, store))
+            ratios = [e / p for e, p in zip(encrypted, plain)]
+            result[f"ratio_{label}"] = round(statistics.median(ratios), 4)
+            result[f"{label}_bytes"] = size
+            result[f"{label}_plain_ms"] = round(statistics.median(plain) * 1000, 1)
+            result[f"{label}_encrypted_ms"] = round(statistics.median(encrypted) * 1000, 1)
+    result["rounds"] = rounds
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.rounds)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for label in ("small", "large"):
+        print(f"{label:5} state {result[f'{label}_bytes'] / 1e6:8.1f} MB: plain {result[f'{label}_plain_ms']:8.1f} ms, "
+              f"encrypted {result[f'{label}_encrypted_ms']:8.1f} ms, ratio {result[f'ratio_{label}']:.3f} "
+              "(target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
