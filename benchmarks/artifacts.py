@@ -9,9 +9,8 @@ for a small LoRA state and a ~200 MB model+optimizer state. Rounds alternate; me
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -19,10 +18,12 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from common import run_benchmark  # noqa: E402
 from tg_tinker import BatchData, LoRAConfig, TrainingConfig  # noqa: E402
 
 SMALL = TrainingConfig(model_ref="tiny-random-llama:hidden=256,layers=4", batch_size=2, max_seq_len=32,
@@ -90,15 +91,7 @@ def measure(rounds: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    result = measure(args.rounds)
-    if args.json:
-        print(json.dumps(result))
-        return
+def report(result: dict) -> None:
     for label in ("small", "large"):
         print(f"{label:5} state {result[f'{label}_bytes'] / 1e6:8.1f} MB: plain {result[f'{label}_plain_ms']:8.1f} ms, "
               f"encrypted {result[f'{label}_encrypted_ms']:8.1f} ms, ratio {result[f'ratio_{label}']:.3f} "
@@ -106,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__, measure, report, rounds=5)

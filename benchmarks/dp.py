@@ -12,8 +12,6 @@ Short rounds alternate a/b/c; ratios are medians of per-round ratios.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from overhead import BATCH, MODEL, SEQ, TARGETS, make_batches  # noqa: E402
+from common import run_benchmark  # noqa: E402
 from tg_tinker import BatchData, DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 
 NOISE, CLIP = 1.0, 1.0
@@ -107,16 +106,7 @@ def measure(steps: int, rounds: int) -> dict:
             "dp_over_opacus": round(statistics.median(over_opacus), 4), "rounds": rounds, "steps_per_round": steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    result = measure(args.steps, args.rounds)
-    if args.json:
-        print(json.dumps(result))
-        return
+def report(result: dict) -> None:
     print(f"no DP          : {result['nodp_tok_s']:9.1f} tok/s")
     print(f"TenSafe DP-SGD : {result['dp_tok_s']:9.1f} tok/s  ({result['dp_over_nodp']:.3f} of no-DP, target >= 0.90)")
     print(f"opacus         : {result['opacus_tok_s']:9.1f} tok/s  (TenSafe/opacus {result['dp_over_opacus']:.3f}, "
@@ -124,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__, measure, report, steps=6, rounds=6)

@@ -12,18 +12,20 @@ ratio is the median of the per-round ratios.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import random
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import run_benchmark  # noqa: E402
 from tg_tinker import BatchData, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
 
 MODEL = "tiny-random-llama:hidden=256,layers=4"
@@ -107,21 +109,12 @@ def measure(steps: int, rounds: int) -> dict:
             "rounds": rounds, "steps_per_round": steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    result = measure(args.steps, args.rounds)
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"direct peft loop : {result['direct_tok_s']:9.1f} tok/s (median of {args.rounds} rounds)")
+def report(result: dict) -> None:
+    print(f"direct peft loop : {result['direct_tok_s']:9.1f} tok/s (median of {result['rounds']} rounds)")
     print(f"tg_tinker + queue: {result['sdk_tok_s']:9.1f} tok/s")
     print(f"ratio sdk/direct : {result['ratio']:.3f} median of per-round ratios {result['round_ratios']} "
           "(target >= 0.97)")
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__, measure, report, steps=8, rounds=8)

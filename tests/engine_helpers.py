@@ -84,4 +84,4 @@ def clipped_mean(grads: list[dict[str, torch.Tensor]], max_norm: float) -> dict[
 def assert_close(actual: dict, expected: dict, rtol: float = 1e-9, atol: float = 1e-12) -> None:
     assert actual.keys() == expected.keys()
     for n in actual:
-        torch.testing.assert_close(actual[n], expected[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(actual[n], expected[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tg_tinker.errors import ArtifactNotFoundError, ValidationError
+from tg_tinker.errors import ArtifactNotFoundError
 from tg_tinker.types import ArtifactInfo
 
 from . import crypto
