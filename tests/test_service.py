@@ -189,3 +189,12 @@ def test_terminated_client_refuses_work(service):
 def test_list_training_clients(service, tc):
     assert tc.id in {c.client_id for c in service.list_training_clients()}
     assert TINY in {c.config.model_ref for c in service.list_training_clients()}
+
+
+def test_oversized_request_body_is_refused_before_it_is_read(service):
+    headers = {"authorization": f"Bearer {service._local.token}", "content-type": "application/json"}
+    response = httpx.post(f"{service.base_url}/v1/training_clients", content=b"x" * (65 << 20), headers=headers)
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "ValidationError"
+    assert "larger than" in response.json()["error"]["message"]
+    assert httpx.get(f"{service.base_url}/healthz").status_code == 200
