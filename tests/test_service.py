@@ -18,6 +18,7 @@ from tg_tinker import (
     OptimizerConfig,
     ServiceClient,
     TGTinkerError,
+    TrainingClientNotFoundError,
     ValidationError,
 )
 from tg_tinker.types import ForwardBackwardRequest, OptimStepRequest
@@ -154,7 +155,7 @@ def test_bad_configs_fail_when_built_and_when_started(service):
 def test_unknown_operation_and_client(service):
     with pytest.raises(OperationLostError, match="unknown to this trainer"):
         service.transport.request("GET", "/v1/operations/op-doesnotexist")
-    with pytest.raises(TGTinkerError, match="no client"):
+    with pytest.raises(TrainingClientNotFoundError, match="no client 'tc-nope'"):
         service.transport.request("GET", "/v1/clients/tc-nope")
 
 

@@ -13,6 +13,7 @@ from .errors import (
     ResourceExhaustedError,
     TGTinkerError,
     TrainingClientError,
+    TrainingClientNotFoundError,
     ValidationError,
 )
 from .futures import Future
@@ -43,6 +44,6 @@ __all__ = [
     "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError", "LoRAConfig",
     "LoadStateResult", "OperationCancelledError", "OperationLostError", "OptimStepResult", "OptimizerConfig",
     "ResourceExhaustedError", "SampleResult", "SampleSequence", "SamplingClient", "SaveStateResult",
-    "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingConfig",
+    "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingClientNotFoundError", "TrainingConfig",
     "ValidationError",
 ]

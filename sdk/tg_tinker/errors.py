@@ -78,6 +78,12 @@ class TrainingClientError(TGTinkerError):
     http_status = 500
 
 
+class TrainingClientNotFoundError(TrainingClientError):
+    """No client with that id on this trainer."""
+
+    http_status = 404
+
+
 class OperationLostError(TGTinkerError):
     """The trainer no longer knows the operation (it restarted): its outcome is unknown."""
 
@@ -103,6 +109,7 @@ _BY_NAME: dict[str, type[TGTinkerError]] = {
         AuthenticationError,
         ConnectionError,
         TrainingClientError,
+        TrainingClientNotFoundError,
         OperationLostError,
         ResourceExhaustedError,
     )

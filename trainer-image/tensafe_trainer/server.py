@@ -24,6 +24,7 @@ from tg_tinker.errors import (
     AuthenticationError,
     OperationLostError,
     TGTinkerError,
+    TrainingClientNotFoundError,
     ValidationError,
 )
 from tg_tinker.types import (
@@ -43,7 +44,7 @@ from .audit import AuditLog
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
 from .engine_process import EngineProcess
-from .sessions import Operation, Session
+from .sessions import Operation, OperationIndex, Session
 
 log = logging.getLogger("tensafe.trainer")
 MAX_WAIT_S = 60.0
@@ -66,13 +67,14 @@ class State:
     audit: AuditWriter
     loop: asyncio.AbstractEventLoop
     sessions: dict[str, Session] = field(default_factory=dict)
-    operations: dict[str, tuple[Operation, Session]] = field(default_factory=dict)
+    operations: OperationIndex = field(default_factory=OperationIndex)
 
     def session(self, client_id: str) -> Session:
         try:
             return self.sessions[client_id]
         except KeyError:
-            raise TrainingClientNotFound(client_id) from None
+            raise TrainingClientNotFoundError(f"no client {client_id!r} on this trainer",
+                                              {"client_id": client_id}) from None
 
     def start(self, client_id: str, tenant_id: str, kind: str, build, config=None) -> Session:
         if client_id in self.sessions and self.sessions[client_id].status is not ClientStatus.TERMINATED:
@@ -91,13 +93,6 @@ class State:
         spec = {"kind": "training", "client_id": client_id, "tenant_id": req.tenant_id,
                 "config": req.config.model_dump(mode="json")}
         return self.start(client_id, req.tenant_id, "training", lambda: self.start_engine(spec), config=req.config)
-
-
-class TrainingClientNotFound(TGTinkerError):
-    http_status = 404
-
-    def __init__(self, client_id: str):
-        super().__init__(f"no client {client_id!r} on this trainer", {"client_id": client_id})
 
 
 class BodySizeLimit:
@@ -205,8 +200,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.delete("/v1/clients/{client_id}", response_model=ClientInfo, dependencies=auth)
     async def terminate_client(client_id: str, state: State = Depends(get_state)):
         session = state.session(client_id)
+        if session.status is not ClientStatus.TERMINATED and not session.stopping:
+            metrics.CLIENTS.labels(session.kind).dec()
         session.terminate()
-        metrics.CLIENTS.labels(session.kind).dec()
         info = session.info()
         return info.model_copy(update={"status": ClientStatus.TERMINATED})
 
@@ -215,12 +211,12 @@ def create_app(settings: Settings) -> FastAPI:
         session = state.session(client_id)
         op, created = session.submit(body.request, body.idempotency_key)
         if created:
-            state.operations[op.id] = (op, session)
+            state.operations.add(op, session)
         return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
 
     def find(state: State, operation_id: str) -> tuple[Operation, Session]:
         try:
-            return state.operations[operation_id]
+            return state.operations.get(operation_id)
         except KeyError:
             raise OperationLostError(
                 f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "

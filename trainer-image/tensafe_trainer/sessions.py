@@ -42,7 +42,8 @@ class Operation:
                  loop: asyncio.AbstractEventLoop):
         self.id = f"op-{uuid.uuid4().hex}"
         self.client_id = client_id
-        self.request = request
+        self.type: str = request.type
+        self.request = request  # dropped once executed: a long run must not keep every batch
         self.key = key
         self.fingerprint = fingerprint
         self.status = OperationStatus.PENDING
@@ -54,12 +55,9 @@ class Operation:
         self._loop = loop
         self.waiter: asyncio.Future = loop.create_future()
 
-    @property
-    def type(self) -> str:
-        return self.request.type
-
     def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None):
         self.status, self.result, self.error = status, result, error
+        self.request = None
         self.finished_at = time.time()
         self._loop.call_soon_threadsafe(lambda: self.waiter.done() or self.waiter.set_result(None))
 
@@ -69,6 +67,30 @@ class Operation:
             created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at,
             result=self.result, error=self.error,
         )
+
+
+class OperationIndex:
+    """Operation id -> (operation, session), forgetting the oldest finished ones past ``capacity``.
+    A forgotten operation answers OperationLostError, as after a restart."""
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self._ops: collections.OrderedDict[str, tuple[Operation, "Session"]] = collections.OrderedDict()
+
+    def add(self, op: Operation, session: "Session") -> None:
+        self._ops[op.id] = (op, session)
+        while len(self._ops) > self.capacity:
+            oldest_id, (oldest, owner) = next(iter(self._ops.items()))
+            if not oldest.status.finished:
+                break
+            del self._ops[oldest_id]
+            owner.forget(oldest)
+
+    def get(self, operation_id: str) -> tuple[Operation, "Session"]:
+        return self._ops[operation_id]
+
+    def __len__(self) -> int:
+        return len(self._ops)
 
 
 def fingerprint(request: Any) -> str:
@@ -123,6 +145,12 @@ class Session:
         metrics.QUEUE_DEPTH.inc()
         return op, True
 
+    def forget(self, op: Operation) -> None:
+        """Drop a finished operation's idempotency key (its retries are long over)."""
+        with self._cond:
+            if op.key is not None and self._by_key.get(op.key) is op:
+                del self._by_key[op.key]
+
     def cancel(self, op: Operation) -> bool:
         with self._cond:
             if op.status is not OperationStatus.PENDING or op not in self._queue:
@@ -141,6 +169,10 @@ class Session:
             last_checkpoint=summary.get("last_checkpoint"), error=self.error, error_type=self.error_type,
             queue_depth=len(self._queue),
         )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def terminate(self) -> None:
         with self._cond:

@@ -1,0 +1,49 @@
+"""Server bookkeeping that must stay bounded over a long run."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tg_tinker.types import OperationStatus, OptimStepRequest
+
+
+class RecordingOwner:
+    def __init__(self):
+        self.forgotten = []
+
+    def forget(self, op):
+        self.forgotten.append(op.id)
+
+
+def make_ops(n):
+    from tensafe_trainer.sessions import Operation, fingerprint
+
+    loop = asyncio.new_event_loop()
+    request = OptimStepRequest()
+    return loop, [Operation("tc-1", request, f"key-{i}", fingerprint(request), loop) for i in range(n)]
+
+
+def test_finished_operations_drop_their_request():
+    loop, (op,) = make_ops(1)
+    assert op.request is not None
+    op.finish(OperationStatus.SUCCEEDED, result={"step": 1})
+    assert op.request is None and op.type == "optim_step" and op.record().result == {"step": 1}
+    loop.close()
+
+
+def test_operation_index_forgets_the_oldest_finished_operations_only():
+    from tensafe_trainer.sessions import OperationIndex
+
+    loop, ops = make_ops(5)
+    owner = RecordingOwner()
+    index = OperationIndex(capacity=3)
+    for op in ops[:3]:
+        index.add(op, owner)
+    index.add(ops[3], owner)  # the oldest is still pending: nothing may be forgotten
+    assert len(index) == 4 and owner.forgotten == []
+    ops[0].finish(OperationStatus.SUCCEEDED, result={})
+    ops[1].finish(OperationStatus.SUCCEEDED, result={})
+    index.add(ops[4], owner)
+    assert len(index) == 3 and owner.forgotten == [ops[0].id, ops[1].id]
+    assert index.get(ops[4].id)[0] is ops[4]
+    loop.close()
