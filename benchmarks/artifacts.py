@@ -58,8 +58,8 @@ def encrypted_save(state: dict, store) -> float:
     from tensafe_trainer.engine import write_state
 
     start = time.perf_counter()
-    info = store.put(lambda out: write_state(state, out), tenant_id="bench", training_client_id="tc-bench", kind="checkpoint",
-                     step=1)
+    info = store.put(lambda out: write_state(state, out), tenant_id="bench", training_client_id="tc-bench",
+                     kind="checkpoint", step=1)
     elapsed = time.perf_counter() - start
     store.delete("bench", info.artifact_id)
     return elapsed

@@ -100,7 +100,8 @@ def measure(steps: int, rounds: int) -> dict:
             runs[name].append(timed(run, batches))
     over_nodp = [d / n for d, n in zip(runs["dp"], runs["nodp"])]
     over_opacus = [d / o for d, o in zip(runs["dp"], runs["opacus"])]
-    return {"nodp_tok_s": round(statistics.median(runs["nodp"]), 1), "dp_tok_s": round(statistics.median(runs["dp"]), 1),
+    return {"nodp_tok_s": round(statistics.median(runs["nodp"]), 1),
+            "dp_tok_s": round(statistics.median(runs["dp"]), 1),
             "opacus_tok_s": round(statistics.median(runs["opacus"]), 1),
             "dp_over_nodp": round(statistics.median(over_nodp), 4),
             "dp_over_opacus": round(statistics.median(over_opacus), 4), "rounds": rounds, "steps_per_round": steps}

@@ -104,7 +104,8 @@ def measure(steps: int, rounds: int) -> dict:
             direct_runs.append(timed(direct, batches))
             sdk_runs.append(timed(sdk, sdk_batches))
     ratios = [s / d for s, d in zip(sdk_runs, direct_runs)]
-    return {"direct_tok_s": round(statistics.median(direct_runs), 1), "sdk_tok_s": round(statistics.median(sdk_runs), 1),
+    return {"direct_tok_s": round(statistics.median(direct_runs), 1),
+            "sdk_tok_s": round(statistics.median(sdk_runs), 1),
             "ratio": round(statistics.median(ratios), 4), "round_ratios": [round(r, 3) for r in ratios],
             "rounds": rounds, "steps_per_round": steps}
 

@@ -66,6 +66,8 @@ def test_timeout_then_later_result_and_cancel_before_start(service):
         assert queued[0].result().tokens_processed == 8 * 511
         assert first.cancel() is False  # finished: too late
         assert queued[1].exception() is None
+        cancelled = service.get_audit_logs(training_client_id=slow.id, operation="forward_backward")
+        assert [e.success for e in cancelled].count(False) == 1  # the cancelled one is audited too
     finally:
         slow.close()
 

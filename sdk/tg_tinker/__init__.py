@@ -44,6 +44,7 @@ __all__ = [
     "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError", "LoRAConfig",
     "LoadStateResult", "OperationCancelledError", "OperationLostError", "OptimStepResult", "OptimizerConfig",
     "ResourceExhaustedError", "SampleResult", "SampleSequence", "SamplingClient", "SaveStateResult",
-    "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingClientNotFoundError", "TrainingConfig",
+    "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingClientNotFoundError",
+    "TrainingConfig",
     "ValidationError",
 ]

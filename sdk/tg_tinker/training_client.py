@@ -151,7 +151,8 @@ class TrainingClient:
     async def optim_step_async(self, apply_dp_noise: Optional[bool] = None) -> Future[OptimStepResult]:
         return await asyncio.to_thread(self.optim_step, apply_dp_noise)
 
-    async def save_state_async(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
+    async def save_state_async(self, include_optimizer: bool = True,
+                               metadata: Optional[dict] = None) -> SaveStateResult:
         return await asyncio.to_thread(self.save_state, include_optimizer, metadata)
 
     async def load_state_async(self, artifact_id: str) -> LoadStateResult:

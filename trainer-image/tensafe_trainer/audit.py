@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional
 
 from tg_tinker.types import AuditEntry
 
+from .crypto import canonical_json
+
 GENESIS = "0" * 64
 
 
@@ -25,12 +27,12 @@ def request_hash(payload: Any) -> str:
     """SHA-256 of a request: of its canonical JSON, or of the bytes given (already canonical)."""
     if isinstance(payload, (bytes, bytearray)):
         return hashlib.sha256(payload).hexdigest()
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
 def _entry_hash(fields: dict) -> str:
     body = {k: v for k, v in fields.items() if k != "record_hash"}
-    return hashlib.sha256((fields["prev_hash"] + json.dumps(body, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
+    return hashlib.sha256(fields["prev_hash"].encode() + canonical_json(body)).hexdigest()
 
 
 def _last_line(f) -> Optional[bytes]:

@@ -51,16 +51,17 @@ class Binding:
     artifact_id: str
 
 
-def _canonical(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+def canonical_json(obj) -> bytes:
+    """One encoding for everything that is hashed or authenticated: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def _payload_aad(header: dict) -> bytes:
-    return _canonical({k: v for k, v in header.items() if k not in ("kid", "wrapped_dek", "wrap_nonce")})
+    return canonical_json({k: v for k, v in header.items() if k not in ("kid", "wrapped_dek", "wrap_nonce")})
 
 
 def _wrap_aad(kid: str, binding: dict) -> bytes:
-    return _canonical({"kid": kid, "tenant": binding["tenant"], "artifact_id": binding["artifact_id"]})
+    return canonical_json({"kid": kid, "tenant": binding["tenant"], "artifact_id": binding["artifact_id"]})
 
 
 def _wrap(kek: bytes, kid: str, dek: bytes, header: dict) -> dict:
@@ -81,7 +82,7 @@ def _unwrap(kek: bytes, header: dict) -> bytes:
 
 
 def _encode_header(header: dict) -> bytes:
-    body = _canonical(header)
+    body = canonical_json(header)
     return _PREFIX.pack(MAGIC, VERSION, len(body)) + body
 
 

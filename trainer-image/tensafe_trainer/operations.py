@@ -103,8 +103,8 @@ class Runtime:
         include_optimizer = req.include_optimizer and req.kind == "checkpoint"
         state = self.engine.state_dict(include_optimizer=include_optimizer)
         state["metadata"] = req.metadata
-        info = self.store.put(lambda out: write_state(state, out), tenant_id=self.tenant_id, training_client_id=self.client_id,
-                              kind=req.kind, step=self.engine.step, name=req.name)
+        info = self.store.put(lambda out: write_state(state, out), tenant_id=self.tenant_id,
+                              training_client_id=self.client_id, kind=req.kind, step=self.engine.step, name=req.name)
         if req.kind == "checkpoint":
             self.last_checkpoint = info.artifact_id
         result = SaveStateResult(

@@ -145,6 +145,13 @@ class Session:
         metrics.QUEUE_DEPTH.inc()
         return op, True
 
+    def _close_unrun(self, op: Operation, status: OperationStatus, error: dict) -> None:
+        """Finish an operation that never ran (cancelled, or failed with its client), audited like any other."""
+        metrics.QUEUE_DEPTH.dec()
+        op.finish(status, error=ErrorInfo(**error))
+        self._audit.submit(operation=op.type, training_client_id=self.client_id, tenant_id=self.tenant_id,
+                           request_hash=op.fingerprint, success=False, error=error["message"])
+
     def forget(self, op: Operation) -> None:
         """Drop a finished operation's idempotency key (its retries are long over)."""
         with self._cond:
@@ -156,9 +163,8 @@ class Session:
             if op.status is not OperationStatus.PENDING or op not in self._queue:
                 return False
             self._queue.remove(op)
-        metrics.QUEUE_DEPTH.dec()
-        op.finish(OperationStatus.CANCELLED,
-                  error=ErrorInfo(**OperationCancelledError("cancelled before it started").to_wire()))
+        cancelled = OperationCancelledError("cancelled before it started")
+        self._close_unrun(op, OperationStatus.CANCELLED, cancelled.to_wire())
         return True
 
     def info(self) -> ClientInfo:
@@ -180,10 +186,9 @@ class Session:
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify()
+        terminated = OperationCancelledError("the client was terminated").to_wire()
         for op in pending:
-            metrics.QUEUE_DEPTH.dec()
-            op.finish(OperationStatus.CANCELLED,
-                      error=ErrorInfo(**OperationCancelledError("the client was terminated").to_wire()))
+            self._close_unrun(op, OperationStatus.CANCELLED, terminated)
 
     # --- the worker thread -------------------------------------------------------------------
 
@@ -254,5 +259,4 @@ class Session:
             self._queue.clear()
         wire = {"type": self.error_type, "message": f"{context}: {self.error}", "details": {"status": "ERROR"}}
         for op in pending:
-            metrics.QUEUE_DEPTH.dec()
-            op.finish(OperationStatus.FAILED, error=ErrorInfo(**wire))
+            self._close_unrun(op, OperationStatus.FAILED, wire)
