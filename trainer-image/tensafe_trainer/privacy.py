@@ -44,6 +44,9 @@ class PrivacyAccountant:
     def __init__(self, cfg: DPConfig, effective_batch_size: int):
         self.cfg = cfg
         self.sample_rate, self.sampling_assumption = resolve_sample_rate(cfg, effective_batch_size)
+        if cfg.accountant_type == "gdp":
+            self.sampling_assumption += ("; GDP accounting is a CLT approximation that can underestimate "
+                                         "epsilon (prefer rdp or prv)")
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
