@@ -1,0 +1,1 @@
+"""The TenSafe Kubernetes operator: custom resource definitions and pure builders of child objects."""

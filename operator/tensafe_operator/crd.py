@@ -1,0 +1,142 @@
+"""The ``TrainingClient`` and ``TrainingOperation`` custom resource definitions (tensafe.io/v1alpha1).
+
+``spec.training`` is the SDK's ``TrainingConfig`` (same field names), its schema generated from that
+model. ``crds/*.yaml`` is this module's output, written by ``python -m tensafe_operator.crd crds/``
+and kept equal to it by a test: the YAML is what users ``kubectl apply``; this is where it comes from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tg_tinker.config import TrainingConfig
+from tg_tinker.types import ClientStatus
+
+from .schema import model_schema
+
+GROUP, VERSION = "tensafe.io", "v1alpha1"
+# Fields that define the model: changing them would make every checkpoint of the client unloadable.
+IMMUTABLE_TRAINING_FIELDS = ("model_ref", "lora_config", "dtype")
+
+
+def _immutable(message: str) -> list[dict[str, str]]:
+    return [{"rule": "self == oldSelf", "message": message}]
+
+
+def _training_schema() -> dict[str, Any]:
+    schema = model_schema(TrainingConfig)
+    for field in IMMUTABLE_TRAINING_FIELDS:
+        schema["properties"][field]["x-kubernetes-validations"] = _immutable(f"{field} is immutable")
+    # A rule on a property only runs when both old and new values exist: removing lora_config (switching
+    # to full fine-tuning) needs a rule one level up.
+    schema["x-kubernetes-validations"] = [{"rule": "has(self.lora_config) == has(oldSelf.lora_config)",
+                                           "message": "lora_config cannot be added or removed"}]
+    return schema
+
+
+def _condition_schema() -> dict[str, Any]:
+    return {"type": "object", "required": ["type", "status"], "properties": {
+        "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string"}, "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer"}}}
+
+
+def training_client_crd() -> dict[str, Any]:
+    spec = {"type": "object", "required": ["training"], "properties": {
+        "training": _training_schema(),
+        "tenantId": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$", "default": "default",
+                     "x-kubernetes-validations": _immutable("tenantId is immutable")},
+        "image": {"type": "string", "description": "trainer image; the operator's default when empty"},
+        "resources": {"type": "object", "properties": {
+            "gpus": {"type": "integer", "minimum": 0, "default": 0},
+            "cpu": {"type": "string"}, "memory": {"type": "string"}}},
+        "artifactStore": {"type": "object", "description": "PersistentVolumeClaim for artifacts and audit log",
+                          "properties": {"claimName": {"type": "string"},
+                                         "size": {"type": "string", "default": "10Gi"}}},
+        "keySecretRef": {"type": "object", "description": "Secret with the tenant key and the bearer token",
+                         "required": ["name"], "properties": {"name": {"type": "string"}}},
+        "suspend": {"type": "boolean", "default": False},
+    }}
+    status = {"type": "object", "properties": {
+        "phase": {"type": "string", "enum": [s.value for s in ClientStatus]},
+        "conditions": {"type": "array", "items": _condition_schema(),
+                       "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        "observedGeneration": {"type": "integer"},
+        "podName": {"type": "string"}, "endpoint": {"type": "string"},
+        "step": {"type": "integer"},
+        "privacy": {"type": "object", "properties": {"totalEpsilon": {"type": "number", "nullable": True}}},
+        "lastCheckpoint": {"type": "string"},
+    }}
+    columns = [("Phase", "string", ".status.phase"), ("Model", "string", ".spec.training.model_ref"),
+               ("Step", "integer", ".status.step"), ("Epsilon", "number", ".status.privacy.totalEpsilon"),
+               ("Age", "date", ".metadata.creationTimestamp")]
+    return _crd("TrainingClient", "trainingclients", ["tc"], spec, status, columns)
+
+
+def training_operation_crd() -> dict[str, Any]:
+    spec = {"type": "object", "required": ["trainingClientRef", "type"],
+            "x-kubernetes-validations": _immutable("a TrainingOperation's spec is immutable"), "properties": {
+                "trainingClientRef": {"type": "object", "required": ["name"],
+                                      "properties": {"name": {"type": "string"}}},
+                "type": {"type": "string", "enum": ["save_state", "load_state", "export"]},
+                "parameters": {"type": "object", "properties": {
+                    "includeOptimizer": {"type": "boolean", "default": True},
+                    "artifactId": {"type": "string", "pattern": r"^art-[0-9a-f]{32}$"},
+                    "name": {"type": "string", "maxLength": 128},
+                    "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}},
+            }}
+    status = {"type": "object", "properties": {
+        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
+        "result": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "message": {"type": "string"},
+        "operationId": {"type": "string"},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+    }}
+    columns = [("Client", "string", ".spec.trainingClientRef.name"), ("Type", "string", ".spec.type"),
+               ("Phase", "string", ".status.phase"), ("Artifact", "string", ".status.result.artifact_id"),
+               ("Age", "date", ".metadata.creationTimestamp")]
+    return _crd("TrainingOperation", "trainingoperations", ["tops"], spec, status, columns)
+
+
+def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP, "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": short, "categories": ["tensafe"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [{"name": n, "type": t, "jsonPath": p} for n, t, p in columns],
+                "schema": {"openAPIV3Schema": {"type": "object", "required": ["spec"], "properties": {
+                    "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                    "metadata": {"type": "object"}, "spec": spec, "status": status}}},
+            }],
+        },
+    }
+
+
+def render(crd: dict[str, Any]) -> str:
+    return "# Generated by `python -m tensafe_operator.crd crds/` from the SDK's models: do not edit.\n" + \
+        yaml.safe_dump(crd, sort_keys=False, width=120)
+
+
+def all_crds() -> dict[str, dict[str, Any]]:
+    return {f"{c['metadata']['name']}.yaml": c for c in (training_client_crd(), training_operation_crd())}
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "crds")
+    target.mkdir(parents=True, exist_ok=True)
+    for filename, crd in all_crds().items():
+        (target / filename).write_text(render(crd))
+        print(f"wrote {target / filename}")

@@ -1,0 +1,116 @@
+"""The CRDs and the pure builders of the operator (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tg_tinker import TrainingConfig, ValidationError
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def walk(node):
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def test_crd_files_are_the_generated_ones():
+    from tensafe_operator.crd import all_crds, render
+
+    for filename, crd in all_crds().items():
+        assert (ROOT / "crds" / filename).read_text() == render(crd), f"regenerate crds/{filename}"
+
+
+@pytest.mark.parametrize("filename", ["trainingclients.tensafe.io.yaml", "trainingoperations.tensafe.io.yaml"])
+def test_crd_schemas_are_structural(filename):
+    crd = yaml.safe_load((ROOT / "crds" / filename).read_text())
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    root = version["schema"]["openAPIV3Schema"]
+    assert root["properties"]["metadata"] == {"type": "object"}  # the API server owns metadata's schema
+    for node in walk({k: v for k, v in root["properties"].items() if k != "metadata"}):
+        if isinstance(node, dict) and node.get("type") == "object":
+            assert "properties" in node or node.get("x-kubernetes-preserve-unknown-fields"), node
+        if isinstance(node, dict):
+            assert not {"$ref", "$defs", "anyOf", "allOf", "oneOf", "prefixItems", "title"} & set(node), node
+            if "exclusiveMinimum" in node:
+                assert node["exclusiveMinimum"] is True and "minimum" in node
+
+
+def test_training_schema_mirrors_the_sdk_config_and_guards_model_fields():
+    from tensafe_operator.crd import training_client_crd
+
+    crd = training_client_crd()
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
+    assert set(schema["properties"]) == set(TrainingConfig.model_fields)
+    assert schema["properties"]["lora_config"]["nullable"] is True  # null = full fine-tuning
+    assert schema["properties"]["optimizer"]["properties"]["name"]["enum"] == ["adamw", "adam", "sgd", "adafactor"]
+    assert schema["properties"]["dp_config"]["properties"]["accountant_type"]["enum"] == ["rdp", "prv", "gdp"]
+    for field in ("model_ref", "lora_config", "dtype"):
+        assert schema["properties"][field]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Model", "Step", "Epsilon", "Age"]
+    assert crd["spec"]["names"]["shortNames"] == ["tc"]
+
+
+def training_client(name="demo", **spec):
+    body = {"training": {"model_ref": TINY, "batch_size": 4}, "keySecretRef": {"name": "tenant-keys"}}
+    body.update(spec)
+    return {"apiVersion": "tensafe.io/v1alpha1", "kind": "TrainingClient",
+            "metadata": {"name": name, "namespace": "ml", "uid": "1234-uid"}, "spec": body}
+
+
+def test_pod_carries_config_token_owner_and_volume():
+    from tensafe_operator.builders import build_pod
+
+    pod = build_pod(training_client(resources={"gpus": 2, "memory": "16Gi"}), default_image="tensafe/trainer:0.1.0")
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "demo-trainer" and meta["namespace"] == "ml"
+    assert meta["ownerReferences"] == [{"apiVersion": "tensafe.io/v1alpha1", "kind": "TrainingClient",
+                                        "name": "demo", "uid": "1234-uid", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    container = spec["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    config = json.loads(env["TENSAFE_CLIENT_CONFIG"]["value"])
+    assert config["client_id"] == "demo" and config["config"]["model_ref"] == TINY
+    assert config["config"]["batch_size"] == 4 and config["config"]["lora_config"]["rank"] == 16  # defaults filled
+    assert env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tenant-keys", "key": "token"}
+    assert "value" not in env["TENSAFE_AUTH_TOKEN"]  # the token itself never appears in the pod spec
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 2, "memory": "16Gi"},
+                                      "requests": {"memory": "16Gi"}}
+    assert container["image"] == "tensafe/trainer:0.1.0"
+    assert spec["volumes"][0]["persistentVolumeClaim"] == {"claimName": "demo-artifacts"}
+    assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_builders_are_deterministic_and_names_fit_dns_labels():
+    from tensafe_operator.builders import build_pod, build_service, child_name, service_endpoint
+
+    tc = training_client(image="registry.example/trainer:dev")
+    assert build_pod(tc, default_image="x") == build_pod(tc, default_image="x")
+    assert build_pod(tc, default_image="x")["spec"]["containers"][0]["image"] == "registry.example/trainer:dev"
+    service = build_service(tc)
+    assert service["spec"]["selector"] == build_pod(tc, default_image="x")["metadata"]["labels"]
+    assert service_endpoint(tc) == "http://demo-trainer.ml.svc:8000"
+    long = "a" * 60
+    assert len(child_name(long)) <= 63 and child_name(long) == child_name(long) != child_name("b" * 60)
+
+
+def test_invalid_training_spec_is_refused_by_the_builder():
+    from tensafe_operator.builders import build_pod
+
+    with pytest.raises(ValidationError, match="rank"):
+        build_pod(training_client(training={"lora_config": {"rank": 0}}), default_image="x")
+    with pytest.raises(ValueError, match="keySecretRef"):
+        build_pod(training_client(keySecretRef=None), default_image="x")
