@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tg_tinker import ClientStatus, ConnectionError as TrainerUnreachable, ServiceClient, TrainingClientError
+from tg_tinker import ClientStatus, ServiceClient, TGTinkerError, TrainingClientError
+from tg_tinker import ConnectionError as TrainerUnreachable
 
 from conftest import random_batch, tiny_config
 
@@ -73,3 +74,30 @@ def test_trainer_killed_under_a_waiting_future_raises_instead_of_hanging(tmp_pat
         assert time.monotonic() - started < 30
     finally:
         service.close()
+
+
+def test_a_lost_client_is_replaced_and_resumes_from_its_latest_checkpoint(own_service):
+    from conftest import dp_config
+
+    config = tiny_config(dp_config=dp_config())
+    fresh = own_service.create_training_client(config, client_id="resume-me", resume_from="latest")
+    assert fresh.step == 0 and fresh.info.last_checkpoint is None  # nothing to resume on a first start
+    for _ in range(2):
+        fresh.forward_backward(random_batch())
+        fresh.optim_step()
+    epsilon = fresh.optim_step().result().dp_metrics.total_epsilon
+    older = fresh.save_state()
+    fresh.forward_backward(random_batch())
+    fresh.optim_step().result()
+    newest = fresh.save_state()
+    os.kill(engine_pids(own_service._local.process.pid)[-1], signal.SIGKILL)
+    with pytest.raises(TrainingClientError):
+        fresh.forward_backward(random_batch()).result(timeout=60)
+    replaced = own_service.create_training_client(config, client_id="resume-me", resume_from="latest")
+    assert replaced.step == newest.step == 4 and replaced.info.last_checkpoint == newest.artifact_id
+    assert replaced.total_epsilon > epsilon
+    assert replaced.optim_step().result().step == 5
+    entry = own_service.get_audit_logs(training_client_id="resume-me", operation="resume")[-1]
+    assert entry.artifact_ids_consumed == [newest.artifact_id]
+    with pytest.raises(TGTinkerError, match="already exists"):
+        own_service.create_training_client(config, client_id="resume-me", resume_from=older.artifact_id)

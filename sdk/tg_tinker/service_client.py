@@ -64,10 +64,15 @@ class ServiceClient:
     # --- clients ----------------------------------------------------------------------------
 
     def create_training_client(self, config: Optional[TrainingConfig] = None, *, client_id: Optional[str] = None,
-                               wait: bool = True) -> TrainingClient:
-        """Create a training client; by default waits until its model is loaded (errors surface here)."""
+                               resume_from: Optional[str] = None, wait: bool = True) -> TrainingClient:
+        """Create a training client; by default waits until its model is loaded (errors surface here).
+
+        ``resume_from`` loads a checkpoint first: an artifact id, or ``"latest"`` for the newest checkpoint
+        saved under this ``client_id`` (none yet: a fresh start). A client in ERROR can be replaced this way.
+        """
         config = config if config is not None else TrainingConfig()
-        body = CreateTrainingClient(config=config, client_id=client_id, tenant_id=self.tenant_id)
+        body = CreateTrainingClient(config=config, client_id=client_id, tenant_id=self.tenant_id,
+                                    resume_from=resume_from)
         info = ClientInfo.parse(self.transport.request("POST", "/v1/training_clients",
                                                        json=body.model_dump(mode="json")))
         if wait:

@@ -282,6 +282,9 @@ class CreateTrainingClient(WireModel):
     config: TrainingConfig
     client_id: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    resume_from: Optional[str] = Field(
+        None, pattern=r"^(latest|art-[0-9a-f]{32})$",
+        description="a checkpoint to load at start, or 'latest': this client id's newest checkpoint, if any")
 
 
 class CreateSamplingClient(WireModel):

@@ -47,7 +47,7 @@ class Reply:
 
 def _summary(runtime) -> dict:
     return {"step": runtime.engine.step, "total_epsilon": runtime.engine.total_epsilon,
-            "last_checkpoint": runtime.last_checkpoint}
+            "last_checkpoint": runtime.last_checkpoint, "resumed_from": runtime.resumed_from}
 
 
 def _build(spec: dict, home: Path):
@@ -59,7 +59,11 @@ def _build(spec: dict, home: Path):
 
     store = ArtifactStore(home / "artifacts", LocalKeyProvider(home / "keys"))
     if spec["kind"] == "training":
-        return Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]), store)
+        runtime = Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]),
+                                       store)
+        if spec.get("resume_from"):
+            runtime.resume(spec["resume_from"])
+        return runtime
     return Runtime.for_sampling(spec["client_id"], spec["tenant_id"], store, artifact_id=spec.get("artifact_id"),
                                 base_model=spec.get("base_model"))
 

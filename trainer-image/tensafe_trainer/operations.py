@@ -53,6 +53,7 @@ class Runtime:
     engine: TrainingEngine
     store: ArtifactStore
     last_checkpoint: Optional[str] = None
+    resumed_from: Optional[str] = None
 
     def __post_init__(self):
         e = self.engine
@@ -123,6 +124,16 @@ class Runtime:
                     tar.add(Path(tmp) / name, arcname=name)
         return ExportAdapterResult(archive_b64=base64.b64encode(buffer.getvalue()).decode(), files=files,
                                    step=self.engine.step)
+
+    def resume(self, artifact_id: str) -> None:
+        """Load a checkpoint at start: an id, or 'latest' (this client's newest checkpoint, if it has one)."""
+        if artifact_id == "latest":
+            checkpoints = [a for a in self.store.list(self.tenant_id, self.client_id) if a.kind == "checkpoint"]
+            if not checkpoints:
+                return  # a first start: nothing to resume
+            artifact_id = checkpoints[-1].artifact_id
+        self._load(LoadStateRequest(artifact_id=artifact_id))
+        self.last_checkpoint = self.resumed_from = artifact_id
 
     def _load(self, req: LoadStateRequest) -> Outcome:
         state = deserialize_state(self.store.get(self.tenant_id, req.artifact_id))

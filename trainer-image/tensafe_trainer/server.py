@@ -77,7 +77,8 @@ class State:
                                               {"client_id": client_id}) from None
 
     def start(self, client_id: str, tenant_id: str, kind: str, build, config=None) -> Session:
-        if client_id in self.sessions and self.sessions[client_id].status is not ClientStatus.TERMINATED:
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.status not in (ClientStatus.TERMINATED, ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
         session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
                           max_pending=self.settings.max_pending, config=config)
@@ -91,7 +92,7 @@ class State:
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
         spec = {"kind": "training", "client_id": client_id, "tenant_id": req.tenant_id,
-                "config": req.config.model_dump(mode="json")}
+                "config": req.config.model_dump(mode="json"), "resume_from": req.resume_from}
         return self.start(client_id, req.tenant_id, "training", lambda: self.start_engine(spec), config=req.config)
 
 

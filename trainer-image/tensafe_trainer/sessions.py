@@ -198,6 +198,11 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - reported to every caller, never swallowed
             self._enter_error(exc, f"client {self.client_id} failed to start")
             return
+        resumed = self.engine.summary.get("resumed_from")
+        if resumed:
+            self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,
+                               tenant_id=self.tenant_id, request_hash=request_hash(resumed.encode()),
+                               success=True, consumed=[resumed])
         with self._cond:
             if self.status is ClientStatus.INITIALIZING:
                 self.status = ClientStatus.READY
