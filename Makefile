@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/dp.py
 	$(BIN)/python benchmarks/artifacts.py
+	$(BIN)/python benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -101,3 +101,20 @@ def test_a_lost_client_is_replaced_and_resumes_from_its_latest_checkpoint(own_se
     assert entry.artifact_ids_consumed == [newest.artifact_id]
     with pytest.raises(TGTinkerError, match="already exists"):
         own_service.create_training_client(config, client_id="resume-me", resume_from=older.artifact_id)
+
+
+def test_a_flood_of_submissions_meets_back_pressure_and_loses_nothing(tmp_path, monkeypatch):
+    from tg_tinker import ResourceExhaustedError
+
+    monkeypatch.setenv("TENSAFE_MAX_PENDING", "4")
+    with ServiceClient(home=tmp_path) as service:
+        tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
+        accepted = [tc.forward_backward(random_batch(rows=8, width=512))]
+        with pytest.raises(ResourceExhaustedError) as err:
+            for _ in range(20):
+                accepted.append(tc.optim_step())
+        assert err.value.details["max_pending"] == 4 and "already has 4 operations queued" in err.value.message
+        assert 4 <= len(accepted) <= 6
+        steps = [f.result(timeout=120).step for f in accepted[1:]]
+        assert steps == list(range(1, len(steps) + 1))  # everything accepted ran, in order
+        assert tc.optim_step().result().step == len(steps) + 1  # and the queue takes work again

@@ -20,6 +20,7 @@ from .server import Settings, create_app
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
 CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
+MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
 
 
 def _watch_parent(pid: int) -> None:
@@ -43,7 +44,8 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     raw = client_config.read_text() if client_config else os.environ.get(CLIENT_CONFIG_ENV)
     if raw:
         initial = CreateTrainingClient.parse(json.loads(raw))
-    settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial)
+    settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
+                        max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)))
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it

@@ -13,7 +13,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +43,7 @@ from .artifacts import ArtifactStore
 from .audit import AuditLog
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
-from .engine_process import EngineProcess
+from .engine_process import EngineProcess, busy_counter
 from .sessions import Operation, OperationIndex, Session
 
 log = logging.getLogger("tensafe.trainer")
@@ -68,6 +68,7 @@ class State:
     loop: asyncio.AbstractEventLoop
     sessions: dict[str, Session] = field(default_factory=dict)
     operations: OperationIndex = field(default_factory=OperationIndex)
+    busy_engines: Any = field(default_factory=busy_counter)
 
     def session(self, client_id: str) -> Session:
         try:
@@ -87,7 +88,7 @@ class State:
         return session
 
     def start_engine(self, spec: dict) -> EngineProcess:
-        return EngineProcess(spec, self.settings.home)
+        return EngineProcess(spec, self.settings.home, self.busy_engines)
 
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
