@@ -114,3 +114,52 @@ def test_invalid_training_spec_is_refused_by_the_builder():
         build_pod(training_client(training={"lora_config": {"rank": 0}}), default_image="x")
     with pytest.raises(ValueError, match="keySecretRef"):
         build_pod(training_client(keySecretRef=None), default_image="x")
+
+
+def as_json_schema(node):
+    """OpenAPI 3.0 (structural) -> JSON Schema draft 4: same boolean exclusiveMinimum; nullable -> null type."""
+    if isinstance(node, list):
+        return [as_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes") and k != "nullable"}
+    if node.get("nullable"):
+        out["type"] = [node["type"], "null"]
+    if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False  # the API server prunes unknown fields; here they are errors
+    return out
+
+
+def validator_for(filename):
+    import jsonschema_rs
+
+    crd = yaml.safe_load((ROOT / "crds" / filename).read_text())
+    schema = as_json_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema_rs.Draft4Validator(schema)
+
+
+@pytest.mark.parametrize("example, crd", [("trainingclient.yaml", "trainingclients.tensafe.io.yaml"),
+                                          ("trainingoperation.yaml", "trainingoperations.tensafe.io.yaml")])
+def test_examples_validate_against_the_crds(example, crd):
+    document = yaml.safe_load((ROOT / "examples" / example).read_text())
+    validator = validator_for(crd)
+    errors = [e.message for e in validator.iter_errors(document)]
+    assert errors == []
+
+
+def test_the_crd_schema_refuses_what_the_sdk_refuses():
+    from tensafe_operator.builders import client_config
+
+    validator = validator_for("trainingclients.tensafe.io.yaml")
+    good = yaml.safe_load((ROOT / "examples" / "trainingclient.yaml").read_text())
+    assert client_config({**good, "metadata": {"name": "support-bot"}}).config.dp_config.target_epsilon == 8.0
+    for path, value in ((("lora_config", "rank"), 0), (("optimizer", "name"), "lion"),
+                        (("dp_config", "accountant_type"), "zcdp"), (("batch_size",), 0),
+                        (("optimizer", "betas"), [0.9])):
+        bad = yaml.safe_load((ROOT / "examples" / "trainingclient.yaml").read_text())
+        target = bad["spec"]["training"]
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+        assert not validator.is_valid(bad), path
