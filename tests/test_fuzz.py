@@ -30,4 +30,6 @@ def test_fuzzing_the_api_finds_no_server_error(tmp_path):
         assert "passed" in run.stdout
         assert service.transport.request("GET", "/healthz") == {"status": "ok"}
         assert tc.refresh().status in (ClientStatus.READY, ClientStatus.BUSY)
-        assert tc.forward_backward(random_batch()).result(timeout=300).tokens_processed == 60
+        tc.close()  # the fuzzer may have queued minutes of valid sampling work: drop it, don't wait for it
+        after = service.create_training_client(tiny_config())
+        assert after.forward_backward(random_batch()).result(timeout=120).tokens_processed == 60

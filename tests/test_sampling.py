@@ -74,6 +74,10 @@ def test_bad_sampling_requests(service, trained):
         sampler.sample([10_000], max_tokens=3).result()
     with pytest.raises(ValidationError, match="max_tokens"):
         sampler.sample([1], max_tokens=0)
+    with pytest.raises(ValidationError, match="max_seq_len=64"):
+        sampler.sample([1, 2, 3], max_tokens=62).result()
+    with pytest.raises(ValidationError, match="max_seq_len=64"):
+        sampler.compute_logprobs(list(range(65))).result()
     with pytest.raises(ArtifactNotFoundError):
         service.create_sampling_client(artifact_id="art-" + "0" * 32)
     with pytest.raises(ArtifactNotFoundError):

@@ -49,13 +49,19 @@ def _split_stops(stop) -> tuple[set[int], list[str]]:
 
 class Sampler:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vocab_size: int, eos_token_id: Optional[int],
-                 device: torch.device):
+                 device: torch.device, max_seq_len: int):
         self.model, self.tokenizer, self.vocab_size = model, tokenizer, vocab_size
-        self.eos_token_id, self.device = eos_token_id, device
+        self.eos_token_id, self.device, self.max_seq_len = eos_token_id, device, max_seq_len
+
+    def _check_length(self, length: int, what: str) -> None:
+        if length > self.max_seq_len:
+            raise ValidationError(f"{what} is {length} tokens, more than this client's max_seq_len={self.max_seq_len}",
+                                  {"field": "max_tokens", "max_seq_len": self.max_seq_len})
 
     @torch.no_grad()
     def sample(self, req: SampleRequest) -> SampleResult:
         prompt = _encode_prompt(req.prompt, self.tokenizer, self.vocab_size)
+        self._check_length(len(prompt) + req.max_tokens, "prompt + max_tokens")
         stop_ids, stop_texts = _split_stops(req.stop)
         if stop_texts and self.tokenizer is None:
             raise ValidationError("text stop sequences need a tokenizer; give token ids", {"field": "stop"})
@@ -113,6 +119,7 @@ class Sampler:
     @torch.no_grad()
     def compute_logprobs(self, tokens: list[int]) -> ComputeLogprobsResult:
         _encode_prompt(tokens, None, self.vocab_size)
+        self._check_length(len(tokens), "the token sequence")
         was_training = self.model.training
         self.model.eval()
         try:
