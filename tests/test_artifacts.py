@@ -176,3 +176,21 @@ def test_artifact_ids_cannot_escape_the_store(store, artifact_id):
 def test_tenant_ids_cannot_escape_the_store(store, tenant):
     with pytest.raises(ValidationError):
         put(store, tenant=tenant)
+
+
+@pytest.mark.parametrize("field", ["nonce", "wrap_nonce", "wrapped_dek"])
+@pytest.mark.parametrize("bad", ["not base64!", "AAAA", "", None])
+def test_malformed_header_fields_are_integrity_errors(store, field, bad):
+    """Whatever a flipped bit makes of a header field (invalid base64, wrong length, gone), it is refused."""
+    import json
+
+    info = put(store)
+    path = path_of(store, info)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[5:9], "big")
+    header = json.loads(data[9:9 + header_len])
+    header[field] = bad
+    body = json.dumps(header).encode()
+    path.write_bytes(data[:5] + len(body).to_bytes(4, "big") + body + data[9 + header_len:])
+    with pytest.raises(ArtifactIntegrityError):
+        store.get("acme", info.artifact_id)

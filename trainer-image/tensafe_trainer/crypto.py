@@ -73,9 +73,9 @@ def _wrap(kek: bytes, kid: str, dek: bytes, header: dict) -> dict:
 
 def _unwrap(kek: bytes, header: dict) -> bytes:
     try:
-        return AESGCM(kek).decrypt(base64.b64decode(header["wrap_nonce"]), base64.b64decode(header["wrapped_dek"]),
+        return AESGCM(kek).decrypt(header_bytes(header, "wrap_nonce", 12), header_bytes(header, "wrapped_dek", 48),
                                    _wrap_aad(header["kid"], header))
-    except (InvalidTag, ValueError, KeyError):
+    except InvalidTag:
         raise ArtifactIntegrityError(
             f"the data key of artifact {header.get('artifact_id')!r} does not unwrap under key "
             f"{header.get('kid')!r}: wrong key or tampered header") from None
@@ -210,7 +210,23 @@ def read_header(src: BinaryIO) -> tuple[dict, int]:
         raise ArtifactIntegrityError("artifact header is corrupt") from None
     if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
         raise ArtifactIntegrityError("artifact header is corrupt or uses an unknown algorithm")
+    for field in ("kid", "tenant", "training_client", "artifact_id"):
+        if not isinstance(header.get(field), str):
+            raise ArtifactIntegrityError(f"artifact header is corrupt: {field} missing")
+    for field, size in (("nonce", 12), ("wrap_nonce", 12), ("wrapped_dek", 48)):
+        header_bytes(header, field, size)  # refuse now, not halfway through decryption
     return header, _PREFIX.size + length
+
+
+def header_bytes(header: dict, field: str, size: int) -> bytes:
+    """A base64 header field, strictly decoded and of the expected length, or an integrity error."""
+    try:
+        value = base64.b64decode(header[field], validate=True)
+    except (KeyError, TypeError, ValueError):
+        value = None
+    if value is None or len(value) != size:
+        raise ArtifactIntegrityError(f"artifact header is corrupt: bad {field}", {"field": field})
+    return value
 
 
 def check_binding(header: dict, binding: Binding) -> None:
@@ -232,7 +248,7 @@ def decrypt_from(src: BinaryIO, total_size: int, binding: Binding, keys: KeyProv
     body = total_size - offset - TAG_SIZE
     if body < 0:
         raise ArtifactIntegrityError("artifact is truncated")
-    decryptor = Cipher(algorithms.AES(dek), modes.GCM(base64.b64decode(header["nonce"]))).decryptor()
+    decryptor = Cipher(algorithms.AES(dek), modes.GCM(header_bytes(header, "nonce", 12))).decryptor()
     decryptor.authenticate_additional_data(_payload_aad(header))
     plaintext = bytearray(body + 15)
     filled = 0
