@@ -80,19 +80,14 @@ class ArtifactStore:
         artifact_id = artifact_id or new_artifact_id()
         data_path, info_path = self._paths(tenant_id, artifact_id)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
-        result = {}
-
-        def write(f):
-            produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
-            result["size"], result["hash"] = crypto.encrypt_stream(f, produce, binding, self.keys)
-
-        _atomic_write(data_path, write)
-        with open(data_path, "rb") as f:
-            header, _ = crypto.read_header(f)
+        produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
+        written: list[crypto.Encrypted] = []
+        _atomic_write(data_path, lambda f: written.append(crypto.encrypt_stream(f, produce, binding, self.keys)))
+        encrypted = written[0]
         info = ArtifactInfo(
             artifact_id=artifact_id, tenant_id=tenant_id, training_client_id=training_client_id, kind=kind,
-            size_bytes=result["size"], content_hash=result["hash"], created_at=time.time(), step=step,
-            key_id=header["kid"], name=name,
+            size_bytes=encrypted.size, content_hash=encrypted.sha256, created_at=time.time(), step=step,
+            key_id=encrypted.key_id, name=name,
         )
         _atomic_write(info_path, lambda f: f.write(info.model_dump_json().encode()))
         return info

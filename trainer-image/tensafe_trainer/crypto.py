@@ -23,7 +23,7 @@ import queue
 import struct
 import threading
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, NamedTuple, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -169,9 +169,15 @@ class EncryptingWriter(io.RawIOBase):
         self._pending = bytearray()
 
 
+class Encrypted(NamedTuple):
+    size: int  # bytes written
+    sha256: str  # of the bytes written
+    key_id: str  # the KEK that wraps the data key
+
+
 def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: Binding,
-                   keys: KeyProvider) -> tuple[int, str]:
-    """Encrypt what ``produce(writer)`` writes into ``out``; returns (bytes written, SHA-256 of them)."""
+                   keys: KeyProvider) -> Encrypted:
+    """Encrypt what ``produce(writer)`` writes into ``out``."""
     kid, kek = keys.active_key(binding.tenant_id)
     dek, nonce = AESGCM.generate_key(bit_length=256), os.urandom(12)
     header = {"v": VERSION, "alg": ALGORITHM, "nonce": base64.b64encode(nonce).decode(),
@@ -188,12 +194,7 @@ def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: 
         writer.finish()
     finally:
         written, digest = sink.close()
-    return written, digest
-
-
-def encrypt_to(out: BinaryIO, plaintext: memoryview | bytes, binding: Binding, keys: KeyProvider) -> tuple[int, str]:
-    """Encrypt a buffer into ``out``; returns (bytes written, SHA-256 of the written bytes)."""
-    return encrypt_stream(out, lambda w: w.write(plaintext), binding, keys)
+    return Encrypted(written, digest, kid)
 
 
 def read_header(src: BinaryIO) -> tuple[dict, int]:

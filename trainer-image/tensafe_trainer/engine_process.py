@@ -176,10 +176,6 @@ class EngineProcess:
         self.summary = reply.summary
         return reply
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self.process.pid
-
     def close(self) -> None:
         if self.process.is_alive():
             try:

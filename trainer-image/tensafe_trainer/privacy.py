@@ -9,6 +9,7 @@ The batch size is treated as public, as it is for fixed-size batches.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from typing import Callable, Optional
@@ -38,6 +39,30 @@ def resolve_sample_rate(cfg: DPConfig, effective_batch_size: int) -> tuple[float
     return 1.0, "no sampling information: q = 1, no amplification by subsampling"
 
 
+@functools.lru_cache(maxsize=64)
+def _rdp_curve(sigma: float, q: float):
+    return rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
+# Memoized: a step's "epsilon before" is the previous step's "epsilon after".
+@functools.lru_cache(maxsize=8)
+def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
+    """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism``."""
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    if mechanism == "rdp":
+        # opacus' compute_rdp is linear in steps, so the one-step RDP curve per (sigma, q) is cached:
+        # the same arithmetic as RDPAccountant.get_epsilon without recomputing ~150 orders every step.
+        total = sum(_rdp_curve(sigma, q) * steps for sigma, q, steps in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+        return float(eps)
+    probe = create_accountant(mechanism=mechanism)
+    probe.history = list(history)
+    return float(probe.get_epsilon(delta=delta))
+
+
 class PrivacyAccountant:
     """opacus' accountant plus the budget rule: refuse a step that would pass ``target_epsilon``."""
 
@@ -61,40 +86,9 @@ class PrivacyAccountant:
                     f"at sample rate {self.sample_rate:g}: {exc}", {"field": "dp_config.target_epsilon"}
                 ) from None
         self._accountant = create_accountant(mechanism=cfg.accountant_type)
-        self._epsilon_cache: dict = {}
-        self._rdp_curves: dict = {}
-
-    @property
-    def steps(self) -> int:
-        return sum(n for _, _, n in self._accountant.history)
 
     def _epsilon_of(self, history) -> float:
-        key = tuple(tuple(h) for h in history)
-        if key not in self._epsilon_cache:
-            self._epsilon_cache = {key: self._compute_epsilon(history), **dict(list(self._epsilon_cache.items())[:3])}
-        return self._epsilon_cache[key]
-
-    def _compute_epsilon(self, history) -> float:
-        if not history:
-            return 0.0
-        if any(sigma == 0 for sigma, _, _ in history):
-            return math.inf
-        if self.cfg.accountant_type == "rdp":
-            # opacus' compute_rdp is linear in steps: cache the one-step RDP curve per (sigma, q).
-            # Same arithmetic as RDPAccountant.get_epsilon, without recomputing ~150 orders each step.
-            total = sum(self._rdp_curve(sigma, q) * steps for sigma, q, steps in history)
-            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total,
-                                                    delta=self.cfg.target_delta)
-            return float(eps)
-        probe = create_accountant(mechanism=self.cfg.accountant_type)
-        probe.history = list(history)
-        return float(probe.get_epsilon(delta=self.cfg.target_delta))
-
-    def _rdp_curve(self, sigma: float, q: float):
-        if (sigma, q) not in self._rdp_curves:
-            self._rdp_curves[(sigma, q)] = rdp_analysis.compute_rdp(
-                q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
-        return self._rdp_curves[(sigma, q)]
+        return epsilon_of(self.cfg.accountant_type, self.cfg.target_delta, tuple(tuple(h) for h in history))
 
     def total_epsilon(self) -> float:
         return self._epsilon_of(self._accountant.history)
