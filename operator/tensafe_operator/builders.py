@@ -6,25 +6,14 @@ and deleting the training client garbage-collects them.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Optional
+from typing import Any
 
 from tg_tinker.config import TrainingConfig
+from tg_tinker.resources import TOKEN_KEY, TRAINER_PORT, child_name, key_secret_name
 from tg_tinker.types import CreateTrainingClient
 
-TRAINER_PORT = 8000
 DATA_DIR = "/var/lib/tensafe"
-TOKEN_KEY = "token"  # key of the bearer token inside spec.keySecretRef's Secret
-MAX_NAME = 63
-
-
-def child_name(tc_name: str, suffix: str = "trainer") -> str:
-    """``<tc>-<suffix>``, shortened with a stable hash where a DNS label would overflow."""
-    name = f"{tc_name}-{suffix}"
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(tc_name.encode()).hexdigest()[:8]
-    return f"{tc_name[:MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+KEYS_DIR = "/var/run/tensafe/keys"
 
 
 def labels(tc_name: str) -> dict[str, str]:
@@ -44,22 +33,36 @@ def _child_metadata(tc: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def client_config(tc: dict[str, Any]) -> CreateTrainingClient:
-    """What the trainer pod starts with; raises ``tg_tinker.ValidationError`` for a spec it cannot run."""
+    """What the trainer pod starts with; raises ``tg_tinker.ValidationError`` for a spec it cannot run.
+
+    Every pod resumes from the client's latest checkpoint (a first pod finds none and starts fresh), so a
+    replaced pod carries on where the last checkpoint left off."""
     spec = tc["spec"]
     return CreateTrainingClient(config=TrainingConfig.parse(spec["training"]), client_id=tc["metadata"]["name"],
-                                tenant_id=spec.get("tenantId", "default"))
+                                tenant_id=tenant_of(tc), resume_from="latest")
+
+
+def tenant_of(tc: dict[str, Any]) -> str:
+    return tc["spec"].get("tenantId") or "default"
 
 
 def artifact_claim_name(tc: dict[str, Any]) -> str:
     return (tc["spec"].get("artifactStore") or {}).get("claimName") or child_name(tc["metadata"]["name"], "artifacts")
 
 
-def build_pod(tc: dict[str, Any], *, default_image: str, token_secret: Optional[str] = None) -> dict[str, Any]:
+def build_claim(tc: dict[str, Any]) -> dict[str, Any]:
+    size = (tc["spec"].get("artifactStore") or {}).get("size") or "10Gi"
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _child_metadata(tc, artifact_claim_name(tc)),
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
+
+
+def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
+    from tensafe_trainer.keys_kubernetes import keyset_key
+
     spec = tc["spec"]
     name = tc["metadata"]["name"]
-    secret = token_secret or (spec.get("keySecretRef") or {}).get("name")
-    if not secret:
-        raise ValueError("spec.keySecretRef.name is required: the trainer's bearer token lives in that Secret")
+    secret = key_secret_name(tc)
     resources = spec.get("resources") or {}
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
@@ -70,6 +73,7 @@ def build_pod(tc: dict[str, Any], *, default_image: str, token_secret: Optional[
             limits[key] = requests[key] = resources[key]
     env = [
         {"name": "TENSAFE_HOME", "value": DATA_DIR},
+        {"name": "TENSAFE_KEYS_DIR", "value": KEYS_DIR},
         {"name": "TENSAFE_CLIENT_CONFIG", "value": client_config(tc).model_dump_json()},
         {"name": "TENSAFE_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -86,7 +90,8 @@ def build_pod(tc: dict[str, Any], *, default_image: str, token_secret: Optional[
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": TRAINER_PORT}, "periodSeconds": 10,
                           "failureThreshold": 6},
-        "volumeMounts": [{"name": "artifacts", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "artifacts", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "tenant-keys", "mountPath": KEYS_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
@@ -101,7 +106,10 @@ def build_pod(tc: dict[str, Any], *, default_image: str, token_secret: Optional[
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "volumes": [{"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim_name(tc)}},
-                        {"name": "tmp", "emptyDir": {}}],
+                        {"name": "tmp", "emptyDir": {}},
+                        # Only the tenant's key set, not the token: the trainer reads its token from env.
+                        {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
+                            {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}}],
         },
     }
 

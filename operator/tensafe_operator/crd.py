@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from tg_tinker.config import TrainingConfig
+from tg_tinker.resources import GROUP, OPERATION_TYPES, VERSION
 from tg_tinker.types import ClientStatus
 
 from .schema import model_schema
 
-GROUP, VERSION = "tensafe.io", "v1alpha1"
 # Fields that define the model: changing them would make every checkpoint of the client unloadable.
 IMMUTABLE_TRAINING_FIELDS = ("model_ref", "lora_config", "dtype")
 
@@ -58,7 +58,8 @@ def training_client_crd() -> dict[str, Any]:
         "artifactStore": {"type": "object", "description": "PersistentVolumeClaim for artifacts and audit log",
                           "properties": {"claimName": {"type": "string"},
                                          "size": {"type": "string", "default": "10Gi"}}},
-        "keySecretRef": {"type": "object", "description": "Secret with the tenant key and the bearer token",
+        "keySecretRef": {"type": "object", "description": "Secret with the tenant key set and the bearer token "
+                         "(default <name>-keys; the operator creates it or fills in what is missing)",
                          "required": ["name"], "properties": {"name": {"type": "string"}}},
         "suspend": {"type": "boolean", "default": False},
     }}
@@ -71,6 +72,7 @@ def training_client_crd() -> dict[str, Any]:
         "step": {"type": "integer"},
         "privacy": {"type": "object", "properties": {"totalEpsilon": {"type": "number", "nullable": True}}},
         "lastCheckpoint": {"type": "string"},
+        "restarts": {"type": "integer", "description": "trainer pods replaced after they died"},
     }}
     columns = [("Phase", "string", ".status.phase"), ("Model", "string", ".spec.training.model_ref"),
                ("Step", "integer", ".status.step"), ("Epsilon", "number", ".status.privacy.totalEpsilon"),
@@ -83,11 +85,14 @@ def training_operation_crd() -> dict[str, Any]:
             "x-kubernetes-validations": _immutable("a TrainingOperation's spec is immutable"), "properties": {
                 "trainingClientRef": {"type": "object", "required": ["name"],
                                       "properties": {"name": {"type": "string"}}},
-                "type": {"type": "string", "enum": ["save_state", "load_state", "export"]},
+                "type": {"type": "string", "enum": list(OPERATION_TYPES)},
+                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0, "default": 86400,
+                                            "description": "the operator deletes the finished operation then"},
                 "parameters": {"type": "object", "properties": {
                     "includeOptimizer": {"type": "boolean", "default": True},
                     "artifactId": {"type": "string", "pattern": r"^art-[0-9a-f]{32}$"},
                     "name": {"type": "string", "maxLength": 128},
+                    "kind": {"type": "string", "enum": ["checkpoint", "sampler"], "default": "checkpoint"},
                     "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}},
             }}
     status = {"type": "object", "properties": {

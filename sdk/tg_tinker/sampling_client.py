@@ -18,7 +18,7 @@ class SamplingClient:
         self._service = service
         self.id = client_id
         self._owned = owned  # a sampler of its own (from an artifact), not a view on a training client
-        self._queue = OperationQueue(service, client_id)
+        self._queue = OperationQueue(service._transport_for(client_id), client_id)
 
     def __repr__(self) -> str:
         return f"<SamplingClient {self.id}>"

@@ -4,20 +4,25 @@ Backends:
 - ``local`` (the default with no settings): starts the trainer server on loopback in a child process.
 - ``remote``: a trainer server already running at ``base_url`` (or ``$TENSAFE_URL``), with
   ``api_key`` (or ``$TENSAFE_API_KEY``) as its bearer token.
+- ``kubernetes``: a ``TrainingClient`` custom resource per training client in ``namespace``
+  (in-cluster config, else ``kubeconfig`` / ``$KUBECONFIG``); each has its own trainer pod.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
 from .config import TrainingConfig
-from .errors import TGTinkerError, TrainingClientError, ValidationError, error_from_wire
+from .errors import TrainingClientError, ValidationError, error_from_wire
+from .kube_backend import KubernetesBackend
 from .local import LocalTrainer
+from .resources import DurableRequest
 from .sampling_client import SamplingClient
-from .training_client import TrainingClient
+from .training_client import OperationQueue, TrainingClient
 from .transport import Transport
 from .types import ArtifactInfo, AuditEntry, ClientInfo, ClientStatus, CreateSamplingClient, CreateTrainingClient
 
@@ -28,16 +33,25 @@ BACKENDS = ("local", "remote", "kubernetes")
 class ServiceClient:
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
                  backend: Optional[str] = None, tenant_id: str = "default", home: Optional[os.PathLike] = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
+                 context: Optional[str] = None, delete_on_close: bool = True):
         base_url = base_url or os.environ.get("TENSAFE_URL")
         backend = backend or ("remote" if base_url else "local")
         if backend not in BACKENDS:
             raise ValidationError(f"backend must be one of {BACKENDS}, not {backend!r}", {"field": "backend"})
-        if backend == "kubernetes":
-            raise TGTinkerError("the kubernetes backend is not available in this build of tg_tinker")
         self.backend = backend
         self.tenant_id = tenant_id
+        self._timeout = timeout
         self._local: Optional[LocalTrainer] = None
+        self._kube: Optional[KubernetesBackend] = None
+        self._clients: dict[str, Transport] = {}  # kubernetes: one trainer (and transport) per training client
+        self._delete_on_close = delete_on_close
+        self.transport: Optional[Transport] = None
+        self.base_url = base_url
+        if backend == "kubernetes":
+            # base_url, if given, overrides the trainer address (e.g. a kubectl port-forward).
+            self._kube = KubernetesBackend(namespace, kubeconfig, context, endpoint=base_url)
+            return
         if backend == "local":
             self._local = LocalTrainer(home=Path(home) if home else None)
             base_url, api_key = self._local.base_url, self._local.token
@@ -50,7 +64,15 @@ class ServiceClient:
     # --- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.transport.close()
+        """Stop what this client started: the local trainer, or (kubernetes, unless ``delete_on_close=False``)
+        the training clients it created."""
+        for name, transport in list(self._clients.items()):
+            transport.close()
+            if self._delete_on_close:
+                self._kube.delete(name)
+        self._clients.clear()
+        if self.transport is not None:
+            self.transport.close()
         if self._local is not None:
             self._local.close()
             self._local = None
@@ -71,6 +93,8 @@ class ServiceClient:
         saved under this ``client_id`` (none yet: a fresh start). A client in ERROR can be replaced this way.
         """
         config = config if config is not None else TrainingConfig()
+        if self._kube is not None:
+            return self._create_kube_training_client(config, client_id, resume_from)
         body = CreateTrainingClient(config=config, client_id=client_id, tenant_id=self.tenant_id,
                                     resume_from=resume_from)
         info = ClientInfo.parse(self.transport.request("POST", "/v1/training_clients",
@@ -84,20 +108,68 @@ class ServiceClient:
         """A sampler over saved weights (``artifact_id``), a local model folder, or a base model."""
         body = CreateSamplingClient(model_path=model_path, artifact_id=artifact_id, base_model=base_model,
                                     tenant_id=self.tenant_id)
-        info = ClientInfo.parse(self.transport.request("POST", "/v1/sampling_clients",
-                                                       json=body.model_dump(mode="json")))
+        info = ClientInfo.parse(self._transport_for(None).request("POST", "/v1/sampling_clients",
+                                                                  json=body.model_dump(mode="json")))
         if wait:
             info = self._wait_ready(info)
         return SamplingClient(self, info.client_id, owned=True)
 
+    def _create_kube_training_client(self, config: TrainingConfig, client_id: Optional[str],
+                                     resume_from: Optional[str]) -> TrainingClient:
+        """Create the custom resource, wait for its trainer, connect. Every trainer pod resumes from the
+        client's latest checkpoint by itself; an explicit artifact id is loaded once it is ready."""
+        name = client_id or f"tc-{uuid.uuid4().hex[:10]}"
+        self._kube.create(name, config, self.tenant_id)
+        try:
+            tc = self._kube.wait_ready(name)
+            base_url, token = self._kube.access(tc)
+        except BaseException:
+            self._kube.delete(name)
+            raise
+        self._clients[name] = Transport(base_url, token, timeout=self._timeout)
+        client = TrainingClient(self, self._kube.info(tc), config)
+        if resume_from and resume_from != "latest":
+            client.load_state(resume_from)
+        return client
+
     def list_training_clients(self) -> list[ClientInfo]:
+        if self._kube is not None:
+            return [self._client_info(name) for name in self._clients]
         return [ClientInfo.parse(c) for c in self.transport.request("GET", "/v1/clients") if c["kind"] == "training"]
 
+    def _transport_for(self, client_id: Optional[str]) -> Transport:
+        """The transport to the trainer that holds ``client_id`` (any trainer: None)."""
+        if self._kube is None:
+            return self.transport
+        if client_id in self._clients:
+            return self._clients[client_id]
+        if client_id is None and len(self._clients) == 1:
+            return next(iter(self._clients.values()))
+        raise ValidationError("with backend='kubernetes' each training client has its own trainer: name one "
+                              f"(training_client_id), one of {sorted(self._clients)}", {"field": "training_client_id"})
+
     def _client_info(self, client_id: str) -> ClientInfo:
+        if self._kube is not None:
+            return self._kube.info(self._kube.get(client_id))
         return ClientInfo.parse(self.transport.request("GET", f"/v1/clients/{client_id}"))
 
     def _terminate(self, client_id: str) -> ClientInfo:
-        return ClientInfo.parse(self.transport.request("DELETE", f"/v1/clients/{client_id}"))
+        if self._kube is not None and client_id in self._clients:
+            info = self._client_info(client_id)
+            self._clients.pop(client_id).close()
+            self._kube.delete(client_id)
+            return info.model_copy(update={"status": ClientStatus.TERMINATED})
+        return ClientInfo.parse(self._transport_for(client_id).request("DELETE", f"/v1/clients/{client_id}"))
+
+    def _run_durable(self, client_id: str, queue: OperationQueue, request: DurableRequest):
+        """A save or load. On Kubernetes it is also a TrainingOperation resource: created first, then
+        submitted here under the resource's uid (keeping its place in the client's order; the operator's
+        submission of the same uid finds it), its outcome read from the resource's status."""
+        if self._kube is None:
+            return queue.submit(request).result()
+        top = self._kube.create_operation(self._kube.get(client_id), request)
+        trainer_future = queue.submit(request, idempotency_key=top["metadata"]["uid"])
+        return self._kube.operation_result(top, request, trainer_future)
 
     def _wait_ready(self, info: ClientInfo) -> ClientInfo:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -119,12 +191,13 @@ class ServiceClient:
         params = {"tenant_id": self.tenant_id}
         if training_client_id:
             params["training_client_id"] = training_client_id
-        return [ArtifactInfo.parse(a) for a in self.transport.request("GET", "/v1/artifacts", params=params)]
+        transport = self._transport_for(training_client_id)
+        return [ArtifactInfo.parse(a) for a in transport.request("GET", "/v1/artifacts", params=params)]
 
-    def pull_artifact(self, artifact_id: str) -> bytes:
+    def pull_artifact(self, artifact_id: str, training_client_id: Optional[str] = None) -> bytes:
         """The artifact's bytes exactly as stored: encrypted."""
-        return self.transport.request("GET", f"/v1/artifacts/{artifact_id}/content",
-                                      params={"tenant_id": self.tenant_id}, raw=True)
+        return self._transport_for(training_client_id).request(
+            "GET", f"/v1/artifacts/{artifact_id}/content", params={"tenant_id": self.tenant_id}, raw=True)
 
     def get_audit_logs(self, training_client_id: Optional[str] = None, operation: Optional[str] = None,
                        limit: int = 100) -> list[AuditEntry]:
@@ -133,4 +206,5 @@ class ServiceClient:
             params["training_client_id"] = training_client_id
         if operation:
             params["operation"] = operation
-        return [AuditEntry.parse(e) for e in self.transport.request("GET", "/v1/audit", params=params)]
+        transport = self._transport_for(training_client_id)
+        return [AuditEntry.parse(e) for e in transport.request("GET", "/v1/audit", params=params)]

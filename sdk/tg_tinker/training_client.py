@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from .config import TrainingConfig
 from .errors import TrainingClientError
 from .futures import Future
+from .transport import Transport
 from .types import (
     RESULT_TYPES,
     BatchData,
@@ -41,15 +42,15 @@ Batch = Union[BatchData, dict]
 
 
 class OperationQueue:
-    """Submits operations of one client in call order, each with a fresh idempotency key."""
+    """Submits operations of one client in call order, each with an idempotency key (fresh by default)."""
 
-    def __init__(self, service: "ServiceClient", client_id: str):
-        self._transport = service.transport
+    def __init__(self, transport: Transport, client_id: str):
+        self._transport = transport
         self._path = f"/v1/clients/{client_id}/operations"
         self._lock = threading.Lock()
 
-    def submit(self, request: Any, on_result=None) -> Future:
-        body = {"request": request.model_dump(mode="json"), "idempotency_key": uuid.uuid4().hex}
+    def submit(self, request: Any, on_result=None, idempotency_key: Optional[str] = None) -> Future:
+        body = {"request": request.model_dump(mode="json"), "idempotency_key": idempotency_key or uuid.uuid4().hex}
         with self._lock:  # the trainer sees submissions in the order the caller made them
             data = self._transport.request("POST", self._path, json=body)
         return Future(self._transport, OperationRecord.parse(data), RESULT_TYPES[request.type], on_result)
@@ -61,7 +62,7 @@ class TrainingClient:
         self.id = info.client_id
         self.config = config
         self._info = info
-        self._queue = OperationQueue(service, self.id)
+        self._queue = OperationQueue(service._transport_for(self.id), self.id)
 
     def __repr__(self) -> str:
         return f"<TrainingClient {self.id} {self.status.value} step={self.step}>"
@@ -104,10 +105,12 @@ class TrainingClient:
 
     def save_state(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
         request = SaveStateRequest(include_optimizer=include_optimizer, metadata=metadata or {})
-        return self._queue.submit(request).result()
+        return self._service._run_durable(self.id, self._queue, request)
 
     def load_state(self, artifact_id: str) -> LoadStateResult:
-        return self._queue.submit(LoadStateRequest(artifact_id=artifact_id), on_result=self._advance).result()
+        result = self._service._run_durable(self.id, self._queue, LoadStateRequest(artifact_id=artifact_id))
+        self._advance(result)
+        return result
 
     def save_weights_for_sampler(self, name: Optional[str] = None) -> str:
         """Save the current weights (no optimizer state) as a sampler artifact; returns its id."""

@@ -30,6 +30,12 @@ class Transport:
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
         self.retries, self.backoff = retries, backoff
 
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._client.close()
 

@@ -10,12 +10,12 @@ from tg_tinker.errors import TGTinkerError
 from .artifacts import ArtifactStore
 from .audit import verify
 from .keys import LocalKeyProvider
-from .paths import tensafe_home
+from .paths import keys_dir, tensafe_home
 
 
 def open_store(home: Path | None) -> ArtifactStore:
     home = home or tensafe_home()
-    return ArtifactStore(home / "artifacts", LocalKeyProvider(home / "keys"))
+    return ArtifactStore(home / "artifacts", LocalKeyProvider(keys_dir(home)))
 
 
 def export_adapter_folder(store: ArtifactStore, tenant: str, artifact_id: str, out: Path) -> list[str]:

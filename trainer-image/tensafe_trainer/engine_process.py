@@ -53,11 +53,12 @@ def _summary(runtime) -> dict:
 def _build(spec: dict, home: Path):
     from .artifacts import ArtifactStore
     from .keys import LocalKeyProvider
+    from .paths import keys_dir
     from .operations import Runtime
 
     from tg_tinker.config import TrainingConfig
 
-    store = ArtifactStore(home / "artifacts", LocalKeyProvider(home / "keys"))
+    store = ArtifactStore(home / "artifacts", LocalKeyProvider(keys_dir(home)))
     if spec["kind"] == "training":
         runtime = Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]),
                                        store)

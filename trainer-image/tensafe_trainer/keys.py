@@ -79,7 +79,10 @@ class LocalKeyProvider(KeyProvider):
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)
+        try:
+            os.chmod(self.folder, 0o700)
+        except OSError:
+            pass  # a read-only mount (a Kubernetes Secret volume): its permissions are the kubelet's
 
     def _path(self, tenant_id: str) -> Path:
         return self.folder / f"{tenant_id}.json"

@@ -20,3 +20,9 @@ def model_cache() -> Path:
     path = Path(override) if override else Path.home() / ".cache" / "tensafe" / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def keys_dir(home: Path) -> Path:
+    """Tenant key sets: ``$TENSAFE_KEYS_DIR`` (a mounted Secret in a trainer pod), else ``<home>/keys``."""
+    override = os.environ.get("TENSAFE_KEYS_DIR")
+    return Path(override) if override else home / "keys"

@@ -43,6 +43,7 @@ from .artifacts import ArtifactStore
 from .audit import AuditLog
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
+from .paths import keys_dir
 from .engine_process import EngineProcess, busy_counter
 from .sessions import Operation, OperationIndex, Session
 
@@ -119,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         home = settings.home
-        keys = LocalKeyProvider(home / "keys")
+        keys = LocalKeyProvider(keys_dir(home))
         audit_log = AuditLog(home / "audit" / "audit.jsonl")
         state = State(settings, ArtifactStore(home / "artifacts", keys), audit_log, AuditWriter(audit_log),
                       asyncio.get_running_loop())

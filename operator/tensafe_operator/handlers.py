@@ -1,0 +1,86 @@
+"""The kopf handlers: thin. Each hands its object to ``reconcile`` or ``operations``.
+
+No handler needs a finalizer (nothing outside the owner tree is ever left to clean), so the status
+mirror is a background loop started with the operator rather than a kopf timer, which would put a
+finalizer on every TrainingClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import kopf
+
+from tg_tinker.resources import GROUP, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION
+
+from . import operations, reconcile
+from .kube import Kube
+
+MIRROR_INTERVAL_S = float(os.environ.get("TENSAFE_STATUS_INTERVAL_S", "2"))
+TRAINER_PODS = {"app.kubernetes.io/name": "tensafe-trainer", "app.kubernetes.io/managed-by": "tensafe-operator"}
+log = logging.getLogger("tensafe.operator")
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Progress and diff-base in annotations of our own prefix: status stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.tensafe.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="operator.tensafe.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll otherwise
+    memo.kube = Kube.connect()
+    memo.mirror = asyncio.create_task(_mirror(memo))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_) -> None:
+    memo.mirror.cancel()
+
+
+@kopf.on.create(GROUP, VERSION, TRAINING_CLIENTS)
+@kopf.on.resume(GROUP, VERSION, TRAINING_CLIENTS)
+@kopf.on.update(GROUP, VERSION, TRAINING_CLIENTS, field="spec")
+def training_client_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    reconcile.ensure(memo.kube, _plain(body))
+
+
+@kopf.on.event("", "v1", "pods", labels=TRAINER_PODS)
+def trainer_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_) -> None:
+    if event["type"] is not None:  # None: the initial listing, already covered by on.resume
+        reconcile.on_pod_event(memo.kube, event["type"], event["object"])
+
+
+@kopf.on.create(GROUP, VERSION, TRAINING_OPERATIONS)
+@kopf.on.resume(GROUP, VERSION, TRAINING_OPERATIONS)
+def training_operation_created(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_) -> None:
+    operations.run(memo.kube, _plain(body), patch)
+
+
+async def _mirror(memo: kopf.Memo) -> None:
+    """Every few seconds: mirror each client's trainer (step, epsilon, checkpoint) into its status, written
+    only on change, and collect finished operations past their TTL."""
+    namespace = os.environ.get("TENSAFE_WATCH_NAMESPACE") or None
+    while True:
+        await asyncio.sleep(MIRROR_INTERVAL_S)
+        try:
+            await asyncio.to_thread(_mirror_once, memo.kube, namespace)
+        except Exception as error:  # the API server may be restarting: try again next round
+            log.warning("status mirror: %s: %s", type(error).__name__, error)
+
+
+def _mirror_once(kube: Kube, namespace: str | None) -> None:
+    for tc in kube.training_clients(namespace):
+        if not tc["metadata"].get("deletionTimestamp"):
+            reconcile.refresh_status(kube, tc, fetch_pod=True)
+    operations.collect_finished(kube, namespace)
+
+
+def _plain(body: kopf.Body) -> dict:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
+            "spec": dict(body.spec), "status": dict(body.status)}

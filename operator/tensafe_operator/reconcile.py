@@ -1,0 +1,128 @@
+"""Level-triggered reconciliation of one ``TrainingClient``: children exist, a dead trainer is replaced,
+the status says what is true. Every step is idempotent, so handlers may call it at any time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from typing import Optional
+
+from tg_tinker.errors import TGTinkerError
+from tg_tinker.resources import TRAINING_CLIENTS
+from tg_tinker.transport import Transport
+from tg_tinker.types import ClientInfo
+
+from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+
+from . import status as status_of
+from .builders import (TOKEN_KEY, TRAINER_PORT, build_claim, build_pod, build_service, child_name,
+                       key_secret_name, owner_reference, tenant_of)
+from .kube import Kube
+
+log = logging.getLogger("tensafe.operator")
+DEFAULT_IMAGE = os.environ.get("TENSAFE_TRAINER_IMAGE", "ghcr.io/tensafe/tensafe-trainer:0.1.0")
+SPEC_HASH = "tensafe.io/spec-hash"
+
+
+def desired_pod(tc: dict) -> dict:
+    pod = build_pod(tc, default_image=DEFAULT_IMAGE)
+    digest = hashlib.sha256(json.dumps(pod["spec"], sort_keys=True).encode()).hexdigest()[:16]
+    pod["metadata"].setdefault("annotations", {})[SPEC_HASH] = digest
+    return pod
+
+
+def ensure_credentials(kube: Kube, tc: dict) -> None:
+    """The key Secret holds a bearer token and the tenant's key set; whatever is missing is generated."""
+    namespace = tc["metadata"]["namespace"]
+    provider = KubernetesSecretKeyProvider(kube.core, namespace, key_secret_name(tc))
+    if provider.get_value(TOKEN_KEY) is None:
+        provider.put_value(TOKEN_KEY, secrets.token_urlsafe(32).encode())
+        if not (tc["spec"].get("keySecretRef") or {}).get("name"):
+            # Our own default Secret goes with the training client; a named one is the tenant's to keep.
+            kube.core.patch_namespaced_secret(key_secret_name(tc), namespace,
+                                              {"metadata": {"ownerReferences": [owner_reference(tc)]}})
+    provider.active_key(tenant_of(tc))
+
+
+def ensure(kube: Kube, tc: dict) -> None:
+    """Create whatever is missing; replace a pod whose spec is outdated (after a checkpoint)."""
+    namespace, name = tc["metadata"]["namespace"], tc["metadata"]["name"]
+    ensure_credentials(kube, tc)
+    if not (tc["spec"].get("artifactStore") or {}).get("claimName"):
+        kube.create(build_claim(tc))
+    kube.create(build_service(tc))
+    pod = kube.pod(namespace, child_name(name))
+    wanted = desired_pod(tc)
+    if tc["spec"].get("suspend"):
+        if pod is not None:
+            checkpoint_then_stop(kube, tc, pod, reason="suspend")
+    elif pod is None:
+        if kube.create(wanted):
+            log.info("created trainer pod %s/%s", namespace, wanted["metadata"]["name"])
+    elif pod["metadata"].get("annotations", {}).get(SPEC_HASH) != wanted["metadata"]["annotations"][SPEC_HASH]:
+        checkpoint_then_stop(kube, tc, pod, reason="spec-change")  # its DELETED event brings the new pod
+    refresh_status(kube, tc, pod)
+
+
+def checkpoint_then_stop(kube: Kube, tc: dict, pod: dict, reason: str) -> None:
+    """Save a checkpoint (so nothing since the last one is lost), then delete the pod."""
+    if status_of.pod_ready(pod):
+        from tg_tinker.types import SaveStateRequest
+
+        try:
+            with trainer_transport(kube, tc, pod) as transport:
+                record = transport.request("POST", f"/v1/clients/{tc['metadata']['name']}/operations", json={
+                    "request": SaveStateRequest(metadata={"reason": reason}).model_dump(mode="json")})
+                transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 60},
+                                  timeout=70)
+        except TGTinkerError as error:
+            log.warning("checkpoint before %s failed: %s", reason, error)
+    kube.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
+
+
+def on_pod_event(kube: Kube, event_type: str, pod: dict) -> None:
+    """A trainer pod changed: replace it if it died, and update its client's status."""
+    namespace = pod["metadata"]["namespace"]
+    owner = (pod["metadata"].get("labels") or {}).get("tensafe.io/training-client")
+    tc = kube.training_client(namespace, owner) if owner else None
+    if tc is None or tc["metadata"].get("deletionTimestamp"):
+        return
+    if event_type == "DELETED":
+        if not tc["spec"].get("suspend") and kube.create(desired_pod(tc)):
+            log.info("replaced trainer pod %s/%s", namespace, pod["metadata"]["name"])
+        refresh_status(kube, tc, None)
+        return
+    if status_of.pod_finished(pod):
+        restarts = (tc.get("status") or {}).get("restarts", 0) + 1
+        kube.patch_status(TRAINING_CLIENTS, namespace, owner, {"restarts": restarts})
+        log.warning("trainer pod %s/%s died (%s); replacing it", namespace, pod["metadata"]["name"],
+                    status_of.pod_problem(pod)[1])
+        kube.delete_pod(namespace, pod["metadata"]["name"])
+    refresh_status(kube, tc, pod)
+
+
+def refresh_status(kube: Kube, tc: dict, pod: Optional[dict] = None, *, fetch_pod: bool = False) -> None:
+    namespace, name = tc["metadata"]["namespace"], tc["metadata"]["name"]
+    if fetch_pod:
+        pod = kube.pod(namespace, child_name(name))
+    trainer = None
+    if status_of.pod_ready(pod):
+        try:
+            with trainer_transport(kube, tc, pod) as transport:
+                trainer = ClientInfo.parse(transport.request("GET", f"/v1/clients/{name}"))
+        except TGTinkerError as error:
+            log.debug("trainer of %s/%s did not answer: %s", namespace, name, error)
+    patch = status_of.status_patch(tc.get("status") or {}, status_of.desired_status(tc, pod, trainer))
+    if patch:
+        kube.patch_status(TRAINING_CLIENTS, namespace, name, patch)
+
+
+def trainer_transport(kube: Kube, tc: dict, pod: dict) -> Transport:
+    """HTTP to the trainer at its pod IP (reachable from the operator's pod; no DNS needed)."""
+    token = kube.secret_value(tc["metadata"]["namespace"], key_secret_name(tc), TOKEN_KEY)
+    ip = pod["status"]["podIP"]
+    return Transport(f"http://{ip}:{TRAINER_PORT}", token, timeout=10.0, retries=1)
+

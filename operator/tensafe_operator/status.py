@@ -1,0 +1,95 @@
+"""Pure functions from what the operator observes (the trainer pod, the trainer's own report) to the
+``TrainingClient`` status, and from the current status to the smallest patch that brings it there."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Optional
+
+from tg_tinker.types import ClientInfo, ClientStatus
+
+from .builders import child_name, service_endpoint
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_ready(pod: Optional[dict]) -> bool:
+    conditions = ((pod or {}).get("status") or {}).get("conditions") or []
+    return (pod or {}).get("status", {}).get("phase") == "Running" and \
+        any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def pod_finished(pod: Optional[dict]) -> bool:
+    return ((pod or {}).get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
+def pod_problem(pod: dict) -> tuple[str, str]:
+    """(reason, message) of a pod that is not running, from its container state."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = container.get("state") or {}
+        if "waiting" in state:
+            return state["waiting"].get("reason", "Waiting"), state["waiting"].get("message", "")
+        if "terminated" in state:
+            code = state["terminated"].get("exitCode")
+            return "TrainerExited", f"trainer container exited with code {code}"
+    return "PodPending", "waiting for the trainer pod to be scheduled"
+
+
+def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo]) -> dict[str, Any]:
+    """What the status should say now; fields the operator cannot observe keep their current values."""
+    current = tc.get("status") or {}
+    spec = tc["spec"]
+    status: dict[str, Any] = {"observedGeneration": tc["metadata"].get("generation", 1),
+                              "podName": child_name(tc["metadata"]["name"]), "endpoint": service_endpoint(tc)}
+    if spec.get("suspend"):
+        phase, reason, message = ClientStatus.TERMINATED, "Suspended", "spec.suspend is true; the trainer is stopped"
+    elif pod is None:
+        phase, reason, message = ClientStatus.INITIALIZING, "PodCreating", "creating the trainer pod"
+    elif pod_finished(pod):
+        phase = ClientStatus.INITIALIZING
+        reason, message = pod_problem(pod)
+        message += "; the pod is replaced and resumes from the last checkpoint"
+    elif not pod_ready(pod):
+        phase = ClientStatus.INITIALIZING
+        reason, message = pod_problem(pod) if pod.get("status", {}).get("phase") == "Pending" else \
+            ("TrainerStarting", "the trainer is loading the model")
+    elif trainer is None:
+        phase, reason, message = ClientStatus.INITIALIZING, "TrainerStarting", "waiting for the trainer's report"
+    else:
+        phase = trainer.status
+        reason, message = ("TrainerError", trainer.error or "the trainer failed") if phase is ClientStatus.ERROR \
+            else ("TrainerReady", f"serving at {status['endpoint']}")
+    if trainer is not None:
+        status["step"] = trainer.step
+        if trainer.total_epsilon is not None:
+            status["privacy"] = {"totalEpsilon": trainer.total_epsilon}
+        if trainer.last_checkpoint:
+            status["lastCheckpoint"] = trainer.last_checkpoint
+    status["phase"] = phase.value
+    failed, suspended = phase is ClientStatus.ERROR, bool(spec.get("suspend"))
+    status["conditions"] = _conditions(current.get("conditions") or [], status["observedGeneration"], {
+        "Ready": (phase in (ClientStatus.READY, ClientStatus.BUSY), reason, message),
+        "Failed": (failed, reason, message) if failed else (False, "NoFailure", ""),
+        "Suspended": (suspended, reason, message) if suspended else (False, "NotSuspended", "")})
+    return status
+
+
+def _conditions(current: list[dict], generation: int, wanted: dict[str, tuple[bool, str, str]]) -> list[dict]:
+    """Conditions keep ``lastTransitionTime`` unless their status flips."""
+    by_type = {c["type"]: c for c in current}
+    result = []
+    for kind, (true, reason, message) in wanted.items():
+        value = "True" if true else "False"
+        old = by_type.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == value else now()
+        result.append({"type": kind, "status": value, "reason": reason, "message": message,
+                       "lastTransitionTime": since, "observedGeneration": generation})
+    return result
+
+
+def status_patch(current: dict, desired: dict) -> Optional[dict]:
+    """The fields of ``desired`` that differ from ``current``; None when nothing changed (no write)."""
+    changed = {key: value for key, value in desired.items() if current.get(key) != value}
+    return changed or None

@@ -1,0 +1,74 @@
+"""Tenant key sets in a Kubernetes Secret: the key provider of the operator and of admin tools.
+
+The Secret named by a ``TrainingClient``'s ``spec.keySecretRef`` holds, under ``<tenant>.json``, the
+same key-set document :class:`~tensafe_trainer.keys.LocalKeyProvider` keeps in a file. The trainer pod
+mounts that one key read-only as a file, so inside the pod the local provider reads it unchanged and the
+pod needs no API access. Rotation and crypto-shredding go through the API, with this provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from .keys import KeyProvider, check_tenant
+
+
+def keyset_key(tenant_id: str) -> str:
+    """The Secret data key that holds a tenant's key set (also the file name in the mounted volume)."""
+    return f"{check_tenant(tenant_id)}.json"
+
+
+class KubernetesSecretKeyProvider(KeyProvider):
+    """``core_v1`` is a ``kubernetes.client.CoreV1Api``; the Secret is created on first use."""
+
+    def __init__(self, core_v1: Any, namespace: str, secret_name: str):
+        self.api, self.namespace, self.secret_name = core_v1, namespace, secret_name
+
+    def _secret(self):
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.api.read_namespaced_secret(self.secret_name, self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def _load(self, tenant_id: str) -> dict | None:
+        secret = self._secret()
+        raw = ((secret.data or {}) if secret is not None else {}).get(keyset_key(tenant_id))
+        return json.loads(base64.b64decode(raw)) if raw else None
+
+    def _store(self, tenant_id: str, keyset: dict) -> None:
+        encoded = base64.b64encode(json.dumps(keyset).encode()).decode()
+        self._patch_or_create({keyset_key(tenant_id): encoded})
+
+    def shred(self, tenant_id: str) -> None:
+        if self._secret() is not None:
+            self.api.patch_namespaced_secret(self.secret_name, self.namespace, {"data": {keyset_key(tenant_id): None}})
+
+    def put_value(self, key: str, value: bytes) -> None:
+        """Store another value (the trainer's bearer token) beside the key sets."""
+        self._patch_or_create({key: base64.b64encode(value).decode()})
+
+    def get_value(self, key: str) -> bytes | None:
+        secret = self._secret()
+        raw = ((secret.data or {}) if secret is not None else {}).get(key)
+        return base64.b64decode(raw) if raw else None
+
+    def _patch_or_create(self, data: dict[str, str]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        if self._secret() is None:
+            body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
+                    "metadata": {"name": self.secret_name, "namespace": self.namespace,
+                                 "labels": {"app.kubernetes.io/managed-by": "tensafe-operator"}}}
+            try:
+                self.api.create_namespaced_secret(self.namespace, body)
+                return
+            except ApiException as error:
+                if error.status != 409:  # someone else created it meanwhile: patch theirs
+                    raise
+        self.api.patch_namespaced_secret(self.secret_name, self.namespace, {"data": data})
