@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 
 from tg_tinker import DPConfig, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
 
+pytest_plugins = ["kube_helpers"]  # the test cluster's fixtures, shared by the test_kube_* modules
+
 # Small enough that a training client starts and steps in well under a second of compute.
 TINY = "tiny-random-llama:hidden=64,layers=2,heads=4,vocab=512,intermediate=128"
 VOCAB = 512

@@ -201,3 +201,11 @@ def test_oversized_request_body_is_refused_before_it_is_read(service):
     assert response.json()["error"]["type"] == "ValidationError"
     assert "larger than" in response.json()["error"]["message"]
     assert httpx.get(f"{service.base_url}/healthz").status_code == 200
+
+
+def test_readiness_waits_for_loading_clients_but_not_for_failed_ones(tmp_path):
+    with ServiceClient(home=tmp_path) as svc:
+        with pytest.raises(TGTinkerError, match="no-such-model"):
+            svc.create_training_client(tiny_config(model_ref="no-such-model"))
+        ready = httpx.get(f"{svc.base_url}/readyz")
+        assert ready.status_code == 200 and len(ready.json()["failed"]) == 1

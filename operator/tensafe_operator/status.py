@@ -26,7 +26,10 @@ def pod_finished(pod: Optional[dict]) -> bool:
 
 
 def pod_problem(pod: dict) -> tuple[str, str]:
-    """(reason, message) of a pod that is not running, from its container state."""
+    """(reason, message) of a pod that is not running, from its scheduling or its container state."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason", "Unschedulable"), condition.get("message", "")
     for container in (pod.get("status") or {}).get("containerStatuses") or []:
         state = container.get("state") or {}
         if "waiting" in state:

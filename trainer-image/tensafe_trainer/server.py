@@ -167,11 +167,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(state: State = Depends(get_state)):
+        """Ready once no client is still loading. A client in ERROR does not hold readiness back: the
+        trainer still serves, and it is how the operator (and the SDK) learn the error."""
         waiting = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.INITIALIZING]
         failed = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.ERROR]
-        if waiting or failed:
+        if waiting:
             return JSONResponse({"ready": False, "initializing": waiting, "failed": failed}, status_code=503)
-        return {"ready": True}
+        return {"ready": True, "failed": failed}
 
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics():

@@ -103,7 +103,7 @@ class DevCluster:
     def start_operator(self) -> None:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig_path), **self.operator_env)
         log = open(self.root / "operator.log", "ab")
-        self.operator = subprocess.Popen([sys.executable, "-m", "tensafe_operator", "--namespace", self.namespace],
+        self.operator = subprocess.Popen([sys.executable, "-m", "tensafe_operator"],  # all namespaces
                                          env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop_operator(self) -> None:

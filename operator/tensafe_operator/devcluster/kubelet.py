@@ -57,8 +57,9 @@ class PodStartError(Exception):
 
 class LocalKubelet:
     def __init__(self, store: Store, root: Path, *, images: Optional[dict[str, list[str]]] = None,
-                 extra_env: Optional[dict[str, str]] = None):
+                 extra_env: Optional[dict[str, str]] = None, gpus: int = 0):
         self.store = store
+        self.capacity = {"nvidia.com/gpu": gpus}  # extended resources this node has
         self.root = Path(root)
         self.images = images or default_images()
         self.extra_env = extra_env or {}
@@ -116,6 +117,12 @@ class LocalKubelet:
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         ip = self._address(namespace, name)
         container = pod["spec"]["containers"][0]
+        for resource, wanted in ((container.get("resources") or {}).get("limits") or {}).items():
+            if resource in self.capacity and int(wanted) > self.capacity[resource]:
+                # What the scheduler would say: the pod stays Pending until a node has the resource.
+                self._report(pod, "Pending", ip=None, unschedulable=f"0/1 nodes are available: 1 Insufficient "
+                             f"{resource} (requested {wanted}, the local node has {self.capacity[resource]})")
+                return
         while True:
             try:
                 command, env, mounts = self._prepare(pod, container, ip)
@@ -289,8 +296,14 @@ class LocalKubelet:
 
     def _report(self, pod: dict, phase: str, *, ip: Optional[str], running: Optional[str] = None,
                 ready: bool = False, waiting: Optional[tuple[str, str]] = None,
-                terminated: Optional[tuple[int, str]] = None) -> None:
+                terminated: Optional[tuple[int, str]] = None, unschedulable: Optional[str] = None) -> None:
         container = pod["spec"]["containers"][0]
+        if unschedulable:
+            self._write_status(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], {
+                "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                    "message": unschedulable, "lastTransitionTime": now()}]},
+                pod["metadata"]["uid"])
+            return
         state: dict
         if waiting:
             state = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
