@@ -87,10 +87,18 @@ def test_pod_carries_config_token_owner_and_volume():
     assert config["config"]["batch_size"] == 4 and config["config"]["lora_config"]["rank"] == 16  # defaults filled
     assert env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tenant-keys", "key": "token"}
     assert "value" not in env["TENSAFE_AUTH_TOKEN"]  # the token itself never appears in the pod spec
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": 2, "memory": "16Gi"},
+    assert config["resume_from"] == "latest"  # every pod, first or replacement, resumes the last checkpoint
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "2", "memory": "16Gi"},
                                       "requests": {"memory": "16Gi"}}
     assert container["image"] == "tensafe/trainer:0.1.0"
-    assert spec["volumes"][0]["persistentVolumeClaim"] == {"claimName": "demo-artifacts"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["artifacts"]["persistentVolumeClaim"] == {"claimName": "demo-artifacts"}
+    # Only the tenant's key set is mounted (read-only), never the token, and the trainer is told where.
+    assert volumes["tenant-keys"]["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400,
+                                                "items": [{"key": "default.json", "path": "default.json"}]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tenant-keys"]["readOnly"] is True
+    assert env["TENSAFE_KEYS_DIR"]["value"] == mounts["tenant-keys"]["mountPath"]
     assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
 
 
@@ -112,40 +120,37 @@ def test_invalid_training_spec_is_refused_by_the_builder():
 
     with pytest.raises(ValidationError, match="rank"):
         build_pod(training_client(training={"lora_config": {"rank": 0}}), default_image="x")
-    with pytest.raises(ValueError, match="keySecretRef"):
-        build_pod(training_client(keySecretRef=None), default_image="x")
+    pod = build_pod(training_client(keySecretRef=None), default_image="x")  # the operator's own Secret
+    token = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}["TENSAFE_AUTH_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "demo-keys"
 
 
-def as_json_schema(node):
-    """OpenAPI 3.0 (structural) -> JSON Schema draft 4: same boolean exclusiveMinimum; nullable -> null type."""
-    if isinstance(node, list):
-        return [as_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes") and k != "nullable"}
-    if node.get("nullable"):
-        out["type"] = [node["type"], "null"]
-    if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False  # the API server prunes unknown fields; here they are errors
-    return out
+class CrdValidator:
+    """The test cluster's own admission (schema, and unknown fields as errors), without a cluster."""
+
+    def __init__(self, filename):
+        crd = yaml.safe_load((ROOT / "crds" / filename).read_text())
+        self.schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    def errors(self, document):
+        from tensafe_operator.devcluster.validation import prune, schema_errors
+
+        body = {k: v for k, v in document.items() if k != "metadata"}
+        _, unknown = prune(body, self.schema)
+        return schema_errors(body, self.schema) + [f"unknown field {path}" for path in unknown]
+
+    def is_valid(self, document):
+        return not self.errors(document)
 
 
-def validator_for(filename):
-    import jsonschema_rs
-
-    crd = yaml.safe_load((ROOT / "crds" / filename).read_text())
-    schema = as_json_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-    schema["properties"]["metadata"] = {"type": "object"}
-    return jsonschema_rs.Draft4Validator(schema)
+validator_for = CrdValidator
 
 
 @pytest.mark.parametrize("example, crd", [("trainingclient.yaml", "trainingclients.tensafe.io.yaml"),
                                           ("trainingoperation.yaml", "trainingoperations.tensafe.io.yaml")])
 def test_examples_validate_against_the_crds(example, crd):
     document = yaml.safe_load((ROOT / "examples" / example).read_text())
-    validator = validator_for(crd)
-    errors = [e.message for e in validator.iter_errors(document)]
-    assert errors == []
+    assert validator_for(crd).errors(document) == []
 
 
 def test_the_crd_schema_refuses_what_the_sdk_refuses():
@@ -163,3 +168,62 @@ def test_the_crd_schema_refuses_what_the_sdk_refuses():
             target = target.setdefault(key, {})
         target[path[-1]] = value
         assert not validator.is_valid(bad), path
+
+
+def test_unknown_fields_are_reported_by_path():
+    validator = validator_for("trainingclients.tensafe.io.yaml")
+    document = yaml.safe_load((ROOT / "examples" / "trainingclient.yaml").read_text())
+    document["spec"]["training"]["lora_config"]["rnak"] = 8
+    assert validator.errors(document) == ["unknown field spec.training.lora_config.rnak"]
+
+
+# ----- status: pure functions from what the operator sees to what the status says ---------------------
+
+def pod(phase="Running", ready=True, **status):
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return {"metadata": {"name": "demo-trainer"}, "status": {"phase": phase, "conditions": conditions, **status}}
+
+
+def trainer(status="READY", **fields):
+    from tg_tinker.types import ClientInfo
+
+    return ClientInfo(client_id="demo", kind="training", status=status, step=fields.pop("step", 7),
+                      tenant_id="default", **fields)
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_follows_the_pod_then_the_trainer():
+    from tensafe_operator.status import desired_status
+
+    tc = training_client()
+    tc["metadata"]["generation"] = 3
+    assert desired_status(tc, None, None)["phase"] == "INITIALIZING"
+    unschedulable = pod("Pending", False, conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "Insufficient gpu"}])
+    assert conditions(desired_status(tc, unschedulable, None))["Ready"] == ("False", "Unschedulable")
+    died = pod("Failed", False, containerStatuses=[{"state": {"terminated": {"exitCode": 137}}}])
+    status = desired_status(tc, died, None)
+    assert status["phase"] == "INITIALIZING" and "137" in status["conditions"][0]["message"]
+    status = desired_status(tc, pod(), trainer(total_epsilon=1.5, last_checkpoint="art-1"))
+    assert (status["phase"], status["step"], status["privacy"], status["lastCheckpoint"]) == \
+        ("READY", 7, {"totalEpsilon": 1.5}, "art-1")
+    assert status["observedGeneration"] == 3 and conditions(status)["Ready"] == ("True", "TrainerReady")
+    failed = desired_status(tc, pod(), trainer("ERROR", error="model not found"))
+    assert conditions(failed)["Failed"] == ("True", "TrainerError") and failed["phase"] == "ERROR"
+    suspended = desired_status(training_client(suspend=True), None, None)
+    assert suspended["phase"] == "TERMINATED" and conditions(suspended)["Suspended"] == ("True", "Suspended")
+
+
+def test_status_is_written_only_when_something_changed():
+    from tensafe_operator.status import desired_status, status_patch
+
+    tc = training_client()
+    first = desired_status(tc, pod(), trainer())
+    tc["status"] = first
+    again = desired_status(tc, pod(), trainer())
+    assert status_patch(first, again) is None  # same facts: no write, transition times kept
+    moved = desired_status(tc, pod(), trainer(step=8))
+    assert status_patch(first, moved) == {"step": 8}

@@ -67,7 +67,7 @@ def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if resources.get("gpus"):
-        limits["nvidia.com/gpu"] = resources["gpus"]
+        limits["nvidia.com/gpu"] = str(resources["gpus"])  # a Quantity: always a string
     for key in ("cpu", "memory"):
         if resources.get(key):
             limits[key] = requests[key] = resources[key]

@@ -47,7 +47,7 @@ def run(kube: Kube, top: dict, patch: kopf.Patch) -> None:
     pod = kube.pod(namespace, child_name(client))
     if not status_of.pod_ready(pod):
         patch.status.update(phase="Pending", message=f"waiting for the trainer of {client} to be ready")
-        raise kopf.TemporaryError(f"trainer of {client} is not ready", delay=2)
+        raise kopf.TemporaryError(f"trainer of {client} is not ready", delay=5)
     try:
         body = submit_body(spec, meta["uid"])
     except ValidationError as error:

@@ -100,6 +100,7 @@ class Watcher:
 class Store:
     def __init__(self) -> None:
         self.revision = 0
+        self.compacted = 0  # the history holds every event after this revision
         self.types: dict[tuple[str, str], ResourceType] = {t.key: t for t in BUILTIN_TYPES}
         self.objects: dict[tuple[str, str], dict[tuple[str, str], dict]] = collections.defaultdict(dict)
         self.history: collections.deque[Event] = collections.deque(maxlen=HISTORY)
@@ -292,10 +293,16 @@ class Store:
         for listener in self.listeners:
             listener(event)
 
+    def compact(self) -> None:
+        """Forget the event history, as etcd's compaction does: older watches must relist (410)."""
+        self.compacted = self.revision
+        self.history.clear()
+
     def events_since(self, key: tuple[str, str], namespace: Optional[str], rv: int) -> Iterable[Event]:
         """Events after ``rv``; ``ApiError(410)`` if they are no longer kept."""
-        if self.history and rv < self.history[0].rv - 1:
-            raise ApiError(410, "Expired", f"too old resource version: {rv} ({self.history[0].rv - 1})")
+        oldest = self.history[0].rv - 1 if len(self.history) == self.history.maxlen else self.compacted
+        if rv < oldest:
+            raise ApiError(410, "Expired", f"too old resource version: {rv} ({oldest})")
         return [e for e in self.history if e.rv > rv and e.key == key and namespace in (None, e.namespace)]
 
     def _register_crd(self, crd: dict) -> None:

@@ -1,0 +1,56 @@
+"""Tenant keys in a Kubernetes Secret: the provider against the test cluster's API, and the trainer pod's
+view of the same key through the mounted Secret file."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+from tg_tinker import ArtifactIntegrityError
+
+PAYLOAD = os.urandom(2 * 1024 * 1024 + 5)
+
+
+@pytest.fixture
+def provider(cluster, namespace):
+    from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+
+    return KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys")
+
+
+def secret_data(cluster, namespace):
+    return cluster.core.read_namespaced_secret("acme-keys", namespace).data or {}
+
+
+def test_keys_in_a_secret_rotate_without_reencrypting_and_shred(cluster, namespace, provider, tmp_path):
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.keys import LocalKeyProvider
+
+    store = ArtifactStore(tmp_path / "artifacts", provider)
+    info = store.put(PAYLOAD, tenant_id="acme", training_client_id="tc-1", kind="checkpoint", step=1)
+    assert list(secret_data(cluster, namespace)) == ["acme.json"]  # created on first use
+
+    # The pod's view: the Secret's one key mounted as a file, read by the plain local provider.
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    (mounted / "acme.json").write_bytes(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))
+    assert ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(mounted)).get("acme", info.artifact_id) == PAYLOAD
+
+    new_kid = store.rotate("acme")
+    assert new_kid != info.key_id and store.info("acme", info.artifact_id).key_id == new_kid
+    assert store.get("acme", info.artifact_id) == PAYLOAD
+
+    store.keys.shred("acme")
+    assert "acme.json" not in secret_data(cluster, namespace)
+    with pytest.raises(ArtifactIntegrityError, match="not available"):
+        store.get("acme", info.artifact_id)
+
+
+def test_other_values_in_the_secret_survive_key_changes(cluster, namespace, provider):
+    provider.put_value("token", b"s3cret")
+    provider.active_key("acme")
+    provider.rotate("acme")
+    assert provider.get_value("token") == b"s3cret"
+    assert sorted(secret_data(cluster, namespace)) == ["acme.json", "token"]

@@ -1,0 +1,57 @@
+"""What a user does with kubectl: apply the examples, read the printer columns, get refused with a reason."""
+
+from __future__ import annotations
+
+import json
+
+from kube_helpers import ROOT, wait_for
+
+
+def test_apply_examples_then_get_shows_the_printer_columns(cluster, namespace):
+    applied = cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
+    assert "trainingclient.tensafe.io/support-bot created" in applied.stdout
+    assert "trainingoperation.tensafe.io/support-bot-checkpoint-1 created" in applied.stdout
+
+    table = wait_for("the operator's first status", lambda: (
+        t := cluster.kubectl("get", "tc", "-n", namespace).stdout.splitlines()) and "INITIALIZING" in t[1] and t)
+    assert table[0].split() == ["NAME", "PHASE", "MODEL", "STEP", "EPSILON", "AGE"]
+    assert table[1].split()[:3] == ["support-bot", "INITIALIZING", "smollm2-135m"]
+    assert cluster.kubectl("get", "tops", "-n", namespace).stdout.split()[:6] == [
+        "NAME", "CLIENT", "TYPE", "PHASE", "ARTIFACT", "AGE"]
+
+    # The example asks for a GPU; this node has none, and the status says so (as a real scheduler would).
+    def unschedulable():
+        tc = json.loads(cluster.kubectl("get", "tc", "support-bot", "-n", namespace, "-o", "json").stdout)
+        ready = {c["type"]: c for c in tc.get("status", {}).get("conditions", [])}.get("Ready", {})
+        return ready.get("reason") == "Unschedulable" and ready
+    assert "Insufficient nvidia.com/gpu" in wait_for("the scheduling reason", unschedulable)["message"]
+
+    again = cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
+    assert "support-bot unchanged" in again.stdout
+    cluster.kubectl("delete", "-n", namespace, "-f", str(ROOT / "examples" / "trainingclient.yaml"))
+    wait_for("the pod to go", lambda: not cluster.core.list_namespaced_pod(namespace).items)
+
+
+def test_kustomization_renders_for_gitops():
+    import subprocess
+
+    from kube_helpers import KUBECTL
+
+    rendered = subprocess.run([KUBECTL, "kustomize", str(ROOT / "examples")], capture_output=True, text=True,
+                              check=True).stdout
+    assert rendered.count("namespace: ml-training") == 2 and "kind: TrainingOperation" in rendered
+
+
+def test_invalid_and_unknown_fields_are_refused_with_the_reason(cluster, namespace):
+    manifest = """
+apiVersion: tensafe.io/v1alpha1
+kind: TrainingClient
+metadata: {name: wrong}
+spec:
+  training: {model_ref: smollm2-135m, lora_config: {rank: 0}}
+"""
+    refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest, check=False)
+    assert refused.returncode != 0 and "spec.training.lora_config.rank" in refused.stderr
+    typo = manifest.replace("rank: 0", "rank: 8, rnak: 8")
+    refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=typo, check=False)
+    assert refused.returncode != 0 and "unknown field" in refused.stderr and "rnak" in refused.stderr
