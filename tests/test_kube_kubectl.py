@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from kube_helpers import ROOT, wait_for
 
@@ -33,8 +34,6 @@ def test_apply_examples_then_get_shows_the_printer_columns(cluster, namespace):
 
 
 def test_kustomization_renders_for_gitops():
-    import subprocess
-
     from kube_helpers import KUBECTL
 
     rendered = subprocess.run([KUBECTL, "kustomize", str(ROOT / "examples")], capture_output=True, text=True,
@@ -55,3 +54,30 @@ spec:
     typo = manifest.replace("rank: 0", "rank: 8, rnak: 8")
     refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=typo, check=False)
     assert refused.returncode != 0 and "unknown field" in refused.stderr and "rnak" in refused.stderr
+
+
+def test_dev_cluster_command_serves_a_cluster_kubectl_can_use(tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    from kube_helpers import KUBECTL
+
+    kubeconfig = tmp_path / "kubeconfig"
+    process = subprocess.Popen([sys.executable, "-m", "tensafe_trainer", "dev-cluster", "--kubeconfig",
+                                str(kubeconfig), "--no-operator", "--root", str(tmp_path / "state")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()
+        assert "TenSafe dev cluster at https://127.0.0.1:" in banner, banner
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+        crds = subprocess.run([KUBECTL, "get", "crds", "-o", "name"], env=env, capture_output=True, text=True)
+        assert crds.stdout.split() == ["customresourcedefinition.apiextensions.k8s.io/trainingclients.tensafe.io",
+                                       "customresourcedefinition.apiextensions.k8s.io/trainingoperations.tensafe.io"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.returncode == 0

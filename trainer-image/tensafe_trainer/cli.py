@@ -33,6 +33,16 @@ def _audit(args) -> int:
     return audit_command(args)
 
 
+def _dev_cluster(args) -> int:
+    try:
+        from tensafe_operator.devcluster.cli import run
+    except ImportError as error:
+        print(f"tensafe dev-cluster needs the operator and dev extras (pip install 'tensafe[operator,dev]'): "
+              f"{error}", file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensafe", description="TenSafe: private fine-tuning service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = ausub.add_parser("verify", help="check the hash chain; report the first broken link")
     verify.add_argument("path", type=Path, nargs="?", default=None, help="default: $TENSAFE_HOME/audit/audit.jsonl")
     audit.set_defaults(func=_audit)
+
+    dev = sub.add_parser("dev-cluster", help="run the test cluster (Kubernetes API emulator + local kubelet + "
+                         "operator) in the foreground")
+    dev.add_argument("--kubeconfig", type=Path, required=True, help="write the cluster's kubeconfig here")
+    dev.add_argument("--root", type=Path, default=None, help="state folder (volumes, pod logs); default: temporary")
+    dev.add_argument("--port", type=int, default=0, help="API server port (default: a free one)")
+    dev.add_argument("--no-operator", action="store_true", help="run no operator (run your own against it)")
+    dev.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu the local node offers (default 0)")
+    dev.set_defaults(func=_dev_cluster)
     return parser
 
 

@@ -40,7 +40,8 @@ class DevCluster:
     """``with DevCluster(root) as cluster:`` gives a running cluster and ``cluster.kubeconfig_path``."""
 
     def __init__(self, root: Path, *, port: int = 0, operator: bool = False, namespace: str = "default",
-                 extra_env: Optional[dict[str, str]] = None, operator_env: Optional[dict[str, str]] = None):
+                 extra_env: Optional[dict[str, str]] = None, operator_env: Optional[dict[str, str]] = None,
+                 gpus: int = 0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(24)
@@ -52,6 +53,7 @@ class DevCluster:
         self.extra_env = extra_env or {}
         self.operator_env = operator_env or {}
         self.want_operator = operator
+        self.gpus = gpus
         self.operator: Optional[subprocess.Popen] = None
         self.loop = asyncio.new_event_loop()
         self.store: Optional[Store] = None
@@ -74,7 +76,7 @@ class DevCluster:
 
     async def _start(self) -> None:
         self.store = Store()
-        self.kubelet = LocalKubelet(self.store, self.root, extra_env=self.extra_env)
+        self.kubelet = LocalKubelet(self.store, self.root, extra_env=self.extra_env, gpus=self.gpus)
         self.kubelet.start()
 
     def _serve(self) -> None:
