@@ -24,10 +24,12 @@ def test_shred_needs_confirmation(tmp_path):
     assert done.returncode == 2 and "--yes" in done.stderr
 
 
-def test_backend_selection_errors():
+def test_backend_selection_errors(tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match="backend must be one of"):
         ServiceClient(backend="carrier-pigeon")
-    with pytest.raises(TGTinkerError, match="kubernetes backend is not available"):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(TGTinkerError, match="no usable Kubernetes configuration"):
         ServiceClient(backend="kubernetes")
     with pytest.raises(ValidationError, match="needs base_url"):
         ServiceClient(backend="remote")

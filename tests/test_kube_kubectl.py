@@ -81,3 +81,16 @@ def test_dev_cluster_command_serves_a_cluster_kubectl_can_use(tmp_path):
         while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert process.returncode == 0
+
+
+def test_kubectl_creates_namespaces_and_secrets(cluster):
+    """kubectl writes built-in objects as protobuf; the test cluster reads these kinds."""
+    import base64
+    import uuid
+
+    name = f"k-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("create", "secret", "generic", "tenant", "-n", name, "--from-literal=token=s3cret")
+    secret = cluster.core.read_namespaced_secret("tenant", name)
+    assert base64.b64decode(secret.data["token"]) == b"s3cret" and secret.type == "Opaque"
+    cluster.core.delete_namespace(name)

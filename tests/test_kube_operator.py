@@ -111,13 +111,12 @@ def test_killed_trainer_pod_is_replaced_and_resumes_with_step_and_epsilon(cluste
     tc = service.create_training_client(config, client_id="phoenix")
     for seed in range(3):
         tc.forward_backward(random_batch(seed=seed))
-        tc.optim_step()
+        step = tc.optim_step()
+    epsilon = step.result().dp_metrics.total_epsilon
     saved = tc.save_state()
-    assert saved.step == 3
-    wait_for("epsilon in status", lambda: training_client(cluster, namespace, "phoenix")["status"]
-             .get("privacy", {}).get("totalEpsilon"))
-    epsilon = training_client(cluster, namespace, "phoenix")["status"]["privacy"]["totalEpsilon"]
-    assert epsilon > 0
+    assert saved.step == 3 and epsilon > 0
+    wait_for("the mirror to show step 3", lambda: training_client(cluster, namespace, "phoenix")["status"]
+             .get("privacy", {}).get("totalEpsilon") == epsilon)
 
     tc.forward_backward(random_batch(seed=9))  # in flight when the trainer dies: lost, and it says so
     old_uid = cluster.core.read_namespaced_pod("phoenix-trainer", namespace).metadata.uid
@@ -161,3 +160,40 @@ def test_api_server_restart_is_survived_by_the_operator_and_the_sdk(cluster, nam
     assert saved.step == 1
     wait_for("the status mirror", lambda: training_client(cluster, namespace, "survivor")["status"].get("step") == 1)
     tc.close()
+
+
+@needs_devcluster
+def test_tokens_and_keys_never_appear_in_logs_status_or_pod_specs(cluster, namespace, service):
+    import base64
+    import json
+
+    tc = service.create_training_client(tiny_config(), client_id="quiet")
+    tc.forward_backward(random_batch())
+    tc.optim_step().result()
+    tc.save_state()
+    secret = cluster.core.read_namespaced_secret("quiet-keys", namespace).data
+    token = base64.b64decode(secret["token"]).decode()
+    keyset = json.loads(base64.b64decode(secret["default.json"]))
+    secrets = [token] + list(keyset["keys"].values())
+    assert len(token) >= 32 and secrets[1:]
+
+    # Another client's token is refused by this trainer (each training client has its own).
+    other = service.create_training_client(tiny_config(), client_id="other")
+    other_token = base64.b64decode(cluster.core.read_namespaced_secret("other-keys", namespace).data["token"])
+    import httpx
+
+    pod_ip = cluster.core.read_namespaced_pod("quiet-trainer", namespace).status.pod_ip
+    refused = httpx.get(f"http://{pod_ip}:8000/v1/artifacts", headers={"authorization": f"Bearer {other_token.decode()}"})
+    assert refused.status_code == 401
+
+    seen = [json.dumps(training_client(cluster, namespace, "quiet")),
+            json.dumps(cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TOPS)),
+            json.dumps(cluster.core.api_client.sanitize_for_serialization(
+                cluster.core.read_namespaced_pod("quiet-trainer", namespace)))]
+    logs = [cluster.dev.root / "operator.log", *(cluster.dev.root / "logs").glob(f"{namespace}_*.log")]
+    seen += [path.read_text(errors="replace") for path in logs]
+    for text in seen:
+        for value in secrets:
+            assert value not in text
+    tc.close()
+    other.close()

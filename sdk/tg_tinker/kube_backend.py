@@ -46,8 +46,12 @@ class KubernetesBackend:
             api = k8s.client.ApiClient()
             default_namespace = _incluster_namespace()
         else:
-            api = k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
-            _, active = k8s.config.list_kube_config_contexts(config_file=kubeconfig)
+            try:
+                api = k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
+                _, active = k8s.config.list_kube_config_contexts(config_file=kubeconfig)
+            except k8s.config.ConfigException as error:
+                raise TGTinkerError(f"backend='kubernetes' found no usable Kubernetes configuration ({error}): "
+                                    "pass kubeconfig=, set $KUBECONFIG, or run in a pod") from None
             default_namespace = (active.get("context") or {}).get("namespace") or "default"
         self.namespace = namespace or default_namespace
         self.endpoint_override = endpoint

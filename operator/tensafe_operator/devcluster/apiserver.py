@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import protobuf
 from .patch import PatchError, apply_patch
 from .selectors import field_matcher, label_matcher
 from .store import ApiError, ResourceType, Store, Watcher
@@ -302,9 +303,12 @@ class UnsupportedMediaType(Exception):
 
 
 async def _body(request: Request, required: bool = True) -> Any:
-    if "protobuf" in request.headers.get("content-type", ""):
-        raise UnsupportedMediaType("this API server speaks JSON only, not protobuf")
     raw = await request.body()
+    if "protobuf" in request.headers.get("content-type", ""):
+        try:
+            return protobuf.decode(raw)
+        except (ValueError, IndexError) as error:
+            raise UnsupportedMediaType(str(error)) from None
     if not raw:
         if required:
             raise ApiError(400, "BadRequest", "a request body is required")

@@ -143,7 +143,7 @@ class Store:
                            f'"{name}": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric '
                            "characters, '-' or '.'")
         if rtype.namespaced:
-            if meta.get("namespace") not in (None, namespace):
+            if meta.get("namespace") not in (None, "", namespace):
                 raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the "
                                "namespace sent on the request")
             if (("", namespace)) not in self.objects[NAMESPACE_KEY]:
