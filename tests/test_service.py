@@ -209,3 +209,37 @@ def test_readiness_waits_for_loading_clients_but_not_for_failed_ones(tmp_path):
             svc.create_training_client(tiny_config(model_ref="no-such-model"))
         ready = httpx.get(f"{svc.base_url}/readyz")
         assert ready.status_code == 200 and len(ready.json()["failed"]) == 1
+
+
+def test_a_client_token_opens_its_own_client_and_nothing_else(tmp_path):
+    from tg_tinker.transport import Transport
+
+    with ServiceClient(home=tmp_path) as svc:
+        alice = svc.create_training_client(tiny_config(), client_id="alice")
+        bob = svc.create_training_client(tiny_config(), client_id="bob")
+        bobs = bob.save_state()
+        alices = alice.save_state()
+        token = alice.info.access_token
+        assert token and token != bob.info.access_token and "access_token" not in repr(alice.info)
+        fb = {"request": {"type": "forward_backward", "batch": random_batch()}}
+        with Transport(svc.base_url, token) as as_alice:
+            assert as_alice.request("GET", "/v1/clients/alice")["client_id"] == "alice"
+            assert [c["client_id"] for c in as_alice.request("GET", "/v1/clients")] == ["alice"]
+            assert [a["artifact_id"] for a in as_alice.request("GET", "/v1/artifacts")] == [alices.artifact_id]
+            assert as_alice.request("GET", f"/v1/artifacts/{alices.artifact_id}/content", raw=True)
+            for method, path, body in (("GET", "/v1/clients/bob", None), ("POST", "/v1/clients/bob/operations", fb),
+                                       ("DELETE", "/v1/clients/bob", None),
+                                       ("GET", f"/v1/artifacts/{bobs.artifact_id}/content", None),
+                                       ("GET", "/v1/artifacts?training_client_id=bob", None),
+                                       ("GET", "/v1/audit?training_client_id=bob", None)):
+                with pytest.raises(AuthenticationError, match="belongs to training client 'alice'"):
+                    as_alice.request(method, path, json=body)
+            with pytest.raises(AuthenticationError, match="trainer's own token"):
+                as_alice.request("POST", "/v1/training_clients", json={"config": tiny_config().model_dump(mode="json")})
+            bob_op = bob.forward_backward(random_batch())
+            with pytest.raises(AuthenticationError):
+                as_alice.request("GET", f"/v1/operations/{bob_op.operation_id}")
+            assert {e["training_client_id"] for e in as_alice.request("GET", "/v1/audit")} == {"alice"}
+        with Transport(svc.base_url, "not-a-token") as stranger, pytest.raises(AuthenticationError):
+            stranger.request("GET", "/v1/clients/alice")
+        bob_op.result()  # bob carried on

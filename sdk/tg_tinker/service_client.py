@@ -44,7 +44,7 @@ class ServiceClient:
         self._timeout = timeout
         self._local: Optional[LocalTrainer] = None
         self._kube: Optional[KubernetesBackend] = None
-        self._clients: dict[str, Transport] = {}  # kubernetes: one trainer (and transport) per training client
+        self._clients: dict[str, Transport] = {}  # each client's own token (and, on kubernetes, its own trainer)
         self._delete_on_close = delete_on_close
         self.transport: Optional[Transport] = None
         self.base_url = base_url
@@ -68,7 +68,7 @@ class ServiceClient:
         the training clients it created."""
         for name, transport in list(self._clients.items()):
             transport.close()
-            if self._delete_on_close:
+            if self._kube is not None and self._delete_on_close:
                 self._kube.delete(name)
         self._clients.clear()
         if self.transport is not None:
@@ -99,8 +99,9 @@ class ServiceClient:
                                     resume_from=resume_from)
         info = ClientInfo.parse(self.transport.request("POST", "/v1/training_clients",
                                                        json=body.model_dump(mode="json")))
+        self._adopt(info)
         if wait:
-            info = self._wait_ready(info)
+            info = self._wait_ready(info).model_copy(update={"access_token": info.access_token})
         return TrainingClient(self, info, config)
 
     def create_sampling_client(self, model_path: Optional[str] = None, artifact_id: Optional[str] = None,
@@ -110,6 +111,7 @@ class ServiceClient:
                                     tenant_id=self.tenant_id)
         info = ClientInfo.parse(self._transport_for(None).request("POST", "/v1/sampling_clients",
                                                                   json=body.model_dump(mode="json")))
+        self._adopt(info)
         if wait:
             info = self._wait_ready(info)
         return SamplingClient(self, info.client_id, owned=True)
@@ -137,12 +139,17 @@ class ServiceClient:
             return [self._client_info(name) for name in self._clients]
         return [ClientInfo.parse(c) for c in self.transport.request("GET", "/v1/clients") if c["kind"] == "training"]
 
+    def _adopt(self, info: ClientInfo) -> None:
+        """Talk to a new client with the token the trainer issued for it alone."""
+        if info.access_token:
+            self._clients[info.client_id] = Transport(self.base_url, info.access_token, timeout=self._timeout)
+
     def _transport_for(self, client_id: Optional[str]) -> Transport:
-        """The transport to the trainer that holds ``client_id`` (any trainer: None)."""
-        if self._kube is None:
-            return self.transport
+        """The transport for ``client_id``: its own token (and trainer); None: the service's own."""
         if client_id in self._clients:
             return self._clients[client_id]
+        if self._kube is None:
+            return self.transport
         if client_id is None and len(self._clients) == 1:
             return next(iter(self._clients.values()))
         raise ValidationError("with backend='kubernetes' each training client has its own trainer: name one "
@@ -151,7 +158,7 @@ class ServiceClient:
     def _client_info(self, client_id: str) -> ClientInfo:
         if self._kube is not None:
             return self._kube.info(self._kube.get(client_id))
-        return ClientInfo.parse(self.transport.request("GET", f"/v1/clients/{client_id}"))
+        return ClientInfo.parse(self._transport_for(client_id).request("GET", f"/v1/clients/{client_id}"))
 
     def _terminate(self, client_id: str) -> ClientInfo:
         if self._kube is not None and client_id in self._clients:
@@ -159,6 +166,7 @@ class ServiceClient:
             self._clients.pop(client_id).close()
             self._kube.delete(client_id)
             return info.model_copy(update={"status": ClientStatus.TERMINATED})
+        # The client's transport stays open: later calls get the trainer's "terminated" error, not a crash.
         return ClientInfo.parse(self._transport_for(client_id).request("DELETE", f"/v1/clients/{client_id}"))
 
     def _run_durable(self, client_id: str, queue: OperationQueue, request: DurableRequest):

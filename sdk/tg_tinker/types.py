@@ -316,6 +316,8 @@ class ClientInfo(WireModel):
     error: Optional[str] = None
     error_type: Optional[str] = None
     queue_depth: int = 0
+    # Only in the response that creates a client: a bearer token for this client alone.
+    access_token: Optional[str] = Field(None, repr=False)
 
 
 class ArtifactInfo(WireModel):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,13 @@ class State:
     sessions: dict[str, Session] = field(default_factory=dict)
     operations: OperationIndex = field(default_factory=OperationIndex)
     busy_engines: Any = field(default_factory=busy_counter)
+    client_tokens: dict[bytes, str] = field(default_factory=dict)  # sha256(token) -> client id
+
+    def issue_token(self, client_id: str) -> str:
+        """A bearer token for this one client: its operations, its artifacts, its audit entries."""
+        token = secrets.token_urlsafe(32)
+        self.client_tokens[_digest(token)] = client_id
+        return token
 
     def session(self, client_id: str) -> Session:
         try:
@@ -96,6 +105,22 @@ class State:
         spec = {"kind": "training", "client_id": client_id, "tenant_id": req.tenant_id,
                 "config": req.config.model_dump(mode="json"), "resume_from": req.resume_from}
         return self.start(client_id, req.tenant_id, "training", lambda: self.start_engine(spec), config=req.config)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from: the trainer's own token (``client_id`` None: everything) or one client's."""
+
+    client_id: Optional[str]
+
+    def check(self, client_id: Optional[str]) -> None:
+        if self.client_id is not None and client_id != self.client_id:
+            raise AuthenticationError(f"this token belongs to training client {self.client_id!r}; it cannot use "
+                                      f"{client_id or 'other clients'!r}")
 
 
 class BodySizeLimit:
@@ -137,13 +162,24 @@ def create_app(settings: Settings) -> FastAPI:
     def get_state(request: Request) -> State:
         return request.app.state.tensafe
 
-    def authenticate(request: Request) -> None:
+    def authenticate(request: Request) -> Principal:
         if settings.token is None:
-            return
+            return Principal(None)
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), settings.token.encode()):
-            raise AuthenticationError("missing or wrong bearer token for this trainer")
+        if scheme.lower() == "bearer":
+            if hmac.compare_digest(presented.encode(), settings.token.encode()):
+                return Principal(None)
+            # A lookup by SHA-256: what leaks through timing is about the hash, not the token.
+            client_id = request.app.state.tensafe.client_tokens.get(_digest(presented))
+            if client_id is not None:
+                return Principal(client_id)
+        raise AuthenticationError("missing or wrong bearer token for this trainer")
+
+    def admin(principal: Principal = Depends(authenticate)) -> Principal:
+        if principal.client_id is not None:
+            raise AuthenticationError("creating clients needs the trainer's own token, not a client's")
+        return principal
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
@@ -159,7 +195,6 @@ def create_app(settings: Settings) -> FastAPI:
         err = ValidationError(f"invalid request: {text}", {"errors": problems})
         return JSONResponse({"error": err.to_wire()}, status_code=422)
 
-    auth = [Depends(authenticate)]
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -179,31 +214,42 @@ def create_app(settings: Settings) -> FastAPI:
     async def prometheus_metrics():
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/training_clients", response_model=ClientInfo, status_code=201, dependencies=auth)
-    async def create_training_client(body: CreateTrainingClient, state: State = Depends(get_state)):
-        return state.start_training(body).info()
+    def with_token(state: State, session: Session) -> ClientInfo:
+        return session.info().model_copy(update={"access_token": state.issue_token(session.client_id)})
 
-    @app.post("/v1/sampling_clients", response_model=ClientInfo, status_code=201, dependencies=auth)
-    async def create_sampling_client(body: CreateSamplingClient, state: State = Depends(get_state)):
+    @app.post("/v1/training_clients", response_model=ClientInfo, status_code=201, dependencies=[Depends(admin)],
+              response_model_exclude_none=True)
+    async def create_training_client(body: CreateTrainingClient, state: State = Depends(get_state)):
+        return with_token(state, state.start_training(body))
+
+    @app.post("/v1/sampling_clients", response_model=ClientInfo, status_code=201, response_model_exclude_none=True)
+    async def create_sampling_client(body: CreateSamplingClient, state: State = Depends(get_state),
+                                     principal: Principal = Depends(authenticate)):
         if body.training_client_id:
+            principal.check(body.training_client_id)
             return state.session(body.training_client_id).info()
+        admin(principal)
         if body.artifact_id:
             await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id)  # 404 now, not later
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
                 "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
-        return state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec)).info()
+        return with_token(state, state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec)))
 
-    @app.get("/v1/clients", response_model=list[ClientInfo], dependencies=auth)
-    async def list_clients(state: State = Depends(get_state)):
-        return [s.info() for s in state.sessions.values()]
+    @app.get("/v1/clients", response_model=list[ClientInfo])
+    async def list_clients(state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        return [s.info() for s in state.sessions.values() if principal.client_id in (None, s.client_id)]
 
-    @app.get("/v1/clients/{client_id}", response_model=ClientInfo, dependencies=auth)
-    async def get_client(client_id: str, state: State = Depends(get_state)):
+    @app.get("/v1/clients/{client_id}", response_model=ClientInfo)
+    async def get_client(client_id: str, state: State = Depends(get_state),
+                         principal: Principal = Depends(authenticate)):
+        principal.check(client_id)
         return state.session(client_id).info()
 
-    @app.delete("/v1/clients/{client_id}", response_model=ClientInfo, dependencies=auth)
-    async def terminate_client(client_id: str, state: State = Depends(get_state)):
+    @app.delete("/v1/clients/{client_id}", response_model=ClientInfo)
+    async def terminate_client(client_id: str, state: State = Depends(get_state),
+                               principal: Principal = Depends(authenticate)):
+        principal.check(client_id)
         session = state.session(client_id)
         if session.status is not ClientStatus.TERMINATED and not session.stopping:
             metrics.CLIENTS.labels(session.kind).dec()
@@ -211,55 +257,76 @@ def create_app(settings: Settings) -> FastAPI:
         info = session.info()
         return info.model_copy(update={"status": ClientStatus.TERMINATED})
 
-    @app.post("/v1/clients/{client_id}/operations", response_model=OperationRecord, dependencies=auth)
-    async def submit_operation(client_id: str, body: SubmitOperation, state: State = Depends(get_state)):
+    @app.post("/v1/clients/{client_id}/operations", response_model=OperationRecord)
+    async def submit_operation(client_id: str, body: SubmitOperation, state: State = Depends(get_state),
+                               principal: Principal = Depends(authenticate)):
+        principal.check(client_id)
         session = state.session(client_id)
         op, created = session.submit(body.request, body.idempotency_key)
         if created:
             state.operations.add(op, session)
         return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
 
-    def find(state: State, operation_id: str) -> tuple[Operation, Session]:
+    def find(state: State, operation_id: str, principal: Principal) -> tuple[Operation, Session]:
         try:
-            return state.operations.get(operation_id)
+            op, session = state.operations.get(operation_id)
         except KeyError:
+            op = None
+        if op is None:
             raise OperationLostError(
                 f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "
-                "its outcome is unknown", {"operation_id": operation_id}) from None
+                "its outcome is unknown", {"operation_id": operation_id})
+        principal.check(session.client_id)
+        return op, session
 
-    @app.get("/v1/operations/{operation_id}", response_model=OperationRecord, dependencies=auth)
+    @app.get("/v1/operations/{operation_id}", response_model=OperationRecord)
     async def get_operation(operation_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
-                            state: State = Depends(get_state)):
-        op, _ = find(state, operation_id)
+                            state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        op, _ = find(state, operation_id, principal)
         if wait > 0 and not op.waiter.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(op.waiter), timeout=wait)
         return op.record()
 
-    @app.post("/v1/operations/{operation_id}/cancel", dependencies=auth)
-    async def cancel_operation(operation_id: str, state: State = Depends(get_state)):
-        op, session = find(state, operation_id)
+    @app.post("/v1/operations/{operation_id}/cancel")
+    async def cancel_operation(operation_id: str, state: State = Depends(get_state),
+                               principal: Principal = Depends(authenticate)):
+        op, session = find(state, operation_id, principal)
         cancelled = session.cancel(op)
         return {"cancelled": cancelled, "record": op.record().model_dump(mode="json")}
 
-    @app.get("/v1/artifacts", response_model=list[ArtifactInfo], dependencies=auth)
+    def own_artifact(state: State, principal: Principal, tenant_id: str, artifact_id: str) -> ArtifactInfo:
+        info = state.store.info(tenant_id, artifact_id)
+        principal.check(info.training_client_id)
+        return info
+
+    @app.get("/v1/artifacts", response_model=list[ArtifactInfo])
     def list_artifacts(tenant_id: str = "default", training_client_id: Optional[str] = None,
-                       state: State = Depends(get_state)):
+                       state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        if principal.client_id is not None:
+            principal.check(training_client_id or principal.client_id)
+            training_client_id = principal.client_id
         return state.store.list(tenant_id, training_client_id)
 
-    @app.get("/v1/artifacts/{artifact_id}", response_model=ArtifactInfo, dependencies=auth)
-    def artifact_info(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
-        return state.store.info(tenant_id, artifact_id)
+    @app.get("/v1/artifacts/{artifact_id}", response_model=ArtifactInfo)
+    def artifact_info(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state),
+                      principal: Principal = Depends(authenticate)):
+        return own_artifact(state, principal, tenant_id, artifact_id)
 
-    @app.get("/v1/artifacts/{artifact_id}/content", dependencies=auth,
-             responses={200: {"content": {"application/octet-stream": {}}}})
-    def artifact_content(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
+    @app.get("/v1/artifacts/{artifact_id}/content", responses={200: {"content": {"application/octet-stream": {}}}})
+    def artifact_content(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state),
+                         principal: Principal = Depends(authenticate)):
+        own_artifact(state, principal, tenant_id, artifact_id)
         data = state.store.read_raw(tenant_id, artifact_id)
         return Response(data, media_type="application/octet-stream")
 
-    @app.get("/v1/audit", response_model=list[AuditEntry], dependencies=auth)
+    @app.get("/v1/audit", response_model=list[AuditEntry])
     def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,
-                      limit: int = Query(100, ge=1, le=10_000), state: State = Depends(get_state)):
+                      limit: int = Query(100, ge=1, le=10_000), state: State = Depends(get_state),
+                      principal: Principal = Depends(authenticate)):
+        if principal.client_id is not None:
+            principal.check(training_client_id or principal.client_id)
+            training_client_id = principal.client_id
         state.audit.flush()
         return state.audit_log.query(training_client_id=training_client_id, operation=operation, limit=limit)
 
