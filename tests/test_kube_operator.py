@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import httpx
 import pytest
 
 from tg_tinker import ServiceClient, TrainingClientError, ValidationError
@@ -180,8 +181,6 @@ def test_tokens_and_keys_never_appear_in_logs_status_or_pod_specs(cluster, names
     # Another client's token is refused by this trainer (each training client has its own).
     other = service.create_training_client(tiny_config(), client_id="other")
     other_token = base64.b64decode(cluster.core.read_namespaced_secret("other-keys", namespace).data["token"])
-    import httpx
-
     pod_ip = cluster.core.read_namespaced_pod("quiet-trainer", namespace).status.pod_ip
     refused = httpx.get(f"http://{pod_ip}:8000/v1/artifacts", headers={"authorization": f"Bearer {other_token.decode()}"})
     assert refused.status_code == 401
@@ -197,3 +196,32 @@ def test_tokens_and_keys_never_appear_in_logs_status_or_pod_specs(cluster, names
             assert value not in text
     tc.close()
     other.close()
+
+
+def test_trainer_serves_https_with_the_clients_tls_secret(cluster, namespace, tmp_path):
+    """spec.tls names a kubernetes.io/tls Secret (as cert-manager makes one): the trainer serves HTTPS,
+    the kubelet probes it, the operator and the SDK verify it by the Service's name."""
+    import base64
+
+    from tensafe_operator.devcluster.tls import write_serving_certificate
+
+    ca, cert, key = write_serving_certificate(tmp_path, dns_names=(f"secure-trainer.{namespace}.svc",))
+    data = {"ca.crt": ca, "tls.crt": cert, "tls.key": key}
+    cluster.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "secure-tls"}, "type": "kubernetes.io/tls",
+        "data": {k: base64.b64encode(p.read_bytes()).decode() for k, p in data.items()}})
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient", "metadata": {"name": "secure"},
+            "spec": {"training": tiny_config().model_dump(mode="json", exclude_none=True),
+                     "tls": {"secretName": "secure-tls"}}}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TC, body)
+    with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:
+        tc = service.get_training_client("secure")  # made with kubectl/GitOps: attach, do not own
+        assert tc.forward_backward(random_batch()).result().loss > 0
+        assert tc.save_state().step == 0  # the operator reached the trainer over HTTPS too
+    assert training_client(cluster, namespace, "secure")  # left in place on close
+    pod_ip = cluster.core.read_namespaced_pod("secure-trainer", namespace).status.pod_ip
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{pod_ip}:8000/healthz")  # no plain HTTP
+    status = wait_for("the mirror over HTTPS", lambda: training_client(cluster, namespace, "secure")["status"]
+                      .get("step") == 0 and training_client(cluster, namespace, "secure")["status"])
+    assert status["endpoint"] == f"https://secure-trainer.{namespace}.svc:8000"

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from tg_tinker.config import TrainingConfig
-from tg_tinker.resources import TOKEN_KEY, TRAINER_PORT, child_name, key_secret_name
+from tg_tinker.resources import TOKEN_KEY, TRAINER_PORT, child_name, key_secret_name, tls_secret_name, trainer_url
 from tg_tinker.types import CreateTrainingClient
 
 DATA_DIR = "/var/lib/tensafe"
 KEYS_DIR = "/var/run/tensafe/keys"
+TLS_DIR = "/var/run/tensafe/tls"
 
 
 def labels(tc_name: str) -> dict[str, str]:
@@ -79,22 +80,36 @@ def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
-    probe = {"httpGet": {"path": "/readyz", "port": TRAINER_PORT}, "periodSeconds": 5}
+    tls = tls_secret_name(tc)
+    scheme = "HTTPS" if tls else "HTTP"
+    args = ["--host", "0.0.0.0", "--port", str(TRAINER_PORT)]
+    if tls:
+        args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    probe = {"httpGet": {"path": "/readyz", "port": TRAINER_PORT, "scheme": scheme}, "periodSeconds": 5}
     container = {
         "name": "trainer",
         "image": spec.get("image") or default_image,
-        "args": ["--host", "0.0.0.0", "--port", str(TRAINER_PORT)],
+        "args": args,
         "ports": [{"name": "http", "containerPort": TRAINER_PORT}],
         "env": env,
         "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
         "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": TRAINER_PORT}, "periodSeconds": 10,
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": TRAINER_PORT, "scheme": scheme}, "periodSeconds": 10,
                           "failureThreshold": 6},
         "volumeMounts": [{"name": "artifacts", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"},
                          {"name": "tenant-keys", "mountPath": KEYS_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
+    volumes = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim_name(tc)}},
+               {"name": "tmp", "emptyDir": {}},
+               # Only the tenant's key set, not the token: the trainer reads its token from env.
+               {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
+                   {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}}]
+    if tls:
+        volumes.append({"name": "tls", "secret": {"secretName": tls, "defaultMode": 0o400, "items": [
+            {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}})
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _child_metadata(tc, child_name(name)),
@@ -105,11 +120,7 @@ def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
             "automountServiceAccountToken": False,  # the trainer never talks to the API server
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
-            "volumes": [{"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim_name(tc)}},
-                        {"name": "tmp", "emptyDir": {}},
-                        # Only the tenant's key set, not the token: the trainer reads its token from env.
-                        {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
-                            {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}}],
+            "volumes": volumes,
         },
     }
 
@@ -126,5 +137,4 @@ def build_service(tc: dict[str, Any]) -> dict[str, Any]:
 
 def service_endpoint(tc: dict[str, Any]) -> str:
     """In-cluster address of the trainer."""
-    meta = tc["metadata"]
-    return f"http://{child_name(meta['name'])}.{meta['namespace']}.svc:{TRAINER_PORT}"
+    return trainer_url(tc)

@@ -62,6 +62,9 @@ def training_client_crd() -> dict[str, Any]:
                          "(default <name>-keys; the operator creates it or fills in what is missing)",
                          "required": ["name"], "properties": {"name": {"type": "string"}}},
         "suspend": {"type": "boolean", "default": False},
+        "tls": {"type": "object", "description": "serve the trainer over HTTPS with this kubernetes.io/tls Secret "
+                "(tls.crt, tls.key, ca.crt; e.g. from cert-manager for <name>-trainer.<namespace>.svc)",
+                "required": ["secretName"], "properties": {"secretName": {"type": "string"}}},
     }}
     status = {"type": "object", "properties": {
         "phase": {"type": "string", "enum": [s.value for s in ClientStatus]},

@@ -73,12 +73,12 @@ class Kube:
     def delete_pod(self, namespace: str, name: str) -> None:
         _or_none(lambda: self.core.delete_namespaced_pod(name, namespace))
 
-    def secret_value(self, namespace: str, name: str, key: str) -> Optional[str]:
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes]:
+        """A Secret's data, decoded; empty if it does not exist."""
         import base64
 
         secret = _or_none(lambda: self.core.read_namespaced_secret(name, namespace))
-        raw = (secret.data or {}).get(key) if secret is not None else None
-        return base64.b64decode(raw).decode() if raw else None
+        return {k: base64.b64decode(v) for k, v in ((secret.data or {}) if secret is not None else {}).items()}
 
     def _plain(self, obj: Any) -> dict:
         return self.core.api_client.sanitize_for_serialization(obj)

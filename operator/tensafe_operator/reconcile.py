@@ -18,8 +18,10 @@ from tg_tinker.types import ClientInfo
 from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
 
 from . import status as status_of
-from .builders import (TOKEN_KEY, TRAINER_PORT, build_claim, build_pod, build_service, child_name,
-                       key_secret_name, owner_reference, tenant_of)
+from tg_tinker.resources import trainer_access
+
+from .builders import (TOKEN_KEY, build_claim, build_pod, build_service, child_name, key_secret_name,
+                       owner_reference, tenant_of)
 from .kube import Kube
 
 log = logging.getLogger("tensafe.operator")
@@ -121,8 +123,9 @@ def refresh_status(kube: Kube, tc: dict, pod: Optional[dict] = None, *, fetch_po
 
 
 def trainer_transport(kube: Kube, tc: dict, pod: dict) -> Transport:
-    """HTTP to the trainer at its pod IP (reachable from the operator's pod; no DNS needed)."""
-    token = kube.secret_value(tc["metadata"]["namespace"], key_secret_name(tc), TOKEN_KEY)
-    ip = pod["status"]["podIP"]
-    return Transport(f"http://{ip}:{TRAINER_PORT}", token, timeout=10.0, retries=1)
+    """To the trainer at its pod IP (no DNS needed); over HTTPS when the client has a TLS Secret."""
+    namespace = tc["metadata"]["namespace"]
+    access = trainer_access(tc, lambda name: kube.secret_data(namespace, name), pod_ip=pod["status"]["podIP"])
+    return Transport(access.base_url, access.token, timeout=10.0, retries=1, verify=access.verify,
+                     server_name=access.server_name)
 

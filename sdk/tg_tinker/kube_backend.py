@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from .config import TrainingConfig
 from .errors import TGTinkerError, TrainingClientError, TrainingClientNotFoundError, ValidationError, error_from_wire
-from .resources import (GROUP, TERMINAL_PHASES, TOKEN_KEY, TRAINER_PORT, TRAINING_CLIENTS, TRAINING_OPERATIONS,
-                        VERSION, DurableRequest, child_name, key_secret_name, operation_spec)
+from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION, DurableRequest,
+                        TrainerAccess, child_name, operation_spec, trainer_access)
 from .types import RESULT_TYPES, ClientInfo, ClientStatus
 
 READY_TIMEOUT_S = 900.0
@@ -118,21 +118,22 @@ class KubernetesBackend:
                           last_checkpoint=status.get("lastCheckpoint"),
                           error=error if status.get("phase") == "ERROR" else None)
 
-    def access(self, tc: dict) -> tuple[str, str]:
-        """(base URL, bearer token) of the trainer. In a pod: the Service's DNS name. Outside: the pod's
-        address (a flat network, or the test cluster) unless ``endpoint=`` says otherwise (a port-forward)."""
-        name = tc["metadata"]["name"]
+    def access(self, tc: dict) -> TrainerAccess:
+        """How to reach the trainer. In a pod: the Service's DNS name. Outside: the pod's address (a flat
+        network, or the test cluster) unless ``base_url`` says otherwise (e.g. a port-forward)."""
+        pod_ip = None
+        if not (self.endpoint_override or self.in_cluster):
+            pod = self.core.read_namespaced_pod(tc["status"].get("podName") or child_name(tc["metadata"]["name"]),
+                                                self.namespace)
+            pod_ip = pod.status.pod_ip
+        return trainer_access(tc, self._secret_data, pod_ip, self.endpoint_override)
+
+    def _secret_data(self, name: str) -> dict[str, bytes]:
         try:
-            secret = self.core.read_namespaced_secret(key_secret_name(tc), self.namespace)
+            secret = self.core.read_namespaced_secret(name, self.namespace)
         except self._errors as error:
-            raise _api_error(error, f"key Secret of {name!r}") from None
-        token = base64.b64decode((secret.data or {}).get(TOKEN_KEY, "")).decode()
-        if self.endpoint_override:
-            return self.endpoint_override, token
-        if self.in_cluster:
-            return tc["status"]["endpoint"], token
-        pod = self.core.read_namespaced_pod(tc["status"].get("podName") or child_name(name), self.namespace)
-        return f"http://{pod.status.pod_ip}:{TRAINER_PORT}", token
+            raise _api_error(error, f"Secret {name!r}") from None
+        return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
 
     # ----- durable operations -------------------------------------------------------------------------
     def create_operation(self, tc: dict, request: DurableRequest) -> dict:

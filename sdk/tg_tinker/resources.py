@@ -9,7 +9,8 @@ key, so an operation submitted by both runs once.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 from .errors import ValidationError
 from .types import LoadStateRequest, SaveStateRequest
@@ -34,6 +35,23 @@ def child_name(client_name: str, suffix: str = "trainer") -> str:
         return name
     digest = hashlib.sha256(client_name.encode()).hexdigest()[:8]
     return f"{client_name[:MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def service_host(tc: dict[str, Any]) -> str:
+    """The trainer Service's in-cluster DNS name (and the name its TLS certificate must carry)."""
+    meta = tc["metadata"]
+    return f"{child_name(meta['name'])}.{meta['namespace']}.svc"
+
+
+def tls_secret_name(tc: dict[str, Any]) -> str | None:
+    """A ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``, ``ca.crt``; e.g. from cert-manager) for
+    ``spec.tls.secretName``: the trainer then serves HTTPS and clients verify it against ``ca.crt``."""
+    return (tc["spec"].get("tls") or {}).get("secretName")
+
+
+def trainer_url(tc: dict[str, Any], host: str | None = None) -> str:
+    scheme = "https" if tls_secret_name(tc) else "http"
+    return f"{scheme}://{host or service_host(tc)}:{TRAINER_PORT}"
 
 
 def key_secret_name(tc: dict[str, Any]) -> str:
@@ -74,3 +92,30 @@ def operation_request(spec: dict[str, Any]) -> DurableRequest:
                                 metadata=parameters.get("metadata") or {})
     raise ValidationError(f"unknown TrainingOperation type {kind!r}; expected one of {OPERATION_TYPES}",
                           {"field": "type"})
+
+
+@dataclass
+class TrainerAccess:
+    """How to reach a training client's trainer: URL, bearer token, and for HTTPS the CA to trust and
+    the certificate name to expect (when the URL is a pod address rather than the Service name)."""
+
+    base_url: str
+    token: str
+    verify: Union[bool, str] = True
+    server_name: Optional[str] = None
+
+
+def trainer_access(tc: dict[str, Any], read_secret: Callable[[str], dict[str, bytes]],
+                   pod_ip: Optional[str] = None, base_url: Optional[str] = None) -> TrainerAccess:
+    """``read_secret(name)`` returns a Secret's decoded data. Without ``pod_ip`` or ``base_url``: the
+    Service DNS name (from inside the cluster)."""
+    token = read_secret(key_secret_name(tc)).get(TOKEN_KEY, b"").decode()
+    if not token:
+        raise ValidationError(f"the key Secret {key_secret_name(tc)!r} has no {TOKEN_KEY!r} yet")
+    tls = tls_secret_name(tc)
+    verify: Union[bool, str] = read_secret(tls).get("ca.crt", b"").decode() or True if tls else True
+    if base_url:
+        return TrainerAccess(base_url, token, verify)
+    if pod_ip:
+        return TrainerAccess(trainer_url(tc, pod_ip), token, verify, service_host(tc) if tls else None)
+    return TrainerAccess(trainer_url(tc), token, verify)

@@ -23,7 +23,7 @@ from .local import LocalTrainer
 from .resources import DurableRequest
 from .sampling_client import SamplingClient
 from .training_client import OperationQueue, TrainingClient
-from .transport import Transport
+from .transport import Transport, Verify
 from .types import ArtifactInfo, AuditEntry, ClientInfo, ClientStatus, CreateSamplingClient, CreateTrainingClient
 
 READY_TIMEOUT_S = 900.0
@@ -34,7 +34,7 @@ class ServiceClient:
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
                  backend: Optional[str] = None, tenant_id: str = "default", home: Optional[os.PathLike] = None,
                  timeout: float = 30.0, namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
-                 context: Optional[str] = None, delete_on_close: bool = True):
+                 context: Optional[str] = None, delete_on_close: bool = True, verify: Verify = True):
         base_url = base_url or os.environ.get("TENSAFE_URL")
         backend = backend or ("remote" if base_url else "local")
         if backend not in BACKENDS:
@@ -42,9 +42,11 @@ class ServiceClient:
         self.backend = backend
         self.tenant_id = tenant_id
         self._timeout = timeout
+        self._verify = verify  # for https trainers: True, False, or a CA bundle (path or PEM)
         self._local: Optional[LocalTrainer] = None
         self._kube: Optional[KubernetesBackend] = None
         self._clients: dict[str, Transport] = {}  # each client's own token (and, on kubernetes, its own trainer)
+        self._created: set[str] = set()  # kubernetes: the resources this client made (and deletes on close)
         self._delete_on_close = delete_on_close
         self.transport: Optional[Transport] = None
         self.base_url = base_url
@@ -58,7 +60,7 @@ class ServiceClient:
         elif not base_url:
             raise ValidationError("backend='remote' needs base_url (or $TENSAFE_URL)", {"field": "base_url"})
         api_key = api_key or os.environ.get("TENSAFE_API_KEY")
-        self.transport = Transport(base_url, api_key, timeout=timeout)
+        self.transport = Transport(base_url, api_key, timeout=timeout, verify=verify)
         self.base_url = base_url
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -68,7 +70,7 @@ class ServiceClient:
         the training clients it created."""
         for name, transport in list(self._clients.items()):
             transport.close()
-            if self._kube is not None and self._delete_on_close:
+            if self._kube is not None and self._delete_on_close and name in self._created:
                 self._kube.delete(name)
         self._clients.clear()
         if self.transport is not None:
@@ -122,17 +124,31 @@ class ServiceClient:
         client's latest checkpoint by itself; an explicit artifact id is loaded once it is ready."""
         name = client_id or f"tc-{uuid.uuid4().hex[:10]}"
         self._kube.create(name, config, self.tenant_id)
+        self._created.add(name)
         try:
-            tc = self._kube.wait_ready(name)
-            base_url, token = self._kube.access(tc)
+            client = self._connect_kube(name)
         except BaseException:
             self._kube.delete(name)
             raise
-        self._clients[name] = Transport(base_url, token, timeout=self._timeout)
-        client = TrainingClient(self, self._kube.info(tc), config)
         if resume_from and resume_from != "latest":
             client.load_state(resume_from)
         return client
+
+    def get_training_client(self, client_id: str) -> TrainingClient:
+        """Attach to a training client that already exists (on Kubernetes: a TrainingClient resource, e.g.
+        from GitOps; it is left in place on close). Waits until it is ready."""
+        if self._kube is not None:
+            return self._connect_kube(client_id)
+        info = self._wait_ready(self._client_info(client_id))
+        return TrainingClient(self, info, info.config)
+
+    def _connect_kube(self, name: str) -> TrainingClient:
+        tc = self._kube.wait_ready(name)
+        access = self._kube.access(tc)
+        self._clients[name] = Transport(access.base_url, access.token, timeout=self._timeout, verify=access.verify,
+                                        server_name=access.server_name)
+        info = self._kube.info(tc)
+        return TrainingClient(self, info, info.config)
 
     def list_training_clients(self) -> list[ClientInfo]:
         if self._kube is not None:
@@ -142,7 +158,8 @@ class ServiceClient:
     def _adopt(self, info: ClientInfo) -> None:
         """Talk to a new client with the token the trainer issued for it alone."""
         if info.access_token:
-            self._clients[info.client_id] = Transport(self.base_url, info.access_token, timeout=self._timeout)
+            self._clients[info.client_id] = Transport(self.base_url, info.access_token, timeout=self._timeout,
+                                                      verify=self._verify)
 
     def _transport_for(self, client_id: Optional[str]) -> Transport:
         """The transport for ``client_id``: its own token (and trainer); None: the service's own."""
@@ -164,6 +181,7 @@ class ServiceClient:
         if self._kube is not None and client_id in self._clients:
             info = self._client_info(client_id)
             self._clients.pop(client_id).close()
+            self._created.discard(client_id)
             self._kube.delete(client_id)
             return info.model_copy(update={"status": ClientStatus.TERMINATED})
         # The client's transport stays open: later calls get the trainer's "terminated" error, not a crash.

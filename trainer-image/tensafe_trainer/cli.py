@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ def _serve(args) -> int:
     from .serve import run
 
     run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
-        args.client_config, args.log_level)
+        args.client_config, args.log_level, args.tls_cert, args.tls_key)
     return 0
 
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSON CreateTrainingClient to start at boot (else $TENSAFE_CLIENT_CONFIG)")
     serve.add_argument("--insecure-no-auth", action="store_true", help="accept requests without a token")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--tls-cert", type=Path, default=os.environ.get("TENSAFE_TLS_CERT"),
+                       help="serve HTTPS with this certificate (PEM; default $TENSAFE_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, default=os.environ.get("TENSAFE_TLS_KEY"),
+                       help="its private key (PEM; default $TENSAFE_TLS_KEY)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M with LoRA on the bundled dataset")

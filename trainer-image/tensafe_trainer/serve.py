@@ -34,7 +34,8 @@ def _watch_parent(pid: int) -> None:
 
 
 def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], parent_pid: Optional[int],
-        insecure_no_auth: bool, client_config: Optional[Path], log_level: str) -> None:
+        insecure_no_auth: bool, client_config: Optional[Path], log_level: str,
+        tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = os.environ.get(TOKEN_ENV)
     if not token and not insecure_no_auth:
@@ -56,7 +57,11 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     bound_port = sock.getsockname()[1]
     if parent_pid:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_keep_alive=30)
+    if bool(tls_cert) != bool(tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_keep_alive=30,
+                            ssl_certfile=str(tls_cert) if tls_cert else None,
+                            ssl_keyfile=str(tls_key) if tls_key else None)
     server = uvicorn.Server(config)
     if ready_file:
         original_startup = server.startup
@@ -68,5 +73,6 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
             os.replace(tmp, ready_file)
 
         server.startup = startup
-    logging.getLogger("tensafe.trainer").info("serving on %s:%d (data in %s)", host, bound_port, settings.home)
+    logging.getLogger("tensafe.trainer").info("serving %s on %s:%d (data in %s)", "https" if tls_cert else "http",
+                                              host, bound_port, settings.home)
     server.run(sockets=[sock])

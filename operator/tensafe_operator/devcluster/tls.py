@@ -17,7 +17,8 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def write_serving_certificate(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+def write_serving_certificate(folder: Path, host: str = "127.0.0.1",
+                              dns_names: tuple[str, ...] = ("localhost",)) -> tuple[Path, Path, Path]:
     """Write ``ca.crt``, ``server.crt`` and ``server.key`` (0600) into ``folder``; returns their paths."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -33,8 +34,8 @@ def write_serving_certificate(folder: Path, host: str = "127.0.0.1") -> tuple[Pa
     cert = (x509.CertificateBuilder().subject_name(_name("tensafe-devcluster-apiserver")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
-                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]
+                                                       + [x509.DNSName(name) for name in dns_names]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     folder.mkdir(parents=True, exist_ok=True)
