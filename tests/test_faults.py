@@ -1,18 +1,22 @@
-"""Faults: an engine process killed mid-operation, the trainer killed under a waiting future."""
+"""Faults: an engine process killed mid-operation, the trainer killed under a waiting future or while
+writing a checkpoint, the SDK's connections cut mid-future."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
-
+from conftest import random_batch, tiny_config
 from tg_tinker import ClientStatus, ServiceClient, TGTinkerError, TrainingClientError
 from tg_tinker import ConnectionError as TrainerUnreachable
-
-from conftest import random_batch, tiny_config
+from tg_tinker.training_client import OperationQueue
+from tg_tinker.transport import Transport
+from tg_tinker.types import BatchData, ForwardBackwardRequest
 
 SLOW_MODEL = "tiny-random-llama:hidden=256,layers=4,vocab=512"
 
@@ -118,3 +122,92 @@ def test_a_flood_of_submissions_meets_back_pressure_and_loses_nothing(tmp_path, 
         steps = [f.result(timeout=120).step for f in accepted[1:]]
         assert steps == list(range(1, len(steps) + 1))  # everything accepted ran, in order
         assert tc.optim_step().result().step == len(steps) + 1  # and the queue takes work again
+
+
+def test_trainer_killed_while_writing_a_checkpoint_loses_nothing_saved(tmp_path):
+    """SIGKILL the trainer while a checkpoint's temporary file is being written: the save's future fails
+    (never reports success), the earlier checkpoint still loads, and no partial artifact is listed."""
+    service = ServiceClient(home=tmp_path)
+    try:
+        config = tiny_config(model_ref="tiny-random-llama:hidden=512,layers=6,vocab=4096,intermediate=1024",
+                             lora_config=None)  # full fine-tuning: a checkpoint of ~100 MB with Adam state
+        tc = service.create_training_client(config, client_id="victim")
+        tc.forward_backward(random_batch(vocab=4096))
+        tc.optim_step().result()
+        good = tc.save_state()
+        folder = tmp_path / "artifacts" / "default"
+        outcome: dict = {}
+        saving = threading.Thread(target=lambda: outcome.update(result=_try(tc.save_state)))
+        saving.start()
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".*.tmp")):
+            assert time.monotonic() < deadline and saving.is_alive(), "the second save never started writing"
+            time.sleep(0.001)
+        for pid in [service._local.process.pid] + engine_pids(service._local.process.pid):  # the whole pod
+            os.kill(pid, signal.SIGKILL)
+        saving.join(120)
+        assert isinstance(outcome["result"], TGTinkerError), outcome  # failed, not "saved"
+        assert list(folder.glob(".*.tmp"))  # the interrupted write's leftovers
+    finally:
+        service.close()
+
+    with ServiceClient(home=tmp_path) as again:
+        listed = [a.artifact_id for a in again.list_artifacts()]
+        assert listed == [good.artifact_id] and not list(folder.glob(".*.tmp"))  # cleaned at start
+        resumed = again.create_training_client(config, client_id="victim", resume_from="latest")
+        assert resumed.step == 1 and resumed.info.last_checkpoint == good.artifact_id
+
+
+def _try(call):
+    try:
+        return call()
+    except TGTinkerError as error:
+        return error
+
+
+def test_sdk_losing_its_connection_mid_future_still_gets_the_one_result(own_service):
+    """Connections cut while a future waits: the SDK reconnects, the operation ran once, the result arrives."""
+    target = own_service.base_url.rsplit(":", 1)
+    target_host, target_port = target[0].split("//")[1], int(target[1])
+    listener = socket.create_server(("127.0.0.1", 0))
+    live: list[socket.socket] = []
+
+    def pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def accept():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((target_host, target_port))
+            live.extend([client, upstream])
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    proxy = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    tc = own_service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
+    through_proxy = Transport(proxy, tc.info.access_token)
+    queue = OperationQueue(through_proxy, tc.id)
+    future = queue.submit(ForwardBackwardRequest(batch=BatchData.parse(random_batch(rows=8, width=512))))
+    time.sleep(0.3)
+    for sock in list(live):  # the network drops every open connection mid-wait
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    result = future.result(timeout=120)
+    assert result.loss > 0
+    entries = own_service.get_audit_logs(training_client_id=tc.id, operation="forward_backward")
+    assert len(entries) == 1  # it ran once
+    listener.close()
+    through_proxy.close()

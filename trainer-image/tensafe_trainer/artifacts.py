@@ -63,6 +63,14 @@ class ArtifactStore:
         self.keys = keys
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete temporary files a crash left behind (never valid artifacts). Only at trainer start:
+        while it runs, engines write their own temporary files into the same folders."""
+        leftovers = list(self.root.glob("*/.*.tmp"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
+
     def _dir(self, tenant_id: str) -> Path:
         folder = self.root / check_tenant(tenant_id)
         folder.mkdir(exist_ok=True)

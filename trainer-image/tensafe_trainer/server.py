@@ -147,8 +147,10 @@ def create_app(settings: Settings) -> FastAPI:
         home = settings.home
         keys = LocalKeyProvider(keys_dir(home))
         audit_log = AuditLog(home / "audit" / "audit.jsonl")
-        state = State(settings, ArtifactStore(home / "artifacts", keys), audit_log, AuditWriter(audit_log),
-                      asyncio.get_running_loop())
+        store = ArtifactStore(home / "artifacts", keys)
+        for path in store.remove_partial_writes():
+            logging.getLogger("tensafe.trainer").warning("removed %s, left by an interrupted write", path.name)
+        state = State(settings, store, audit_log, AuditWriter(audit_log), asyncio.get_running_loop())
         app.state.tensafe = state
         if settings.initial_client is not None:
             state.start_training(settings.initial_client)
