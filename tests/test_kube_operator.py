@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -138,16 +139,28 @@ def test_killed_trainer_pod_is_replaced_and_resumes_with_step_and_epsilon(cluste
 
 
 @needs_devcluster
-def test_operator_restart_resumes_without_duplicating_children(cluster, namespace, service):
-    tc = service.create_training_client(tiny_config(), client_id="steady")
-    before = children(cluster, namespace)
-    pod_uid = cluster.core.read_namespaced_pod("steady-trainer", namespace).metadata.uid
-    cluster.dev.stop_operator()
+def test_operator_killed_mid_reconcile_resumes_without_duplicating_children(cluster, namespace, service):
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient", "metadata": {"name": "steady"},
+            "spec": {"training": tiny_config().model_dump(mode="json", exclude_none=True)}}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TC, body)
+    wait_for("the operator to start on it", lambda: cluster.core.list_namespaced_secret(namespace).items, every=0.01)
+    cluster.dev.operator.kill()  # SIGKILL while it creates the Secret, claim, Service and pod
+    cluster.dev.operator.wait()
     cluster.dev.start_operator()
-    saved = tc.save_state()  # needs the new operator to record the TrainingOperation
-    assert saved.step == 0
-    assert children(cluster, namespace) == before
+    tc = service.get_training_client("steady")
+    assert children(cluster, namespace) == {"pods": ["steady-trainer"], "services": ["steady-trainer"],
+                                            "claims": ["steady-artifacts"]}
+    pod_uid = cluster.core.read_namespaced_pod("steady-trainer", namespace).metadata.uid
+
+    cluster.dev.stop_operator()  # and a clean restart with a TrainingOperation created while it was down
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        saving = pool.submit(tc.save_state)
+        wait_for("the TrainingOperation", lambda: cluster.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, TOPS)["items"])
+        cluster.dev.start_operator()
+        assert saving.result(timeout=120).step == 0
     assert cluster.core.read_namespaced_pod("steady-trainer", namespace).metadata.uid == pod_uid
+    assert len(cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TOPS)["items"]) == 1
     tc.close()
 
 
