@@ -1,4 +1,4 @@
-"""``python -m tensafe_operator [--namespace NS]... [--all-namespaces]``: run the operator."""
+"""``python -m tensafe_operator [--namespace NS]...``: run the operator (all namespaces without one)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ from . import handlers  # noqa: F401  (registers the handlers)
 def main() -> None:
     parser = argparse.ArgumentParser(prog="tensafe-operator", description=__doc__)
     parser.add_argument("--namespace", "-n", action="append", default=[],
-                        help="namespace to watch (repeatable; default $TENSAFE_WATCH_NAMESPACE or all)")
+                        help="namespace to watch (repeatable; default: $TENSAFE_WATCH_NAMESPACE, comma-separated, or all)")
     parser.add_argument("--liveness", default=os.environ.get("TENSAFE_LIVENESS"),
                         help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    namespaces = args.namespace or [n for n in [os.environ.get("TENSAFE_WATCH_NAMESPACE")] if n]
-    if len(namespaces) == 1:
-        os.environ["TENSAFE_WATCH_NAMESPACE"] = namespaces[0]  # the status mirror lists this one only
+    namespaces = args.namespace or [n for n in os.environ.get("TENSAFE_WATCH_NAMESPACE", "").split(",") if n]
+    os.environ["TENSAFE_WATCH_NAMESPACE"] = ",".join(namespaces)  # the status mirror lists these only
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kopf.run(standalone=True, namespaces=namespaces, clusterwide=not namespaces,

@@ -65,11 +65,13 @@ def training_operation_created(body: kopf.Body, patch: kopf.Patch, memo: kopf.Me
 async def _mirror(memo: kopf.Memo) -> None:
     """Every few seconds: mirror each client's trainer (step, epsilon, checkpoint) into its status, written
     only on change, and collect finished operations past their TTL."""
-    namespace = os.environ.get("TENSAFE_WATCH_NAMESPACE") or None
+    # The watched namespaces (None: all), so that namespaced RBAC suffices.
+    namespaces = [n for n in os.environ.get("TENSAFE_WATCH_NAMESPACE", "").split(",") if n] or [None]
     while True:
         await asyncio.sleep(MIRROR_INTERVAL_S)
         try:
-            await asyncio.to_thread(_mirror_once, memo.kube, namespace)
+            for namespace in namespaces:
+                await asyncio.to_thread(_mirror_once, memo.kube, namespace)
         except Exception as error:  # the API server may be restarting: try again next round
             log.warning("status mirror: %s: %s", type(error).__name__, error)
 
