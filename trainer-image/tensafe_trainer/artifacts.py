@@ -44,7 +44,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, sync_dir: bool = True) -> None:
+    """Temporary name, fsync, rename; ``sync_dir=False`` leaves the folder's fsync to a later write in the
+    same folder (one fsync then makes both renames durable)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -54,7 +56,8 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 class ArtifactStore:
@@ -90,7 +93,10 @@ class ArtifactStore:
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
         produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
         written: list[crypto.Encrypted] = []
-        _atomic_write(data_path, lambda f: written.append(crypto.encrypt_stream(f, produce, binding, self.keys)))
+        # The payload first, then its description; an artifact counts once both exist, so a crash between
+        # them leaves nothing half-visible, and the last rename's folder fsync covers both.
+        _atomic_write(data_path, lambda f: written.append(crypto.encrypt_stream(f, produce, binding, self.keys)),
+                      sync_dir=False)
         encrypted = written[0]
         info = ArtifactInfo(
             artifact_id=artifact_id, tenant_id=tenant_id, training_client_id=training_client_id, kind=kind,

@@ -38,6 +38,7 @@ VERSION = 1
 ALGORITHM = "AES-256-GCM"
 TAG_SIZE = 16
 CHUNK = 8 << 20
+SYNC_EVERY = 16 << 20
 _PREFIX = struct.Struct(">4sBI")
 MAX_HEADER = 64 << 10
 
@@ -116,6 +117,26 @@ class _Worker:
             raise self.error
 
 
+class _SyncingWriter:
+    """Writes chunks and pushes them to disk as it goes (every ``SYNC_EVERY`` bytes), so that the disk
+    works while the producer is still serializing and the final fsync has little left to do."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.unsynced = out, 0
+        try:
+            self.fd: Optional[int] = out.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None  # not a file (a buffer in tests): nothing to sync
+
+    def __call__(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+        self.unsynced += len(chunk)
+        if self.fd is not None and self.unsynced >= SYNC_EVERY:
+            self.out.flush()
+            os.fdatasync(self.fd)
+            self.unsynced = 0
+
+
 class _CiphertextSink:
     """SHA-256 and the file write of the ciphertext, each on its own thread: both release the GIL, so on
     two cores they run beside serialization and AES (measured: 1.9x -> ~1.1x a plain torch.save)."""
@@ -123,7 +144,7 @@ class _CiphertextSink:
     def __init__(self, out: BinaryIO):
         self.digest, self.written = hashlib.sha256(), 0
         self._hasher = _Worker(self.digest.update, "artifact-hash")
-        self._writer = _Worker(out.write, "artifact-write")
+        self._writer = _Worker(_SyncingWriter(out), "artifact-write")
 
     def put(self, chunk: bytes) -> None:
         self.written += len(chunk)
