@@ -54,3 +54,17 @@ def test_other_values_in_the_secret_survive_key_changes(cluster, namespace, prov
     provider.rotate("acme")
     assert provider.get_value("token") == b"s3cret"
     assert sorted(secret_data(cluster, namespace)) == ["acme.json", "token"]
+
+
+def test_concurrent_rotations_cannot_drop_a_key(cluster, namespace, provider):
+    from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+
+    from tg_tinker import TGTinkerError
+
+    provider.active_key("acme")
+    other = KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys")
+    stale = provider._load("acme")  # read, then someone else rotates before this one writes
+    other.rotate("acme")
+    with pytest.raises(TGTinkerError, match="changed while its keys were being updated"):
+        provider._store("acme", provider._new_keyset("acme", stale))
+    assert len(provider._load("acme")["keys"]) == 2  # the other rotation's key survived

@@ -25,6 +25,7 @@ class KubernetesSecretKeyProvider(KeyProvider):
 
     def __init__(self, core_v1: Any, namespace: str, secret_name: str):
         self.api, self.namespace, self.secret_name = core_v1, namespace, secret_name
+        self._read_version: dict[str, str] = {}  # tenant -> the Secret's resourceVersion its key set was read at
 
     def _secret(self):
         from kubernetes.client.exceptions import ApiException
@@ -38,12 +39,18 @@ class KubernetesSecretKeyProvider(KeyProvider):
 
     def _load(self, tenant_id: str) -> dict | None:
         secret = self._secret()
+        if secret is not None:
+            self._read_version[tenant_id] = secret.metadata.resource_version
+        else:
+            self._read_version.pop(tenant_id, None)
         raw = ((secret.data or {}) if secret is not None else {}).get(keyset_key(tenant_id))
         return json.loads(base64.b64decode(raw)) if raw else None
 
     def _store(self, tenant_id: str, keyset: dict) -> None:
+        """Write a key set computed from what ``_load`` read, only if the Secret has not changed since: two
+        rotations at once must not silently drop a key (the API answers 409 to the second)."""
         encoded = base64.b64encode(json.dumps(keyset).encode()).decode()
-        self._patch_or_create({keyset_key(tenant_id): encoded})
+        self._patch_or_create({keyset_key(tenant_id): encoded}, self._read_version.pop(tenant_id, None))
 
     def shred(self, tenant_id: str) -> None:
         if self._secret() is not None:
@@ -58,9 +65,21 @@ class KubernetesSecretKeyProvider(KeyProvider):
         raw = ((secret.data or {}) if secret is not None else {}).get(key)
         return base64.b64decode(raw) if raw else None
 
-    def _patch_or_create(self, data: dict[str, str]) -> None:
+    def _patch_or_create(self, data: dict[str, str], expected_version: str | None = None) -> None:
         from kubernetes.client.exceptions import ApiException
 
+        from tg_tinker.errors import TGTinkerError
+
+        if expected_version is not None:
+            try:
+                self.api.patch_namespaced_secret(self.secret_name, self.namespace, {
+                    "metadata": {"resourceVersion": expected_version}, "data": data})
+                return
+            except ApiException as error:
+                if error.status == 409:
+                    raise TGTinkerError(f"Secret {self.namespace}/{self.secret_name} changed while its keys were "
+                                        "being updated; nothing was written, try again") from None
+                raise
         if self._secret() is None:
             body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
                     "metadata": {"name": self.secret_name, "namespace": self.namespace,
