@@ -227,3 +227,25 @@ def test_status_is_written_only_when_something_changed():
     assert status_patch(first, again) is None  # same facts: no write, transition times kept
     moved = desired_status(tc, pod(), trainer(step=8))
     assert status_patch(first, moved) == {"step": 8}
+
+
+def test_a_trainer_that_keeps_dying_at_start_is_not_replaced_forever():
+    from tensafe_operator.status import MAX_QUICK_FAILURES, crash_looping, desired_status, failure_streak
+
+    def died(after_s):
+        started = "2026-01-01T00:00:00Z"
+        finished = f"2026-01-01T00:{after_s // 60:02d}:{after_s % 60:02d}Z"
+        return pod("Failed", False, containerStatuses=[{"state": {"terminated": {
+            "exitCode": 1, "startedAt": started, "finishedAt": finished}}}])
+
+    status: dict = {}
+    for _ in range(MAX_QUICK_FAILURES):
+        assert not crash_looping(status)
+        status["failureStreak"] = failure_streak(status, died(5))
+    assert crash_looping(status)
+    tc = training_client()
+    tc["status"] = status
+    looping = desired_status(tc, died(5), None)
+    assert looping["phase"] == "ERROR" and conditions(looping)["Failed"] == ("True", "CrashLoop")
+    assert failure_streak(status, died(600)) == 1  # a pod that ran ten minutes starts the count anew
+    assert desired_status(tc, pod(), trainer())["failureStreak"] == 0  # ready again: forgiven

@@ -76,6 +76,7 @@ def training_client_crd() -> dict[str, Any]:
         "privacy": {"type": "object", "properties": {"totalEpsilon": {"type": "number", "nullable": True}}},
         "lastCheckpoint": {"type": "string"},
         "restarts": {"type": "integer", "description": "trainer pods replaced after they died"},
+        "failureStreak": {"type": "integer", "description": "trainer pods in a row that died soon after starting"},
     }}
     columns = [("Phase", "string", ".status.phase"), ("Model", "string", ".spec.training.model_ref"),
                ("Step", "integer", ".status.step"), ("Epsilon", "number", ".status.privacy.totalEpsilon"),

@@ -65,6 +65,7 @@ def ensure(kube: Kube, tc: dict) -> None:
         if kube.create(wanted):
             log.info("created trainer pod %s/%s", namespace, wanted["metadata"]["name"])
     elif pod["metadata"].get("annotations", {}).get(SPEC_HASH) != wanted["metadata"]["annotations"][SPEC_HASH]:
+        kube.patch_status(TRAINING_CLIENTS, namespace, name, {"failureStreak": 0})  # a new spec, a new chance
         checkpoint_then_stop(kube, tc, pod, reason="spec-change")  # its DELETED event brings the new pod
     refresh_status(kube, tc, pod)
 
@@ -97,12 +98,20 @@ def on_pod_event(kube: Kube, event_type: str, pod: dict) -> None:
             log.info("replaced trainer pod %s/%s", namespace, pod["metadata"]["name"])
         refresh_status(kube, tc, None)
         return
-    if status_of.pod_finished(pod):
-        restarts = (tc.get("status") or {}).get("restarts", 0) + 1
-        kube.patch_status(TRAINING_CLIENTS, namespace, owner, {"restarts": restarts})
-        log.warning("trainer pod %s/%s died (%s); replacing it", namespace, pod["metadata"]["name"],
-                    status_of.pod_problem(pod)[1])
-        kube.delete_pod(namespace, pod["metadata"]["name"])
+    if status_of.pod_finished(pod) and not status_of.crash_looping(tc.get("status") or {}):
+        current = tc.get("status") or {}
+        streak = status_of.failure_streak(current, pod)
+        tc["status"] = dict(current, failureStreak=streak)
+        if status_of.crash_looping(tc["status"]):
+            kube.patch_status(TRAINING_CLIENTS, namespace, owner, {"failureStreak": streak})
+            log.error("trainer pod %s/%s keeps dying at start; not replacing it", namespace, pod["metadata"]["name"])
+        else:
+            tc["status"]["restarts"] = current.get("restarts", 0) + 1
+            kube.patch_status(TRAINING_CLIENTS, namespace, owner,
+                              {"restarts": tc["status"]["restarts"], "failureStreak": streak})
+            log.warning("trainer pod %s/%s died (%s); replacing it", namespace, pod["metadata"]["name"],
+                        status_of.pod_problem(pod)[1])
+            kube.delete_pod(namespace, pod["metadata"]["name"])
     refresh_status(kube, tc, pod)
 
 

@@ -11,8 +11,32 @@ from tg_tinker.types import ClientInfo, ClientStatus
 from .builders import child_name, service_endpoint
 
 
+# A trainer that dies this soon after starting, this many times in a row, is not replaced again.
+QUICK_FAILURE_S = 120
+MAX_QUICK_FAILURES = 5
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _time(text: str) -> datetime.datetime:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def failure_streak(current: dict, pod: dict) -> int:
+    """Quick failures in a row, counting this finished pod: one that ran a while starts the count anew."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        ended = (container.get("state") or {}).get("terminated") or {}
+        if ended.get("startedAt") and ended.get("finishedAt"):
+            ran = (_time(ended["finishedAt"]) - _time(ended["startedAt"])).total_seconds()
+            if ran >= QUICK_FAILURE_S:
+                return 1
+    return current.get("failureStreak", 0) + 1
+
+
+def crash_looping(current: dict) -> bool:
+    return current.get("failureStreak", 0) >= MAX_QUICK_FAILURES
 
 
 def pod_ready(pod: Optional[dict]) -> bool:
@@ -50,6 +74,11 @@ def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo])
         phase, reason, message = ClientStatus.TERMINATED, "Suspended", "spec.suspend is true; the trainer is stopped"
     elif pod is None:
         phase, reason, message = ClientStatus.INITIALIZING, "PodCreating", "creating the trainer pod"
+    elif pod_finished(pod) and crash_looping(current):
+        phase, reason = ClientStatus.ERROR, "CrashLoop"
+        message = (f"the trainer died within {QUICK_FAILURE_S}s of starting {current['failureStreak']} times in a "
+                   f"row ({pod_problem(pod)[1]}); the pod is kept for `kubectl logs`; fix the spec, or delete "
+                   "the pod to try again")
     elif pod_finished(pod):
         phase = ClientStatus.INITIALIZING
         reason, message = pod_problem(pod)
@@ -65,6 +94,8 @@ def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo])
         reason, message = ("TrainerError", trainer.error or "the trainer failed") if phase is ClientStatus.ERROR \
             else ("TrainerReady", f"serving at {status['endpoint']}")
     if trainer is not None:
+        if trainer.status in (ClientStatus.READY, ClientStatus.BUSY):
+            status["failureStreak"] = 0
         status["step"] = trainer.step
         if trainer.total_epsilon is not None:
             status["privacy"] = {"totalEpsilon": trainer.total_epsilon}
