@@ -88,3 +88,15 @@ def test_rbac_is_least_privilege_and_namespaced_when_asked(helm):
     assert sorted(r["metadata"]["namespace"] for r in kinds["Role"]) == ["ml", "research"]
     args = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=ml", "--namespace=research"]
+
+
+def test_trainer_defaults_reach_the_operator(helm):
+    import json
+
+    from tensafe_operator.builders import TrainerDefaults
+
+    deployment = by_kind(render(helm, "trainer.resources.gpus=1", "trainer.nodeSelector.pool=gpu"))["Deployment"][0]
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    defaults = TrainerDefaults.parse(env["TENSAFE_TRAINER_DEFAULTS"])
+    assert defaults.resources == {"gpus": 1} and defaults.node_selector == {"pool": "gpu"}
+    assert json.loads(env["TENSAFE_TRAINER_DEFAULTS"])["tolerations"] == []

@@ -249,3 +249,16 @@ def test_a_trainer_that_keeps_dying_at_start_is_not_replaced_forever():
     assert looping["phase"] == "ERROR" and conditions(looping)["Failed"] == ("True", "CrashLoop")
     assert failure_streak(status, died(600)) == 1  # a pod that ran ten minutes starts the count anew
     assert desired_status(tc, pod(), trainer())["failureStreak"] == 0  # ready again: forgiven
+
+
+def test_installation_defaults_apply_where_the_spec_is_silent():
+    from tensafe_operator.builders import TrainerDefaults, build_pod
+
+    defaults = TrainerDefaults.parse('{"resources": {"gpus": 1, "memory": "32Gi"}, "nodeSelector": {"gpu": "yes"}, '
+                                     '"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}')
+    spec = build_pod(training_client(), default_image="x", defaults=defaults)["spec"]
+    assert spec["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "32Gi"}
+    assert spec["nodeSelector"] == {"gpu": "yes"} and spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    cpu_only = build_pod(training_client(resources={"gpus": 0}), default_image="x", defaults=defaults)["spec"]
+    assert "nvidia.com/gpu" not in cpu_only["containers"][0]["resources"]["limits"]  # the spec wins
+    assert "nodeSelector" not in build_pod(training_client(), default_image="x")["spec"]

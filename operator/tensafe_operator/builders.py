@@ -6,7 +6,9 @@ and deleting the training client garbage-collects them.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from tg_tinker.config import TrainingConfig
 from tg_tinker.resources import TOKEN_KEY, TRAINER_PORT, child_name, key_secret_name, tls_secret_name, trainer_url
@@ -15,6 +17,26 @@ from tg_tinker.types import CreateTrainingClient
 DATA_DIR = "/var/lib/tensafe"
 KEYS_DIR = "/var/run/tensafe/keys"
 TLS_DIR = "/var/run/tensafe/tls"
+
+
+@dataclass(frozen=True)
+class TrainerDefaults:
+    """Settings of the installation for every trainer pod (Helm values ``trainer.*``); a TrainingClient's
+    own ``spec.resources`` and ``spec.image`` win over them."""
+
+    resources: Mapping[str, Any] = field(default_factory=dict)  # cpu, memory, gpus
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple = ()
+    priority_class_name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "TrainerDefaults":
+        """From ``$TENSAFE_TRAINER_DEFAULTS``: ``{"resources": ..., "nodeSelector": ..., "tolerations": ...,
+        "priorityClassName": ...}``."""
+        raw = json.loads(text or "{}")
+        return cls(resources=raw.get("resources") or {}, node_selector=raw.get("nodeSelector") or {},
+                   tolerations=tuple(raw.get("tolerations") or ()),
+                   priority_class_name=raw.get("priorityClassName") or "")
 
 
 def labels(tc_name: str) -> dict[str, str]:
@@ -58,13 +80,14 @@ def build_claim(tc: dict[str, Any]) -> dict[str, Any]:
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
 
 
-def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
+def build_pod(tc: dict[str, Any], *, default_image: str,
+              defaults: TrainerDefaults = TrainerDefaults()) -> dict[str, Any]:
     from tensafe_trainer.keys_kubernetes import keyset_key
 
     spec = tc["spec"]
     name = tc["metadata"]["name"]
     secret = key_secret_name(tc)
-    resources = spec.get("resources") or {}
+    resources = {**defaults.resources, **{k: v for k, v in (spec.get("resources") or {}).items() if v is not None}}
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if resources.get("gpus"):
@@ -115,6 +138,9 @@ def build_pod(tc: dict[str, Any], *, default_image: str) -> dict[str, Any]:
         "metadata": _child_metadata(tc, child_name(name)),
         "spec": {
             "containers": [container],
+            **({"nodeSelector": dict(defaults.node_selector)} if defaults.node_selector else {}),
+            **({"tolerations": list(defaults.tolerations)} if defaults.tolerations else {}),
+            **({"priorityClassName": defaults.priority_class_name} if defaults.priority_class_name else {}),
             # The operator, not the kubelet, replaces a dead trainer: it resumes from the last checkpoint.
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,  # the trainer never talks to the API server

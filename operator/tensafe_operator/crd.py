@@ -53,7 +53,7 @@ def training_client_crd() -> dict[str, Any]:
                      "x-kubernetes-validations": _immutable("tenantId is immutable")},
         "image": {"type": "string", "description": "trainer image; the operator's default when empty"},
         "resources": {"type": "object", "properties": {
-            "gpus": {"type": "integer", "minimum": 0, "default": 0},
+            "gpus": {"type": "integer", "minimum": 0, "description": "absent: the installation's default"},
             "cpu": {"type": "string"}, "memory": {"type": "string"}}},
         "artifactStore": {"type": "object", "description": "PersistentVolumeClaim for artifacts and audit log",
                           "properties": {"claimName": {"type": "string"},

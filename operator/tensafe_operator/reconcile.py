@@ -20,17 +20,18 @@ from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
 from . import status as status_of
 from tg_tinker.resources import trainer_access
 
-from .builders import (TOKEN_KEY, build_claim, build_pod, build_service, child_name, key_secret_name,
+from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_pod, build_service, child_name, key_secret_name,
                        owner_reference, tenant_of)
 from .kube import Kube
 
 log = logging.getLogger("tensafe.operator")
 DEFAULT_IMAGE = os.environ.get("TENSAFE_TRAINER_IMAGE", "ghcr.io/tensafe/tensafe-trainer:0.1.0")
+DEFAULTS = TrainerDefaults.parse(os.environ.get("TENSAFE_TRAINER_DEFAULTS", ""))
 SPEC_HASH = "tensafe.io/spec-hash"
 
 
 def desired_pod(tc: dict) -> dict:
-    pod = build_pod(tc, default_image=DEFAULT_IMAGE)
+    pod = build_pod(tc, default_image=DEFAULT_IMAGE, defaults=DEFAULTS)
     digest = hashlib.sha256(json.dumps(pod["spec"], sort_keys=True).encode()).hexdigest()[:16]
     pod["metadata"].setdefault("annotations", {})[SPEC_HASH] = digest
     return pod
