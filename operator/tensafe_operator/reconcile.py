@@ -10,16 +10,13 @@ import os
 import secrets
 from typing import Optional
 
-from tg_tinker.errors import TGTinkerError
-from tg_tinker.resources import TRAINING_CLIENTS
-from tg_tinker.transport import Transport
-from tg_tinker.types import ClientInfo
-
 from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+from tg_tinker.errors import TGTinkerError
+from tg_tinker.resources import TRAINING_CLIENTS, trainer_access
+from tg_tinker.transport import Transport
+from tg_tinker.types import ClientInfo, SaveStateRequest
 
 from . import status as status_of
-from tg_tinker.resources import trainer_access
-
 from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_pod, build_service, child_name, key_secret_name,
                        owner_reference, tenant_of)
 from .kube import Kube
@@ -74,8 +71,6 @@ def ensure(kube: Kube, tc: dict) -> None:
 def checkpoint_then_stop(kube: Kube, tc: dict, pod: dict, reason: str) -> None:
     """Save a checkpoint (so nothing since the last one is lost), then delete the pod."""
     if status_of.pod_ready(pod):
-        from tg_tinker.types import SaveStateRequest
-
         try:
             with trainer_transport(kube, tc, pod) as transport:
                 record = transport.request("POST", f"/v1/clients/{tc['metadata']['name']}/operations", json={
