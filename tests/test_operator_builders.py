@@ -262,3 +262,20 @@ def test_installation_defaults_apply_where_the_spec_is_silent():
     cpu_only = build_pod(training_client(resources={"gpus": 0}), default_image="x", defaults=defaults)["spec"]
     assert "nvidia.com/gpu" not in cpu_only["containers"][0]["resources"]["limits"]  # the spec wins
     assert "nodeSelector" not in build_pod(training_client(), default_image="x")["spec"]
+
+
+def test_training_operations_of_a_client_go_in_creation_order():
+    from tensafe_operator.operations import waiting_behind
+
+    def top(name, created, client="demo", **status):
+        return {"metadata": {"name": name, "creationTimestamp": created},
+                "spec": {"trainingClientRef": {"name": client}}, "status": status}
+
+    first, second = top("a-save", "2026-01-01T00:00:01Z"), top("b-load", "2026-01-01T00:00:02Z")
+    others = [first, second, top("other-client", "2026-01-01T00:00:00Z", client="x")]
+    assert waiting_behind(second, others) == "a-save"
+    assert waiting_behind(first, others) is None
+    assert waiting_behind(second, [top("a-save", "2026-01-01T00:00:01Z", operationId="op-1"), second]) is None
+    assert waiting_behind(second, [top("a-save", "2026-01-01T00:00:01Z", phase="Failed"), second]) is None
+    same_second = top("c-export", "2026-01-01T00:00:02Z")
+    assert waiting_behind(same_second, [second, same_second]) == "b-load"  # ties go by name

@@ -36,11 +36,29 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in (result or {}).items() if not k.endswith("_b64")}
 
 
+def waiting_behind(top: dict, others: list[dict]) -> str | None:
+    """The name of an earlier operation of the same client not yet handed to the trainer, if any: those
+    go first, so operations applied together (GitOps) run in the order they were created."""
+    client = top["spec"]["trainingClientRef"]["name"]
+    mine = (top["metadata"].get("creationTimestamp", ""), top["metadata"]["name"])
+    for other in others:
+        status = other.get("status") or {}
+        if other["spec"]["trainingClientRef"]["name"] != client or status.get("operationId") \
+                or status.get("phase") in TERMINAL_PHASES:
+            continue
+        if (other["metadata"].get("creationTimestamp", ""), other["metadata"]["name"]) < mine:
+            return other["metadata"]["name"]
+    return None
+
+
 def run(kube: Kube, top: dict, patch: kopf.Patch) -> None:
     meta, spec, current = top["metadata"], top["spec"], top.get("status") or {}
     if current.get("phase") in TERMINAL_PHASES:
         return
     namespace, client = meta["namespace"], spec["trainingClientRef"]["name"]
+    if not current.get("operationId") and (earlier := waiting_behind(top, kube.training_operations(namespace))):
+        patch.status.update(phase="Pending", message=f"after {earlier}")
+        raise kopf.TemporaryError(f"waiting for {earlier}, created before it", delay=1)
     tc = kube.training_client(namespace, client)
     if tc is None:
         raise kopf.TemporaryError(f"TrainingClient {client!r} does not exist (yet)", delay=5)
