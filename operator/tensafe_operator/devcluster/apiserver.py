@@ -51,7 +51,7 @@ class ApiServer:
             return await self._route(request)
         except ApiError as error:
             return _json(error.status(), error.code)
-        except UnsupportedMediaType as error:  # clients then resend as JSON
+        except UnsupportedMediaType as error:  # a body this server cannot read (kubectl does not retry as JSON)
             return _json(ApiError(415, "UnsupportedMediaType", str(error)).status(), 415)
         except (PatchError, ValueError, KeyError, TypeError) as error:
             return _json(ApiError(400, "BadRequest", f"bad request: {error}").status(), 400)
