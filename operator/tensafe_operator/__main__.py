@@ -14,7 +14,8 @@ from . import handlers  # noqa: F401  (registers the handlers)
 def main() -> None:
     parser = argparse.ArgumentParser(prog="tensafe-operator", description=__doc__)
     parser.add_argument("--namespace", "-n", action="append", default=[],
-                        help="namespace to watch (repeatable; default: $TENSAFE_WATCH_NAMESPACE, comma-separated, or all)")
+                        help="namespace to watch (repeatable; default: $TENSAFE_WATCH_NAMESPACE, "
+                             "comma-separated, or all)")
     parser.add_argument("--liveness", default=os.environ.get("TENSAFE_LIVENESS"),
                         help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--verbose", action="store_true")

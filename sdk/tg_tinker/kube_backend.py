@@ -21,7 +21,6 @@ from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERA
                         TrainerAccess, child_name, operation_spec, trainer_access)
 from .types import RESULT_TYPES, ClientInfo, ClientStatus
 
-READY_TIMEOUT_S = 900.0
 # How long a finished trainer operation may wait for the operator to record it before the SDK says so.
 OPERATOR_GRACE_S = 60.0
 
@@ -82,7 +81,7 @@ class KubernetesBackend:
             if error.status != 404:
                 raise _api_error(error, f"TrainingClient {name!r}") from None
 
-    def wait_ready(self, name: str, timeout: float = READY_TIMEOUT_S) -> dict:
+    def wait_ready(self, name: str, timeout: float) -> dict:
         """Watch the resource until the operator reports READY (or BUSY); ERROR raises with its reason."""
         deadline = time.monotonic() + timeout
         tc = self.get(name)
@@ -181,7 +180,8 @@ class KubernetesBackend:
 def _ready(tc: dict) -> bool:
     phase = (tc.get("status") or {}).get("phase")
     if phase == "ERROR":
-        raise TrainingClientError(f"TrainingClient {tc['metadata']['name']!r} failed: {_condition_message(tc, 'Failed')}")
+        raise TrainingClientError(f"TrainingClient {tc['metadata']['name']!r} failed: "
+                                  f"{_condition_message(tc, 'Failed')}")
     return phase in ("READY", "BUSY")
 
 

@@ -143,7 +143,7 @@ class ServiceClient:
         return TrainingClient(self, info, info.config)
 
     def _connect_kube(self, name: str) -> TrainingClient:
-        tc = self._kube.wait_ready(name)
+        tc = self._kube.wait_ready(name, READY_TIMEOUT_S)
         access = self._kube.access(tc)
         self._clients[name] = Transport(access.base_url, access.token, timeout=self._timeout, verify=access.verify,
                                         server_name=access.server_name)

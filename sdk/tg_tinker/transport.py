@@ -39,7 +39,8 @@ class Transport:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # TCP_NODELAY: without it Nagle holds the request body behind the headers until the server's
         # delayed ACK (40 ms), which capped every call at ~20 per second.
-        transport = httpx.HTTPTransport(verify=tls_context(verify), socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        transport = httpx.HTTPTransport(verify=tls_context(verify),
+                                        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self.base_url = base_url.rstrip("/")
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)

@@ -207,9 +207,9 @@ class LocalKubelet:
             else:
                 source = item["valueFrom"]
                 if "secretKeyRef" in source:
-                    value = self._secret_value(namespace, source["secretKeyRef"])
+                    value = self._key_value(SECRETS, namespace, source["secretKeyRef"])
                 elif "configMapKeyRef" in source:
-                    value = self._config_value(namespace, source["configMapKeyRef"])
+                    value = self._key_value(CONFIGMAPS, namespace, source["configMapKeyRef"])
                 else:
                     value = fields[source["fieldRef"]["fieldPath"]]
             env[item["name"]] = _rewrite(value, mounts)
@@ -264,19 +264,15 @@ class LocalKubelet:
             kind = "secret" if key == SECRETS else "configmap"
             raise PodStartError("CreateContainerConfigError", f'{kind} "{name}" not found') from None
 
-    def _secret_value(self, namespace: str, ref: dict) -> str:
-        data = self._object(SECRETS, namespace, ref["name"]).get("data") or {}
+    def _key_value(self, key, namespace: str, ref: dict) -> str:
+        """One key of a Secret (base64 in the object) or a ConfigMap (plain text)."""
+        data = self._object(key, namespace, ref["name"]).get("data") or {}
         if ref["key"] not in data:
-            raise PodStartError("CreateContainerConfigError", f"couldn't find key {ref['key']} in Secret "
+            kind = "Secret" if key == SECRETS else "ConfigMap"
+            raise PodStartError("CreateContainerConfigError", f"couldn't find key {ref['key']} in {kind} "
                                 f"{namespace}/{ref['name']}")
-        return base64.b64decode(data[ref["key"]]).decode()
-
-    def _config_value(self, namespace: str, ref: dict) -> str:
-        data = self._object(CONFIGMAPS, namespace, ref["name"]).get("data") or {}
-        if ref["key"] not in data:
-            raise PodStartError("CreateContainerConfigError", f"couldn't find key {ref['key']} in ConfigMap "
-                                f"{namespace}/{ref['name']}")
-        return data[ref["key"]]
+        value = data[ref["key"]]
+        return base64.b64decode(value).decode() if key == SECRETS else value
 
     def _volume_root(self, namespace: str, claim: str) -> Path:
         return self.root / "volumes" / namespace / claim
@@ -301,8 +297,9 @@ class LocalKubelet:
         container = pod["spec"]["containers"][0]
         if unschedulable:
             self._write_status(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], {
-                "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                                    "message": unschedulable, "lastTransitionTime": now()}]},
+                "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                    "reason": "Unschedulable", "message": unschedulable,
+                                                    "lastTransitionTime": now()}]},
                 pod["metadata"]["uid"])
             return
         state: dict

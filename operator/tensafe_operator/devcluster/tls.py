@@ -22,7 +22,8 @@ def write_serving_certificate(folder: Path, host: str = "127.0.0.1",
     """Write ``ca.crt``, ``server.crt`` and ``server.key`` (0600) into ``folder``; returns their paths."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("tensafe-devcluster-ca")).issuer_name(_name("tensafe-devcluster-ca"))
+    ca_name = _name("tensafe-devcluster-ca")
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
