@@ -39,12 +39,34 @@ def test_round_trip_is_bit_exact_and_hash_is_of_stored_bytes(store):
     assert [i.artifact_id for i in store.list("acme")] == [info.artifact_id]
 
 
-def test_large_payload_streams_through_chunks(store):
+def test_large_payload_streams_through_chunks_and_background_syncs(store, monkeypatch):
     from tensafe_trainer import crypto
 
-    big = os.urandom(crypto.CHUNK * 2 + 12345)
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(crypto, "SYNC_EVERY", crypto.CHUNK)
+    monkeypatch.setattr(crypto.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
+    big = os.urandom(crypto.CHUNK * 3 + 12345)
     info = put(store, big)
     assert store.get("acme", info.artifact_id) == big
+    assert len(synced) >= 2  # the disk was put to work before the end
+
+
+def test_a_failing_background_sync_fails_the_save_and_leaves_nothing(store, monkeypatch):
+    """An fdatasync error is reported once per open file: swallowed on the sync thread, the final fsync
+    could succeed over lost data."""
+    import errno
+
+    from tensafe_trainer import crypto
+
+    def failing(fd):
+        raise OSError(errno.EIO, "simulated disk error")
+
+    monkeypatch.setattr(crypto, "SYNC_EVERY", crypto.CHUNK)
+    monkeypatch.setattr(crypto.os, "fdatasync", failing)
+    with pytest.raises(OSError, match="simulated disk error"):
+        put(store, os.urandom(crypto.CHUNK * 3))
+    assert store.list("acme") == [] and list((store.root / "acme").iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["magic", "header", "wrapped_key", "nonce", "body_start", "body_middle", "tag"])
@@ -194,3 +216,70 @@ def test_malformed_header_fields_are_integrity_errors(store, field, bad):
     path.write_bytes(data[:5] + len(body).to_bytes(4, "big") + body + data[9 + header_len:])
     with pytest.raises(ArtifactIntegrityError):
         store.get("acme", info.artifact_id)
+
+
+def index_path_of(store, info):
+    return store.root / info.tenant_id / f"{info.artifact_id}.json"
+
+
+@pytest.mark.parametrize("damage", ["missing", "torn", "garbage", "stale size"])
+def test_a_lost_or_torn_index_entry_is_rebuilt_from_the_artifact(store, damage):
+    """The index is not fsynced (a save costs one file fsync, like torch.save): after a crash it may be
+    gone or empty, and the artifact file alone must give back the same description."""
+    info = put(store)
+    index = index_path_of(store, info)
+    if damage == "missing":
+        index.unlink()
+    elif damage == "torn":
+        index.write_bytes(b"")
+    elif damage == "garbage":
+        index.write_bytes(b'{"artifact_id": "art-')
+    else:
+        index.write_text(info.model_copy(update={"size_bytes": 1}).model_dump_json())
+    assert store.info("acme", info.artifact_id) == info
+    assert [i.artifact_id for i in store.list("acme")] == [info.artifact_id]
+    assert store.info("acme", info.artifact_id).model_dump_json() == index.read_text()  # written back
+
+
+def test_a_rotation_interrupted_before_the_index_is_rewritten_reports_the_new_key(store, monkeypatch):
+    import hashlib
+
+    info = put(store)
+    monkeypatch.setattr("tensafe_trainer.artifacts._write_index", lambda path, info: None)  # crash before
+    kid = store.rotate("acme")
+    monkeypatch.undo()
+    rebuilt = store.info("acme", info.artifact_id)
+    assert rebuilt.key_id == kid != info.key_id
+    assert rebuilt.content_hash == hashlib.sha256(store.read_raw("acme", info.artifact_id)).hexdigest()
+    assert store.get("acme", info.artifact_id) == PAYLOAD
+
+
+def test_the_description_is_in_the_authenticated_header(store):
+    import json
+
+    info = put(store)
+    path = path_of(store, info)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[5:9], "big")
+    header = json.loads(data[9:9 + header_len])
+    assert header["description"]["kind"] == "checkpoint" and header["description"]["step"] == 3
+    header["description"]["step"] = 4
+    body = json.dumps(header).encode()
+    path.write_bytes(data[:5] + len(body).to_bytes(4, "big") + body + data[9 + header_len:])
+    index_path_of(store, info).unlink()
+    assert store.info("acme", info.artifact_id).step == 4  # the index believes the header ...
+    with pytest.raises(ArtifactIntegrityError, match="failed authentication"):
+        store.get("acme", info.artifact_id)  # ... but the payload's tag does not
+
+
+def test_a_damaged_artifact_is_left_out_of_listings_and_can_be_deleted(store):
+    damaged, intact = put(store), put(store)
+    path = path_of(store, damaged)
+    path.write_bytes(b"XXXX" + path.read_bytes()[4:])
+    with pytest.raises(ArtifactIntegrityError):
+        store.info("acme", damaged.artifact_id)
+    assert [i.artifact_id for i in store.list("acme")] == [intact.artifact_id]
+    store.delete("acme", damaged.artifact_id)
+    assert not path.exists() and not index_path_of(store, damaged).exists()
+    with pytest.raises(ArtifactNotFoundError):
+        store.delete("acme", damaged.artifact_id)

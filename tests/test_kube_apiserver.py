@@ -149,8 +149,9 @@ def test_custom_resources_get_defaults_status_subresource_and_generation(api):
     assert "unknown" not in made["spec"]  # pruned
     assert made["spec"]["tenantId"] == "default" and made["spec"]["suspend"] is False  # defaulted
     assert made["metadata"]["generation"] == 1
+    body = {"status": {"phase": "READY"}, "spec": {"suspend": True}}
     status = custom.patch_namespaced_custom_object_status("tensafe.io", "v1alpha1", "default", "trainingclients",
-                                                          "gen", {"status": {"phase": "READY"}, "spec": {"suspend": True}})
+                                                          "gen", body)
     assert status["status"]["phase"] == "READY" and status["spec"]["suspend"] is False  # status only
     assert status["metadata"]["generation"] == 1
     spec = custom.patch_namespaced_custom_object("tensafe.io", "v1alpha1", "default", "trainingclients", "gen",

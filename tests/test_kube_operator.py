@@ -195,7 +195,8 @@ def test_tokens_and_keys_never_appear_in_logs_status_or_pod_specs(cluster, names
     other = service.create_training_client(tiny_config(), client_id="other")
     other_token = base64.b64decode(cluster.core.read_namespaced_secret("other-keys", namespace).data["token"])
     pod_ip = cluster.core.read_namespaced_pod("quiet-trainer", namespace).status.pod_ip
-    refused = httpx.get(f"http://{pod_ip}:8000/v1/artifacts", headers={"authorization": f"Bearer {other_token.decode()}"})
+    refused = httpx.get(f"http://{pod_ip}:8000/v1/artifacts",
+                        headers={"authorization": f"Bearer {other_token.decode()}"})
     assert refused.status_code == 401
 
     seen = [json.dumps(training_client(cluster, namespace, "quiet")),

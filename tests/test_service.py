@@ -48,6 +48,35 @@ def test_operations_run_in_submission_order_whatever_order_they_are_awaited(serv
     assert all(records[i]["finished_at"] <= records[i + 1]["started_at"] for i in range(len(records) - 1))
 
 
+def test_waiting_on_the_last_future_settles_the_earlier_ones_in_the_same_round_trip(tc, monkeypatch):
+    transport = tc._queue._transport
+    futures = []
+    for i in range(4):
+        futures.append(tc.forward_backward(random_batch(seed=i)))
+        futures.append(tc.optim_step())
+    sent = []
+    real_request = transport.request
+    monkeypatch.setattr(transport, "request", lambda method, path, **kw: (sent.append(path), real_request(
+        method, path, **kw))[1])
+    last = futures[-1].result()
+    assert all(f.done() for f in futures) and futures[-2].result().tokens_processed > 0
+    assert sent == ["/v1/operations/wait"] * len(sent) and len(sent) <= 2  # one, or two if the wait timed out
+    assert [f.result().step for f in futures[1::2]][-1] == last.step
+
+
+def test_the_wait_endpoint_reports_known_operations_and_refuses_an_unknown_first(service, tc):
+    op = tc.optim_step()
+    op.result()
+    records = service.transport.request("POST", "/v1/operations/wait",
+                                        json={"operation_ids": [op.operation_id, "op-" + "0" * 32], "wait": 0})
+    assert [r["operation_id"] for r in records] == [op.operation_id] and records[0]["status"] == "succeeded"
+    with pytest.raises(OperationLostError, match="unknown to this trainer"):
+        service.transport.request("POST", "/v1/operations/wait",
+                                  json={"operation_ids": ["op-" + "0" * 32, op.operation_id], "wait": 0})
+    with pytest.raises(ValidationError):
+        service.transport.request("POST", "/v1/operations/wait", json={"operation_ids": [], "wait": 0})
+
+
 def test_timeout_then_later_result_and_cancel_before_start(service):
     slow = service.create_training_client(tiny_config(model_ref="tiny-random-llama:hidden=256,layers=4,vocab=512",
                                                       max_seq_len=512))
@@ -239,6 +268,10 @@ def test_a_client_token_opens_its_own_client_and_nothing_else(tmp_path):
             bob_op = bob.forward_backward(random_batch())
             with pytest.raises(AuthenticationError):
                 as_alice.request("GET", f"/v1/operations/{bob_op.operation_id}")
+            alice_op = alice.optim_step()
+            with pytest.raises(AuthenticationError):  # not even behind one of her own
+                as_alice.request("POST", "/v1/operations/wait",
+                                 json={"operation_ids": [alice_op.operation_id, bob_op.operation_id]})
             assert {e["training_client_id"] for e in as_alice.request("GET", "/v1/audit")} == {"alice"}
         with Transport(svc.base_url, "not-a-token") as stranger, pytest.raises(AuthenticationError):
             stranger.request("GET", "/v1/clients/alice")

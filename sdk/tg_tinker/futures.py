@@ -1,10 +1,15 @@
-"""Futures for queued operations, resolved by long-polling the trainer's operation record."""
+"""Futures for queued operations, resolved by long-polling the trainer's operation records.
+
+A poll for one future names the other unfinished futures of the same connection too, and settles every
+one the answer reports finished: operations of a client finish in order, so after waiting on the last
+of many futures the others need no round trip of their own."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+import weakref
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 from .errors import (
@@ -15,11 +20,41 @@ from .errors import (
     error_from_wire,
 )
 from .transport import Transport
-from .types import OperationRecord, OperationStatus
+from .types import MAX_WAITED_OPERATIONS, OperationRecord, OperationStatus
 from .wire import WireModel
 
 T = TypeVar("T")
 POLL_S = 30.0
+
+
+class _Unfinished:
+    """The unfinished futures of one transport, oldest first."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._futures: dict[str, "Future"] = {}
+
+    def add(self, future: "Future") -> None:
+        with self._lock:
+            self._futures[future.operation_id] = future
+
+    def discard(self, future: "Future") -> None:
+        with self._lock:
+            self._futures.pop(future.operation_id, None)
+
+    def besides(self, future: "Future") -> list["Future"]:
+        with self._lock:
+            others = (f for f in self._futures.values() if f is not future)
+            return [f for _, f in zip(range(MAX_WAITED_OPERATIONS - 1), others)]
+
+
+_unfinished: "weakref.WeakKeyDictionary[Transport, _Unfinished]" = weakref.WeakKeyDictionary()
+_unfinished_lock = threading.Lock()
+
+
+def _unfinished_of(transport: Transport) -> _Unfinished:
+    with _unfinished_lock:
+        return _unfinished.setdefault(transport, _Unfinished())
 
 
 class Future(Generic[T]):
@@ -36,6 +71,8 @@ class Future(Generic[T]):
         self.operation_id = record.operation_id
         self.type = record.type
         self._outcome: Optional[tuple[bool, Any]] = None
+        self._unfinished = _unfinished_of(transport)
+        self._unfinished.add(self)
         self._absorb(record)
 
     def __repr__(self) -> str:
@@ -59,19 +96,24 @@ class Future(Generic[T]):
                 return
             self._outcome = outcome
             callbacks, self._callbacks = self._callbacks, []
+        self._unfinished.discard(self)
         if outcome[0] and self._on_result is not None:
             self._on_result(outcome[1])
         for callback in callbacks:
             callback(self)
 
     def _poll(self, wait: float) -> None:
+        polled = {f.operation_id: f for f in [self, *self._unfinished.besides(self)]}
         try:
-            data = self._transport.request("GET", f"/v1/operations/{self.operation_id}",
-                                           params={"wait": wait}, timeout=wait + 30.0)
+            data = self._transport.request("POST", "/v1/operations/wait", timeout=wait + 30.0,
+                                           json={"operation_ids": list(polled), "wait": wait})
         except OperationLostError as exc:
             self._settle((False, exc))
             return
-        self._absorb(OperationRecord.parse(data))
+        for item in data:
+            record = OperationRecord.parse(item)
+            if record.operation_id in polled:
+                polled[record.operation_id]._absorb(record)
 
     def _wait(self, timeout: Optional[float]) -> tuple[bool, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -46,9 +46,10 @@ def _as_int_rows(value: Any, name: str) -> list[list[int]]:
     for i, row in enumerate(value):
         if not isinstance(row, (list, tuple)) or len(row) == 0:
             raise ValueError(f"{name}[{i}] must be a non-empty list of integers")
-        for tok in row:
-            if isinstance(tok, bool) or not isinstance(tok, int):
-                raise ValueError(f"{name}[{i}] must hold integers, found {type(tok).__name__} {tok!r}")
+        if not set(map(type, row)) <= {int}:  # the common case checked in C: this runs for every batch
+            for tok in row:
+                if isinstance(tok, bool) or not isinstance(tok, int):
+                    raise ValueError(f"{name}[{i}] must hold integers, found {type(tok).__name__} {tok!r}")
         rows.append(list(row))
     return rows
 
@@ -78,11 +79,12 @@ class BatchData(WireModel):
             other = (len(rows), len({len(r) for r in rows}) == 1 and len(rows[0]))
             if other != shape:
                 raise ValueError(f"{name} shape does not match input_ids {list(shape)}")
-        if self.attention_mask is not None and any(v not in (0, 1) for r in self.attention_mask for v in r):
+        # Over distinct values, gathered in C: these run for every submitted batch.
+        if self.attention_mask is not None and not set().union(*self.attention_mask) <= {0, 1}:
             raise ValueError("attention_mask values must be 0 or 1")
-        if min(v for r in self.input_ids for v in r) < 0:
+        if min(map(min, self.input_ids)) < 0:
             raise ValueError("input_ids must be non-negative token ids")
-        if self.labels is not None and any(v < 0 and v != IGNORE_INDEX for r in self.labels for v in r):
+        if self.labels is not None and any(v < 0 and v != IGNORE_INDEX for v in set().union(*self.labels)):
             raise ValueError(f"labels must be token ids or {IGNORE_INDEX} (ignored)")
         return self
 
@@ -276,6 +278,18 @@ class OperationRecord(WireModel):
     finished_at: Optional[float] = None
     result: Optional[dict[str, Any]] = None
     error: Optional[ErrorInfo] = None
+
+
+MAX_WAIT_S = 60.0  # the longest a long-poll is held open
+MAX_WAITED_OPERATIONS = 256
+
+
+class WaitForOperations(WireModel):
+    """Long-poll the first operation; the answer carries the records of all listed ones, so one round trip
+    settles every future that finished meanwhile."""
+
+    operation_ids: list[str] = Field(min_length=1, max_length=MAX_WAITED_OPERATIONS)
+    wait: float = Field(0.0, ge=0.0, le=MAX_WAIT_S)
 
 
 class CreateTrainingClient(WireModel):

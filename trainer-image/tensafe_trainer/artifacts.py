@@ -1,14 +1,20 @@
 """The artifact store: encrypted files on a local filesystem (a PersistentVolume in Kubernetes).
 
-Layout: ``<root>/<tenant>/<artifact_id>.tsa`` (the encrypted artifact) and ``<artifact_id>.json``
-(its public description: ids, kind, step, size, content hash, key id; never user metadata, which
-travels encrypted inside the payload). Writes go to a temporary name, are fsynced and renamed, so
-a reader sees the old state or the new one and never half of either.
+Layout: ``<root>/<tenant>/<artifact_id>.tsa``, the encrypted artifact. It describes itself: its header
+carries the ids, kind, step and name (never user metadata, which travels encrypted inside the payload).
+Artifact files go to a temporary name, are fsynced and renamed, so a reader sees the old state or the
+new one and never half of either.
+
+Beside each sits ``<artifact_id>.json``, an index entry (the description plus size, content hash and
+key id) so that listing does not hash every file. It is not fsynced: the artifact file is the truth,
+and an entry that is missing, torn by a crash or out of date is rebuilt from it. That keeps a save at
+one file fsync and one folder fsync, like a plain ``torch.save``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -16,11 +22,13 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from tg_tinker.errors import ArtifactNotFoundError
+from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from tg_tinker.types import ArtifactInfo
 
 from . import crypto
 from .keys import KeyProvider, check_tenant
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_ID = re.compile(r"^art-[0-9a-f]{32}$")
 
@@ -89,29 +97,49 @@ class ArtifactStore:
         """Encrypt and store. ``plaintext`` is the payload, or a function that writes it to a file object
         (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory)."""
         artifact_id = artifact_id or new_artifact_id()
-        data_path, info_path = self._paths(tenant_id, artifact_id)
+        data_path, index_path = self._paths(tenant_id, artifact_id)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
+        description = {"kind": kind, "step": step, "name": name, "created_at": time.time()}
         produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
         written: list[crypto.Encrypted] = []
-        # The payload first, then its description; an artifact counts once both exist, so a crash between
-        # them leaves nothing half-visible, and the last rename's folder fsync covers both.
-        _atomic_write(data_path, lambda f: written.append(crypto.encrypt_stream(f, produce, binding, self.keys)),
-                      sync_dir=False)
-        encrypted = written[0]
-        info = ArtifactInfo(
-            artifact_id=artifact_id, tenant_id=tenant_id, training_client_id=training_client_id, kind=kind,
-            size_bytes=encrypted.size, content_hash=encrypted.sha256, created_at=time.time(), step=step,
-            key_id=encrypted.key_id, name=name,
-        )
-        _atomic_write(info_path, lambda f: f.write(info.model_dump_json().encode()))
+        _atomic_write(data_path, sync_dir=False, write=lambda f: written.append(
+            crypto.encrypt_stream(f, produce, binding, self.keys, description)))
+        info = _describe(binding, description, written[0])
+        _write_index(index_path, info)
+        _fsync_dir(data_path.parent)  # makes both renames durable
         return info
 
+    def _not_found(self, tenant_id: str, artifact_id: str) -> ArtifactNotFoundError:
+        return ArtifactNotFoundError(f"no artifact {artifact_id!r} for tenant {tenant_id!r}",
+                                     {"artifact_id": artifact_id})
+
     def info(self, tenant_id: str, artifact_id: str) -> ArtifactInfo:
-        data_path, info_path = self._paths(tenant_id, artifact_id)
-        if not data_path.exists() or not info_path.exists():
-            raise ArtifactNotFoundError(f"no artifact {artifact_id!r} for tenant {tenant_id!r}",
-                                        {"artifact_id": artifact_id})
-        return ArtifactInfo.model_validate_json(info_path.read_bytes())
+        data_path, index_path = self._paths(tenant_id, artifact_id)
+        try:
+            src = open(data_path, "rb")
+        except FileNotFoundError:
+            raise self._not_found(tenant_id, artifact_id) from None
+        with src:
+            header, _ = crypto.read_header(src)
+            size = os.fstat(src.fileno()).st_size
+            indexed = _read_index(index_path)
+            if indexed and (indexed.artifact_id, indexed.size_bytes, indexed.key_id) == (artifact_id, size,
+                                                                                          header["kid"]):
+                return indexed
+            return self._reindex(src, header, index_path)
+
+    def _reindex(self, src: BinaryIO, header: dict, index_path: Path) -> ArtifactInfo:
+        """The index entry rebuilt from the artifact file (after a crash, or an interrupted rotation)."""
+        description = header.get("description")
+        if not isinstance(description, dict) or not {"kind", "step", "created_at"} <= description.keys():
+            raise ArtifactIntegrityError("artifact header is corrupt: description missing")
+        src.seek(0)
+        digest = hashlib.file_digest(src, "sha256")
+        encrypted = crypto.Encrypted(src.tell(), digest.hexdigest(), header["kid"])
+        info = _describe(crypto.Binding(header["tenant"], header["training_client"], header["artifact_id"]),
+                         description, encrypted)
+        _write_index(index_path, info)
+        return info
 
     def read_raw(self, tenant_id: str, artifact_id: str) -> bytes:
         """The ciphertext exactly as stored."""
@@ -128,14 +156,22 @@ class ArtifactStore:
 
     def list(self, tenant_id: str, training_client_id: Optional[str] = None) -> list[ArtifactInfo]:
         infos = []
-        for info_path in sorted(self._dir(tenant_id).glob("art-*.json")):
-            info = ArtifactInfo.model_validate_json(info_path.read_bytes())
+        for data_path in self._dir(tenant_id).glob("art-*.tsa"):
+            try:
+                info = self.info(tenant_id, data_path.stem)
+            except ArtifactNotFoundError:
+                continue  # deleted while listing
+            except ArtifactIntegrityError as exc:  # one damaged file must not hide the others
+                log.warning("not listing artifact %s of tenant %s: %s", data_path.stem, tenant_id, exc)
+                continue
             if training_client_id is None or info.training_client_id == training_client_id:
                 infos.append(info)
         return sorted(infos, key=lambda i: i.created_at)
 
     def delete(self, tenant_id: str, artifact_id: str) -> None:
-        self.info(tenant_id, artifact_id)
+        """Removes the artifact (damaged or not) and then its index entry."""
+        if not self._paths(tenant_id, artifact_id)[0].exists():
+            raise self._not_found(tenant_id, artifact_id)
         for path in self._paths(tenant_id, artifact_id):
             path.unlink(missing_ok=True)
         _fsync_dir(self._dir(tenant_id))
@@ -144,13 +180,38 @@ class ArtifactStore:
         """Make a new KEK active and re-wrap every artifact's data key under it; payloads stay as they are."""
         kid = self.keys.rotate(tenant_id)
         for info in self.list(tenant_id):
-            data_path, info_path = self._paths(tenant_id, info.artifact_id)
+            data_path, index_path = self._paths(tenant_id, info.artifact_id)
             with open(data_path, "rb") as src:
                 header, offset = crypto.read_header(src)
                 src.seek(offset)
                 stored = crypto.rewrap_header(header, self.keys) + src.read()
-            _atomic_write(data_path, lambda f, data=stored: f.write(data))
-            updated = info.model_copy(update={
-                "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()})
-            _atomic_write(info_path, lambda f, u=updated: f.write(u.model_dump_json().encode()))
+            _atomic_write(data_path, lambda f, data=stored: f.write(data), sync_dir=False)
+            _write_index(index_path, info.model_copy(update={
+                "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()}))
+        _fsync_dir(self._dir(tenant_id))
         return kid
+
+
+def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encrypted) -> ArtifactInfo:
+    return ArtifactInfo(
+        artifact_id=binding.artifact_id, tenant_id=binding.tenant_id,
+        training_client_id=binding.training_client_id, kind=description["kind"], step=description["step"],
+        name=description.get("name"), created_at=description["created_at"], size_bytes=encrypted.size,
+        content_hash=encrypted.sha256, key_id=encrypted.key_id)
+
+
+def _write_index(path: Path, info: ArtifactInfo) -> None:
+    """Temporary name and rename, no fsync (see the module docstring)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(info.model_dump_json().encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_index(path: Path) -> Optional[ArtifactInfo]:
+    try:
+        return ArtifactInfo.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None

@@ -5,11 +5,12 @@ File layout::
     b"TSAF" | version (1 byte) | header length (4 bytes, big-endian) | header (JSON) | ciphertext | tag (16)
 
 The header names the key id, the DEK wrapped under the tenant's KEK (AES-GCM, bound to key id,
-tenant and artifact id), the payload nonce, and the tenant, training client and artifact id. The
+tenant and artifact id), the payload nonce, the tenant, training client and artifact id, and the
+artifact's public description (kind, step, name, creation time), so that the file describes itself. The
 payload's associated data is every header field except the wrapped key and key id, so a swapped or
 edited header fails authentication while key rotation can re-wrap the DEK without touching the
 ciphertext. Encryption streams chunk by chunk (no 2 GiB cap, no second copy of the payload in memory), with
-hashing and writing on a second thread.
+hashing, writing and syncing on threads of their own.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ MAGIC = b"TSAF"
 VERSION = 1
 ALGORITHM = "AES-256-GCM"
 TAG_SIZE = 16
-CHUNK = 8 << 20
-SYNC_EVERY = 16 << 20
+CHUNK = 1 << 20
+SYNC_EVERY = 8 << 20
 _PREFIX = struct.Struct(">4sBI")
 MAX_HEADER = 64 << 10
 
@@ -92,7 +93,7 @@ class _Worker:
 
     def __init__(self, fn: Callable[[bytes], None], name: str):
         self._fn = fn
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._queue: queue.Queue = queue.Queue(maxsize=32)
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -118,8 +119,10 @@ class _Worker:
 
 
 class _SyncingWriter:
-    """Writes chunks and pushes them to disk as it goes (every ``SYNC_EVERY`` bytes), so that the disk
-    works while the producer is still serializing and the final fsync has little left to do."""
+    """Writes chunks, and every ``SYNC_EVERY`` bytes asks a thread of its own to fdatasync what is written
+    so far: the disk works while the producer is still serializing, the writes go on meanwhile, and the
+    final fsync has little left to do (measured on a 189 MB state: syncing on the writing thread, or
+    starting writeback with posix_fadvise, left most of the work to the final fsync)."""
 
     def __init__(self, out: BinaryIO):
         self.out, self.unsynced = out, 0
@@ -127,24 +130,32 @@ class _SyncingWriter:
             self.fd: Optional[int] = out.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
             self.fd = None  # not a file (a buffer in tests): nothing to sync
+        self._syncer: Optional[_Worker] = None  # started by the first large write: small ones need none
 
     def __call__(self, chunk: bytes) -> None:
         self.out.write(chunk)
         self.unsynced += len(chunk)
         if self.fd is not None and self.unsynced >= SYNC_EVERY:
             self.out.flush()
-            os.fdatasync(self.fd)
+            if self._syncer is None:
+                self._syncer = _Worker(lambda _, fd=self.fd: os.fdatasync(fd), "artifact-sync")
+            self._syncer.put(True)
             self.unsynced = 0
+
+    def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.close()
 
 
 class _CiphertextSink:
     """SHA-256 and the file write of the ciphertext, each on its own thread: both release the GIL, so on
-    two cores they run beside serialization and AES (measured: 1.9x -> ~1.1x a plain torch.save)."""
+    two cores they run beside serialization and AES (measured: 1.9x a plain torch.save when inline)."""
 
     def __init__(self, out: BinaryIO):
         self.digest, self.written = hashlib.sha256(), 0
+        self._file = _SyncingWriter(out)
         self._hasher = _Worker(self.digest.update, "artifact-hash")
-        self._writer = _Worker(_SyncingWriter(out), "artifact-write")
+        self._writer = _Worker(self._file, "artifact-write")
 
     def put(self, chunk: bytes) -> None:
         self.written += len(chunk)
@@ -152,42 +163,36 @@ class _CiphertextSink:
         self._writer.put(chunk)
 
     def close(self) -> tuple[int, str]:
-        self._hasher.close()
-        self._writer.close()
+        errors = []
+        for close in (self._hasher.close, self._writer.close, self._file.close):  # all, even after a failure
+            try:
+                close()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised below
+                errors.append(exc)
+        if errors:
+            raise errors[0]
         return self.written, self.digest.hexdigest()
 
 
 class EncryptingWriter(io.RawIOBase):
-    """A write-only file object: what is written to it lands encrypted in the sink."""
+    """A write-only raw file object: what is written to it lands encrypted in the sink. ``encrypt_stream``
+    puts a ``BufferedWriter`` in front, so torch.save's many small writes arrive here as few large ones."""
 
     def __init__(self, encryptor, sink: _CiphertextSink):
         super().__init__()
         self._encryptor, self._sink = encryptor, sink
-        self._pending = bytearray()
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        size = len(view)
-        if self._pending:  # top up the partial chunk first
-            take = min(size, CHUNK - len(self._pending))
-            self._pending += view[:take]
-            view = view[take:]
-            if len(self._pending) == CHUNK:
-                self._sink.put(self._encryptor.update(self._pending))
-                self._pending = bytearray()
-        while len(view) >= CHUNK:  # large writes are encrypted straight from the caller's buffer
-            self._sink.put(self._encryptor.update(view[:CHUNK]))
-            view = view[CHUNK:]
-        if len(view):
-            self._pending += view
-        return size
+        for start in range(0, len(view), CHUNK):
+            self._sink.put(self._encryptor.update(view[start:start + CHUNK]))
+        return len(view)
 
     def finish(self) -> None:
-        self._sink.put(self._encryptor.update(self._pending) + self._encryptor.finalize() + self._encryptor.tag)
-        self._pending = bytearray()
+        self._sink.put(self._encryptor.finalize() + self._encryptor.tag)
 
 
 class Encrypted(NamedTuple):
@@ -197,13 +202,14 @@ class Encrypted(NamedTuple):
 
 
 def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: Binding,
-                   keys: KeyProvider) -> Encrypted:
-    """Encrypt what ``produce(writer)`` writes into ``out``."""
+                   keys: KeyProvider, description: Optional[dict] = None) -> Encrypted:
+    """Encrypt what ``produce(writer)`` writes into ``out``; ``description`` goes into the header as is
+    (public, and authenticated with the payload)."""
     kid, kek = keys.active_key(binding.tenant_id)
     dek, nonce = AESGCM.generate_key(bit_length=256), os.urandom(12)
     header = {"v": VERSION, "alg": ALGORITHM, "nonce": base64.b64encode(nonce).decode(),
               "tenant": binding.tenant_id, "training_client": binding.training_client_id,
-              "artifact_id": binding.artifact_id}
+              "artifact_id": binding.artifact_id, "description": description or {}}
     header.update(_wrap(kek, kid, dek, header))
     encryptor = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
     encryptor.authenticate_additional_data(_payload_aad(header))
@@ -211,7 +217,8 @@ def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: 
     try:
         sink.put(_encode_header(header))
         writer = EncryptingWriter(encryptor, sink)
-        produce(writer)
+        with io.BufferedWriter(writer, CHUNK) as buffered:  # closing flushes it, also when produce fails
+            produce(buffered)
         writer.finish()
     finally:
         written, digest = sink.close()

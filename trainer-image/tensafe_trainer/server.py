@@ -36,8 +36,10 @@ from tg_tinker.types import (
     ClientStatus,
     CreateSamplingClient,
     CreateTrainingClient,
+    MAX_WAIT_S,
     OperationRecord,
     SubmitOperation,
+    WaitForOperations,
 )
 
 from . import metrics
@@ -50,7 +52,6 @@ from .engine_process import EngineProcess, busy_counter
 from .sessions import Operation, OperationIndex, Session
 
 log = logging.getLogger("tensafe.trainer")
-MAX_WAIT_S = 60.0
 
 
 @dataclass
@@ -281,14 +282,30 @@ def create_app(settings: Settings) -> FastAPI:
         principal.check(session.client_id)
         return op, session
 
+    async def long_poll(op: Operation, wait: float) -> None:
+        if wait > 0 and not op.waiter.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(op.waiter), timeout=wait)
+
     @app.get("/v1/operations/{operation_id}", response_model=OperationRecord)
     async def get_operation(operation_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
                             state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
         op, _ = find(state, operation_id, principal)
-        if wait > 0 and not op.waiter.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(op.waiter), timeout=wait)
+        await long_poll(op, wait)
         return op.record()
+
+    @app.post("/v1/operations/wait", response_model=list[OperationRecord])
+    async def wait_for_operations(body: WaitForOperations, state: State = Depends(get_state),
+                                  principal: Principal = Depends(authenticate)):
+        """Waits for the first operation like GET does, then answers with the records of all listed ones that
+        this trainer knows (the others are left out: their own polls report them lost)."""
+        first, _ = find(state, body.operation_ids[0], principal)
+        await long_poll(first, body.wait)
+        records = [first.record()]
+        for operation_id in body.operation_ids[1:]:
+            with contextlib.suppress(OperationLostError):
+                records.append(find(state, operation_id, principal)[0].record())
+        return JSONResponse([record.model_dump(mode="json") for record in records])
 
     @app.post("/v1/operations/{operation_id}/cancel")
     async def cancel_operation(operation_id: str, state: State = Depends(get_state),
