@@ -135,3 +135,32 @@ def test_engine_refuses_batches_that_do_not_fit_the_model(bad, match):
     with pytest.raises(ValidationError, match=match):
         engine.forward_backward(BatchData(**bad))
     assert engine._grad_sum is None  # nothing was accumulated
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_bfloat16_tracks_float32_and_checkpoints_bit_for_bit(lora):
+    """The dtype GPUs get by default ("auto" on CUDA with bf16), exercised on the CPU: the model is bf16 (LoRA
+    adapters float32, peft's mixed precision), and its losses follow a float32 run of the same steps."""
+    from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
+
+    rows = sequences(4, seed=3)
+    overrides = {"optimizer": OptimizerConfig(name="adamw", learning_rate=3e-2), "batch_size": 4}
+    if not lora:
+        overrides["lora_config"] = None
+    engines = {dtype: make_engine(dtype=dtype, **overrides) for dtype in ("bfloat16", "float32")}
+    bf16 = engines["bfloat16"]
+    frozen = {p.dtype for p in bf16.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in bf16.trainable.values()}
+    assert (frozen, trained) == (({torch.bfloat16}, {torch.float32}) if lora else (set(), {torch.bfloat16}))
+    losses = {dtype: [] for dtype in engines}
+    for _ in range(8):
+        for dtype, engine in engines.items():
+            losses[dtype].append(engine.forward_backward(padded_batch(rows)).loss)
+            engine.optim_step()
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+    restored = TrainingEngine(bf16.config)
+    restored.load_state_dict(deserialize_state(serialize_state(bf16.state_dict(include_optimizer=True))))
+    for name, p in bf16.trainable.items():
+        assert p.dtype == restored.trainable[name].dtype and torch.equal(p, restored.trainable[name])
+    assert bf16.forward(padded_batch(rows)).loss == restored.forward(padded_batch(rows)).loss

@@ -279,3 +279,19 @@ def test_training_operations_of_a_client_go_in_creation_order():
     assert waiting_behind(second, [top("a-save", "2026-01-01T00:00:01Z", phase="Failed"), second]) is None
     same_second = top("c-export", "2026-01-01T00:00:02Z")
     assert waiting_behind(same_second, [second, same_second]) == "b-load"  # ties go by name
+
+
+def test_trainer_connections_are_reused_per_access_and_the_least_recent_closed():
+    from tensafe_operator.connections import TrainerConnections
+    from tg_tinker.resources import TrainerAccess
+
+    pool = TrainerConnections(max_open=2)
+    first = pool.get(TrainerAccess("http://10.0.0.1:8000", "token-a"))
+    assert pool.get(TrainerAccess("http://10.0.0.1:8000", "token-a")) is first  # the mirror's next round
+    rotated = pool.get(TrainerAccess("http://10.0.0.1:8000", "token-b"))  # a rotated token: a new connection
+    assert rotated is not first and len(pool) == 2
+    pool.get(TrainerAccess("http://10.0.0.1:8000", "token-a"))  # first is now the most recent
+    moved = pool.get(TrainerAccess("http://10.0.0.2:8000", "token-a"))  # a replaced pod's new IP
+    assert len(pool) == 2 and rotated._client.is_closed and not first._client.is_closed
+    pool.close()
+    assert first._client.is_closed and moved._client.is_closed and len(pool) == 0

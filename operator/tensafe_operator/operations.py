@@ -71,23 +71,23 @@ def run(kube: Kube, top: dict, patch: kopf.Patch) -> None:
     except ValidationError as error:
         patch.status.update(phase="Failed", message=str(error), completionTime=status_of.now())
         return
-    with trainer_transport(kube, tc, pod) as transport:
-        try:
-            record = OperationRecord.parse(transport.request("POST", f"/v1/clients/{client}/operations", json=body))
-            if current.get("operationId") not in (None, record.operation_id):
-                # The trainer that had it is gone: its outcome is unknown, never reported as success.
-                raise OperationLostError(f"operation {current['operationId']} was lost when the trainer restarted")
-            if not current.get("operationId"):
-                patch.status.update(phase="Running", operationId=record.operation_id, startTime=status_of.now())
-            deadline = time.monotonic() + WAIT_PER_PASS_S
-            while not record.status.finished and time.monotonic() < deadline:
-                record = OperationRecord.parse(transport.request(
-                    "GET", f"/v1/operations/{record.operation_id}", params={"wait": WAIT_PER_PASS_S},
-                    timeout=WAIT_PER_PASS_S + 10))
-        except TGTinkerError as error:
-            patch.status.update(phase="Failed", message=f"{type(error).__name__}: {error}",
-                                completionTime=status_of.now())
-            return
+    transport = trainer_transport(kube, tc, pod)
+    try:
+        record = OperationRecord.parse(transport.request("POST", f"/v1/clients/{client}/operations", json=body))
+        if current.get("operationId") not in (None, record.operation_id):
+            # The trainer that had it is gone: its outcome is unknown, never reported as success.
+            raise OperationLostError(f"operation {current['operationId']} was lost when the trainer restarted")
+        if not current.get("operationId"):
+            patch.status.update(phase="Running", operationId=record.operation_id, startTime=status_of.now())
+        deadline = time.monotonic() + WAIT_PER_PASS_S
+        while not record.status.finished and time.monotonic() < deadline:
+            record = OperationRecord.parse(transport.request(
+                "GET", f"/v1/operations/{record.operation_id}", params={"wait": WAIT_PER_PASS_S},
+                timeout=WAIT_PER_PASS_S + 10))
+    except TGTinkerError as error:
+        patch.status.update(phase="Failed", message=f"{type(error).__name__}: {error}",
+                            completionTime=status_of.now())
+        return
     if not record.status.finished:
         raise kopf.TemporaryError(f"operation {record.operation_id} is still {record.status.value}",
                                   delay=RETRY_DELAY_S)

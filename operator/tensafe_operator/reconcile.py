@@ -19,6 +19,7 @@ from tg_tinker.types import ClientInfo, SaveStateRequest
 from . import status as status_of
 from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_pod, build_service, child_name, key_secret_name,
                        owner_reference, tenant_of)
+from .connections import TrainerConnections
 from .kube import Kube
 
 log = logging.getLogger("tensafe.operator")
@@ -72,11 +73,10 @@ def checkpoint_then_stop(kube: Kube, tc: dict, pod: dict, reason: str) -> None:
     """Save a checkpoint (so nothing since the last one is lost), then delete the pod."""
     if status_of.pod_ready(pod):
         try:
-            with trainer_transport(kube, tc, pod) as transport:
-                record = transport.request("POST", f"/v1/clients/{tc['metadata']['name']}/operations", json={
-                    "request": SaveStateRequest(metadata={"reason": reason}).model_dump(mode="json")})
-                transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 60},
-                                  timeout=70)
+            transport = trainer_transport(kube, tc, pod)
+            record = transport.request("POST", f"/v1/clients/{tc['metadata']['name']}/operations", json={
+                "request": SaveStateRequest(metadata={"reason": reason}).model_dump(mode="json")})
+            transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 60}, timeout=70)
         except TGTinkerError as error:
             log.warning("checkpoint before %s failed: %s", reason, error)
     kube.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
@@ -118,8 +118,7 @@ def refresh_status(kube: Kube, tc: dict, pod: Optional[dict] = None, *, fetch_po
     trainer = None
     if status_of.pod_ready(pod):
         try:
-            with trainer_transport(kube, tc, pod) as transport:
-                trainer = ClientInfo.parse(transport.request("GET", f"/v1/clients/{name}"))
+            trainer = ClientInfo.parse(trainer_transport(kube, tc, pod).request("GET", f"/v1/clients/{name}"))
         except TGTinkerError as error:
             log.debug("trainer of %s/%s did not answer: %s", namespace, name, error)
     patch = status_of.status_patch(tc.get("status") or {}, status_of.desired_status(tc, pod, trainer))
@@ -127,10 +126,13 @@ def refresh_status(kube: Kube, tc: dict, pod: Optional[dict] = None, *, fetch_po
         kube.patch_status(TRAINING_CLIENTS, namespace, name, patch)
 
 
+_connections = TrainerConnections()
+
+
 def trainer_transport(kube: Kube, tc: dict, pod: dict) -> Transport:
-    """To the trainer at its pod IP (no DNS needed); over HTTPS when the client has a TLS Secret."""
+    """To the trainer at its pod IP (no DNS needed); over HTTPS when the client has a TLS Secret. Shared
+    and kept open: never close it."""
     namespace = tc["metadata"]["namespace"]
     access = trainer_access(tc, lambda name: kube.secret_data(namespace, name), pod_ip=pod["status"]["podIP"])
-    return Transport(access.base_url, access.token, timeout=10.0, retries=1, verify=access.verify,
-                     server_name=access.server_name)
+    return _connections.get(access)
 
