@@ -64,6 +64,20 @@ def test_waiting_on_the_last_future_settles_the_earlier_ones_in_the_same_round_t
     assert [f.result().step for f in futures[1::2]][-1] == last.step
 
 
+def test_a_dropped_future_is_not_kept_alive_by_the_sdk(tc):
+    import gc
+
+    from tg_tinker.futures import _unfinished_of
+
+    unfinished = _unfinished_of(tc._queue._transport)
+    kept = tc.forward_backward(random_batch(rows=4, width=64))
+    before = len(unfinished)
+    tc.optim_step()  # never waited on, and dropped at once
+    gc.collect()
+    assert len(unfinished) <= before
+    kept.result()
+
+
 def test_the_wait_endpoint_reports_known_operations_and_refuses_an_unknown_first(service, tc):
     op = tc.optim_step()
     op.result()

@@ -28,11 +28,15 @@ POLL_S = 30.0
 
 
 class _Unfinished:
-    """The unfinished futures of one transport, oldest first."""
+    """The unfinished futures of one transport, oldest first; weakly held, so a future the caller dropped
+    without waiting on it is not kept alive here."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._futures: dict[str, "Future"] = {}
+        self._futures: "weakref.WeakValueDictionary[str, Future]" = weakref.WeakValueDictionary()
+
+    def __len__(self) -> int:
+        return len(self._futures)
 
     def add(self, future: "Future") -> None:
         with self._lock:
@@ -44,7 +48,7 @@ class _Unfinished:
 
     def besides(self, future: "Future") -> list["Future"]:
         with self._lock:
-            others = (f for f in self._futures.values() if f is not future)
+            others = (f for f in list(self._futures.values()) if f is not future)
             return [f for _, f in zip(range(MAX_WAITED_OPERATIONS - 1), others)]
 
 
