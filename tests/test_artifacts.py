@@ -272,6 +272,19 @@ def test_the_description_is_in_the_authenticated_header(store):
         store.get("acme", info.artifact_id)  # ... but the payload's tag does not
 
 
+def test_an_artifact_renamed_with_its_index_entry_is_refused_not_relisted(store):
+    """Renaming both files moves the artifact to another id: its header still names the old one."""
+    from tensafe_trainer.artifacts import new_artifact_id
+
+    info = put(store)
+    other = new_artifact_id()
+    path_of(store, info).rename(store.root / "acme" / f"{other}.tsa")
+    index_path_of(store, info).rename(store.root / "acme" / f"{other}.json")
+    with pytest.raises(ArtifactIntegrityError, match="renamed, swapped or foreign"):
+        store.info("acme", other)
+    assert store.list("acme") == []
+
+
 def test_a_damaged_artifact_is_left_out_of_listings_and_can_be_deleted(store):
     damaged, intact = put(store), put(store)
     path = path_of(store, damaged)

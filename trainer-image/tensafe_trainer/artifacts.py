@@ -126,20 +126,7 @@ class ArtifactStore:
             if indexed and (indexed.artifact_id, indexed.size_bytes, indexed.key_id) == (artifact_id, size,
                                                                                           header["kid"]):
                 return indexed
-            return self._reindex(src, header, index_path)
-
-    def _reindex(self, src: BinaryIO, header: dict, index_path: Path) -> ArtifactInfo:
-        """The index entry rebuilt from the artifact file (after a crash, or an interrupted rotation)."""
-        description = header.get("description")
-        if not isinstance(description, dict) or not {"kind", "step", "created_at"} <= description.keys():
-            raise ArtifactIntegrityError("artifact header is corrupt: description missing")
-        src.seek(0)
-        digest = hashlib.file_digest(src, "sha256")
-        encrypted = crypto.Encrypted(src.tell(), digest.hexdigest(), header["kid"])
-        info = _describe(crypto.Binding(header["tenant"], header["training_client"], header["artifact_id"]),
-                         description, encrypted)
-        _write_index(index_path, info)
-        return info
+            return _reindex(src, header, tenant_id, artifact_id, index_path)
 
     def read_raw(self, tenant_id: str, artifact_id: str) -> bytes:
         """The ciphertext exactly as stored."""
@@ -198,6 +185,23 @@ def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encr
         training_client_id=binding.training_client_id, kind=description["kind"], step=description["step"],
         name=description.get("name"), created_at=description["created_at"], size_bytes=encrypted.size,
         content_hash=encrypted.sha256, key_id=encrypted.key_id)
+
+
+def _reindex(src: BinaryIO, header: dict, tenant_id: str, artifact_id: str, index_path: Path) -> ArtifactInfo:
+    """The index entry rebuilt from the artifact file (after a crash, or an interrupted rotation)."""
+    crypto.check_binding(header, crypto.Binding(tenant_id, "", artifact_id))  # not a renamed or moved file
+    description = header.get("description")
+    if not isinstance(description, dict) or not {"kind", "step", "created_at"} <= description.keys():
+        raise ArtifactIntegrityError("artifact header is corrupt: description missing")
+    src.seek(0)
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(crypto.CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    binding = crypto.Binding(tenant_id, header["training_client"], artifact_id)
+    info = _describe(binding, description, crypto.Encrypted(size, digest.hexdigest(), header["kid"]))
+    _write_index(index_path, info)
+    return info
 
 
 def _write_index(path: Path, info: ArtifactInfo) -> None:
