@@ -52,20 +52,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write, sync_dir: bool = True) -> None:
-    """Temporary name, fsync, rename; ``sync_dir=False`` leaves the folder's fsync to a later write in the
-    same folder (one fsync then makes both renames durable)."""
+def _atomic_write(path: Path, write, durable: bool = True) -> None:
+    """Temporary name, then rename; ``durable`` fsyncs the file before the rename. The folder's fsync is
+    the caller's: one, after all of its renames, makes them all durable."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if sync_dir:
-        _fsync_dir(path.parent)
 
 
 class ArtifactStore:
@@ -102,7 +101,7 @@ class ArtifactStore:
         description = {"kind": kind, "step": step, "name": name, "created_at": time.time()}
         produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
         written: list[crypto.Encrypted] = []
-        _atomic_write(data_path, sync_dir=False, write=lambda f: written.append(
+        _atomic_write(data_path, lambda f: written.append(
             crypto.encrypt_stream(f, produce, binding, self.keys, description)))
         info = _describe(binding, description, written[0])
         _write_index(index_path, info)
@@ -172,7 +171,7 @@ class ArtifactStore:
                 header, offset = crypto.read_header(src)
                 src.seek(offset)
                 stored = crypto.rewrap_header(header, self.keys) + src.read()
-            _atomic_write(data_path, lambda f, data=stored: f.write(data), sync_dir=False)
+            _atomic_write(data_path, lambda f, data=stored: f.write(data))
             _write_index(index_path, info.model_copy(update={
                 "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()}))
         _fsync_dir(self._dir(tenant_id))
@@ -205,13 +204,8 @@ def _reindex(src: BinaryIO, header: dict, tenant_id: str, artifact_id: str, inde
 
 
 def _write_index(path: Path, info: ArtifactInfo) -> None:
-    """Temporary name and rename, no fsync (see the module docstring)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(info.model_dump_json().encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Not fsynced: see the module docstring."""
+    _atomic_write(path, lambda f: f.write(info.model_dump_json().encode()), durable=False)
 
 
 def _read_index(path: Path) -> Optional[ArtifactInfo]:

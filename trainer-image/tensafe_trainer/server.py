@@ -123,6 +123,13 @@ class Principal:
             raise AuthenticationError(f"this token belongs to training client {self.client_id!r}; it cannot use "
                                       f"{client_id or 'other clients'!r}")
 
+    def visible(self, training_client_id: Optional[str]) -> Optional[str]:
+        """The client filter of a listing: a client's token sees its own client only, whatever it asked."""
+        if self.client_id is None:
+            return training_client_id
+        self.check(training_client_id or self.client_id)
+        return self.client_id
+
 
 class BodySizeLimit:
     """Refuses bodies declared larger than ``max_bytes`` with 413. A plain ASGI middleware: Starlette's
@@ -274,11 +281,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             op, session = state.operations.get(operation_id)
         except KeyError:
-            op = None
-        if op is None:
             raise OperationLostError(
                 f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "
-                "its outcome is unknown", {"operation_id": operation_id})
+                "its outcome is unknown", {"operation_id": operation_id}) from None
         principal.check(session.client_id)
         return op, session
 
@@ -322,10 +327,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/artifacts", response_model=list[ArtifactInfo])
     def list_artifacts(tenant_id: str = "default", training_client_id: Optional[str] = None,
                        state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
-        if principal.client_id is not None:
-            principal.check(training_client_id or principal.client_id)
-            training_client_id = principal.client_id
-        return state.store.list(tenant_id, training_client_id)
+        return state.store.list(tenant_id, principal.visible(training_client_id))
 
     @app.get("/v1/artifacts/{artifact_id}", response_model=ArtifactInfo)
     def artifact_info(artifact_id: str, tenant_id: str = "default", state: State = Depends(get_state),
@@ -343,11 +345,9 @@ def create_app(settings: Settings) -> FastAPI:
     def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,
                       limit: int = Query(100, ge=1, le=10_000), state: State = Depends(get_state),
                       principal: Principal = Depends(authenticate)):
-        if principal.client_id is not None:
-            principal.check(training_client_id or principal.client_id)
-            training_client_id = principal.client_id
+        visible = principal.visible(training_client_id)
         state.audit.flush()
-        return state.audit_log.query(training_client_id=training_client_id, operation=operation, limit=limit)
+        return state.audit_log.query(training_client_id=visible, operation=operation, limit=limit)
 
     return app
 
