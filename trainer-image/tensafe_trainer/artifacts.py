@@ -128,9 +128,11 @@ class ArtifactStore:
             return _reindex(src, header, tenant_id, artifact_id, index_path)
 
     def read_raw(self, tenant_id: str, artifact_id: str) -> bytes:
-        """The ciphertext exactly as stored."""
-        self.info(tenant_id, artifact_id)
-        return self._paths(tenant_id, artifact_id)[0].read_bytes()
+        """The ciphertext exactly as stored (the reader checks it against ``info().content_hash``)."""
+        try:
+            return self._paths(tenant_id, artifact_id)[0].read_bytes()
+        except FileNotFoundError:
+            raise self._not_found(tenant_id, artifact_id) from None
 
     def get(self, tenant_id: str, artifact_id: str, training_client_id: str = "") -> bytes:
         """Decrypted payload. ``training_client_id`` restricts it to that client's artifacts."""
