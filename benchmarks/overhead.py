@@ -4,10 +4,10 @@ In one process, trains the same tiny Llama (hidden 256, 4 layers, LoRA r16 on q/
 for the same number of steps:
   (a) direct: a plain in-process transformers + peft loop;
   (b) sdk: through tg_tinker and the local trainer server, futures pipelined.
-Short rounds alternate a/b so the slow phases of a noisy machine hit both alike; the reported
-ratio is the median of the per-round ratios.
+Short rounds alternate a/b (a first in even rounds, b first in odd ones) so the slow phases of a
+noisy machine hit both alike; the reported ratio is the median of the per-round ratios.
 
-    python benchmarks/overhead.py [--steps 8] [--rounds 8] [--json]
+    python benchmarks/overhead.py [--steps 8] [--rounds 16] [--json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tg_tinker import BatchData, LoRAConfig, OptimizerConfig, ServiceClient, Tra
 MODEL = "tiny-random-llama:hidden=256,layers=4"
 BATCH, SEQ, VOCAB = 8, 128, 4096
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SETTLE_S = 0.1
 
 
 def make_batches(n: int, seed: int = 0) -> list[dict]:
@@ -87,6 +88,9 @@ class SdkLoop:
 
 
 def timed(loop, batches) -> float:
+    # After a loop's last step its OpenMP workers spin-wait for more work (measured: about 10 ms of CPU);
+    # let them go idle first, so that one loop's spinning does not land in the other's timing.
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     tokens = loop.run(batches)
     return tokens / (time.perf_counter() - start)
@@ -100,9 +104,13 @@ def measure(steps: int, rounds: int) -> dict:
         direct, sdk = DirectLoop(), SdkLoop(service)
         timed(direct, batches[:3])  # warm-up
         timed(sdk, sdk_batches[:3])
-        for _ in range(rounds):  # alternate, so slow phases of a noisy machine hit both alike
-            direct_runs.append(timed(direct, batches))
-            sdk_runs.append(timed(sdk, sdk_batches))
+        for i in range(rounds):  # alternate, and swap which goes first, so slow phases hit both alike
+            if i % 2:
+                sdk_runs.append(timed(sdk, sdk_batches))
+                direct_runs.append(timed(direct, batches))
+            else:
+                direct_runs.append(timed(direct, batches))
+                sdk_runs.append(timed(sdk, sdk_batches))
     ratios = [s / d for s, d in zip(sdk_runs, direct_runs)]
     return {"direct_tok_s": round(statistics.median(direct_runs), 1),
             "sdk_tok_s": round(statistics.median(sdk_runs), 1),
@@ -118,4 +126,4 @@ def report(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_benchmark(__doc__, measure, report, steps=8, rounds=8)
+    run_benchmark(__doc__, measure, report, steps=8, rounds=16)

@@ -14,7 +14,7 @@ import pytest
 from conftest import random_batch, tiny_config
 from tg_tinker import ClientStatus, ServiceClient, TGTinkerError, TrainingClientError
 from tg_tinker import ConnectionError as TrainerUnreachable
-from tg_tinker.training_client import OperationQueue
+from tg_tinker.submission import OperationQueue
 from tg_tinker.transport import Transport
 from tg_tinker.types import BatchData, ForwardBackwardRequest
 
@@ -52,8 +52,8 @@ def test_engine_killed_during_forward_backward_fails_the_future_and_keeps_checkp
     with pytest.raises(TrainingClientError, match="lost its engine"):
         queued.result(timeout=60)
     assert tc.refresh().status is ClientStatus.ERROR
-    with pytest.raises(TrainingClientError):
-        tc.forward_backward(random_batch())
+    with pytest.raises(TrainingClientError, match="is ERROR"):
+        tc.forward_backward(random_batch()).result(timeout=60)
     # the server and the other client carry on, and the checkpoint resumes in a new client
     assert bystander.forward_backward(random_batch()).result().tokens_processed == 60
     resumed = own_service.create_training_client(config)
@@ -108,20 +108,25 @@ def test_a_lost_client_is_replaced_and_resumes_from_its_latest_checkpoint(own_se
 
 
 def test_a_flood_of_submissions_meets_back_pressure_and_loses_nothing(tmp_path, monkeypatch):
+    """The trainer refuses a fifth queued operation with ResourceExhaustedError (429); the SDK's sender
+    waits for room instead, so a flood of calls all run, in order, none twice."""
     from tg_tinker import ResourceExhaustedError
 
     monkeypatch.setenv("TENSAFE_MAX_PENDING", "4")
     with ServiceClient(home=tmp_path) as service:
         tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
-        accepted = [tc.forward_backward(random_batch(rows=8, width=512))]
+        running = tc.forward_backward(random_batch(rows=8, width=512))
+        tc._queue.flush()  # on the trainer, and busy for a while
+        transport, path = tc._queue._transport, f"/v1/clients/{tc.id}/operations"
+        for i in range(4):
+            transport.request("POST", path, json={"request": {"type": "optim_step"}, "idempotency_key": f"k{i}"})
         with pytest.raises(ResourceExhaustedError) as err:
-            for _ in range(20):
-                accepted.append(tc.optim_step())
+            transport.request("POST", path, json={"request": {"type": "optim_step"}, "idempotency_key": "k4"})
         assert err.value.details["max_pending"] == 4 and "already has 4 operations queued" in err.value.message
-        assert 4 <= len(accepted) <= 6
-        steps = [f.result(timeout=120).step for f in accepted[1:]]
-        assert steps == list(range(1, len(steps) + 1))  # everything accepted ran, in order
-        assert tc.optim_step().result().step == len(steps) + 1  # and the queue takes work again
+        flood = [tc.optim_step() for _ in range(20)]  # none raises: the sender waits while the queue is full
+        assert [f.result(timeout=120).step for f in flood] == list(range(5, 25))  # all ran, in order
+        assert running.result().tokens_processed > 0
+        assert len(service.get_audit_logs(training_client_id=tc.id, operation="optim_step", limit=100)) == 24
 
 
 def test_trainer_killed_while_writing_a_checkpoint_loses_nothing_saved(tmp_path):

@@ -54,6 +54,7 @@ def test_waiting_on_the_last_future_settles_the_earlier_ones_in_the_same_round_t
     for i in range(4):
         futures.append(tc.forward_backward(random_batch(seed=i)))
         futures.append(tc.optim_step())
+    tc._queue.flush()  # all sent: what follows counts only the waiting
     sent = []
     real_request = transport.request
     monkeypatch.setattr(transport, "request", lambda method, path, **kw: (sent.append(path), real_request(
@@ -71,8 +72,10 @@ def test_a_dropped_future_is_not_kept_alive_by_the_sdk(tc):
 
     unfinished = _unfinished_of(tc._queue._transport)
     kept = tc.forward_backward(random_batch(rows=4, width=64))
+    tc._queue.flush()
     before = len(unfinished)
     tc.optim_step()  # never waited on, and dropped at once
+    tc._queue.flush()
     gc.collect()
     assert len(unfinished) <= before
     kept.result()

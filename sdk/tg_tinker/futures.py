@@ -7,6 +7,7 @@ of many futures the others need no round trip of their own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -24,6 +25,7 @@ from .types import MAX_WAITED_OPERATIONS, OperationRecord, OperationStatus
 from .wire import WireModel
 
 T = TypeVar("T")
+log = logging.getLogger("tg_tinker")
 POLL_S = 30.0
 
 
@@ -40,11 +42,11 @@ class _Unfinished:
 
     def add(self, future: "Future") -> None:
         with self._lock:
-            self._futures[future.operation_id] = future
+            self._futures[future._operation_id] = future
 
     def discard(self, future: "Future") -> None:
         with self._lock:
-            self._futures.pop(future.operation_id, None)
+            self._futures.pop(future._operation_id, None)
 
     def besides(self, future: "Future") -> list["Future"]:
         with self._lock:
@@ -63,25 +65,49 @@ def _unfinished_of(transport: Transport) -> _Unfinished:
 
 class Future(Generic[T]):
     """The eventual result of one operation. Operations of a client run in submission order,
-    whatever order their futures are waited on."""
+    whatever order their futures are waited on.
 
-    def __init__(self, transport: Transport, record: OperationRecord, result_type: type[WireModel],
-                 on_result: Optional[Callable[[Any], None]] = None):
+    A future exists before its operation reaches the trainer: the client's submitter sends it in the
+    background and then calls ``_accepted`` (the trainer queued it) or ``_refused`` (it never will run)."""
+
+    def __init__(self, transport: Transport, request_type: str, result_type: type[WireModel],
+                 on_result: Optional[Callable[[Any], None]] = None, idempotency_key: Optional[str] = None,
+                 withdraw: Optional[Callable[["Future"], bool]] = None):
         self._transport = transport
         self._result_type = result_type
         self._on_result = on_result
+        self._withdraw = withdraw
         self._lock = threading.Lock()
         self._callbacks: list[Callable[["Future[T]"], None]] = []
-        self.operation_id = record.operation_id
-        self.type = record.type
+        self._sent = threading.Event()
+        self._operation_id: Optional[str] = None
+        self.type = request_type
+        self.idempotency_key = idempotency_key
         self._outcome: Optional[tuple[bool, Any]] = None
+        self._retrieved = False  # the caller has seen the outcome (result() or exception() returned it)
         self._unfinished = _unfinished_of(transport)
-        self._unfinished.add(self)
-        self._absorb(record)
 
     def __repr__(self) -> str:
         state = "pending" if self._outcome is None else ("done" if self._outcome[0] else "failed")
-        return f"<Future {self.type} {self.operation_id} {state}>"
+        return f"<Future {self.type} {self._operation_id or 'unsent'} {state}>"
+
+    @property
+    def operation_id(self) -> Optional[str]:
+        """The trainer's id for this operation; waits until it is sent. None if the trainer refused it."""
+        self._sent.wait()
+        return self._operation_id
+
+    # --- submission (called by the client's submitter) -----------------------------------------
+
+    def _accepted(self, record: OperationRecord) -> None:
+        self._operation_id = record.operation_id
+        self._unfinished.add(self)
+        self._sent.set()
+        self._absorb(record)
+
+    def _refused(self, error: TGTinkerError) -> None:
+        self._settle((False, error))
+        self._sent.set()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -100,14 +126,18 @@ class Future(Generic[T]):
                 return
             self._outcome = outcome
             callbacks, self._callbacks = self._callbacks, []
-        self._unfinished.discard(self)
+        if self._operation_id is not None:
+            self._unfinished.discard(self)
         if outcome[0] and self._on_result is not None:
             self._on_result(outcome[1])
         for callback in callbacks:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - as concurrent.futures does: one bad callback stops nothing
+                log.exception("a done callback of %r raised", self)
 
     def _poll(self, wait: float) -> None:
-        polled = {f.operation_id: f for f in [self, *self._unfinished.besides(self)]}
+        polled = {f._operation_id: f for f in [self, *self._unfinished.besides(self)]}
         try:
             data = self._transport.request("POST", "/v1/operations/wait", timeout=wait + 30.0,
                                            json={"operation_ids": list(polled), "wait": wait})
@@ -123,17 +153,20 @@ class Future(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._outcome is None:
             remaining = POLL_S if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._sent.wait(remaining):
                 raise FutureTimeoutError(
-                    f"{self.type} operation {self.operation_id} not finished after {timeout}s; it goes on",
-                    {"operation_id": self.operation_id, "timeout": timeout})
-            self._poll(min(remaining, POLL_S))
+                    f"{self.type} operation {self._operation_id or '(not sent yet)'} not finished after "
+                    f"{timeout}s; it goes on", {"operation_id": self._operation_id, "timeout": timeout})
+            if self._outcome is None:
+                remaining = POLL_S if deadline is None else max(deadline - time.monotonic(), 0.0)
+                self._poll(min(remaining, POLL_S))
+        self._retrieved = True
         return self._outcome
 
     # --- the concurrent.futures-like surface -------------------------------------------------
 
     def done(self) -> bool:
-        if self._outcome is None:
+        if self._outcome is None and self._sent.is_set():
             self._poll(0.0)
         return self._outcome is not None
 
@@ -151,7 +184,13 @@ class Future(Generic[T]):
         """Cancel if the operation has not started; True only then."""
         if self._outcome is not None:
             return False
-        data = self._transport.request("POST", f"/v1/operations/{self.operation_id}/cancel")
+        if self._withdraw is not None and self._withdraw(self):  # still unsent: it never reaches the trainer
+            self._refused(OperationCancelledError("cancelled before it was sent"))
+            return True
+        self._sent.wait()
+        if self._outcome is not None:
+            return False
+        data = self._transport.request("POST", f"/v1/operations/{self._operation_id}/cancel")
         self._absorb(OperationRecord.parse(data["record"]))
         return bool(data["cancelled"])
 
@@ -168,9 +207,10 @@ class Future(Generic[T]):
         if start_watcher is None:
             fn(self)
         elif start_watcher:
-            threading.Thread(target=self._watch, name=f"watch-{self.operation_id}", daemon=True).start()
+            threading.Thread(target=self._watch, name=f"watch-{self.type}", daemon=True).start()
 
     def _watch(self) -> None:
+        self._sent.wait()
         while self._outcome is None:
             try:
                 self._poll(POLL_S)

@@ -6,7 +6,6 @@ import asyncio
 from typing import TYPE_CHECKING, Optional, Union
 
 from .futures import Future
-from .training_client import OperationQueue
 from .types import ComputeLogprobsRequest, ComputeLogprobsResult, SampleRequest, SampleResult
 
 if TYPE_CHECKING:
@@ -18,7 +17,7 @@ class SamplingClient:
         self._service = service
         self.id = client_id
         self._owned = owned  # a sampler of its own (from an artifact), not a view on a training client
-        self._queue = OperationQueue(service._transport_for(client_id), client_id)
+        self._queue = service._queue_for(client_id)
 
     def __repr__(self) -> str:
         return f"<SamplingClient {self.id}>"

@@ -22,7 +22,8 @@ from .kube_backend import KubernetesBackend
 from .local import LocalTrainer
 from .resources import DurableRequest
 from .sampling_client import SamplingClient
-from .training_client import OperationQueue, TrainingClient
+from .submission import OperationQueue
+from .training_client import TrainingClient
 from .transport import Transport, Verify
 from .types import ArtifactInfo, AuditEntry, ClientInfo, ClientStatus, CreateSamplingClient, CreateTrainingClient
 
@@ -46,6 +47,7 @@ class ServiceClient:
         self._local: Optional[LocalTrainer] = None
         self._kube: Optional[KubernetesBackend] = None
         self._clients: dict[str, Transport] = {}  # each client's own token (and, on kubernetes, its own trainer)
+        self._queues: dict[str, OperationQueue] = {}  # one per client: its operations reach it in call order
         self._created: set[str] = set()  # kubernetes: the resources this client made (and deletes on close)
         self._delete_on_close = delete_on_close
         self.transport: Optional[Transport] = None
@@ -67,7 +69,10 @@ class ServiceClient:
 
     def close(self) -> None:
         """Stop what this client started: the local trainer, or (kubernetes, unless ``delete_on_close=False``)
-        the training clients it created."""
+        the training clients it created. Operations already submitted are sent first."""
+        for queue in self._queues.values():
+            queue.flush()
+        self._queues.clear()
         for name, transport in list(self._clients.items()):
             transport.close()
             if self._kube is not None and self._delete_on_close and name in self._created:
@@ -172,12 +177,22 @@ class ServiceClient:
         raise ValidationError("with backend='kubernetes' each training client has its own trainer: name one "
                               f"(training_client_id), one of {sorted(self._clients)}", {"field": "training_client_id"})
 
+    def _queue_for(self, client_id: str) -> OperationQueue:
+        """The one queue of ``client_id``, shared by its training and sampling clients."""
+        if client_id not in self._queues:
+            self._queues[client_id] = OperationQueue(self._transport_for(client_id), client_id)
+        return self._queues[client_id]
+
     def _client_info(self, client_id: str) -> ClientInfo:
         if self._kube is not None:
             return self._kube.info(self._kube.get(client_id))
         return ClientInfo.parse(self._transport_for(client_id).request("GET", f"/v1/clients/{client_id}"))
 
     def _terminate(self, client_id: str) -> ClientInfo:
+        queue = self._queues.pop(client_id, None)
+        if queue is not None:
+            queue.close(TrainingClientError(f"client {client_id} is TERMINATED: it was closed",
+                                            {"status": ClientStatus.TERMINATED.value}))
         if self._kube is not None and client_id in self._clients:
             info = self._client_info(client_id)
             self._clients.pop(client_id).close()

@@ -6,17 +6,13 @@ import asyncio
 import base64
 import io
 import tarfile
-import threading
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from .config import TrainingConfig
 from .errors import TrainingClientError
 from .futures import Future
-from .transport import Transport
 from .types import (
-    RESULT_TYPES,
     BatchData,
     ClientInfo,
     ClientStatus,
@@ -27,7 +23,6 @@ from .types import (
     ForwardResult,
     LoadStateRequest,
     LoadStateResult,
-    OperationRecord,
     OptimStepRequest,
     OptimStepResult,
     SaveStateRequest,
@@ -41,28 +36,13 @@ if TYPE_CHECKING:
 Batch = Union[BatchData, dict]
 
 
-class OperationQueue:
-    """Submits operations of one client in call order, each with an idempotency key (fresh by default)."""
-
-    def __init__(self, transport: Transport, client_id: str):
-        self._transport = transport
-        self._path = f"/v1/clients/{client_id}/operations"
-        self._lock = threading.Lock()
-
-    def submit(self, request: Any, on_result=None, idempotency_key: Optional[str] = None) -> Future:
-        body = {"request": request.model_dump(mode="json"), "idempotency_key": idempotency_key or uuid.uuid4().hex}
-        with self._lock:  # the trainer sees submissions in the order the caller made them
-            data = self._transport.request("POST", self._path, json=body)
-        return Future(self._transport, OperationRecord.parse(data), RESULT_TYPES[request.type], on_result)
-
-
 class TrainingClient:
     def __init__(self, service: "ServiceClient", info: ClientInfo, config: TrainingConfig):
         self._service = service
         self.id = info.client_id
         self.config = config
         self._info = info
-        self._queue = OperationQueue(service._transport_for(self.id), self.id)
+        self._queue = service._queue_for(self.id)
 
     def __repr__(self) -> str:
         return f"<TrainingClient {self.id} {self.status.value} step={self.step}>"

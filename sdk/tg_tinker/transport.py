@@ -18,6 +18,7 @@ import httpx
 from .errors import AuthenticationError, ConnectionError, TGTinkerError, error_from_wire
 
 RETRY_STATUSES = {502, 503, 504}
+JSON_CONTENT = {"content-type": "application/json"}
 Verify = Union[bool, str, os.PathLike, ssl.SSLContext]
 
 
@@ -56,12 +57,15 @@ class Transport:
     def close(self) -> None:
         self._client.close()
 
-    def request(self, method: str, path: str, *, json: Any = None, params: Optional[dict] = None,
-                timeout: Optional[float] = None, raw: bool = False) -> Any:
+    def request(self, method: str, path: str, *, json: Any = None, content: Optional[bytes] = None,
+                params: Optional[dict] = None, timeout: Optional[float] = None, raw: bool = False) -> Any:
+        """``json``: a body to encode; ``content``: a body already encoded as JSON."""
         attempt = 0
         while True:
             try:
                 kwargs = {"json": json, "params": params, "extensions": self._extensions}
+                if content is not None:
+                    kwargs.update(content=content, headers=JSON_CONTENT)
                 if timeout is not None:
                     kwargs["timeout"] = timeout
                 response = self._client.request(method, path, **kwargs)

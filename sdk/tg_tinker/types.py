@@ -282,6 +282,22 @@ class OperationRecord(WireModel):
 
 MAX_WAIT_S = 60.0  # the longest a long-poll is held open
 MAX_WAITED_OPERATIONS = 256
+MAX_SUBMISSIONS = 256  # operations in one batched submission
+
+
+class SubmitOperations(WireModel):
+    """Several operations of one client in one request, queued in list order. The trainer stops at the first
+    one it refuses: those after it were meant to run after it, so they are not queued either."""
+
+    submissions: list[SubmitOperation] = Field(min_length=1, max_length=MAX_SUBMISSIONS)
+
+
+class SubmittedOperations(WireModel):
+    """``records[i]`` answers ``submissions[i]``. ``error``, when set, is why ``submissions[len(records)]``
+    was refused; the submissions after it were not looked at."""
+
+    records: list[OperationRecord]
+    error: Optional[ErrorInfo] = None
 
 
 class WaitForOperations(WireModel):

@@ -40,13 +40,13 @@ def _last_line(f) -> Optional[bytes]:
     end = f.tell()
     if end == 0:
         return None
-    block = min(end, 1 << 16)
+    block = min(end, 4096)
     while True:
         f.seek(end - block)
-        data = f.read(block)
-        lines = data.rstrip(b"\n").split(b"\n")
-        if len(lines) > 1 or block == end:
-            return lines[-1]
+        data = f.read(block).rstrip(b"\n")
+        start = data.rfind(b"\n")
+        if start >= 0 or block == end:
+            return data[start + 1:]
         block = min(end, block * 2)
 
 

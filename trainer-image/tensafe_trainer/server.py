@@ -39,6 +39,8 @@ from tg_tinker.types import (
     MAX_WAIT_S,
     OperationRecord,
     SubmitOperation,
+    SubmitOperations,
+    SubmittedOperations,
     WaitForOperations,
 )
 
@@ -267,15 +269,34 @@ def create_app(settings: Settings) -> FastAPI:
         info = session.info()
         return info.model_copy(update={"status": ClientStatus.TERMINATED})
 
+    def queue_operation(state: State, session: Session, submission: SubmitOperation) -> tuple[Operation, bool]:
+        op, created = session.submit(submission.request, submission.idempotency_key)
+        if created:
+            state.operations.add(op, session)
+        return op, created
+
     @app.post("/v1/clients/{client_id}/operations", response_model=OperationRecord)
     async def submit_operation(client_id: str, body: SubmitOperation, state: State = Depends(get_state),
                                principal: Principal = Depends(authenticate)):
         principal.check(client_id)
-        session = state.session(client_id)
-        op, created = session.submit(body.request, body.idempotency_key)
-        if created:
-            state.operations.add(op, session)
+        op, created = queue_operation(state, state.session(client_id), body)
         return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
+
+    @app.post("/v1/clients/{client_id}/operations/batch", response_model=SubmittedOperations)
+    async def submit_operations(client_id: str, body: SubmitOperations, state: State = Depends(get_state),
+                                principal: Principal = Depends(authenticate)):
+        """Queues the submissions in order, stopping at the first one refused (see SubmittedOperations)."""
+        principal.check(client_id)
+        session = state.session(client_id)
+        records, error = [], None
+        for submission in body.submissions:
+            try:
+                op, _ = queue_operation(state, session, submission)
+            except TGTinkerError as exc:
+                error = exc.to_wire()
+                break
+            records.append(op.record().model_dump(mode="json"))
+        return JSONResponse({"records": records, "error": error})
 
     def find(state: State, operation_id: str, principal: Principal) -> tuple[Operation, Session]:
         try:
@@ -288,9 +309,10 @@ def create_app(settings: Settings) -> FastAPI:
         return op, session
 
     async def long_poll(op: Operation, wait: float) -> None:
-        if wait > 0 and not op.waiter.done():
+        waiter = op.waiter() if wait > 0 else None
+        if waiter is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(op.waiter), timeout=wait)
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=wait)
 
     @app.get("/v1/operations/{operation_id}", response_model=OperationRecord)
     async def get_operation(operation_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),

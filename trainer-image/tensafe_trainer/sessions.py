@@ -53,13 +53,27 @@ class Operation:
         self.result: Optional[dict] = None
         self.error: Optional[ErrorInfo] = None
         self._loop = loop
-        self.waiter: asyncio.Future = loop.create_future()
+        # Made by the first long-poll: finish() wakes the event loop only for an operation someone waits on.
+        self._waiter: Optional[asyncio.Future] = None
+        self._finish_lock = threading.Lock()
 
     def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None):
-        self.status, self.result, self.error = status, result, error
-        self.request = None
-        self.finished_at = time.time()
-        self._loop.call_soon_threadsafe(lambda: self.waiter.done() or self.waiter.set_result(None))
+        with self._finish_lock:
+            self.status, self.result, self.error = status, result, error
+            self.request = None
+            self.finished_at = time.time()
+            waiter = self._waiter
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    def waiter(self) -> Optional[asyncio.Future]:
+        """Called on the event loop: a future resolved when this operation finishes; None once it has."""
+        with self._finish_lock:
+            if self.status.finished:
+                return None
+            if self._waiter is None:
+                self._waiter = self._loop.create_future()
+            return self._waiter
 
     def record(self) -> OperationRecord:
         return OperationRecord(
