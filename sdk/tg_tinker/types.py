@@ -301,8 +301,8 @@ class SubmittedOperations(WireModel):
 
 
 class WaitForOperations(WireModel):
-    """Long-poll the first operation; the answer carries the records of all listed ones, so one round trip
-    settles every future that finished meanwhile."""
+    """Long-poll the first operation; the answer carries its record and those of the other listed ones that
+    have finished, so one round trip settles every future that finished meanwhile."""
 
     operation_ids: list[str] = Field(min_length=1, max_length=MAX_WAITED_OPERATIONS)
     wait: float = Field(0.0, ge=0.0, le=MAX_WAIT_S)

@@ -324,14 +324,17 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/operations/wait", response_model=list[OperationRecord])
     async def wait_for_operations(body: WaitForOperations, state: State = Depends(get_state),
                                   principal: Principal = Depends(authenticate)):
-        """Waits for the first operation like GET does, then answers with the records of all listed ones that
-        this trainer knows (the others are left out: their own polls report them lost)."""
+        """Waits for the first operation like GET does, then answers with its record and those of the other
+        listed ones that have finished (unfinished and unknown ones are left out: an unknown one's own poll
+        reports it lost)."""
         first, _ = find(state, body.operation_ids[0], principal)
         await long_poll(first, body.wait)
         records = [first.record()]
         for operation_id in body.operation_ids[1:]:
             with contextlib.suppress(OperationLostError):
-                records.append(find(state, operation_id, principal)[0].record())
+                op = find(state, operation_id, principal)[0]
+                if op.status.finished:
+                    records.append(op.record())
         return JSONResponse([record.model_dump(mode="json") for record in records])
 
     @app.post("/v1/operations/{operation_id}/cancel")
