@@ -76,6 +76,8 @@ def test_a_refused_submission_fails_what_queued_behind_it_and_the_next_call_rais
     held = HeldSender(queue._transport, monkeypatch)
     first = queue.submit(ForwardBackwardRequest(batch=random_batch()))
     behind = [queue.submit(OptimStepRequest()), queue.submit(OptimStepRequest())]
+    seen_by_callback = []  # runs on the sender thread as it settles the future: must not wait on itself
+    behind[0].add_done_callback(lambda f: seen_by_callback.append(f.operation_id))
     held.release()
     with pytest.raises(AuthenticationError, match="missing or wrong bearer token"):
         first.result(timeout=30)
@@ -83,6 +85,7 @@ def test_a_refused_submission_fails_what_queued_behind_it_and_the_next_call_rais
         with pytest.raises(AuthenticationError, match="not sent: the forward_backward operation queued before it"):
             future.result(timeout=30)
         assert future.operation_id is None
+    assert seen_by_callback == [None]
     # Those futures reported it, so the next call does not raise it again; this one is refused on its own...
     unseen = queue.submit(OptimStepRequest())
     queue.flush()

@@ -107,7 +107,6 @@ class Future(Generic[T]):
 
     def _refused(self, error: TGTinkerError) -> None:
         self._settle((False, error))
-        self._sent.set()
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -126,6 +125,7 @@ class Future(Generic[T]):
                 return
             self._outcome = outcome
             callbacks, self._callbacks = self._callbacks, []
+        self._sent.set()  # a refused future is settled without being sent; nothing waits for it any longer
         if self._operation_id is not None:
             self._unfinished.discard(self)
         if outcome[0] and self._on_result is not None:
