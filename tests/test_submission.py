@@ -185,3 +185,14 @@ def test_a_script_that_exits_right_after_its_last_call_still_sends_it(service):
         assert time.monotonic() < deadline, "the script's last operation never ran"
         time.sleep(0.1)
     assert audit_count(service, "exits-early", "forward_backward") == 1
+
+
+def test_waiting_without_a_timeout_outlasts_a_slow_submission(client, monkeypatch):
+    """result() with no timeout waits for the submission however long it takes (here longer than one poll)."""
+    from tg_tinker import futures as futures_module
+
+    monkeypatch.setattr(futures_module, "POLL_S", 0.2)
+    held = HeldSender(client._queue._transport, monkeypatch)
+    step = client.optim_step()
+    threading.Timer(0.8, held.release).start()
+    assert step.result().step == 1

@@ -152,14 +152,14 @@ class Future(Generic[T]):
     def _wait(self, timeout: Optional[float]) -> tuple[bool, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._outcome is None:
-            remaining = POLL_S if deadline is None else deadline - time.monotonic()
-            if remaining <= 0 or not self._sent.wait(remaining):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if (remaining is not None and remaining <= 0) or not self._sent.wait(remaining):
                 raise FutureTimeoutError(
                     f"{self.type} operation {self._operation_id or '(not sent yet)'} not finished after "
                     f"{timeout}s; it goes on", {"operation_id": self._operation_id, "timeout": timeout})
             if self._outcome is None:
-                remaining = POLL_S if deadline is None else max(deadline - time.monotonic(), 0.0)
-                self._poll(min(remaining, POLL_S))
+                left = POLL_S if deadline is None else max(deadline - time.monotonic(), 0.0)
+                self._poll(min(left, POLL_S))
         self._retrieved = True
         return self._outcome
 
