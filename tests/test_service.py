@@ -118,6 +118,29 @@ def test_timeout_then_later_result_and_cancel_before_start(service):
         slow.close()
 
 
+def test_cancelling_the_operation_right_behind_the_running_one(service):
+    """When an operation finishes, the engine is handed the next two: the one it runs and the one after it.
+    Cancelling that one still works, and it never runs, while the ones around it do."""
+    slow = service.create_training_client(tiny_config(max_seq_len=512))
+    try:
+        batch = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512))).model_dump(mode="json")
+        step = OptimStepRequest().model_dump(mode="json")
+        answer = service.transport.request("POST", f"/v1/clients/{slow.id}/operations/batch", json={
+            "submissions": [{"request": r, "idempotency_key": uuid.uuid4().hex} for r in (batch, batch, step, step)]})
+        first, running, handed, last = (r["operation_id"] for r in answer["records"])
+        service.transport.request("GET", f"/v1/operations/{first}", params={"wait": 60})
+        cancel = service.transport.request("POST", f"/v1/operations/{handed}/cancel")
+        assert cancel["cancelled"] is True and cancel["record"]["status"] == "cancelled"
+        assert service.transport.request("POST", f"/v1/operations/{running}/cancel")["cancelled"] is False
+        done = service.transport.request("GET", f"/v1/operations/{last}", params={"wait": 60})
+        assert done["status"] == "succeeded" and done["result"]["step"] == 1  # the cancelled step never ran
+        second = service.transport.request("GET", f"/v1/operations/{running}")
+        assert second["status"] == "succeeded" and second["finished_at"] <= done["started_at"]
+        assert slow.refresh().step == 1
+    finally:
+        slow.close()
+
+
 def test_retried_submission_with_the_same_key_runs_once(service, tc):
     path = f"/v1/clients/{tc.id}/operations"
     key = uuid.uuid4().hex

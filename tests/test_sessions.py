@@ -47,3 +47,31 @@ def test_operation_index_forgets_the_oldest_finished_operations_only():
     assert len(index) == 3 and owner.forgotten == [ops[0].id, ops[1].id]
     assert index.get(ops[4].id)[0] is ops[4]
     loop.close()
+
+
+def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_runs(tensafe_home):
+    """The session hands the engine the next operation while one runs; withdrawing it still works until it
+    starts, decided by the engine's start gate."""
+    from tensafe_trainer.engine_process import EngineProcess
+
+    from conftest import random_batch, tiny_config
+    from tg_tinker.types import BatchData, ForwardBackwardRequest
+
+    spec = {"kind": "training", "client_id": "tc-gate", "tenant_id": "default",
+            "config": tiny_config(max_seq_len=512).model_dump(mode="json")}
+    engine = EngineProcess(spec, tensafe_home)
+    try:
+        big = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512)))
+        engine.hand_over(0, big)
+        engine.hand_over(1, OptimStepRequest())
+        assert engine.withdraw(1) is True  # handed over, not started: operation 0 is still running
+        first, second = engine.reply("forward_backward"), engine.reply("optim_step")
+        assert first.ok and not first.withdrawn and first.result["tokens_processed"] == 8 * 511
+        assert second.withdrawn and second.result is None
+        engine.hand_over(2, OptimStepRequest())
+        third = engine.reply("optim_step")
+        assert third.ok and third.result["step"] == 1  # the withdrawn step never ran
+        assert engine.withdraw(2) is False  # it ran: too late
+        assert first.finished_at <= third.finished_at
+    finally:
+        engine.close()

@@ -50,7 +50,7 @@ def _as_int_rows(value: Any, name: str) -> list[list[int]]:
             for tok in row:
                 if isinstance(tok, bool) or not isinstance(tok, int):
                     raise ValueError(f"{name}[{i}] must hold integers, found {type(tok).__name__} {tok!r}")
-        rows.append(list(row))
+        rows.append(row if type(row) is list else list(row))
     return rows
 
 
@@ -84,8 +84,11 @@ class BatchData(WireModel):
             raise ValueError("attention_mask values must be 0 or 1")
         if min(map(min, self.input_ids)) < 0:
             raise ValueError("input_ids must be non-negative token ids")
-        if self.labels is not None and any(v < 0 and v != IGNORE_INDEX for v in set().union(*self.labels)):
-            raise ValueError(f"labels must be token ids or {IGNORE_INDEX} (ignored)")
+        if self.labels is not None:
+            targets = set().union(*self.labels)
+            targets.discard(IGNORE_INDEX)
+            if targets and min(targets) < 0:
+                raise ValueError(f"labels must be token ids or {IGNORE_INDEX} (ignored)")
         return self
 
     @property

@@ -1,9 +1,11 @@
 """One session per client: an ordered operation queue drained by a single worker thread.
 
-Submissions are appended under a lock and executed strictly in that order. Each operation has an
-asyncio future on the server's event loop, resolved from the worker thread, which is what the
-long-poll endpoint awaits. Idempotency keys map a retried submission to the operation it already
-created, so a retry never runs an operation twice.
+Submissions are appended under a lock and executed strictly in that order. The worker hands the
+engine the next operation while the current one runs (see engine_process) and takes the replies in
+order; an operation handed over but not yet started is still pending, and cancelling it withdraws
+it. Each operation has an asyncio future on the server's event loop, resolved from the worker
+thread, which is what the long-poll endpoint awaits. Idempotency keys map a retried submission to
+the operation it already created, so a retry never runs an operation twice.
 """
 
 from __future__ import annotations
@@ -23,14 +25,13 @@ from tg_tinker.errors import (
     TGTinkerError,
     TrainingClientError,
     ValidationError,
-    error_from_wire,
 )
 from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
 
 from . import metrics
 from .audit import request_hash
 from .audit_writer import AuditWriter
-from .engine_process import EngineProcess
+from .engine_process import PIPELINE_DEPTH, EngineProcess
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -44,6 +45,7 @@ class Operation:
         self.client_id = client_id
         self.type: str = request.type
         self.request = request  # dropped once executed: a long run must not keep every batch
+        self.seq: Optional[int] = None  # its place among the operations handed to the engine
         self.key = key
         self.fingerprint = fingerprint
         self.status = OperationStatus.PENDING
@@ -57,11 +59,12 @@ class Operation:
         self._waiter: Optional[asyncio.Future] = None
         self._finish_lock = threading.Lock()
 
-    def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None):
+    def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None,
+               finished_at: Optional[float] = None):
         with self._finish_lock:
             self.status, self.result, self.error = status, result, error
             self.request = None
-            self.finished_at = time.time()
+            self.finished_at = finished_at or time.time()
             waiter = self._waiter
         if waiter is not None:
             self._loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
@@ -122,6 +125,8 @@ class Session:
         self._max_pending = max_pending
         self._cond = threading.Condition()
         self._queue: collections.deque[Operation] = collections.deque()
+        self._handed: collections.deque[Operation] = collections.deque()  # handed to the engine, not answered
+        self._next_seq = 0
         self._by_key: dict[str, Operation] = {}
         self.status = ClientStatus.INITIALIZING
         self.error: Optional[str] = None
@@ -174,20 +179,26 @@ class Session:
 
     def cancel(self, op: Operation) -> bool:
         with self._cond:
-            if op.status is not OperationStatus.PENDING or op not in self._queue:
+            if op.status is not OperationStatus.PENDING:
                 return False
-            self._queue.remove(op)
+            if op in self._queue:
+                self._queue.remove(op)
+            elif not (op in self._handed and self.engine.withdraw(op.seq)):
+                return False
+            op.status = OperationStatus.CANCELLED  # under the lock: the worker must not mark it running now
         cancelled = OperationCancelledError("cancelled before it started")
         self._close_unrun(op, OperationStatus.CANCELLED, cancelled.to_wire())
         return True
 
     def info(self) -> ClientInfo:
         summary = self.engine.summary if self.engine else {}
+        with self._cond:
+            queued = len(self._queue) + sum(op.status is OperationStatus.PENDING for op in self._handed)
         return ClientInfo(
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
             step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),
             last_checkpoint=summary.get("last_checkpoint"), error=self.error, error_type=self.error_type,
-            queue_depth=len(self._queue),
+            queue_depth=queued,
         )
 
     @property
@@ -199,6 +210,10 @@ class Session:
             self._stopping = True
             pending = list(self._queue)
             self._queue.clear()
+            for op in self._handed:
+                if op.status is OperationStatus.PENDING and self.engine.withdraw(op.seq):
+                    op.status = OperationStatus.CANCELLED
+                    pending.append(op)
             self._cond.notify()
         terminated = OperationCancelledError("the client was terminated").to_wire()
         for op in pending:
@@ -220,33 +235,78 @@ class Session:
         with self._cond:
             if self.status is ClientStatus.INITIALIZING:
                 self.status = ClientStatus.READY
+        try:
+            self._serve()
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail this client loudly, never hang it
+            self._take_back_handed()
+            self._enter_error(exc, f"client {self.client_id}'s worker failed")
+            self.engine.close()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not (self._queue or self._handed or self._stopping):
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping and not self._handed:
                     self.status = ClientStatus.TERMINATED
                     self.engine.close()
                     return
-                op = self._queue.popleft()
-                op.status = OperationStatus.RUNNING
-                self.status = ClientStatus.BUSY
-            metrics.QUEUE_DEPTH.dec()
-            if not self._run(op):
+                handing = self._take_for_engine()
+            for op, request in handing:
+                self.engine.hand_over(op.seq, request)
+            if not self._finish_oldest():
                 return
-            with self._cond:
-                if self.status is ClientStatus.BUSY:
-                    self.status = ClientStatus.READY
 
-    def _run(self, op: Operation) -> bool:
-        """Execute one operation; False when the engine process is gone and the client is in ERROR."""
-        op.started_at = time.time()
+    def _take_for_engine(self) -> list[tuple[Operation, Any]]:
+        """Under the lock: move queued operations to the engine's hand, up to PIPELINE_DEPTH outstanding."""
+        handing = []
+        while self._queue and len(self._handed) < PIPELINE_DEPTH:
+            op = self._queue.popleft()
+            op.seq, self._next_seq = self._next_seq, self._next_seq + 1
+            if not self._handed:
+                self._mark_running(op)  # an idle engine starts it at once
+            self._handed.append(op)
+            handing.append((op, op.request))  # taken now: a cancel may drop op.request before it is sent
+        return handing
+
+    def _mark_running(self, op: Operation, since: Optional[float] = None) -> None:
+        op.status, op.started_at = OperationStatus.RUNNING, since or time.time()
+        self.status = ClientStatus.BUSY
+        metrics.QUEUE_DEPTH.dec()
+
+    def _finish_oldest(self) -> bool:
+        """Take the engine's reply to the oldest outstanding operation and finish that operation; False when
+        the engine process is gone and the client is in ERROR."""
+        op = self._handed[0]
         try:
-            reply = self.engine.execute(op.request)
+            reply = self.engine.reply(op.type)
         except TGTinkerError as exc:
-            reply, error = None, exc.to_wire()
-        else:
-            error = reply.error
+            with self._cond:
+                self._handed.popleft()
+            self._take_back_handed()
+            self._record(op, None, exc.to_wire())
+            self._enter_error(exc, f"client {self.client_id} lost its engine")
+            return False
+        if reply.seq != op.seq:
+            raise RuntimeError(f"engine answered operation {reply.seq}, expected {op.seq}")  # a bug, never input
+        with self._cond:
+            self._handed.popleft()
+            if self._handed and self._handed[0].status is OperationStatus.PENDING:
+                self._mark_running(self._handed[0], reply.finished_at)  # the engine went on to it at once
+            if not self._handed and self.status is ClientStatus.BUSY:
+                self.status = ClientStatus.READY
+        if not reply.withdrawn:  # a withdrawn operation was finished by whoever withdrew it
+            self._record(op, reply, reply.error)
+        return True
+
+    def _take_back_handed(self) -> None:
+        """The engine will not answer: put what it was handed back in the queue (for _enter_error to fail)."""
+        with self._cond:
+            self._queue.extendleft(reversed([op for op in self._handed if not op.status.finished]))
+            self._handed.clear()
+
+    def _record(self, op: Operation, reply: Optional[Any], error: Optional[dict]) -> None:
+        """Audit, count and finish an operation the engine ran (``reply`` None: the engine died running it)."""
         self._audit.submit(
             durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
             tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
@@ -255,15 +315,12 @@ class Session:
         )
         status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
         tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
-        metrics.observe(op.type, status.value, time.time() - op.started_at, tokens)
+        finished_at = reply.finished_at if reply else time.time()
+        metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
         if error:
-            op.finish(status, error=ErrorInfo(**error))
+            op.finish(status, error=ErrorInfo(**error), finished_at=finished_at)
         else:
-            op.finish(status, result=reply.result)
-        if reply is None:
-            self._enter_error(error_from_wire(error), f"client {self.client_id} lost its engine")
-            return False
-        return True
+            op.finish(status, result=reply.result, finished_at=finished_at)
 
     def _enter_error(self, exc: Exception, context: str) -> None:
         """Move to ERROR and fail everything still queued with the reason."""
