@@ -75,3 +75,43 @@ def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_run
         assert first.finished_at <= third.finished_at
     finally:
         engine.close()
+
+
+def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_hanging(tensafe_home, tmp_path):
+    """Whatever goes wrong in the worker's own bookkeeping (here: the engine answering out of order), the
+    client's operations fail with the reason and its status says ERROR; nothing waits for ever."""
+    from tensafe_trainer.audit import AuditLog
+    from tensafe_trainer.audit_writer import AuditWriter
+    from tensafe_trainer.engine_process import EngineProcess
+    from tensafe_trainer.sessions import Session
+
+    from conftest import tiny_config
+    from tg_tinker.types import ClientStatus
+
+    class OutOfOrderEngine(EngineProcess):
+        def reply(self, what):
+            reply = super().reply(what)
+            reply.seq += 1
+            return reply
+
+    spec = {"kind": "training", "client_id": "tc-broken", "tenant_id": "default",
+            "config": tiny_config().model_dump(mode="json")}
+    loop = asyncio.new_event_loop()
+    audit_log = AuditLog(tmp_path / "audit.jsonl")
+    writer = AuditWriter(audit_log)
+    session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
+                      max_pending=16)
+    try:
+        ops = [session.submit(OptimStepRequest(), f"key-{i}")[0] for i in range(3)]
+        session._thread.join(timeout=120)
+        assert not session._thread.is_alive()
+        info = session.info()
+        assert info.status is ClientStatus.ERROR and "answered operation 1, expected 0" in info.error
+        assert [op.status for op in ops] == [OperationStatus.FAILED] * 3
+        assert all("worker failed" in op.error.message for op in ops)
+        assert not session.engine.process.is_alive()
+        writer.flush()
+        assert [e.success for e in audit_log.query(training_client_id="tc-broken", limit=10)] == [False] * 3
+    finally:
+        writer.close()
+        loop.close()

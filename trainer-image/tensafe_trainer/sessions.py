@@ -238,8 +238,10 @@ class Session:
         try:
             self._serve()
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this client loudly, never hang it
-            self._take_back_handed()
-            self._enter_error(exc, f"client {self.client_id}'s worker failed")
+            context = f"client {self.client_id}'s worker failed"
+            for op in self._take_back_handed():
+                self._record(op, None, TrainingClientError(f"{context}: {exc}").to_wire())
+            self._enter_error(exc, context)
             self.engine.close()
 
     def _serve(self) -> None:
@@ -299,11 +301,14 @@ class Session:
             self._record(op, reply, reply.error)
         return True
 
-    def _take_back_handed(self) -> None:
-        """The engine will not answer: put what it was handed back in the queue (for _enter_error to fail)."""
+    def _take_back_handed(self) -> list[Operation]:
+        """The engine will not answer: put what it was handed and has not started back in the queue (for
+        _enter_error to fail); returns those it had started."""
         with self._cond:
-            self._queue.extendleft(reversed([op for op in self._handed if not op.status.finished]))
+            running = [op for op in self._handed if op.status is OperationStatus.RUNNING]
+            self._queue.extendleft(reversed([op for op in self._handed if op.status is OperationStatus.PENDING]))
             self._handed.clear()
+        return running
 
     def _record(self, op: Operation, reply: Optional[Any], error: Optional[dict]) -> None:
         """Audit, count and finish an operation the engine ran (``reply`` None: the engine died running it)."""
