@@ -141,6 +141,24 @@ def test_cancelling_the_operation_right_behind_the_running_one(service):
         slow.close()
 
 
+def test_terminating_a_client_withdraws_the_operation_handed_over_and_lets_the_running_one_finish(service):
+    slow = service.create_training_client(tiny_config(max_seq_len=512))
+    batch = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512))).model_dump(mode="json")
+    step = OptimStepRequest().model_dump(mode="json")
+    answer = service.transport.request("POST", f"/v1/clients/{slow.id}/operations/batch", json={
+        "submissions": [{"request": r, "idempotency_key": uuid.uuid4().hex} for r in (batch, batch, step, step)]})
+    first, running, handed, queued = (r["operation_id"] for r in answer["records"])
+    service.transport.request("GET", f"/v1/operations/{first}", params={"wait": 60})
+    slow.close()
+    records = {op: service.transport.request("GET", f"/v1/operations/{op}", params={"wait": 60})
+               for op in (running, handed, queued)}
+    assert records[running]["status"] == "succeeded"  # it had started: it finishes
+    for op in (handed, queued):
+        assert records[op]["status"] == "cancelled" and "terminated" in records[op]["error"]["message"]
+    steps = service.get_audit_logs(training_client_id=slow.id, operation="optim_step")
+    assert [e.success for e in steps] == [False, False]  # neither step ran; both are audited
+
+
 def test_retried_submission_with_the_same_key_runs_once(service, tc):
     path = f"/v1/clients/{tc.id}/operations"
     key = uuid.uuid4().hex

@@ -208,12 +208,12 @@ class Session:
     def terminate(self) -> None:
         with self._cond:
             self._stopping = True
-            pending = list(self._queue)
+            pending = [op for op in self._handed
+                       if op.status is OperationStatus.PENDING and self.engine.withdraw(op.seq)]
+            for op in pending:
+                op.status = OperationStatus.CANCELLED
+            pending += self._queue  # after those handed over: in submission order
             self._queue.clear()
-            for op in self._handed:
-                if op.status is OperationStatus.PENDING and self.engine.withdraw(op.seq):
-                    op.status = OperationStatus.CANCELLED
-                    pending.append(op)
             self._cond.notify()
         terminated = OperationCancelledError("the client was terminated").to_wire()
         for op in pending:
