@@ -101,9 +101,10 @@ def test_timeout_then_later_result_and_cancel_before_start(service):
         big = random_batch(rows=8, width=512)
         first = slow.forward_backward(big)
         queued = [slow.forward_backward(big) for _ in range(3)]
+        submitted = first.operation_id  # waits until it is sent: the timeout below is then the trainer's
         with pytest.raises(FutureTimeoutError) as err:
             first.result(timeout=0.01)
-        assert err.value.details["operation_id"] == first.operation_id
+        assert err.value.details["operation_id"] == submitted
         assert queued[-1].cancel() is True
         assert queued[-1].cancelled()
         with pytest.raises(OperationCancelledError):
