@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,15 +48,18 @@ def _mp_context():
 @dataclass
 class Reply:
     seq: int
-    ok: bool
-    result: Optional[dict]
-    error: Optional[dict]
-    produced: list[str]
-    consumed: list[str]
-    dp_metrics: Optional[dict]
     summary: dict
     finished_at: float  # time.time() when the engine was done with it, and free for the next one
+    result: Optional[dict] = None
+    error: Optional[dict] = None
+    produced: list[str] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)
+    dp_metrics: Optional[dict] = None
     withdrawn: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.withdrawn and self.error is None
 
 
 def _summary(runtime) -> dict:
@@ -172,11 +175,15 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
         replies.send(("failed", _wire(exc)))
         return
     replies.send(("ready", _summary(runtime)))
+
+    def answer(seq: int, **outcome) -> None:
+        replies.send(Reply(seq, _summary(runtime), time.time(), **outcome))
+
     inbox = _Inbox(requests)
     while (item := inbox.get()) is not None:
         seq, request = item
         if not gate.start(seq):
-            replies.send(Reply(seq, False, None, None, [], [], None, _summary(runtime), time.time(), withdrawn=True))
+            answer(seq, withdrawn=True)
             continue
         try:
             with threads.working():
@@ -184,13 +191,11 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
         except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
             if not isinstance(exc, TGTinkerError):
                 runtime.engine.discard_gradients()
-            replies.send(Reply(seq, False, None, _wire(exc, request.type), [], [], None, _summary(runtime),
-                               time.time()))
+            answer(seq, error=_wire(exc, request.type))
             continue
         dp = getattr(outcome.result, "dp_metrics", None)
-        replies.send(Reply(seq, True, outcome.result.model_dump(mode="json"), None, outcome.produced,
-                           outcome.consumed, dp.model_dump(mode="json") if dp is not None else None,
-                           _summary(runtime), time.time()))
+        answer(seq, result=outcome.result.model_dump(mode="json"), produced=outcome.produced,
+               consumed=outcome.consumed, dp_metrics=dp.model_dump(mode="json") if dp is not None else None)
 
 
 def _wire(exc: BaseException, operation: str = "start-up") -> dict:
