@@ -119,17 +119,24 @@ def test_timeout_then_later_result_and_cancel_before_start(service):
         slow.close()
 
 
+def two_steps_behind_two_batches_once_the_first_is_done(service, client) -> tuple[str, str, str]:
+    """Submits forward_backward x2 then optim_step x2 in one request and waits for the first. The engine is
+    then running the second and holds the third, handed over; the fourth is queued. Returns their ids."""
+    batch = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512))).model_dump(mode="json")
+    step = OptimStepRequest().model_dump(mode="json")
+    answer = service.transport.request("POST", f"/v1/clients/{client.id}/operations/batch", json={
+        "submissions": [{"request": r, "idempotency_key": uuid.uuid4().hex} for r in (batch, batch, step, step)]})
+    first, *rest = (r["operation_id"] for r in answer["records"])
+    service.transport.request("GET", f"/v1/operations/{first}", params={"wait": 60})
+    return tuple(rest)
+
+
 def test_cancelling_the_operation_right_behind_the_running_one(service):
     """When an operation finishes, the engine is handed the next two: the one it runs and the one after it.
     Cancelling that one still works, and it never runs, while the ones around it do."""
     slow = service.create_training_client(tiny_config(max_seq_len=512))
     try:
-        batch = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512))).model_dump(mode="json")
-        step = OptimStepRequest().model_dump(mode="json")
-        answer = service.transport.request("POST", f"/v1/clients/{slow.id}/operations/batch", json={
-            "submissions": [{"request": r, "idempotency_key": uuid.uuid4().hex} for r in (batch, batch, step, step)]})
-        first, running, handed, last = (r["operation_id"] for r in answer["records"])
-        service.transport.request("GET", f"/v1/operations/{first}", params={"wait": 60})
+        running, handed, last = two_steps_behind_two_batches_once_the_first_is_done(service, slow)
         cancel = service.transport.request("POST", f"/v1/operations/{handed}/cancel")
         assert cancel["cancelled"] is True and cancel["record"]["status"] == "cancelled"
         assert service.transport.request("POST", f"/v1/operations/{running}/cancel")["cancelled"] is False
@@ -144,12 +151,7 @@ def test_cancelling_the_operation_right_behind_the_running_one(service):
 
 def test_terminating_a_client_withdraws_the_operation_handed_over_and_lets_the_running_one_finish(service):
     slow = service.create_training_client(tiny_config(max_seq_len=512))
-    batch = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512))).model_dump(mode="json")
-    step = OptimStepRequest().model_dump(mode="json")
-    answer = service.transport.request("POST", f"/v1/clients/{slow.id}/operations/batch", json={
-        "submissions": [{"request": r, "idempotency_key": uuid.uuid4().hex} for r in (batch, batch, step, step)]})
-    first, running, handed, queued = (r["operation_id"] for r in answer["records"])
-    service.transport.request("GET", f"/v1/operations/{first}", params={"wait": 60})
+    running, handed, queued = two_steps_behind_two_batches_once_the_first_is_done(service, slow)
     slow.close()
     records = {op: service.transport.request("GET", f"/v1/operations/{op}", params={"wait": 60})
                for op in (running, handed, queued)}

@@ -49,6 +49,12 @@ def test_operation_index_forgets_the_oldest_finished_operations_only():
     loop.close()
 
 
+def training_spec(client_id, config) -> dict:
+    """What the server passes an engine process for a training client."""
+    return {"kind": "training", "client_id": client_id, "tenant_id": "default",
+            "config": config.model_dump(mode="json")}
+
+
 def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_runs(tensafe_home):
     """The session hands the engine the next operation while one runs; withdrawing it still works until it
     starts, decided by the engine's start gate."""
@@ -57,9 +63,7 @@ def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_run
     from conftest import random_batch, tiny_config
     from tg_tinker.types import BatchData, ForwardBackwardRequest
 
-    spec = {"kind": "training", "client_id": "tc-gate", "tenant_id": "default",
-            "config": tiny_config(max_seq_len=512).model_dump(mode="json")}
-    engine = EngineProcess(spec, tensafe_home)
+    engine = EngineProcess(training_spec("tc-gate", tiny_config(max_seq_len=512)), tensafe_home)
     try:
         big = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512)))
         engine.hand_over(0, big)
@@ -94,8 +98,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
             reply.seq += 1
             return reply
 
-    spec = {"kind": "training", "client_id": "tc-broken", "tenant_id": "default",
-            "config": tiny_config().model_dump(mode="json")}
+    spec = training_spec("tc-broken", tiny_config())
     loop = asyncio.new_event_loop()
     audit_log = AuditLog(tmp_path / "audit.jsonl")
     writer = AuditWriter(audit_log)
