@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -12,12 +15,22 @@ from conftest import tiny_config
 SGD1 = OptimizerConfig(name="sgd", learning_rate=1.0)
 
 
-def make_engine(**overrides):
+def fresh_ledger(dataset_id=None):
+    """A privacy ledger of its own, in a new folder."""
+    from tensafe_trainer.ledger import PrivacyLedger
+
+    return PrivacyLedger(Path(tempfile.mkdtemp(prefix="ledger-")), "default", dataset_id)
+
+
+def make_engine(ledger=None, dataset=None, **overrides):
     from tensafe_trainer.engine import TrainingEngine
 
     values = dict(dtype="float64", optimizer=SGD1)
     values.update(overrides)
-    engine = TrainingEngine(tiny_config(**values))
+    config = tiny_config(**values)
+    if config.dp_enabled and ledger is None:
+        ledger = fresh_ledger(config.dp_config.dataset_id)
+    engine = TrainingEngine(config, ledger=ledger, dataset=dataset)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for name, p in engine.trainable.items():

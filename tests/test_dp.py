@@ -31,13 +31,13 @@ def sequences(n: int, seed: int, lengths=(5, 9, 12, 7, 10, 6)) -> list[list[int]
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_noise_free_update_is_mean_of_clipped_per_example_gradients(lora, side):
+def test_noise_free_update_is_mean_of_clipped_per_example_gradients(lora, side, no_noise):
     overrides = {} if lora else {"lora_config": None}
     rows = sequences(6, seed=3)
     reference = per_example_gradients(make_engine(**overrides), rows)
     norms = [norm(g) for g in reference]
     bound = sorted(norms)[2] * 1.01  # some examples above the bound, some below
-    engine = make_engine(dp_config=dp_config(noise_multiplier=0.0, max_grad_norm=bound), **overrides)
+    engine = make_engine(dp_config=dp_config(max_grad_norm=bound), batch_size=6, **overrides)
     expected = clipped_mean(reference, bound)
     before = snapshot(engine)
     engine.forward_backward(padded_batch(rows, side=side))
@@ -51,9 +51,9 @@ def test_noise_free_update_is_mean_of_clipped_per_example_gradients(lora, side):
     assert metrics.grad_norm_after_clip == pytest.approx(sum(clipped) / 6, rel=1e-8)
 
 
-def test_accumulated_micro_batches_equal_one_batch_of_their_union():
+def test_accumulated_micro_batches_equal_one_batch_of_their_union(no_noise):
     rows = sequences(6, seed=5)
-    config = dp_config(noise_multiplier=0.0, max_grad_norm=0.1)
+    config = dp_config(max_grad_norm=0.1)
     split = make_engine(dp_config=config, gradient_accumulation_steps=3, batch_size=2)
     union = make_engine(dp_config=config, batch_size=6)
     before = snapshot(split)
@@ -65,15 +65,23 @@ def test_accumulated_micro_batches_equal_one_batch_of_their_union():
     assert_close(update(split, before), update(union, before), rtol=1e-9)
 
 
-def test_noise_is_added_once_per_step_with_the_configured_std():
+def test_noise_is_added_once_per_step_with_the_configured_std(monkeypatch):
+    from tensafe_trainer import privacy
+
     sigma, bound = 2.0, 0.5
     rows = sequences(6, seed=7)
-    quiet = make_engine(dp_config=dp_config(noise_multiplier=0.0, max_grad_norm=bound), gradient_accumulation_steps=3,
-                        batch_size=2)
-    noisy = make_engine(dp_config=dp_config(noise_multiplier=sigma, max_grad_norm=bound), gradient_accumulation_steps=3,
-                        batch_size=2)
+    engines = {}
+    for name in ("quiet", "noisy"):
+        engines[name] = make_engine(dp_config=dp_config(noise_multiplier=sigma, max_grad_norm=bound),
+                                    gradient_accumulation_steps=3, batch_size=2)
+    quiet, noisy = engines["quiet"], engines["noisy"]
     before = snapshot(quiet)
+    real_noise = privacy.add_secure_normal_
     for engine in (quiet, noisy):
+        if engine is quiet:
+            monkeypatch.setattr(privacy, "add_secure_normal_", lambda target, std, stream=None: None)
+        else:
+            monkeypatch.setattr(privacy, "add_secure_normal_", real_noise)
         for part in (rows[0:2], rows[2:4], rows[4:6]):
             engine.forward_backward(padded_batch(part))
         engine.optim_step()
@@ -100,7 +108,10 @@ def test_epsilon_matches_opacus_accountant(accountant):
     expected = reference.get_epsilon(delta=1e-5)
     assert results[-1].total_epsilon == pytest.approx(expected, rel=1e-6)
     assert results[-1].sample_rate == pytest.approx(0.01)
-    assert "dataset_size 400" in results[-1].sampling_assumption
+    assert results[-1].sampling == "asserted" and "dataset_size 400" in results[-1].sampling_assumption
+    q1 = create_accountant(mechanism=accountant)
+    q1.history = [(1.1, 1.0, 5)]
+    assert results[-1].epsilon_q1 == pytest.approx(q1.get_epsilon(delta=1e-5), rel=1e-6)
     assert ("can underestimate" in results[-1].sampling_assumption) == (accountant == "gdp")
     assert sum(r.epsilon_spent for r in results) == pytest.approx(expected, rel=1e-6)
 
@@ -112,6 +123,7 @@ def test_no_sampling_information_means_no_amplification():
     reference = create_accountant(mechanism="rdp")
     reference.step(noise_multiplier=1.0, sample_rate=1.0)
     assert metrics.sample_rate == 1.0 and "no amplification" in metrics.sampling_assumption
+    assert metrics.sampling == "none" and metrics.epsilon_q1 is None
     assert metrics.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5))
 
 
@@ -135,7 +147,7 @@ def _budget_for(steps: float) -> float:
     return (two + three) / 2  # room for two steps, not three
 
 
-def test_budget_refuses_the_step_that_would_exceed_it_before_any_weight_changes(tmp_path):
+def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_reset_it(tmp_path):
     from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
 
     config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, dataset_size=400, target_epsilon=_budget_for(2.5))
@@ -156,12 +168,20 @@ def test_budget_refuses_the_step_that_would_exceed_it_before_any_weight_changes(
         assert engine.step == 2
         for name, p in engine.trainable.items():
             assert torch.equal(p, before[name])
-    restored = TrainingEngine(engine.config)
+    # A new engine on the same data (a restart, or another client) with the checkpoint loaded: the ledger holds.
+    restored = TrainingEngine(engine.config, ledger=fresh_ledger_at(engine.accountant.ledger))
     restored.load_state_dict(deserialize_state(saved))
     assert restored.total_epsilon == pytest.approx(spent)
     restored.forward_backward(padded_batch(rows))
     with pytest.raises(DPBudgetExceededError):
         restored.optim_step()
+
+
+def fresh_ledger_at(ledger):
+    """Another ledger object on the same file, as another process or a restarted trainer opens it."""
+    from tensafe_trainer.ledger import PrivacyLedger
+
+    return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id)
 
 
 def test_dp_logical_batch_cannot_exceed_what_the_accountant_assumes():

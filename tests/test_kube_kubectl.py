@@ -73,7 +73,8 @@ def test_dev_cluster_command_serves_a_cluster_kubectl_can_use(tmp_path):
         assert "TenSafe dev cluster at https://127.0.0.1:" in banner, banner
         env = dict(os.environ, KUBECONFIG=str(kubeconfig))
         crds = subprocess.run([KUBECTL, "get", "crds", "-o", "name"], env=env, capture_output=True, text=True)
-        assert crds.stdout.split() == ["customresourcedefinition.apiextensions.k8s.io/trainingclients.tensafe.io",
+        assert crds.stdout.split() == ["customresourcedefinition.apiextensions.k8s.io/privacybudgets.tensafe.io",
+                                       "customresourcedefinition.apiextensions.k8s.io/trainingclients.tensafe.io",
                                        "customresourcedefinition.apiextensions.k8s.io/trainingoperations.tensafe.io"]
     finally:
         process.send_signal(signal.SIGTERM)

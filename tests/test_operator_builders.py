@@ -32,7 +32,8 @@ def test_crd_files_are_the_generated_ones():
         assert (ROOT / "crds" / filename).read_text() == render(crd), f"regenerate crds/{filename}"
 
 
-@pytest.mark.parametrize("filename", ["trainingclients.tensafe.io.yaml", "trainingoperations.tensafe.io.yaml"])
+@pytest.mark.parametrize("filename", ["trainingclients.tensafe.io.yaml", "trainingoperations.tensafe.io.yaml",
+                                      "privacybudgets.tensafe.io.yaml"])
 def test_crd_schemas_are_structural(filename):
     crd = yaml.safe_load((ROOT / "crds" / filename).read_text())
     version = crd["spec"]["versions"][0]
@@ -100,6 +101,37 @@ def test_pod_carries_config_token_owner_and_volume():
     assert mounts["tenant-keys"]["readOnly"] is True
     assert env["TENSAFE_KEYS_DIR"]["value"] == mounts["tenant-keys"]["mountPath"]
     assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_a_dp_trainer_may_read_its_privacy_budget_and_extend_it_and_nothing_else():
+    from tensafe_operator.builders import (build_ledger_role, build_ledger_role_binding, build_pod,
+                                           build_privacy_budget, build_service_account)
+    from tg_tinker.resources import privacy_budget_name
+
+    dp = {"noise_multiplier": 1.0, "sample_rate": 0.01, "dataset_id": "Support_Tickets", "target_epsilon": 4.0}
+    tc = training_client(training={"model_ref": TINY, "batch_size": 4, "dp_config": dp})
+    name = privacy_budget_name("default", "Support_Tickets")
+    assert name.startswith("default-support-tickets-") and name != privacy_budget_name("default", "support-tickets")
+    budget = build_privacy_budget(tc)
+    assert budget["metadata"]["name"] == name and "ownerReferences" not in budget["metadata"]  # outlives clients
+    assert budget["spec"] == {"tenantId": "default", "datasetId": "Support_Tickets", "delta": 1e-5,
+                              "epsilonBudget": 4.0}
+    role = build_ledger_role(tc)
+    assert role["rules"] == [
+        {"apiGroups": ["tensafe.io"], "resources": ["privacybudgets"], "resourceNames": [name], "verbs": ["get"]},
+        {"apiGroups": ["tensafe.io"], "resources": ["privacybudgets/status"], "resourceNames": [name],
+         "verbs": ["get", "patch"]}]
+    binding = build_ledger_role_binding(tc)
+    account = build_service_account(tc)
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ml"}]
+    pod = build_pod(tc, default_image="x")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["TENSAFE_LEDGER"] == "kubernetes" and env["TENSAFE_LEDGER_NAME"] == name
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["spec"]["automountServiceAccountToken"] is True
+    assert "TENSAFE_LEDGER" not in {e["name"] for e in build_pod(training_client(), default_image="x")["spec"][
+        "containers"][0]["env"]}
 
 
 def test_builders_are_deterministic_and_names_fit_dns_labels():

@@ -20,7 +20,8 @@ def make_ops(n):
 
     loop = asyncio.new_event_loop()
     request = OptimStepRequest()
-    return loop, [Operation("tc-1", request, f"key-{i}", fingerprint(request), loop) for i in range(n)]
+    return loop, [Operation("tc-1", request, f"key-{i}", fingerprint(bytes(32), request), loop)
+                  for i in range(n)]
 
 
 def test_finished_operations_drop_their_request():
@@ -103,7 +104,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     audit_log = AuditLog(tmp_path / "audit.jsonl")
     writer = AuditWriter(audit_log)
     session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
-                      max_pending=16)
+                      max_pending=16, hash_key=bytes(32))
     try:
         ops = [session.submit(OptimStepRequest(), f"key-{i}")[0] for i in range(3)]
         session._thread.join(timeout=120)

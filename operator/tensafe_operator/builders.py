@@ -11,10 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from tg_tinker.config import TrainingConfig
-from tg_tinker.resources import TOKEN_KEY, TRAINER_PORT, child_name, key_secret_name, tls_secret_name, trainer_url
+from tg_tinker.resources import (
+    GROUP,
+    PRIVACY_BUDGETS,
+    TOKEN_KEY,
+    TRAINER_PORT,
+    VERSION,
+    child_name,
+    key_secret_name,
+    privacy_budget_name,
+    tls_secret_name,
+    trainer_url,
+)
 from tg_tinker.types import CreateTrainingClient
 
 DATA_DIR = "/var/lib/tensafe"
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEYS_DIR = "/var/run/tensafe/keys"
 TLS_DIR = "/var/run/tensafe/tls"
 
@@ -73,6 +85,56 @@ def artifact_claim_name(tc: dict[str, Any]) -> str:
     return (tc["spec"].get("artifactStore") or {}).get("claimName") or child_name(tc["metadata"]["name"], "artifacts")
 
 
+def dp_config_of(tc: dict[str, Any]):
+    """The client's DPConfig when DP is on, else None."""
+    config = TrainingConfig.parse(tc["spec"]["training"])
+    return config.dp_config if config.dp_enabled else None
+
+
+def budget_name(tc: dict[str, Any]) -> str:
+    return privacy_budget_name(tenant_of(tc), dp_config_of(tc).dataset_id)
+
+
+def build_privacy_budget(tc: dict[str, Any]) -> dict[str, Any]:
+    """The ledger of the data a DP client trains on. No ownerReference: it outlives every client on the data.
+    A first client with a ``target_epsilon`` sets the data's budget (later clients cannot change it)."""
+    dp = dp_config_of(tc)
+    spec: dict[str, Any] = {"tenantId": tenant_of(tc), "delta": dp.target_delta}
+    if dp.dataset_id:
+        spec["datasetId"] = dp.dataset_id
+    if dp.target_epsilon is not None:
+        spec["epsilonBudget"] = dp.target_epsilon
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PrivacyBudget",
+            "metadata": {"name": budget_name(tc), "namespace": tc["metadata"]["namespace"],
+                         "labels": {"app.kubernetes.io/managed-by": "tensafe-operator"}},
+            "spec": spec}
+
+
+def build_service_account(tc: dict[str, Any]) -> dict[str, Any]:
+    """A DP trainer's identity: it may read its PrivacyBudget and patch that one's status, nothing else."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _child_metadata(tc, child_name(
+        tc["metadata"]["name"], "trainer")), "automountServiceAccountToken": False}
+
+
+def build_ledger_role(tc: dict[str, Any]) -> dict[str, Any]:
+    name = budget_name(tc)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _child_metadata(tc, child_name(tc["metadata"]["name"], "ledger")),
+            "rules": [{"apiGroups": [GROUP], "resources": [PRIVACY_BUDGETS], "resourceNames": [name],
+                       "verbs": ["get"]},
+                      {"apiGroups": [GROUP], "resources": [f"{PRIVACY_BUDGETS}/status"], "resourceNames": [name],
+                       "verbs": ["get", "patch"]}]}
+
+
+def build_ledger_role_binding(tc: dict[str, Any]) -> dict[str, Any]:
+    name = tc["metadata"]["name"]
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _child_metadata(tc, child_name(name, "ledger")),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": child_name(name, "ledger")},
+            "subjects": [{"kind": "ServiceAccount", "name": child_name(name, "trainer"),
+                          "namespace": tc["metadata"]["namespace"]}]}
+
+
 def build_claim(tc: dict[str, Any]) -> dict[str, Any]:
     size = (tc["spec"].get("artifactStore") or {}).get("size") or "10Gi"
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -103,6 +165,12 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    dp = dp_config_of(tc)
+    if dp is not None:  # the privacy ledger lives in the API: see ledger_kubernetes.py
+        env += [{"name": "TENSAFE_LEDGER", "value": "kubernetes"},
+                {"name": "TENSAFE_LEDGER_NAMESPACE", "value": tc["metadata"]["namespace"]},
+                {"name": "TENSAFE_LEDGER_NAME", "value": budget_name(tc)},
+                {"name": "TENSAFE_SERVICEACCOUNT_DIR", "value": SERVICEACCOUNT_DIR}]
     tls = tls_secret_name(tc)
     scheme = "HTTPS" if tls else "HTTP"
     args = ["--host", "0.0.0.0", "--port", str(TRAINER_PORT)]
@@ -143,7 +211,10 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
             **({"priorityClassName": defaults.priority_class_name} if defaults.priority_class_name else {}),
             # The operator, not the kubelet, replaces a dead trainer: it resumes from the last checkpoint.
             "restartPolicy": "Never",
-            "automountServiceAccountToken": False,  # the trainer never talks to the API server
+            # A DP trainer reads and extends its PrivacyBudget (nothing else: build_ledger_role); others never
+            # talk to the API server.
+            **({"serviceAccountName": child_name(name, "trainer")} if dp is not None else {}),
+            "automountServiceAccountToken": dp is not None,
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "volumes": volumes,

@@ -1,4 +1,5 @@
-"""The ``TrainingClient`` and ``TrainingOperation`` custom resource definitions (tensafe.io/v1alpha1).
+"""The ``TrainingClient``, ``TrainingOperation`` and ``PrivacyBudget`` custom resource definitions
+(tensafe.io/v1alpha1).
 
 ``spec.training`` is the SDK's ``TrainingConfig`` (same field names), its schema generated from that
 model. ``crds/*.yaml`` is this module's output, written by ``python -m tensafe_operator.crd crds/``
@@ -113,6 +114,37 @@ def training_operation_crd() -> dict[str, Any]:
     return _crd("TrainingOperation", "trainingoperations", ["tops"], spec, status, columns)
 
 
+def privacy_budget_crd() -> dict[str, Any]:
+    """The privacy ledger of one (tenant, dataset) in a namespace, shared by every trainer pod on that data.
+
+    Trainers append to ``status.history`` (reserving steps in chunks, with optimistic concurrency); nothing
+    may shorten it or lower ``status.steps``. It has no owner: deleting a TrainingClient keeps it."""
+    spec = {"type": "object", "required": ["tenantId"],
+            "x-kubernetes-validations": _immutable("a PrivacyBudget's spec is immutable"), "properties": {
+                "tenantId": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+                "datasetId": {"type": "string", "description": "absent: the tenant's steps that name no dataset"},
+                "epsilonBudget": {"type": "number", "description": "no trainer steps past it (with its delta)"},
+                "delta": {"type": "number"}}}
+    entry = {"type": "object", "required": ["noiseMultiplier", "sampleRate", "steps"], "properties": {
+        "noiseMultiplier": {"type": "number"}, "sampleRate": {"type": "number"}, "steps": {"type": "integer"}}}
+    status = {"type": "object", "properties": {
+        "history": {"type": "array", "items": entry, "x-kubernetes-list-type": "atomic",
+                    "description": "every DP step reserved on this data: (noise multiplier, sample rate, steps)",
+                    "x-kubernetes-validations": [{"rule": "size(self) >= size(oldSelf)",
+                                                  "message": "the privacy history cannot be shortened"}]},
+        "steps": {"type": "integer", "description": "steps reserved in all (spent or about to be)",
+                  "x-kubernetes-validations": [{"rule": "self >= oldSelf",
+                                                "message": "spent privacy budget cannot be lowered"}]},
+        "epsilon": {"type": "number", "description": "epsilon of the history at delta, by the last writer"},
+        "delta": {"type": "number"}, "accountant": {"type": "string"},
+        "lastWriter": {"type": "string", "description": "the training client that last reserved steps"},
+    }}
+    columns = [("Tenant", "string", ".spec.tenantId"), ("Dataset", "string", ".spec.datasetId"),
+               ("Epsilon", "number", ".status.epsilon"), ("Budget", "number", ".spec.epsilonBudget"),
+               ("Steps", "integer", ".status.steps"), ("Age", "date", ".metadata.creationTimestamp")]
+    return _crd("PrivacyBudget", "privacybudgets", ["pb"], spec, status, columns)
+
+
 def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -140,7 +172,8 @@ def render(crd: dict[str, Any]) -> str:
 
 
 def all_crds() -> dict[str, dict[str, Any]]:
-    return {f"{c['metadata']['name']}.yaml": c for c in (training_client_crd(), training_operation_crd())}
+    return {f"{c['metadata']['name']}.yaml": c
+            for c in (training_client_crd(), training_operation_crd(), privacy_budget_crd())}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tg_tinker.resources import GROUP, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION
+from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION
 
 
 def load_config() -> None:
@@ -23,12 +23,13 @@ def load_config() -> None:
 class Kube:
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
+    rbac: client.RbacAuthorizationV1Api
 
     @classmethod
     def connect(cls) -> "Kube":
         load_config()
         api = client.ApiClient()
-        return cls(client.CoreV1Api(api), client.CustomObjectsApi(api))
+        return cls(client.CoreV1Api(api), client.CustomObjectsApi(api), client.RbacAuthorizationV1Api(api))
 
     # ----- custom resources ---------------------------------------------------------------------------
     def training_client(self, namespace: str, name: str) -> Optional[dict]:
@@ -61,7 +62,11 @@ class Kube:
         """Create unless it exists; True if this call created it."""
         namespace, kind = obj["metadata"]["namespace"], obj["kind"]
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
-                  "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim}[kind]
+                  "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
+                  "ServiceAccount": self.core.create_namespaced_service_account,
+                  "Role": self.rbac.create_namespaced_role, "RoleBinding": self.rbac.create_namespaced_role_binding,
+                  "PrivacyBudget": lambda ns, body: self.custom.create_namespaced_custom_object(
+                      GROUP, VERSION, ns, PRIVACY_BUDGETS, body)}[kind]
         try:
             create(namespace, obj)
             return True

@@ -17,8 +17,9 @@ from tg_tinker.transport import Transport
 from tg_tinker.types import ClientInfo, SaveStateRequest
 
 from . import status as status_of
-from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_pod, build_service, child_name, key_secret_name,
-                       owner_reference, tenant_of)
+from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_ledger_role, build_ledger_role_binding, build_pod,
+                       build_privacy_budget, build_service, build_service_account, child_name, dp_config_of,
+                       key_secret_name, owner_reference, tenant_of)
 from .connections import TrainerConnections
 from .kube import Kube
 
@@ -55,6 +56,10 @@ def ensure(kube: Kube, tc: dict) -> None:
     if not (tc["spec"].get("artifactStore") or {}).get("claimName"):
         kube.create(build_claim(tc))
     kube.create(build_service(tc))
+    if dp_config_of(tc) is not None:  # the ledger of the data and the trainer's right to extend it
+        for obj in (build_privacy_budget(tc), build_service_account(tc), build_ledger_role(tc),
+                    build_ledger_role_binding(tc)):
+            kube.create(obj)
     pod = kube.pod(namespace, child_name(name))
     wanted = desired_pod(tc)
     if tc["spec"].get("suspend"):

@@ -26,6 +26,7 @@ from .types import (
     BatchData,
     ClientStatus,
     ComputeLogprobsResult,
+    DatasetInfo,
     DPMetrics,
     ForwardBackwardResult,
     ForwardResult,
@@ -41,7 +42,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuthenticationError",
     "BatchData", "ClientStatus", "ComputeLogprobsResult", "ConnectionError", "DPBudgetExceededError", "DPConfig",
-    "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError", "LoRAConfig",
+    "DatasetInfo", "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError",
+    "LoRAConfig",
     "LoadStateResult", "OperationCancelledError", "OperationLostError", "OptimStepResult", "OptimizerConfig",
     "ResourceExhaustedError", "SampleResult", "SampleSequence", "SamplingClient", "SaveStateResult",
     "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingClientNotFoundError",

@@ -57,9 +57,17 @@ class DPConfig(WireModel):
     planned_steps: Optional[int] = Field(
         None, ge=1, description="optimizer steps planned; with target_epsilon, sets the noise multiplier"
     )
+    dataset_id: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="the data this client trains on: a registered dataset (sampled on the server with "
+                    "sample_rate) or a name for client-supplied data; keys the privacy ledger (default: one "
+                    "ledger per tenant)")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.enabled and self.noise_multiplier == 0:
+            raise ValueError("noise_multiplier=0 releases unnoised gradients: DP needs noise_multiplier > 0 "
+                             "(or dp_config=None for no DP)")
         if self.enabled and self.noise_multiplier is None:
             if self.target_epsilon is None or self.planned_steps is None:
                 raise ValueError(

@@ -9,6 +9,7 @@ key, so an operation submitted by both runs once.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -17,6 +18,7 @@ from .types import LoadStateRequest, SaveStateRequest
 
 GROUP, VERSION = "tensafe.io", "v1alpha1"
 TRAINING_CLIENTS, TRAINING_OPERATIONS = "trainingclients", "trainingoperations"
+PRIVACY_BUDGETS = "privacybudgets"
 OPERATION_TYPES = ("save_state", "load_state", "export")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -35,6 +37,14 @@ def child_name(client_name: str, suffix: str = "trainer") -> str:
         return name
     digest = hashlib.sha256(client_name.encode()).hexdigest()[:8]
     return f"{client_name[:MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def privacy_budget_name(tenant_id: str, dataset_id: Optional[str]) -> str:
+    """The ``PrivacyBudget`` holding the privacy ledger of (tenant, dataset) in a namespace: readable, and
+    distinct for distinct pairs (dataset ids may hold capitals and underscores, which names may not)."""
+    readable = re.sub(r"[^a-z0-9]+", "-", f"{tenant_id}-{dataset_id or 'tenant'}".lower()).strip("-")[:40]
+    digest = hashlib.sha256(f"{tenant_id}/{dataset_id or ''}".encode()).hexdigest()[:10]
+    return f"{readable or 'budget'}-{digest}"
 
 
 def service_host(tc: dict[str, Any]) -> str:

@@ -25,7 +25,18 @@ from .sampling_client import SamplingClient
 from .submission import OperationQueue
 from .training_client import TrainingClient
 from .transport import Transport, Verify
-from .types import ArtifactInfo, AuditEntry, ClientInfo, ClientStatus, CreateSamplingClient, CreateTrainingClient
+from .types import (
+    ArtifactInfo,
+    AuditEntry,
+    BatchData,
+    ClientInfo,
+    ClientStatus,
+    CreateSamplingClient,
+    CreateTrainingClient,
+    DatasetExample,
+    DatasetInfo,
+    RegisterDataset,
+)
 
 READY_TIMEOUT_S = 900.0
 BACKENDS = ("local", "remote", "kubernetes")
@@ -226,6 +237,33 @@ class ServiceClient:
                                    "message": f"client {info.client_id} failed to start: {info.error}"})
         return info
 
+    # --- datasets ---------------------------------------------------------------------------
+
+    def register_dataset(self, rows, dataset_id: Optional[str] = None) -> DatasetInfo:
+        """Store training examples encrypted on the trainer, for server-side Poisson sampling: a client with
+        ``DPConfig(dataset_id=..., sample_rate=q)`` then trains with ``forward_backward_sampled()``.
+
+        ``rows``: a batch as in ``BatchData`` (a dict of ``input_ids``, optional ``attention_mask`` and
+        ``labels``; padding is kept as masked positions) or a list of such dicts, one per example."""
+        request = RegisterDataset(examples=_examples(rows), dataset_id=dataset_id, tenant_id=self.tenant_id)
+        return DatasetInfo.parse(self._service_transport("register_dataset").request(
+            "POST", "/v1/datasets", json=request.model_dump(mode="json", exclude_none=True)))
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        return [DatasetInfo.parse(d) for d in self._service_transport("list_datasets").request(
+            "GET", "/v1/datasets", params={"tenant_id": self.tenant_id})]
+
+    def delete_dataset(self, dataset_id: str) -> DatasetInfo:
+        """Delete the examples (their privacy ledger stays: spent budget is never given back)."""
+        return DatasetInfo.parse(self._service_transport("delete_dataset").request(
+            "DELETE", f"/v1/datasets/{dataset_id}", params={"tenant_id": self.tenant_id}))
+
+    def _service_transport(self, what: str) -> Transport:
+        if self.transport is None:
+            raise ValidationError(f"{what} is not available with backend='kubernetes' yet: register the dataset "
+                                  "on a local or remote trainer", {"field": "backend"})
+        return self.transport
+
     # --- artifacts and audit ----------------------------------------------------------------
 
     def list_artifacts(self, training_client_id: Optional[str] = None) -> list[ArtifactInfo]:
@@ -249,3 +287,17 @@ class ServiceClient:
             params["operation"] = operation
         transport = self._transport_for(training_client_id)
         return [AuditEntry.parse(e) for e in transport.request("GET", "/v1/audit", params=params)]
+
+
+def _examples(rows) -> list[DatasetExample]:
+    """A BatchData-like dict (or BatchData) or a list of one-example dicts, as DatasetExamples."""
+    if isinstance(rows, (dict, BatchData)):
+        batch = BatchData.parse(rows)
+        columns = [batch.input_ids, batch.attention_mask, batch.labels]
+        return [DatasetExample(input_ids=ids, attention_mask=None if batch.attention_mask is None else columns[1][i],
+                               labels=None if batch.labels is None else columns[2][i])
+                for i, ids in enumerate(batch.input_ids)]
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValidationError("rows must be a batch (a dict like BatchData) or a non-empty list of examples",
+                              {"field": "rows"})
+    return [DatasetExample.parse(row) for row in rows]

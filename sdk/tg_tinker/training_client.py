@@ -19,6 +19,7 @@ from .types import (
     ExportAdapterRequest,
     ForwardBackwardRequest,
     ForwardBackwardResult,
+    ForwardBackwardSampledRequest,
     ForwardRequest,
     ForwardResult,
     LoadStateRequest,
@@ -77,6 +78,11 @@ class TrainingClient:
     def forward_backward(self, batch: Batch) -> Future[ForwardBackwardResult]:
         return self._queue.submit(ForwardBackwardRequest(batch=BatchData.parse(batch)))
 
+    def forward_backward_sampled(self) -> Future[ForwardBackwardResult]:
+        """Draw one logical batch of the registered dataset ``dp_config.dataset_id`` on the server (each example
+        independently with probability ``dp_config.sample_rate``) and accumulate it; then ``optim_step()``."""
+        return self._queue.submit(ForwardBackwardSampledRequest())
+
     def forward(self, batch: Batch) -> Future[ForwardResult]:
         return self._queue.submit(ForwardRequest(batch=BatchData.parse(batch)))
 
@@ -127,6 +133,9 @@ class TrainingClient:
 
     async def forward_backward_async(self, batch: Batch) -> Future[ForwardBackwardResult]:
         return await asyncio.to_thread(self.forward_backward, batch)
+
+    async def forward_backward_sampled_async(self) -> Future[ForwardBackwardResult]:
+        return await asyncio.to_thread(self.forward_backward_sampled)
 
     async def forward_async(self, batch: Batch) -> Future[ForwardResult]:
         return await asyncio.to_thread(self.forward, batch)

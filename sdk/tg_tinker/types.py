@@ -104,6 +104,13 @@ class ForwardBackwardRequest(WireModel):
     batch: BatchData
 
 
+class ForwardBackwardSampledRequest(WireModel):
+    """Draw one logical batch of the client's registered dataset on the server (Poisson, rate
+    ``dp_config.sample_rate``) and accumulate its clipped gradients; then ``optim_step``."""
+
+    type: Literal["forward_backward_sampled"] = "forward_backward_sampled"
+
+
 class ForwardRequest(WireModel):
     type: Literal["forward"] = "forward"
     batch: BatchData
@@ -159,6 +166,7 @@ class ExportAdapterRequest(WireModel):
 
 OperationRequest = Union[
     ForwardBackwardRequest,
+    ForwardBackwardSampledRequest,
     ForwardRequest,
     OptimStepRequest,
     SaveStateRequest,
@@ -190,6 +198,9 @@ class DPMetrics(WireModel):
     sample_rate: float
     sampling_assumption: str
     accountant_type: str
+    sampling: Literal["poisson", "asserted", "none"]
+    expected_batch_size: float  # the fixed public denominator of the noisy sum
+    epsilon_q1: Optional[float] = None  # with sampling "asserted": epsilon without amplification (q = 1)
 
 
 class ForwardBackwardResult(WireModel):
@@ -365,6 +376,40 @@ class ArtifactInfo(WireModel):
     key_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     name: Optional[str] = None
+    num_examples: Optional[int] = None  # datasets only
+
+
+class DatasetExample(WireModel):
+    """One example of a registered dataset: a row as in ``BatchData`` (validated the same way)."""
+
+    input_ids: list[int] = Field(min_length=1)
+    attention_mask: Optional[list[int]] = None
+    labels: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _as_batch(self):
+        BatchData(input_ids=[self.input_ids], attention_mask=None if self.attention_mask is None else
+                  [self.attention_mask], labels=None if self.labels is None else [self.labels])
+        return self
+
+
+DATASET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class RegisterDataset(WireModel):
+    examples: list[DatasetExample] = Field(min_length=1)
+    dataset_id: Optional[str] = Field(None, pattern=DATASET_ID_PATTERN)
+    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class DatasetInfo(WireModel):
+    dataset_id: str
+    num_examples: int
+    content_hash: str  # SHA-256 of the stored (encrypted) artifact
+    artifact_id: str
+    tenant_id: str
+    size_bytes: int
+    created_at: float
 
 
 class AuditEntry(WireModel):
@@ -386,6 +431,7 @@ class AuditEntry(WireModel):
 
 RESULT_TYPES: dict[str, type[WireModel]] = {
     "forward_backward": ForwardBackwardResult,
+    "forward_backward_sampled": ForwardBackwardResult,
     "forward": ForwardResult,
     "optim_step": OptimStepResult,
     "save_state": SaveStateResult,

@@ -44,7 +44,7 @@ def check_artifact_id(artifact_id: str) -> str:
     return artifact_id
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,20 +92,23 @@ class ArtifactStore:
         return folder / f"{artifact_id}.tsa", folder / f"{artifact_id}.json"
 
     def put(self, plaintext: bytes | Callable[[BinaryIO], None], *, tenant_id: str, training_client_id: str,
-            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
+            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None,
+            num_examples: Optional[int] = None) -> ArtifactInfo:
         """Encrypt and store. ``plaintext`` is the payload, or a function that writes it to a file object
         (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory)."""
         artifact_id = artifact_id or new_artifact_id()
         data_path, index_path = self._paths(tenant_id, artifact_id)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
         description = {"kind": kind, "step": step, "name": name, "created_at": time.time()}
+        if num_examples is not None:
+            description["num_examples"] = num_examples
         produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
         written: list[crypto.Encrypted] = []
         _atomic_write(data_path, lambda f: written.append(
             crypto.encrypt_stream(f, produce, binding, self.keys, description)))
         info = _describe(binding, description, written[0])
         _write_index(index_path, info)
-        _fsync_dir(data_path.parent)  # makes both renames durable
+        fsync_dir(data_path.parent)  # makes both renames durable
         return info
 
     def _not_found(self, tenant_id: str, artifact_id: str) -> ArtifactNotFoundError:
@@ -162,7 +165,7 @@ class ArtifactStore:
             raise self._not_found(tenant_id, artifact_id)
         for path in self._paths(tenant_id, artifact_id):
             path.unlink(missing_ok=True)
-        _fsync_dir(self._dir(tenant_id))
+        fsync_dir(self._dir(tenant_id))
 
     def rotate(self, tenant_id: str) -> str:
         """Make a new KEK active and re-wrap every artifact's data key under it; payloads stay as they are."""
@@ -176,7 +179,7 @@ class ArtifactStore:
             _atomic_write(data_path, lambda f, data=stored: f.write(data))
             _write_index(index_path, info.model_copy(update={
                 "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()}))
-        _fsync_dir(self._dir(tenant_id))
+        fsync_dir(self._dir(tenant_id))
         return kid
 
 
@@ -185,6 +188,7 @@ def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encr
         artifact_id=binding.artifact_id, tenant_id=binding.tenant_id,
         training_client_id=binding.training_client_id, kind=description["kind"], step=description["step"],
         name=description.get("name"), created_at=description["created_at"], size_bytes=encrypted.size,
+        num_examples=description.get("num_examples"),
         content_hash=encrypted.sha256, key_id=encrypted.key_id)
 
 

@@ -2,13 +2,16 @@
 
 ``record_hash = SHA-256(prev_hash || canonical JSON of the entry without record_hash)``; the first
 entry's ``prev_hash`` is 64 zeros. Each entry also carries its sequence number, so a verifier finds
-any edited, dropped, inserted or reordered entry. Request payloads are never logged, only hashed.
+any edited, dropped, inserted or reordered entry. Request payloads are never logged; ``request_hash``
+is an HMAC-SHA256 under the tenant's audit key (keys.py), so the log cannot confirm a guessed record.
+Nothing computed from a private batch is logged: DP steps carry only their public dp_metrics.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -23,11 +26,11 @@ from .crypto import canonical_json
 GENESIS = "0" * 64
 
 
-def request_hash(payload: Any) -> str:
-    """SHA-256 of a request: of its canonical JSON, or of the bytes given (already canonical)."""
-    if isinstance(payload, (bytes, bytearray)):
-        return hashlib.sha256(payload).hexdigest()
-    return hashlib.sha256(canonical_json(payload)).hexdigest()
+def request_hash(key: bytes, payload: Any) -> str:
+    """HMAC-SHA256 of a request under the tenant's audit key: of its canonical JSON, or of the bytes given
+    (already canonical)."""
+    data = payload if isinstance(payload, (bytes, bytearray)) else canonical_json(payload)
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def _entry_hash(fields: dict) -> str:

@@ -83,13 +83,8 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
     tokenizer = load_tokenizer(model_ref)
     rows = load_dataset()
     examples = [encode_example(tokenizer, r) for r in rows]
-    dp_config = None
-    if dp:
-        # The budget sets the noise: epsilon 8 over the planned steps, sampling rate batch/dataset.
-        dp_config = DPConfig(target_epsilon=8.0, target_delta=1e-3, planned_steps=steps, max_grad_norm=1.0,
-                             dataset_size=len(examples))
     config = TrainingConfig(
-        model_ref=model_ref, batch_size=BATCH, max_seq_len=256, seed=0, dp_config=dp_config,
+        model_ref=model_ref, batch_size=BATCH, max_seq_len=256, seed=0,
         lora_config=LoRAConfig(rank=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"]),
         optimizer=OptimizerConfig(learning_rate=2e-3 if not dp else 5e-3, warmup_steps=3),
@@ -97,6 +92,15 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
     rng = random.Random(0)
     with ServiceClient(home=home) as service:
         print(f"trainer: local, {service.base_url} (same server a Kubernetes trainer pod runs)")
+        dp_config = None
+        if dp:
+            # The server samples the logical batches (Poisson, q = batch / dataset) from the encrypted copy it
+            # keeps, so the amplification in epsilon is the server's to certify; the budget sets the noise.
+            dataset = service.register_dataset([{"input_ids": ids, "labels": labels} for ids, labels in examples])
+            print(f"dataset  : {dataset.dataset_id}, {dataset.num_examples} examples, stored encrypted")
+            dp_config = DPConfig(target_epsilon=8.0, target_delta=1e-3, planned_steps=steps, max_grad_norm=1.0,
+                                 dataset_id=dataset.dataset_id, sample_rate=BATCH / len(examples))
+        config = config.model_copy(update={"dp_config": dp_config})
         tc = service.create_training_client(config)
         sampler = tc.create_sampling_client()
         before = sample_answers(sampler, tokenizer)
@@ -104,10 +108,13 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
         order: list[int] = []
         bar = tqdm(range(steps), desc="training", unit="step")
         for _ in bar:
-            if len(order) < BATCH:
-                order += rng.sample(range(len(examples)), len(examples))
-            picked, order = order[:BATCH], order[BATCH:]
-            fb = tc.forward_backward(make_batch([examples[i] for i in picked], tokenizer.pad_token_id or 0))
+            if dp:
+                fb = tc.forward_backward_sampled()
+            else:
+                if len(order) < BATCH:
+                    order += rng.sample(range(len(examples)), len(examples))
+                picked, order = order[:BATCH], order[BATCH:]
+                fb = tc.forward_backward(make_batch([examples[i] for i in picked], tokenizer.pad_token_id or 0))
             opt = tc.optim_step()
             losses.append(fb.result().loss)
             result = opt.result()
@@ -115,6 +122,7 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
             if result.dp_metrics:
                 epsilons.append(result.dp_metrics.total_epsilon)
                 postfix["eps"] = f"{epsilons[-1]:.2f}"
+                postfix["batch"] = fb.result().num_examples
             bar.set_postfix(postfix)
         after = sample_answers(sampler, tokenizer)
         checkpoint = tc.save_state(metadata={"demo": True, "steps": steps, "final_loss": losses[-1]})
@@ -135,7 +143,8 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
     for q, a in after.items():
         print(f"  Q: {q}\n  A: {a}")
     print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps" +
-          (f", epsilon {epsilons[-1]:.2f} (delta {dp_config.target_delta:g})" if epsilons else ""))
+          (f", epsilon {epsilons[-1]:.2f} (delta {dp_config.target_delta:g}, Poisson sampling on the server)"
+           if epsilons else ""))
     print(f"encrypted checkpoint : {checkpoint.artifact_id} ({checkpoint.size_bytes} bytes, "
           f"{checkpoint.encryption.algorithm}, key {checkpoint.encryption.key_id})")
     print(f"  ciphertext copy    : {encrypted}")

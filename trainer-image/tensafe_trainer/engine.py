@@ -9,12 +9,14 @@ Loss conventions:
   micro-batches since the last ``optim_step``): gradients are summed and divided by the total
   token count at ``optim_step``, so accumulation equals one large batch exactly.
 - With DP, each example's loss is the mean NLL over its own tokens, so that one example's
-  gradient does not depend on the others; see privacy.py.
+  gradient does not depend on the others; see privacy.py. A DP client on a registered dataset draws
+  its logical batches on the server (``forward_backward_sampled``) and refuses batches of the client's.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,8 +34,10 @@ from tg_tinker.types import (
 )
 
 from .models import LoadedModel, load_model, pick_device, pick_dtype
+from .ledger import PrivacyLedger
 from .optim import build_optimizer, set_learning_rate
-from .privacy import DPGradientAccumulator, PrivacyAccountant, check_noise_request
+from .privacy import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
+from .secure_random import bernoulli_mask
 
 CHECKPOINT_FORMAT = 1
 # Fields that define the model: a checkpoint only loads into a client whose config agrees on them.
@@ -54,8 +58,25 @@ def _apply_lora(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Modu
         raise ValidationError(f"invalid lora_config for this model: {exc}", {"field": "lora_config"}) from None
 
 
+def pad_examples(examples: list[dict]) -> BatchData:
+    """Examples of a registered dataset (``DatasetExample`` dicts) as one right-padded micro-batch."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids, mask, labels = [], [], []
+    for e in examples:
+        row, gap = e["input_ids"], width - len(e["input_ids"])
+        ids.append(row + [0] * gap)
+        mask.append((e.get("attention_mask") or [1] * len(row)) + [0] * gap)
+        targets = e.get("labels") or row[1:] + [IGNORE_INDEX]
+        labels.append(targets + [IGNORE_INDEX] * gap)
+    return BatchData(input_ids=ids, attention_mask=mask, labels=labels)
+
+
 class TrainingEngine:
-    def __init__(self, config: TrainingConfig):
+    """``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
+    dataset ``dp_config.dataset_id`` names, which this client then samples on the server."""
+
+    def __init__(self, config: TrainingConfig, *, ledger: Optional[PrivacyLedger] = None,
+                 dataset: Optional[list[dict]] = None, client_id: str = ""):
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
@@ -75,10 +96,28 @@ class TrainingEngine:
         self.step = 0
         self.dp: Optional[DPGradientAccumulator] = None
         self.accountant: Optional[PrivacyAccountant] = None
+        self.dataset = dataset
+        if dataset is not None and not config.dp_enabled:
+            raise ValidationError("server-side sampling of a registered dataset is a DP mechanism: enable dp_config",
+                                  {"field": "dp_config"})
         if config.dp_enabled:
-            self.accountant = PrivacyAccountant(config.dp_config, config.effective_batch_size)
+            if ledger is None:
+                raise ValueError("a DP engine needs the privacy ledger of its data")
+            plan = plan_sampling(config.dp_config, config.effective_batch_size,
+                                 len(dataset) if dataset is not None else None)
+            self.accountant = PrivacyAccountant(config.dp_config, plan, ledger, client_id)
             self.dp = DPGradientAccumulator(self.model, config.dp_config)
+        if dataset is not None:
+            self._check_vocabulary(dataset)
         self._reset_accumulation()
+
+    def _check_vocabulary(self, dataset: list[dict]) -> None:
+        top = max(max(max(e["input_ids"]), max(e.get("labels") or [0])) for e in dataset)
+        if top >= self.vocab_size:
+            raise ValidationError(
+                f"dataset {self.config.dp_config.dataset_id!r} holds token id {top}, outside the model's vocabulary "
+                f"of {self.vocab_size}", {"field": "dp_config.dataset_id", "token_id": top,
+                                          "vocab_size": self.vocab_size})
 
     # --- batches -----------------------------------------------------------------------------
 
@@ -126,14 +165,52 @@ class TrainingEngine:
     def _reset_accumulation(self) -> None:
         self._grad_sum: Optional[list[torch.Tensor]] = None
         self._tokens = 0
+        self._sampled = False  # a Poisson logical batch has been drawn since the last step
         if self.dp is not None:
             self.dp.reset()
 
+    @property
+    def samples_on_server(self) -> bool:
+        return self.dataset is not None
+
     def forward_backward(self, batch: BatchData) -> ForwardBackwardResult:
+        if self.samples_on_server:
+            raise ValidationError(
+                f"this client samples registered dataset {self.config.dp_config.dataset_id!r} on the server: "
+                "call forward_backward_sampled(); client-supplied batches would void the sampling guarantee",
+                {"operation": "forward_backward"})
+        return self._forward_backward(batch)
+
+    def forward_backward_sampled(self) -> ForwardBackwardResult:
+        """Draw one logical batch: each example of the registered dataset independently with probability q
+        (CSPRNG coins), run it in micro-batches of ``batch_size``, and accumulate. One draw per optim_step."""
+        if not self.samples_on_server:
+            raise ValidationError("forward_backward_sampled needs dp_config.dataset_id naming a registered dataset",
+                                  {"operation": "forward_backward_sampled"})
+        if self._sampled:
+            raise ValidationError("a Poisson logical batch was already drawn for this step: call optim_step first "
+                                  "(a second draw would double the sampling rate)",
+                                  {"operation": "forward_backward_sampled"})
+        self._sampled = True
+        chosen = bernoulli_mask(len(self.dataset), self.accountant.sample_rate).nonzero().flatten().tolist()
+        size = self.config.batch_size
+        loss_sum, tokens, grad_sq, count = 0.0, 0, 0.0, 0
+        for start in range(0, len(chosen), size):
+            part = self._forward_backward(pad_examples([self.dataset[i] for i in chosen[start:start + size]]),
+                                          capped=False)
+            loss_sum += part.loss * part.tokens_processed
+            tokens += part.tokens_processed
+            count += part.num_examples
+        if self.dp.summed:
+            grad_sq = sum(float(g.pow(2).sum()) for g in self.dp.summed.values())
+        return ForwardBackwardResult(loss=loss_sum / max(tokens, 1), grad_norm=math.sqrt(grad_sq) / max(count, 1),
+                                     tokens_processed=tokens, num_examples=count)
+
+    def _forward_backward(self, batch: BatchData, capped: bool = True) -> ForwardBackwardResult:
         ids, mask, labels = self._tensors(batch)
         token_counts = (labels != IGNORE_INDEX).sum(dim=1)
         n_tokens = int(token_counts.sum())
-        if self.dp is not None and self.dp.num_examples + ids.shape[0] > self.config.effective_batch_size:
+        if capped and self.dp is not None and self.dp.num_examples + ids.shape[0] > self.config.effective_batch_size:
             raise ValidationError(
                 f"a DP logical batch holds at most batch_size x gradient_accumulation_steps = "
                 f"{self.config.effective_batch_size} examples (the accountant's sampling rate assumes it); "
@@ -177,12 +254,15 @@ class TrainingEngine:
         return norm / max(n_tokens, 1)
 
     def optim_step(self, apply_dp_noise: Optional[bool] = None) -> OptimStepResult:
-        add_noise = check_noise_request(self.dp is not None, apply_dp_noise)
+        check_noise_request(self.dp is not None, apply_dp_noise)
         dp_metrics = None
         if self.dp is not None:
-            before, after = self.accountant.check_step()  # raises before any weight changes
-            self.dp.release(self.accountant.noise_multiplier, add_noise, self.config.effective_batch_size)
-            dp_metrics = self.dp.metrics(self.accountant, before, after, add_noise)
+            if self.samples_on_server and not self._sampled:
+                raise ValidationError("call forward_backward_sampled() before optim_step: the step's logical batch "
+                                      "is drawn on the server", {"operation": "optim_step"})
+            before, after = self.accountant.spend_step()  # in the ledger, or raises: before any weight changes
+            self.dp.release(self.accountant.noise_multiplier, self.accountant.plan.expected_batch_size)
+            dp_metrics = self.dp.metrics(self.accountant, before, after)
         elif self._grad_sum is not None:
             scale = 1.0 / max(self._tokens, 1)
             for p, g in zip(self.trainable.values(), self._grad_sum):
@@ -190,8 +270,6 @@ class TrainingEngine:
         lr = set_learning_rate(self.optimizer, self.config.optimizer, self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.accountant is not None:
-            self.accountant.record_step()
         self.step += 1
         self._reset_accumulation()
         return OptimStepResult(step=self.step, learning_rate=lr, dp_metrics=dp_metrics)
@@ -271,7 +349,7 @@ class TrainingEngine:
         else:
             self.optimizer = build_optimizer(self.trainable.values(), self.config.optimizer)
         if self.accountant is not None:
-            self.accountant.load_state_dict(state["accountant"])
+            self.accountant.check_checkpoint(state["accountant"])  # the ledger, not the checkpoint, holds the spend
         self.step = int(state["step"])
         self._reset_accumulation()
 

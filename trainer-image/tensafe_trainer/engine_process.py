@@ -70,7 +70,7 @@ def _summary(runtime) -> dict:
 def _build(spec: dict, home: Path):
     from .artifacts import ArtifactStore
     from .keys import LocalKeyProvider
-    from .paths import keys_dir
+    from .paths import keys_dir, ledger_dir
     from .operations import Runtime
 
     from tg_tinker.config import TrainingConfig
@@ -78,7 +78,7 @@ def _build(spec: dict, home: Path):
     store = ArtifactStore(home / "artifacts", LocalKeyProvider(keys_dir(home)))
     if spec["kind"] == "training":
         runtime = Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]),
-                                       store)
+                                       store, ledger_dir(home))
         if spec.get("resume_from"):
             runtime.resume(spec["resume_from"])
         return runtime

@@ -1,8 +1,10 @@
 """Key-encryption keys (KEKs), one set per tenant, behind a small provider interface.
 
-A tenant's key set is ``{"active": kid, "keys": {kid: base64 32-byte key}}``. Rotation adds a new
-key and makes it active; old keys stay so existing artifacts can be re-wrapped. Deleting a tenant's
-keys (crypto-shredding) makes every artifact of that tenant unreadable.
+A tenant's key set is ``{"active": kid, "keys": {kid: base64 32-byte key}, "audit": base64 32-byte key}``.
+Rotation adds a new key and makes it active; old keys stay so existing artifacts can be re-wrapped.
+``audit`` keys the audit log's request hashes (HMAC-SHA256), so a guessed training record cannot be
+confirmed from the log; rotation keeps it. Deleting a tenant's keys (crypto-shredding) makes every
+artifact of that tenant unreadable and its request hashes unlinkable.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ class KeyProvider(ABC):
                 "deleted): the artifact cannot be decrypted", {"tenant_id": tenant_id, "key_id": kid})
         return base64.b64decode(keyset["keys"][kid])
 
+    def audit_key(self, tenant_id: str) -> bytes:
+        """The tenant's request-hash key; added to its key set on first use (a read-only key set that lacks
+        one, an old mounted Secret, fails loudly rather than hash without a key)."""
+        with self._lock:
+            keyset = self._load(check_tenant(tenant_id))
+            if keyset is None or "audit" not in keyset:
+                keyset = self._new_keyset(tenant_id, None) if keyset is None else {
+                    **keyset, "audit": base64.b64encode(secrets.token_bytes(32)).decode()}
+                self._store(tenant_id, keyset)
+        return base64.b64decode(keyset["audit"])
+
     def rotate(self, tenant_id: str) -> str:
         """Add a new active key; returns its id."""
         with self._lock:
@@ -70,7 +83,8 @@ class KeyProvider(ABC):
         keys = dict(old["keys"]) if old else {}
         kid = f"{tenant_id}/kek-{len(keys) + 1}-{secrets.token_hex(4)}"
         keys[kid] = base64.b64encode(secrets.token_bytes(32)).decode()
-        return {"active": kid, "keys": keys}
+        audit = old["audit"] if old and "audit" in old else base64.b64encode(secrets.token_bytes(32)).decode()
+        return {"active": kid, "keys": keys, "audit": audit}
 
 
 class LocalKeyProvider(KeyProvider):

@@ -18,6 +18,7 @@ from tg_tinker.types import (
     ExportAdapterRequest,
     ExportAdapterResult,
     ForwardBackwardRequest,
+    ForwardBackwardSampledRequest,
     ForwardRequest,
     LoadStateRequest,
     LoadStateResult,
@@ -30,10 +31,12 @@ from tg_tinker.types import (
 
 from .artifacts import ArtifactStore
 from .crypto import ALGORITHM
+from .datasets import load_examples
 from .engine import TrainingEngine, deserialize_state, write_state
+from .ledger import open_ledger
 from .sampling import Sampler
 
-TRAINING_ONLY = {"forward_backward", "optim_step", "save_state", "load_state"}
+TRAINING_ONLY = {"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"}
 
 
 @dataclass
@@ -60,8 +63,15 @@ class Runtime:
         self.sampler = Sampler(e.model, e.tokenizer, e.vocab_size, e.eos_token_id, e.device, e.config.max_seq_len)
 
     @classmethod
-    def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore) -> "Runtime":
-        return cls(client_id, tenant_id, "training", TrainingEngine(config), store)
+    def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore,
+                     ledger_root: Path) -> "Runtime":
+        ledger = dataset = None
+        if config.dp_enabled:
+            dataset_id = config.dp_config.dataset_id
+            ledger = open_ledger(ledger_root, tenant_id, config.dp_config)
+            dataset = load_examples(store, tenant_id, dataset_id) if dataset_id else None
+        engine = TrainingEngine(config, ledger=ledger, dataset=dataset, client_id=client_id)
+        return cls(client_id, tenant_id, "training", engine, store)
 
     @classmethod
     def for_sampling(cls, client_id: str, tenant_id: str, store: ArtifactStore, *, artifact_id: Optional[str] = None,
@@ -84,6 +94,8 @@ class Runtime:
             raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
         if isinstance(request, ForwardBackwardRequest):
             return Outcome(self.engine.forward_backward(request.batch))
+        if isinstance(request, ForwardBackwardSampledRequest):
+            return Outcome(self.engine.forward_backward_sampled())
         if isinstance(request, ForwardRequest):
             return Outcome(self.engine.forward(request.batch))
         if isinstance(request, OptimStepRequest):

@@ -26,3 +26,8 @@ def keys_dir(home: Path) -> Path:
     """Tenant key sets: ``$TENSAFE_KEYS_DIR`` (a mounted Secret in a trainer pod), else ``<home>/keys``."""
     override = os.environ.get("TENSAFE_KEYS_DIR")
     return Path(override) if override else home / "keys"
+
+
+def ledger_dir(home: Path) -> Path:
+    """The privacy ledgers, one file per (tenant, dataset): ``<home>/privacy``."""
+    return home / "privacy"

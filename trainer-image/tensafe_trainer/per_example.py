@@ -119,9 +119,16 @@ class PerExampleGradients:
         return grads
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Clipped sums and noise are kept in float32 or wider, whatever the model's dtype (bf16 would put a
+    clipped contribution above the bound and the noised values on a coarse grid)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def per_example_norms(grads: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each example's whole gradient (all parameters together), shape [B]."""
-    squares = [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values()]
+    """L2 norm of each example's whole gradient (all parameters together), shape [B], in float64."""
+    squares = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64).square()
+               for g in grads.values()]
     return torch.stack(squares).sum(dim=0).sqrt()
 
 
@@ -130,9 +137,13 @@ def clip_and_sum(
 ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Clip each example's gradient to ``max_norm`` and sum over examples.
 
+    Norms and clip factors are float64; each sum is float32 or wider (:func:`accumulation_dtype`).
     Returns (summed clipped gradients, per-example norms before clipping, clip factors).
     """
     norms = per_example_norms(grads)
     factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = {p: torch.einsum("b,b...->...", factors.to(g.dtype), g) for p, g in grads.items()}
+    summed = {}
+    for p, g in grads.items():
+        wide = accumulation_dtype(g.dtype)
+        summed[p] = torch.einsum("b,b...->...", factors.to(wide), g.to(wide))
     return summed, norms, factors

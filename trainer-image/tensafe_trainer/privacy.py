@@ -1,18 +1,21 @@
 """DP-SGD: per-example clipping, one Gaussian noise draw per optimizer step, and accounting.
 
-One logical batch = every ``forward_backward`` since the last ``optim_step``. Each example's
-gradient (of its own mean token loss) is clipped to ``max_grad_norm`` in its micro-batch; the clipped
-gradients are summed across micro-batches; ``optim_step`` adds N(0, (noise_multiplier *
-max_grad_norm)^2) once to that sum and divides by the number of examples in the logical batch.
-The batch size is treated as public, as it is for fixed-size batches.
+One mechanism, stated once (docs/privacy.md has the argument):
+- adjacency is add/remove one example (what opacus' accountants assume);
+- one logical batch = every micro-batch since the last ``optim_step`` (or one Poisson draw of a
+  registered dataset, see :meth:`TrainingEngine.forward_backward_sampled`); each example's gradient (of
+  its own mean token loss) is clipped to C = ``max_grad_norm``, the clipped gradients are summed;
+- ``optim_step`` adds N(0, (sigma C)^2) to that sum, from a CSPRNG (secure_random), and divides by a
+  fixed public denominator: the expected logical batch size, never the number of examples that came;
+- the accountant is fed exactly (sigma, q, steps) of what ran, into the dataset's ledger.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import secrets
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
@@ -23,20 +26,51 @@ from tg_tinker.config import DPConfig
 from tg_tinker.errors import DPBudgetExceededError, TrainingClientError, ValidationError
 from tg_tinker.types import DPMetrics
 
-from .per_example import PerExampleGradients, clip_and_sum
+from .ledger import History, PrivacyLedger
+from .per_example import PerExampleGradients, accumulation_dtype, clip_and_sum
+from .secure_random import KeyStream, add_secure_normal_
+
+Sampling = Literal["poisson", "asserted", "none"]
+# What the audit log and metrics may carry of a step's dp_metrics: nothing computed from the batch itself.
+PUBLIC_DP_FIELDS = ("noise_applied", "noise_multiplier", "epsilon_spent", "total_epsilon", "delta",
+                    "sample_rate", "sampling", "epsilon_q1", "expected_batch_size", "accountant_type")
 
 
-def resolve_sample_rate(cfg: DPConfig, effective_batch_size: int) -> tuple[float, str]:
-    """The sampling rate the accountant may assume, and the assumption in words."""
+def public_dp_metrics(metrics: Optional[dict]) -> Optional[dict]:
+    return None if metrics is None else {k: metrics[k] for k in PUBLIC_DP_FIELDS if k in metrics}
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How a logical batch is drawn, the rate the accountant is given, and the fixed denominator."""
+
+    mode: Sampling
+    sample_rate: float
+    expected_batch_size: float  # the public denominator of the noisy sum
+    assumption: str
+
+
+def plan_sampling(cfg: DPConfig, effective_batch_size: int, registered_size: Optional[int]) -> SamplingPlan:
+    """``registered_size``: the number of examples of the registered dataset the server samples, if any."""
+    if registered_size is not None:
+        if cfg.sample_rate is None:
+            raise ValidationError(f"sampling registered dataset {cfg.dataset_id!r} needs dp_config.sample_rate",
+                                  {"field": "dp_config.sample_rate"})
+        q = cfg.sample_rate
+        return SamplingPlan("poisson", q, q * registered_size, (
+            f"Poisson sampling on the server: each of the {registered_size} examples of dataset "
+            f"{cfg.dataset_id!r} independently with probability {q:g}"))
     if cfg.sample_rate is not None:
-        return cfg.sample_rate, f"configured sample_rate={cfg.sample_rate:g} (caller asserts uniform sampling)"
+        return SamplingPlan("asserted", cfg.sample_rate, float(effective_batch_size), (
+            f"sample_rate={cfg.sample_rate:g} as asserted by the client (uniform sampling is the client's "
+            "claim; epsilon_q1 is the epsilon without it)"))
     if cfg.dataset_size is not None:
-        rate = min(1.0, effective_batch_size / cfg.dataset_size)
-        return rate, (
-            f"sample_rate = effective batch {effective_batch_size} / dataset_size {cfg.dataset_size} "
-            f"= {rate:g} (caller asserts uniform sampling)"
-        )
-    return 1.0, "no sampling information: q = 1, no amplification by subsampling"
+        q = min(1.0, effective_batch_size / cfg.dataset_size)
+        return SamplingPlan("asserted", q, float(effective_batch_size), (
+            f"sample_rate = effective batch {effective_batch_size} / dataset_size {cfg.dataset_size} = {q:g}, "
+            "as asserted by the client (epsilon_q1 is the epsilon without it)"))
+    return SamplingPlan("none", 1.0, float(effective_batch_size),
+                        "no sampling information: q = 1, no amplification by subsampling")
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,11 +98,13 @@ def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
 
 
 class PrivacyAccountant:
-    """opacus' accountant plus the budget rule: refuse a step that would pass ``target_epsilon``."""
+    """opacus' accountant over the dataset's ledger, plus the budget rule: a step that would pass
+    ``target_epsilon`` (composed over every client's steps on the data) is refused before it is taken."""
 
-    def __init__(self, cfg: DPConfig, effective_batch_size: int):
-        self.cfg = cfg
-        self.sample_rate, self.sampling_assumption = resolve_sample_rate(cfg, effective_batch_size)
+    def __init__(self, cfg: DPConfig, plan: SamplingPlan, ledger: PrivacyLedger, client_id: str = ""):
+        self.cfg, self.plan, self.ledger, self.client_id = cfg, plan, ledger, client_id
+        self.sample_rate = plan.sample_rate
+        self.sampling_assumption = plan.assumption
         if cfg.accountant_type == "gdp":
             self.sampling_assumption += ("; GDP accounting is a CLT approximation that can underestimate "
                                          "epsilon (prefer rdp or prv)")
@@ -85,52 +121,58 @@ class PrivacyAccountant:
                     f"cannot reach target_epsilon={cfg.target_epsilon} in {cfg.planned_steps} steps "
                     f"at sample rate {self.sample_rate:g}: {exc}", {"field": "dp_config.target_epsilon"}
                 ) from None
-        self._accountant = create_accountant(mechanism=cfg.accountant_type)
 
-    def _epsilon_of(self, history) -> float:
-        return epsilon_of(self.cfg.accountant_type, self.cfg.target_delta, tuple(tuple(h) for h in history))
+    def _epsilon_of(self, history: History) -> float:
+        return epsilon_of(self.cfg.accountant_type, self.cfg.target_delta, history)
 
     def total_epsilon(self) -> float:
-        return self._epsilon_of(self._accountant.history)
+        """Composed over every step any client took on this ledger's data."""
+        return self._epsilon_of(self.ledger.history())
 
-    def _history_after_step(self):
-        probe = create_accountant(mechanism=self.cfg.accountant_type)
-        probe.history = list(self._accountant.history)
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return probe.history
+    def epsilon_q1(self) -> float:
+        """The same steps without amplification by subsampling (q = 1): what holds if the sampling claim does not."""
+        return self._epsilon_of(tuple((s, 1.0, n) for s, _, n in self.ledger.history()))
 
-    def check_step(self) -> tuple[float, float]:
-        """(epsilon now, epsilon after one more step); raises if that passes the budget."""
-        before = self.total_epsilon()
-        after = self._epsilon_of(self._history_after_step())
-        target = self.cfg.target_epsilon
-        if target is not None and after > target:
-            raise DPBudgetExceededError(
-                f"this step would spend the privacy budget: epsilon {before:.4g} -> {after:.4g} "
-                f"> target_epsilon {target:g} (delta {self.cfg.target_delta:g}); no weights were changed",
-                {"current_epsilon": before, "max_epsilon": target, "epsilon_after_step": after,
-                 "delta": self.cfg.target_delta},
-            )
-        return before, after
+    def spend_step(self) -> tuple[float, float]:
+        """Check and record one step in the ledger, atomically; raises (recording nothing) past the budget.
+        Returns (epsilon before, epsilon after)."""
+        spent = {}
 
-    def record_step(self) -> None:
-        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        def check(before: History, after: History) -> None:
+            spent["before"], spent["after"] = self._epsilon_of(before), self._epsilon_of(after)
+            target = self.cfg.target_epsilon
+            if target is not None and spent["after"] > target:
+                raise DPBudgetExceededError(
+                    f"this step would spend the privacy budget: epsilon {spent['before']:.4g} -> "
+                    f"{spent['after']:.4g} > target_epsilon {target:g} (delta {self.cfg.target_delta:g}, composed "
+                    f"over every client's steps on {self._ledger_name()}); no weights were changed",
+                    {"current_epsilon": spent["before"], "max_epsilon": target,
+                     "epsilon_after_step": spent["after"], "delta": self.cfg.target_delta},
+                )
+
+        self.ledger.spend(self.noise_multiplier, self.sample_rate, check, self.client_id)
+        return spent["before"], spent["after"]
+
+    def _ledger_name(self) -> str:
+        return f"dataset {self.cfg.dataset_id!r}" if self.cfg.dataset_id else "this tenant's data"
 
     def state_dict(self) -> dict:
-        return {"history": [list(h) for h in self._accountant.history], "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "mechanism": self.cfg.accountant_type}
+        """What a checkpoint records (for the record only: loading it never changes the ledger)."""
+        return {"history": [list(h) for h in self.ledger.history()], "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "mechanism": self.cfg.accountant_type,
+                "dataset_id": self.cfg.dataset_id}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_checkpoint(self, state: dict) -> None:
         if state.get("mechanism") != self.cfg.accountant_type:
             raise ValidationError(
                 f"checkpoint was accounted with {state.get('mechanism')!r}, this client uses "
                 f"{self.cfg.accountant_type!r}"
             )
-        self._accountant.history = [tuple(h) for h in state["history"]]
 
 
 class DPGradientAccumulator:
-    """Collects clipped per-example gradients across micro-batches; releases one noisy mean."""
+    """Collects clipped per-example gradients across micro-batches; releases one noisy sum over a fixed
+    denominator."""
 
     def __init__(self, model: torch.nn.Module, cfg: DPConfig):
         self.cfg = cfg
@@ -177,32 +219,32 @@ class DPGradientAccumulator:
         mean_sq = sum(float(g.pow(2).sum()) for g in summed.values())
         return per_example_loss, math.sqrt(mean_sq) / batch
 
-    def release(self, noise_multiplier: float, add_noise: bool, fallback_batch: int) -> None:
-        """Write the noisy mean of clipped gradients into ``param.grad`` (noise drawn once, here)."""
-        denominator = self.num_examples or fallback_batch
+    def release(self, noise_multiplier: float, denominator: float,
+                stream: Optional[KeyStream] = None) -> None:
+        """Write (clipped sum + N(0, (sigma C)^2)) / denominator into ``param.grad``. The noise comes from one
+        fresh CSPRNG key (``stream`` only in tests) and is added in float32 or wider."""
         std = noise_multiplier * self.cfg.max_grad_norm
-        generator = None
+        stream = stream if stream is not None else KeyStream()
         for p in self.params:
             total = self.summed.get(p)
-            total = torch.zeros_like(p) if total is None else total.to(p.dtype)
-            if add_noise and std > 0:
-                if generator is None or generator.device != p.device:
-                    generator = torch.Generator(device=p.device)
-                    generator.manual_seed(secrets.randbits(63))  # never from the user's seed
-                total = total + torch.normal(0.0, std, size=p.shape, device=p.device, dtype=p.dtype,
-                                             generator=generator)
-            p.grad = total / denominator
+            if total is None:
+                total = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
+            add_secure_normal_(total, std, stream)
+            p.grad = total.div_(denominator).to(p.dtype)
 
-    def metrics(self, accountant: PrivacyAccountant, before: float, after: float, noise: bool) -> DPMetrics:
+    def metrics(self, accountant: PrivacyAccountant, before: float, after: float) -> DPMetrics:
         n = max(self.num_examples, 1)
+        plan = accountant.plan
         return DPMetrics(
-            noise_applied=noise, noise_multiplier=accountant.noise_multiplier,
+            noise_applied=True, noise_multiplier=accountant.noise_multiplier,
             epsilon_spent=(after - before) if math.isfinite(after) else math.inf,
             total_epsilon=after, delta=self.cfg.target_delta,
             grad_norm_before_clip=self.norm_sum / n, grad_norm_after_clip=self.clipped_norm_sum / n,
             num_clipped=self.num_clipped, num_examples=self.num_examples,
             sample_rate=accountant.sample_rate, sampling_assumption=accountant.sampling_assumption,
-            accountant_type=self.cfg.accountant_type,
+            accountant_type=self.cfg.accountant_type, sampling=plan.mode,
+            expected_batch_size=plan.expected_batch_size,
+            epsilon_q1=accountant.epsilon_q1() if plan.mode == "asserted" else None,
         )
 
 

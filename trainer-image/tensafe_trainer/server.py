@@ -36,17 +36,19 @@ from tg_tinker.types import (
     ClientStatus,
     CreateSamplingClient,
     CreateTrainingClient,
+    DatasetInfo,
     MAX_WAIT_S,
     OperationRecord,
+    RegisterDataset,
     SubmitOperation,
     SubmitOperations,
     SubmittedOperations,
     WaitForOperations,
 )
 
-from . import metrics
+from . import datasets, metrics
 from .artifacts import ArtifactStore
-from .audit import AuditLog
+from .audit import AuditLog, request_hash
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
 from .paths import keys_dir
@@ -95,7 +97,8 @@ class State:
         if existing is not None and existing.status not in (ClientStatus.TERMINATED, ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
         session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
-                          max_pending=self.settings.max_pending, config=config)
+                          max_pending=self.settings.max_pending, hash_key=self.store.keys.audit_key(tenant_id),
+                          config=config)
         self.sessions[client_id] = session
         metrics.CLIENTS.labels(kind).inc()
         return session
@@ -365,6 +368,35 @@ def create_app(settings: Settings) -> FastAPI:
         own_artifact(state, principal, tenant_id, artifact_id)
         data = state.store.read_raw(tenant_id, artifact_id)
         return Response(data, media_type="application/octet-stream")
+
+    def audit_dataset(state: State, operation: str, info: DatasetInfo) -> None:
+        key = state.store.keys.audit_key(info.tenant_id)
+        state.audit.submit(durable=True, operation=operation, training_client_id=None, tenant_id=info.tenant_id,
+                           request_hash=request_hash(key, info.artifact_id.encode()), success=True,
+                           **({"produced": [info.artifact_id]} if operation == "register_dataset" else
+                              {"consumed": [info.artifact_id]}))
+
+    @app.post("/v1/datasets", response_model=DatasetInfo, status_code=201, dependencies=[Depends(admin)])
+    def register_dataset(body: RegisterDataset, state: State = Depends(get_state)):
+        """Store a dataset encrypted, for server-side Poisson sampling (see datasets.py)."""
+        info = datasets.register(state.store, body)
+        audit_dataset(state, "register_dataset", info)
+        return info
+
+    @app.get("/v1/datasets", response_model=list[DatasetInfo], dependencies=[Depends(admin)])
+    def list_datasets(tenant_id: str = "default", state: State = Depends(get_state)):
+        return datasets.list_datasets(state.store, tenant_id)
+
+    @app.get("/v1/datasets/{dataset_id}", response_model=DatasetInfo, dependencies=[Depends(admin)])
+    def dataset_info(dataset_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
+        return datasets.describe(state.store, tenant_id, dataset_id)
+
+    @app.delete("/v1/datasets/{dataset_id}", response_model=DatasetInfo, dependencies=[Depends(admin)])
+    def delete_dataset(dataset_id: str, tenant_id: str = "default", state: State = Depends(get_state)):
+        """The examples go; the dataset's privacy ledger stays."""
+        info = datasets.delete(state.store, tenant_id, dataset_id)
+        audit_dataset(state, "delete_dataset", info)
+        return info
 
     @app.get("/v1/audit", response_model=list[AuditEntry])
     def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,

@@ -32,6 +32,7 @@ from . import metrics
 from .audit import request_hash
 from .audit_writer import AuditWriter
 from .engine_process import PIPELINE_DEPTH, EngineProcess
+from .privacy import public_dp_metrics
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -110,15 +111,19 @@ class OperationIndex:
         return len(self._ops)
 
 
-def fingerprint(request: Any) -> str:
-    """The request's SHA-256: matches idempotent retries, and is the audit log's request_hash."""
-    return request_hash(request.model_dump_json().encode())
+def fingerprint(key: bytes, request: Any) -> str:
+    """The request's keyed hash: matches idempotent retries, and is the audit log's request_hash."""
+    return request_hash(key, request.model_dump_json().encode())
 
 
 class Session:
     def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineProcess],
-                 audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, config=None):
+                 audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, hash_key: bytes,
+                 config=None):
         self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
+        self._hash_key = hash_key
+        # A DP client's token counts are statistics of private batches: kept out of the metrics.
+        self._private = config is not None and config.dp_enabled
         self._start_engine = start_engine
         self._audit = audit
         self._loop = loop
@@ -140,7 +145,7 @@ class Session:
 
     def submit(self, request: Any, key: Optional[str]) -> tuple[Operation, bool]:
         """Queue ``request``; returns (operation, created). A repeated key returns the first operation."""
-        fp = fingerprint(request)
+        fp = fingerprint(self._hash_key, request)
         with self._cond:
             if key is not None and key in self._by_key:
                 existing = self._by_key[key]
@@ -230,7 +235,7 @@ class Session:
         resumed = self.engine.summary.get("resumed_from")
         if resumed:
             self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,
-                               tenant_id=self.tenant_id, request_hash=request_hash(resumed.encode()),
+                               tenant_id=self.tenant_id, request_hash=request_hash(self._hash_key, resumed.encode()),
                                success=True, consumed=[resumed])
         with self._cond:
             if self.status is ClientStatus.INITIALIZING:
@@ -316,10 +321,11 @@ class Session:
             durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
             tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
             produced=reply.produced if reply else [], consumed=reply.consumed if reply else [],
-            dp_metrics=reply.dp_metrics if reply else None, error=error["message"] if error else None,
+            dp_metrics=public_dp_metrics(reply.dp_metrics) if reply else None,
+            error=error["message"] if error else None,
         )
         status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
-        tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
+        tokens = (reply.result or {}).get("tokens_processed", 0) if reply and not self._private else 0
         finished_at = reply.finished_at if reply else time.time()
         metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
         if error:

@@ -50,4 +50,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
+# Privacy ledgers: the operator creates one per (tenant, dataset) and lets each DP trainer pod read its own
+# and patch its status (a Role may only grant what its creator holds). Nothing here can delete a ledger.
+- apiGroups: [tensafe.io]
+  resources: [privacybudgets]
+  verbs: [get, create]
+- apiGroups: [tensafe.io]
+  resources: [privacybudgets/status]
+  verbs: [get, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
 {{- end -}}

@@ -45,8 +45,9 @@ class ApiServer:
     async def dispatch(self, request: Request) -> Response:
         try:
             if self.token is not None and request.url.path not in ("/healthz", "/readyz", "/livez"):
-                sent = request.headers.get("authorization", "")
-                if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+                scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+                # The scheme is case-insensitive (RFC 7235): the Python client's in-cluster loader sends "bearer".
+                if scheme.lower() != "bearer" or not hmac.compare_digest(sent.encode(), self.token.encode()):
                     raise ApiError(401, "Unauthorized", "Unauthorized")
             return await self._route(request)
         except ApiError as error:

@@ -21,7 +21,7 @@ import uvicorn
 import yaml
 
 from .apiserver import ApiServer
-from .kubelet import LocalKubelet
+from .kubelet import ApiAccess, LocalKubelet
 from .store import Store
 from .tls import write_serving_certificate
 
@@ -76,7 +76,8 @@ class DevCluster:
 
     async def _start(self) -> None:
         self.store = Store()
-        self.kubelet = LocalKubelet(self.store, self.root, extra_env=self.extra_env, gpus=self.gpus)
+        access = ApiAccess("127.0.0.1", self.port, self.ca_file, self.token)
+        self.kubelet = LocalKubelet(self.store, self.root, extra_env=self.extra_env, gpus=self.gpus, api=access)
         self.kubelet.start()
 
     def _serve(self) -> None:

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,18 @@ SECRETS = ("", "secrets")
 CONFIGMAPS = ("", "configmaps")
 PROBE_PERIOD_S = 1.0
 TERMINATION_GRACE_S = 5.0
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@dataclass(frozen=True)
+class ApiAccess:
+    """What a pod's service account mount and KUBERNETES_SERVICE_* env carry: the emulator's address, its CA
+    and a token it accepts."""
+
+    host: str
+    port: int
+    ca_file: Path
+    token: str
 
 
 def default_images() -> dict[str, list[str]]:
@@ -57,8 +70,9 @@ class PodStartError(Exception):
 
 class LocalKubelet:
     def __init__(self, store: Store, root: Path, *, images: Optional[dict[str, list[str]]] = None,
-                 extra_env: Optional[dict[str, str]] = None, gpus: int = 0):
+                 extra_env: Optional[dict[str, str]] = None, gpus: int = 0, api: Optional[ApiAccess] = None):
         self.store = store
+        self.api = api
         self.capacity = {"nvidia.com/gpu": gpus}  # extended resources this node has
         self.root = Path(root)
         self.images = images or default_images()
@@ -198,9 +212,12 @@ class LocalKubelet:
         namespace = meta["namespace"]
         volumes = {v["name"]: self._volume(pod, v) for v in pod["spec"].get("volumes", [])}
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.extra_env}
+        if pod["spec"].get("automountServiceAccountToken", True) and self.api is not None:
+            mounts[SERVICEACCOUNT_DIR] = self._service_account_folder(pod)
+            env.update(KUBERNETES_SERVICE_HOST=self.api.host, KUBERNETES_SERVICE_PORT=str(self.api.port))
         fields = {"metadata.name": meta["name"], "metadata.namespace": namespace, "metadata.uid": meta["uid"],
                   "status.podIP": ip, "status.hostIP": "127.0.0.1", "spec.nodeName": "local"}
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.extra_env}
         for item in container.get("env", []):
             if "value" in item:
                 value = _expand(item["value"], env)
@@ -220,6 +237,17 @@ class LocalKubelet:
         args = [_rewrite(_expand(a, env), mounts) for a in container.get("args", [])]
         args = [ip if a == "0.0.0.0" else a for a in args]  # a wildcard bind inside the pod's network namespace
         return list(entry) + args, env, mounts
+
+    def _service_account_folder(self, pod: dict) -> str:
+        """The projected service account volume: token, ca.crt, namespace."""
+        folder = self.root / "pods" / pod["metadata"]["uid"] / "serviceaccount"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "token").write_text(self.api.token)
+        (folder / "ca.crt").write_bytes(Path(self.api.ca_file).read_bytes())
+        (folder / "namespace").write_text(pod["metadata"]["namespace"])
+        for path in folder.iterdir():
+            os.chmod(path, 0o400)
+        return str(folder)
 
     def _volume(self, pod: dict, volume: dict) -> str:
         namespace, uid = pod["metadata"]["namespace"], pod["metadata"]["uid"]

@@ -74,6 +74,9 @@ BUILTIN_TYPES = [
     ResourceType("", "v1", "events", "Event", short_names=["ev"]),
     ResourceType("events.k8s.io", "v1", "events", "Event", short_names=["ev"]),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    # Stored and served, never enforced: the emulator has no RBAC (any token it issued may do anything).
+    ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
                  namespaced=False, short_names=["crd", "crds"], has_status=True),
 ]

@@ -1,5 +1,5 @@
 """What the API server does with a custom resource's structural schema: defaults, pruning, validation,
-and the two CEL transition-rule shapes this project's CRDs use.
+and the four CEL transition-rule shapes this project's CRDs use.
 
 CEL itself is not implemented: rules of any other shape are skipped (and listed by
 ``unsupported_rules``), which the README states as a gap of the test cluster.
@@ -15,6 +15,9 @@ import jsonschema_rs
 
 _HAS_RULE = re.compile(r"^has\(self\.(\w+)\) == has\(oldSelf\.(\w+)\)$")
 _EQUAL_RULE = "self == oldSelf"
+_MONOTONIC_RULE = "self >= oldSelf"  # numbers
+_GROWING_RULE = "size(self) >= size(oldSelf)"  # lists
+_SIMPLE_RULES = (_EQUAL_RULE, _MONOTONIC_RULE, _GROWING_RULE)
 
 
 def apply_defaults(value: Any, schema: dict) -> Any:
@@ -108,7 +111,8 @@ def _at(value: Any, path: str) -> tuple[bool, Any]:
 
 
 def transition_errors(new: Any, old: Any, schema: dict) -> list[str]:
-    """Evaluate ``self == oldSelf`` and ``has(self.f) == has(oldSelf.f)`` rules on an update."""
+    """Evaluate ``self == oldSelf``, ``self >= oldSelf``, ``size(self) >= size(oldSelf)`` and
+    ``has(self.f) == has(oldSelf.f)`` rules on an update."""
     messages = []
     for path, _, rule in _rules(schema, ""):
         has_new, new_value = _at(new, path)
@@ -118,6 +122,11 @@ def transition_errors(new: Any, old: Any, schema: dict) -> list[str]:
         text = rule["rule"].strip()
         if text == _EQUAL_RULE:
             ok = new_value == old_value
+        elif text == _MONOTONIC_RULE:
+            ok = not (isinstance(new_value, (int, float)) and isinstance(old_value, (int, float))) or \
+                new_value >= old_value
+        elif text == _GROWING_RULE:
+            ok = not (isinstance(new_value, list) and isinstance(old_value, list)) or len(new_value) >= len(old_value)
         elif (match := _HAS_RULE.match(text)) and match.group(1) == match.group(2):
             field = match.group(1)
             ok = isinstance(new_value, dict) and isinstance(old_value, dict) and \
@@ -131,4 +140,4 @@ def transition_errors(new: Any, old: Any, schema: dict) -> list[str]:
 
 def unsupported_rules(schema: dict) -> list[str]:
     return [rule["rule"] for _, _, rule in _rules(schema, "")
-            if rule["rule"].strip() != _EQUAL_RULE and not _HAS_RULE.match(rule["rule"].strip())]
+            if rule["rule"].strip() not in _SIMPLE_RULES and not _HAS_RULE.match(rule["rule"].strip())]

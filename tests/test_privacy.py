@@ -1,0 +1,329 @@
+"""The privacy mechanism's assumptions, each checked where today's code once broke it (issue #13):
+the noise source, the fixed denominator, the ledger, server-side Poisson sampling, bf16, refusals."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from opacus.accountants import create_accountant
+from scipy import stats
+
+from tg_tinker import DPBudgetExceededError, DPConfig, OptimizerConfig, ValidationError
+
+from conftest import dp_config
+from engine_helpers import (
+    fresh_ledger,
+    make_engine,
+    norm,
+    padded_batch,
+    per_example_gradients,
+    snapshot,
+    update,
+)
+from test_dp import sequences
+
+
+def noise_of_one_step(rows, **config) -> torch.Tensor:
+    """The noise of one step, recovered from the update as an attacker with both weight snapshots would."""
+    engine = make_engine(dp_config=dp_config(**config), batch_size=len(rows))
+    before = snapshot(engine)
+    engine.forward_backward(padded_batch(rows))
+    engine.optim_step()
+    return torch.cat([update(engine, before)[k].flatten() for k in sorted(before)])
+
+
+# --- 1. the noise source ------------------------------------------------------------------------
+
+
+def test_noise_is_not_reproducible_when_every_torch_seed_is_fixed(monkeypatch):
+    """Today's bug: a Mersenne Twister seeded with 63 bits of which torch keeps 32. Pin every torch
+    generator to one seed: a mechanism that draws from torch then repeats its noise exactly."""
+    class Pinned(torch.Generator):
+        def manual_seed(self, seed):
+            return super().manual_seed(0)
+
+    monkeypatch.setattr(torch, "Generator", Pinned)
+    rows = sequences(2, seed=4)
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        updates.append(noise_of_one_step(rows))
+    assert not torch.allclose(updates[0], updates[1])
+
+
+def test_noise_never_comes_from_torch_or_numpy_generators(monkeypatch):
+    import numpy as np
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the mechanism drew from a non-cryptographic generator")
+
+    engine = make_engine(dp_config=dp_config(), batch_size=2)
+    for name in ("normal", "randn", "rand", "randint", "bernoulli"):
+        monkeypatch.setattr(torch, name, refuse)
+    monkeypatch.setattr(torch.Tensor, "normal_", refuse)
+    monkeypatch.setattr(np.random, "normal", refuse)
+    engine.forward_backward(padded_batch(sequences(2, seed=1)))
+    engine.optim_step()
+
+
+def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
+    from tensafe_trainer import secure_random
+
+    drawn = []
+    real = secure_random.secrets.token_bytes
+    monkeypatch.setattr(secure_random.secrets, "token_bytes", lambda n: drawn.append(n) or real(n))
+    engine = make_engine(dp_config=dp_config(), batch_size=2)
+    for _ in range(3):
+        engine.forward_backward(padded_batch(sequences(2, seed=1)))
+        engine.optim_step()
+    assert drawn == [32, 32, 32]  # one key per step, 32 bytes each
+
+
+def test_keystream_is_aes_256_ctr_and_uniforms_use_53_bits():
+    from tensafe_trainer.secure_random import KeyStream
+
+    key = bytes(range(32))
+    reference = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(64))
+    words = KeyStream(key).words(8)
+    assert words.numpy().tobytes() == reference
+    expected = [((int.from_bytes(reference[i:i + 8], "little") >> 11) + 1) * 2.0 ** -53 for i in range(0, 64, 8)]
+    assert KeyStream(key).uniform(8).tolist() == expected
+
+
+def test_secure_gaussian_has_the_right_distribution():
+    from tensafe_trainer.secure_random import secure_normal
+
+    draws = secure_normal(200_000, std=3.0, key=bytes(32))  # a fixed key: the test cannot flake
+    assert draws.dtype == torch.float64
+    assert float(draws.mean()) == pytest.approx(0.0, abs=4 * 3.0 / math.sqrt(200_000))
+    assert float(draws.std()) == pytest.approx(3.0, rel=0.01)
+    assert stats.kstest(draws.numpy() / 3.0, "norm").pvalue > 0.01
+    # A sum of four draws: no value sits on the lattice a single Box-Muller draw is confined to.
+    assert len(set(draws[:10_000].tolist())) == 10_000
+
+
+# --- 2. add/remove adjacency: a fixed denominator ----------------------------------------------
+
+
+def test_a_row_repeated_twice_moves_the_weights_twice_as_far(no_noise):
+    row = sequences(1, seed=11)[0]
+    moves = {}
+    for copies in (1, 2):
+        engine = make_engine(dp_config=dp_config(max_grad_norm=0.05), batch_size=2)  # clipped: a bounded step
+        before = snapshot(engine)
+        engine.forward_backward(padded_batch([row] * copies))
+        result = engine.optim_step().dp_metrics
+        assert result.expected_batch_size == 2.0
+        moves[copies] = norm(update(engine, before))
+    assert moves[2] == pytest.approx(2 * moves[1], rel=1e-9)
+    assert moves[1] == pytest.approx(0.05 / 2, rel=1e-4)  # the clipped gradient over the fixed denominator
+
+
+def test_the_update_is_the_clipped_sum_over_the_expected_batch_size_however_many_came(no_noise):
+    rows = sequences(3, seed=12)
+    engine = make_engine(dp_config=dp_config(max_grad_norm=10.0), batch_size=4, gradient_accumulation_steps=2)
+    reference = per_example_gradients(make_engine(), rows)
+    before = snapshot(engine)
+    engine.forward_backward(padded_batch(rows))
+    engine.optim_step()
+    for name, moved in update(engine, before).items():
+        expected = sum(g[name] for g in reference) / 8  # 3 examples came; the denominator is 4 x 2
+        torch.testing.assert_close(moved, expected, rtol=1e-8, atol=1e-12)
+
+
+# --- 3. server-side Poisson sampling -------------------------------------------------------------
+
+
+def test_poisson_coins_are_consistent_with_q():
+    from tensafe_trainer.secure_random import bernoulli_mask
+
+    n, q, draws = 200, 0.05, 2000
+    masks = torch.stack([bernoulli_mask(n, q, key=i.to_bytes(32, "big")) for i in range(draws)])
+    sizes = masks.sum(dim=1).double()
+    assert float(sizes.mean()) == pytest.approx(n * q, rel=4 * math.sqrt((1 - q) / (n * q * draws)))
+    assert float(sizes.var()) == pytest.approx(n * q * (1 - q), rel=0.1)
+    counts = masks.sum(dim=0).numpy()  # each example's inclusions: Binomial(draws, q)
+    spread = 5 * math.sqrt(draws * q * (1 - q))
+    assert counts.min() > draws * q - spread and counts.max() < draws * q + spread
+    assert stats.chisquare(counts).pvalue > 0.001  # no example favoured
+    assert stats.binomtest(int(counts.sum()), n * draws, q).pvalue > 0.001
+    assert not bernoulli_mask(1000, 1e-300, key=bytes(32)).any() and bernoulli_mask(1000, 1.0, key=bytes(32)).all()
+
+
+def dataset(n: int, seed: int) -> list[dict]:
+    return [{"input_ids": r} for r in sequences(n, seed=seed)]
+
+
+def sampled_engine(n=20, q=0.25, **overrides):
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts", sample_rate=q)
+    return make_engine(dp_config=config, batch_size=3, dataset=dataset(n, seed=21), **overrides)
+
+
+def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_q_times_n(monkeypatch, no_noise):
+    from tensafe_trainer import engine as engine_module
+
+    chosen = [1, 4, 5, 9, 13, 17, 18]  # more than one micro-batch of 3
+    monkeypatch.setattr(engine_module, "bernoulli_mask",
+                        lambda n, q: torch.tensor([i in chosen for i in range(n)]))
+    engine = sampled_engine()
+    reference = per_example_gradients(make_engine(), [engine.dataset[i]["input_ids"] for i in chosen])
+    before = snapshot(engine)
+    drawn = engine.forward_backward_sampled()
+    metrics = engine.optim_step().dp_metrics
+    assert drawn.num_examples == len(chosen)
+    assert metrics.sampling == "poisson" and metrics.sample_rate == 0.25 and metrics.expected_batch_size == 5.0
+    for name, moved in update(engine, before).items():
+        torch.testing.assert_close(moved, sum(g[name] for g in reference) / 5.0, rtol=1e-8, atol=1e-12)
+
+
+def test_sampled_batch_sizes_vary_around_q_times_n():
+    engine = sampled_engine(n=40, q=0.25)
+    sizes = []
+    for _ in range(12):
+        sizes.append(engine.forward_backward_sampled().num_examples)
+        engine.optim_step()
+    assert len(set(sizes)) > 1 and 0 < sum(sizes) / len(sizes) < 20
+
+
+def test_a_sampling_client_refuses_client_batches_and_a_second_draw_per_step():
+    engine = sampled_engine()
+    with pytest.raises(ValidationError, match="forward_backward_sampled"):
+        engine.forward_backward(padded_batch(sequences(2, seed=1)))
+    with pytest.raises(ValidationError, match="before optim_step"):
+        engine.optim_step()
+    engine.forward_backward_sampled()
+    with pytest.raises(ValidationError, match="already drawn"):
+        engine.forward_backward_sampled()
+    plain = make_engine(dp_config=dp_config(), batch_size=2)
+    with pytest.raises(ValidationError, match="registered dataset"):
+        plain.forward_backward_sampled()
+
+
+def test_poisson_sampling_needs_a_rate_and_tokens_inside_the_vocabulary():
+    with pytest.raises(ValidationError, match="needs dp_config.sample_rate"):
+        make_engine(dp_config=DPConfig(noise_multiplier=1.0, dataset_id="facts"), dataset=dataset(4, seed=1))
+    with pytest.raises(ValidationError, match="outside the model's vocabulary"):
+        make_engine(dp_config=DPConfig(noise_multiplier=1.0, dataset_id="facts", sample_rate=0.5),
+                    dataset=[{"input_ids": [1, 2, 99_999]}])
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_poisson_epsilon_matches_opacus_for_the_same_sigma_q_and_steps(accountant):
+    config = DPConfig(noise_multiplier=1.2, max_grad_norm=1.0, dataset_id="facts", sample_rate=0.1,
+                      accountant_type=accountant)
+    engine = make_engine(dp_config=config, batch_size=4, dataset=dataset(30, seed=3))
+    for _ in range(4):
+        engine.forward_backward_sampled()
+        metrics = engine.optim_step().dp_metrics
+    reference = create_accountant(mechanism=accountant)
+    reference.history = [(1.2, 0.1, 4)]
+    assert metrics.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=0.01)
+
+
+def test_full_fine_tuning_samples_too():
+    engine = sampled_engine(lora_config=None, q=0.5)
+    before = snapshot(engine)
+    engine.forward_backward_sampled()
+    assert engine.optim_step().dp_metrics.sampling == "poisson"
+    assert any(not torch.equal(before[k], p) for k, p in engine.trainable.items())
+
+
+# --- 4. the ledger ------------------------------------------------------------------------------
+
+
+def test_the_ledger_composes_every_client_on_the_data_and_survives_reopening():
+    ledger = fresh_ledger("shared")
+    config = dp_config(noise_multiplier=1.0, dataset_id="shared")
+    first = make_engine(dp_config=config, batch_size=2, ledger=ledger)
+    for _ in range(2):
+        first.forward_backward(padded_batch(sequences(2, seed=1)))
+        first.optim_step()
+    from test_dp import fresh_ledger_at
+
+    second = make_engine(dp_config=config, batch_size=2, ledger=fresh_ledger_at(ledger))  # a new client, restarted
+    assert second.total_epsilon == pytest.approx(first.total_epsilon)
+    second.forward_backward(padded_batch(sequences(2, seed=2)))
+    third_step = second.optim_step().dp_metrics
+    reference = create_accountant(mechanism="rdp")
+    reference.history = [(1.0, 2 / 1000, 3)]
+    assert third_step.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
+    assert first.total_epsilon == pytest.approx(third_step.total_epsilon)  # the first client sees it too
+
+
+def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
+    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
+
+    ledger = fresh_ledger("race")
+    reference = create_accountant(mechanism="rdp")
+    reference.history = [(1.0, 0.01, 10)]
+    ten = reference.get_epsilon(delta=1e-5)
+    reference.history = [(1.0, 0.01, 11)]
+    budget = (ten + reference.get_epsilon(delta=1e-5)) / 2  # room for exactly 10 steps
+    config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=budget, dataset_id="race")
+    passed, refused = [], []
+
+    def client(name: str) -> None:
+        own = PrivacyLedger(ledger.path.parent.parent, "default", "race")  # its own file handle, as a process has
+        accountant = PrivacyAccountant(config, plan_sampling(config, 4, None), own, name)
+        for _ in range(10):
+            try:
+                accountant.spend_step()
+                passed.append(name)
+            except DPBudgetExceededError:
+                refused.append(name)
+
+    threads = [threading.Thread(target=client, args=(f"c{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(passed) == 10 and len(refused) == 10
+    assert ledger.history() == ((1.0, 0.01, 10),)
+
+
+def test_a_torn_ledger_line_is_not_a_step_and_is_dropped_by_the_next():
+    ledger = fresh_ledger("torn")
+    ledger.spend(1.0, 0.1, lambda before, after: None)
+    with open(ledger.path, "ab") as f:
+        f.write(b'{"noise_multiplier": 1.0, "sam')  # a crash mid-write: its step never changed weights
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "torn")
+    assert reopened.history() == ((1.0, 0.1, 1),)
+    reopened.spend(1.0, 0.1, lambda before, after: None)
+    assert type(ledger)(ledger.path.parent.parent, "default", "torn").history() == ((1.0, 0.1, 2),)
+
+
+# --- 6. refusals and bf16 -------------------------------------------------------------------------
+
+
+def test_dp_without_noise_is_refused():
+    with pytest.raises(ValidationError, match="noise_multiplier > 0"):
+        DPConfig(noise_multiplier=0.0)
+    DPConfig(enabled=False, noise_multiplier=0.0)  # DP off: nothing is claimed
+
+
+def test_bf16_clipped_contributions_stay_within_the_bound():
+    from tensafe_trainer.per_example import clip_and_sum, per_example_norms
+
+    engine = make_engine(dtype="bfloat16", lora_config=None, dp_config=dp_config(max_grad_norm=0.1),
+                         optimizer=OptimizerConfig(name="sgd", learning_rate=0.1), batch_size=6)
+    rows = sequences(6, seed=13)
+    batch = padded_batch(rows)
+    ids, mask, labels = engine._tensors(batch)
+    counts = (labels != -100).sum(dim=1)
+    hooks = engine.dp.hooks
+    with hooks.capture():
+        nll = engine._token_nll(ids, mask, labels)
+        (nll.sum(dim=1) / counts).sum().backward()
+        grads = hooks.collect()
+    assert all(g.dtype == torch.bfloat16 for g in grads.values())
+    for b in range(len(rows)):
+        one = {p: g[b:b + 1] for p, g in grads.items()}
+        summed, norms, _ = clip_and_sum(one, 0.1)
+        assert float(norms[0]) > 0.1  # clipping is active
+        assert all(s.dtype == torch.float32 for s in summed.values())
+        assert float(per_example_norms({p: s.unsqueeze(0) for p, s in summed.items()})[0]) <= 0.1 * (1 + 1e-6)

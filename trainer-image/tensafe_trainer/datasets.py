@@ -1,0 +1,70 @@
+"""Registered datasets: a tenant's training examples, stored encrypted so the server can sample them.
+
+A dataset is an artifact of kind ``dataset`` (same envelope, tenant key and audit as checkpoints), named
+by its dataset id and owned by no training client (``DATASETS_OWNER`` can never be a client id, so no
+client's token lists or downloads it). Its number of examples is in the authenticated header: the
+mechanism's denominator (q x N) is public, as in opacus.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Optional
+
+from tg_tinker.errors import ArtifactNotFoundError, ValidationError
+from tg_tinker.types import ArtifactInfo, DatasetInfo, RegisterDataset
+
+from .artifacts import ArtifactStore
+from .ledger import check_dataset_id
+
+KIND = "dataset"
+DATASETS_OWNER = "_datasets"
+
+
+def _info(artifact: ArtifactInfo) -> DatasetInfo:
+    return DatasetInfo(dataset_id=artifact.name, num_examples=artifact.num_examples or 0,
+                       content_hash=artifact.content_hash, artifact_id=artifact.artifact_id,
+                       tenant_id=artifact.tenant_id, size_bytes=artifact.size_bytes, created_at=artifact.created_at)
+
+
+def list_datasets(store: ArtifactStore, tenant_id: str) -> list[DatasetInfo]:
+    return [_info(a) for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND]
+
+
+def _find(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[ArtifactInfo]:
+    hits = [a for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND and a.name == dataset_id]
+    return hits[0] if hits else None
+
+
+def register(store: ArtifactStore, request: RegisterDataset) -> DatasetInfo:
+    dataset_id = check_dataset_id(request.dataset_id or f"ds-{secrets.token_hex(6)}")
+    if _find(store, request.tenant_id, dataset_id) is not None:
+        raise ValidationError(f"dataset {dataset_id!r} is already registered for tenant {request.tenant_id!r}; "
+                              "delete it first or choose another dataset_id", {"dataset_id": dataset_id})
+    payload = json.dumps([e.model_dump(exclude_none=True) for e in request.examples]).encode()
+    artifact = store.put(payload, tenant_id=request.tenant_id, training_client_id=DATASETS_OWNER, kind=KIND, step=0,
+                         name=dataset_id, num_examples=len(request.examples))
+    return _info(artifact)
+
+
+def describe(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo:
+    found = _find(store, tenant_id, dataset_id)
+    if found is None:
+        raise ArtifactNotFoundError(f"no dataset {dataset_id!r} for tenant {tenant_id!r}", {"dataset_id": dataset_id})
+    return _info(found)
+
+
+def delete(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo:
+    """Removes the examples; the dataset's privacy ledger stays (spent budget is never given back)."""
+    info = describe(store, tenant_id, dataset_id)
+    store.delete(tenant_id, info.artifact_id)
+    return info
+
+
+def load_examples(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[list[dict]]:
+    """The decrypted examples of a registered dataset; None if ``dataset_id`` names none (client-supplied data)."""
+    found = _find(store, tenant_id, dataset_id)
+    if found is None:
+        return None
+    return json.loads(store.get(tenant_id, found.artifact_id, DATASETS_OWNER))

@@ -1,0 +1,122 @@
+"""The privacy ledger: every DP step spent on one dataset, by any client, kept where all of them see it.
+
+The spent budget belongs to the data, not to a client or a checkpoint. A ledger is keyed by (tenant,
+``DPConfig.dataset_id``; default one per tenant) and holds the accountant history of every step taken on
+that data: (noise multiplier, sample rate, steps). Epsilon is composed over all of it. A step is checked
+against the budget and recorded under one exclusive lock, before any weight changes, so two clients
+spending the same budget at once cannot both pass it; nothing ever removes an entry, so a reload, a new
+client or a restart cannot lower it.
+
+Locally (and in a trainer pod) the ledger is an append-only JSON-lines file in the trainer's home, one
+line per step, fsynced before the step's weights change, under ``flock``. A line torn by a crash is a
+step whose weights never changed: it is dropped when the next step is recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from tg_tinker.config import DPConfig
+from tg_tinker.errors import ValidationError
+
+from .artifacts import fsync_dir
+from .keys import check_tenant
+
+History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
+TENANT_LEDGER = "_tenant"  # the ledger of a tenant's DP steps that name no dataset
+DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_dataset_id(dataset_id: str) -> str:
+    if not isinstance(dataset_id, str) or not DATASET_ID.match(dataset_id):
+        raise ValidationError(f"invalid dataset id {dataset_id!r}: letters, digits, '_', '.', '-', at most 64",
+                              {"field": "dataset_id"})
+    return dataset_id
+
+
+def _merge(history: list[list], sigma: float, q: float, steps: int) -> None:
+    if history and history[-1][0] == sigma and history[-1][1] == q:
+        history[-1][2] += steps
+    else:
+        history.append([sigma, q, steps])
+
+
+def open_ledger(root: Path, tenant_id: str, cfg: DPConfig):
+    """The ledger of the data ``cfg`` trains on: a PrivacyBudget in the API in a trainer pod the operator set up
+    for it (``TENSAFE_LEDGER=kubernetes``), else a file under ``root``."""
+    if os.environ.get("TENSAFE_LEDGER") == "kubernetes":
+        from .ledger_kubernetes import KubernetesLedger
+        from .privacy import epsilon_of
+
+        return KubernetesLedger.from_environment(
+            tenant_id, cfg.dataset_id, cfg.accountant_type,
+            lambda history, delta: epsilon_of(cfg.accountant_type, delta, history))
+    return PrivacyLedger(root, tenant_id, cfg.dataset_id)
+
+
+class PrivacyLedger:
+    """One dataset's ledger file. Safe across the engine processes of a trainer (and across trainers that
+    share the folder): reads take what is fully written, spending holds an exclusive lock."""
+
+    def __init__(self, root: Path, tenant_id: str, dataset_id: str | None):
+        self.tenant_id = check_tenant(tenant_id)
+        self.dataset_id = dataset_id
+        name = TENANT_LEDGER if dataset_id is None else check_dataset_id(dataset_id)
+        folder = Path(root) / self.tenant_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = folder / f"{name}.jsonl"
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            fsync_dir(folder)
+        self._offset = 0  # bytes of the file already parsed into _history
+        self._history: list[list] = []
+
+    def _read_new(self, f) -> None:
+        """Parse the complete lines written since the last read (a torn last line is not a step)."""
+        f.seek(self._offset)
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                _merge(self._history, float(entry["noise_multiplier"]), float(entry["sample_rate"]),
+                       int(entry["steps"]))
+        self._offset += end
+
+    def history(self) -> History:
+        with open(self.path, "rb") as f:
+            self._read_new(f)
+        return tuple((s, q, n) for s, q, n in self._history)
+
+    def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
+              client_id: str = "") -> tuple[History, History]:
+        """Record one step, unless ``check(history before, history after)`` raises: both under the lock.
+        Returns (before, after)."""
+        with open(self.path, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                self._read_new(f)
+                before = tuple((s, q, n) for s, q, n in self._history)
+                after_list = [list(h) for h in self._history]
+                _merge(after_list, noise_multiplier, sample_rate, 1)
+                after = tuple((s, q, n) for s, q, n in after_list)
+                check(before, after)
+                f.truncate(self._offset)  # drop a line torn by a crash (its step never changed weights)
+                f.seek(self._offset)
+                line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": 1,
+                                   "client": client_id, "time": time.time()}, sort_keys=True).encode() + b"\n"
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+                self._offset += len(line)
+                self._history = after_list
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return before, after
+
