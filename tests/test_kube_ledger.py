@@ -9,7 +9,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from opacus.accountants import create_accountant
 
-from tg_tinker import DPBudgetExceededError, DPConfig, ServiceClient
+from tg_tinker import DPBudgetExceededError, DPConfig, ServiceClient, ValidationError
 from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION, privacy_budget_name
 
 from conftest import random_batch, tiny_config
@@ -46,7 +46,7 @@ def accountant(book, target=None):
     from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
 
     config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=target, dataset_id=book.dataset_id)
-    return PrivacyAccountant(config, plan_sampling(config, 4, None), book, "tc-test")
+    return PrivacyAccountant(config, plan_sampling(config, 4, False), book, "tc-test")
 
 
 def test_steps_are_reserved_in_chunks_and_the_epsilon_is_the_accountants(cluster, namespace):
@@ -82,7 +82,7 @@ def test_the_resources_own_budget_binds_every_trainer(cluster, namespace):
     spender = accountant(ledger(cluster, namespace, "capped"))  # no target_epsilon of its own
     for _ in range(3):
         spender.spend_step()
-    with pytest.raises(DPBudgetExceededError, match="epsilonBudget"):
+    with pytest.raises(DPBudgetExceededError, match="set by the first client"):
         spender.spend_step()
 
 
@@ -143,6 +143,24 @@ def test_two_training_clients_on_one_dataset_share_its_ledger_through_the_operat
         assert theirs == pytest.approx(rdp_epsilon(1.0, 0.01, 17))  # the first's 16 reserved, then its own one
         table = cluster.kubectl("get", "pb", "-n", namespace).stdout
         assert "tickets" in table and "EPSILON" in table and "32" in table  # two chunks reserved
+
+
+def test_poisson_sampling_on_kubernetes_with_a_dataset_registered_through_the_clients_trainer(cluster, namespace):
+    config = tiny_config(batch_size=4, dp_config=DPConfig(noise_multiplier=1.0, sample_rate=0.25,
+                                                          dataset_id="kube-facts"))
+    batch = random_batch(rows=16, width=6, seed=3)
+    with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:
+        tc = service.create_training_client(config, client_id="sampler")
+        info = service.register_dataset(batch, dataset_id="kube-facts", training_client_id="sampler")
+        assert info.num_examples == 16
+        assert [d.dataset_id for d in service.list_datasets()] == ["kube-facts"]  # the one client's trainer
+        for _ in range(2):
+            tc.forward_backward_sampled()
+            metrics = tc.optim_step().result().dp_metrics
+        assert metrics.sampling == "poisson" and metrics.total_epsilon == pytest.approx(rdp_epsilon(1.0, 0.25, 2))
+        with pytest.raises(ValidationError, match="samples registered dataset"):
+            tc.forward_backward(random_batch(rows=2, width=6)).result()
+        assert budget(cluster, namespace, "kube-facts")["status"]["steps"] == 16
 
 
 def test_a_trainer_without_api_access_refuses_dp_steps_loudly(cluster, namespace, monkeypatch):

@@ -83,6 +83,41 @@ def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
     assert drawn == [32, 32, 32]  # one key per step, 32 bytes each
 
 
+def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data():
+    from tensafe_trainer.engine import deserialize_state, serialize_state
+
+    trained = make_engine(dp_config=dp_config(dataset_id="Y"), batch_size=2)
+    trained.forward_backward(padded_batch(sequences(2, seed=1)))
+    trained.optim_step()
+    state = deserialize_state(serialize_state(trained.state_dict(include_optimizer=True)))
+    elsewhere = make_engine(dp_config=dp_config(dataset_id="Y-copy"), batch_size=2)
+    with pytest.raises(ValidationError, match="trained on dataset_id 'Y'"):
+        elsewhere.load_state_dict(state)
+
+
+def test_the_first_clients_budget_binds_a_later_client_with_a_higher_target():
+    from test_dp import fresh_ledger_at
+
+    ledger = fresh_ledger("budgeted")
+    low = (rdp(1.0, 2 / 1000, 2) + rdp(1.0, 2 / 1000, 3)) / 2  # two steps
+    first = make_engine(dp_config=dp_config(dataset_id="budgeted", target_epsilon=low), batch_size=2, ledger=ledger)
+    first.forward_backward(padded_batch(sequences(2, seed=1)))
+    first.optim_step()
+    greedy = make_engine(dp_config=dp_config(dataset_id="budgeted", target_epsilon=100.0), batch_size=2,
+                         ledger=fresh_ledger_at(ledger))
+    greedy.forward_backward(padded_batch(sequences(2, seed=2)))
+    greedy.optim_step()
+    greedy.forward_backward(padded_batch(sequences(2, seed=3)))
+    with pytest.raises(DPBudgetExceededError, match="set by the first client"):
+        greedy.optim_step()
+
+
+def rdp(sigma, q, steps, delta=1e-5):
+    reference = create_accountant(mechanism="rdp")
+    reference.history = [(sigma, q, steps)]
+    return reference.get_epsilon(delta=delta)
+
+
 def test_keystream_is_aes_256_ctr_and_uniforms_use_53_bits():
     from tensafe_trainer.secure_random import KeyStream
 
@@ -163,7 +198,7 @@ def sampled_engine(n=20, q=0.25, **overrides):
     return make_engine(dp_config=config, batch_size=3, dataset=dataset(n, seed=21), **overrides)
 
 
-def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_q_times_n(monkeypatch, no_noise):
+def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_the_declared_batch(monkeypatch, no_noise):
     from tensafe_trainer import engine as engine_module
 
     chosen = [1, 4, 5, 9, 13, 17, 18]  # more than one micro-batch of 3
@@ -175,9 +210,26 @@ def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_q_times_n(
     drawn = engine.forward_backward_sampled()
     metrics = engine.optim_step().dp_metrics
     assert drawn.num_examples == len(chosen)
-    assert metrics.sampling == "poisson" and metrics.sample_rate == 0.25 and metrics.expected_batch_size == 5.0
-    for name, moved in update(engine, before).items():
-        torch.testing.assert_close(moved, sum(g[name] for g in reference) / 5.0, rtol=1e-8, atol=1e-12)
+    assert metrics.sampling == "poisson" and metrics.sample_rate == 0.25 and metrics.expected_batch_size == 3.0
+    for name, moved in update(engine, before).items():  # over batch_size x accumulation, never q x N
+        torch.testing.assert_close(moved, sum(g[name] for g in reference) / 3.0, rtol=1e-8, atol=1e-12)
+
+
+def test_the_sampled_update_does_not_depend_on_the_dataset_size(monkeypatch, no_noise):
+    """Add/remove adjacency: one more row in the dataset (not drawn) must not change the update's scale (a
+    denominator of q x N did: the weights then revealed N, and with it whether a row was present)."""
+    from tensafe_trainer import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "bernoulli_mask", lambda n, q: torch.tensor([i < 4 for i in range(n)]))
+    moves = []
+    for n in (20, 21):
+        engine = sampled_engine(n=n)
+        before = snapshot(engine)
+        engine.forward_backward_sampled()
+        engine.optim_step()
+        moves.append(update(engine, before))
+    for name in moves[0]:
+        torch.testing.assert_close(moves[0][name], moves[1][name], rtol=0, atol=0)
 
 
 def test_sampled_batch_sizes_vary_around_q_times_n():
@@ -201,6 +253,77 @@ def test_a_sampling_client_refuses_client_batches_and_a_second_draw_per_step():
     plain = make_engine(dp_config=dp_config(), batch_size=2)
     with pytest.raises(ValidationError, match="registered dataset"):
         plain.forward_backward_sampled()
+
+
+def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
+    from tg_tinker import TrainingClientError
+
+    engine = sampled_engine(n=40, q=0.9)
+    spent = engine.total_epsilon
+    calls = []
+    real = engine._forward_backward
+
+    def fail_second(batch, capped=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(batch, capped)
+
+    monkeypatch.setattr(engine, "_forward_backward", fail_second)
+    with pytest.raises(TrainingClientError, match="releases no further step"):
+        engine.forward_backward_sampled()
+    assert engine.dp.summed == {} and engine.dp.num_examples == 0  # the first micro-batch is gone too
+    for call in (engine.optim_step, engine.forward_backward_sampled):
+        with pytest.raises(TrainingClientError, match="releases no further step"):
+            call()
+    assert engine.total_epsilon == spent and engine.step == 0
+
+
+def test_a_dataset_registered_after_the_client_started_is_sampled_unless_it_trained_on_its_own_batches():
+    from tensafe_trainer.engine import TrainingEngine
+
+    from conftest import tiny_config
+    from engine_helpers import SGD1
+
+    registered: list = []
+    config = tiny_config(dtype="float64", optimizer=SGD1, batch_size=3,
+                         dp_config=DPConfig(noise_multiplier=1.0, dataset_id="late", sample_rate=0.5))
+    late = TrainingEngine(config, ledger=fresh_ledger("late"),
+                          find_dataset=lambda: registered[0] if registered else None)
+    with pytest.raises(ValidationError, match="naming a registered dataset"):
+        late.forward_backward_sampled()
+    registered.append(dataset(10, seed=2))
+    late.forward_backward_sampled()
+    assert late.optim_step().dp_metrics.sampling == "poisson"
+    own = TrainingEngine(config, ledger=fresh_ledger("late"), find_dataset=lambda: registered[0])
+    own.forward_backward(padded_batch(sequences(2, seed=1)))
+    with pytest.raises(ValidationError, match="trained on its own batches"):
+        own.forward_backward_sampled()
+
+
+def test_registered_examples_longer_than_max_seq_len_are_refused_before_any_draw():
+    with pytest.raises(ValidationError, match="more than max_seq_len=64"):
+        make_engine(dp_config=DPConfig(noise_multiplier=1.0, dataset_id="facts", sample_rate=0.5),
+                    dataset=[{"input_ids": [1, 2, 3]}, {"input_ids": [5] * 70}])
+
+
+def test_an_example_with_a_non_finite_gradient_contributes_nothing():
+    from tensafe_trainer.per_example import clip_and_sum
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    grads = {param: torch.tensor([[3.0, 4.0, 0.0], [float("inf"), 1.0, 1.0], [float("nan"), 0.0, 0.0]])}
+    summed, _, factors = clip_and_sum(grads, 1.0)
+    assert factors.tolist()[1:] == [0.0, 0.0]
+    torch.testing.assert_close(summed[param], torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_noise_fills_tensors_of_any_size_across_chunks():
+    from tensafe_trainer import secure_random
+
+    for size in (1, 7, secure_random._CHUNK + 3):
+        target = torch.zeros(size)
+        secure_random.add_secure_normal_(target, 1.0)
+        assert bool((target != 0).all())
 
 
 def test_poisson_sampling_needs_a_rate_and_tokens_inside_the_vocabulary():
@@ -269,7 +392,7 @@ def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
 
     def client(name: str) -> None:
         own = PrivacyLedger(ledger.path.parent.parent, "default", "race")  # its own file handle, as a process has
-        accountant = PrivacyAccountant(config, plan_sampling(config, 4, None), own, name)
+        accountant = PrivacyAccountant(config, plan_sampling(config, 4, False), own, name)
         for _ in range(10):
             try:
                 accountant.spend_step()

@@ -60,7 +60,7 @@ def test_poisson_training_through_the_sdk(service, registered):
             step = tc.optim_step().result()
             sizes.append(fb.result().num_examples)
         metrics = step.dp_metrics
-        assert metrics.sampling == "poisson" and metrics.expected_batch_size == pytest.approx(6.0)
+        assert metrics.sampling == "poisson" and metrics.expected_batch_size == 4.0  # batch_size, not q x N
         assert metrics.total_epsilon > 0 and metrics.epsilon_q1 is None
         refused = tc.forward_backward(random_batch(rows=2, width=6))
         with pytest.raises(ValidationError, match="samples registered dataset"):
@@ -121,6 +121,33 @@ def test_the_audit_log_and_metrics_carry_no_unnoised_statistic_and_hashes_are_ke
     fb_hashes = {e.request_hash for e in entries if e.operation == "forward_backward"}
     assert len(fb_hashes) == 1 and all(len(h) == 64 for h in fb_hashes)
     assert _tokens_metric(service) == tokens_before  # a DP client's token counts stay out of /metrics
+
+
+def test_a_dp_clients_failures_are_logged_by_type_only_and_kept_out_of_metrics(service, tensafe_home):
+    config = tiny_config(batch_size=2, max_seq_len=8, dp_config=DPConfig(noise_multiplier=1.0, dataset_id="err-demo"))
+    tc = service.create_training_client(config)
+    try:
+        failed = tc.forward_backward(random_batch(rows=2, width=11))  # longer than max_seq_len
+        with pytest.raises(ValidationError, match="sequence length 11"):
+            failed.result()  # the data owner gets the whole message
+    finally:
+        tc.close()
+    entry = [e for e in service.get_audit_logs(training_client_id=tc.id) if e.operation == "forward_backward"][0]
+    assert entry.error == "ValidationError" and not entry.success
+    text = httpx.get(f"{service.base_url}/metrics").text
+    assert 'tensafe_dp_operations_total{type="forward_backward"}' in text
+    assert "sequence length 11" not in (Path(tensafe_home) / "audit" / "audit.jsonl").read_text()
+
+
+def test_a_datasets_size_is_in_no_plaintext(service, registered, tensafe_home):
+    folder = Path(tensafe_home) / "artifacts" / "default"
+    index = json.loads((folder / f"{registered.artifact_id}.json").read_text())
+    assert "num_examples" not in index and "24" not in json.dumps(index.get("metadata", {}))
+    from tensafe_trainer import crypto
+
+    with open(folder / f"{registered.artifact_id}.tsa", "rb") as f:
+        header, _ = crypto.read_header(f)
+    assert set(header["description"]) == {"kind", "step", "name", "created_at"}
 
 
 def _tokens_metric(service) -> float:

@@ -239,30 +239,34 @@ class ServiceClient:
 
     # --- datasets ---------------------------------------------------------------------------
 
-    def register_dataset(self, rows, dataset_id: Optional[str] = None) -> DatasetInfo:
+    def register_dataset(self, rows, dataset_id: Optional[str] = None, *,
+                         training_client_id: Optional[str] = None) -> DatasetInfo:
         """Store training examples encrypted on the trainer, for server-side Poisson sampling: a client with
         ``DPConfig(dataset_id=..., sample_rate=q)`` then trains with ``forward_backward_sampled()``.
 
         ``rows``: a batch as in ``BatchData`` (a dict of ``input_ids``, optional ``attention_mask`` and
-        ``labels``; padding is kept as masked positions) or a list of such dicts, one per example."""
+        ``labels``; padding is kept as masked positions) or a list of such dicts, one per example. On
+        Kubernetes each client has its own trainer: name the client (``training_client_id``, optional when
+        there is one) whose trainer keeps the dataset, before its first ``forward_backward_sampled``."""
         request = RegisterDataset(examples=_examples(rows), dataset_id=dataset_id, tenant_id=self.tenant_id)
-        return DatasetInfo.parse(self._service_transport("register_dataset").request(
+        return DatasetInfo.parse(self._dataset_transport(training_client_id).request(
             "POST", "/v1/datasets", json=request.model_dump(mode="json", exclude_none=True)))
 
-    def list_datasets(self) -> list[DatasetInfo]:
-        return [DatasetInfo.parse(d) for d in self._service_transport("list_datasets").request(
+    def list_datasets(self, *, training_client_id: Optional[str] = None) -> list[DatasetInfo]:
+        return [DatasetInfo.parse(d) for d in self._dataset_transport(training_client_id).request(
             "GET", "/v1/datasets", params={"tenant_id": self.tenant_id})]
 
-    def delete_dataset(self, dataset_id: str) -> DatasetInfo:
+    def delete_dataset(self, dataset_id: str, *, training_client_id: Optional[str] = None) -> DatasetInfo:
         """Delete the examples (their privacy ledger stays: spent budget is never given back)."""
-        return DatasetInfo.parse(self._service_transport("delete_dataset").request(
+        return DatasetInfo.parse(self._dataset_transport(training_client_id).request(
             "DELETE", f"/v1/datasets/{dataset_id}", params={"tenant_id": self.tenant_id}))
 
-    def _service_transport(self, what: str) -> Transport:
-        if self.transport is None:
-            raise ValidationError(f"{what} is not available with backend='kubernetes' yet: register the dataset "
-                                  "on a local or remote trainer", {"field": "backend"})
-        return self.transport
+    def _dataset_transport(self, training_client_id: Optional[str]) -> Transport:
+        """The trainer's own token: locally the service's; on Kubernetes the named client's trainer (its key
+        Secret's token, which is that trainer's own)."""
+        if self._kube is None:
+            return self.transport
+        return self._transport_for(training_client_id)
 
     # --- artifacts and audit ----------------------------------------------------------------
 

@@ -376,7 +376,6 @@ class ArtifactInfo(WireModel):
     key_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     name: Optional[str] = None
-    num_examples: Optional[int] = None  # datasets only
 
 
 class DatasetExample(WireModel):

@@ -92,16 +92,13 @@ class ArtifactStore:
         return folder / f"{artifact_id}.tsa", folder / f"{artifact_id}.json"
 
     def put(self, plaintext: bytes | Callable[[BinaryIO], None], *, tenant_id: str, training_client_id: str,
-            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None,
-            num_examples: Optional[int] = None) -> ArtifactInfo:
+            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
         """Encrypt and store. ``plaintext`` is the payload, or a function that writes it to a file object
         (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory)."""
         artifact_id = artifact_id or new_artifact_id()
         data_path, index_path = self._paths(tenant_id, artifact_id)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
         description = {"kind": kind, "step": step, "name": name, "created_at": time.time()}
-        if num_examples is not None:
-            description["num_examples"] = num_examples
         produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
         written: list[crypto.Encrypted] = []
         _atomic_write(data_path, lambda f: written.append(
@@ -188,7 +185,6 @@ def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encr
         artifact_id=binding.artifact_id, tenant_id=binding.tenant_id,
         training_client_id=binding.training_client_id, kind=description["kind"], step=description["step"],
         name=description.get("name"), created_at=description["created_at"], size_bytes=encrypted.size,
-        num_examples=description.get("num_examples"),
         content_hash=encrypted.sha256, key_id=encrypted.key_id)
 
 

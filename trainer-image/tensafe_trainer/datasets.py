@@ -2,8 +2,9 @@
 
 A dataset is an artifact of kind ``dataset`` (same envelope, tenant key and audit as checkpoints), named
 by its dataset id and owned by no training client (``DATASETS_OWNER`` can never be a client id, so no
-client's token lists or downloads it). Its number of examples is in the authenticated header: the
-mechanism's denominator (q x N) is public, as in opacus.
+client's token lists or downloads it). Its number of examples is inside the encrypted payload only: under
+add/remove adjacency N itself is private, so no header, index entry or log carries it, and the mechanism
+never uses it (its denominator is the client's declared batch size).
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ KIND = "dataset"
 DATASETS_OWNER = "_datasets"
 
 
-def _info(artifact: ArtifactInfo) -> DatasetInfo:
-    return DatasetInfo(dataset_id=artifact.name, num_examples=artifact.num_examples or 0,
+def _info(artifact: ArtifactInfo, num_examples: int) -> DatasetInfo:
+    return DatasetInfo(dataset_id=artifact.name, num_examples=num_examples,
                        content_hash=artifact.content_hash, artifact_id=artifact.artifact_id,
                        tenant_id=artifact.tenant_id, size_bytes=artifact.size_bytes, created_at=artifact.created_at)
 
 
+def _count(store: ArtifactStore, artifact: ArtifactInfo) -> int:
+    return len(json.loads(store.get(artifact.tenant_id, artifact.artifact_id, DATASETS_OWNER)))
+
+
 def list_datasets(store: ArtifactStore, tenant_id: str) -> list[DatasetInfo]:
-    return [_info(a) for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND]
+    """Decrypts each dataset to count it (the count is nowhere in plaintext)."""
+    return [_info(a, _count(store, a)) for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND]
 
 
 def _find(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[ArtifactInfo]:
@@ -44,15 +50,15 @@ def register(store: ArtifactStore, request: RegisterDataset) -> DatasetInfo:
                               "delete it first or choose another dataset_id", {"dataset_id": dataset_id})
     payload = json.dumps([e.model_dump(exclude_none=True) for e in request.examples]).encode()
     artifact = store.put(payload, tenant_id=request.tenant_id, training_client_id=DATASETS_OWNER, kind=KIND, step=0,
-                         name=dataset_id, num_examples=len(request.examples))
-    return _info(artifact)
+                         name=dataset_id)
+    return _info(artifact, len(request.examples))
 
 
 def describe(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo:
     found = _find(store, tenant_id, dataset_id)
     if found is None:
         raise ArtifactNotFoundError(f"no dataset {dataset_id!r} for tenant {tenant_id!r}", {"dataset_id": dataset_id})
-    return _info(found)
+    return _info(found, _count(store, found))
 
 
 def delete(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +73,13 @@ def pad_examples(examples: list[dict]) -> BatchData:
 
 class TrainingEngine:
     """``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
-    dataset ``dp_config.dataset_id`` names, which this client then samples on the server."""
+    dataset ``dp_config.dataset_id`` names, which this client then samples on the server. ``find_dataset``: looks
+    for it again at the first ``forward_backward_sampled`` (a dataset registered after the client started, as on
+    Kubernetes, where it is registered through the client's own trainer)."""
 
     def __init__(self, config: TrainingConfig, *, ledger: Optional[PrivacyLedger] = None,
-                 dataset: Optional[list[dict]] = None, client_id: str = ""):
+                 dataset: Optional[list[dict]] = None, client_id: str = "",
+                 find_dataset: Optional[Callable[[], Optional[list[dict]]]] = None):
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
@@ -97,27 +100,34 @@ class TrainingEngine:
         self.dp: Optional[DPGradientAccumulator] = None
         self.accountant: Optional[PrivacyAccountant] = None
         self.dataset = dataset
+        self._find_dataset = find_dataset
+        self._own_batches = False  # the client has trained on batches it sent: it cannot start sampling
         if dataset is not None and not config.dp_enabled:
             raise ValidationError("server-side sampling of a registered dataset is a DP mechanism: enable dp_config",
                                   {"field": "dp_config"})
         if config.dp_enabled:
             if ledger is None:
                 raise ValueError("a DP engine needs the privacy ledger of its data")
-            plan = plan_sampling(config.dp_config, config.effective_batch_size,
-                                 len(dataset) if dataset is not None else None)
+            plan = plan_sampling(config.dp_config, config.effective_batch_size, dataset is not None)
             self.accountant = PrivacyAccountant(config.dp_config, plan, ledger, client_id)
-            self.dp = DPGradientAccumulator(self.model, config.dp_config)
+            self.dp = DPGradientAccumulator(self.model, config.dp_config, self.accountant.noise_multiplier)
         if dataset is not None:
-            self._check_vocabulary(dataset)
+            self._check_examples(dataset)
+        self._draw_failed = False
         self._reset_accumulation()
 
-    def _check_vocabulary(self, dataset: list[dict]) -> None:
+    def _check_examples(self, dataset: list[dict]) -> None:
+        """Every registered example must run: a draw that failed on one would reveal that it was drawn."""
+        name = self.config.dp_config.dataset_id
         top = max(max(max(e["input_ids"]), max(e.get("labels") or [0])) for e in dataset)
         if top >= self.vocab_size:
             raise ValidationError(
-                f"dataset {self.config.dp_config.dataset_id!r} holds token id {top}, outside the model's vocabulary "
-                f"of {self.vocab_size}", {"field": "dp_config.dataset_id", "token_id": top,
-                                          "vocab_size": self.vocab_size})
+                f"dataset {name!r} holds token id {top}, outside the model's vocabulary of {self.vocab_size}",
+                {"field": "dp_config.dataset_id", "token_id": top, "vocab_size": self.vocab_size})
+        longest = max(len(e["input_ids"]) for e in dataset)
+        if longest > self.config.max_seq_len:
+            raise ValidationError(f"dataset {name!r} holds an example of {longest} tokens, more than max_seq_len="
+                                  f"{self.config.max_seq_len}", {"field": "dp_config.dataset_id", "length": longest})
 
     # --- batches -----------------------------------------------------------------------------
 
@@ -173,20 +183,39 @@ class TrainingEngine:
     def samples_on_server(self) -> bool:
         return self.dataset is not None
 
+    def _start_sampling(self) -> None:
+        """Sample a dataset registered since the client started, if it has not trained on its own batches."""
+        found = None
+        if self.dp is not None and not self._own_batches and self._find_dataset is not None:
+            found = self._find_dataset()
+        if found is None:
+            why = " (this client has trained on its own batches)" if self._own_batches else ""
+            raise ValidationError("forward_backward_sampled needs dp_config.dataset_id naming a registered dataset"
+                                  + why, {"operation": "forward_backward_sampled"})
+        self._check_examples(found)
+        self.accountant.use_plan(plan_sampling(self.config.dp_config, self.config.effective_batch_size, True))
+        self.dataset = found
+
+    def _refuse_after_failed_draw(self) -> None:
+        if self._draw_failed:
+            raise TrainingClientError("a Poisson draw of this client failed earlier: it releases no further step; "
+                                      "start a new client from the last checkpoint")
+
     def forward_backward(self, batch: BatchData) -> ForwardBackwardResult:
         if self.samples_on_server:
             raise ValidationError(
                 f"this client samples registered dataset {self.config.dp_config.dataset_id!r} on the server: "
                 "call forward_backward_sampled(); client-supplied batches would void the sampling guarantee",
                 {"operation": "forward_backward"})
+        self._own_batches = True
         return self._forward_backward(batch)
 
     def forward_backward_sampled(self) -> ForwardBackwardResult:
         """Draw one logical batch: each example of the registered dataset independently with probability q
         (CSPRNG coins), run it in micro-batches of ``batch_size``, and accumulate. One draw per optim_step."""
         if not self.samples_on_server:
-            raise ValidationError("forward_backward_sampled needs dp_config.dataset_id naming a registered dataset",
-                                  {"operation": "forward_backward_sampled"})
+            self._start_sampling()
+        self._refuse_after_failed_draw()
         if self._sampled:
             raise ValidationError("a Poisson logical batch was already drawn for this step: call optim_step first "
                                   "(a second draw would double the sampling rate)",
@@ -195,12 +224,21 @@ class TrainingEngine:
         chosen = bernoulli_mask(len(self.dataset), self.accountant.sample_rate).nonzero().flatten().tolist()
         size = self.config.batch_size
         loss_sum, tokens, grad_sq, count = 0.0, 0, 0.0, 0
-        for start in range(0, len(chosen), size):
-            part = self._forward_backward(pad_examples([self.dataset[i] for i in chosen[start:start + size]]),
-                                          capped=False)
-            loss_sum += part.loss * part.tokens_processed
-            tokens += part.tokens_processed
-            count += part.num_examples
+        try:
+            for start in range(0, len(chosen), size):
+                part = self._forward_backward(pad_examples([self.dataset[i] for i in chosen[start:start + size]]),
+                                              capped=False)
+                loss_sum += part.loss * part.tokens_processed
+                tokens += part.tokens_processed
+                count += part.num_examples
+        except Exception as exc:
+            # Releasing part of a draw would make one example's presence move the boundary of what was summed;
+            # releasing noise alone would make the failure itself the signal. So nothing more is released.
+            self.discard_gradients()
+            self._draw_failed = True
+            raise TrainingClientError(
+                f"a Poisson draw failed part way ({type(exc).__name__}); to keep the guarantee this client releases "
+                "no further step: start a new client from the last checkpoint") from None
         if self.dp.summed:
             grad_sq = sum(float(g.pow(2).sum()) for g in self.dp.summed.values())
         return ForwardBackwardResult(loss=loss_sum / max(tokens, 1), grad_norm=math.sqrt(grad_sq) / max(count, 1),
@@ -221,11 +259,14 @@ class TrainingEngine:
             holder = {}
 
             def per_example_loss() -> torch.Tensor:
-                holder["nll"] = self._finite(self._token_nll(ids, mask, labels))
+                nll = self._token_nll(ids, mask, labels)
+                holder["kept"] = torch.isfinite(nll).all(dim=1)
+                holder["nll"] = torch.where(holder["kept"].unsqueeze(1), nll, 0.0)
                 return holder["nll"].sum(dim=1) / token_counts.clamp(min=1).to(holder["nll"].dtype)
 
             _, grad_norm = self.dp.backward(per_example_loss)
             nll = holder["nll"]
+            n_tokens = int(token_counts[holder["kept"]].sum())
         else:
             nll = self._finite(self._token_nll(ids, mask, labels))
             nll.sum().backward()
@@ -257,11 +298,12 @@ class TrainingEngine:
         check_noise_request(self.dp is not None, apply_dp_noise)
         dp_metrics = None
         if self.dp is not None:
+            self._refuse_after_failed_draw()
             if self.samples_on_server and not self._sampled:
                 raise ValidationError("call forward_backward_sampled() before optim_step: the step's logical batch "
                                       "is drawn on the server", {"operation": "optim_step"})
             before, after = self.accountant.spend_step()  # in the ledger, or raises: before any weight changes
-            self.dp.release(self.accountant.noise_multiplier, self.accountant.plan.expected_batch_size)
+            self.dp.release(self.accountant.plan.expected_batch_size)
             dp_metrics = self.dp.metrics(self.accountant, before, after)
         elif self._grad_sum is not None:
             scale = 1.0 / max(self._tokens, 1)

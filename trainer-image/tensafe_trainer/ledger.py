@@ -76,6 +76,7 @@ class PrivacyLedger:
             fsync_dir(folder)
         self._offset = 0  # bytes of the file already parsed into _history
         self._history: list[list] = []
+        self._budget: tuple[float, float] | None = None
 
     def _read_new(self, f) -> None:
         """Parse the complete lines written since the last read (a torn last line is not a step)."""
@@ -83,8 +84,12 @@ class PrivacyLedger:
         data = f.read()
         end = data.rfind(b"\n") + 1
         for line in data[:end].splitlines():
-            if line.strip():
-                entry = json.loads(line)
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if "epsilon_budget" in entry:
+                self._budget = self._budget or (float(entry["epsilon_budget"]), float(entry["delta"]))
+            else:
                 _merge(self._history, float(entry["noise_multiplier"]), float(entry["sample_rate"]),
                        int(entry["steps"]))
         self._offset += end
@@ -94,9 +99,14 @@ class PrivacyLedger:
             self._read_new(f)
         return tuple((s, q, n) for s, q, n in self._history)
 
+    def budget(self) -> tuple[float, float] | None:
+        """(epsilon, delta): the data's budget, set once by the first client that spent with a target."""
+        return self._budget
+
     def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
-              client_id: str = "") -> tuple[History, History]:
+              client_id: str = "", budget: tuple[float, float] | None = None) -> tuple[History, History]:
         """Record one step, unless ``check(history before, history after)`` raises: both under the lock.
+        ``budget``: the spender's (target epsilon, delta), which becomes the data's if it has none yet.
         Returns (before, after)."""
         with open(self.path, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -111,6 +121,10 @@ class PrivacyLedger:
                 f.seek(self._offset)
                 line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": 1,
                                    "client": client_id, "time": time.time()}, sort_keys=True).encode() + b"\n"
+                if self._budget is None and budget is not None:
+                    line = json.dumps({"epsilon_budget": budget[0], "delta": budget[1], "client": client_id},
+                                      sort_keys=True).encode() + b"\n" + line
+                    self._budget = budget
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())

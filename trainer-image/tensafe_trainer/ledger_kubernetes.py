@@ -63,6 +63,7 @@ class KubernetesLedger:
         self._reserved = 0  # steps this trainer reserved and has not taken yet
         self._reserved_at: Optional[tuple[float, float]] = None
         self._seen: list[list] = []  # the resource's history as last read or written
+        self._spec: dict = {}
         self._seen_at = -math.inf
 
     @classmethod
@@ -97,6 +98,7 @@ class KubernetesLedger:
         if spec.get("tenantId") != self.tenant_id or spec.get("datasetId") != self.dataset_id:
             raise TrainingClientError(f"PrivacyBudget {self.name} is the ledger of ({spec.get('tenantId')!r}, "
                                       f"{spec.get('datasetId')!r}), not of ({self.tenant_id!r}, {self.dataset_id!r})")
+        self._spec = spec
         return obj
 
     def _view(self, history: list[list]) -> History:
@@ -124,8 +126,16 @@ class KubernetesLedger:
     def _remember(self, history: list[list]) -> None:
         self._seen, self._seen_at = history, time.monotonic()
 
+    def budget(self) -> Optional[tuple[float, float]]:
+        """(epsilonBudget, delta) of the resource as last read: set by the operator from the first client."""
+        spec = self._spec
+        if spec.get("epsilonBudget") is None or spec.get("delta") is None:
+            return None
+        return float(spec["epsilonBudget"]), float(spec["delta"])
+
     def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
-              client_id: str = "") -> tuple[History, History]:
+              client_id: str = "", budget: Optional[tuple[float, float]] = None) -> tuple[History, History]:
+        """``budget`` is not written: the operator set the resource's from the first client's config."""
         if self._reserved and self._reserved_at == (noise_multiplier, sample_rate):
             before = self._view(self._seen)  # no API call: the step was checked when it was reserved
             after = _frozen(_with([list(h) for h in before], noise_multiplier, sample_rate, 1))
@@ -136,7 +146,7 @@ class KubernetesLedger:
         for _ in range(MAX_CONFLICTS):
             obj = self._get()
             history = _history(obj)
-            steps = self._reservable(history, noise_multiplier, sample_rate, check, obj["spec"])
+            steps = self._reservable(history, noise_multiplier, sample_rate, check)
             reserved = _with(history, noise_multiplier, sample_rate, steps)
             if self._write(obj, reserved, client_id):
                 self._remember(reserved)
@@ -147,13 +157,12 @@ class KubernetesLedger:
         raise TrainingClientError(f"PrivacyBudget {self.name} kept changing under {MAX_CONFLICTS} attempts to reserve "
                                   "a step; no weights were changed")
 
-    def _reservable(self, history: list[list], sigma: float, q: float, check, spec: dict) -> int:
+    def _reservable(self, history: list[list], sigma: float, q: float, check) -> int:
         """The most steps up to ``chunk`` that fit every budget; raises (the check's error) if one does not."""
         def fits(steps: int) -> bool:
             after = _frozen(_with(history, sigma, q, steps))
             try:
                 check(_frozen(history), after)
-                self._check_resource_budget(history, after, spec)
             except DPBudgetExceededError:
                 if steps == 1:
                     raise
@@ -168,17 +177,6 @@ class KubernetesLedger:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         return low
-
-    def _check_resource_budget(self, history: list[list], after: History, spec: dict) -> None:
-        budget, delta = spec.get("epsilonBudget"), spec.get("delta")
-        if budget is None or delta is None:
-            return
-        now, then = self._epsilon(_frozen(history), delta), self._epsilon(after, delta)
-        if then > budget:
-            raise DPBudgetExceededError(
-                f"this step would pass PrivacyBudget {self.name}'s epsilonBudget: epsilon {now:.4g} -> {then:.4g} > "
-                f"{budget:g} (delta {delta:g}); no weights were changed",
-                {"current_epsilon": now, "max_epsilon": budget, "epsilon_after_step": then, "delta": delta})
 
     def _write(self, obj: dict, history: list[list], client_id: str) -> bool:
         """Replace the status computed from ``obj``; False if another writer came first (409)."""

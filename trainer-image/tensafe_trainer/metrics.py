@@ -11,6 +11,12 @@ DURATION = Histogram("tensafe_operation_seconds", "Operation execution time", ["
 TOKENS = Counter("tensafe_tokens_processed_total", "Label tokens processed by forward_backward", registry=REGISTRY)
 QUEUE_DEPTH = Gauge("tensafe_queue_depth", "Operations waiting in all queues", registry=REGISTRY)
 CLIENTS = Gauge("tensafe_clients", "Live clients", ["kind"], registry=REGISTRY)
+DP_OPERATIONS = Counter("tensafe_dp_operations_total", "Finished operations of DP clients (no outcome or duration: "
+                        "both depend on private batches)", ["type"], registry=REGISTRY)
+
+
+def observe_private(op_type: str) -> None:
+    DP_OPERATIONS.labels(op_type).inc()
 
 
 def observe(op_type: str, status: str, seconds: float, tokens: int) -> None:

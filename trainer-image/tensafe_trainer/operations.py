@@ -65,12 +65,14 @@ class Runtime:
     @classmethod
     def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore,
                      ledger_root: Path) -> "Runtime":
-        ledger = dataset = None
+        ledger = dataset = find = None
         if config.dp_enabled:
             dataset_id = config.dp_config.dataset_id
             ledger = open_ledger(ledger_root, tenant_id, config.dp_config)
-            dataset = load_examples(store, tenant_id, dataset_id) if dataset_id else None
-        engine = TrainingEngine(config, ledger=ledger, dataset=dataset, client_id=client_id)
+            if dataset_id:
+                find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
+                dataset = find()
+        engine = TrainingEngine(config, ledger=ledger, dataset=dataset, client_id=client_id, find_dataset=find)
         return cls(client_id, tenant_id, "training", engine, store)
 
     @classmethod

@@ -137,13 +137,18 @@ def clip_and_sum(
 ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Clip each example's gradient to ``max_norm`` and sum over examples.
 
-    Norms and clip factors are float64; each sum is float32 or wider (:func:`accumulation_dtype`).
+    Norms and clip factors are float64; each sum is float32 or wider (:func:`accumulation_dtype`). An example
+    whose gradient is not finite contributes nothing (its factor is 0): a data-dependent failure here would
+    otherwise reveal that the example was in the batch.
     Returns (summed clipped gradients, per-example norms before clipping, clip factors).
     """
     norms = per_example_norms(grads)
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    finite = torch.isfinite(norms)
+    factors = torch.where(finite, (max_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
     summed = {}
     for p, g in grads.items():
         wide = accumulation_dtype(g.dtype)
+        if not bool(finite.all()):  # an overflowed example contributes nothing (0 x inf would poison the sum)
+            g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros((), dtype=g.dtype, device=g.device))
         summed[p] = torch.einsum("b,b...->...", factors.to(wide), g.to(wide))
     return summed, norms, factors

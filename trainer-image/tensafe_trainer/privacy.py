@@ -12,6 +12,7 @@ One mechanism, stated once (docs/privacy.md has the argument):
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from dataclasses import dataclass
@@ -50,16 +51,18 @@ class SamplingPlan:
     assumption: str
 
 
-def plan_sampling(cfg: DPConfig, effective_batch_size: int, registered_size: Optional[int]) -> SamplingPlan:
-    """``registered_size``: the number of examples of the registered dataset the server samples, if any."""
-    if registered_size is not None:
+def plan_sampling(cfg: DPConfig, effective_batch_size: int, server_samples: bool) -> SamplingPlan:
+    """``server_samples``: the client samples a registered dataset on the server."""
+    if server_samples:
         if cfg.sample_rate is None:
             raise ValidationError(f"sampling registered dataset {cfg.dataset_id!r} needs dp_config.sample_rate",
                                   {"field": "dp_config.sample_rate"})
         q = cfg.sample_rate
-        return SamplingPlan("poisson", q, q * registered_size, (
-            f"Poisson sampling on the server: each of the {registered_size} examples of dataset "
-            f"{cfg.dataset_id!r} independently with probability {q:g}"))
+        # The denominator is the client's declared expected batch (batch_size x accumulation steps), not q x N:
+        # N changes when a row is added or removed, and the update's scale would then reveal it.
+        return SamplingPlan("poisson", q, float(effective_batch_size), (
+            f"Poisson sampling on the server: each example of dataset {cfg.dataset_id!r} independently with "
+            f"probability {q:g}"))
     if cfg.sample_rate is not None:
         return SamplingPlan("asserted", cfg.sample_rate, float(effective_batch_size), (
             f"sample_rate={cfg.sample_rate:g} as asserted by the client (uniform sampling is the client's "
@@ -102,12 +105,8 @@ class PrivacyAccountant:
     ``target_epsilon`` (composed over every client's steps on the data) is refused before it is taken."""
 
     def __init__(self, cfg: DPConfig, plan: SamplingPlan, ledger: PrivacyLedger, client_id: str = ""):
-        self.cfg, self.plan, self.ledger, self.client_id = cfg, plan, ledger, client_id
-        self.sample_rate = plan.sample_rate
-        self.sampling_assumption = plan.assumption
-        if cfg.accountant_type == "gdp":
-            self.sampling_assumption += ("; GDP accounting is a CLT approximation that can underestimate "
-                                         "epsilon (prefer rdp or prv)")
+        self.cfg, self.ledger, self.client_id = cfg, ledger, client_id
+        self.use_plan(plan)
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
@@ -121,6 +120,15 @@ class PrivacyAccountant:
                     f"cannot reach target_epsilon={cfg.target_epsilon} in {cfg.planned_steps} steps "
                     f"at sample rate {self.sample_rate:g}: {exc}", {"field": "dp_config.target_epsilon"}
                 ) from None
+
+    def use_plan(self, plan: SamplingPlan) -> None:
+        """Set how batches are drawn (before the first step, or when a client starts sampling a dataset
+        registered after it started: the same q, so the noise multiplier stands)."""
+        self.plan, self.sample_rate = plan, plan.sample_rate
+        self.sampling_assumption = plan.assumption
+        if self.cfg.accountant_type == "gdp":
+            self.sampling_assumption += ("; GDP accounting is a CLT approximation that can underestimate "
+                                         "epsilon (prefer rdp or prv)")
 
     def _epsilon_of(self, history: History) -> float:
         return epsilon_of(self.cfg.accountant_type, self.cfg.target_delta, history)
@@ -149,8 +157,19 @@ class PrivacyAccountant:
                     {"current_epsilon": spent["before"], "max_epsilon": target,
                      "epsilon_after_step": spent["after"], "delta": self.cfg.target_delta},
                 )
+            budget = self.ledger.budget()  # the data's own, which a client's higher target cannot override
+            if budget is not None:
+                limit, delta = budget
+                now = epsilon_of(self.cfg.accountant_type, delta, before)
+                then = epsilon_of(self.cfg.accountant_type, delta, after)
+                if then > limit:
+                    raise DPBudgetExceededError(
+                        f"this step would pass the budget of {self._ledger_name()}: epsilon {now:.4g} -> {then:.4g} "
+                        f"> {limit:g} (delta {delta:g}, set by the first client on it); no weights were changed",
+                        {"current_epsilon": now, "max_epsilon": limit, "epsilon_after_step": then, "delta": delta})
 
-        self.ledger.spend(self.noise_multiplier, self.sample_rate, check, self.client_id)
+        budget = (self.cfg.target_epsilon, self.cfg.target_delta) if self.cfg.target_epsilon is not None else None
+        self.ledger.spend(self.noise_multiplier, self.sample_rate, check, self.client_id, budget)
         return spent["before"], spent["after"]
 
     def _ledger_name(self) -> str:
@@ -168,16 +187,53 @@ class PrivacyAccountant:
                 f"checkpoint was accounted with {state.get('mechanism')!r}, this client uses "
                 f"{self.cfg.accountant_type!r}"
             )
+        if state.get("dataset_id") != self.cfg.dataset_id:
+            raise ValidationError(
+                f"checkpoint was trained on dataset_id {state.get('dataset_id')!r}, this client's ledger is "
+                f"{self.cfg.dataset_id!r}: its weights carry that data's privacy loss, which this client's epsilon "
+                "would not count", {"field": "dp_config.dataset_id"})
+
+
+class NoiseAhead:
+    """Draws a step's noise on a thread of its own while the step's batches are computed: the noise depends on
+    nothing but a fresh key and the parameters' shapes, so there is no reason to make the step wait for it (on a
+    GPU the CPU draws while the device computes). Drawn on the CPU in float32 or wider, one fresh key a step."""
+
+    def __init__(self, params: list[torch.nn.Parameter], std: float):
+        self._shapes = [(p.shape, accumulation_dtype(p.dtype)) for p in params]
+        self._std = std
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-noise")
+        self._next: Optional[concurrent.futures.Future] = None
+
+    def start(self) -> None:
+        if self._next is None:
+            self._next = self._pool.submit(self._draw)
+
+    def take(self) -> list[torch.Tensor]:
+        """This step's noise, one tensor per parameter; the next call draws anew."""
+        self.start()
+        noise, self._next = self._next.result(), None
+        return noise
+
+    def _draw(self) -> list[torch.Tensor]:
+        stream = KeyStream()
+        out = []
+        for shape, dtype in self._shapes:
+            buffer = torch.zeros(shape, dtype=dtype)
+            add_secure_normal_(buffer, self._std, stream)
+            out.append(buffer)
+        return out
 
 
 class DPGradientAccumulator:
     """Collects clipped per-example gradients across micro-batches; releases one noisy sum over a fixed
     denominator."""
 
-    def __init__(self, model: torch.nn.Module, cfg: DPConfig):
+    def __init__(self, model: torch.nn.Module, cfg: DPConfig, noise_multiplier: float):
         self.cfg = cfg
         self.hooks = PerExampleGradients(model)
         self.params = self.hooks.params
+        self.noise = NoiseAhead(self.params, noise_multiplier * cfg.max_grad_norm)
         self.reset()
 
     def reset(self) -> None:
@@ -193,6 +249,7 @@ class DPGradientAccumulator:
 
         Returns the per-example losses and the norm of this micro-batch's mean clipped gradient.
         """
+        self.noise.start()
         with self.hooks.capture():
             per_example_loss = per_example_loss_fn()
             per_example_loss.sum().backward()
@@ -219,18 +276,14 @@ class DPGradientAccumulator:
         mean_sq = sum(float(g.pow(2).sum()) for g in summed.values())
         return per_example_loss, math.sqrt(mean_sq) / batch
 
-    def release(self, noise_multiplier: float, denominator: float,
-                stream: Optional[KeyStream] = None) -> None:
-        """Write (clipped sum + N(0, (sigma C)^2)) / denominator into ``param.grad``. The noise comes from one
-        fresh CSPRNG key (``stream`` only in tests) and is added in float32 or wider."""
-        std = noise_multiplier * self.cfg.max_grad_norm
-        stream = stream if stream is not None else KeyStream()
-        for p in self.params:
+    def release(self, denominator: float) -> None:
+        """Write (clipped sum + N(0, (sigma C)^2)) / denominator into ``param.grad``, the noise from this step's
+        fresh CSPRNG key (NoiseAhead), added in float32 or wider."""
+        for p, noise in zip(self.params, self.noise.take()):
             total = self.summed.get(p)
             if total is None:
                 total = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
-            add_secure_normal_(total, std, stream)
-            p.grad = total.div_(denominator).to(p.dtype)
+            p.grad = total.add_(noise.to(p.device)).div_(denominator).to(p.dtype)
 
     def metrics(self, accountant: PrivacyAccountant, before: float, after: float) -> DPMetrics:
         n = max(self.num_examples, 1)

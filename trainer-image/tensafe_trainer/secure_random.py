@@ -55,12 +55,12 @@ class KeyStream:
         return bits.to(torch.float64).add_(1.0).mul_(2.0 ** -53)
 
     def normal(self, count: int) -> torch.Tensor:
-        """``count`` (even) independent standard normals in float64, by Box-Muller."""
-        half = count // 2
-        u = self.uniform(count)
+        """``count`` independent standard normals in float64, by Box-Muller (a pair per two uniforms)."""
+        half = (count + 1) // 2
+        u = self.uniform(2 * half)
         radius = u[:half].log_().mul_(-2.0).sqrt_()
         angle = u[half:].mul_(2.0 * math.pi)
-        return torch.cat([torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)])
+        return torch.cat([torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)])[:count]
 
 
 def add_secure_normal_(target: torch.Tensor, std: float, stream: Optional[KeyStream] = None) -> None:
@@ -76,8 +76,7 @@ def add_secure_normal_(target: torch.Tensor, std: float, stream: Optional[KeyStr
     scale = std / math.sqrt(SECURE_SUMMANDS)
     for start in range(0, flat.numel(), _CHUNK):
         size = min(_CHUNK, flat.numel() - start)
-        noise = stream.normal(SECURE_SUMMANDS * size + (size % 2)).narrow(0, 0, SECURE_SUMMANDS * size)
-        noise = noise.view(SECURE_SUMMANDS, size).sum(dim=0)
+        noise = stream.normal(SECURE_SUMMANDS * size).view(SECURE_SUMMANDS, size).sum(dim=0)
         flat.narrow(0, start, size).add_(noise.to(target.device), alpha=scale)
 
 

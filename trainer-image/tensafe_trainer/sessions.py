@@ -174,7 +174,7 @@ class Session:
         metrics.QUEUE_DEPTH.dec()
         op.finish(status, error=ErrorInfo(**error))
         self._audit.submit(operation=op.type, training_client_id=self.client_id, tenant_id=self.tenant_id,
-                           request_hash=op.fingerprint, success=False, error=error["message"])
+                           request_hash=op.fingerprint, success=False, error=self._loggable(error))
 
     def forget(self, op: Operation) -> None:
         """Drop a finished operation's idempotency key (its retries are long over)."""
@@ -321,17 +321,26 @@ class Session:
             durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
             tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
             produced=reply.produced if reply else [], consumed=reply.consumed if reply else [],
-            dp_metrics=public_dp_metrics(reply.dp_metrics) if reply else None,
-            error=error["message"] if error else None,
+            dp_metrics=public_dp_metrics(reply.dp_metrics) if reply else None, error=self._loggable(error),
         )
         status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
-        tokens = (reply.result or {}).get("tokens_processed", 0) if reply and not self._private else 0
         finished_at = reply.finished_at if reply else time.time()
-        metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
+        if self._private:  # outcome, duration and token count depend on the private batch
+            metrics.observe_private(op.type)
+        else:
+            tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
+            metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
         if error:
             op.finish(status, error=ErrorInfo(**error), finished_at=finished_at)
         else:
             op.finish(status, result=reply.result, finished_at=finished_at)
+
+    def _loggable(self, error: Optional[dict]) -> Optional[str]:
+        """What the audit log may say of a failure: a DP client's messages can quote its batch (a length, a token
+        id), so only their type is logged; the client gets the whole error on its future."""
+        if error is None:
+            return None
+        return error["type"] if self._private else error["message"]
 
     def _enter_error(self, exc: Exception, context: str) -> None:
         """Move to ERROR and fail everything still queued with the reason."""
