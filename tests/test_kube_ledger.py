@@ -124,6 +124,46 @@ def test_the_record_cannot_be_lowered(cluster, namespace):
     assert refused.value.status == 422 and "immutable" in refused.value.body
 
 
+def test_an_insider_with_the_trainers_rights_cannot_rewrite_or_wipe_the_record(cluster, namespace):
+    """What the first version's rules let through: an entry rewritten with the size and total kept, another
+    (sigma, q) swapped in, and the history, the total or the whole status removed by a JSON patch."""
+    make_budget(cluster, namespace, "wiped")
+    book = ledger(cluster, namespace, "wiped", chunk=4)
+    accountant(book).spend_step()
+    name = privacy_budget_name("default", "wiped")
+    rewrites = [
+        {"status": {"history": [{"noiseMultiplier": 1.0, "sampleRate": 0.01, "steps": 1},
+                                {"noiseMultiplier": 50.0, "sampleRate": 0.01, "steps": 3}], "steps": 4}},
+        {"status": {"history": [{"noiseMultiplier": 9.0, "sampleRate": 0.01, "steps": 4}], "steps": 4}},
+        {"status": {"history": [{"noiseMultiplier": 1.0, "sampleRate": 0.01, "steps": -4}], "steps": 4}},
+    ]
+    for body in rewrites:
+        with pytest.raises(ApiException) as refused:
+            cluster.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PRIVACY_BUDGETS, name,
+                                                                 body)
+        assert refused.value.status == 422, body
+    for path in ("/status/history", "/status/steps", "/status"):
+        cluster.custom.api_client.set_default_header("Content-Type", "application/json-patch+json")
+        try:
+            with pytest.raises(ApiException) as refused:
+                cluster.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PRIVACY_BUDGETS,
+                                                                     name, [{"op": "remove", "path": path}])
+        finally:
+            cluster.custom.api_client.default_headers.pop("Content-Type", None)
+        assert refused.value.status == 422, path
+    assert budget(cluster, namespace, "wiped")["status"]["steps"] == 4
+    assert ledger(cluster, namespace, "wiped").history() == ((1.0, 0.01, 4),)
+
+
+def test_a_reservation_step_reports_its_own_epsilon_spent(cluster, namespace):
+    make_budget(cluster, namespace, "spent")
+    spender = accountant(ledger(cluster, namespace, "spent", chunk=4))
+    for step in range(1, 10):
+        before, after = spender.spend_step()
+        assert before == pytest.approx(rdp_epsilon(1.0, 0.01, step - 1) if step > 1 else 0.0, rel=1e-9)
+        assert after == pytest.approx(rdp_epsilon(1.0, 0.01, step), rel=1e-9)
+
+
 def test_two_training_clients_on_one_dataset_share_its_ledger_through_the_operator(cluster, namespace):
     config = tiny_config(dp_config=DPConfig(noise_multiplier=1.0, sample_rate=0.01, dataset_id="tickets"))
     with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:

@@ -83,7 +83,7 @@ def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
     assert drawn == [32, 32, 32]  # one key per step, 32 bytes each
 
 
-def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data():
+def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_load_changes_nothing():
     from tensafe_trainer.engine import deserialize_state, serialize_state
 
     trained = make_engine(dp_config=dp_config(dataset_id="Y"), batch_size=2)
@@ -91,8 +91,54 @@ def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data():
     trained.optim_step()
     state = deserialize_state(serialize_state(trained.state_dict(include_optimizer=True)))
     elsewhere = make_engine(dp_config=dp_config(dataset_id="Y-copy"), batch_size=2)
+    before = snapshot(elsewhere)
     with pytest.raises(ValidationError, match="trained on dataset_id 'Y'"):
         elsewhere.load_state_dict(state)
+    assert all(torch.equal(before[k], p) for k, p in elsewhere.trainable.items())
+
+
+def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
+    from tensafe_trainer.engine import deserialize_state, serialize_state
+
+    engine = sampled_engine()
+    saved = deserialize_state(serialize_state(engine.state_dict(include_optimizer=True)))
+    engine.forward_backward_sampled()
+    engine.load_state_dict(saved)  # the draw's gradients go, the draw stays counted
+    with pytest.raises(ValidationError, match="already drawn"):
+        engine.forward_backward_sampled()
+    engine.discard_gradients()
+    with pytest.raises(ValidationError, match="already drawn"):
+        engine.forward_backward_sampled()
+    assert engine.optim_step().dp_metrics.num_examples == 0  # noise only, and charged
+    engine.forward_backward_sampled()
+
+
+def test_gdp_never_composes_a_mixed_history_by_its_last_entry_alone():
+    from tensafe_trainer.privacy import epsilon_of
+
+    mixed = ((0.8, 0.01, 513), (0.8001, 0.01, 1))
+    assert epsilon_of("gdp", 1e-5, mixed) == pytest.approx(epsilon_of("rdp", 1e-5, mixed))
+    single = ((0.8, 0.01, 100), (0.8, 0.01, 413))
+    gdp = create_accountant(mechanism="gdp")
+    gdp.history = [(0.8, 0.01, 513)]
+    assert epsilon_of("gdp", 1e-5, single) == pytest.approx(gdp.get_epsilon(delta=1e-5))
+
+
+def test_the_datas_budget_is_held_with_rdp_whatever_the_clients_accountant():
+    from test_dp import fresh_ledger_at
+
+    ledger = fresh_ledger("rdp-held")
+    low = (rdp(1.0, 2 / 1000, 2) + rdp(1.0, 2 / 1000, 3)) / 2
+    first = make_engine(dp_config=dp_config(dataset_id="rdp-held", target_epsilon=low), batch_size=2, ledger=ledger)
+    first.forward_backward(padded_batch(sequences(2, seed=1)))
+    first.optim_step()
+    gdp = make_engine(dp_config=dp_config(dataset_id="rdp-held", target_epsilon=100.0, accountant_type="gdp"),
+                      batch_size=2, ledger=fresh_ledger_at(ledger))
+    gdp.forward_backward(padded_batch(sequences(2, seed=2)))
+    gdp.optim_step()
+    gdp.forward_backward(padded_batch(sequences(2, seed=3)))
+    with pytest.raises(DPBudgetExceededError, match="set by the first client"):
+        gdp.optim_step()
 
 
 def test_the_first_clients_budget_binds_a_later_client_with_a_higher_target():

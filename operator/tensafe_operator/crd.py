@@ -117,8 +117,8 @@ def training_operation_crd() -> dict[str, Any]:
 def privacy_budget_crd() -> dict[str, Any]:
     """The privacy ledger of one (tenant, dataset) in a namespace, shared by every trainer pod on that data.
 
-    Trainers append to ``status.history`` (reserving steps in chunks, with optimistic concurrency); nothing
-    may shorten it or lower ``status.steps``. It has no owner: deleting a TrainingClient keeps it."""
+    Trainers add to ``status.history`` (reserving steps in chunks, with optimistic concurrency); the rules
+    refuse any write that lowers it. It has no owner: deleting a TrainingClient keeps it."""
     spec = {"type": "object", "required": ["tenantId"],
             "x-kubernetes-validations": _immutable("a PrivacyBudget's spec is immutable"), "properties": {
                 "tenantId": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
@@ -126,15 +126,26 @@ def privacy_budget_crd() -> dict[str, Any]:
                 "epsilonBudget": {"type": "number", "description": "no trainer steps past it (with its delta)"},
                 "delta": {"type": "number"}}}
     entry = {"type": "object", "required": ["noiseMultiplier", "sampleRate", "steps"], "properties": {
-        "noiseMultiplier": {"type": "number"}, "sampleRate": {"type": "number"}, "steps": {"type": "integer"}}}
-    status = {"type": "object", "properties": {
-        "history": {"type": "array", "items": entry, "x-kubernetes-list-type": "atomic",
-                    "description": "every DP step reserved on this data: (noise multiplier, sample rate, steps)",
-                    "x-kubernetes-validations": [{"rule": "size(self) >= size(oldSelf)",
-                                                  "message": "the privacy history cannot be shortened"}]},
-        "steps": {"type": "integer", "description": "steps reserved in all (spent or about to be)",
-                  "x-kubernetes-validations": [{"rule": "self >= oldSelf",
-                                                "message": "spent privacy budget cannot be lowered"}]},
+        "noiseMultiplier": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+        "sampleRate": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
+        "steps": {"type": "integer", "minimum": 1, "x-kubernetes-validations": [
+            {"rule": "self >= oldSelf", "message": "spent privacy budget cannot be lowered"}]}}}
+    # Nothing may lower the record: an entry's steps only grow (entries are matched by their (sigma, q) key), no
+    # entry, history, total or status may go, and the total is the entries' sum.
+    status = {"type": "object", "x-kubernetes-validations": [
+        {"rule": "!has(oldSelf.history) || has(self.history)", "message": "the privacy history cannot be removed"},
+        {"rule": "!has(oldSelf.steps) || (has(self.steps) && self.steps >= oldSelf.steps)",
+         "message": "spent privacy budget cannot be lowered"},
+        {"rule": "!has(self.history) || (has(self.steps) && self.history.map(e, e.steps).sum() == self.steps)",
+         "message": "steps is the sum of the history's steps"}], "properties": {
+        "history": {"type": "array", "items": entry, "maxItems": 256, "x-kubernetes-list-type": "map",
+                    "x-kubernetes-list-map-keys": ["noiseMultiplier", "sampleRate"],
+                    "description": "every DP step reserved on this data, by (noise multiplier, sample rate)",
+                    "x-kubernetes-validations": [{
+                        "rule": "oldSelf.all(o, self.exists(n, n.noiseMultiplier == o.noiseMultiplier && "
+                                "n.sampleRate == o.sampleRate))",
+                        "message": "an entry of the privacy history cannot be removed"}]},
+        "steps": {"type": "integer", "description": "steps reserved in all (spent or about to be)"},
         "epsilon": {"type": "number", "description": "epsilon of the history at delta, by the last writer"},
         "delta": {"type": "number"}, "accountant": {"type": "string"},
         "lastWriter": {"type": "string", "description": "the training client that last reserved steps"},
@@ -142,7 +153,10 @@ def privacy_budget_crd() -> dict[str, Any]:
     columns = [("Tenant", "string", ".spec.tenantId"), ("Dataset", "string", ".spec.datasetId"),
                ("Epsilon", "number", ".status.epsilon"), ("Budget", "number", ".spec.epsilonBudget"),
                ("Steps", "integer", ".status.steps"), ("Age", "date", ".metadata.creationTimestamp")]
-    return _crd("PrivacyBudget", "privacybudgets", ["pb"], spec, status, columns)
+    crd = _crd("PrivacyBudget", "privacybudgets", ["pb"], spec, status, columns)
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"] = [
+        {"rule": "!has(oldSelf.status) || has(self.status)", "message": "a PrivacyBudget's status cannot be removed"}]
+    return crd
 
 
 def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns) -> dict[str, Any]:

@@ -114,6 +114,9 @@ class TrainingEngine:
         if dataset is not None:
             self._check_examples(dataset)
         self._draw_failed = False
+        # A Poisson batch was drawn since the last step. Only optim_step clears it (not a load_state or a
+        # discarded batch): a client must not see a draw, throw it away and draw again.
+        self._sampled = False
         self._reset_accumulation()
 
     def _check_examples(self, dataset: list[dict]) -> None:
@@ -175,7 +178,6 @@ class TrainingEngine:
     def _reset_accumulation(self) -> None:
         self._grad_sum: Optional[list[torch.Tensor]] = None
         self._tokens = 0
-        self._sampled = False  # a Poisson logical batch has been drawn since the last step
         if self.dp is not None:
             self.dp.reset()
 
@@ -313,6 +315,7 @@ class TrainingEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._sampled = False
         self._reset_accumulation()
         return OptimStepResult(step=self.step, learning_rate=lr, dp_metrics=dp_metrics)
 
@@ -382,16 +385,16 @@ class TrainingEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Weights, optimizer state, step and privacy accounting: training resumes exactly."""
-        self._check_fits(state)
+        self._check_fits(state)  # every check before anything changes: a refused load leaves the client as it was
         if (state["accountant"] is None) != (self.accountant is None):
             raise ValidationError("checkpoint and client disagree on whether DP is enabled")
+        if self.accountant is not None:
+            self.accountant.check_checkpoint(state["accountant"])  # the ledger, not the checkpoint, holds the spend
         self.load_weights(state)
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             self.optimizer = build_optimizer(self.trainable.values(), self.config.optimizer)
-        if self.accountant is not None:
-            self.accountant.check_checkpoint(state["accountant"])  # the ledger, not the checkpoint, holds the spend
         self.step = int(state["step"])
         self._reset_accumulation()
 

@@ -39,11 +39,13 @@ def _history(obj: dict) -> list[list]:
 
 
 def _with(history: list[list], sigma: float, q: float, steps: int) -> list[list]:
+    """``steps`` more at (sigma, q): one entry per (sigma, q), the resource's list-map key."""
     out = [list(h) for h in history]
-    if out and out[-1][0] == sigma and out[-1][1] == q:
-        out[-1][2] += steps
-    else:
-        out.append([sigma, q, steps])
+    for entry in out:
+        if entry[0] == sigma and entry[1] == q:
+            entry[2] += steps
+            return out
+    out.append([sigma, q, steps])
     return out
 
 
@@ -149,9 +151,10 @@ class KubernetesLedger:
             steps = self._reservable(history, noise_multiplier, sample_rate, check)
             reserved = _with(history, noise_multiplier, sample_rate, steps)
             if self._write(obj, reserved, client_id):
+                before = _frozen(history)  # nothing of this trainer's is left unused in it
                 self._remember(reserved)
                 self._reserved, self._reserved_at = steps - 1, (noise_multiplier, sample_rate)
-                before, after = self._view(history), self._view(reserved)
+                after = self._view(reserved)
                 check(before, after)  # within what was reserved; reports this step's own epsilons
                 return before, after
         raise TrainingClientError(f"PrivacyBudget {self.name} kept changing under {MAX_CONFLICTS} attempts to reserve "

@@ -32,6 +32,7 @@ from .per_example import PerExampleGradients, accumulation_dtype, clip_and_sum
 from .secure_random import KeyStream, add_secure_normal_
 
 Sampling = Literal["poisson", "asserted", "none"]
+DATA_BUDGET_ACCOUNTANT = "rdp"  # the accountant that holds every client to the data's own budget
 # What the audit log and metrics may carry of a step's dp_metrics: nothing computed from the batch itself.
 PUBLIC_DP_FIELDS = ("noise_applied", "noise_multiplier", "epsilon_spent", "total_epsilon", "delta",
                     "sample_rate", "sampling", "epsilon_q1", "expected_batch_size", "accountant_type")
@@ -84,11 +85,18 @@ def _rdp_curve(sigma: float, q: float):
 # Memoized: a step's "epsilon before" is the previous step's "epsilon after".
 @functools.lru_cache(maxsize=8)
 def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
-    """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism``."""
+    """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism``.
+
+    opacus' GDP accountant reads only the last entry of a history: a ledger that mixes several (sigma, q)
+    (two clients, a restart with another sigma) is composed with RDP instead, a sound upper bound."""
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
+    if mechanism == "gdp" and len({(sigma, q) for sigma, q, _ in history}) > 1:
+        mechanism = "rdp"
+    if mechanism == "gdp":
+        history = (history[0][:2] + (sum(steps for _, _, steps in history),),)
     if mechanism == "rdp":
         # opacus' compute_rdp is linear in steps, so the one-step RDP curve per (sigma, q) is cached:
         # the same arithmetic as RDPAccountant.get_epsilon without recomputing ~150 orders every step.
@@ -159,9 +167,9 @@ class PrivacyAccountant:
                 )
             budget = self.ledger.budget()  # the data's own, which a client's higher target cannot override
             if budget is not None:
-                limit, delta = budget
-                now = epsilon_of(self.cfg.accountant_type, delta, before)
-                then = epsilon_of(self.cfg.accountant_type, delta, after)
+                limit, delta = budget  # held with RDP whatever the client's accountant (GDP can underestimate)
+                now = epsilon_of(DATA_BUDGET_ACCOUNTANT, delta, before)
+                then = epsilon_of(DATA_BUDGET_ACCOUNTANT, delta, after)
                 if then > limit:
                     raise DPBudgetExceededError(
                         f"this step would pass the budget of {self._ledger_name()}: epsilon {now:.4g} -> {then:.4g} "

@@ -240,8 +240,7 @@ class Store:
                            f'error: {", ".join(f"unknown field {p!r}" for p in dropped)}')
         body = validation.apply_defaults(body, rtype.schema)
         errors = validation.schema_errors(dict(body, metadata={}), rtype.schema)
-        if old is not None:
-            errors += validation.transition_errors(body, old, rtype.schema)
+        errors += validation.rule_errors(body, old, rtype.schema)
         if errors:
             raise ApiError(422, "Invalid", f'{rtype.kind}.{rtype.group} "{name}" is invalid: ' + "; ".join(errors),
                            {"name": name, "group": rtype.group, "kind": rtype.kind,

@@ -1,5 +1,5 @@
 """What the API server does with a custom resource's structural schema: defaults, pruning, validation,
-and the four CEL transition-rule shapes this project's CRDs use.
+and the CEL rules this project's CRDs use (each evaluated by the Python it stands for, ``_RULES``).
 
 CEL itself is not implemented: rules of any other shape are skipped (and listed by
 ``unsupported_rules``), which the README states as a gap of the test cluster.
@@ -9,15 +9,49 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jsonschema_rs
 
 _HAS_RULE = re.compile(r"^has\(self\.(\w+)\) == has\(oldSelf\.(\w+)\)$")
-_EQUAL_RULE = "self == oldSelf"
-_MONOTONIC_RULE = "self >= oldSelf"  # numbers
-_GROWING_RULE = "size(self) >= size(oldSelf)"  # lists
-_SIMPLE_RULES = (_EQUAL_RULE, _MONOTONIC_RULE, _GROWING_RULE)
+_MISSING = object()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same_keys(item: dict, other: dict) -> bool:
+    return item.get("noiseMultiplier") == other.get("noiseMultiplier") and \
+        item.get("sampleRate") == other.get("sampleRate")
+
+
+# The CEL rules this project's CRDs use, each as the Python it stands for: (new, old) -> ok. A rule naming
+# oldSelf is a transition rule, run only when the value exists on both sides, as the API server does.
+_RULES: dict[str, Callable[[Any, Any], bool]] = {
+    "self == oldSelf": lambda new, old: new == old,
+    "self >= oldSelf": lambda new, old: not (_number(new) and _number(old)) or new >= old,
+    "!has(oldSelf.status) || has(self.status)": lambda new, old: "status" not in old or "status" in new,
+    "!has(oldSelf.history) || has(self.history)": lambda new, old: "history" not in old or "history" in new,
+    "!has(oldSelf.steps) || (has(self.steps) && self.steps >= oldSelf.steps)":
+        lambda new, old: "steps" not in old or ("steps" in new and new["steps"] >= old["steps"]),
+    "!has(self.history) || (has(self.steps) && self.history.map(e, e.steps).sum() == self.steps)":
+        lambda new, old: "history" not in new or ("steps" in new and sum(e["steps"] for e in new["history"])
+                                                  == new["steps"]),
+    "oldSelf.all(o, self.exists(n, n.noiseMultiplier == o.noiseMultiplier && n.sampleRate == o.sampleRate))":
+        lambda new, old: all(any(_same_keys(n, o) for n in new) for o in old),
+}
+
+
+def _rule(text: str) -> Callable[[Any, Any], bool] | None:
+    if text in _RULES:
+        return _RULES[text]
+    match = _HAS_RULE.match(text)
+    if match and match.group(1) == match.group(2):
+        field = match.group(1)
+        return lambda new, old: isinstance(new, dict) and isinstance(old, dict) and \
+            ((field in new) == (field in old))
+    return None
 
 
 def apply_defaults(value: Any, schema: dict) -> Any:
@@ -100,44 +134,40 @@ def _rules(schema: dict, path: str) -> Iterator[tuple[str, dict, dict]]:
         yield path, schema, rule
     for name, sub in (schema.get("properties") or {}).items():
         yield from _rules(sub, f"{path}.{name}".lstrip("."))
+    if isinstance(schema.get("items"), dict):
+        yield from _rules(schema["items"], f"{path}[]")
 
 
-def _at(value: Any, path: str) -> tuple[bool, Any]:
-    for part in [p for p in path.split(".") if p]:
-        if not isinstance(value, dict) or part not in value:
-            return False, None
-        value = value[part]
-    return True, value
-
-
-def transition_errors(new: Any, old: Any, schema: dict) -> list[str]:
-    """Evaluate ``self == oldSelf``, ``self >= oldSelf``, ``size(self) >= size(oldSelf)`` and
-    ``has(self.f) == has(oldSelf.f)`` rules on an update."""
-    messages = []
-    for path, _, rule in _rules(schema, ""):
-        has_new, new_value = _at(new, path)
-        has_old, old_value = _at(old, path)
-        if not (has_new and has_old):
-            continue  # like CEL transition rules: only when the field exists on both sides
-        text = rule["rule"].strip()
-        if text == _EQUAL_RULE:
-            ok = new_value == old_value
-        elif text == _MONOTONIC_RULE:
-            ok = not (isinstance(new_value, (int, float)) and isinstance(old_value, (int, float))) or \
-                new_value >= old_value
-        elif text == _GROWING_RULE:
-            ok = not (isinstance(new_value, list) and isinstance(old_value, list)) or len(new_value) >= len(old_value)
-        elif (match := _HAS_RULE.match(text)) and match.group(1) == match.group(2):
-            field = match.group(1)
-            ok = isinstance(new_value, dict) and isinstance(old_value, dict) and \
-                ((field in new_value) == (field in old_value))
-        else:
-            continue
-        if not ok:
-            messages.append(f"{path or '<root>'}: Invalid value: \"object\": {rule.get('message', text)}")
+def rule_errors(new: Any, old: Any, schema: dict) -> list[str]:
+    """Evaluate the CRD's validation rules on a create (``old`` None) or an update. Items of a list of type
+    ``map`` are matched to their old selves by key, as the API server correlates them for transition rules."""
+    messages: list[str] = []
+    _check(schema, new, _MISSING if old is None else old, "", messages)
     return messages
 
 
+def _check(schema: dict, new: Any, old: Any, path: str, messages: list[str]) -> None:
+    for rule in schema.get("x-kubernetes-validations") or []:
+        text = rule["rule"].strip()
+        evaluate = _rule(text)
+        if evaluate is None or ("oldSelf" in text and old is _MISSING):
+            continue
+        if not evaluate(new, None if old is _MISSING else old):
+            messages.append(f"{path or '<root>'}: Invalid value: \"object\": {rule.get('message', text)}")
+    if isinstance(new, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in new:
+                before = old.get(name, _MISSING) if isinstance(old, dict) else _MISSING
+                _check(sub, new[name], before, f"{path}.{name}".lstrip("."), messages)
+    elif isinstance(new, list) and isinstance(schema.get("items"), dict):
+        keys = schema.get("x-kubernetes-list-map-keys") if schema.get("x-kubernetes-list-type") == "map" else None
+        olds = {tuple(o.get(k) for k in keys): o for o in old if isinstance(o, dict)} \
+            if keys and isinstance(old, list) else {}
+        for i, item in enumerate(new):
+            before = olds.get(tuple(item.get(k) for k in keys), _MISSING) if keys and isinstance(item, dict) \
+                else _MISSING
+            _check(schema["items"], item, before, f"{path}[{i}]", messages)
+
+
 def unsupported_rules(schema: dict) -> list[str]:
-    return [rule["rule"] for _, _, rule in _rules(schema, "")
-            if rule["rule"].strip() not in _SIMPLE_RULES and not _HAS_RULE.match(rule["rule"].strip())]
+    return [rule["rule"] for _, _, rule in _rules(schema, "") if _rule(rule["rule"].strip()) is None]
