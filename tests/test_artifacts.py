@@ -80,7 +80,7 @@ def test_one_flipped_bit_anywhere_is_detected(store, where):
     header_text = data[9:9 + header_len].decode()
     header = json.loads(header_text)
     offsets = {
-        "magic": 0, "header": 9 + header_text.index('"training_client"') + 20,
+        "magic": 0, "header": 9 + header_text.index(header["sealed"]) + 5,
         "wrapped_key": 9 + header_text.index(header["wrapped_dek"]) + 3,
         "nonce": 9 + header_text.index(header["nonce"]) + 2,
         "body_start": 9 + header_len, "body_middle": len(data) // 2, "tag": len(data) - 3,
@@ -154,8 +154,8 @@ def test_rotation_rewraps_without_reencrypting(store):
     with open(path, "rb") as f:
         _, offset = crypto.read_header(f)
     body_before = path.read_bytes()[offset:]
-    new_kid = store.rotate("acme")
-    assert new_kid != info.key_id
+    new_kid, retired = store.rotate("acme")
+    assert new_kid != info.key_id and retired == []
     with open(path, "rb") as f:
         header, offset = crypto.read_header(f)
     assert header["kid"] == new_kid and path.read_bytes()[offset:] == body_before
@@ -226,6 +226,8 @@ def index_path_of(store, info):
 def test_a_lost_or_torn_index_entry_is_rebuilt_from_the_artifact(store, damage):
     """The index is not fsynced (a save costs one file fsync, like torch.save): after a crash it may be
     gone or empty, and the artifact file alone must give back the same description."""
+    import json
+
     info = put(store)
     index = index_path_of(store, info)
     if damage == "missing":
@@ -235,10 +237,11 @@ def test_a_lost_or_torn_index_entry_is_rebuilt_from_the_artifact(store, damage):
     elif damage == "garbage":
         index.write_bytes(b'{"artifact_id": "art-')
     else:
-        index.write_text(info.model_copy(update={"size_bytes": 1}).model_dump_json())
+        index.write_text(json.dumps({**json.loads(index.read_text()), "size_bytes": 1}))
     assert store.info("acme", info.artifact_id) == info
     assert [i.artifact_id for i in store.list("acme")] == [info.artifact_id]
-    assert store.info("acme", info.artifact_id).model_dump_json() == index.read_text()  # written back
+    assert json.loads(index.read_text()) == {"artifact_id": info.artifact_id, "size_bytes": info.size_bytes,
+                                             "content_hash": info.content_hash, "key_id": info.key_id}  # written back
 
 
 def test_a_rotation_interrupted_before_the_index_is_rewritten_reports_the_new_key(store, monkeypatch):
@@ -246,7 +249,7 @@ def test_a_rotation_interrupted_before_the_index_is_rewritten_reports_the_new_ke
 
     info = put(store)
     monkeypatch.setattr("tensafe_trainer.artifacts._write_index", lambda path, info: None)  # crash before
-    kid = store.rotate("acme")
+    kid, _ = store.rotate("acme")
     monkeypatch.undo()
     rebuilt = store.info("acme", info.artifact_id)
     assert rebuilt.key_id == kid != info.key_id
@@ -254,22 +257,91 @@ def test_a_rotation_interrupted_before_the_index_is_rewritten_reports_the_new_ke
     assert store.get("acme", info.artifact_id) == PAYLOAD
 
 
-def test_the_description_is_in_the_authenticated_header(store):
+def test_the_description_is_sealed_and_authenticated(store):
+    """Only ids, algorithm, key id and nonces are in clear; the sealed description cannot be edited."""
+    import base64
     import json
 
-    info = put(store)
+    info = store.put(PAYLOAD, tenant_id="acme", training_client_id="tc-cohort", kind="checkpoint", step=3,
+                     name="hiv-cohort-2024-patients", metadata={"dataset_version": "ward-7"})
     path = path_of(store, info)
     data = path.read_bytes()
     header_len = int.from_bytes(data[5:9], "big")
     header = json.loads(data[9:9 + header_len])
-    assert header["description"]["kind"] == "checkpoint" and header["description"]["step"] == 3
-    header["description"]["step"] = 4
+    assert set(header) == {"v", "alg", "nonce", "tenant", "artifact_id", "sealed", "sealed_nonce", "kid",
+                           "wrapped_dek", "wrap_nonce"}
+    for secret in (b"hiv-cohort", b"ward-7", b"tc-cohort", b"checkpoint"):
+        assert secret not in data and secret not in index_path_of(store, info).read_bytes()
+    described = store.info("acme", info.artifact_id)
+    assert (described.name, described.metadata, described.training_client_id, described.step) == (
+        "hiv-cohort-2024-patients", {"dataset_version": "ward-7"}, "tc-cohort", 3)
+    sealed = bytearray(base64.b64decode(header["sealed"]))
+    sealed[3] ^= 1
+    header["sealed"] = base64.b64encode(bytes(sealed)).decode()
     body = json.dumps(header).encode()
     path.write_bytes(data[:5] + len(body).to_bytes(4, "big") + body + data[9 + header_len:])
-    index_path_of(store, info).unlink()
-    assert store.info("acme", info.artifact_id).step == 4  # the index believes the header ...
-    with pytest.raises(ArtifactIntegrityError, match="failed authentication"):
-        store.get("acme", info.artifact_id)  # ... but the payload's tag does not
+    with pytest.raises(ArtifactIntegrityError, match="description .* failed authentication"):
+        store.info("acme", info.artifact_id)
+
+
+def test_files_are_0600_and_folders_0700_and_reads_create_no_folder(store):
+    info = put(store)
+    for path in (path_of(store, info), index_path_of(store, info)):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (store.root / "acme").stat().st_mode & 0o777 == 0o700
+    assert store.root.stat().st_mode & 0o777 == 0o700
+    assert store.list("nobody") == []
+    with pytest.raises(ArtifactNotFoundError):
+        store.info("nobody", info.artifact_id)
+    assert not (store.root / "nobody").exists()
+
+
+def test_reencrypting_rotation_retires_the_old_key_so_a_copy_taken_before_is_dead(store, tmp_path):
+    """The insider's backup: a copy of the artifact and of the key set taken before rotation."""
+    import shutil
+
+    from tensafe_trainer import crypto
+
+    info = put(store)
+    copy = path_of(store, info).read_bytes()
+    shutil.copy(tmp_path / "keys" / "acme.json", tmp_path / "keyset-before.json")
+    kid, retired = store.rotate("acme", reencrypt=True)
+    assert retired == [info.key_id] and kid != info.key_id
+    assert store.get("acme", info.artifact_id) == PAYLOAD and store.info("acme", info.artifact_id).key_id == kid
+    with open(tmp_path / "keys" / "acme.json") as f:
+        assert list(__import__("json").load(f)["keys"]) == [kid]
+    path_of(store, info).write_bytes(copy)  # the old copy put back in place
+    with pytest.raises(ArtifactIntegrityError, match="not available"):
+        store.get("acme", info.artifact_id)
+    with open(path_of(store, info), "rb") as f:
+        assert crypto.read_header(f)[0]["kid"] == info.key_id  # it is the old copy, refused for want of its key
+
+
+def test_reencryption_destroys_no_key_while_an_artifact_cannot_move(store):
+    damaged, intact = put(store), put(store)
+    path = path_of(store, damaged)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # its tag: it cannot be decrypted, so it cannot be re-encrypted
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError):
+        store.rotate("acme", reencrypt=True)
+    assert damaged.key_id in store.keys._load("acme")["keys"]  # nothing destroyed
+
+
+def test_shredding_removes_keys_files_and_index_entries(store, tmp_path):
+    info = store.put(PAYLOAD, tenant_id="acme", training_client_id="tc-1", kind="checkpoint", step=1,
+                     name="hiv-cohort-2024-patients")
+    copy = path_of(store, info).read_bytes()
+    assert store.shred("acme") == 2
+    assert not (store.root / "acme").exists() and not (tmp_path / "keys" / "acme.json").exists()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"hiv-cohort" not in path.read_bytes(), path
+    private = store.root / "acme"
+    private.mkdir()
+    (private / f"{info.artifact_id}.tsa").write_bytes(copy)  # a backup restored
+    with pytest.raises(ArtifactIntegrityError, match="not available"):
+        store.info("acme", info.artifact_id)
 
 
 def test_an_artifact_renamed_with_its_index_entry_is_refused_not_relisted(store):

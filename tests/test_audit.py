@@ -1,7 +1,9 @@
-"""The audit log: a hash chain in which an edited, dropped or reordered entry is found."""
+"""The audit log: a keyed chain in which an edited, dropped, reordered or (given the published head)
+truncated entry is found, and which an insider without the tenant's key cannot rewrite."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,13 +14,20 @@ from conftest import random_batch
 
 
 @pytest.fixture
-def log(tmp_path):
-    from tensafe_trainer.audit import AuditLog
+def keys(tmp_path):
+    from tensafe_trainer.keys import LocalKeyProvider
 
-    audit = AuditLog(tmp_path / "audit.jsonl")
-    for i in range(5):
-        audit.append(operation="forward_backward", training_client_id="tc-1", tenant_id="acme",
-                     request_hash=f"{i:064x}", success=True)
+    return LocalKeyProvider(tmp_path / "keys")
+
+
+@pytest.fixture
+def log(tmp_path, keys):
+    from tensafe_trainer.audit import AuditTrail
+
+    trail = AuditTrail(tmp_path / "audit", keys)
+    audit = trail.log("acme")
+    audit.append_many([dict(operation="forward_backward", training_client_id="tc-1", tenant_id="acme",
+                            request_hash=f"{i:064x}", success=True) for i in range(5)])
     return audit
 
 
@@ -26,10 +35,10 @@ def lines(log):
     return log.path.read_text().splitlines()
 
 
-def verify(log):
+def verify(log, expect_head=None):
     from tensafe_trainer.audit import verify as run
 
-    return run(log.path)
+    return run(log.path, log._key, expect_head)
 
 
 def test_intact_chain_verifies(log):
@@ -38,6 +47,71 @@ def test_intact_chain_verifies(log):
     entries = list(log.entries())
     assert entries[0].prev_hash == "0" * 64
     assert all(entries[i + 1].prev_hash == entries[i].record_hash for i in range(4))
+    assert log.path.stat().st_mode & 0o777 == 0o600 and log.path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_records_are_macs_under_the_tenant_key_not_plain_hashes(log, keys):
+    import hmac
+
+    from tensafe_trainer.crypto import canonical_json
+
+    entry = json.loads(lines(log)[2])
+    body = {k: v for k, v in entry.items() if k != "record_hash"}
+    unkeyed = hashlib.sha256(entry["prev_hash"].encode() + canonical_json(body)).hexdigest()
+    keyed = hmac.new(keys.chain_key("acme"), entry["prev_hash"].encode() + canonical_json(body),
+                     hashlib.sha256).hexdigest()
+    assert entry["record_hash"] == keyed != unkeyed
+    assert keys.chain_key("acme") != keys.audit_key("acme")  # the request hashes have a key of their own
+
+
+def test_an_insider_who_edits_and_recomputes_the_whole_chain_is_caught(log):
+    """The old unkeyed chain let anyone with write access recompute every hash; without the key the
+    recomputed chain does not verify."""
+    from tensafe_trainer.audit import GENESIS
+    from tensafe_trainer.crypto import canonical_json
+
+    rows, prev, forged = lines(log), GENESIS, []
+    for row in rows:
+        entry = json.loads(row)
+        if entry["sequence"] == 2:
+            entry["success"] = False
+        entry["prev_hash"] = prev
+        body = {k: v for k, v in entry.items() if k != "record_hash"}
+        entry["record_hash"] = prev = hashlib.sha256(prev.encode() + canonical_json(body)).hexdigest()
+        forged.append(json.dumps(entry, sort_keys=True))
+    log.path.write_text("\n".join(forged) + "\n")
+    ok, count, message = verify(log)
+    assert not ok and count == 0 and "line 1" in message and "does not verify" in message
+
+
+def test_a_truncated_tail_is_caught_with_the_published_head(log):
+    head = log.head()
+    assert head.sequence == 4
+    rows = lines(log)
+    log.path.write_text("\n".join(rows[:3]) + "\n")  # the last two entries dropped: a valid shorter chain
+    assert verify(log)[0]  # undetectable without the head ...
+    ok, count, message = verify(log, (head.sequence, head.record_hash))
+    assert not ok and count == 3 and "truncated" in message  # ... caught with it
+    log.path.write_text("\n".join(rows) + "\n")
+    assert verify(log, (head.sequence, head.record_hash))[0]
+    assert not verify(log, (head.sequence, "f" * 64))[0]
+
+
+def test_the_writer_refuses_to_extend_an_edited_or_truncated_log(log):
+    from tg_tinker import AuditIntegrityError
+
+    rows = lines(log)
+    event = dict(operation="optim_step", training_client_id="tc-1", tenant_id="acme", request_hash="0" * 64,
+                 success=True)
+    log.path.write_text("\n".join(rows[:3]) + "\n")  # truncated behind what this writer wrote
+    with pytest.raises(AuditIntegrityError, match="truncated or replaced"):
+        log.append_many([event])
+    entry = json.loads(rows[4])
+    entry["success"] = False
+    log.path.write_text("\n".join(rows[:4] + [json.dumps(entry)]) + "\n")  # last record edited
+    with pytest.raises(AuditIntegrityError, match="does not verify"):
+        log.append_many([event])
+    assert log.path.read_text().count("\n") == 5  # nothing appended
 
 
 def test_edited_entry_is_found(log):
@@ -66,28 +140,23 @@ def test_reordered_entries_are_found(log):
     assert not ok and "line 2" in message
 
 
-def test_rehashed_forgery_without_the_chain_is_found(log):
-    from tensafe_trainer.audit import _entry_hash
-
-    rows = lines(log)
-    entry = json.loads(rows[3])
-    entry["operation"] = "load_state"
-    entry["record_hash"] = _entry_hash(entry)  # a forger who recomputes this entry's own hash
-    rows[3] = json.dumps(entry, sort_keys=True)
-    log.path.write_text("\n".join(rows) + "\n")
-    ok, count, message = verify(log)
-    assert not ok and count == 4 and "line 5" in message and "prev_hash" in message
-
-
-def test_cli_verify_reports_the_first_broken_link(log):
-    command = [sys.executable, "-m", "tensafe_trainer", "audit", "verify", str(log.path)]
+def test_cli_verify_needs_the_key_and_reports_the_first_broken_link(log, tmp_path):
+    home = tmp_path  # the fixture's keys are <tmp>/keys, as in a trainer home
+    command = [sys.executable, "-m", "tensafe_trainer", "audit", "verify", str(log.path), "--tenant", "acme",
+               "--home", str(home)]
     good = subprocess.run(command, capture_output=True, text=True)
-    assert good.returncode == 0 and "chain intact" in good.stdout
+    assert good.returncode == 0 and "chain intact" in good.stdout, good.stdout + good.stderr
+    head = log.head()
     rows = lines(log)
+    log.path.write_text("\n".join(rows[:4]) + "\n")
+    truncated = subprocess.run(command + ["--expect-head", head.text], capture_output=True, text=True)
+    assert truncated.returncode == 1 and "truncated" in truncated.stdout
     del rows[3]
     log.path.write_text("\n".join(rows) + "\n")
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 1 and "line 4" in bad.stdout
+    keyless = subprocess.run(command[:-2] + ["--home", str(tmp_path / "elsewhere")], capture_output=True, text=True)
+    assert keyless.returncode == 2 and "no audit key" in keyless.stderr
 
 
 def test_every_operation_is_audited_through_the_service(service, tc):
@@ -101,9 +170,14 @@ def test_every_operation_is_audited_through_the_service(service, tc):
     assert entries[3].artifact_ids_consumed == [checkpoint.artifact_id]
     assert all(e.success for e in entries)
     assert service.get_audit_logs(operation="save_state", limit=1)[0].artifact_ids_produced
-    from tensafe_trainer.audit import verify as run
     import os
     from pathlib import Path
 
-    ok, _, message = run(Path(os.environ["TENSAFE_HOME"]) / "audit" / "audit.jsonl")
+    from tensafe_trainer.audit import verify as run
+    from tensafe_trainer.keys import LocalKeyProvider
+
+    home = Path(os.environ["TENSAFE_HOME"])
+    ok, _, message = run(home / "audit" / "default.jsonl", LocalKeyProvider(home / "keys").chain_key("default"),
+                         (checkpoint.audit_head.sequence, checkpoint.audit_head.record_hash))
     assert ok, message
+    assert entries[2].sequence == checkpoint.audit_head.sequence  # the save's result names its own entry

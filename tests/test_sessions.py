@@ -85,9 +85,10 @@ def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_run
 def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_hanging(tensafe_home, tmp_path):
     """Whatever goes wrong in the worker's own bookkeeping (here: the engine answering out of order), the
     client's operations fail with the reason and its status says ERROR; nothing waits for ever."""
-    from tensafe_trainer.audit import AuditLog
+    from tensafe_trainer.audit import AuditTrail
     from tensafe_trainer.audit_writer import AuditWriter
     from tensafe_trainer.engine_process import EngineProcess
+    from tensafe_trainer.keys import LocalKeyProvider
     from tensafe_trainer.sessions import Session
 
     from conftest import tiny_config
@@ -101,21 +102,21 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
 
     spec = training_spec("tc-broken", tiny_config())
     loop = asyncio.new_event_loop()
-    audit_log = AuditLog(tmp_path / "audit.jsonl")
-    writer = AuditWriter(audit_log)
+    trail = AuditTrail(tmp_path / "audit", LocalKeyProvider(tmp_path / "keys"))
+    writer = AuditWriter(trail)
     session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
                       max_pending=16, hash_key=bytes(32))
     try:
         ops = [session.submit(OptimStepRequest(), f"key-{i}")[0] for i in range(3)]
         session._thread.join(timeout=120)
         assert not session._thread.is_alive()
+        writer.flush()  # outcomes are published once their audit entries are written
         info = session.info()
         assert info.status is ClientStatus.ERROR and "answered operation 1, expected 0" in info.error
         assert [op.status for op in ops] == [OperationStatus.FAILED] * 3
         assert all("worker failed" in op.error.message for op in ops)
         assert not session.engine.process.is_alive()
-        writer.flush()
-        assert [e.success for e in audit_log.query(training_client_id="tc-broken", limit=10)] == [False] * 3
+        assert [e.success for e in trail.query("default", training_client_id="tc-broken", limit=10)] == [False] * 3
     finally:
         writer.close()
         loop.close()

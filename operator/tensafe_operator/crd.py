@@ -76,6 +76,9 @@ def training_client_crd() -> dict[str, Any]:
         "step": {"type": "integer"},
         "privacy": {"type": "object", "properties": {"totalEpsilon": {"type": "number", "nullable": True}}},
         "lastCheckpoint": {"type": "string"},
+        "auditHead": {"type": "object", "description": "the tenant's audit chain head after this client's last "
+                      "entry: `tensafe audit verify --expect-head <sequence>:<recordHash>` catches a truncated log",
+                      "properties": {"sequence": {"type": "integer"}, "recordHash": {"type": "string"}}},
         "restarts": {"type": "integer", "description": "trainer pods replaced after they died"},
         "failureStreak": {"type": "integer", "description": "trainer pods in a row that died soon after starting"},
     }}
@@ -98,7 +101,9 @@ def training_operation_crd() -> dict[str, Any]:
                     "artifactId": {"type": "string", "pattern": r"^art-[0-9a-f]{32}$"},
                     "name": {"type": "string", "maxLength": 128},
                     "kind": {"type": "string", "enum": ["checkpoint", "sampler"], "default": "checkpoint"},
-                    "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}},
+                    "sealed": {"type": "string", "maxLength": 1 << 20, "description":
+                               "name and metadata sealed for the trainer under the tenant's key (the SDK's "
+                               "tg_tinker.sealing): never in clear in etcd"}}},
             }}
     status = {"type": "object", "properties": {
         "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},

@@ -101,6 +101,9 @@ def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo])
             status["privacy"] = {"totalEpsilon": trainer.total_epsilon}
         if trainer.last_checkpoint:
             status["lastCheckpoint"] = trainer.last_checkpoint
+        if trainer.audit_head is not None:
+            status["auditHead"] = {"sequence": trainer.audit_head.sequence,
+                                   "recordHash": trainer.audit_head.record_hash}
     status["phase"] = phase.value
     failed, suspended = phase is ClientStatus.ERROR, bool(spec.get("suspend"))
     status["conditions"] = _conditions(current.get("conditions") or [], status["observedGeneration"], {

@@ -4,12 +4,15 @@ from .config import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
 from .errors import (
     ArtifactIntegrityError,
     ArtifactNotFoundError,
+    AuditIntegrityError,
     AuthenticationError,
     ConnectionError,
     DPBudgetExceededError,
     FutureTimeoutError,
     OperationCancelledError,
     OperationLostError,
+    PermissionDeniedError,
+    ReceiptVerificationError,
     ResourceExhaustedError,
     TGTinkerError,
     TrainingClientError,
@@ -17,12 +20,14 @@ from .errors import (
     ValidationError,
 )
 from .futures import Future
+from .receipts import verify_receipt
 from .sampling_client import SamplingClient
 from .service_client import ServiceClient
 from .training_client import TrainingClient
 from .types import (
     ArtifactInfo,
     AuditEntry,
+    AuditHead,
     BatchData,
     ClientStatus,
     ComputeLogprobsResult,
@@ -40,7 +45,8 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuthenticationError",
+    "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuditHead",
+    "AuditIntegrityError", "AuthenticationError", "PermissionDeniedError", "ReceiptVerificationError",
     "BatchData", "ClientStatus", "ComputeLogprobsResult", "ConnectionError", "DPBudgetExceededError", "DPConfig",
     "DatasetInfo", "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError",
     "LoRAConfig",
@@ -48,5 +54,5 @@ __all__ = [
     "ResourceExhaustedError", "SampleResult", "SampleSequence", "SamplingClient", "SaveStateResult",
     "ServiceClient", "TGTinkerError", "TrainingClient", "TrainingClientError", "TrainingClientNotFoundError",
     "TrainingConfig",
-    "ValidationError",
+    "ValidationError", "verify_receipt",
 ]

@@ -66,6 +66,24 @@ class AuthenticationError(TGTinkerError):
     http_status = 401
 
 
+class PermissionDeniedError(AuthenticationError):
+    """The token is valid but does not reach this resource (another client's artifact, another tenant)."""
+
+    http_status = 403
+
+
+class AuditIntegrityError(TGTinkerError):
+    """The audit log could not be extended or failed verification: the operation did not complete."""
+
+    http_status = 500
+
+
+class ReceiptVerificationError(TGTinkerError, ValueError):
+    """A privacy receipt does not verify under the given public key: it was changed, or signed by another."""
+
+    http_status = 422
+
+
 class ConnectionError(TGTinkerError, builtins.ConnectionError):  # noqa: A001 - part of the API
     """The trainer could not be reached after retries."""
 
@@ -107,6 +125,9 @@ _BY_NAME: dict[str, type[TGTinkerError]] = {
         ArtifactNotFoundError,
         ArtifactIntegrityError,
         AuthenticationError,
+        PermissionDeniedError,
+        AuditIntegrityError,
+        ReceiptVerificationError,
         ConnectionError,
         TrainingClientError,
         TrainingClientNotFoundError,

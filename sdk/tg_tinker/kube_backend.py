@@ -18,7 +18,8 @@ from typing import Any, Optional
 from .config import TrainingConfig
 from .errors import TGTinkerError, TrainingClientError, TrainingClientNotFoundError, ValidationError, error_from_wire
 from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION, DurableRequest,
-                        TrainerAccess, child_name, operation_spec, trainer_access)
+                        TrainerAccess, child_name, key_secret_name, operation_spec, trainer_access)
+from .sealing import sealing_key
 from .types import RESULT_TYPES, ClientInfo, ClientStatus
 
 # How long a finished trainer operation may wait for the operator to record it before the SDK says so.
@@ -142,12 +143,23 @@ class KubernetesBackend:
                              "namespace": self.namespace, "labels": {"tensafe.io/training-client": name},
                              "ownerReferences": [{"apiVersion": tc["apiVersion"], "kind": tc["kind"], "name": name,
                                                   "uid": tc["metadata"]["uid"]}]},
-                "spec": operation_spec(name, request)}
+                "spec": operation_spec(name, request, self._sealing_key(tc))}
         try:
             return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINING_OPERATIONS,
                                                                body)
         except self._errors as error:
             raise _api_error(error, "TrainingOperation") from None
+
+    def _sealing_key(self, tc: dict) -> bytes:
+        """From the tenant's key set in the client's key Secret (read for the trainer's token too)."""
+        import json
+
+        tenant = tc["spec"].get("tenantId", "default")
+        raw = self._secret_data(key_secret_name(tc)).get(f"{tenant}.json")
+        if not raw:
+            raise TrainingClientError(f"the key Secret {key_secret_name(tc)!r} holds no key set for tenant {tenant!r} "
+                                      "yet: is the operator running?")
+        return sealing_key(json.loads(raw))
 
     def operation_result(self, top: dict, request: DurableRequest, trainer_future) -> Any:
         """Wait for the operation's status to finish; its result or error is the outcome. If the trainer

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from .errors import ValidationError
+from .sealing import seal
 from .types import LoadStateRequest, SaveStateRequest
 
 GROUP, VERSION = "tensafe.io", "v1alpha1"
@@ -70,14 +71,17 @@ def key_secret_name(tc: dict[str, Any]) -> str:
     return (tc["spec"].get("keySecretRef") or {}).get("name") or child_name(tc["metadata"]["name"], "keys")
 
 
-def operation_spec(client_name: str, request: DurableRequest) -> dict[str, Any]:
-    """``TrainingOperation.spec`` for a save or load request."""
+def operation_spec(client_name: str, request: DurableRequest, sealing_key: Optional[bytes] = None) -> dict[str, Any]:
+    """``TrainingOperation.spec`` for a save or load request. A save's name and metadata are sealed for the
+    trainer under ``sealing_key`` (tg_tinker.sealing): the object in etcd holds neither in clear."""
     if isinstance(request, LoadStateRequest):
         parameters: dict[str, Any] = {"artifactId": request.artifact_id}
     else:
-        parameters = {"includeOptimizer": request.include_optimizer, "metadata": request.metadata}
-        if request.name:
-            parameters["name"] = request.name
+        parameters = {"includeOptimizer": request.include_optimizer}
+        if request.name is not None or request.metadata:
+            if sealing_key is None:
+                raise ValidationError("a save's name and metadata go sealed into a TrainingOperation: no key given")
+            parameters["sealed"] = seal(sealing_key, client_name, {"name": request.name, "metadata": request.metadata})
         if request.kind == "sampler":
             parameters["kind"] = "sampler"
     kind = "load_state" if isinstance(request, LoadStateRequest) else "save_state"
@@ -95,11 +99,11 @@ def operation_request(spec: dict[str, Any]) -> DurableRequest:
         return LoadStateRequest(artifact_id=parameters["artifactId"])
     if kind == "save_state":
         return SaveStateRequest(include_optimizer=parameters.get("includeOptimizer", True),
-                                metadata=parameters.get("metadata") or {}, name=parameters.get("name"),
+                                name=parameters.get("name"), sealed=parameters.get("sealed"),
                                 kind=parameters.get("kind", "checkpoint"))
     if kind == "export":
         return SaveStateRequest(kind="sampler", include_optimizer=False, name=parameters.get("name"),
-                                metadata=parameters.get("metadata") or {})
+                                sealed=parameters.get("sealed"))
     raise ValidationError(f"unknown TrainingOperation type {kind!r}; expected one of {OPERATION_TYPES}",
                           {"field": "type"})
 

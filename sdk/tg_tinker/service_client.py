@@ -20,7 +20,7 @@ from .config import TrainingConfig
 from .errors import TrainingClientError, ValidationError, error_from_wire
 from .kube_backend import KubernetesBackend
 from .local import LocalTrainer
-from .resources import DurableRequest
+from .resources import DurableRequest, operation_request
 from .sampling_client import SamplingClient
 from .submission import OperationQueue
 from .training_client import TrainingClient
@@ -28,6 +28,7 @@ from .transport import Transport, Verify
 from .types import (
     ArtifactInfo,
     AuditEntry,
+    AuditHead,
     BatchData,
     ClientInfo,
     ClientStatus,
@@ -220,7 +221,8 @@ class ServiceClient:
         if self._kube is None:
             return queue.submit(request).result()
         top = self._kube.create_operation(self._kube.get(client_id), request)
-        trainer_future = queue.submit(request, idempotency_key=top["metadata"]["uid"])
+        # The trainer gets what the operator submits too (name and metadata sealed): one fingerprint, one run.
+        trainer_future = queue.submit(operation_request(top["spec"]), idempotency_key=top["metadata"]["uid"])
         return self._kube.operation_result(top, request, trainer_future)
 
     def _wait_ready(self, info: ClientInfo) -> ClientInfo:
@@ -282,9 +284,20 @@ class ServiceClient:
         return self._transport_for(training_client_id).request(
             "GET", f"/v1/artifacts/{artifact_id}/content", params={"tenant_id": self.tenant_id}, raw=True)
 
+    def receipt_public_key(self, *, training_client_id: Optional[str] = None) -> str:
+        """The PEM public key that verifies this tenant's privacy receipts (``tg_tinker.verify_receipt``)."""
+        return self._transport_for(training_client_id).request(
+            "GET", "/v1/receipts/public_key", params={"tenant_id": self.tenant_id})["public_key"]
+
+    def audit_head(self, *, training_client_id: Optional[str] = None) -> AuditHead:
+        """The head of this tenant's audit chain now: keep it, and ``tensafe audit verify --expect-head``
+        finds a log truncated behind it."""
+        return AuditHead.parse(self._transport_for(training_client_id).request(
+            "GET", "/v1/audit/head", params={"tenant_id": self.tenant_id}))
+
     def get_audit_logs(self, training_client_id: Optional[str] = None, operation: Optional[str] = None,
                        limit: int = 100) -> list[AuditEntry]:
-        params = {"limit": limit}
+        params = {"limit": limit, "tenant_id": self.tenant_id}
         if training_client_id:
             params["training_client_id"] = training_client_id
         if operation:

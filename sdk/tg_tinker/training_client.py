@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -17,6 +18,7 @@ from .types import (
     ClientInfo,
     ClientStatus,
     ExportAdapterRequest,
+    ExportAdapterResult,
     ForwardBackwardRequest,
     ForwardBackwardResult,
     ForwardBackwardSampledRequest,
@@ -35,6 +37,22 @@ if TYPE_CHECKING:
     from .service_client import ServiceClient
 
 Batch = Union[BatchData, dict]
+RECEIPT_FILE = "tensafe-receipt.json"  # written beside an exported adapter
+
+
+class SamplerArtifact(str):
+    """What ``save_weights_for_sampler`` returns: the artifact id, with the save's result and receipt."""
+
+    result: SaveStateResult
+
+    def __new__(cls, result: SaveStateResult) -> "SamplerArtifact":
+        artifact = super().__new__(cls, result.artifact_id)
+        artifact.result = result
+        return artifact
+
+    @property
+    def receipt(self) -> Optional[dict]:
+        return self.result.receipt
 
 
 class TrainingClient:
@@ -44,6 +62,7 @@ class TrainingClient:
         self.config = config
         self._info = info
         self._queue = service._queue_for(self.id)
+        self.last_export: Optional[ExportAdapterResult] = None  # the last export_adapter's result (and receipt)
 
     def __repr__(self) -> str:
         return f"<TrainingClient {self.id} {self.status.value} step={self.step}>"
@@ -90,18 +109,23 @@ class TrainingClient:
         return self._queue.submit(OptimStepRequest(apply_dp_noise=apply_dp_noise), on_result=self._advance)
 
     def save_state(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
+        """Save an encrypted checkpoint. The result carries a signed privacy ``receipt`` and the audit chain's
+        head after this save (``audit_head``)."""
         request = SaveStateRequest(include_optimizer=include_optimizer, metadata=metadata or {})
-        return self._service._run_durable(self.id, self._queue, request)
+        result = self._service._run_durable(self.id, self._queue, request)
+        return result.model_copy(update={"metadata": request.metadata})  # the trainer never echoes it
 
     def load_state(self, artifact_id: str) -> LoadStateResult:
         result = self._service._run_durable(self.id, self._queue, LoadStateRequest(artifact_id=artifact_id))
         self._advance(result)
         return result
 
-    def save_weights_for_sampler(self, name: Optional[str] = None) -> str:
-        """Save the current weights (no optimizer state) as a sampler artifact; returns its id."""
+    def save_weights_for_sampler(self, name: Optional[str] = None) -> "SamplerArtifact":
+        """Save the current weights (no optimizer state) as a sampler artifact; returns its id (a ``str``
+        that also carries the save's ``result`` and signed ``receipt``)."""
         request = SaveStateRequest(kind="sampler", include_optimizer=False, name=name)
-        return self._queue.submit(request).result().artifact_id
+        result = self._queue.submit(request).result().model_copy(update={"name": name})
+        return SamplerArtifact(result)
 
     def create_sampling_client(self) -> "SamplingClient":
         """A sampler over this client's live weights; its operations queue behind training ones."""
@@ -111,15 +135,19 @@ class TrainingClient:
 
     def export_adapter(self, path) -> Path:
         """Write the current LoRA adapter, decrypted, as a PEFT folder at ``path``
-        (``adapter_config.json`` + ``adapter_model.safetensors``); returns the folder."""
+        (``adapter_config.json`` + ``adapter_model.safetensors``, and ``RECEIPT_FILE``: the signed privacy
+        receipt, whose ``content_hash`` is the SHA-256 of ``adapter_model.safetensors``); returns the folder."""
         result = self._queue.submit(ExportAdapterRequest()).result()
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(base64.b64decode(result.archive_b64))) as tar:
             for member in tar.getmembers():
-                if not member.isfile() or Path(member.name).name != member.name:
+                if not member.isfile() or Path(member.name).name != member.name or member.name == RECEIPT_FILE:
                     raise TrainingClientError(f"unexpected entry {member.name!r} in the adapter archive")
                 (folder / member.name).write_bytes(tar.extractfile(member).read())
+        if result.receipt is not None:
+            (folder / RECEIPT_FILE).write_text(json.dumps(result.receipt, indent=2) + "\n")
+        self.last_export = result
         return folder
 
     def close(self) -> None:

@@ -127,6 +127,14 @@ class SaveStateRequest(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: Literal["checkpoint", "sampler"] = "checkpoint"
     name: Optional[str] = Field(None, max_length=128)
+    # ``name`` and ``metadata`` sealed for the trainer (tg_tinker.sealing), as a TrainingOperation carries them.
+    sealed: Optional[str] = Field(None, max_length=1 << 20)
+
+    @model_validator(mode="after")
+    def _sealed_alone(self):
+        if self.sealed is not None and (self.metadata or self.name is not None):
+            raise ValueError("give name and metadata either sealed or in clear, not both")
+        return self
 
 
 class LoadStateRequest(WireModel):
@@ -222,6 +230,19 @@ class OptimStepResult(WireModel):
     dp_metrics: Optional[DPMetrics] = None
 
 
+class AuditHead(WireModel):
+    """The last entry of a tenant's audit chain, published outside the log so a truncated tail is caught:
+    ``tensafe audit verify --expect-head <text>``. ``sequence`` -1: the chain is empty."""
+
+    tenant_id: str
+    sequence: int
+    record_hash: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.sequence}:{self.record_hash}"
+
+
 class EncryptionInfo(WireModel):
     algorithm: str
     key_id: str
@@ -229,6 +250,9 @@ class EncryptionInfo(WireModel):
 
 
 class SaveStateResult(WireModel):
+    """The trainer never echoes ``metadata`` and ``name`` (they are sealed in the artifact); the SDK fills
+    them in from the call."""
+
     artifact_id: str
     size_bytes: int
     content_hash: str
@@ -237,6 +261,8 @@ class SaveStateResult(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: str = "checkpoint"
     name: Optional[str] = None
+    receipt: Optional[dict[str, str]] = None  # signed privacy receipt (tg_tinker.receipts)
+    audit_head: Optional[AuditHead] = None
 
 
 class LoadStateResult(WireModel):
@@ -274,6 +300,8 @@ class ExportAdapterResult(WireModel):
     archive_b64: str  # tar of the PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
     files: list[str]
     step: int
+    receipt: Optional[dict[str, str]] = None  # content_hash: SHA-256 of adapter_model.safetensors
+    audit_head: Optional[AuditHead] = None
 
 
 class ErrorInfo(WireModel):
@@ -360,6 +388,7 @@ class ClientInfo(WireModel):
     error: Optional[str] = None
     error_type: Optional[str] = None
     queue_depth: int = 0
+    audit_head: Optional[AuditHead] = None  # the tenant's audit chain head after this client's last entry
     # Only in the response that creates a client: a bearer token for this client alone.
     access_token: Optional[str] = Field(None, repr=False)
 

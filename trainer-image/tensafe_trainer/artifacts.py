@@ -1,19 +1,22 @@
 """The artifact store: encrypted files on a local filesystem (a PersistentVolume in Kubernetes).
 
-Layout: ``<root>/<tenant>/<artifact_id>.tsa``, the encrypted artifact. It describes itself: its header
-carries the ids, kind, step and name (never user metadata, which travels encrypted inside the payload).
-Artifact files go to a temporary name, are fsynced and renamed, so a reader sees the old state or the
-new one and never half of either.
+Layout: ``<root>/<tenant>/<artifact_id>.tsa``, the encrypted artifact. Its header holds ids, the wrapped
+data key and a sealed description (training client, kind, step, name, user metadata: crypto.py), so
+the file names nothing a user chose. Artifact files go to a temporary name, are fsynced and renamed, so a
+reader sees the old state or the new one and never half of either.
 
-Beside each sits ``<artifact_id>.json``, an index entry (the description plus size, content hash and
-key id) so that listing does not hash every file. It is not fsynced: the artifact file is the truth,
-and an entry that is missing, torn by a crash or out of date is rebuilt from it. That keeps a save at
-one file fsync and one folder fsync, like a plain ``torch.save``.
+Beside each sits ``<artifact_id>.json``, an index entry (size, content hash and key id: nothing a user
+chose) so that listing does not hash every file. It is not fsynced: the artifact file is the truth, and
+an entry that is missing, torn by a crash or out of date is rebuilt from it. That keeps a save at one
+file fsync and one folder fsync, like a plain ``torch.save``.
+
+Files are created 0600 and folders 0700; reads never create a folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -44,6 +47,22 @@ def check_artifact_id(artifact_id: str) -> str:
     return artifact_id
 
 
+FILE_MODE, DIR_MODE = 0o600, 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created if needed, mode 0700."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+    return path
+
+
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
+    """A binary file object on ``path``, created mode 0600."""
+    return os.fdopen(os.open(path, flags, FILE_MODE), "wb" if not flags & os.O_APPEND else "ab")
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -57,7 +76,7 @@ def _atomic_write(path: Path, write, durable: bool = True) -> None:
     the caller's: one, after all of its renames, makes them all durable."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open_private(tmp) as f:
             write(f)
             if durable:
                 f.flush()
@@ -69,9 +88,8 @@ def _atomic_write(path: Path, write, durable: bool = True) -> None:
 
 class ArtifactStore:
     def __init__(self, root: Path, keys: KeyProvider):
-        self.root = Path(root)
+        self.root = private_dir(Path(root))
         self.keys = keys
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def remove_partial_writes(self) -> list[Path]:
         """Delete temporary files a crash left behind (never valid artifacts). Only at trainer start:
@@ -81,25 +99,31 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
         return leftovers
 
-    def _dir(self, tenant_id: str) -> Path:
+    def _dir(self, tenant_id: str, create: bool = False) -> Path:
         folder = self.root / check_tenant(tenant_id)
-        folder.mkdir(exist_ok=True)
-        return folder
+        return private_dir(folder) if create else folder
 
-    def _paths(self, tenant_id: str, artifact_id: str) -> tuple[Path, Path]:
-        folder = self._dir(tenant_id)
+    def _paths(self, tenant_id: str, artifact_id: str, create: bool = False) -> tuple[Path, Path]:
         check_artifact_id(artifact_id)
+        folder = self._dir(tenant_id, create)
         return folder / f"{artifact_id}.tsa", folder / f"{artifact_id}.json"
 
     def put(self, plaintext: bytes | Callable[[BinaryIO], None], *, tenant_id: str, training_client_id: str,
-            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None) -> ArtifactInfo:
+            kind: str, step: int, name: Optional[str] = None, artifact_id: Optional[str] = None,
+            metadata: Optional[dict] = None) -> ArtifactInfo:
         """Encrypt and store. ``plaintext`` is the payload, or a function that writes it to a file object
-        (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory)."""
+        (so a checkpoint streams from ``torch.save`` into the cipher without a copy in memory). ``name`` and
+        ``metadata`` are sealed with the rest of the description."""
         artifact_id = artifact_id or new_artifact_id()
-        data_path, index_path = self._paths(tenant_id, artifact_id)
+        data_path, index_path = self._paths(tenant_id, artifact_id, create=True)
         binding = crypto.Binding(tenant_id, training_client_id, artifact_id)
-        description = {"kind": kind, "step": step, "name": name, "created_at": time.time()}
-        produce = plaintext if callable(plaintext) else (lambda w: w.write(plaintext))
+        description = {"kind": kind, "step": step, "name": name, "created_at": time.time(),
+                       "metadata": metadata or {}}
+        return self._write(data_path, index_path, binding, description,
+                           plaintext if callable(plaintext) else (lambda w: w.write(plaintext)))
+
+    def _write(self, data_path: Path, index_path: Path, binding: crypto.Binding, description: dict,
+               produce: Callable[[BinaryIO], None]) -> ArtifactInfo:
         written: list[crypto.Encrypted] = []
         _atomic_write(data_path, lambda f: written.append(
             crypto.encrypt_stream(f, produce, binding, self.keys, description)))
@@ -120,12 +144,19 @@ class ArtifactStore:
             raise self._not_found(tenant_id, artifact_id) from None
         with src:
             header, _ = crypto.read_header(src)
+            crypto.check_binding(header, crypto.Binding(tenant_id, "", artifact_id))  # not a renamed or moved file
+            _, description = crypto.open_header(header, self.keys)
             size = os.fstat(src.fileno()).st_size
             indexed = _read_index(index_path)
-            if indexed and (indexed.artifact_id, indexed.size_bytes, indexed.key_id) == (artifact_id, size,
-                                                                                          header["kid"]):
-                return indexed
-            return _reindex(src, header, tenant_id, artifact_id, index_path)
+            if indexed is None or (indexed.get("artifact_id"), indexed.get("size_bytes"), indexed.get("key_id")) \
+                    != (artifact_id, size, header["kid"]):
+                indexed = _reindex(src, header, artifact_id, index_path)
+            binding = crypto.Binding(tenant_id, description["training_client"], artifact_id)
+            return _describe(binding, description, crypto.Encrypted(size, indexed["content_hash"], header["kid"]))
+
+    def owner(self, tenant_id: str, artifact_id: str) -> str:
+        """The training client an artifact belongs to (from its sealed description)."""
+        return self.info(tenant_id, artifact_id).training_client_id
 
     def read_raw(self, tenant_id: str, artifact_id: str) -> bytes:
         """The ciphertext exactly as stored (the reader checks it against ``info().content_hash``)."""
@@ -144,7 +175,8 @@ class ArtifactStore:
 
     def list(self, tenant_id: str, training_client_id: Optional[str] = None) -> list[ArtifactInfo]:
         infos = []
-        for data_path in self._dir(tenant_id).glob("art-*.tsa"):
+        folder = self._dir(tenant_id)
+        for data_path in (folder.glob("art-*.tsa") if folder.is_dir() else ()):
             try:
                 info = self.info(tenant_id, data_path.stem)
             except ArtifactNotFoundError:
@@ -164,11 +196,33 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
         fsync_dir(self._dir(tenant_id))
 
-    def rotate(self, tenant_id: str) -> str:
-        """Make a new KEK active and re-wrap every artifact's data key under it; payloads stay as they are."""
+    def shred(self, tenant_id: str) -> int:
+        """Crypto-shred a tenant: its key set first (every copy anywhere, backups included, becomes
+        unreadable), then its artifact files and index entries, durably. Returns the files removed."""
+        self.keys.shred(tenant_id)
+        folder = self._dir(tenant_id)
+        if not folder.is_dir():
+            return 0
+        removed = 0
+        for path in folder.iterdir():
+            path.unlink(missing_ok=True)
+            removed += 1
+        fsync_dir(folder)
+        folder.rmdir()
+        fsync_dir(self.root)
+        return removed
+
+    def rotate(self, tenant_id: str, reencrypt: bool = False) -> tuple[str, list[str]]:
+        """Make a new KEK active. Plain rotation re-wraps every data key under it (payloads unchanged, old
+        KEKs kept: a copy taken before still opens with the key set). ``reencrypt`` gives every artifact a
+        fresh data key under the new KEK, each atomically, then destroys every other KEK: a copy taken
+        before no longer opens. Returns (new key id, key ids destroyed)."""
         kid = self.keys.rotate(tenant_id)
         for info in self.list(tenant_id):
             data_path, index_path = self._paths(tenant_id, info.artifact_id)
+            if reencrypt:
+                self._reencrypt(tenant_id, info.artifact_id, data_path, index_path)
+                continue
             with open(data_path, "rb") as src:
                 header, offset = crypto.read_header(src)
                 src.seek(offset)
@@ -176,8 +230,29 @@ class ArtifactStore:
             _atomic_write(data_path, lambda f, data=stored: f.write(data))
             _write_index(index_path, info.model_copy(update={
                 "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()}))
-        fsync_dir(self._dir(tenant_id))
-        return kid
+        if self._dir(tenant_id).is_dir():
+            fsync_dir(self._dir(tenant_id))
+        if not reencrypt:
+            return kid, []
+        left = [i.artifact_id for i in self.list(tenant_id) if i.key_id != kid]
+        if left or self._unlisted(tenant_id):
+            raise ArtifactIntegrityError(
+                f"not every artifact of tenant {tenant_id!r} is under the new key ({left or 'damaged files'}); "
+                "no key was destroyed", {"artifact_ids": left})
+        return kid, self.keys.retire(tenant_id)
+
+    def _unlisted(self, tenant_id: str) -> list[str]:
+        """Artifact files a listing leaves out (damaged): re-encryption must not destroy keys they need."""
+        folder = self._dir(tenant_id)
+        listed = {i.artifact_id for i in self.list(tenant_id)}
+        return [p.stem for p in folder.glob("art-*.tsa") if p.stem not in listed] if folder.is_dir() else []
+
+    def _reencrypt(self, tenant_id: str, artifact_id: str, data_path: Path, index_path: Path) -> None:
+        with open(data_path, "rb") as src:
+            payload, description = crypto.decrypt_with_description(
+                src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
+        binding = crypto.Binding(tenant_id, description.pop("training_client"), artifact_id)
+        self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
 
 
 def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encrypted) -> ArtifactInfo:
@@ -185,33 +260,31 @@ def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encr
         artifact_id=binding.artifact_id, tenant_id=binding.tenant_id,
         training_client_id=binding.training_client_id, kind=description["kind"], step=description["step"],
         name=description.get("name"), created_at=description["created_at"], size_bytes=encrypted.size,
-        content_hash=encrypted.sha256, key_id=encrypted.key_id)
+        content_hash=encrypted.sha256, key_id=encrypted.key_id, metadata=description.get("metadata") or {})
 
 
-def _reindex(src: BinaryIO, header: dict, tenant_id: str, artifact_id: str, index_path: Path) -> ArtifactInfo:
+def _reindex(src: BinaryIO, header: dict, artifact_id: str, index_path: Path) -> dict:
     """The index entry rebuilt from the artifact file (after a crash, or an interrupted rotation)."""
-    crypto.check_binding(header, crypto.Binding(tenant_id, "", artifact_id))  # not a renamed or moved file
-    description = header.get("description")
-    if not isinstance(description, dict) or not {"kind", "step", "created_at"} <= description.keys():
-        raise ArtifactIntegrityError("artifact header is corrupt: description missing")
     src.seek(0)
     digest, size = hashlib.sha256(), 0
     while chunk := src.read(crypto.CHUNK):
         digest.update(chunk)
         size += len(chunk)
-    binding = crypto.Binding(tenant_id, header["training_client"], artifact_id)
-    info = _describe(binding, description, crypto.Encrypted(size, digest.hexdigest(), header["kid"]))
-    _write_index(index_path, info)
-    return info
+    entry = {"artifact_id": artifact_id, "size_bytes": size, "content_hash": digest.hexdigest(), "key_id": header["kid"]}
+    _atomic_write(index_path, lambda f: f.write(json.dumps(entry).encode()), durable=False)
+    return entry
 
 
 def _write_index(path: Path, info: ArtifactInfo) -> None:
-    """Not fsynced: see the module docstring."""
-    _atomic_write(path, lambda f: f.write(info.model_dump_json().encode()), durable=False)
+    """Ids, size, hash and key id only. Not fsynced: see the module docstring."""
+    entry = {"artifact_id": info.artifact_id, "size_bytes": info.size_bytes, "content_hash": info.content_hash,
+             "key_id": info.key_id}
+    _atomic_write(path, lambda f: f.write(json.dumps(entry).encode()), durable=False)
 
 
-def _read_index(path: Path) -> Optional[ArtifactInfo]:
+def _read_index(path: Path) -> Optional[dict]:
     try:
-        return ArtifactInfo.model_validate_json(path.read_bytes())
+        entry = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("content_hash"), str) else None

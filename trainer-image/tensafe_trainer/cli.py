@@ -34,6 +34,12 @@ def _audit(args) -> int:
     return audit_command(args)
 
 
+def _receipt(args) -> int:
+    from .admin import receipt_command
+
+    return receipt_command(args)
+
+
 def _dev_cluster(args) -> int:
     try:
         from tensafe_operator.devcluster.cli import run
@@ -73,25 +79,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     artifact = sub.add_parser("artifact", help="inspect, decrypt and re-key stored artifacts")
     asub = artifact.add_subparsers(dest="artifact_command", required=True)
-    for name, text in (("list", "list a tenant's artifacts"), ("decrypt", "decrypt an artifact"),
-                       ("export", "write a PEFT adapter folder from an artifact"),
-                       ("rotate", "rotate the tenant key and re-wrap every data key"),
-                       ("shred", "delete the tenant's keys: its artifacts become unreadable")):
+    for name, text in (("list", "list a tenant's artifacts"),
+                       ("decrypt", "decrypt an artifact (an id in --home, or a file of pulled bytes)"),
+                       ("export", "write a PEFT adapter folder from an artifact (id or pulled file)"),
+                       ("rotate", "rotate the tenant key: re-wrap every data key, or --reencrypt and retire"),
+                       ("shred", "delete the tenant's keys, artifacts and audit chain: nothing stays readable")):
         p = asub.add_parser(name, help=text)
         p.add_argument("--home", type=Path, default=None)
-        p.add_argument("--tenant", default="default")
+        p.add_argument("--tenant", default=None if name in ("decrypt", "export") else "default",
+                       help="the tenant (a pulled file names its own)")
         if name in ("decrypt", "export"):
-            p.add_argument("artifact_id")
+            p.add_argument("source", help="an artifact id (art-...) in --home, or a file saved from pull_artifact")
             p.add_argument("--out", type=Path, required=True)
+            p.add_argument("--keys", type=Path, default=None,
+                           help="the tenant's key set: a key-set file, or its key Secret as JSON/YAML "
+                                "(default: the home's keys)")
+        if name == "rotate":
+            p.add_argument("--reencrypt", action="store_true",
+                           help="re-encrypt every artifact under a fresh data key and the new key, then destroy "
+                                "the retired keys (a copy taken before no longer decrypts)")
         if name == "shred":
             p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
     artifact.set_defaults(func=_artifact)
 
     audit = sub.add_parser("audit", help="the audit log")
     ausub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = ausub.add_parser("verify", help="check the hash chain; report the first broken link")
-    verify.add_argument("path", type=Path, nargs="?", default=None, help="default: $TENSAFE_HOME/audit/audit.jsonl")
+    verify = ausub.add_parser("verify", help="check a tenant's keyed chain; report the first broken link")
+    verify.add_argument("path", type=Path, nargs="?", default=None,
+                        help="default: $TENSAFE_HOME/audit/<tenant>.jsonl")
+    verify.add_argument("--tenant", default="default")
+    verify.add_argument("--home", type=Path, default=None)
+    verify.add_argument("--keys", type=Path, default=None, help="the tenant's key set file or key Secret export")
+    verify.add_argument("--expect-head", default=None, metavar="SEQUENCE:RECORD_HASH",
+                        help="a head published earlier (save results, receipts, client status): a log that "
+                             "ends before it was truncated")
     audit.set_defaults(func=_audit)
+
+    receipt = sub.add_parser("receipt", help="privacy receipts")
+    rsub = receipt.add_subparsers(dest="receipt_command", required=True)
+    rverify = rsub.add_parser("verify", help="check a receipt's signature offline and print its claims")
+    rverify.add_argument("file", help="a receipt JSON file, or an exported adapter folder holding one")
+    rverify.add_argument("--public-key", required=True, help="PEM file (ServiceClient.receipt_public_key())")
+    rverify.add_argument("--artifact", type=Path, default=None,
+                         help="also check this file's SHA-256 against the receipt's content_hash "
+                              "(default for a folder: its adapter_model.safetensors)")
+    receipt.set_defaults(func=_receipt)
 
     dev = sub.add_parser("dev-cluster", help="run the test cluster (Kubernetes API emulator + local kubelet + "
                          "operator) in the foreground")

@@ -4,12 +4,14 @@ File layout::
 
     b"TSAF" | version (1 byte) | header length (4 bytes, big-endian) | header (JSON) | ciphertext | tag (16)
 
-The header names the key id, the DEK wrapped under the tenant's KEK (AES-GCM, bound to key id,
-tenant and artifact id), the payload nonce, the tenant, training client and artifact id, and the
-artifact's public description (kind, step, name, creation time), so that the file describes itself. The
-payload's associated data is every header field except the wrapped key and key id, so a swapped or
-edited header fails authentication while key rotation can re-wrap the DEK without touching the
-ciphertext. Encryption streams chunk by chunk (no 2 GiB cap, no second copy of the payload in memory), with
+In clear, the header holds only ids and what decryption needs: the format version, algorithm, tenant,
+artifact id, key id, the DEK wrapped under the tenant's KEK (AES-GCM, bound to key id, tenant and
+artifact id) and the nonces. Everything else about the artifact (training client, kind, step, name,
+creation time, user metadata: its *description*) is sealed under the DEK (AES-GCM, its own nonce), so a
+file, a backup or a listing of the volume names nothing a user chose, and once the tenant's keys are gone
+nothing of it can be read. The payload's associated data is every header field except the wrapped key
+and key id (the sealed description included), so a swapped or edited header fails authentication while
+key rotation can re-wrap the DEK without touching the ciphertext. Encryption streams chunk by chunk (no 2 GiB cap, no second copy of the payload in memory), with
 hashing, writing and syncing on threads of their own.
 """
 
@@ -35,7 +37,7 @@ from tg_tinker.errors import ArtifactIntegrityError
 from .keys import KeyProvider
 
 MAGIC = b"TSAF"
-VERSION = 1
+VERSION = 2  # 1: description in clear (refused: it would leak what v2 seals)
 ALGORITHM = "AES-256-GCM"
 TAG_SIZE = 16
 CHUNK = 1 << 20
@@ -64,6 +66,30 @@ def _payload_aad(header: dict) -> bytes:
 
 def _wrap_aad(kid: str, binding: dict) -> bytes:
     return canonical_json({"kid": kid, "tenant": binding["tenant"], "artifact_id": binding["artifact_id"]})
+
+
+def _seal_aad(header: dict) -> bytes:
+    return canonical_json({"sealed": "description", "tenant": header["tenant"], "artifact_id": header["artifact_id"]})
+
+
+def _seal(dek: bytes, header: dict, description: dict) -> dict:
+    nonce = os.urandom(12)
+    sealed = AESGCM(dek).encrypt(nonce, canonical_json(description), _seal_aad(header))
+    return {"sealed": base64.b64encode(sealed).decode(), "sealed_nonce": base64.b64encode(nonce).decode()}
+
+
+def _unseal(dek: bytes, header: dict) -> dict:
+    try:
+        sealed = base64.b64decode(header["sealed"], validate=True)
+        description = json.loads(AESGCM(dek).decrypt(header_bytes(header, "sealed_nonce", 12), sealed,
+                                                      _seal_aad(header)))
+    except (InvalidTag, TypeError, ValueError):
+        raise ArtifactIntegrityError(f"the description of artifact {header.get('artifact_id')!r} failed "
+                                     "authentication: the header was modified", {"field": "sealed"}) from None
+    if not isinstance(description, dict) or not isinstance(description.get("training_client"), str) \
+            or not {"kind", "step", "created_at"} <= description.keys():
+        raise ArtifactIntegrityError("artifact header is corrupt: description incomplete", {"field": "sealed"})
+    return description
 
 
 def _wrap(kek: bytes, kid: str, dek: bytes, header: dict) -> dict:
@@ -203,13 +229,13 @@ class Encrypted(NamedTuple):
 
 def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: Binding,
                    keys: KeyProvider, description: Optional[dict] = None) -> Encrypted:
-    """Encrypt what ``produce(writer)`` writes into ``out``; ``description`` goes into the header as is
-    (public, and authenticated with the payload)."""
+    """Encrypt what ``produce(writer)`` writes into ``out``; ``description`` (with the training client added)
+    is sealed into the header under the same data key."""
     kid, kek = keys.active_key(binding.tenant_id)
     dek, nonce = AESGCM.generate_key(bit_length=256), os.urandom(12)
     header = {"v": VERSION, "alg": ALGORITHM, "nonce": base64.b64encode(nonce).decode(),
-              "tenant": binding.tenant_id, "training_client": binding.training_client_id,
-              "artifact_id": binding.artifact_id, "description": description or {}}
+              "tenant": binding.tenant_id, "artifact_id": binding.artifact_id}
+    header.update(_seal(dek, header, {**(description or {}), "training_client": binding.training_client_id}))
     header.update(_wrap(kek, kid, dek, header))
     encryptor = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
     encryptor.authenticate_additional_data(_payload_aad(header))
@@ -231,18 +257,21 @@ def read_header(src: BinaryIO) -> tuple[dict, int]:
     if len(prefix) != _PREFIX.size:
         raise ArtifactIntegrityError("artifact is truncated: no complete header")
     magic, version, length = _PREFIX.unpack(prefix)
-    if magic != MAGIC or version != VERSION or length > MAX_HEADER:
-        raise ArtifactIntegrityError("not a TenSafe artifact, or an unsupported format version")
+    if magic != MAGIC or length > MAX_HEADER:
+        raise ArtifactIntegrityError("not a TenSafe artifact (no TSAF header)")
+    if version != VERSION:
+        raise ArtifactIntegrityError(f"unsupported TenSafe artifact format version {version} (this trainer "
+                                     f"reads version {VERSION})", {"version": version})
     try:
         header = json.loads(src.read(length))
     except ValueError:
         raise ArtifactIntegrityError("artifact header is corrupt") from None
     if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
         raise ArtifactIntegrityError("artifact header is corrupt or uses an unknown algorithm")
-    for field in ("kid", "tenant", "training_client", "artifact_id"):
+    for field in ("kid", "tenant", "artifact_id", "sealed"):
         if not isinstance(header.get(field), str):
             raise ArtifactIntegrityError(f"artifact header is corrupt: {field} missing")
-    for field, size in (("nonce", 12), ("wrap_nonce", 12), ("wrapped_dek", 48)):
+    for field, size in (("nonce", 12), ("wrap_nonce", 12), ("wrapped_dek", 48), ("sealed_nonce", 12)):
         header_bytes(header, field, size)  # refuse now, not halfway through decryption
     return header, _PREFIX.size + length
 
@@ -258,22 +287,38 @@ def header_bytes(header: dict, field: str, size: int) -> bytes:
     return value
 
 
-def check_binding(header: dict, binding: Binding) -> None:
+def check_binding(header: dict, binding: Binding, description: Optional[dict] = None) -> None:
+    """The header names the expected tenant and artifact id, and (with the unsealed ``description`` and a
+    client in ``binding``) the expected training client."""
+    found = {"tenant": header.get("tenant"), "artifact_id": header.get("artifact_id")}
     expected = {"tenant": binding.tenant_id, "artifact_id": binding.artifact_id}
-    if binding.training_client_id:
+    if binding.training_client_id and description is not None:
+        found["training_client"] = description.get("training_client")
         expected["training_client"] = binding.training_client_id
     for field, value in expected.items():
-        if header.get(field) != value:
+        if found[field] != value:
             raise ArtifactIntegrityError(
-                f"artifact header says {field}={header.get(field)!r}, expected {value!r}: "
+                f"artifact header says {field}={found[field]!r}, expected {value!r}: "
                 "a renamed, swapped or foreign artifact", {"field": field})
+
+
+def open_header(header: dict, keys: KeyProvider) -> tuple[bytes, dict]:
+    """The artifact's data key and its unsealed description (which names its training client)."""
+    dek = _unwrap(keys.key(header["tenant"], header["kid"]), header)
+    return dek, _unseal(dek, header)
 
 
 def decrypt_from(src: BinaryIO, total_size: int, binding: Binding, keys: KeyProvider) -> bytes:
     """Authenticate and decrypt; returns the plaintext only once the tag has verified."""
+    return decrypt_with_description(src, total_size, binding, keys)[0]
+
+
+def decrypt_with_description(src: BinaryIO, total_size: int, binding: Binding,
+                             keys: KeyProvider) -> tuple[bytes, dict]:
     header, offset = read_header(src)
     check_binding(header, binding)
-    dek = _unwrap(keys.key(binding.tenant_id, header["kid"]), header)
+    dek, description = open_header(header, keys)
+    check_binding(header, binding, description)
     body = total_size - offset - TAG_SIZE
     if body < 0:
         raise ArtifactIntegrityError("artifact is truncated")
@@ -298,7 +343,7 @@ def decrypt_from(src: BinaryIO, total_size: int, binding: Binding, keys: KeyProv
         raise ArtifactIntegrityError(
             f"artifact {binding.artifact_id!r} failed authentication: it was modified or corrupted") from None
     del plaintext[filled:]
-    return bytes(plaintext)
+    return bytes(plaintext), description
 
 
 def rewrap_header(header: dict, keys: KeyProvider) -> bytes:

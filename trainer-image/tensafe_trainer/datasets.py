@@ -38,14 +38,14 @@ def list_datasets(store: ArtifactStore, tenant_id: str) -> list[DatasetInfo]:
     return [_info(a, _count(store, a)) for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND]
 
 
-def _find(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[ArtifactInfo]:
+def find_dataset(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[ArtifactInfo]:
     hits = [a for a in store.list(tenant_id, DATASETS_OWNER) if a.kind == KIND and a.name == dataset_id]
     return hits[0] if hits else None
 
 
 def register(store: ArtifactStore, request: RegisterDataset) -> DatasetInfo:
     dataset_id = check_dataset_id(request.dataset_id or f"ds-{secrets.token_hex(6)}")
-    if _find(store, request.tenant_id, dataset_id) is not None:
+    if find_dataset(store, request.tenant_id, dataset_id) is not None:
         raise ValidationError(f"dataset {dataset_id!r} is already registered for tenant {request.tenant_id!r}; "
                               "delete it first or choose another dataset_id", {"dataset_id": dataset_id})
     payload = json.dumps([e.model_dump(exclude_none=True) for e in request.examples]).encode()
@@ -55,7 +55,7 @@ def register(store: ArtifactStore, request: RegisterDataset) -> DatasetInfo:
 
 
 def describe(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo:
-    found = _find(store, tenant_id, dataset_id)
+    found = find_dataset(store, tenant_id, dataset_id)
     if found is None:
         raise ArtifactNotFoundError(f"no dataset {dataset_id!r} for tenant {tenant_id!r}", {"dataset_id": dataset_id})
     return _info(found, _count(store, found))
@@ -70,7 +70,7 @@ def delete(store: ArtifactStore, tenant_id: str, dataset_id: str) -> DatasetInfo
 
 def load_examples(store: ArtifactStore, tenant_id: str, dataset_id: str) -> Optional[list[dict]]:
     """The decrypted examples of a registered dataset; None if ``dataset_id`` names none (client-supplied data)."""
-    found = _find(store, tenant_id, dataset_id)
+    found = find_dataset(store, tenant_id, dataset_id)
     if found is None:
         return None
     return json.loads(store.get(tenant_id, found.artifact_id, DATASETS_OWNER))

@@ -344,13 +344,34 @@ class TrainingEngine:
     def total_epsilon(self) -> Optional[float]:
         return self.accountant.total_epsilon() if self.accountant is not None else None
 
-    def export_adapter(self, folder: Path) -> list[str]:
-        """Write a PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads."""
+    def privacy_claims(self) -> dict:
+        return self.accountant.claims() if self.accountant is not None else {"dp": False}
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads, built in memory:
+        ``adapter_config.json`` and ``adapter_model.safetensors``, as ``save_pretrained`` writes them."""
+        import json
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save as save_safetensors
+
         if self.config.lora_config is None:
             raise ValidationError("this client does full fine-tuning: there is no adapter to export; "
                                   "use save_state for the full weights", {"field": "lora_config"})
-        self.model.save_pretrained(folder)
-        return sorted(p.name for p in Path(folder).iterdir())
+        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        config = self.model.peft_config["default"].to_dict()
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        config["inference_mode"] = True
+        return {"adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+                "adapter_model.safetensors": save_safetensors(weights, metadata={"format": "pt"})}
+
+    def export_adapter(self, folder: Path) -> list[str]:
+        """Write the adapter folder (``adapter_files``) at ``folder``."""
+        files = self.adapter_files()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        return sorted(files)
 
     # --- checkpoints -------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class Reply:
     produced: list[str] = field(default_factory=list)
     consumed: list[str] = field(default_factory=list)
     dp_metrics: Optional[dict] = None
+    receipt_claims: Optional[dict] = None
     withdrawn: bool = False
 
     @property
@@ -195,7 +196,8 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
             continue
         dp = getattr(outcome.result, "dp_metrics", None)
         answer(seq, result=outcome.result.model_dump(mode="json"), produced=outcome.produced,
-               consumed=outcome.consumed, dp_metrics=dp.model_dump(mode="json") if dp is not None else None)
+               consumed=outcome.consumed, dp_metrics=dp.model_dump(mode="json") if dp is not None else None,
+               receipt_claims=outcome.receipt_claims)
 
 
 def _wire(exc: BaseException, operation: str = "start-up") -> dict:

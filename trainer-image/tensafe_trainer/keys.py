@@ -1,15 +1,24 @@
 """Key-encryption keys (KEKs), one set per tenant, behind a small provider interface.
 
-A tenant's key set is ``{"active": kid, "keys": {kid: base64 32-byte key}, "audit": base64 32-byte key}``.
-Rotation adds a new key and makes it active; old keys stay so existing artifacts can be re-wrapped.
-``audit`` keys the audit log's request hashes (HMAC-SHA256), so a guessed training record cannot be
-confirmed from the log; rotation keeps it. Deleting a tenant's keys (crypto-shredding) makes every
+A tenant's key set is ``{"active": kid, "keys": {kid: base64 32-byte KEK}, "audit": base64 32 bytes,
+"receipt": base64 32-byte Ed25519 seed}``.
+
+- ``keys``: rotation adds a KEK and makes it active. Plain rotation keeps the old ones (artifacts are
+  re-wrapped, and a copy taken before still opens); ``retire`` deletes every KEK but the active one,
+  after ``ArtifactStore.rotate(reencrypt=True)`` has moved every artifact to a fresh data key.
+- ``audit``: keys the audit log's request hashes (HMAC-SHA256, so a guessed training record cannot be
+  confirmed from the log) and, through a derived key, the MAC of every audit record (audit.py).
+- ``receipt``: the tenant's Ed25519 key that signs privacy receipts (tg_tinker.receipts).
+
+Rotation keeps ``audit`` and ``receipt``. Deleting a tenant's key set (crypto-shredding) makes every
 artifact of that tenant unreadable and its request hashes unlinkable.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -20,11 +29,12 @@ from pathlib import Path
 
 from tg_tinker.errors import ArtifactIntegrityError, ValidationError
 
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SECRET_FIELDS = ("audit", "receipt")  # 32 random bytes each, besides the KEKs
 
 
 def check_tenant(tenant_id: str) -> str:
-    if not TENANT_PATTERN.match(tenant_id) or tenant_id in (".", ".."):
+    if not isinstance(tenant_id, str) or not TENANT_PATTERN.fullmatch(tenant_id) or tenant_id in (".", ".."):
         raise ValidationError(f"invalid tenant id {tenant_id!r}", {"field": "tenant_id"})
     return tenant_id
 
@@ -60,16 +70,36 @@ class KeyProvider(ABC):
                 "deleted): the artifact cannot be decrypted", {"tenant_id": tenant_id, "key_id": kid})
         return base64.b64decode(keyset["keys"][kid])
 
-    def audit_key(self, tenant_id: str) -> bytes:
-        """The tenant's request-hash key; added to its key set on first use (a read-only key set that lacks
-        one, an old mounted Secret, fails loudly rather than hash without a key)."""
+    def complete(self, tenant_id: str) -> dict:
+        """The tenant's key set, created or completed (an older one lacking a field) on first use. A read-only
+        key set that lacks a field (an old mounted Secret) fails loudly rather than hash or sign without a key."""
         with self._lock:
             keyset = self._load(check_tenant(tenant_id))
-            if keyset is None or "audit" not in keyset:
-                keyset = self._new_keyset(tenant_id, None) if keyset is None else {
-                    **keyset, "audit": base64.b64encode(secrets.token_bytes(32)).decode()}
+            if keyset is None or any(name not in keyset for name in SECRET_FIELDS):
+                keyset = self._new_keyset(tenant_id, None) if keyset is None else _with_secrets(keyset)
                 self._store(tenant_id, keyset)
-        return base64.b64decode(keyset["audit"])
+        return keyset
+
+    def audit_key(self, tenant_id: str) -> bytes:
+        """The tenant's request-hash key."""
+        return base64.b64decode(self.complete(tenant_id)["audit"])
+
+    def chain_key(self, tenant_id: str) -> bytes:
+        """The key of the audit chain's record MACs: derived from the audit key, so the request hashes and
+        the chain never share a key."""
+        return chain_key_of(self.complete(tenant_id))
+
+    def sealing_key(self, tenant_id: str) -> bytes:
+        """The key of a TrainingOperation's sealed parameters (tg_tinker.sealing)."""
+        from tg_tinker.sealing import sealing_key
+
+        return sealing_key(self.complete(tenant_id))
+
+    def receipt_key(self, tenant_id: str):
+        """The tenant's receipt-signing key (an ``Ed25519PrivateKey``)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(base64.b64decode(self.complete(tenant_id)["receipt"]))
 
     def rotate(self, tenant_id: str) -> str:
         """Add a new active key; returns its id."""
@@ -78,13 +108,73 @@ class KeyProvider(ABC):
             self._store(tenant_id, keyset)
         return keyset["active"]
 
+    def retire(self, tenant_id: str) -> list[str]:
+        """Delete every KEK but the active one; returns the ids deleted. Only after every artifact was
+        re-encrypted under the active key: what the retired keys wrapped can never be opened again."""
+        with self._lock:
+            keyset = self._load(check_tenant(tenant_id))
+            if keyset is None:
+                return []
+            retired = [kid for kid in keyset["keys"] if kid != keyset["active"]]
+            if retired:
+                self._store(tenant_id, {**keyset, "keys": {keyset["active"]: keyset["keys"][keyset["active"]]}})
+        return retired
+
     @staticmethod
     def _new_keyset(tenant_id: str, old: dict | None) -> dict:
         keys = dict(old["keys"]) if old else {}
         kid = f"{tenant_id}/kek-{len(keys) + 1}-{secrets.token_hex(4)}"
         keys[kid] = base64.b64encode(secrets.token_bytes(32)).decode()
-        audit = old["audit"] if old and "audit" in old else base64.b64encode(secrets.token_bytes(32)).decode()
-        return {"active": kid, "keys": keys, "audit": audit}
+        return _with_secrets({**(old or {}), "active": kid, "keys": keys})
+
+
+def _with_secrets(keyset: dict) -> dict:
+    """``keyset`` with any missing secret field added (never replacing one)."""
+    return {**{name: base64.b64encode(secrets.token_bytes(32)).decode() for name in SECRET_FIELDS}, **keyset}
+
+
+def chain_key_of(keyset: dict) -> bytes:
+    return hmac.new(base64.b64decode(keyset["audit"]), b"tensafe/audit-chain/v1", hashlib.sha256).digest()
+
+
+def load_keyset_file(path: Path, tenant_id: str | None = None) -> tuple[str, dict]:
+    """A key set given on the command line: a key-set file (``<tenant>.json`` as in a keys folder), or a
+    Kubernetes Secret exported as JSON or YAML (``kubectl get secret NAME -o yaml``), whose
+    ``data["<tenant>.json"]`` is the key set. Returns (tenant, key set)."""
+    text = Path(path).read_text()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        import yaml
+
+        doc = yaml.safe_load(text)
+    if isinstance(doc, dict) and doc.get("kind") == "Secret":
+        entries = {k[:-5]: v for k, v in (doc.get("data") or {}).items() if k.endswith(".json")}
+        if tenant_id is None and len(entries) == 1:
+            tenant_id = next(iter(entries))
+        if tenant_id not in entries:
+            raise ValidationError(f"Secret {path} holds no key set for tenant {tenant_id!r} (it has "
+                                  f"{sorted(entries)}); name one with --tenant", {"field": "tenant"})
+        doc = json.loads(base64.b64decode(entries[tenant_id]))
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
+        raise ValidationError(f"{path} is not a TenSafe key set or a Secret holding one", {"field": "keys"})
+    return tenant_id or Path(path).stem, doc
+
+
+class StaticKeyProvider(KeyProvider):
+    """One tenant's key set given as a document (a key-set file or Secret export), read-only."""
+
+    def __init__(self, tenant_id: str, keyset: dict):
+        self.tenant_id, self.keyset = check_tenant(tenant_id), keyset
+
+    def _load(self, tenant_id: str) -> dict | None:
+        return self.keyset if tenant_id == self.tenant_id else None
+
+    def _store(self, tenant_id: str, keyset: dict) -> None:
+        raise ValidationError("this key set was given on the command line and is read-only")
+
+    def shred(self, tenant_id: str) -> None:
+        raise ValidationError("this key set was given on the command line and is read-only")
 
 
 class LocalKeyProvider(KeyProvider):

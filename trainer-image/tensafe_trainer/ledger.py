@@ -25,7 +25,7 @@ from typing import Callable
 from tg_tinker.config import DPConfig
 from tg_tinker.errors import ValidationError
 
-from .artifacts import fsync_dir
+from .artifacts import fsync_dir, private_dir
 from .keys import check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
@@ -69,7 +69,8 @@ class PrivacyLedger:
         self.dataset_id = dataset_id
         name = TENANT_LEDGER if dataset_id is None else check_dataset_id(dataset_id)
         folder = Path(root) / self.tenant_id
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(folder.parent)
+        private_dir(folder)
         self.path = folder / f"{name}.jsonl"
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tg_tinker.config import TrainingConfig
 from tg_tinker.errors import ValidationError
+from tg_tinker.sealing import unseal
 from tg_tinker.types import (
     ComputeLogprobsRequest,
     EncryptionInfo,
@@ -31,7 +32,7 @@ from tg_tinker.types import (
 
 from .artifacts import ArtifactStore
 from .crypto import ALGORITHM
-from .datasets import load_examples
+from .datasets import find_dataset, load_examples
 from .engine import TrainingEngine, deserialize_state, write_state
 from .ledger import open_ledger
 from .sampling import Sampler
@@ -44,6 +45,7 @@ class Outcome:
     result: WireModel
     produced: list[str] = field(default_factory=list)
     consumed: list[str] = field(default_factory=list)
+    receipt_claims: Optional[dict] = None  # signed by the session once the operation's audit entry is written
 
 
 @dataclass
@@ -111,33 +113,53 @@ class Runtime:
         if isinstance(request, ComputeLogprobsRequest):
             return Outcome(self.sampler.compute_logprobs(request.tokens))
         if isinstance(request, ExportAdapterRequest):
-            return Outcome(self._export())
+            return self._export()
         raise ValidationError(f"unknown operation {kind!r}")
 
     def _save(self, req: SaveStateRequest) -> Outcome:
+        if req.sealed is not None:
+            opened = unseal(self.store.keys.sealing_key(self.tenant_id), self.client_id, req.sealed)
+            req = SaveStateRequest(include_optimizer=req.include_optimizer, kind=req.kind,
+                                   metadata=opened.get("metadata") or {}, name=opened.get("name"))
         include_optimizer = req.include_optimizer and req.kind == "checkpoint"
         state = self.engine.state_dict(include_optimizer=include_optimizer)
         state["metadata"] = req.metadata
         info = self.store.put(lambda out: write_state(state, out), tenant_id=self.tenant_id,
-                              training_client_id=self.client_id, kind=req.kind, step=self.engine.step, name=req.name)
+                              training_client_id=self.client_id, kind=req.kind, step=self.engine.step, name=req.name,
+                              metadata=req.metadata)
         if req.kind == "checkpoint":
             self.last_checkpoint = info.artifact_id
+        # Name and metadata are the caller's own: not echoed, so no result, status or log holds them in clear.
         result = SaveStateResult(
             artifact_id=info.artifact_id, size_bytes=info.size_bytes, content_hash=info.content_hash,
             encryption=EncryptionInfo(algorithm=ALGORITHM, key_id=info.key_id, tenant_id=self.tenant_id),
-            step=info.step, metadata=req.metadata, kind=req.kind, name=req.name,
+            step=info.step, kind=req.kind,
         )
-        return Outcome(result, produced=[info.artifact_id])
+        claims = self._claims(req.kind, info.content_hash, artifact_id=info.artifact_id)
+        return Outcome(result, produced=[info.artifact_id], receipt_claims=claims)
 
-    def _export(self) -> ExportAdapterResult:
-        with tempfile.TemporaryDirectory() as tmp:
-            files = self.engine.export_adapter(Path(tmp))
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w") as tar:
-                for name in files:
-                    tar.add(Path(tmp) / name, arcname=name)
-        return ExportAdapterResult(archive_b64=base64.b64encode(buffer.getvalue()).decode(), files=files,
-                                   step=self.engine.step)
+    def _claims(self, kind: str, content_hash: str, artifact_id: Optional[str] = None) -> dict:
+        """What a receipt for these weights states (the session adds the audit head and signs)."""
+        privacy = self.engine.privacy_claims()
+        if privacy.get("dataset_id"):
+            dataset = find_dataset(self.store, self.tenant_id, privacy["dataset_id"])
+            privacy["dataset_hash"] = dataset.content_hash if dataset is not None else None
+        return {"artifact_id": artifact_id, "artifact_kind": kind, "content_hash": content_hash,
+                "tenant": self.tenant_id, "training_client": self.client_id, "step": self.engine.step, **privacy}
+
+    def _export(self) -> Outcome:
+        """The adapter built in memory (never a plaintext file on the trainer's disk)."""
+        files = self.engine.adapter_files()
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in sorted(files.items()):
+                member = tarfile.TarInfo(name)
+                member.size, member.mode = len(data), 0o600
+                tar.addfile(member, io.BytesIO(data))
+        result = ExportAdapterResult(archive_b64=base64.b64encode(buffer.getvalue()).decode(), files=sorted(files),
+                                     step=self.engine.step)
+        weights_hash = hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
+        return Outcome(result, receipt_claims=self._claims("adapter_export", weights_hash))
 
     def resume(self, artifact_id: str) -> None:
         """Load a checkpoint at start: an id, or 'latest' (this client's newest checkpoint, if it has one)."""

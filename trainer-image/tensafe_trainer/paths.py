@@ -10,7 +10,7 @@ def tensafe_home() -> Path:
     """``$TENSAFE_HOME``, else ``~/.cache/tensafe``: models cache, artifacts, keys, audit log."""
     home = os.environ.get("TENSAFE_HOME")
     path = Path(home) if home else Path.home() / ".cache" / "tensafe"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 

@@ -38,6 +38,13 @@ PUBLIC_DP_FIELDS = ("noise_applied", "noise_multiplier", "epsilon_spent", "total
                     "sample_rate", "sampling", "epsilon_q1", "expected_batch_size", "accountant_type")
 
 
+ADJACENCY = "add/remove one example"
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
 def public_dp_metrics(metrics: Optional[dict]) -> Optional[dict]:
     return None if metrics is None else {k: metrics[k] for k in PUBLIC_DP_FIELDS if k in metrics}
 
@@ -148,6 +155,16 @@ class PrivacyAccountant:
     def epsilon_q1(self) -> float:
         """The same steps without amplification by subsampling (q = 1): what holds if the sampling claim does not."""
         return self._epsilon_of(tuple((s, 1.0, n) for s, _, n in self.ledger.history()))
+
+    def claims(self) -> dict:
+        """The public privacy claim of weights trained so far (what a receipt states)."""
+        total = self.total_epsilon()
+        return {"dp": True, "dataset_id": self.cfg.dataset_id, "total_epsilon": total if math.isfinite(total) else None,
+                "delta": self.cfg.target_delta, "epsilon_q1": _finite(self.epsilon_q1()),
+                "accountant": self.cfg.accountant_type, "sampling": self.plan.mode,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
+                "sample_rate": self.sample_rate, "expected_batch_size": self.plan.expected_batch_size,
+                "adjacency": ADJACENCY, "steps": sum(n for _, _, n in self.ledger.history())}
 
     def spend_step(self) -> tuple[float, float]:
         """Check and record one step in the ledger, atomically; raises (recording nothing) past the budget.

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tg_tinker.errors import (
     AuthenticationError,
     OperationLostError,
+    PermissionDeniedError,
     TGTinkerError,
     TrainingClientNotFoundError,
     ValidationError,
@@ -32,11 +33,13 @@ from tg_tinker.errors import (
 from tg_tinker.types import (
     ArtifactInfo,
     AuditEntry,
+    AuditHead,
     ClientInfo,
     ClientStatus,
     CreateSamplingClient,
     CreateTrainingClient,
     DatasetInfo,
+    LoadStateRequest,
     MAX_WAIT_S,
     OperationRecord,
     RegisterDataset,
@@ -48,7 +51,9 @@ from tg_tinker.types import (
 
 from . import datasets, metrics
 from .artifacts import ArtifactStore
-from .audit import AuditLog, request_hash
+from tg_tinker.receipts import public_key_pem, sign_receipt
+
+from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
 from .keys import LocalKeyProvider
 from .paths import keys_dir
@@ -71,18 +76,18 @@ class Settings:
 class State:
     settings: Settings
     store: ArtifactStore
-    audit_log: AuditLog
+    audit_trail: AuditTrail
     audit: AuditWriter
     loop: asyncio.AbstractEventLoop
     sessions: dict[str, Session] = field(default_factory=dict)
     operations: OperationIndex = field(default_factory=OperationIndex)
     busy_engines: Any = field(default_factory=busy_counter)
-    client_tokens: dict[bytes, str] = field(default_factory=dict)  # sha256(token) -> client id
+    client_tokens: dict[bytes, "Principal"] = field(default_factory=dict)  # sha256(token) -> its client
 
-    def issue_token(self, client_id: str) -> str:
+    def issue_token(self, session: Session) -> str:
         """A bearer token for this one client: its operations, its artifacts, its audit entries."""
         token = secrets.token_urlsafe(32)
-        self.client_tokens[_digest(token)] = client_id
+        self.client_tokens[_digest(token)] = Principal(session.client_id, session.tenant_id)
         return token
 
     def session(self, client_id: str) -> Session:
@@ -96,9 +101,10 @@ class State:
         existing = self.sessions.get(client_id)
         if existing is not None and existing.status not in (ClientStatus.TERMINATED, ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
+        keys = self.store.keys
         session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
-                          max_pending=self.settings.max_pending, hash_key=self.store.keys.audit_key(tenant_id),
-                          config=config)
+                          max_pending=self.settings.max_pending, hash_key=keys.audit_key(tenant_id),
+                          sign=lambda claims: sign_receipt(claims, keys.receipt_key(tenant_id)), config=config)
         self.sessions[client_id] = session
         metrics.CLIENTS.labels(kind).inc()
         return session
@@ -122,11 +128,26 @@ class Principal:
     """Who a request is from: the trainer's own token (``client_id`` None: everything) or one client's."""
 
     client_id: Optional[str]
+    tenant_id: Optional[str] = None
 
     def check(self, client_id: Optional[str]) -> None:
         if self.client_id is not None and client_id != self.client_id:
-            raise AuthenticationError(f"this token belongs to training client {self.client_id!r}; it cannot use "
-                                      f"{client_id or 'other clients'!r}")
+            raise PermissionDeniedError(f"this token belongs to training client {self.client_id!r}; it cannot use "
+                                        f"{client_id or 'other clients'!r}")
+
+    def check_tenant(self, tenant_id: str) -> None:
+        if self.tenant_id is not None and tenant_id != self.tenant_id:
+            raise PermissionDeniedError(f"this token belongs to a client of tenant {self.tenant_id!r}; it cannot "
+                                        f"reach tenant {tenant_id!r}", {"tenant_id": tenant_id})
+
+    def check_artifact(self, info: ArtifactInfo) -> None:
+        """A client's token reaches its own client's artifacts only (the trainer's token reaches every one)."""
+        self.check_tenant(info.tenant_id)
+        if self.client_id is not None and info.training_client_id != self.client_id:
+            raise PermissionDeniedError(
+                f"artifact {info.artifact_id} belongs to another training client: the token of client "
+                f"{self.client_id!r} opens its own artifacts only; use the trainer's own token to load, sample "
+                "or download another client's artifact", {"artifact_id": info.artifact_id})
 
     def visible(self, training_client_id: Optional[str]) -> Optional[str]:
         """The client filter of a listing: a client's token sees its own client only, whatever it asked."""
@@ -159,11 +180,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         home = settings.home
         keys = LocalKeyProvider(keys_dir(home))
-        audit_log = AuditLog(home / "audit" / "audit.jsonl")
+        trail = AuditTrail(home / "audit", keys)
         store = ArtifactStore(home / "artifacts", keys)
         for path in store.remove_partial_writes():
             logging.getLogger("tensafe.trainer").warning("removed %s, left by an interrupted write", path.name)
-        state = State(settings, store, audit_log, AuditWriter(audit_log), asyncio.get_running_loop())
+        state = State(settings, store, trail, AuditWriter(trail), asyncio.get_running_loop())
         app.state.tensafe = state
         if settings.initial_client is not None:
             state.start_training(settings.initial_client)
@@ -186,9 +207,9 @@ def create_app(settings: Settings) -> FastAPI:
             if hmac.compare_digest(presented.encode(), settings.token.encode()):
                 return Principal(None)
             # A lookup by SHA-256: what leaks through timing is about the hash, not the token.
-            client_id = request.app.state.tensafe.client_tokens.get(_digest(presented))
-            if client_id is not None:
-                return Principal(client_id)
+            principal = request.app.state.tensafe.client_tokens.get(_digest(presented))
+            if principal is not None:
+                return principal
         raise AuthenticationError("missing or wrong bearer token for this trainer")
 
     def admin(principal: Principal = Depends(authenticate)) -> Principal:
@@ -230,7 +251,7 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     def with_token(state: State, session: Session) -> ClientInfo:
-        return session.info().model_copy(update={"access_token": state.issue_token(session.client_id)})
+        return session.info().model_copy(update={"access_token": state.issue_token(session)})
 
     @app.post("/v1/training_clients", response_model=ClientInfo, status_code=201, dependencies=[Depends(admin)],
               response_model_exclude_none=True)
@@ -243,9 +264,11 @@ def create_app(settings: Settings) -> FastAPI:
         if body.training_client_id:
             principal.check(body.training_client_id)
             return state.session(body.training_client_id).info()
-        admin(principal)
-        if body.artifact_id:
-            await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id)  # 404 now, not later
+        principal.check_tenant(body.tenant_id)
+        if body.artifact_id:  # a client's token may sample its own client's artifacts
+            principal.check_artifact(await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id))
+        else:
+            admin(principal)
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
                 "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
@@ -272,7 +295,10 @@ def create_app(settings: Settings) -> FastAPI:
         info = session.info()
         return info.model_copy(update={"status": ClientStatus.TERMINATED})
 
-    def queue_operation(state: State, session: Session, submission: SubmitOperation) -> tuple[Operation, bool]:
+    def queue_operation(state: State, session: Session, submission: SubmitOperation,
+                        principal: Principal) -> tuple[Operation, bool]:
+        if isinstance(submission.request, LoadStateRequest):  # checked at the door: the engine loads what it is given
+            principal.check_artifact(state.store.info(session.tenant_id, submission.request.artifact_id))
         op, created = session.submit(submission.request, submission.idempotency_key)
         if created:
             state.operations.add(op, session)
@@ -282,7 +308,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def submit_operation(client_id: str, body: SubmitOperation, state: State = Depends(get_state),
                                principal: Principal = Depends(authenticate)):
         principal.check(client_id)
-        op, created = queue_operation(state, state.session(client_id), body)
+        op, created = queue_operation(state, state.session(client_id), body, principal)
         return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
 
     @app.post("/v1/clients/{client_id}/operations/batch", response_model=SubmittedOperations)
@@ -294,7 +320,7 @@ def create_app(settings: Settings) -> FastAPI:
         records, error = [], None
         for submission in body.submissions:
             try:
-                op, _ = queue_operation(state, session, submission)
+                op, _ = queue_operation(state, session, submission, principal)
             except TGTinkerError as exc:
                 error = exc.to_wire()
                 break
@@ -348,13 +374,15 @@ def create_app(settings: Settings) -> FastAPI:
         return {"cancelled": cancelled, "record": op.record().model_dump(mode="json")}
 
     def own_artifact(state: State, principal: Principal, tenant_id: str, artifact_id: str) -> ArtifactInfo:
+        principal.check_tenant(tenant_id)
         info = state.store.info(tenant_id, artifact_id)
-        principal.check(info.training_client_id)
+        principal.check_artifact(info)
         return info
 
     @app.get("/v1/artifacts", response_model=list[ArtifactInfo])
     def list_artifacts(tenant_id: str = "default", training_client_id: Optional[str] = None,
                        state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        principal.check_tenant(tenant_id)
         return state.store.list(tenant_id, principal.visible(training_client_id))
 
     @app.get("/v1/artifacts/{artifact_id}", response_model=ArtifactInfo)
@@ -398,13 +426,33 @@ def create_app(settings: Settings) -> FastAPI:
         audit_dataset(state, "delete_dataset", info)
         return info
 
+    def tenant_of(principal: Principal, tenant_id: Optional[str]) -> str:
+        tenant = tenant_id or principal.tenant_id or "default"
+        principal.check_tenant(tenant)
+        return tenant
+
     @app.get("/v1/audit", response_model=list[AuditEntry])
     def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,
-                      limit: int = Query(100, ge=1, le=10_000), state: State = Depends(get_state),
-                      principal: Principal = Depends(authenticate)):
-        visible = principal.visible(training_client_id)
+                      tenant_id: Optional[str] = None, limit: int = Query(100, ge=1, le=10_000),
+                      state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        tenant, visible = tenant_of(principal, tenant_id), principal.visible(training_client_id)
         state.audit.flush()
-        return state.audit_log.query(training_client_id=visible, operation=operation, limit=limit)
+        return state.audit_trail.query(tenant, training_client_id=visible, operation=operation, limit=limit)
+
+    @app.get("/v1/audit/head", response_model=AuditHead)
+    def audit_head(tenant_id: Optional[str] = None, state: State = Depends(get_state),
+                   principal: Principal = Depends(authenticate)):
+        """The tenant's chain head now: keep it, and ``tensafe audit verify --expect-head`` catches a truncation."""
+        tenant = tenant_of(principal, tenant_id)
+        state.audit.flush()
+        return state.audit_trail.head(tenant)
+
+    @app.get("/v1/receipts/public_key")
+    def receipt_public_key(tenant_id: Optional[str] = None, state: State = Depends(get_state),
+                           principal: Principal = Depends(authenticate)):
+        """The PEM public key that verifies this tenant's privacy receipts."""
+        tenant = tenant_of(principal, tenant_id)
+        return {"tenant_id": tenant, "public_key": public_key_pem(state.store.keys.receipt_key(tenant))}
 
     return app
 

@@ -20,6 +20,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from tg_tinker.errors import (
+    AuditIntegrityError,
     OperationCancelledError,
     ResourceExhaustedError,
     TGTinkerError,
@@ -36,7 +37,7 @@ from .privacy import public_dp_metrics
 
 log = logging.getLogger("tensafe.trainer")
 
-DURABLE_OPERATIONS = {"save_state", "load_state"}
+Signer = Callable[[dict], dict]  # receipt claims -> signed receipt (tg_tinker.receipts)
 
 
 class Operation:
@@ -119,9 +120,11 @@ def fingerprint(key: bytes, request: Any) -> str:
 class Session:
     def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineProcess],
                  audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, hash_key: bytes,
-                 config=None):
+                 sign: Optional[Signer] = None, config=None):
         self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
         self._hash_key = hash_key
+        self._sign = sign
+        self.audit_head: Optional[dict] = None  # the head of the tenant's chain after this client's last entry
         # A DP client's token counts are statistics of private batches: kept out of the metrics.
         self._private = config is not None and config.dp_enabled
         self._start_engine = start_engine
@@ -203,7 +206,7 @@ class Session:
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
             step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),
             last_checkpoint=summary.get("last_checkpoint"), error=self.error, error_type=self.error_type,
-            queue_depth=queued,
+            queue_depth=queued, audit_head=self.audit_head,
         )
 
     @property
@@ -234,9 +237,14 @@ class Session:
             return
         resumed = self.engine.summary.get("resumed_from")
         if resumed:
-            self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,
-                               tenant_id=self.tenant_id, request_hash=request_hash(self._hash_key, resumed.encode()),
-                               success=True, consumed=[resumed])
+            try:
+                self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,
+                                   tenant_id=self.tenant_id, success=True, consumed=[resumed],
+                                   request_hash=request_hash(self._hash_key, resumed.encode()))
+            except AuditIntegrityError as exc:
+                self.engine.close()
+                self._enter_error(exc, f"client {self.client_id} could not audit its resume")
+                return
         with self._cond:
             if self.status is ClientStatus.INITIALIZING:
                 self.status = ClientStatus.READY
@@ -316,13 +324,8 @@ class Session:
         return running
 
     def _record(self, op: Operation, reply: Optional[Any], error: Optional[dict]) -> None:
-        """Audit, count and finish an operation the engine ran (``reply`` None: the engine died running it)."""
-        self._audit.submit(
-            durable=op.type in DURABLE_OPERATIONS, operation=op.type, training_client_id=self.client_id,
-            tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
-            produced=reply.produced if reply else [], consumed=reply.consumed if reply else [],
-            dp_metrics=public_dp_metrics(reply.dp_metrics) if reply else None, error=self._loggable(error),
-        )
+        """Audit, count and finish an operation the engine ran (``reply`` None: the engine died running it).
+        Its outcome is published once its audit entry is on disk, and is a failure if that write fails."""
         status = OperationStatus.FAILED if error else OperationStatus.SUCCEEDED
         finished_at = reply.finished_at if reply else time.time()
         if self._private:  # outcome, duration and token count depend on the private batch
@@ -330,10 +333,36 @@ class Session:
         else:
             tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
             metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
-        if error:
-            op.finish(status, error=ErrorInfo(**error), finished_at=finished_at)
-        else:
-            op.finish(status, result=reply.result, finished_at=finished_at)
+
+        def written(entry, audit_error) -> None:
+            if audit_error is not None:
+                op.finish(OperationStatus.FAILED, error=ErrorInfo(**audit_error.to_wire()), finished_at=finished_at)
+                return
+            self.audit_head = {"tenant_id": self.tenant_id, "sequence": entry.sequence,
+                               "record_hash": entry.record_hash}
+            if error:
+                op.finish(status, error=ErrorInfo(**error), finished_at=finished_at)
+                return
+            result = reply.result
+            if reply.receipt_claims is not None and self._sign is not None:
+                try:
+                    receipt = self._sign({**reply.receipt_claims, "audit_head": self.audit_head,
+                                          "issued_at": time.time()})
+                except Exception as exc:  # noqa: BLE001 - never a result without its receipt, never a hang
+                    log.error("could not sign the receipt of %s: %s", op.id, exc)
+                    failed = TrainingClientError(f"the {op.type} completed but its receipt could not be signed "
+                                                 f"({type(exc).__name__})")
+                    op.finish(OperationStatus.FAILED, error=ErrorInfo(**failed.to_wire()), finished_at=finished_at)
+                    return
+                result = {**result, "audit_head": self.audit_head, "receipt": receipt}
+            op.finish(status, result=result, finished_at=finished_at)
+
+        self._audit.submit(
+            on_written=written, operation=op.type, training_client_id=self.client_id,
+            tenant_id=self.tenant_id, request_hash=op.fingerprint, success=error is None,
+            produced=reply.produced if reply else [], consumed=reply.consumed if reply else [],
+            dp_metrics=public_dp_metrics(reply.dp_metrics) if reply else None, error=self._loggable(error),
+        )
 
     def _loggable(self, error: Optional[dict]) -> Optional[str]:
         """What the audit log may say of a failure: a DP client's messages can quote its batch (a length, a token
