@@ -286,7 +286,8 @@ class Session:
 
     def _mark_running(self, op: Operation, since: Optional[float] = None) -> None:
         op.status, op.started_at = OperationStatus.RUNNING, since or time.time()
-        self.status = ClientStatus.BUSY
+        if self.status is not ClientStatus.ERROR:
+            self.status = ClientStatus.BUSY
         metrics.QUEUE_DEPTH.dec()
 
     def _finish_oldest(self) -> bool:
@@ -335,8 +336,9 @@ class Session:
             metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
 
         def written(entry, audit_error) -> None:
-            if audit_error is not None:
+            if audit_error is not None:  # fail closed: this operation, and the client, which ran unaudited
                 op.finish(OperationStatus.FAILED, error=ErrorInfo(**audit_error.to_wire()), finished_at=finished_at)
+                self._enter_error(audit_error, f"client {self.client_id} stopped: its audit log could not be written")
                 return
             self.audit_head = {"tenant_id": self.tenant_id, "sequence": entry.sequence,
                                "record_hash": entry.record_hash}

@@ -1,0 +1,284 @@
+"""Insiders (issue #14), scripted against a real trainer: another client's token, an administrator with write
+access to the volume, a backup that outlives a deletion, and a third party checking a receipt."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import random_batch, tiny_config
+from tg_tinker import (
+    ArtifactIntegrityError,
+    AuditIntegrityError,
+    AuthenticationError,
+    PermissionDeniedError,
+    ReceiptVerificationError,
+    ServiceClient,
+    verify_receipt,
+)
+from tg_tinker.transport import Transport
+
+SECRET_NAME = "hiv-cohort-2024-patients"
+SECRET_NOTE = "ward-7-discharges"
+
+
+def tensafe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensafe_trainer", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("insiders-home")
+
+
+@pytest.fixture(scope="module")
+def svc(home):
+    with ServiceClient(home=home) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def alice(svc):
+    client = svc.create_training_client(tiny_config(), client_id="alice")
+    client.forward_backward(random_batch())
+    client.optim_step().result()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def bob(svc):
+    client = svc.create_training_client(tiny_config(), client_id="bob")
+    yield client
+    client.close()
+
+
+def as_client(svc, client) -> Transport:
+    return Transport(svc.base_url, client.info.access_token)
+
+
+def test_a_clients_token_reaches_its_own_artifacts_only_on_every_path(svc, alice, bob):
+    bobs = bob.save_state()
+    bobs_sampler = bob.save_weights_for_sampler("b")
+    alices = alice.save_state()
+    load_bobs = {"request": {"type": "load_state", "artifact_id": bobs.artifact_id}}
+    with as_client(svc, alice) as token:
+        refusals = {
+            "load_state": lambda: token.request("POST", "/v1/clients/alice/operations", json=load_bobs),
+            "sampling client": lambda: token.request("POST", "/v1/sampling_clients",
+                                                     json={"artifact_id": bobs_sampler}),
+            "pull_artifact": lambda: token.request("GET", f"/v1/artifacts/{bobs.artifact_id}/content", raw=True),
+            "artifact info": lambda: token.request("GET", f"/v1/artifacts/{bobs.artifact_id}"),
+        }
+        for path, call in refusals.items():
+            with pytest.raises(PermissionDeniedError, match="belongs to another training client.*trainer's own token"):
+                call()
+        batch = token.request("POST", "/v1/clients/alice/operations/batch", json={"submissions": [load_bobs]})
+        assert batch["records"] == [] and batch["error"]["type"] == "PermissionDeniedError"
+        with pytest.raises(PermissionDeniedError, match="tenant 'default'"):
+            token.request("GET", "/v1/artifacts", params={"tenant_id": "globex"})
+        with pytest.raises(PermissionDeniedError, match="tenant 'default'"):
+            token.request("GET", "/v1/audit", params={"tenant_id": "globex"})
+        with pytest.raises(AuthenticationError, match="trainer's own token"):  # resume_from: creating needs it
+            token.request("POST", "/v1/training_clients", json={
+                "config": tiny_config().model_dump(mode="json"), "resume_from": bobs.artifact_id})
+        assert [a["artifact_id"] for a in token.request("GET", "/v1/artifacts")] == [alices.artifact_id]
+        # Its own artifacts: a sampler from its own checkpoint, and a load.
+        own = token.request("POST", "/v1/sampling_clients", json={"artifact_id": alices.artifact_id})
+        assert own["client_id"].startswith("sc-") and own["access_token"]
+    with pytest.raises(PermissionDeniedError, match="belongs to another training client"):
+        alice.load_state(bobs.artifact_id)  # through the SDK: alice's client uses alice's token
+    assert alice.load_state(alices.artifact_id).status == "loaded"
+    # The trainer's own token may (an administrator's grant), and the audit log records what was consumed.
+    record = svc.transport.request("POST", "/v1/clients/alice/operations", json=load_bobs)
+    svc.transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 30})
+    loads = svc.get_audit_logs(training_client_id="alice", operation="load_state", limit=1)
+    assert loads[0].artifact_ids_consumed == [bobs.artifact_id] and loads[0].success
+
+
+def test_receipts_sign_the_privacy_claim_and_break_on_any_change(svc, alice, home, tmp_path):
+    saved = alice.save_state(metadata={"note": SECRET_NOTE})
+    public_key = svc.receipt_public_key()
+    assert public_key.startswith("-----BEGIN PUBLIC KEY-----")
+    claims = verify_receipt(saved.receipt, public_key)
+    stored = svc.pull_artifact(saved.artifact_id)
+    assert claims["content_hash"] == saved.content_hash == hashlib.sha256(stored).hexdigest()
+    assert (claims["artifact_id"], claims["tenant"], claims["training_client"], claims["step"], claims["dp"]) == (
+        saved.artifact_id, "default", "alice", saved.step, False)
+    assert claims["audit_head"] == saved.audit_head.model_dump() and claims["artifact_kind"] == "checkpoint"
+    assert SECRET_NOTE not in json.dumps(saved.receipt)  # claims, never the user's metadata
+    assert saved.metadata == {"note": SECRET_NOTE}  # the SDK hands the caller back its own metadata
+    for field, value in (("payload", saved.receipt["payload"].replace('"step":', '"step":1')),
+                         ("signature", base64.b64encode(bytes(64)).decode())):
+        with pytest.raises(ReceiptVerificationError, match="does not verify"):
+            verify_receipt({**saved.receipt, field: value}, public_key)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from tg_tinker.receipts import public_key_pem
+
+    with pytest.raises(ReceiptVerificationError, match="not by this public key"):
+        verify_receipt(saved.receipt, public_key_pem(Ed25519PrivateKey.generate()))
+
+    sampler = alice.save_weights_for_sampler("s1")
+    assert verify_receipt(sampler.receipt, public_key)["artifact_kind"] == "sampler"
+
+    folder = alice.export_adapter(tmp_path / "adapter")
+    (tmp_path / "key.pem").write_text(public_key)
+    exported = verify_receipt(folder / "tensafe-receipt.json", tmp_path / "key.pem")
+    assert exported["content_hash"] == hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    ok = tensafe("receipt", "verify", str(folder), "--public-key", str(tmp_path / "key.pem"))
+    assert ok.returncode == 0 and "matches" in ok.stdout and "content_hash" in ok.stdout, ok.stderr
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    swapped = tensafe("receipt", "verify", str(folder), "--public-key", str(tmp_path / "key.pem"))
+    assert swapped.returncode == 1 and "the receipt is for" in swapped.stderr
+
+
+def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, alice, home, tmp_path):
+    checkpoint = alice.save_state()
+    data = svc.pull_artifact(checkpoint.artifact_id)
+    with open(tmp_path / "checkpoint.bin", "wb") as f:  # the training guide's code
+        f.write(data)
+    out = tmp_path / "state.pt"
+    done = tensafe("artifact", "decrypt", str(tmp_path / "checkpoint.bin"), "--out", str(out), "--home", str(home))
+    assert done.returncode == 0, done.stderr
+    state = torch.load(out, weights_only=True)
+    assert state["step"] == checkpoint.step and out.stat().st_mode & 0o777 == 0o600
+    # With only the key set, as a file or as the tenant's key Secret exported from Kubernetes.
+    keyset = (home / "keys" / "default.json").read_text()
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "acme-keys"},
+              "data": {"default.json": base64.b64encode(keyset.encode()).decode(), "token": "eA=="}}
+    (tmp_path / "secret.json").write_text(json.dumps(secret))
+    (tmp_path / "keyset.json").write_text(keyset)
+    for keys in ("keyset.json", "secret.json"):
+        again = tmp_path / f"again-{keys}.pt"
+        done = tensafe("artifact", "decrypt", str(tmp_path / "checkpoint.bin"), "--out", str(again),
+                       "--keys", str(tmp_path / keys), "--home", str(tmp_path / "nowhere"))
+        assert done.returncode == 0 and again.read_bytes() == out.read_bytes(), done.stderr
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 1
+    (tmp_path / "flipped.bin").write_bytes(bytes(flipped))
+    refused = tensafe("artifact", "decrypt", str(tmp_path / "flipped.bin"), "--out", str(tmp_path / "x.pt"),
+                      "--home", str(home))
+    assert refused.returncode == 1 and "ArtifactIntegrityError" in refused.stderr
+    assert not (tmp_path / "x.pt").exists() and not list(tmp_path.glob(".x.pt*"))
+    exported = tensafe("artifact", "export", str(tmp_path / "checkpoint.bin"), "--out", str(tmp_path / "peft"),
+                       "--home", str(home))
+    assert exported.returncode == 0 and (tmp_path / "peft" / "adapter_model.safetensors").exists(), exported.stderr
+
+
+def test_the_audit_chain_fails_closed_and_a_truncated_log_is_caught(svc, alice, bob, home):
+    saved = alice.save_state()
+    log = home / "audit" / "default.jsonl"
+    rows = log.read_text().splitlines()
+    assert log.stat().st_mode & 0o777 == 0o600
+    # The insider drops the tail from the save on: a valid shorter chain, caught with the published head.
+    truncated = "\n".join(rows[:saved.audit_head.sequence]) + "\n"
+    log.write_text(truncated)
+    verdict = tensafe("audit", "verify", "--home", str(home), "--expect-head", saved.audit_head.text)
+    assert verdict.returncode == 1 and "truncated" in verdict.stdout
+    # ... and the trainer refuses to extend the truncated chain: the operation fails, and so does the client
+    # (it ran an operation that is not on record); the server serves on.
+    failed = alice.forward_backward(random_batch())
+    with pytest.raises(AuditIntegrityError, match="truncated or replaced"):
+        failed.result(timeout=60)
+    assert httpx.get(f"{svc.base_url}/healthz").json() == {"status": "ok"}
+    assert alice.refresh().status.value == "ERROR" and "truncated or replaced" in alice.info.error
+    log.write_text("\n".join(rows) + "\n")  # the administrator restores the log
+    bob.forward_backward(random_batch()).result(timeout=60)  # the chain verifies again: other clients go on
+    intact = tensafe("audit", "verify", "--home", str(home), "--expect-head", saved.audit_head.text)
+    assert intact.returncode == 0 and "published head" in intact.stdout, intact.stdout
+    head = svc.audit_head()
+    assert head.sequence > saved.audit_head.sequence and bob.refresh().info.audit_head.sequence == head.sequence
+
+
+def test_exports_are_built_in_memory(monkeypatch, tmp_path):
+    """No plaintext adapter file on the trainer's disk: the export never touches a temporary folder."""
+    import tempfile
+
+    from engine_helpers import make_engine
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.keys import LocalKeyProvider
+    from tensafe_trainer.operations import Runtime
+
+    runtime = Runtime("tc-1", "default", "training", make_engine(),
+                      ArtifactStore(tmp_path / "a", LocalKeyProvider(tmp_path / "k")))
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("export touched a temporary folder")
+
+    for name in ("mkdtemp", "mkstemp", "TemporaryDirectory", "NamedTemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+    outcome = runtime._export()
+    assert outcome.result.files == ["adapter_config.json", "adapter_model.safetensors"]
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(outcome.result.archive_b64))) as tar:
+        names = tar.getnames()
+    assert names == outcome.result.files and outcome.receipt_claims["artifact_kind"] == "adapter_export"
+
+
+def test_shredding_leaves_nothing_readable_in_the_home(tmp_path):
+    """A save with a telling name and metadata; an insider keeps a copy; the tenant is shredded. Nothing
+    anywhere in the home names the data, before or after, and the copy no longer opens."""
+    home = tmp_path / "home"
+    with ServiceClient(home=home) as service:
+        tc = service.create_training_client(tiny_config(), client_id="cohort")
+        tc.forward_backward(random_batch())
+        tc.optim_step().result()
+        saved = tc.save_state(metadata={"note": SECRET_NOTE, "cohort": SECRET_NAME})
+        sampler = tc.save_weights_for_sampler(SECRET_NAME)
+        [listed] = [a for a in service.list_artifacts() if a.artifact_id == sampler]
+        assert listed.name == SECRET_NAME  # the owner still sees its names
+        record = service.transport.request("POST", f"/v1/clients/{tc.id}/operations", json={
+            "request": {"type": "save_state", "name": SECRET_NAME, "metadata": {"note": SECRET_NOTE}}})
+        done = service.transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 30})
+        assert done["status"] == "succeeded" and SECRET_NAME not in json.dumps(done) and SECRET_NOTE not in json.dumps(done)
+        copy = service.pull_artifact(saved.artifact_id)
+        tc.close()
+
+    def readable() -> list[str]:
+        return [str(p) for p in home.rglob("*") if p.is_file() and (
+            SECRET_NAME.encode() in p.read_bytes() or SECRET_NOTE.encode() in p.read_bytes())]
+
+    assert readable() == []  # sealed from the start: headers, index entries, results, audit log
+    done = tensafe("artifact", "shred", "--yes", "--home", str(home))
+    assert done.returncode == 0, done.stderr
+    assert readable() == []
+    assert not (home / "artifacts" / "default").exists() and not (home / "keys" / "default.json").exists()
+    assert not (home / "audit" / "default.jsonl").exists()
+    (tmp_path / "copy.bin").write_bytes(copy)
+    dead = tensafe("artifact", "decrypt", str(tmp_path / "copy.bin"), "--out", str(tmp_path / "x"), "--home", str(home))
+    assert dead.returncode == 1 and "not available" in dead.stderr
+
+
+def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
+    from tensafe_trainer.admin import open_store
+
+    store = open_store(tmp_path)
+    info = store.put(b"weights", tenant_id="default", training_client_id="tc-1", kind="checkpoint", step=1)
+    (tmp_path / "before.bin").write_bytes(store.read_raw("default", info.artifact_id))
+    plain = tensafe("artifact", "rotate", "--home", str(tmp_path))
+    assert plain.returncode == 0 and "old keys kept" in plain.stdout
+    still = tensafe("artifact", "decrypt", str(tmp_path / "before.bin"), "--out", str(tmp_path / "a"),
+                    "--home", str(tmp_path))
+    assert still.returncode == 0  # plain rotation re-wraps: documented, and this is why --reencrypt exists
+    done = tensafe("artifact", "rotate", "--reencrypt", "--home", str(tmp_path))
+    assert done.returncode == 0 and "retired keys destroyed" in done.stdout, done.stderr
+    dead = tensafe("artifact", "decrypt", str(tmp_path / "before.bin"), "--out", str(tmp_path / "b"),
+                   "--home", str(tmp_path))
+    assert dead.returncode == 1 and "not available" in dead.stderr and not (tmp_path / "b").exists()
+    assert open_store(tmp_path).get("default", info.artifact_id) == b"weights"
+    with pytest.raises(ArtifactIntegrityError):
+        from tensafe_trainer import crypto
+
+        crypto.decrypt_from(io.BytesIO((tmp_path / "before.bin").read_bytes()), len((tmp_path / "before.bin").read_bytes()),
+                            crypto.Binding("default", "", info.artifact_id), open_store(tmp_path).keys)
