@@ -24,7 +24,7 @@ def secret_data(cluster, namespace):
     return cluster.core.read_namespaced_secret("acme-keys", namespace).data or {}
 
 
-def test_keys_in_a_secret_rotate_without_reencrypting_and_shred(cluster, namespace, provider, tmp_path):
+def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespace, provider, tmp_path):
     from tensafe_trainer.artifacts import ArtifactStore
     from tensafe_trainer.keys import LocalKeyProvider
 
@@ -38,9 +38,22 @@ def test_keys_in_a_secret_rotate_without_reencrypting_and_shred(cluster, namespa
     (mounted / "acme.json").write_bytes(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))
     assert ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(mounted)).get("acme", info.artifact_id) == PAYLOAD
 
-    new_kid = store.rotate("acme")
-    assert new_kid != info.key_id and store.info("acme", info.artifact_id).key_id == new_kid
+    new_kid, retired = store.rotate("acme")
+    assert new_kid != info.key_id and store.info("acme", info.artifact_id).key_id == new_kid and retired == []
     assert store.get("acme", info.artifact_id) == PAYLOAD
+
+    # Re-encrypting rotation: the Secret keeps only the new KEK, and a copy taken before is dead.
+    path = tmp_path / "artifacts" / "acme" / f"{info.artifact_id}.tsa"
+    before = path.read_bytes()
+    last_kid, retired = store.rotate("acme", reencrypt=True)
+    assert sorted(retired) == sorted([info.key_id, new_kid])
+    import json
+
+    assert list(json.loads(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))["keys"]) == [last_kid]
+    assert store.get("acme", info.artifact_id) == PAYLOAD
+    path.write_bytes(before)
+    with pytest.raises(ArtifactIntegrityError, match="not available"):
+        store.get("acme", info.artifact_id)
 
     store.keys.shred("acme")
     assert "acme.json" not in secret_data(cluster, namespace)
