@@ -57,6 +57,7 @@ def test_engine_killed_during_forward_backward_fails_the_future_and_keeps_checkp
     # the server and the other client carry on, and the checkpoint resumes in a new client
     assert bystander.forward_backward(random_batch()).result().tokens_processed == 60
     resumed = own_service.create_training_client(config)
+    own_service.grant_artifact(checkpoint.artifact_id, resumed.id)  # another client's checkpoint: granted
     assert resumed.load_state(checkpoint.artifact_id).step == 1
     resumed.forward_backward(random_batch()).result()
     assert resumed.optim_step().result().step == 2

@@ -98,7 +98,14 @@ def test_a_clients_token_reaches_its_own_artifacts_only_on_every_path(svc, alice
     with pytest.raises(PermissionDeniedError, match="belongs to another training client"):
         alice.load_state(bobs.artifact_id)  # through the SDK: alice's client uses alice's token
     assert alice.load_state(alices.artifact_id).status == "loaded"
-    # The trainer's own token may (an administrator's grant), and the audit log records what was consumed.
+    # An explicit grant, given with the trainer's own token and audited, lets alice's token load it.
+    svc.grant_artifact(bobs.artifact_id, "alice")
+    assert alice.load_state(bobs.artifact_id).status == "loaded"
+    grant = svc.get_audit_logs(training_client_id="alice", operation="grant_artifact", limit=1)[0]
+    assert grant.artifact_ids_consumed == [bobs.artifact_id]
+    with as_client(svc, alice) as token, pytest.raises(AuthenticationError, match="trainer's own token"):
+        token.request("POST", f"/v1/artifacts/{bobs_sampler}/grants", json={"training_client_id": "alice"})
+    # The trainer's own token may load any, and the audit log records what was consumed.
     record = svc.transport.request("POST", "/v1/clients/alice/operations", json=load_bobs)
     svc.transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 30})
     loads = svc.get_audit_logs(training_client_id="alice", operation="load_state", limit=1)

@@ -46,7 +46,7 @@ def ensure_credentials(kube: Kube, tc: dict) -> None:
             # Our own default Secret goes with the training client; a named one is the tenant's to keep.
             kube.core.patch_namespaced_secret(key_secret_name(tc), namespace,
                                               {"metadata": {"ownerReferences": [owner_reference(tc)]}})
-    provider.active_key(tenant_of(tc))
+    provider.complete(tenant_of(tc))  # KEK, audit and receipt keys: the pod mounts them read-only
 
 
 def ensure(kube: Kube, tc: dict) -> None:

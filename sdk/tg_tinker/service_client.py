@@ -36,6 +36,7 @@ from .types import (
     CreateTrainingClient,
     DatasetExample,
     DatasetInfo,
+    GrantArtifact,
     RegisterDataset,
 )
 
@@ -283,6 +284,14 @@ class ServiceClient:
         """The artifact's bytes exactly as stored: encrypted."""
         return self._transport_for(training_client_id).request(
             "GET", f"/v1/artifacts/{artifact_id}/content", params={"tenant_id": self.tenant_id}, raw=True)
+
+    def grant_artifact(self, artifact_id: str, training_client_id: str) -> None:
+        """Let ``training_client_id`` load, sample and pull another client's artifact (a client's own token
+        reaches only its own client's artifacts). Needs the trainer's own token; recorded in the audit log;
+        ends with the grantee client."""
+        body = GrantArtifact(training_client_id=training_client_id, tenant_id=self.tenant_id)
+        self._transport_for(None).request("POST", f"/v1/artifacts/{artifact_id}/grants",
+                                          json=body.model_dump(mode="json"))
 
     def receipt_public_key(self, *, training_client_id: Optional[str] = None) -> str:
         """The PEM public key that verifies this tenant's privacy receipts (``tg_tinker.verify_receipt``)."""

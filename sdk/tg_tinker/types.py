@@ -407,6 +407,14 @@ class ArtifactInfo(WireModel):
     name: Optional[str] = None
 
 
+class GrantArtifact(WireModel):
+    """Let one training client's token load, sample and pull an artifact of another client of its tenant
+    (given with the trainer's own token; audited; it ends with the grantee client)."""
+
+    training_client_id: str = Field(min_length=1, max_length=128)
+    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 class DatasetExample(WireModel):
     """One example of a registered dataset: a row as in ``BatchData`` (validated the same way)."""
 

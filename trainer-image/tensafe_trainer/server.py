@@ -39,6 +39,7 @@ from tg_tinker.types import (
     CreateSamplingClient,
     CreateTrainingClient,
     DatasetInfo,
+    GrantArtifact,
     LoadStateRequest,
     MAX_WAIT_S,
     OperationRecord,
@@ -90,6 +91,10 @@ class State:
         self.client_tokens[_digest(token)] = Principal(session.client_id, session.tenant_id)
         return token
 
+    def granted(self, principal: "Principal") -> set[str]:
+        session = self.sessions.get(principal.client_id) if principal.client_id else None
+        return session.granted if session is not None else set()
+
     def session(self, client_id: str) -> Session:
         try:
             return self.sessions[client_id]
@@ -140,14 +145,17 @@ class Principal:
             raise PermissionDeniedError(f"this token belongs to a client of tenant {self.tenant_id!r}; it cannot "
                                         f"reach tenant {tenant_id!r}", {"tenant_id": tenant_id})
 
-    def check_artifact(self, info: ArtifactInfo) -> None:
-        """A client's token reaches its own client's artifacts only (the trainer's token reaches every one)."""
+    def check_artifact(self, info: ArtifactInfo, granted: frozenset[str] | set[str] = frozenset()) -> None:
+        """A client's token reaches its own client's artifacts, and those granted to it; the trainer's token
+        reaches every one."""
         self.check_tenant(info.tenant_id)
-        if self.client_id is not None and info.training_client_id != self.client_id:
+        if self.client_id is not None and info.training_client_id != self.client_id \
+                and info.artifact_id not in granted:
             raise PermissionDeniedError(
                 f"artifact {info.artifact_id} belongs to another training client: the token of client "
                 f"{self.client_id!r} opens its own artifacts only; use the trainer's own token to load, sample "
-                "or download another client's artifact", {"artifact_id": info.artifact_id})
+                "or download another client's artifact, or grant it to this client with "
+                "ServiceClient.grant_artifact", {"artifact_id": info.artifact_id})
 
     def visible(self, training_client_id: Optional[str]) -> Optional[str]:
         """The client filter of a listing: a client's token sees its own client only, whatever it asked."""
@@ -266,7 +274,8 @@ def create_app(settings: Settings) -> FastAPI:
             return state.session(body.training_client_id).info()
         principal.check_tenant(body.tenant_id)
         if body.artifact_id:  # a client's token may sample its own client's artifacts
-            principal.check_artifact(await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id))
+            principal.check_artifact(await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id),
+                                     state.granted(principal))
         else:
             admin(principal)
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
@@ -298,7 +307,8 @@ def create_app(settings: Settings) -> FastAPI:
     def queue_operation(state: State, session: Session, submission: SubmitOperation,
                         principal: Principal) -> tuple[Operation, bool]:
         if isinstance(submission.request, LoadStateRequest):  # checked at the door: the engine loads what it is given
-            principal.check_artifact(state.store.info(session.tenant_id, submission.request.artifact_id))
+            principal.check_artifact(state.store.info(session.tenant_id, submission.request.artifact_id),
+                                     session.granted)
         op, created = session.submit(submission.request, submission.idempotency_key)
         if created:
             state.operations.add(op, session)
@@ -376,8 +386,22 @@ def create_app(settings: Settings) -> FastAPI:
     def own_artifact(state: State, principal: Principal, tenant_id: str, artifact_id: str) -> ArtifactInfo:
         principal.check_tenant(tenant_id)
         info = state.store.info(tenant_id, artifact_id)
-        principal.check_artifact(info)
+        principal.check_artifact(info, state.granted(principal))
         return info
+
+    @app.post("/v1/artifacts/{artifact_id}/grants", dependencies=[Depends(admin)])
+    def grant_artifact(artifact_id: str, body: GrantArtifact, state: State = Depends(get_state)):
+        """Let one client's token use another client's artifact: an explicit, audited administrator's grant."""
+        info = state.store.info(body.tenant_id, artifact_id)
+        session = state.session(body.training_client_id)
+        if session.tenant_id != info.tenant_id:
+            raise PermissionDeniedError(f"client {session.client_id!r} belongs to another tenant than artifact "
+                                        f"{artifact_id}", {"artifact_id": artifact_id})
+        state.audit.submit(durable=True, operation="grant_artifact", training_client_id=session.client_id,
+                           tenant_id=info.tenant_id, consumed=[artifact_id], success=True,
+                           request_hash=request_hash(state.store.keys.audit_key(info.tenant_id), artifact_id.encode()))
+        session.granted.add(artifact_id)
+        return {"artifact_id": artifact_id, "training_client_id": session.client_id}
 
     @app.get("/v1/artifacts", response_model=list[ArtifactInfo])
     def list_artifacts(tenant_id: str = "default", training_client_id: Optional[str] = None,

@@ -125,6 +125,7 @@ class Session:
         self._hash_key = hash_key
         self._sign = sign
         self.audit_head: Optional[dict] = None  # the head of the tenant's chain after this client's last entry
+        self.granted: set[str] = set()  # other clients' artifact ids this client's token may use (audited grants)
         # A DP client's token counts are statistics of private batches: kept out of the metrics.
         self._private = config is not None and config.dp_enabled
         self._start_engine = start_engine
