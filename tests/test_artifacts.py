@@ -326,6 +326,7 @@ def test_reencryption_destroys_no_key_while_an_artifact_cannot_move(store):
     with pytest.raises(ArtifactIntegrityError):
         store.rotate("acme", reencrypt=True)
     assert damaged.key_id in store.keys._load("acme")["keys"]  # nothing destroyed
+    assert store.get("acme", intact.artifact_id) == PAYLOAD
 
 
 def test_shredding_removes_keys_files_and_index_entries(store, tmp_path):

@@ -9,7 +9,6 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -248,7 +247,8 @@ def test_shredding_leaves_nothing_readable_in_the_home(tmp_path):
         record = service.transport.request("POST", f"/v1/clients/{tc.id}/operations", json={
             "request": {"type": "save_state", "name": SECRET_NAME, "metadata": {"note": SECRET_NOTE}}})
         done = service.transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 30})
-        assert done["status"] == "succeeded" and SECRET_NAME not in json.dumps(done) and SECRET_NOTE not in json.dumps(done)
+        assert done["status"] == "succeeded"
+        assert SECRET_NAME not in json.dumps(done) and SECRET_NOTE not in json.dumps(done)
         copy = service.pull_artifact(saved.artifact_id)
         tc.close()
 
@@ -284,8 +284,9 @@ def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
                    "--home", str(tmp_path))
     assert dead.returncode == 1 and "not available" in dead.stderr and not (tmp_path / "b").exists()
     assert open_store(tmp_path).get("default", info.artifact_id) == b"weights"
-    with pytest.raises(ArtifactIntegrityError):
-        from tensafe_trainer import crypto
+    from tensafe_trainer import crypto
 
-        crypto.decrypt_from(io.BytesIO((tmp_path / "before.bin").read_bytes()), len((tmp_path / "before.bin").read_bytes()),
-                            crypto.Binding("default", "", info.artifact_id), open_store(tmp_path).keys)
+    before = (tmp_path / "before.bin").read_bytes()
+    with pytest.raises(ArtifactIntegrityError):
+        crypto.decrypt_from(io.BytesIO(before), len(before), crypto.Binding("default", "", info.artifact_id),
+                            open_store(tmp_path).keys)
