@@ -284,6 +284,26 @@ def test_the_description_is_sealed_and_authenticated(store):
         store.info("acme", info.artifact_id)
 
 
+def test_every_bit_flipped_in_the_tenant_field_is_an_integrity_error(store, tmp_path):
+    """Offline decryption takes the tenant from the header: a flip there must read as tampering, not as a bad
+    command-line argument."""
+    import io
+
+    from tensafe_trainer import crypto
+
+    info = put(store, payload=b"x" * 100)
+    data = path_of(store, info).read_bytes()
+    start = data.index(b'"tenant":"acme"') + len(b'"tenant":"')
+    for offset in range(start, start + 4):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[offset] ^= 1 << bit
+            with pytest.raises(ArtifactIntegrityError):
+                header, _ = crypto.read_header(io.BytesIO(bytes(flipped)))
+                crypto.decrypt_from(io.BytesIO(bytes(flipped)), len(flipped),
+                                    crypto.Binding(header["tenant"], "", header["artifact_id"]), store.keys)
+
+
 def test_files_are_0600_and_folders_0700_and_reads_create_no_folder(store):
     info = put(store)
     for path in (path_of(store, info), index_path_of(store, info)):

@@ -140,6 +140,30 @@ def test_reordered_entries_are_found(log):
     assert not ok and "line 2" in message
 
 
+def test_a_line_with_a_duplicated_key_does_not_verify(log):
+    """The MAC covers the parsed record; a second "operation" key placed before the real one would show a
+    forged value to grep while the record verified."""
+    rows = lines(log)
+    rows[2] = '{"operation": "NOTHING-TO-SEE", ' + rows[2][1:]
+    log.path.write_text("\n".join(rows) + "\n")
+    ok, count, message = verify(log)
+    assert not ok and count == 2 and "line 3" in message
+
+
+def test_a_new_writer_verifies_the_whole_chain_before_extending_it(log, keys):
+    """Entries dropped from the middle, the real tail kept: the last record verifies, the chain does not."""
+    from tensafe_trainer.audit import AuditLog
+
+    from tg_tinker import AuditIntegrityError
+
+    rows = lines(log)
+    log.path.write_text("\n".join(rows[:2] + rows[4:]) + "\n")
+    writer = AuditLog(log.path, keys.chain_key("acme"), "acme")  # a restarted trainer
+    with pytest.raises(AuditIntegrityError, match="does not verify .*sequence 4 where 2 was expected"):
+        writer.append_many([dict(operation="optim_step", training_client_id="tc-1", tenant_id="acme",
+                                 request_hash="0" * 64, success=True)])
+
+
 def test_cli_verify_needs_the_key_and_reports_the_first_broken_link(log, tmp_path):
     home = tmp_path  # the fixture's keys are <tmp>/keys, as in a trainer home
     command = [sys.executable, "-m", "tensafe_trainer", "audit", "verify", str(log.path), "--tenant", "acme",
@@ -157,6 +181,9 @@ def test_cli_verify_needs_the_key_and_reports_the_first_broken_link(log, tmp_pat
     assert bad.returncode == 1 and "line 4" in bad.stdout
     keyless = subprocess.run(command[:-2] + ["--home", str(tmp_path / "elsewhere")], capture_output=True, text=True)
     assert keyless.returncode == 2 and "no audit key" in keyless.stderr
+    log.path.unlink()
+    gone = subprocess.run(command, capture_output=True, text=True)
+    assert gone.returncode == 1 and "no audit log at" in gone.stderr
 
 
 def test_every_operation_is_audited_through_the_service(service, tc):

@@ -111,6 +111,39 @@ def test_a_clients_token_reaches_its_own_artifacts_only_on_every_path(svc, alice
     assert loads[0].artifact_ids_consumed == [bobs.artifact_id] and loads[0].success
 
 
+def test_a_token_dies_with_its_client_instance_even_when_the_id_is_reused_by_another_tenant(svc):
+    """acme's "shared" is terminated and globex creates "shared": acme's old token must not drive it."""
+    body = {"config": tiny_config().model_dump(mode="json"), "client_id": "shared", "tenant_id": "acme"}
+    old = svc.transport.request("POST", "/v1/training_clients", json=body)
+    svc.transport.request("DELETE", "/v1/clients/shared")
+    new = svc.transport.request("POST", "/v1/training_clients", json={**body, "tenant_id": "globex"})
+    try:
+        fb = {"request": {"type": "forward_backward", "batch": random_batch()}}
+        export = {"request": {"type": "export_adapter"}}
+        with Transport(svc.base_url, old["access_token"]) as stale:
+            for method, path, payload in (("GET", "/v1/clients/shared", None),
+                                          ("POST", "/v1/clients/shared/operations", fb),
+                                          ("POST", "/v1/clients/shared/operations", export),
+                                          ("DELETE", "/v1/clients/shared", None)):
+                with pytest.raises(AuthenticationError, match="earlier client 'shared', since replaced|wrong bearer"):
+                    stale.request(method, path, json=payload)
+        with Transport(svc.base_url, new["access_token"]) as fresh:
+            assert fresh.request("GET", "/v1/clients/shared")["tenant_id"] == "globex"
+    finally:
+        svc.transport.request("DELETE", "/v1/clients/shared")
+
+
+def test_a_sampler_made_from_an_artifact_is_on_record(svc, alice):
+    sampler_weights = alice.save_weights_for_sampler("for-sampling")
+    sampler = svc.create_sampling_client(artifact_id=sampler_weights)
+    try:
+        [entry] = [e for e in svc.get_audit_logs(operation="create_sampling_client", limit=100)
+                   if e.training_client_id == sampler.id]
+        assert entry.artifact_ids_consumed == [sampler_weights] and entry.success
+    finally:
+        sampler.close()
+
+
 def test_receipts_sign_the_privacy_claim_and_break_on_any_change(svc, alice, home, tmp_path):
     saved = alice.save_state(metadata={"note": SECRET_NOTE})
     public_key = svc.receipt_public_key()
@@ -121,10 +154,13 @@ def test_receipts_sign_the_privacy_claim_and_break_on_any_change(svc, alice, hom
     assert (claims["artifact_id"], claims["tenant"], claims["training_client"], claims["step"], claims["dp"]) == (
         saved.artifact_id, "default", "alice", saved.step, False)
     assert claims["audit_head"] == saved.audit_head.model_dump() and claims["artifact_kind"] == "checkpoint"
+    assert claims["base_model"] == alice.config.model_ref
     assert SECRET_NOTE not in json.dumps(saved.receipt)  # claims, never the user's metadata
     assert saved.metadata == {"note": SECRET_NOTE}  # the SDK hands the caller back its own metadata
+    signature = saved.receipt["signature"]
+    malleable = signature[:-3] + chr(ord(signature[-3]) ^ 1) + signature[-2:]  # the padding bits of "...X=="
     for field, value in (("payload", saved.receipt["payload"].replace('"step":', '"step":1')),
-                         ("signature", base64.b64encode(bytes(64)).decode())):
+                         ("signature", base64.b64encode(bytes(64)).decode()), ("signature", malleable)):
         with pytest.raises(ReceiptVerificationError, match="does not verify"):
             verify_receipt({**saved.receipt, field: value}, public_key)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -142,6 +178,14 @@ def test_receipts_sign_the_privacy_claim_and_break_on_any_change(svc, alice, hom
     assert exported["content_hash"] == hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
     ok = tensafe("receipt", "verify", str(folder), "--public-key", str(tmp_path / "key.pem"))
     assert ok.returncode == 0 and "matches" in ok.stdout and "content_hash" in ok.stdout, ok.stderr
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())  # decrypted weights: the caller's
+    config = folder / "adapter_config.json"
+    original = config.read_bytes()
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 80'))  # another adapter
+    changed = tensafe("receipt", "verify", str(folder), "--public-key", str(tmp_path / "key.pem"))
+    assert changed.returncode == 1 and "adapter_config_hash" in changed.stderr
+    config.write_bytes(original)
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
     swapped = tensafe("receipt", "verify", str(folder), "--public-key", str(tmp_path / "key.pem"))
@@ -179,6 +223,15 @@ def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, 
     exported = tensafe("artifact", "export", str(tmp_path / "checkpoint.bin"), "--out", str(tmp_path / "peft"),
                        "--home", str(home))
     assert exported.returncode == 0 and (tmp_path / "peft" / "adapter_model.safetensors").exists(), exported.stderr
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "peft").iterdir()} == {0o600}
+    # A link planted at the output receives nothing: it is replaced, its target never written.
+    from tensafe_trainer.artifacts import write_private
+
+    planted = tmp_path / "planted"
+    (tmp_path / "link.pt").symlink_to(planted)
+    write_private(tmp_path / "link.pt", b"plaintext")
+    assert not planted.exists() and not (tmp_path / "link.pt").is_symlink()
+    assert (tmp_path / "link.pt").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_audit_chain_fails_closed_and_a_truncated_log_is_caught(svc, alice, bob, home):

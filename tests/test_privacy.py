@@ -97,6 +97,33 @@ def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_
     assert all(torch.equal(before[k], p) for k, p in elsewhere.trainable.items())
 
 
+def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
+    """An administrator of the volume empties (or restores an old copy of) the ledger file: the weights trained
+    with 2 steps would then carry a receipt claiming fewer. The load is refused, naming the rollback."""
+    from tensafe_trainer.engine import deserialize_state, serialize_state
+
+    ledger = fresh_ledger("rolled")
+    trained = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=ledger)
+    for seed in range(2):
+        trained.forward_backward(padded_batch(sequences(2, seed=seed)))
+        trained.optim_step()
+    state = deserialize_state(serialize_state(trained.state_dict(include_optimizer=True)))
+    ledger.path.write_bytes(b"")  # the rollback
+    resumed = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=type(ledger)(
+        ledger.path.parent.parent, "default", "rolled"))
+    with pytest.raises(ValidationError, match="records 0 steps .* trained with 2: the ledger was rolled back"):
+        resumed.load_state_dict(state)
+    assert resumed.step == 0
+    same = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=trained.accountant.ledger)
+    ledger.path.write_bytes(b"")
+    intact = fresh_ledger("rolled")
+    for _ in range(2):  # a ledger that covers the checkpoint (here: as many steps) loads it
+        intact.spend(1.0, trained.accountant.sample_rate, lambda before, after: None)
+    same.accountant.ledger = intact
+    same.load_state_dict(state)
+    assert same.step == 2
+
+
 def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
     from tensafe_trainer.engine import deserialize_state, serialize_state
 

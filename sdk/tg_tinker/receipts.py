@@ -89,7 +89,10 @@ def verify_receipt(receipt: Union[dict, str, bytes, Path], public_key) -> dict[s
         raise ReceiptVerificationError(f"the receipt was signed by key {receipt.get('key_id')!r}, not by this public "
                                        f"key ({key_id(key)}): another tenant's or trainer's key")
     try:
-        key.verify(base64.b64decode(receipt["signature"], validate=True), _DOMAIN + receipt["payload"].encode())
+        signature = base64.b64decode(receipt["signature"], validate=True)
+        if base64.b64encode(signature).decode() != receipt["signature"]:  # one encoding only: no malleable padding
+            raise ValueError("non-canonical base64")
+        key.verify(signature, _DOMAIN + receipt["payload"].encode())
     except (InvalidSignature, ValueError):
         raise ReceiptVerificationError("the receipt's signature does not verify: it was changed after signing") \
             from None

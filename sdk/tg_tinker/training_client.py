@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -38,6 +39,14 @@ if TYPE_CHECKING:
 
 Batch = Union[BatchData, dict]
 RECEIPT_FILE = "tensafe-receipt.json"  # written beside an exported adapter
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Mode 0600, not through a link planted at ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
+        f.write(data)
 
 
 class SamplerArtifact(str):
@@ -139,14 +148,15 @@ class TrainingClient:
         receipt, whose ``content_hash`` is the SHA-256 of ``adapter_model.safetensors``); returns the folder."""
         result = self._queue.submit(ExportAdapterRequest()).result()
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # decrypted weights: the caller's alone
         with tarfile.open(fileobj=io.BytesIO(base64.b64decode(result.archive_b64))) as tar:
             for member in tar.getmembers():
                 if not member.isfile() or Path(member.name).name != member.name or member.name == RECEIPT_FILE:
                     raise TrainingClientError(f"unexpected entry {member.name!r} in the adapter archive")
-                (folder / member.name).write_bytes(tar.extractfile(member).read())
+                _write_private(folder / member.name, tar.extractfile(member).read())
         if result.receipt is not None:
-            (folder / RECEIPT_FILE).write_text(json.dumps(result.receipt, indent=2) + "\n")
+            _write_private(folder / RECEIPT_FILE, (json.dumps(result.receipt, indent=2) + "\n").encode())
         self.last_export = result
         return folder
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from tg_tinker.errors import TGTinkerError, ValidationError
 
-from .artifacts import ARTIFACT_ID, ArtifactStore, open_private
+from .artifacts import ARTIFACT_ID, ArtifactStore, write_private
 from .audit import parse_head, verify
 from .keys import KeyProvider, LocalKeyProvider, StaticKeyProvider, chain_key_of, load_keyset_file
 from .paths import keys_dir, tensafe_home
@@ -56,17 +55,6 @@ def read_artifact(args) -> bytes:
                               {"source": args.source})
     tenant, keys = _keys(args)
     return ArtifactStore((args.home or tensafe_home()) / "artifacts", keys).get(tenant, args.source)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` (mode 0600), whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open_private(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
@@ -144,6 +132,10 @@ def audit_command(args) -> int:
     except (TGTinkerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not Path(path).is_file():
+        print(f"error: no audit log at {path} (tenant {tenant!r}): nothing to verify, or it was deleted",
+              file=sys.stderr)
+        return 1
     ok, _, message = verify(path, chain_key_of(keyset), expect)
     print(f"{path}: {message}")
     return 0 if ok else 1
@@ -160,10 +152,13 @@ def receipt_command(args) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     content = args.artifact or (source / "adapter_model.safetensors" if source.is_dir() else None)
-    if content is not None:
-        digest = hashlib.sha256(Path(content).read_bytes()).hexdigest()
-        if digest != claims.get("content_hash"):
-            print(f"error: {content} has SHA-256 {digest}, the receipt is for {claims.get('content_hash')}",
+    checks = [(content, "content_hash")] if content is not None else []
+    if source.is_dir() and claims.get("adapter_config_hash"):
+        checks.append((source / "adapter_config.json", "adapter_config_hash"))
+    for path, claim in checks:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if digest != claims.get(claim):
+            print(f"error: {path} has SHA-256 {digest}, the receipt is for {claims.get(claim)} ({claim})",
                   file=sys.stderr)
             return 1
     print(f"receipt verifies: {receipt_path}" + (f" and matches {content}" if content else ""))

@@ -50,6 +50,19 @@ def check_artifact_id(artifact_id: str) -> str:
 FILE_MODE, DIR_MODE = 0o600, 0o700
 
 
+def write_private_folder(folder: Path, files: dict[str, bytes]) -> list[str]:
+    """Plaintext the user asked for (an exported adapter): folder 0700, files 0600, each written whole."""
+    private_dir(Path(folder))
+    for name, data in files.items():
+        write_private(Path(folder) / name, data)
+    return sorted(files)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` (mode 0600), whole or not at all, never through a planted file or link."""
+    _atomic_write(path, lambda f: f.write(data), durable=False)
+
+
 def private_dir(path: Path) -> Path:
     """``path`` created if needed, mode 0700."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -58,9 +71,9 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def open_private(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
-    """A binary file object on ``path``, created mode 0600."""
-    return os.fdopen(os.open(path, flags, FILE_MODE), "wb" if not flags & os.O_APPEND else "ab")
+def open_private(path: Path):
+    """A new binary file at ``path``, mode 0600; refuses one that exists or a symlink planted there."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE), "wb")
 
 
 def fsync_dir(path: Path) -> None:

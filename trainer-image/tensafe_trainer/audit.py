@@ -55,6 +55,17 @@ def record_mac(key: bytes, fields: dict) -> str:
     return hmac.new(key, fields["prev_hash"].encode() + canonical_json(body), hashlib.sha256).hexdigest()
 
 
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("a key appears twice in one record")  # a MAC over the parsed JSON would hide the other
+    return dict(pairs)
+
+
+def parse_record(line: bytes) -> dict:
+    return json.loads(line, object_pairs_hook=_no_duplicates)
+
+
 def _last_line(f) -> Optional[bytes]:
     f.seek(0, os.SEEK_END)
     end = f.tell()
@@ -105,14 +116,21 @@ class AuditLog:
         self.path, self.tenant_id = Path(path), tenant_id
         self._key = key
         self._written: Optional[dict] = None  # the last record this process wrote: the tail may not precede it
+        self._checked = False  # the whole chain is verified once per process, before the first append
         private_dir(self.path.parent)
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE))
 
     def _tail(self, f) -> Optional[dict]:
         """The last record, checked: it must verify and must not precede what this process wrote."""
+        if not self._checked:
+            ok, _, message = verify(self.path, self._key)
+            if not ok:
+                raise AuditIntegrityError(f"{self.path} does not verify ({message}): refusing to extend the chain",
+                                          {"tenant_id": self.tenant_id})
+            self._checked = True
         last = _last_line(f)
         try:
-            prev = json.loads(last) if last else None
+            prev = parse_record(last) if last else None
             ok = prev is None or hmac.compare_digest(record_mac(self._key, prev), str(prev.get("record_hash")))
         except (ValueError, KeyError, TypeError, AttributeError):
             ok = False
@@ -217,7 +235,7 @@ def verify(path: Path, key: bytes, expect_head: Optional[tuple[int, str]] = None
             if not line.strip():
                 continue
             try:
-                fields = json.loads(line)
+                fields = parse_record(line)
                 mac = record_mac(key, fields)
             except (ValueError, KeyError, TypeError, AttributeError):
                 return False, count, f"line {lineno}: not a valid audit record"

@@ -11,8 +11,9 @@ creation time, user metadata: its *description*) is sealed under the DEK (AES-GC
 file, a backup or a listing of the volume names nothing a user chose, and once the tenant's keys are gone
 nothing of it can be read. The payload's associated data is every header field except the wrapped key
 and key id (the sealed description included), so a swapped or edited header fails authentication while
-key rotation can re-wrap the DEK without touching the ciphertext. Encryption streams chunk by chunk (no 2 GiB cap, no second copy of the payload in memory), with
-hashing, writing and syncing on threads of their own.
+key rotation can re-wrap the DEK without touching the ciphertext. Encryption streams chunk by chunk
+(no 2 GiB cap, no second copy of the payload in memory), with hashing, writing and syncing on threads
+of their own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import queue
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tg_tinker.errors import ArtifactIntegrityError
 
-from .keys import KeyProvider
+from .keys import TENANT_PATTERN, KeyProvider
 
 MAGIC = b"TSAF"
 VERSION = 2  # 1: description in clear (refused: it would leak what v2 seals)
@@ -271,6 +273,8 @@ def read_header(src: BinaryIO) -> tuple[dict, int]:
     for field in ("kid", "tenant", "artifact_id", "sealed"):
         if not isinstance(header.get(field), str):
             raise ArtifactIntegrityError(f"artifact header is corrupt: {field} missing")
+    if not TENANT_PATTERN.fullmatch(header["tenant"]) or not re.fullmatch(r"art-[0-9a-f]{32}", header["artifact_id"]):
+        raise ArtifactIntegrityError("artifact header is corrupt: bad tenant or artifact id", {"field": "tenant"})
     for field, size in (("nonce", 12), ("wrap_nonce", 12), ("wrapped_dek", 48), ("sealed_nonce", 12)):
         header_bytes(header, field, size)  # refuse now, not halfway through decryption
     return header, _PREFIX.size + length

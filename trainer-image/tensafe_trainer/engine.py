@@ -367,11 +367,9 @@ class TrainingEngine:
 
     def export_adapter(self, folder: Path) -> list[str]:
         """Write the adapter folder (``adapter_files``) at ``folder``."""
-        files = self.adapter_files()
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (Path(folder) / name).write_bytes(data)
-        return sorted(files)
+        from .artifacts import write_private_folder
+
+        return write_private_folder(Path(folder), self.adapter_files())
 
     # --- checkpoints -------------------------------------------------------------------------
 

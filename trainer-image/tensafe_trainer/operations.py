@@ -138,14 +138,15 @@ class Runtime:
         claims = self._claims(req.kind, info.content_hash, artifact_id=info.artifact_id)
         return Outcome(result, produced=[info.artifact_id], receipt_claims=claims)
 
-    def _claims(self, kind: str, content_hash: str, artifact_id: Optional[str] = None) -> dict:
+    def _claims(self, kind: str, content_hash: str, artifact_id: Optional[str] = None, **extra) -> dict:
         """What a receipt for these weights states (the session adds the audit head and signs)."""
         privacy = self.engine.privacy_claims()
         if privacy.get("dataset_id"):
             dataset = find_dataset(self.store, self.tenant_id, privacy["dataset_id"])
             privacy["dataset_hash"] = dataset.content_hash if dataset is not None else None
         return {"artifact_id": artifact_id, "artifact_kind": kind, "content_hash": content_hash,
-                "tenant": self.tenant_id, "training_client": self.client_id, "step": self.engine.step, **privacy}
+                "base_model": self.engine.config.model_ref, "tenant": self.tenant_id,
+                "training_client": self.client_id, "step": self.engine.step, **privacy, **extra}
 
     def _export(self) -> Outcome:
         """The adapter built in memory (never a plaintext file on the trainer's disk)."""
@@ -159,7 +160,9 @@ class Runtime:
         result = ExportAdapterResult(archive_b64=base64.b64encode(buffer.getvalue()).decode(), files=sorted(files),
                                      step=self.engine.step)
         weights_hash = hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
-        return Outcome(result, receipt_claims=self._claims("adapter_export", weights_hash))
+        config_hash = hashlib.sha256(files["adapter_config.json"]).hexdigest()
+        return Outcome(result, receipt_claims=self._claims("adapter_export", weights_hash,
+                                                           adapter_config_hash=config_hash))
 
     def resume(self, artifact_id: str) -> None:
         """Load a checkpoint at start: an id, or 'latest' (this client's newest checkpoint, if it has one)."""

@@ -217,6 +217,17 @@ class PrivacyAccountant:
                 f"checkpoint was trained on dataset_id {state.get('dataset_id')!r}, this client's ledger is "
                 f"{self.cfg.dataset_id!r}: its weights carry that data's privacy loss, which this client's epsilon "
                 "would not count", {"field": "dp_config.dataset_id"})
+        # The ledger must hold at least what the checkpoint's weights were trained with: a ledger rolled back
+        # (an old backup, an emptied file) would otherwise let these weights claim less than they spent.
+        ledger = {(float(s), float(q)): int(n) for s, q, n in self.ledger.history()}
+        for s, q, n in state.get("history") or []:
+            if ledger.get((float(s), float(q)), 0) < int(n):
+                raise ValidationError(
+                    f"the privacy ledger of {self._ledger_name()} records {ledger.get((float(s), float(q)), 0)} steps "
+                    f"at noise multiplier {s:g} and sample rate {q:g}, but this checkpoint was trained with {n}: the "
+                    "ledger was rolled back or replaced. Restore it (spent budget is never given back) before "
+                    "loading these weights", {"ledger_steps": ledger.get((float(s), float(q)), 0),
+                                               "checkpoint_steps": int(n)})
 
 
 class NoiseAhead:

@@ -88,7 +88,7 @@ class State:
     def issue_token(self, session: Session) -> str:
         """A bearer token for this one client: its operations, its artifacts, its audit entries."""
         token = secrets.token_urlsafe(32)
-        self.client_tokens[_digest(token)] = Principal(session.client_id, session.tenant_id)
+        self.client_tokens[_digest(token)] = Principal(session.client_id, session.tenant_id, session)
         return token
 
     def granted(self, principal: "Principal") -> set[str]:
@@ -104,7 +104,8 @@ class State:
 
     def start(self, client_id: str, tenant_id: str, kind: str, build, config=None) -> Session:
         existing = self.sessions.get(client_id)
-        if existing is not None and existing.status not in (ClientStatus.TERMINATED, ClientStatus.ERROR):
+        if existing is not None and not existing.stopping and existing.status not in (ClientStatus.TERMINATED,
+                                                                                       ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
         keys = self.store.keys
         session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
@@ -134,6 +135,7 @@ class Principal:
 
     client_id: Optional[str]
     tenant_id: Optional[str] = None
+    session: Optional[Session] = field(default=None, compare=False, repr=False)  # the one client instance
 
     def check(self, client_id: Optional[str]) -> None:
         if self.client_id is not None and client_id != self.client_id:
@@ -215,7 +217,13 @@ def create_app(settings: Settings) -> FastAPI:
             if hmac.compare_digest(presented.encode(), settings.token.encode()):
                 return Principal(None)
             # A lookup by SHA-256: what leaks through timing is about the hash, not the token.
-            principal = request.app.state.tensafe.client_tokens.get(_digest(presented))
+            state = request.app.state.tensafe
+            principal = state.client_tokens.get(_digest(presented))
+            if principal is not None and state.sessions.get(principal.client_id) is not principal.session:
+                # Its client was replaced by another of the same id (perhaps another tenant's): revoked for good.
+                del state.client_tokens[_digest(presented)]
+                raise AuthenticationError(f"this token belonged to an earlier client {principal.client_id!r}, since "
+                                          "replaced: it opens nothing any more")
             if principal is not None:
                 return principal
         raise AuthenticationError("missing or wrong bearer token for this trainer")
@@ -248,8 +256,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz(state: State = Depends(get_state)):
         """Ready once no client is still loading. A client in ERROR does not hold readiness back: the
         trainer still serves, and it is how the operator (and the SDK) learn the error."""
-        waiting = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.INITIALIZING]
-        failed = [s.client_id for s in state.sessions.values() if s.status is ClientStatus.ERROR]
+        waiting = sum(s.status is ClientStatus.INITIALIZING for s in state.sessions.values())
+        failed = sum(s.status is ClientStatus.ERROR for s in state.sessions.values())
+        # Counts only: the probe needs no token, and client ids are the tenants' (GET /v1/clients names them).
         if waiting:
             return JSONResponse({"ready": False, "initializing": waiting, "failed": failed}, status_code=503)
         return {"ready": True, "failed": failed}
@@ -281,6 +290,11 @@ def create_app(settings: Settings) -> FastAPI:
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
                 "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
+        if body.artifact_id:  # the artifact's use is on record, like a load
+            await asyncio.to_thread(
+                state.audit.submit, durable=True, operation="create_sampling_client", training_client_id=client_id,
+                tenant_id=body.tenant_id, consumed=[body.artifact_id], success=True,
+                request_hash=request_hash(state.store.keys.audit_key(body.tenant_id), body.artifact_id.encode()))
         return with_token(state, state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec)))
 
     @app.get("/v1/clients", response_model=list[ClientInfo])
