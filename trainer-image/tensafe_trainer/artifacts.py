@@ -283,16 +283,18 @@ def _reindex(src: BinaryIO, header: dict, artifact_id: str, index_path: Path) ->
     while chunk := src.read(crypto.CHUNK):
         digest.update(chunk)
         size += len(chunk)
-    entry = {"artifact_id": artifact_id, "size_bytes": size, "content_hash": digest.hexdigest(), "key_id": header["kid"]}
-    _atomic_write(index_path, lambda f: f.write(json.dumps(entry).encode()), durable=False)
-    return entry
+    return _write_entry(index_path, artifact_id, size, digest.hexdigest(), header["kid"])
 
 
 def _write_index(path: Path, info: ArtifactInfo) -> None:
-    """Ids, size, hash and key id only. Not fsynced: see the module docstring."""
-    entry = {"artifact_id": info.artifact_id, "size_bytes": info.size_bytes, "content_hash": info.content_hash,
-             "key_id": info.key_id}
+    _write_entry(path, info.artifact_id, info.size_bytes, info.content_hash, info.key_id)
+
+
+def _write_entry(path: Path, artifact_id: str, size: int, content_hash: str, key_id: str) -> dict:
+    """Ids, size, hash and key id only: nothing a user chose. Not fsynced: see the module docstring."""
+    entry = {"artifact_id": artifact_id, "size_bytes": size, "content_hash": content_hash, "key_id": key_id}
     _atomic_write(path, lambda f: f.write(json.dumps(entry).encode()), durable=False)
+    return entry
 
 
 def _read_index(path: Path) -> Optional[dict]:
