@@ -102,6 +102,8 @@ def test_a_lost_client_is_replaced_and_resumes_from_its_latest_checkpoint(own_se
     assert replaced.step == newest.step == 4 and replaced.info.last_checkpoint == newest.artifact_id
     assert replaced.total_epsilon > epsilon
     assert replaced.optim_step().result().step == 5
+    with pytest.raises(TrainingClientError, match="replaced by a new instance"):
+        fresh.optim_step()  # the dead instance's handle speaks for nobody, and says why
     entry = own_service.get_audit_logs(training_client_id="resume-me", operation="resume")[-1]
     assert entry.artifact_ids_consumed == [newest.artifact_id]
     with pytest.raises(TGTinkerError, match="already exists"):

@@ -163,8 +163,8 @@ class ServiceClient:
     def _connect_kube(self, name: str) -> TrainingClient:
         tc = self._kube.wait_ready(name, READY_TIMEOUT_S)
         access = self._kube.access(tc)
-        self._clients[name] = Transport(access.base_url, access.token, timeout=self._timeout, verify=access.verify,
-                                        server_name=access.server_name)
+        self._use(name, Transport(access.base_url, access.token, timeout=self._timeout, verify=access.verify,
+                                  server_name=access.server_name))
         info = self._kube.info(tc)
         return TrainingClient(self, info, info.config)
 
@@ -176,8 +176,22 @@ class ServiceClient:
     def _adopt(self, info: ClientInfo) -> None:
         """Talk to a new client with the token the trainer issued for it alone."""
         if info.access_token:
-            self._clients[info.client_id] = Transport(self.base_url, info.access_token, timeout=self._timeout,
-                                                      verify=self._verify)
+            self._use(info.client_id, Transport(self.base_url, info.access_token, timeout=self._timeout,
+                                                verify=self._verify))
+
+    def _use(self, client_id: str, transport: Transport) -> None:
+        """From now on talk to ``client_id`` through ``transport``. A client replaced under the same id (a
+        resume after a crash) gets a new token: the old instance's queue, holding the revoked one, is closed
+        (its futures keep their transport, so they still report what the trainer answers for them)."""
+        old = self._clients.get(client_id)
+        if old is not None and old.token == transport.token and old.base_url == transport.base_url:
+            transport.close()
+            return
+        self._clients[client_id] = transport
+        old_queue = self._queues.pop(client_id, None)
+        if old_queue is not None:
+            old_queue.close(TrainingClientError(f"training client {client_id!r} was replaced by a new instance; "
+                                                "use the TrainingClient the replacement returned"))
 
     def _transport_for(self, client_id: Optional[str]) -> Transport:
         """The transport for ``client_id``: its own token (and trainer); None: the service's own."""

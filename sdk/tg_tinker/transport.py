@@ -44,6 +44,7 @@ class Transport:
                                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self.base_url = base_url.rstrip("/")
+        self.token = token
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
         self.retries, self.backoff = retries, backoff
         self._extensions = {"sni_hostname": server_name} if server_name else None
