@@ -4,8 +4,9 @@ In one process: an encrypted save (serialize, AES-256-GCM envelope, SHA-256 of t
 write to a temporary name, fsync, rename, fsync the folder) against a plain ``torch.save`` of the same
 state (fsync), and against a plain save that is as durable (fsync, then the folder's fsync: without it a
 new file's name can vanish in a power cut, on ext4 and XFS alike), for a small LoRA state and a ~200 MB
-model+optimizer state. Rounds alternate; the median of the per-round ratios is reported. A small save takes milliseconds, so it gets ``SMALL_ROUNDS_FACTOR`` times
-as many rounds: one slow fsync must not decide its median.
+model+optimizer state. Rounds alternate; the median of the per-round ratios is reported. A small save
+takes milliseconds, so it gets ``SMALL_ROUNDS_FACTOR`` times as many rounds: one slow fsync must not
+decide its median.
 
     python benchmarks/artifacts.py [--rounds 5] [--json]
 """

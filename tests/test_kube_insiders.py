@@ -100,3 +100,41 @@ def test_a_sealed_parameter_blob_opens_only_for_its_client():
     other_key = sealing_key({"audit": base64.b64encode(b"\1" * 32).decode()})
     with pytest.raises(ValidationError, match="sealed for another client or tenant"):
         unseal(other_key, "cohort", blob)
+
+
+def test_a_client_created_again_under_its_name_gets_a_new_token_and_the_old_one_opens_nothing(cluster, namespace):
+    """Issue #17 on Kubernetes: two instances of "reborn" in turn, sharing the tenant's own key Secret (which
+    outlives them). The first instance's token must not open the second's trainer."""
+    import httpx
+
+    from tg_tinker.resources import token_key
+
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient",
+            "metadata": {"name": "reborn", "namespace": namespace},
+            "spec": {"training": tiny_config().model_dump(mode="json", exclude_none=True),
+                     "keySecretRef": {"name": "team-keys"}}}
+
+    def instance():
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, body)
+        with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig,
+                           delete_on_close=False) as service:
+            tc = service.get_training_client("reborn")
+            assert tc.optim_step().result().step == 1
+            access = service._kube.access(service._kube.get("reborn"))
+        return access, service._kube.get("reborn")["metadata"]["uid"]
+
+    first, first_uid = instance()
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, "reborn")
+    wait_for("the first trainer gone", lambda: not [p for p in cluster.core.list_namespaced_pod(namespace).items
+                                                    if p.metadata.name == "reborn-trainer"], timeout=120)
+    second, second_uid = instance()
+    try:
+        assert first_uid != second_uid and first.token != second.token
+        data = cluster.core.read_namespaced_secret("team-keys", namespace).data
+        assert {token_key({"metadata": {"uid": first_uid}}), token_key({"metadata": {"uid": second_uid}})} <= set(data)
+        stale = httpx.get(f"{second.base_url}/v1/clients/reborn", headers={"authorization": f"Bearer {first.token}"})
+        assert stale.status_code == 401
+        fresh = httpx.get(f"{second.base_url}/v1/clients/reborn", headers={"authorization": f"Bearer {second.token}"})
+        assert fresh.status_code == 200
+    finally:
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, "reborn")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tg_tinker import ServiceClient, TrainingClientError, ValidationError
-from tg_tinker.resources import GROUP, VERSION
+from tg_tinker.resources import GROUP, VERSION, token_key
 
 from conftest import dp_config, random_batch, tiny_config
 from kube_helpers import needs_devcluster, wait_for
@@ -190,14 +190,15 @@ def test_tokens_and_keys_never_appear_in_logs_status_or_pod_specs(cluster, names
     tc.optim_step().result()
     tc.save_state()
     secret = cluster.core.read_namespaced_secret("quiet-keys", namespace).data
-    token = base64.b64decode(secret["token"]).decode()
+    token = base64.b64decode(secret[token_key(training_client(cluster, namespace, "quiet"))]).decode()
     keyset = json.loads(base64.b64decode(secret["default.json"]))
     secrets = [token] + list(keyset["keys"].values())
     assert len(token) >= 32 and secrets[1:]
 
     # Another client's token is refused by this trainer (each training client has its own).
     other = service.create_training_client(tiny_config(), client_id="other")
-    other_token = base64.b64decode(cluster.core.read_namespaced_secret("other-keys", namespace).data["token"])
+    other_token = base64.b64decode(cluster.core.read_namespaced_secret("other-keys", namespace).data[
+        token_key(training_client(cluster, namespace, "other"))])
     pod_ip = cluster.core.read_namespaced_pod("quiet-trainer", namespace).status.pod_ip
     refused = httpx.get(f"http://{pod_ip}:8000/v1/artifacts",
                         headers={"authorization": f"Bearer {other_token.decode()}"})

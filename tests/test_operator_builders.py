@@ -86,7 +86,7 @@ def test_pod_carries_config_token_owner_and_volume():
     config = json.loads(env["TENSAFE_CLIENT_CONFIG"]["value"])
     assert config["client_id"] == "demo" and config["config"]["model_ref"] == TINY
     assert config["config"]["batch_size"] == 4 and config["config"]["lora_config"]["rank"] == 16  # defaults filled
-    assert env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tenant-keys", "key": "token"}
+    assert env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tenant-keys", "key": "token.1234-uid"}
     assert "value" not in env["TENSAFE_AUTH_TOKEN"]  # the token itself never appears in the pod spec
     assert config["resume_from"] == "latest"  # every pod, first or replacement, resumes the last checkpoint
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "2", "memory": "16Gi"},
@@ -101,6 +101,27 @@ def test_pod_carries_config_token_owner_and_volume():
     assert mounts["tenant-keys"]["readOnly"] is True
     assert env["TENSAFE_KEYS_DIR"]["value"] == mounts["tenant-keys"]["mountPath"]
     assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_each_client_instance_has_its_own_token_even_in_a_shared_tenant_secret():
+    """The same name created again (a new uid), or another client on the same tenant Secret: another token
+    key, so the old or the other token opens nothing on this trainer."""
+    from tensafe_operator.builders import build_pod
+    from tg_tinker.resources import trainer_access
+
+    first, again = training_client(), training_client()
+    again["metadata"]["uid"] = "5678-uid"
+    neighbour = training_client("neighbour")
+    neighbour["metadata"]["uid"] = "9999-uid"
+
+    def token_ref(tc):
+        env = {e["name"]: e for e in build_pod(tc, default_image="x")["spec"]["containers"][0]["env"]}
+        return env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]
+
+    assert len({token_ref(first), token_ref(again), token_ref(neighbour)}) == 3
+    secret = {"token.1234-uid": b"old", "token.5678-uid": b"new", "token.9999-uid": b"other"}
+    assert trainer_access(again, lambda name: secret, pod_ip="10.0.0.1").token == "new"
+    assert trainer_access(first, lambda name: secret, pod_ip="10.0.0.1").token == "old"
 
 
 def test_a_dp_trainer_may_read_its_privacy_budget_and_extend_it_and_nothing_else():

@@ -13,7 +13,7 @@ import pytest
 
 from tg_tinker import ArtifactNotFoundError, DatasetInfo, DPConfig, ValidationError
 
-from conftest import random_batch, tiny_config
+from conftest import VOCAB, random_batch, tiny_config
 
 UNNOISED = ("grad_norm_before_clip", "grad_norm_after_clip", "num_clipped", "num_examples")
 
@@ -125,18 +125,20 @@ def test_the_audit_log_and_metrics_carry_no_unnoised_statistic_and_hashes_are_ke
 
 def test_a_dp_clients_failures_are_logged_by_type_only_and_kept_out_of_metrics(service, tensafe_home):
     config = tiny_config(batch_size=2, max_seq_len=8, dp_config=DPConfig(noise_multiplier=1.0, dataset_id="err-demo"))
-    tc = service.create_training_client(config)
+    # Submitted while the model still loads, the door cannot check the vocabulary yet: the engine does, and
+    # its message quotes the batch.
+    tc = service.create_training_client(config, wait=False)
     try:
-        failed = tc.forward_backward(random_batch(rows=2, width=11))  # longer than max_seq_len
-        with pytest.raises(ValidationError, match="sequence length 11"):
-            failed.result()  # the data owner gets the whole message
+        failed = tc.forward_backward({"input_ids": [[1, VOCAB + 88]]})
+        with pytest.raises(ValidationError, match=f"token id {VOCAB + 88}"):
+            failed.result(timeout=120)  # the data owner gets the whole message
     finally:
         tc.close()
     entry = [e for e in service.get_audit_logs(training_client_id=tc.id) if e.operation == "forward_backward"][0]
     assert entry.error == "ValidationError" and not entry.success
     text = httpx.get(f"{service.base_url}/metrics").text
     assert 'tensafe_dp_operations_total{type="forward_backward"}' in text
-    assert "sequence length 11" not in (Path(tensafe_home) / "audit" / "default.jsonl").read_text()
+    assert f"token id {VOCAB + 88}" not in (Path(tensafe_home) / "audit" / "default.jsonl").read_text()
 
 
 def test_a_datasets_size_is_in_no_plaintext(service, registered, tensafe_home):

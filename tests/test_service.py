@@ -204,7 +204,8 @@ def test_done_callback_and_asyncio(tc):
     ({"input_ids": [[1, 2]], "labels": [[1, 2, 3]]}, "labels shape does not match"),
     ({"input_ids": []}, "non-empty"),
     ({"input_ids": [[1.0, 2.0]]}, "must hold integers"),
-    ({"input_ids": [[1, -5]]}, "non-negative"),
+    ({"input_ids": [[1, -5]]}, "must be token ids, 0 to"),
+    ({"input_ids": [[1, 1 << 63]]}, "must be token ids, 0 to 9223372036854775807"),
     ({"input_ids": [[1, 2]], "labels": [[2, -7]]}, "-100"),
     ({"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}, "0 or 1"),
     ({"input_ids": [[1, 2]], "extra": 1}, "extra"),
@@ -267,8 +268,13 @@ def test_metrics_and_openapi_are_served(service, tc):
     tc.forward_backward(random_batch()).result()
     text = httpx.get(f"{service.base_url}/metrics").text
     assert 'tensafe_operations_total{status="succeeded",type="forward_backward"}' in text
-    schema = httpx.get(f"{service.base_url}/openapi.json").json()
+    for path in ("/openapi.json", "/docs", "/redoc"):  # behind the token (tensafe serve --open-docs opens them)
+        assert httpx.get(f"{service.base_url}{path}").status_code == 401
+    schema = service.transport.request("GET", "/openapi.json")
     assert "/v1/clients/{client_id}/operations" in schema["paths"]
+    body = schema["paths"]["/v1/clients/{client_id}/operations/batch"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/SubmitOperations"
+    assert {"SubmitOperations", "SubmitOperation", "BatchData"} <= set(schema["components"]["schemas"])
     tc.optim_step().result()
 
 
@@ -289,7 +295,7 @@ def test_oversized_request_body_is_refused_before_it_is_read(service):
     headers = {"authorization": f"Bearer {service._local.token}", "content-type": "application/json"}
     response = httpx.post(f"{service.base_url}/v1/training_clients", content=b"x" * (65 << 20), headers=headers)
     assert response.status_code == 413
-    assert response.json()["error"]["type"] == "ValidationError"
+    assert response.json()["error"]["type"] == "RequestTooLargeError"
     assert "larger than" in response.json()["error"]["message"]
     assert httpx.get(f"{service.base_url}/healthz").status_code == 200
 

@@ -14,13 +14,13 @@ from tg_tinker.config import TrainingConfig
 from tg_tinker.resources import (
     GROUP,
     PRIVACY_BUDGETS,
-    TOKEN_KEY,
     TRAINER_PORT,
     VERSION,
     child_name,
     key_secret_name,
     privacy_budget_name,
     tls_secret_name,
+    token_key,
     trainer_url,
 )
 from tg_tinker.types import CreateTrainingClient
@@ -161,7 +161,7 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "TENSAFE_HOME", "value": DATA_DIR},
         {"name": "TENSAFE_KEYS_DIR", "value": KEYS_DIR},
         {"name": "TENSAFE_CLIENT_CONFIG", "value": client_config(tc).model_dump_json()},
-        {"name": "TENSAFE_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}},
+        {"name": "TENSAFE_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": token_key(tc)}}},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]

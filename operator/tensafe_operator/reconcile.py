@@ -12,12 +12,12 @@ from typing import Optional
 
 from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
 from tg_tinker.errors import TGTinkerError
-from tg_tinker.resources import TRAINING_CLIENTS, trainer_access
+from tg_tinker.resources import TRAINING_CLIENTS, token_key, trainer_access
 from tg_tinker.transport import Transport
 from tg_tinker.types import ClientInfo, SaveStateRequest
 
 from . import status as status_of
-from .builders import (TOKEN_KEY, TrainerDefaults, build_claim, build_ledger_role, build_ledger_role_binding, build_pod,
+from .builders import (TrainerDefaults, build_claim, build_ledger_role, build_ledger_role_binding, build_pod,
                        build_privacy_budget, build_service, build_service_account, child_name, dp_config_of,
                        key_secret_name, owner_reference, tenant_of)
 from .connections import TrainerConnections
@@ -40,8 +40,8 @@ def ensure_credentials(kube: Kube, tc: dict) -> None:
     """The key Secret holds a bearer token and the tenant's key set; whatever is missing is generated."""
     namespace = tc["metadata"]["namespace"]
     provider = KubernetesSecretKeyProvider(kube.core, namespace, key_secret_name(tc))
-    if provider.get_value(TOKEN_KEY) is None:
-        provider.put_value(TOKEN_KEY, secrets.token_urlsafe(32).encode())
+    if provider.get_value(token_key(tc)) is None:  # this client instance's own token (see token_key)
+        provider.put_value(token_key(tc), secrets.token_urlsafe(32).encode())
         if not (tc["spec"].get("keySecretRef") or {}).get("name"):
             # Our own default Secret goes with the training client; a named one is the tenant's to keep.
             kube.core.patch_namespaced_secret(key_secret_name(tc), namespace,

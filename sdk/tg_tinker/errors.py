@@ -102,6 +102,24 @@ class TrainingClientNotFoundError(TrainingClientError):
     http_status = 404
 
 
+class ClientFailedError(TrainingClientError):
+    """The client is in ``ERROR``: it runs nothing more. Re-create it (``resume_from="latest"``)."""
+
+    http_status = 409
+
+
+class ClientTerminatedError(TrainingClientError):
+    """The client was terminated: it runs nothing more."""
+
+    http_status = 410
+
+
+class RequestTooLargeError(ValidationError):
+    """The request is larger than the trainer accepts from this caller (bytes, rows, tokens, nesting)."""
+
+    http_status = 413
+
+
 class OperationLostError(TGTinkerError):
     """The trainer no longer knows the operation (it restarted): its outcome is unknown."""
 
@@ -131,6 +149,9 @@ _BY_NAME: dict[str, type[TGTinkerError]] = {
         ConnectionError,
         TrainingClientError,
         TrainingClientNotFoundError,
+        ClientFailedError,
+        ClientTerminatedError,
+        RequestTooLargeError,
         OperationLostError,
         ResourceExhaustedError,
     )

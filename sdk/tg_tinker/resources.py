@@ -25,6 +25,15 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 
 TRAINER_PORT = 8000
 TOKEN_KEY = "token"  # the bearer token's key in the key Secret (beside the tenant's "<tenant>.json")
+
+
+def token_key(tc: dict[str, Any]) -> str:
+    """The key of this TrainingClient's own bearer token in its key Secret: ``token.<uid>``. Bound to the
+    object's uid, so a client deleted and created again under the same name (perhaps by another team,
+    with the same tenant Secret) gets a new token, and the old one opens nothing; and clients sharing one
+    tenant Secret never share a token."""
+    uid = (tc.get("metadata") or {}).get("uid")
+    return f"{TOKEN_KEY}.{uid}" if uid else TOKEN_KEY
 MAX_NAME = 63
 
 DurableRequest = Union[SaveStateRequest, LoadStateRequest]
@@ -123,9 +132,9 @@ def trainer_access(tc: dict[str, Any], read_secret: Callable[[str], dict[str, by
                    pod_ip: Optional[str] = None, base_url: Optional[str] = None) -> TrainerAccess:
     """``read_secret(name)`` returns a Secret's decoded data. Without ``pod_ip`` or ``base_url``: the
     Service DNS name (from inside the cluster)."""
-    token = read_secret(key_secret_name(tc)).get(TOKEN_KEY, b"").decode()
+    token = read_secret(key_secret_name(tc)).get(token_key(tc), b"").decode()
     if not token:
-        raise ValidationError(f"the key Secret {key_secret_name(tc)!r} has no {TOKEN_KEY!r} yet")
+        raise ValidationError(f"the key Secret {key_secret_name(tc)!r} has no {token_key(tc)!r} yet")
     tls = tls_secret_name(tc)
     verify: Union[bool, str] = read_secret(tls).get("ca.crt", b"").decode() or True if tls else True
     if base_url:

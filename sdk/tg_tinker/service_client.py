@@ -226,8 +226,13 @@ class ServiceClient:
             self._created.discard(client_id)
             self._kube.delete(client_id)
             return info.model_copy(update={"status": ClientStatus.TERMINATED})
-        # The client's transport stays open: later calls get the trainer's "terminated" error, not a crash.
-        return ClientInfo.parse(self._transport_for(client_id).request("DELETE", f"/v1/clients/{client_id}"))
+        info = ClientInfo.parse(self._transport_for(client_id).request("DELETE", f"/v1/clients/{client_id}"))
+        # Its token died with it: what is left to read of it (audit entries, artifacts, the outcome of its
+        # last operations, whose futures hold its transport) takes the service's own token from now on.
+        transport = self._clients.pop(client_id, None)
+        if transport is not None:
+            transport.use_token(self.transport.token)
+        return info
 
     def _run_durable(self, client_id: str, queue: OperationQueue, request: DurableRequest):
         """A save or load. On Kubernetes it is also a TrainingOperation resource: created first, then

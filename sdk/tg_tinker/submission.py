@@ -29,10 +29,9 @@ from typing import Any, Callable, Optional
 from .errors import OperationCancelledError, ResourceExhaustedError, TGTinkerError, error_from_wire
 from .futures import Future
 from .transport import Transport
-from .types import MAX_SUBMISSIONS, RESULT_TYPES, SubmittedOperations
+from .types import MAX_PACKED_BYTES, MAX_SUBMISSIONS, RESULT_TYPES, SubmittedOperations
 
 MAX_UNSENT = 256  # operations waiting to be sent before a call blocks
-MAX_REQUEST_BYTES = 8 << 20  # a request takes more operations only while it stays under this size
 IDLE_EXIT_S = 5.0  # the sender thread ends after this long with nothing to send
 BUSY_RETRY_S = (0.02, 1.0)  # first and longest wait while the trainer's queue is full
 EXIT_FLUSH_S = 30.0  # at interpreter exit, how long to wait for operations still unsent
@@ -153,7 +152,7 @@ class OperationQueue:
     def _take(self) -> list[_Unsent]:
         batch = [self._unsent.popleft()]
         size = len(batch[0].body)
-        while self._unsent and len(batch) < MAX_SUBMISSIONS and size + len(self._unsent[0].body) < MAX_REQUEST_BYTES:
+        while self._unsent and len(batch) < MAX_SUBMISSIONS and size + len(self._unsent[0].body) < MAX_PACKED_BYTES:
             batch.append(self._unsent.popleft())
             size += len(batch[-1].body)
         return batch

@@ -49,6 +49,14 @@ class Transport:
         self.retries, self.backoff = retries, backoff
         self._extensions = {"sni_hostname": server_name} if server_name else None
 
+    def use_token(self, token: Optional[str]) -> None:
+        """Present ``token`` from now on (requests already on their way keep the old one)."""
+        self.token = token
+        if token:
+            self._client.headers["authorization"] = f"Bearer {token}"
+        else:
+            self._client.headers.pop("authorization", None)
+
     def __enter__(self) -> "Transport":
         return self
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from .config import TrainingConfig
 from .wire import WireModel
@@ -54,6 +55,28 @@ def _as_int_rows(value: Any, name: str) -> list[list[int]]:
     return rows
 
 
+INT64_MAX = (1 << 63) - 1  # token ids and seeds become int64 tensors: larger ones are refused at the door
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+MAX_METADATA_BYTES = 64 << 10  # a checkpoint's metadata, as JSON
+MAX_METADATA_DEPTH = 16
+MAX_PACKED_BYTES = 4 << 20  # the SDK packs small operations into one request up to this size
+
+
+def _check_metadata(value: dict) -> dict:
+    def depth(node: Any, level: int) -> None:
+        if level > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            depth(child, level + 1)
+
+    depth(value, 1)
+    size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON, more than {MAX_METADATA_BYTES}")
+    return value
+
+
 class BatchData(WireModel):
     """One micro-batch. ``labels[b][t]`` is the target for position t (already shifted); -100 ignores it."""
 
@@ -82,13 +105,13 @@ class BatchData(WireModel):
         # Over distinct values, gathered in C: these run for every submitted batch.
         if self.attention_mask is not None and not set().union(*self.attention_mask) <= {0, 1}:
             raise ValueError("attention_mask values must be 0 or 1")
-        if min(map(min, self.input_ids)) < 0:
-            raise ValueError("input_ids must be non-negative token ids")
+        if min(map(min, self.input_ids)) < 0 or max(map(max, self.input_ids)) > INT64_MAX:
+            raise ValueError(f"input_ids must be token ids, 0 to {INT64_MAX}")
         if self.labels is not None:
             targets = set().union(*self.labels)
             targets.discard(IGNORE_INDEX)
-            if targets and min(targets) < 0:
-                raise ValueError(f"labels must be token ids or {IGNORE_INDEX} (ignored)")
+            if targets and (min(targets) < 0 or max(targets) > INT64_MAX):
+                raise ValueError(f"labels must be token ids (0 to {INT64_MAX}) or {IGNORE_INDEX} (ignored)")
         return self
 
     @property
@@ -124,7 +147,7 @@ class OptimStepRequest(WireModel):
 class SaveStateRequest(WireModel):
     type: Literal["save_state"] = "save_state"
     include_optimizer: bool = True
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(_check_metadata)] = Field(default_factory=dict)
     kind: Literal["checkpoint", "sampler"] = "checkpoint"
     name: Optional[str] = Field(None, max_length=128)
     # ``name`` and ``metadata`` sealed for the trainer (tg_tinker.sealing), as a TrainingOperation carries them.
@@ -144,13 +167,13 @@ class LoadStateRequest(WireModel):
 
 class SampleRequest(WireModel):
     type: Literal["sample"] = "sample"
-    prompt: Union[str, list[int]]
+    prompt: Union[Annotated[str, Field(max_length=1 << 20)], Annotated[list[TokenId], Field(max_length=1 << 20)]]
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=1)
-    stop: Optional[list[Union[str, int]]] = None
-    seed: Optional[int] = None
+    stop: Optional[list[Union[Annotated[str, Field(max_length=1024)], TokenId]]] = Field(None, max_length=64)
+    seed: Optional[int] = Field(None, ge=0, le=INT64_MAX)
     num_samples: int = Field(1, ge=1, le=64)
 
     @field_validator("prompt")
@@ -165,7 +188,7 @@ class SampleRequest(WireModel):
 
 class ComputeLogprobsRequest(WireModel):
     type: Literal["compute_logprobs"] = "compute_logprobs"
-    tokens: list[int] = Field(min_length=1)
+    tokens: list[TokenId] = Field(min_length=1)
 
 
 class ExportAdapterRequest(WireModel):

@@ -34,6 +34,14 @@ class WireModel(pydantic.BaseModel):
             raise describe_pydantic_error(exc, type(self).__name__) from None
 
     @classmethod
+    def parse_json(cls, raw: bytes | str):
+        """Validate a JSON document into this model, raising TenSafe's ``ValidationError``."""
+        try:
+            return cls.model_validate_json(raw)
+        except pydantic.ValidationError as exc:
+            raise describe_pydantic_error(exc, cls.__name__) from None
+
+    @classmethod
     def parse(cls, data: Any):
         """Validate wire data (a dict) into this model, raising TenSafe's ``ValidationError``."""
         if isinstance(data, cls):

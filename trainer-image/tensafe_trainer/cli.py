@@ -12,7 +12,7 @@ def _serve(args) -> int:
     from .serve import run
 
     run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
-        args.client_config, args.log_level, args.tls_cert, args.tls_key)
+        args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs)
     return 0
 
 
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve HTTPS with this certificate (PEM; default $TENSAFE_TLS_CERT)")
     serve.add_argument("--tls-key", type=Path, default=os.environ.get("TENSAFE_TLS_KEY"),
                        help="its private key (PEM; default $TENSAFE_TLS_KEY)")
+    serve.add_argument("--open-docs", action="store_true",
+                       help="serve /docs, /redoc and /openapi.json without a token (default: they need one)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M with LoRA on the bundled dataset")

@@ -33,6 +33,9 @@ from tg_tinker.errors import TGTinkerError, TrainingClientError, error_from_wire
 
 log = logging.getLogger("tensafe.engine")
 
+# The operations that add to (or consume) the pending gradients: only their failure may discard them. A
+# failed sample or save leaves the batch accumulated so far alone.
+ACCUMULATING = frozenset({"forward_backward", "forward_backward_sampled", "optim_step"})
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
 
 _context = None
@@ -64,8 +67,12 @@ class Reply:
 
 
 def _summary(runtime) -> dict:
-    return {"step": runtime.engine.step, "total_epsilon": runtime.engine.total_epsilon,
-            "last_checkpoint": runtime.last_checkpoint, "resumed_from": runtime.resumed_from}
+    engine = runtime.engine
+    return {"step": engine.step, "total_epsilon": engine.total_epsilon,
+            "last_checkpoint": runtime.last_checkpoint, "resumed_from": runtime.resumed_from,
+            # what the door checks submissions against (admission.Limits)
+            "vocab_size": engine.vocab_size, "batch_size": engine.config.batch_size,
+            "max_seq_len": engine.config.max_seq_len}
 
 
 def _build(spec: dict, home: Path):
@@ -190,8 +197,8 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
             with threads.working():
                 outcome = runtime.execute(request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
-            if not isinstance(exc, TGTinkerError):
-                runtime.engine.discard_gradients()
+            if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
+                runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
             answer(seq, error=_wire(exc, request.type))
             continue
         dp = getattr(outcome.result, "dp_metrics", None)
@@ -205,8 +212,9 @@ def _wire(exc: BaseException, operation: str = "start-up") -> dict:
         return exc.to_wire()
     log.error("%s failed:\n%s", operation, traceback.format_exc())
     return TrainingClientError(
-        f"{operation} failed inside the trainer ({type(exc).__name__}: {exc}); the current logical batch's "
-        "gradients were discarded", {"operation": operation}).to_wire()
+        f"{operation} failed inside the trainer ({type(exc).__name__}: {exc})"
+        + ("; the current logical batch's gradients were discarded" if operation in ACCUMULATING else ""),
+        {"operation": operation}).to_wire()
 
 
 def busy_counter():
@@ -247,6 +255,14 @@ class EngineProcess:
             raise TrainingClientError(
                 f"the engine process died during {what} (exit code {code}); this client must be restarted "
                 "from its last checkpoint", {"exit_code": code}) from None
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return self.process.exitcode
 
     def hand_over(self, seq: int, request: Any) -> None:
         """Queue ``request`` as operation ``seq`` (numbered from 0, in order) behind those handed over before."""

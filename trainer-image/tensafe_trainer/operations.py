@@ -30,6 +30,7 @@ from tg_tinker.types import (
     WireModel,
 )
 
+from .admission import TRAINING_ONLY
 from .artifacts import ArtifactStore
 from .crypto import ALGORITHM
 from .datasets import find_dataset, load_examples
@@ -37,7 +38,6 @@ from .engine import TrainingEngine, deserialize_state, write_state
 from .ledger import open_ledger
 from .sampling import Sampler
 
-TRAINING_ONLY = {"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"}
 
 
 @dataclass

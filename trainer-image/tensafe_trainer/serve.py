@@ -15,12 +15,15 @@ import uvicorn
 
 from tg_tinker.types import CreateTrainingClient
 
+from .http_guard import MAX_HEADER_BYTES, GuardedH11Protocol
 from .paths import tensafe_home
 from .server import Settings, create_app
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
 CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
 MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
+MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
+MIN_FREE_MEMORY_ENV = "TENSAFE_MIN_FREE_MEMORY"  # bytes the machine must have available to start a client
 
 
 def _watch_parent(pid: int) -> None:
@@ -35,9 +38,10 @@ def _watch_parent(pid: int) -> None:
 
 def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], parent_pid: Optional[int],
         insecure_no_auth: bool, client_config: Optional[Path], log_level: str,
-        tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None) -> None:
+        tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None, open_docs: bool = False) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = os.environ.get(TOKEN_ENV)
+    # Taken out of the environment: the engine processes this server spawns must not inherit it.
+    token = os.environ.pop(TOKEN_ENV, None)
     if not token and not insecure_no_auth:
         raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")
@@ -46,7 +50,10 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     if raw:
         initial = CreateTrainingClient.parse(json.loads(raw))
     settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
-                        max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)))
+                        max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
+                        max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),
+                        min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
+                        open_docs=open_docs)
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it
@@ -60,6 +67,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     if bool(tls_cert) != bool(tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_keep_alive=30,
+                            http=GuardedH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             ssl_certfile=str(tls_cert) if tls_cert else None,
                             ssl_keyfile=str(tls_key) if tls_key else None)
     server = uvicorn.Server(config)

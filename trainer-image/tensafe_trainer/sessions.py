@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 from tg_tinker.errors import (
     AuditIntegrityError,
+    ClientFailedError,
+    ClientTerminatedError,
     OperationCancelledError,
     ResourceExhaustedError,
     TGTinkerError,
@@ -30,6 +32,7 @@ from tg_tinker.errors import (
 from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
 
 from . import metrics
+from .admission import Limits
 from .audit import request_hash
 from .audit_writer import AuditWriter
 from .engine_process import PIPELINE_DEPTH, EngineProcess
@@ -37,6 +40,7 @@ from .privacy import public_dp_metrics
 
 log = logging.getLogger("tensafe.trainer")
 
+ENGINE_WATCH_S = 0.5  # how often an idle client's worker checks that its engine process is alive
 Signer = Callable[[dict], dict]  # receipt claims -> signed receipt (tg_tinker.receipts)
 
 
@@ -89,21 +93,41 @@ class Operation:
 
 
 class OperationIndex:
-    """Operation id -> (operation, session), forgetting the oldest finished ones past ``capacity``.
-    A forgotten operation answers OperationLostError, as after a restart."""
+    """Operation id -> (operation, session), and the results kept for polling, bounded three ways: at most
+    ``capacity`` in all, ``per_client`` of any one client, none finished longer ago than ``ttl_s``. Only
+    finished operations are forgotten, oldest first; a forgotten one answers OperationLostError, as after
+    a restart."""
 
-    def __init__(self, capacity: int = 100_000):
-        self.capacity = capacity
+    def __init__(self, capacity: int = 100_000, per_client: int = 2_000, ttl_s: float = 3600.0):
+        self.capacity, self.per_client, self.ttl_s = capacity, per_client, ttl_s
         self._ops: collections.OrderedDict[str, tuple[Operation, "Session"]] = collections.OrderedDict()
+        self._by_client: dict[int, collections.deque[Operation]] = {}  # id(session) -> its operations, in order
 
     def add(self, op: Operation, session: "Session") -> None:
         self._ops[op.id] = (op, session)
-        while len(self._ops) > self.capacity:
-            oldest_id, (oldest, owner) = next(iter(self._ops.items()))
-            if not oldest.status.finished:
+        mine = self._by_client.setdefault(id(session), collections.deque())
+        mine.append(op)
+        while len(mine) > self.per_client and mine[0].status.finished:
+            self._forget(mine.popleft(), session)
+        now = time.time()
+        while self._ops:
+            oldest, owner = next(iter(self._ops.values()))
+            expired = oldest.finished_at is not None and now - oldest.finished_at > self.ttl_s
+            if not oldest.status.finished or not (expired or len(self._ops) > self.capacity):
                 break
-            del self._ops[oldest_id]
-            owner.forget(oldest)
+            self._forget(oldest, owner)
+
+    def _forget(self, op: Operation, owner: "Session") -> None:
+        if self._ops.pop(op.id, None) is None:
+            return
+        mine = self._by_client.get(id(owner))
+        if mine and mine[0] is op:
+            mine.popleft()
+        elif mine is not None and op in mine:
+            mine.remove(op)
+        if mine is not None and not mine:
+            del self._by_client[id(owner)]
+        owner.forget(op)
 
     def get(self, operation_id: str) -> tuple[Operation, "Session"]:
         return self._ops[operation_id]
@@ -157,10 +181,7 @@ class Session:
                     raise ValidationError("idempotency key reused for a different request",
                                           {"idempotency_key": key, "operation_id": existing.id})
                 return existing, False
-            if self.status in (ClientStatus.TERMINATED, ClientStatus.ERROR):
-                raise TrainingClientError(
-                    f"client {self.client_id} is {self.status.value}" + (f": {self.error}" if self.error else ""),
-                    {"status": self.status.value})
+            self.check_open()
             if len(self._queue) >= self._max_pending:
                 raise ResourceExhaustedError(
                     f"client {self.client_id} already has {len(self._queue)} operations queued; "
@@ -172,6 +193,16 @@ class Session:
             self._cond.notify()
         metrics.QUEUE_DEPTH.inc()
         return op, True
+
+    def check_open(self) -> None:
+        """Refuse work once the client runs nothing more: 410 terminated, 409 in ERROR (never a 500)."""
+        if self.status is ClientStatus.TERMINATED or self._stopping:
+            raise ClientTerminatedError(f"client {self.client_id} is TERMINATED: it runs nothing more",
+                                        {"status": ClientStatus.TERMINATED.value})
+        if self.status is ClientStatus.ERROR:
+            raise ClientFailedError(f"client {self.client_id} is ERROR: {self.error}; re-create it "
+                                    "(resume_from='latest') to go on from its last checkpoint",
+                                    {"status": ClientStatus.ERROR.value, "error_type": self.error_type})
 
     def _close_unrun(self, op: Operation, status: OperationStatus, error: dict) -> None:
         """Finish an operation that never ran (cancelled, or failed with its client), audited like any other."""
@@ -213,6 +244,15 @@ class Session:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def terminated(self) -> bool:
+        return self._stopping or self.status is ClientStatus.TERMINATED
+
+    @property
+    def limits(self) -> Limits:
+        """What one submission of this client may hold (checked at the door: admission.py)."""
+        return Limits.of(self.kind, self.config, self.engine.summary if self.engine else {})
 
     def terminate(self) -> None:
         with self._cond:
@@ -261,13 +301,20 @@ class Session:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not (self._queue or self._handed or self._stopping):
-                    self._cond.wait()
+                while not (self._queue or self._handed or self._stopping) and self.engine.alive:
+                    self._cond.wait(ENGINE_WATCH_S)
+                died_idle = not (self._queue or self._handed or self._stopping)
                 if self._stopping and not self._handed:
                     self.status = ClientStatus.TERMINATED
                     self.engine.close()
                     return
-                handing = self._take_for_engine()
+                handing = [] if died_idle else self._take_for_engine()
+            if died_idle:  # say so now, not at the client's next call
+                code = self.engine.exit_code
+                self._enter_error(TrainingClientError(
+                    f"the engine process died while idle (exit code {code}); this client must be restarted from "
+                    "its last checkpoint", {"exit_code": code}), f"client {self.client_id} lost its engine")
+                return
             for op, request in handing:
                 self.engine.hand_over(op.seq, request)
             if not self._finish_oldest():

@@ -1,0 +1,413 @@
+"""Hostile clients and other tenants (issue #17), scripted against a real `tensafe serve` on loopback:
+tokens that outlive their client, bodies sent before a token is checked, chunked bodies past the cap,
+batches a client cannot run, values past int64, a failed operation that used to drop pending gradients,
+an engine that dies while idle, open docs. Each test fails on the code before #17."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from conftest import VOCAB, random_batch, tiny_config
+from tg_tinker import AuthenticationError, ClientFailedError, ClientTerminatedError, ServiceClient
+from tg_tinker.errors import ValidationError
+from tg_tinker.transport import Transport
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hostile-home")
+
+
+@pytest.fixture(scope="module")
+def svc(home):
+    with ServiceClient(home=home) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def victim(svc):
+    client = svc.create_training_client(tiny_config(batch_size=2), client_id="victim")
+    yield client
+    client.close()
+
+
+def create(svc, client_id, tenant, **config):
+    body = {"config": tiny_config(**config).model_dump(mode="json"), "client_id": client_id, "tenant_id": tenant}
+    return svc.transport.request("POST", "/v1/training_clients", json=body)
+
+
+def wait_ready(svc, client_id):
+    for _ in range(600):
+        if svc.transport.request("GET", f"/v1/clients/{client_id}")["status"] in ("READY", "ERROR"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{client_id} never became ready")
+
+
+def run(transport, client_id, request, wait=60):
+    record = transport.request("POST", f"/v1/clients/{client_id}/operations", json={"request": request})
+    return transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": wait})
+
+
+def raw_http(url: str, head: bytes, body_chunks=(), read_timeout=10.0) -> bytes:
+    """Speak HTTP/1.1 by hand (what a hostile client sends is not what httpx would): the head, then the
+    body on a thread of its own while the answer is read, as a server may answer before the body ends."""
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=read_timeout) as sock:
+        sock.sendall(head)
+
+        def send_body():
+            try:
+                for chunk in body_chunks:
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # refused early: the server closed while we were still sending
+
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        answer = b""
+        try:
+            while True:  # to the end: each refusal here closes the connection
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (ConnectionResetError, socket.timeout):
+            pass
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout=10)
+        return answer
+
+
+def test_a_deleted_clients_token_opens_nothing_not_even_its_own_artifacts(svc):
+    old = create(svc, "shared-bot", "t1")
+    wait_ready(svc, "shared-bot")
+    with Transport(svc.base_url, old["access_token"]) as token:
+        saved = run(token, "shared-bot", {"type": "save_state"})["result"]["artifact_id"]
+        assert token.request("GET", "/v1/artifacts", params={"tenant_id": "t1"})  # works while it lives
+    svc.transport.request("DELETE", "/v1/clients/shared-bot")
+    reads = [("GET", "/v1/clients/shared-bot", None), ("GET", "/v1/artifacts", {"tenant_id": "t1"}),
+             ("GET", f"/v1/artifacts/{saved}", {"tenant_id": "t1"}),
+             ("GET", f"/v1/artifacts/{saved}/content", {"tenant_id": "t1"}),
+             ("GET", "/v1/audit", {"tenant_id": "t1"}), ("GET", "/v1/audit/head", {"tenant_id": "t1"})]
+    with Transport(svc.base_url, old["access_token"]) as stale:
+        for method, path, params in reads:
+            with pytest.raises(AuthenticationError, match="was terminated: it opens nothing"):
+                stale.request(method, path, params=params)
+    # The id reused by another tenant: the old token reaches none of it either.
+    new = create(svc, "shared-bot", "t2")
+    wait_ready(svc, "shared-bot")
+    try:
+        with Transport(svc.base_url, old["access_token"]) as stale:
+            for method, path, body in (("GET", "/v1/clients/shared-bot", None),
+                                       ("POST", "/v1/clients/shared-bot/operations",
+                                        {"request": {"type": "export_adapter"}}),
+                                       ("POST", "/v1/sampling_clients",
+                                        {"training_client_id": "shared-bot", "tenant_id": "t2"}),
+                                       ("GET", "/v1/artifacts", None)):
+                with pytest.raises(AuthenticationError, match="wrong bearer token|opens nothing"):
+                    stale.request(method, path, json=body, params={"tenant_id": "t2"} if method == "GET" else None)
+        with Transport(svc.base_url, new["access_token"]) as fresh:
+            assert fresh.request("GET", "/v1/clients/shared-bot")["tenant_id"] == "t2"
+    finally:
+        svc.transport.request("DELETE", "/v1/clients/shared-bot")
+
+
+def test_work_for_a_terminated_or_failed_client_is_409_or_410_never_500(svc):
+    create(svc, "doomed", "default")
+    wait_ready(svc, "doomed")
+    svc.transport.request("DELETE", "/v1/clients/doomed")
+    response = httpx.post(f"{svc.base_url}/v1/clients/doomed/operations", json={"request": {"type": "optim_step"}},
+                          headers={"authorization": f"Bearer {svc._local.token}"})
+    assert response.status_code == 410 and response.json()["error"]["type"] == "ClientTerminatedError"
+    with pytest.raises(ClientTerminatedError, match="TERMINATED"):
+        run(svc.transport, "doomed", {"type": "optim_step"})
+
+
+def test_an_unauthenticated_body_is_refused_before_it_is_read(svc):
+    """64 MiB declared, not one byte of it sent: the 401 comes at once (the old server waited for the body)."""
+    head = (b"POST /v1/training_clients HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (64 << 20))
+    start = time.monotonic()
+    answer = raw_http(svc.base_url, head)
+    assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - start < 5
+    assert b"AuthenticationError" in answer or b"www-authenticate" in answer.lower()
+
+
+def test_a_chunked_body_is_counted_and_cut_off_at_the_callers_limit(svc, victim):
+    """Transfer-Encoding: chunked carries no Content-Length: the bytes are counted as they arrive."""
+    token = svc._clients[victim.id].token
+    head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"x" * (1 << 20)
+    sent = []
+
+    def chunks():
+        for _ in range(80):  # 80 MiB, far past what this batch_size=2 client may send
+            sent.append(len(chunk))
+            yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        yield b"0\r\n\r\n"
+
+    answer = raw_http(svc.base_url, head, chunks(), read_timeout=30)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"RequestTooLargeError" in answer
+    assert sum(sent) < 40 << 20  # refused long before the end (the socket's buffers hold a few MiB)
+    assert victim.refresh().info.queue_depth == 0
+
+
+@pytest.mark.parametrize("request_body, status, error, message", [
+    ({"type": "forward_backward", "batch": random_batch(rows=3)}, 413, "RequestTooLargeError",
+     "3 examples, more than batch_size=2"),
+    ({"type": "forward_backward", "batch": random_batch(rows=2, width=65)}, 413, "RequestTooLargeError",
+     "more than max_seq_len=64"),
+    ({"type": "forward_backward", "batch": {"input_ids": [[1, VOCAB]]}}, 422, "ValidationError",
+     f"token id {VOCAB}, outside the model's vocabulary of {VOCAB}"),
+    ({"type": "forward_backward", "batch": {"input_ids": [[1, 1 << 63]]}}, 422, "ValidationError",
+     "0 to 9223372036854775807"),
+    ({"type": "sample", "prompt": [1, 2], "seed": 1 << 70}, 422, "ValidationError", "seed"),
+    ({"type": "compute_logprobs", "tokens": [1, 10 ** 6]}, 422, "ValidationError", "outside the model's vocabulary"),
+])
+def test_submissions_are_checked_at_the_door_against_what_the_client_can_run(svc, victim, request_body, status,
+                                                                             error, message):
+    before = victim.refresh().info.queue_depth
+    response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", json={"request": request_body},
+                          headers={"authorization": f"Bearer {svc._local.token}"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["type"] == error and message in response.json()["error"]["message"]
+    assert victim.refresh().info.queue_depth == before
+
+
+def test_a_batch_with_one_bad_submission_queues_nothing(svc, victim):
+    nested: dict = {}
+    node = nested
+    for _ in range(300):
+        node["a"] = {}
+        node = node["a"]
+    steps = len(svc.get_audit_logs(training_client_id=victim.id, operation="optim_step", limit=1000))
+    body = {"submissions": [{"request": {"type": "optim_step"}},
+                            {"request": {"type": "save_state", "metadata": nested}}]}
+    response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", json=body,
+                          headers={"authorization": f"Bearer {svc._local.token}"})
+    assert response.status_code == 422 and response.json()["error"]["type"] == "ValidationError"
+    over = {"submissions": [{"request": {"type": "optim_step"}},
+                            {"request": {"type": "forward_backward", "batch": random_batch(rows=5)}}]}
+    response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", json=over,
+                          headers={"authorization": f"Bearer {svc._local.token}"})
+    assert response.status_code == 413 and "batch_size=2" in response.json()["error"]["message"]
+    time.sleep(0.5)
+    assert len(svc.get_audit_logs(training_client_id=victim.id, operation="optim_step", limit=1000)) == steps
+
+
+def test_metadata_is_bounded_in_size_and_depth(victim):
+    with pytest.raises(ValidationError, match="more than 65536"):
+        victim.save_state(metadata={"blob": "x" * 70_000})
+    deep: dict = {}
+    node = deep
+    for _ in range(20):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(ValidationError, match="deeper than 16 levels"):
+        victim.save_state(metadata=deep)
+
+
+def test_one_clients_largest_request_does_not_freeze_the_server(svc, victim):
+    """A body at this client's limit (here one row of two million tokens, refused once parsed) is parsed on
+    a worker thread: /healthz keeps answering meanwhile."""
+    from tensafe_trainer.admission import Limits, body_limit
+
+    limit = body_limit(Limits("training", 2, 64, VOCAB))
+    prefix, suffix = b'{"submissions":[{"request":{"type":"forward","batch":{"input_ids":[[', b"]]}}}]}"
+    body = prefix + b",".join([b"7"] * ((limit - len(prefix) - len(suffix)) // 2)) + suffix
+    assert limit - 4 <= len(body) <= limit
+    worst, done = 0.0, threading.Event()
+
+    def probe():
+        nonlocal worst
+        with httpx.Client() as client:
+            while not done.is_set():
+                start = time.monotonic()
+                client.get(f"{svc.base_url}/healthz", timeout=30)
+                worst = max(worst, time.monotonic() - start)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(3):
+            response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", content=body,
+                                  timeout=120, headers={"authorization": f"Bearer {svc._local.token}",
+                                                        "content-type": "application/json"})
+            assert response.status_code == 413 and "max_seq_len=64" in response.json()["error"]["message"]
+    finally:
+        done.set()
+        prober.join()
+    assert worst < 1.0, f"/healthz took {worst:.2f}s while a large request was parsed"  # a loose bound
+
+
+def test_a_failed_sample_leaves_the_accumulated_gradients_alone(tensafe_home):
+    """The engine's own rule behind the door's checks: only an operation that accumulates gradients may
+    discard them when it fails. A sample failing inside the engine (its seed past what torch takes, sent
+    past the door's check here) once silently dropped the batch, and the next optim_step changed nothing."""
+    from tensafe_trainer.engine_process import EngineProcess
+
+    from tg_tinker.types import (BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest,
+                                 SampleRequest)
+
+    config = tiny_config()
+    spec = {"kind": "training", "client_id": "tc-keep", "tenant_id": "default",
+            "config": config.model_dump(mode="json")}
+    engine = EngineProcess(spec, tensafe_home)
+    batch = BatchData(**random_batch())
+    try:
+        engine.hand_over(0, ForwardRequest(batch=batch))
+        before = engine.reply("forward").result["loss"]
+        engine.hand_over(1, ForwardBackwardRequest(batch=batch))
+        assert engine.reply("forward_backward").ok
+        bad = SampleRequest.model_construct(type="sample", prompt=[1, 2], max_tokens=2, temperature=1.0, top_p=1.0,
+                                            top_k=None, stop=None, seed=1 << 70, num_samples=1)
+        engine.hand_over(2, bad)
+        failed = engine.reply("sample")
+        assert failed.error is not None and "discarded" not in failed.error["message"]
+        engine.hand_over(3, OptimStepRequest())
+        assert engine.reply("optim_step").ok
+        engine.hand_over(4, ForwardRequest(batch=batch))
+        assert engine.reply("forward").result["loss"] < before  # the step used the batch's gradients
+    finally:
+        engine.close()
+
+
+def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_path):
+    from test_faults import engine_pids
+
+    with ServiceClient(home=tmp_path) as service:
+        tc = service.create_training_client(tiny_config(), client_id="idle")
+        os.kill(engine_pids(service._local.process.pid)[-1], signal.SIGKILL)
+        for _ in range(100):
+            if tc.refresh().status.value == "ERROR":
+                break
+            time.sleep(0.1)
+        assert tc.info.status.value == "ERROR" and "died while idle" in tc.info.error
+        assert httpx.get(f"{service.base_url}/readyz").json()["failed"] == 1
+        with pytest.raises(ClientFailedError, match="is ERROR"):
+            tc.optim_step().result(timeout=30)
+        # Re-created under the same id: the old instance's token is revoked, the new one works.
+        old_token = service._clients["idle"].token
+        fresh = service.create_training_client(tiny_config(), client_id="idle")
+        assert fresh.optim_step().result().step == 1
+        with Transport(service.base_url, old_token) as stale, pytest.raises(AuthenticationError, match="replaced"):
+            stale.request("GET", "/v1/clients/idle")
+
+
+def test_engine_processes_get_no_admin_token(svc, victim):
+    from test_faults import engine_pids
+
+    for pid in engine_pids(svc._local.process.pid):
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert not any(entry.startswith(b"TENSAFE_AUTH_TOKEN=") for entry in environ)
+        assert svc._local.token.encode() not in b"\0".join(environ)
+
+
+def test_docs_need_a_token_and_readyz_names_no_client(svc, victim):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{svc.base_url}{path}").status_code == 401
+    ready = httpx.get(f"{svc.base_url}/readyz").text
+    assert victim.id not in ready
+
+
+def test_a_silent_connection_is_closed_after_the_header_deadline(svc, monkeypatch):
+    from tensafe_trainer.http_guard import HEADER_TIMEOUT_S
+
+    parsed = urlparse(svc.base_url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=HEADER_TIMEOUT_S + 20) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        start = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert HEADER_TIMEOUT_S - 1 <= time.monotonic() - start <= HEADER_TIMEOUT_S + 10
+
+
+def test_an_oversized_header_is_refused(svc):
+    answer = raw_http(svc.base_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (1 << 20) + b"\r\n\r\n")
+    assert not answer.startswith(b"HTTP/1.1 200")
+
+
+def test_clients_per_trainer_are_limited_with_a_clear_error(tmp_path, monkeypatch):
+    from tg_tinker import ResourceExhaustedError
+
+    monkeypatch.setenv("TENSAFE_MAX_CLIENTS", "1")
+    with ServiceClient(home=tmp_path) as service:
+        first = service.create_training_client(tiny_config())
+        with pytest.raises(ResourceExhaustedError, match="already runs 1 clients, its limit"):
+            service.create_training_client(tiny_config())
+        first.close()
+        assert service.create_training_client(tiny_config()).optim_step().result().step == 1
+
+
+def test_a_client_is_refused_when_the_machine_lacks_the_memory_to_start_it(tmp_path, monkeypatch):
+    from tg_tinker import ResourceExhaustedError
+
+    monkeypatch.setenv("TENSAFE_MIN_FREE_MEMORY", str(1 << 50))  # a petabyte: more than any machine has free
+    with ServiceClient(home=tmp_path) as service:
+        with pytest.raises(ResourceExhaustedError, match="MiB of memory available, less than the"):
+            service.create_training_client(tiny_config())
+
+
+def test_open_docs_is_a_flag_of_the_server(tmp_path):
+    from fastapi.testclient import TestClient
+    from tensafe_trainer.server import Settings, create_app
+
+    for open_docs, status in ((False, 401), (True, 200)):
+        app = create_app(Settings(home=tmp_path / str(open_docs), token="admin-token", open_docs=open_docs))
+        with TestClient(app) as client:
+            assert client.get("/openapi.json").status_code == status
+            assert client.get("/v1/clients").status_code == 401  # the flag opens the docs only
+            assert client.get("/v1/clients", headers={"authorization": "Bearer admin-token"}).json() == []
+
+
+def test_results_kept_per_client_are_bounded():
+    import asyncio
+
+    from tensafe_trainer.sessions import Operation, OperationIndex
+    from tg_tinker.types import OperationStatus, OptimStepRequest
+
+    class Owner:
+        def __init__(self):
+            self.forgotten = []
+
+        def forget(self, op):
+            self.forgotten.append(op.id)
+
+    loop = asyncio.new_event_loop()
+    index = OperationIndex(capacity=100, per_client=3, ttl_s=60)
+    noisy, quiet = Owner(), Owner()
+    ops = [Operation("noisy", OptimStepRequest(), None, "fp", loop) for _ in range(6)]
+    kept = Operation("quiet", OptimStepRequest(), None, "fp", loop)
+    index.add(kept, quiet)
+    kept.finish(OperationStatus.SUCCEEDED, result={})
+    for op in ops:
+        index.add(op, noisy)
+        op.finish(OperationStatus.SUCCEEDED, result={})
+    assert noisy.forgotten == [op.id for op in ops[:3]] and quiet.forgotten == []  # one client's flood only
+    kept.finished_at -= 120  # past the TTL: forgotten at the next add
+    index.add(Operation("noisy", OptimStepRequest(), None, "fp", loop), noisy)
+    assert quiet.forgotten == [kept.id]
+    with pytest.raises(KeyError):
+        index.get(kept.id)
+    loop.close()
+
+
+def test_tenant_ids_match_in_full_and_reads_create_no_folder(svc, home):
+    for bad in ("t2\n", "../t2", "t2/x"):
+        with pytest.raises((ValidationError, AuthenticationError)):
+            svc.transport.request("GET", "/v1/artifacts", params={"tenant_id": bad})
+    svc.transport.request("GET", "/v1/artifacts", params={"tenant_id": "never-used"})
+    assert not (home / "artifacts" / "never-used").exists() and not (home / "artifacts" / "t2\n").exists()

@@ -1,0 +1,91 @@
+"""What a client may submit, checked at the door against what it can run.
+
+The wire types (tg_tinker.types) check what holds for every client: shapes, signs, int64 range, the
+size and depth of metadata. Here: what depends on this client: rows against its ``batch_size``, tokens
+against its ``max_seq_len`` and its model's vocabulary, training operations on a sampling client, and
+how many bytes one request of this client may carry at all. A submission refused here is refused with
+422/413 before anything of its request is queued; the engine keeps its own checks behind these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tg_tinker.errors import RequestTooLargeError, ValidationError
+from tg_tinker.types import (
+    MAX_PACKED_BYTES,
+    ComputeLogprobsRequest,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    SampleRequest,
+)
+
+TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
+# A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them.
+BYTES_PER_TOKEN = 3 * 20
+BODY_SLACK = 256 << 10  # the envelope, metadata, a sealed blob
+TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many characters per allowed token cannot fit
+
+
+@dataclass(frozen=True)
+class Limits:
+    kind: str  # "training" or "sampling"
+    batch_size: int
+    max_seq_len: int
+    vocab_size: Optional[int]  # None until the engine has loaded the model
+
+    @classmethod
+    def of(cls, kind: str, config: Any, summary: dict) -> "Limits":
+        """From the engine's own report once it is up; before that, from the client's config."""
+        batch_size = summary.get("batch_size") or getattr(config, "batch_size", 1)
+        max_seq_len = summary.get("max_seq_len") or getattr(config, "max_seq_len", 2048)
+        return cls(kind, batch_size, max_seq_len, summary.get("vocab_size"))
+
+
+def body_limit(limits: Limits) -> int:
+    """The most bytes one request of this client may carry: a full batch of its, or a pack of small
+    operations (the SDK packs up to MAX_PACKED_BYTES), whichever is more."""
+    one_batch = limits.batch_size * limits.max_seq_len * BYTES_PER_TOKEN
+    return max(MAX_PACKED_BYTES, one_batch) + BODY_SLACK
+
+
+def admit(request: Any, limits: Limits) -> None:
+    """Refuse ``request`` (ValidationError 422, RequestTooLargeError 413) unless this client can run it."""
+    kind = request.type
+    if limits.kind == "sampling" and kind in TRAINING_ONLY:
+        raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
+    if isinstance(request, (ForwardBackwardRequest, ForwardRequest)):
+        rows, width = request.batch.shape
+        if rows > limits.batch_size:
+            raise RequestTooLargeError(f"batch has {rows} examples, more than batch_size={limits.batch_size}",
+                                       {"field": "input_ids", "rows": rows, "batch_size": limits.batch_size})
+        _check_length(width, limits, "input_ids")
+        _check_vocab(max(map(max, request.batch.input_ids)), limits, "input_ids")
+        if request.batch.labels is not None:
+            _check_vocab(max(map(max, request.batch.labels)), limits, "labels")
+    elif isinstance(request, SampleRequest):
+        if isinstance(request.prompt, list):
+            _check_length(len(request.prompt), limits, "prompt")
+            _check_vocab(max(request.prompt), limits, "prompt")
+        elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
+            raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
+                                       f"{limits.max_seq_len} tokens", {"field": "prompt"})
+        stop_ids = [s for s in request.stop or () if isinstance(s, int)]
+        if stop_ids:
+            _check_vocab(max(stop_ids), limits, "stop")
+    elif isinstance(request, ComputeLogprobsRequest):
+        _check_length(len(request.tokens), limits, "tokens")
+        _check_vocab(max(request.tokens), limits, "tokens")
+
+
+def _check_length(length: int, limits: Limits, name: str) -> None:
+    if length > limits.max_seq_len:
+        raise RequestTooLargeError(f"{name} has {length} tokens, more than max_seq_len={limits.max_seq_len}",
+                                   {"field": name, "length": length, "max_seq_len": limits.max_seq_len})
+
+
+def _check_vocab(top: int, limits: Limits, name: str) -> None:
+    if limits.vocab_size is not None and top >= limits.vocab_size:
+        raise ValidationError(f"{name} holds token id {top}, outside the model's vocabulary of {limits.vocab_size}",
+                              {"field": name, "token_id": top, "vocab_size": limits.vocab_size})

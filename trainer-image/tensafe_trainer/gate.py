@@ -1,0 +1,179 @@
+"""The door every request passes: who it is from, decided from the headers before a byte of the body is
+read, then the body read and counted against what that caller may send.
+
+Why an ASGI middleware and not a FastAPI dependency: FastAPI reads and parses a request's body before it
+resolves the endpoint's dependencies, so an unauthenticated 64 MiB body used to be read, parsed and held
+in memory on the event loop before its 401. Here an unknown caller is refused at once, a declared
+``Content-Length`` over the caller's limit is refused unread, and a chunked body is counted as it
+arrives and refused the moment it passes the limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from fastapi.responses import JSONResponse
+
+from tg_tinker.errors import AuthenticationError, PermissionDeniedError, RequestTooLargeError, TGTinkerError
+from tg_tinker.types import ArtifactInfo
+
+PRINCIPAL = "tensafe.principal"  # where the middleware leaves the caller, in the ASGI scope
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and counters: no token, nothing private
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from: the trainer's own token (``client_id`` None: everything) or one client's."""
+
+    client_id: Optional[str]
+    tenant_id: Optional[str] = None
+    session: Any = field(default=None, compare=False, repr=False)  # the one client instance it was issued for
+
+    def check(self, client_id: Optional[str]) -> None:
+        if self.client_id is not None and client_id != self.client_id:
+            raise PermissionDeniedError(f"this token belongs to training client {self.client_id!r}; it cannot use "
+                                        f"{client_id or 'other clients'!r}")
+
+    def check_tenant(self, tenant_id: str) -> None:
+        if self.tenant_id is not None and tenant_id != self.tenant_id:
+            raise PermissionDeniedError(f"this token belongs to a client of tenant {self.tenant_id!r}; it cannot "
+                                        f"reach tenant {tenant_id!r}", {"tenant_id": tenant_id})
+
+    def check_artifact(self, info: ArtifactInfo, granted: frozenset[str] | set[str] = frozenset()) -> None:
+        """A client's token reaches its own client's artifacts, and those granted to it; the trainer's token
+        reaches every one."""
+        self.check_tenant(info.tenant_id)
+        if self.client_id is not None and info.training_client_id != self.client_id \
+                and info.artifact_id not in granted:
+            raise PermissionDeniedError(
+                f"artifact {info.artifact_id} belongs to another training client: the token of client "
+                f"{self.client_id!r} opens its own artifacts only; use the trainer's own token to load, sample "
+                "or download another client's artifact, or grant it to this client with "
+                "ServiceClient.grant_artifact", {"artifact_id": info.artifact_id})
+
+    def visible(self, training_client_id: Optional[str]) -> Optional[str]:
+        """The client filter of a listing: a client's token sees its own client only, whatever it asked."""
+        if self.client_id is None:
+            return training_client_id
+        self.check(training_client_id or self.client_id)
+        return self.client_id
+
+
+class RevokedTokens:
+    """The digests of the latest revoked tokens, each with why: what such a token hears (bounded)."""
+
+    def __init__(self, capacity: int = 10_000):
+        self.capacity = capacity
+        self._why: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+
+    def remember(self, digest: bytes, why: str) -> None:
+        self._why[digest] = why
+        while len(self._why) > self.capacity:
+            self._why.popitem(last=False)
+
+    def why(self, digest: bytes) -> Optional[str]:
+        return self._why.get(digest)
+
+
+def resolve(state, admin_token: Optional[str], header: str) -> Principal:
+    """The principal an ``Authorization`` header names; AuthenticationError if none. A client's token
+    opens only the client instance it was issued for: once that client is terminated, or replaced by a
+    new one under the same id (perhaps another tenant's), the token is revoked for good."""
+    if admin_token is None:
+        return Principal(None)
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise AuthenticationError("missing or wrong bearer token for this trainer")
+    if hmac.compare_digest(presented.encode(), admin_token.encode()):
+        return Principal(None)
+    digest = token_digest(presented)  # a lookup by SHA-256: what timing can leak is about the hash
+    principal = state.client_tokens.get(digest) if state is not None else None
+    if principal is None:
+        raise AuthenticationError((state.revoked.why(digest) if state is not None else None)
+                                  or "missing or wrong bearer token for this trainer")
+    if state.sessions.get(principal.client_id) is not principal.session:
+        why = (f"this token belonged to an earlier client {principal.client_id!r}, since replaced: it opens "
+               "nothing any more")
+    elif principal.session.terminated:
+        why = f"this token's client {principal.client_id!r} was terminated: it opens nothing any more"
+    else:
+        return principal
+    del state.client_tokens[digest]
+    state.revoked.remember(digest, why)
+    raise AuthenticationError(why)
+
+
+class Gate:
+    """``limit_for(principal)``: the most body bytes that caller may send in one request."""
+
+    def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Principal], int],
+                 open_docs: bool = False):
+        self.app, self.admin_token, self.limit_for = app, admin_token, limit_for
+        self.open_paths = OPEN_PATHS | (DOC_PATHS if open_docs else frozenset())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        try:
+            state = getattr(scope["app"].state, "tensafe", None)
+            principal = resolve(state, self.admin_token, headers.get(b"authorization", b"").decode("latin-1"))
+            limit = self.limit_for(principal)
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                raise _too_large(limit)
+            body = await _read_body(receive, limit)
+        except TGTinkerError as error:
+            return await _refuse(error, scope, receive, send)
+        scope[PRINCIPAL] = principal
+        return await self.app(scope, _replay(body, receive), send)
+
+
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"request body larger than {limit} bytes, the most this caller may send",
+                                {"max_request_bytes": limit})
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise TGTinkerError("the client went away while sending its request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: only http.disconnect is left to hear
+
+    return replayed
+
+
+async def _refuse(error: TGTinkerError, scope, receive, send) -> None:
+    headers = {"connection": "close"}  # an unread body stays unread: this connection is done
+    if isinstance(error, AuthenticationError):
+        headers["www-authenticate"] = "Bearer"
+    response = JSONResponse({"error": error.to_wire()}, status_code=error.http_status, headers=headers)
+    await response(scope, receive, send)
