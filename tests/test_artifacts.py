@@ -12,7 +12,7 @@ from tg_tinker import ArtifactIntegrityError, ArtifactNotFoundError, ValidationE
 @pytest.fixture
 def store(tmp_path):
     from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     return ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
 
@@ -131,7 +131,7 @@ def test_renamed_artifact_and_other_tenant_are_refused(store):
 
 def test_wrong_key_is_refused(store, tmp_path):
     from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     info = put(store)
     stranger = ArtifactStore(store.root, LocalKeyProvider(tmp_path / "other-keys"))

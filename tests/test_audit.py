@@ -15,7 +15,7 @@ from conftest import random_batch
 
 @pytest.fixture
 def keys(tmp_path):
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     return LocalKeyProvider(tmp_path / "keys")
 
@@ -201,7 +201,7 @@ def test_every_operation_is_audited_through_the_service(service, tc):
     from pathlib import Path
 
     from tensafe_trainer.audit import verify as run
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     home = Path(os.environ["TENSAFE_HOME"])
     ok, _, message = run(home / "audit" / "default.jsonl", LocalKeyProvider(home / "keys").chain_key("default"),

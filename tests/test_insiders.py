@@ -265,7 +265,7 @@ def test_exports_are_built_in_memory(monkeypatch, tmp_path):
 
     from engine_helpers import make_engine
     from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
     from tensafe_trainer.operations import Runtime
 
     runtime = Runtime("tc-1", "default", "training", make_engine(),

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(bool(REAL_CLUSTER), reason="checks the emulator 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    from tensafe_operator.devcluster import DevCluster
+    from tensafe_devcluster import DevCluster
 
     with DevCluster(tmp_path_factory.mktemp("apiserver")) as dev:
         api_client = config.new_client_from_config(config_file=str(dev.kubeconfig_path))

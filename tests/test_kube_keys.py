@@ -15,7 +15,7 @@ PAYLOAD = os.urandom(2 * 1024 * 1024 + 5)
 
 @pytest.fixture
 def provider(cluster, namespace):
-    from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+    from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
 
     return KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys")
 
@@ -26,7 +26,7 @@ def secret_data(cluster, namespace):
 
 def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespace, provider, tmp_path):
     from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     store = ArtifactStore(tmp_path / "artifacts", provider)
     info = store.put(PAYLOAD, tenant_id="acme", training_client_id="tc-1", kind="checkpoint", step=1)
@@ -70,7 +70,7 @@ def test_other_values_in_the_secret_survive_key_changes(cluster, namespace, prov
 
 
 def test_concurrent_rotations_cannot_drop_a_key(cluster, namespace, provider):
-    from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+    from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
 
     from tg_tinker import TGTinkerError
 

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 
+import pytest
+import yaml
+
 from kube_helpers import ROOT, wait_for
+
+MODEL_OF_THE_DEV_EXAMPLE = yaml.safe_load((ROOT / "examples" / "dev" / "trainingclient.yaml").read_text())[
+    "spec"]["training"]["model_ref"]
 
 
 def test_apply_examples_then_get_shows_the_printer_columns(cluster, namespace):
@@ -15,8 +23,8 @@ def test_apply_examples_then_get_shows_the_printer_columns(cluster, namespace):
 
     table = wait_for("the operator's first status", lambda: (
         t := cluster.kubectl("get", "tc", "-n", namespace).stdout.splitlines()) and "INITIALIZING" in t[1] and t)
-    assert table[0].split() == ["NAME", "PHASE", "MODEL", "STEP", "EPSILON", "AGE"]
-    assert table[1].split()[:3] == ["support-bot", "INITIALIZING", "smollm2-135m"]
+    assert table[0].split() == ["NAME", "PHASE", "REASON", "MODEL", "STEP", "EPSILON", "AGE"]
+    assert table[1].split()[0:2] == ["support-bot", "INITIALIZING"] and "smollm2-135m" in table[1]
     assert cluster.kubectl("get", "tops", "-n", namespace).stdout.split()[:6] == [
         "NAME", "CLIENT", "TYPE", "PHASE", "ARTIFACT", "AGE"]
 
@@ -26,11 +34,52 @@ def test_apply_examples_then_get_shows_the_printer_columns(cluster, namespace):
         ready = {c["type"]: c for c in tc.get("status", {}).get("conditions", [])}.get("Ready", {})
         return ready.get("reason") == "Unschedulable" and ready
     assert "Insufficient nvidia.com/gpu" in wait_for("the scheduling reason", unschedulable)["message"]
+    # ... where people look: `kubectl get tc` shows the reason beside the phase, and a Warning Event says why.
+    assert cluster.kubectl("get", "tc", "-n", namespace).stdout.splitlines()[1].split()[:3] == [
+        "support-bot", "INITIALIZING", "Unschedulable"]
+    events = wait_for("the Warning event", lambda: [
+        e for e in cluster.core.list_namespaced_event(namespace).items
+        if e.involved_object.name == "support-bot" and e.reason == "Unschedulable"])
+    assert events[0].type == "Warning" and "Insufficient nvidia.com/gpu" in events[0].message
+    assert events[0].involved_object.kind == "TrainingClient"
+    described = cluster.kubectl("describe", "tc", "support-bot", "-n", namespace).stdout
+    assert "Events:" in described and "Unschedulable" in described.split("Events:")[1]
 
     again = cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
     assert "support-bot unchanged" in again.stdout
     cluster.kubectl("delete", "-n", namespace, "-f", str(ROOT / "examples" / "trainingclient.yaml"))
     wait_for("the pod to go", lambda: not cluster.core.list_namespaced_pod(namespace).items)
+
+
+def readme_block(after: str) -> list[str]:
+    """The shell lines of the README's first code block after the line containing ``after``."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readmes_dev_cluster_flow_reaches_ready_as_written(cluster):
+    """Exactly the README's kubectl lines, in the default namespace as a newcomer runs them, on the test
+    cluster (the README's first line starts it; here the session's cluster is already up)."""
+    lines = readme_block("### The test cluster")
+    assert lines[0].startswith(".venv/bin/tensafe dev-cluster") and lines[1].startswith("export KUBECONFIG=")
+    commands = lines[2:]
+    assert any("examples/dev/trainingclient.yaml" in c for c in commands)
+    try:
+        for command in commands:
+            words = shlex.split(command)
+            while words:
+                argv = words[:words.index("&&")] if "&&" in words else words
+                words = words[len(argv) + 1:]
+                assert argv[0] == "kubectl", command
+                result = cluster.kubectl(*argv[1:], check=False)
+                assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+        tc = json.loads(cluster.kubectl("get", "tc", "hello-tensafe", "-o", "json").stdout)
+        assert tc["status"]["phase"] == "READY" and tc["status"]["reason"] == "TrainerReady"
+    finally:
+        cluster.kubectl("delete", "-f", str(ROOT / "examples" / "dev" / "trainingclient.yaml"), check=False)
+        wait_for("the dev example's pod to go", lambda: not [p for p in cluster.core.list_namespaced_pod(
+            "default").items if p.metadata.name == "hello-tensafe-trainer"], timeout=60)
 
 
 def test_kustomization_renders_for_gitops():
@@ -95,3 +144,22 @@ def test_kubectl_creates_namespaces_and_secrets(cluster):
     secret = cluster.core.read_namespaced_secret("tenant", name)
     assert base64.b64decode(secret.data["token"]) == b"s3cret" and secret.type == "Opaque"
     cluster.core.delete_namespace(name)
+
+
+def test_make_demo_kube_walks_the_kubernetes_path_end_to_end():
+    """`make demo-kube` (its own dev cluster): apply the dev example, READY, train, save, show, stop."""
+    import sys
+
+    if os.environ.get("TENSAFE_TEST_KUBECONFIG"):
+        pytest.skip("the demo starts a dev cluster of its own")
+    demo = subprocess.run([sys.executable, "-m", "tensafe_devcluster.demo", "--steps", "3"], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = demo.stdout
+    assert "trainingclient.tensafe.io/hello-tensafe condition met" in out
+    assert "step 3: loss" in out and "receipt verified" in out
+    tc_row = [line for line in out.splitlines() if line.startswith("trainingclient.tensafe.io/hello-tensafe ")][-1]
+    assert tc_row.split()[1:4] == ["READY", "TrainerReady", MODEL_OF_THE_DEV_EXAMPLE] and tc_row.split()[4] == "3"
+    top_row = [line for line in out.splitlines() if line.startswith("trainingoperation.tensafe.io/hello-tensafe")][-1]
+    assert top_row.split()[2:4] == ["save_state", "Succeeded"]
+    assert "dev cluster stopped" in out

@@ -222,7 +222,7 @@ def test_trainer_serves_https_with_the_clients_tls_secret(cluster, namespace, tm
     the kubelet probes it, the operator and the SDK verify it by the Service's name."""
     import base64
 
-    from tensafe_operator.devcluster.tls import write_serving_certificate
+    from tensafe_devcluster.tls import write_serving_certificate
 
     ca, cert, key = write_serving_certificate(tmp_path, dns_names=(f"secure-trainer.{namespace}.svc",))
     data = {"ca.crt": ca, "tls.crt": cert, "tls.key": key}
@@ -244,3 +244,19 @@ def test_trainer_serves_https_with_the_clients_tls_secret(cluster, namespace, tm
     status = wait_for("the mirror over HTTPS", lambda: training_client(cluster, namespace, "secure")["status"]
                       .get("step") == 0 and training_client(cluster, namespace, "secure")["status"])
     assert status["endpoint"] == f"https://secure-trainer.{namespace}.svc:8000"
+
+
+def test_a_finished_operation_past_its_ttl_is_collected(cluster, namespace, service):
+    """The operator finds finished operations through its in-memory index of them (no listing) and deletes
+    those past ``ttlSecondsAfterFinished``."""
+    tc = service.create_training_client(tiny_config(), client_id="tidy")
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingOperation",
+            "metadata": {"name": "tidy-save", "namespace": namespace},
+            "spec": {"trainingClientRef": {"name": "tidy"}, "type": "save_state", "ttlSecondsAfterFinished": 2,
+                     "parameters": {"includeOptimizer": False}}}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TOPS, body)
+    wait_for("the save to succeed", lambda: (cluster.custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, TOPS, "tidy-save").get("status") or {}).get("phase") == "Succeeded")
+    wait_for("the operation to be collected", lambda: not cluster.custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, TOPS)["items"], timeout=30)
+    tc.close()

@@ -61,7 +61,7 @@ def test_training_schema_mirrors_the_sdk_config_and_guards_model_fields():
     for field in ("model_ref", "lora_config", "dtype"):
         assert schema["properties"][field]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
     columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Model", "Step", "Epsilon", "Age"]
+    assert columns == ["Phase", "Reason", "Model", "Step", "Epsilon", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["tc"]
 
 
@@ -186,7 +186,7 @@ class CrdValidator:
         self.schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
     def errors(self, document):
-        from tensafe_operator.devcluster.validation import prune, schema_errors
+        from tensafe_devcluster.validation import prune, schema_errors
 
         body = {k: v for k, v in document.items() if k != "metadata"}
         _, unknown = prune(body, self.schema)

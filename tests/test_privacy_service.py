@@ -160,7 +160,7 @@ def _tokens_metric(service) -> float:
 
 def test_request_hashes_are_hmacs_under_the_tenant_audit_key_which_shredding_destroys(tmp_path):
     from tensafe_trainer.audit import request_hash
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     key = keys.audit_key("acme")

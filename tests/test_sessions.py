@@ -88,7 +88,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     from tensafe_trainer.audit import AuditTrail
     from tensafe_trainer.audit_writer import AuditWriter
     from tensafe_trainer.engine_process import EngineProcess
-    from tensafe_trainer.keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
     from tensafe_trainer.sessions import Session
 
     from conftest import tiny_config

@@ -19,7 +19,7 @@ from conftest import random_batch, tiny_config
 
 @pytest.fixture
 def https_trainer(tmp_path):
-    from tensafe_operator.devcluster.tls import write_serving_certificate
+    from tensafe_devcluster.tls import write_serving_certificate
 
     ca, cert, key = write_serving_certificate(tmp_path / "pki")
     ready = tmp_path / "ready.json"

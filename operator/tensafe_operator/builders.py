@@ -7,6 +7,7 @@ and deleting the training client garbage-collects them.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -144,7 +145,7 @@ def build_claim(tc: dict[str, Any]) -> dict[str, Any]:
 
 def build_pod(tc: dict[str, Any], *, default_image: str,
               defaults: TrainerDefaults = TrainerDefaults()) -> dict[str, Any]:
-    from tensafe_trainer.keys_kubernetes import keyset_key
+    from tg_tinker.keys_kubernetes import keyset_key
 
     spec = tc["spec"]
     name = tc["metadata"]["name"]
@@ -235,3 +236,15 @@ def build_service(tc: dict[str, Any]) -> dict[str, Any]:
 def service_endpoint(tc: dict[str, Any]) -> str:
     """In-cluster address of the trainer."""
     return trainer_url(tc)
+
+
+def build_event(tc: dict[str, Any], event_type: str, reason: str, message: str, when: str) -> dict[str, Any]:
+    """A core/v1 Event about the TrainingClient (``kubectl describe tc`` lists it)."""
+    meta = tc["metadata"]
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": tc.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": "TrainingClient",
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": event_type, "reason": reason, "message": message[:1024], "count": 1,
+            "firstTimestamp": when, "lastTimestamp": when,
+            "source": {"component": "tensafe-operator"}, "reportingComponent": "tensafe-operator"}

@@ -69,6 +69,8 @@ def training_client_crd() -> dict[str, Any]:
     }}
     status = {"type": "object", "properties": {
         "phase": {"type": "string", "enum": [s.value for s in ClientStatus]},
+        "reason": {"type": "string", "description": "why the phase is what it is (e.g. Unschedulable, CrashLoop)"},
+        "message": {"type": "string", "description": "the reason, for a person"},
         "conditions": {"type": "array", "items": _condition_schema(),
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         "observedGeneration": {"type": "integer"},
@@ -82,8 +84,9 @@ def training_client_crd() -> dict[str, Any]:
         "restarts": {"type": "integer", "description": "trainer pods replaced after they died"},
         "failureStreak": {"type": "integer", "description": "trainer pods in a row that died soon after starting"},
     }}
-    columns = [("Phase", "string", ".status.phase"), ("Model", "string", ".spec.training.model_ref"),
-               ("Step", "integer", ".status.step"), ("Epsilon", "number", ".status.privacy.totalEpsilon"),
+    columns = [("Phase", "string", ".status.phase"), ("Reason", "string", ".status.reason"),
+               ("Model", "string", ".spec.training.model_ref"), ("Step", "integer", ".status.step"),
+               ("Epsilon", "number", ".status.privacy.totalEpsilon"),
                ("Age", "date", ".metadata.creationTimestamp")]
     return _crd("TrainingClient", "trainingclients", ["tc"], spec, status, columns)
 

@@ -24,7 +24,8 @@ log = logging.getLogger("tensafe.operator")
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, training_operations: kopf.Index,
+                    **_) -> None:
     # Progress and diff-base in annotations of our own prefix: status stays ours alone.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.tensafe.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -35,7 +36,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     settings.networking.request_timeout = 60
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll otherwise
     memo.kube = Kube.connect()
-    memo.mirror = asyncio.create_task(_mirror(memo))
+    memo.mirror = asyncio.create_task(_mirror(memo, training_operations))
 
 
 @kopf.on.cleanup()
@@ -56,15 +57,25 @@ def trainer_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_) -> None:
         reconcile.on_pod_event(memo.kube, event["type"], event["object"])
 
 
+@kopf.index(GROUP, VERSION, TRAINING_OPERATIONS)
+def training_operations(body: kopf.Body, **_) -> dict:
+    """Every TrainingOperation by (namespace, client): kept by kopf from its watch, read without listing."""
+    top = _plain(body)
+    return {(top["metadata"]["namespace"], top["spec"]["trainingClientRef"]["name"]): operations.index_entry(top)}
+
+
 @kopf.on.create(GROUP, VERSION, TRAINING_OPERATIONS)
 @kopf.on.resume(GROUP, VERSION, TRAINING_OPERATIONS)
-def training_operation_created(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_) -> None:
-    operations.run(memo.kube, _plain(body), patch)
+def training_operation_created(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+                               training_operations: kopf.Index, **_) -> None:
+    top = _plain(body)
+    key = (top["metadata"]["namespace"], top["spec"]["trainingClientRef"]["name"])
+    operations.run(memo.kube, top, patch, list(training_operations.get(key, [])))
 
 
-async def _mirror(memo: kopf.Memo) -> None:
+async def _mirror(memo: kopf.Memo, tops: kopf.Index) -> None:
     """Every few seconds: mirror each client's trainer (step, epsilon, checkpoint) into its status, written
-    only on change, and collect finished operations past their TTL."""
+    only on change, and collect finished operations past their TTL (from the index: no listing)."""
     # The watched namespaces (None: all), so that namespaced RBAC suffices.
     namespaces = [n for n in os.environ.get("TENSAFE_WATCH_NAMESPACE", "").split(",") if n] or [None]
     while True:
@@ -72,6 +83,8 @@ async def _mirror(memo: kopf.Memo) -> None:
         try:
             for namespace in namespaces:
                 await asyncio.to_thread(_mirror_once, memo.kube, namespace)
+            finished = [top for key in list(tops) for top in list(tops.get(key, []))]
+            await asyncio.to_thread(operations.collect_finished, memo.kube, finished)
         except Exception as error:  # the API server may be restarting: try again next round
             log.warning("status mirror: %s: %s", type(error).__name__, error)
 
@@ -80,7 +93,6 @@ def _mirror_once(kube: Kube, namespace: str | None) -> None:
     for tc in kube.training_clients(namespace):
         if not tc["metadata"].get("deletionTimestamp"):
             reconcile.refresh_status(kube, tc, fetch_pod=True)
-    operations.collect_finished(kube, namespace)
 
 
 def _plain(body: kopf.Body) -> dict:

@@ -41,11 +41,6 @@ class Kube:
             return self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS)["items"]
         return self.custom.list_cluster_custom_object(GROUP, VERSION, TRAINING_CLIENTS)["items"]
 
-    def training_operations(self, namespace: Optional[str]) -> list[dict]:
-        if namespace:
-            return self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_OPERATIONS)["items"]
-        return self.custom.list_cluster_custom_object(GROUP, VERSION, TRAINING_OPERATIONS)["items"]
-
     def patch_status(self, plural: str, namespace: str, name: str, status: dict) -> None:
         _or_none(lambda: self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, plural, name, {"status": status}))
@@ -64,6 +59,7 @@ class Kube:
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
                   "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
                   "ServiceAccount": self.core.create_namespaced_service_account,
+                  "Event": self.core.create_namespaced_event,
                   "Role": self.rbac.create_namespaced_role, "RoleBinding": self.rbac.create_namespaced_role_binding,
                   "PrivacyBudget": lambda ns, body: self.custom.create_namespaced_custom_object(
                       GROUP, VERSION, ns, PRIVACY_BUDGETS, body)}[kind]

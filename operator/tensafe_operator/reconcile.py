@@ -10,15 +10,16 @@ import os
 import secrets
 from typing import Optional
 
-from tensafe_trainer.keys_kubernetes import KubernetesSecretKeyProvider
+from kubernetes.client.exceptions import ApiException
+from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
 from tg_tinker.errors import TGTinkerError
 from tg_tinker.resources import TRAINING_CLIENTS, token_key, trainer_access
-from tg_tinker.transport import Transport
-from tg_tinker.types import ClientInfo, SaveStateRequest
+from tg_tinker.trainer_api import TrainerAPI
+from tg_tinker.types import SaveStateRequest
 
 from . import status as status_of
-from .builders import (TrainerDefaults, build_claim, build_ledger_role, build_ledger_role_binding, build_pod,
-                       build_privacy_budget, build_service, build_service_account, child_name, dp_config_of,
+from .builders import (TrainerDefaults, build_claim, build_event, build_ledger_role, build_ledger_role_binding,
+                       build_pod, build_privacy_budget, build_service, build_service_account, child_name, dp_config_of,
                        key_secret_name, owner_reference, tenant_of)
 from .connections import TrainerConnections
 from .kube import Kube
@@ -78,10 +79,9 @@ def checkpoint_then_stop(kube: Kube, tc: dict, pod: dict, reason: str) -> None:
     """Save a checkpoint (so nothing since the last one is lost), then delete the pod."""
     if status_of.pod_ready(pod):
         try:
-            transport = trainer_transport(kube, tc, pod)
-            record = transport.request("POST", f"/v1/clients/{tc['metadata']['name']}/operations", json={
-                "request": SaveStateRequest(metadata={"reason": reason}).model_dump(mode="json")})
-            transport.request("GET", f"/v1/operations/{record['operation_id']}", params={"wait": 60}, timeout=70)
+            trainer = trainer_api(kube, tc, pod)
+            record = trainer.submit(tc["metadata"]["name"], SaveStateRequest(metadata={"reason": reason}))
+            trainer.operation(record.operation_id, wait=60)
         except TGTinkerError as error:
             log.warning("checkpoint before %s failed: %s", reason, error)
     kube.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
@@ -123,21 +123,28 @@ def refresh_status(kube: Kube, tc: dict, pod: Optional[dict] = None, *, fetch_po
     trainer = None
     if status_of.pod_ready(pod):
         try:
-            trainer = ClientInfo.parse(trainer_transport(kube, tc, pod).request("GET", f"/v1/clients/{name}"))
+            trainer = trainer_api(kube, tc, pod).client(name)
         except TGTinkerError as error:
             log.debug("trainer of %s/%s did not answer: %s", namespace, name, error)
-    patch = status_of.status_patch(tc.get("status") or {}, status_of.desired_status(tc, pod, trainer))
+    current, desired = tc.get("status") or {}, status_of.desired_status(tc, pod, trainer)
+    patch = status_of.status_patch(current, desired)
     if patch:
         kube.patch_status(TRAINING_CLIENTS, namespace, name, patch)
+        event = status_of.event_for(current, desired)
+        if event is not None:
+            try:
+                kube.create(build_event(tc, *event, when=status_of.now()))
+            except ApiException as error:  # an Event is for people: never worth failing a reconcile over
+                log.warning("could not record the %s event of %s/%s: %s", event[1], namespace, name, error.reason)
 
 
 _connections = TrainerConnections()
 
 
-def trainer_transport(kube: Kube, tc: dict, pod: dict) -> Transport:
-    """To the trainer at its pod IP (no DNS needed); over HTTPS when the client has a TLS Secret. Shared
-    and kept open: never close it."""
+def trainer_api(kube: Kube, tc: dict, pod: dict) -> TrainerAPI:
+    """To the trainer at its pod IP (no DNS needed); over HTTPS when the client has a TLS Secret. Its
+    connection is shared and kept open."""
     namespace = tc["metadata"]["namespace"]
     access = trainer_access(tc, lambda name: kube.secret_data(namespace, name), pod_ip=pod["status"]["podIP"])
-    return _connections.get(access)
+    return TrainerAPI(_connections.get(access))
 

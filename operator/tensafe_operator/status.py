@@ -105,12 +105,26 @@ def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo])
             status["auditHead"] = {"sequence": trainer.audit_head.sequence,
                                    "recordHash": trainer.audit_head.record_hash}
     status["phase"] = phase.value
+    status["reason"], status["message"] = reason, message  # `kubectl get tc` shows the reason beside the phase
     failed, suspended = phase is ClientStatus.ERROR, bool(spec.get("suspend"))
     status["conditions"] = _conditions(current.get("conditions") or [], status["observedGeneration"], {
         "Ready": (phase in (ClientStatus.READY, ClientStatus.BUSY), reason, message),
         "Failed": (failed, reason, message) if failed else (False, "NoFailure", ""),
         "Suspended": (suspended, reason, message) if suspended else (False, "NotSuspended", "")})
     return status
+
+
+# Reasons that say all is going as it should; any other (Unschedulable, CrashLoop, TrainerError, an image
+# that does not pull, ...) is reported as a Warning event.
+NORMAL_REASONS = frozenset({"PodCreating", "PodPending", "TrainerStarting", "TrainerReady", "Suspended"})
+
+
+def event_for(current: dict, desired: dict) -> Optional[tuple[str, str, str]]:
+    """(type, reason, message) of the Event to record when the status's reason changes; else None."""
+    reason = desired.get("reason")
+    if reason is None or reason == current.get("reason"):
+        return None
+    return ("Normal" if reason in NORMAL_REASONS else "Warning"), reason, desired.get("message", "")
 
 
 def _conditions(current: list[dict], generation: int, wanted: dict[str, tuple[bool, str, str]]) -> list[dict]:

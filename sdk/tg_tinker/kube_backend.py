@@ -19,6 +19,7 @@ from .config import TrainingConfig
 from .errors import TGTinkerError, TrainingClientError, TrainingClientNotFoundError, ValidationError, error_from_wire
 from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION, DurableRequest,
                         TrainerAccess, child_name, key_secret_name, operation_spec, trainer_access)
+from .keys_kubernetes import keyset_key
 from .sealing import sealing_key
 from .types import RESULT_TYPES, ClientInfo, ClientStatus
 
@@ -155,7 +156,7 @@ class KubernetesBackend:
         import json
 
         tenant = tc["spec"].get("tenantId", "default")
-        raw = self._secret_data(key_secret_name(tc)).get(f"{tenant}.json")
+        raw = self._secret_data(key_secret_name(tc)).get(keyset_key(tenant))
         if not raw:
             raise TrainingClientError(f"the key Secret {key_secret_name(tc)!r} holds no key set for tenant {tenant!r} "
                                       "yet: is the operator running?")

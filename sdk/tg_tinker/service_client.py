@@ -23,6 +23,7 @@ from .local import LocalTrainer
 from .resources import DurableRequest, operation_request
 from .sampling_client import SamplingClient
 from .submission import OperationQueue
+from .trainer_api import TrainerAPI
 from .training_client import TrainingClient
 from .transport import Transport, Verify
 from .types import (
@@ -213,7 +214,7 @@ class ServiceClient:
     def _client_info(self, client_id: str) -> ClientInfo:
         if self._kube is not None:
             return self._kube.info(self._kube.get(client_id))
-        return ClientInfo.parse(self._transport_for(client_id).request("GET", f"/v1/clients/{client_id}"))
+        return TrainerAPI(self._transport_for(client_id)).client(client_id)
 
     def _terminate(self, client_id: str) -> ClientInfo:
         queue = self._queues.pop(client_id, None)
@@ -226,7 +227,7 @@ class ServiceClient:
             self._created.discard(client_id)
             self._kube.delete(client_id)
             return info.model_copy(update={"status": ClientStatus.TERMINATED})
-        info = ClientInfo.parse(self._transport_for(client_id).request("DELETE", f"/v1/clients/{client_id}"))
+        info = TrainerAPI(self._transport_for(client_id)).terminate(client_id)
         # Its token died with it: what is left to read of it (audit entries, artifacts, the outcome of its
         # last operations, whose futures hold its transport) takes the service's own token from now on.
         transport = self._clients.pop(client_id, None)

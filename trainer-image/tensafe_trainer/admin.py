@@ -17,7 +17,7 @@ from tg_tinker.errors import TGTinkerError, ValidationError
 
 from .artifacts import ARTIFACT_ID, ArtifactStore, write_private
 from .audit import parse_head, verify
-from .keys import KeyProvider, LocalKeyProvider, StaticKeyProvider, chain_key_of, load_keyset_file
+from tg_tinker.keys import KeyProvider, LocalKeyProvider, StaticKeyProvider, chain_key_of, load_keyset_file
 from .paths import keys_dir, tensafe_home
 
 RECEIPT_FILE = "tensafe-receipt.json"

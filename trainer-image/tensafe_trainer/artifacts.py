@@ -29,7 +29,7 @@ from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from tg_tinker.types import ArtifactInfo
 
 from . import crypto
-from .keys import KeyProvider, check_tenant
+from tg_tinker.keys import KeyProvider, check_tenant
 
 log = logging.getLogger(__name__)
 

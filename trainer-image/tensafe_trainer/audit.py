@@ -38,7 +38,7 @@ from tg_tinker.types import AuditEntry, AuditHead
 
 from .artifacts import FILE_MODE, private_dir
 from .crypto import canonical_json
-from .keys import KeyProvider, check_tenant
+from tg_tinker.keys import KeyProvider, check_tenant
 
 GENESIS = "0" * 64
 

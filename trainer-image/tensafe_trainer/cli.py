@@ -42,10 +42,10 @@ def _receipt(args) -> int:
 
 def _dev_cluster(args) -> int:
     try:
-        from tensafe_operator.devcluster.cli import run
+        from tensafe_devcluster.cli import run
     except ImportError as error:
-        print(f"tensafe dev-cluster needs the operator and dev extras (pip install 'tensafe[operator,dev]'): "
-              f"{error}", file=sys.stderr)
+        print("tensafe dev-cluster needs the test cluster, a package of its own (test infrastructure): "
+              f"`make setup`, or pip install 'tensafe[operator,dev]' -e tests/support ({error})", file=sys.stderr)
         return 2
     return run(args)
 

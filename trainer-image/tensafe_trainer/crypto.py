@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tg_tinker.errors import ArtifactIntegrityError
 
-from .keys import TENANT_PATTERN, KeyProvider
+from tg_tinker.keys import TENANT_PATTERN, KeyProvider
 
 MAGIC = b"TSAF"
 VERSION = 2  # 1: description in clear (refused: it would leak what v2 seals)

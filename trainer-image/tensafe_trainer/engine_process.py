@@ -77,7 +77,7 @@ def _summary(runtime) -> dict:
 
 def _build(spec: dict, home: Path):
     from .artifacts import ArtifactStore
-    from .keys import LocalKeyProvider
+    from tg_tinker.keys import LocalKeyProvider
     from .paths import keys_dir, ledger_dir
     from .operations import Runtime
 

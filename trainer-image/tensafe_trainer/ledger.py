@@ -26,7 +26,7 @@ from tg_tinker.config import DPConfig
 from tg_tinker.errors import ValidationError
 
 from .artifacts import fsync_dir, private_dir
-from .keys import check_tenant
+from tg_tinker.keys import check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
 TENANT_LEDGER = "_tenant"  # the ledger of a tenant's DP steps that name no dataset

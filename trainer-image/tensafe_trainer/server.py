@@ -55,7 +55,7 @@ from tg_tinker.receipts import public_key_pem, sign_receipt
 
 from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
-from .keys import LocalKeyProvider
+from tg_tinker.keys import LocalKeyProvider
 from .paths import keys_dir
 from .engine_process import EngineProcess, busy_counter
 from .gate import PRINCIPAL, Gate, Principal, RevokedTokens, resolve, token_digest

@@ -27,7 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from tg_tinker.errors import ArtifactIntegrityError, ValidationError
+from .errors import ArtifactIntegrityError, ValidationError
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SECRET_FIELDS = ("audit", "receipt")  # 32 random bytes each, besides the KEKs

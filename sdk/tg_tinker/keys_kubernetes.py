@@ -1,7 +1,7 @@
 """Tenant key sets in a Kubernetes Secret: the key provider of the operator and of admin tools.
 
 The Secret named by a ``TrainingClient``'s ``spec.keySecretRef`` holds, under ``<tenant>.json``, the
-same key-set document :class:`~tensafe_trainer.keys.LocalKeyProvider` keeps in a file. The trainer pod
+same key-set document :class:`~tg_tinker.keys.LocalKeyProvider` keeps in a file. The trainer pod
 mounts that one key read-only as a file, so inside the pod the local provider reads it unchanged and the
 pod needs no API access. Rotation and crypto-shredding go through the API, with this provider.
 """

@@ -9,7 +9,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..crd import all_crds
+from tensafe_operator.crd import all_crds
 from .cluster import DevCluster
 from .store import CRD_KEY
 
@@ -29,7 +29,7 @@ def run(args) -> int:
         operator = "with the operator (log: %s)" % (root / "operator.log") if not args.no_operator else "no operator"
         print(f"TenSafe dev cluster at {cluster.server_url}, {operator}; CRDs installed.\n"
               f"  export KUBECONFIG={args.kubeconfig}\n"
-              f"  kubectl apply -f examples/trainingclient.yaml && kubectl get tc\n"
+              f"  kubectl apply -f examples/dev/trainingclient.yaml && kubectl get tc\n"
               f"Pods run as local processes on 127.0.0.x; their logs are in {root / 'logs'}. Ctrl-C stops it.",
               flush=True)
         try:
