@@ -6,6 +6,7 @@ an engine that dies while idle, open docs. Each test fails on the code before #1
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ import httpx
 import pytest
 
 from conftest import VOCAB, random_batch, tiny_config
-from tg_tinker import AuthenticationError, ClientFailedError, ClientTerminatedError, ServiceClient
+from tg_tinker import (AuthenticationError, ClientFailedError, ClientTerminatedError, PermissionDeniedError,
+                       ResourceExhaustedError, ServiceClient)
 from tg_tinker.errors import ValidationError
 from tg_tinker.transport import Transport
 
@@ -348,8 +350,14 @@ def test_clients_per_trainer_are_limited_with_a_clear_error(tmp_path, monkeypatc
         first = service.create_training_client(tiny_config())
         with pytest.raises(ResourceExhaustedError, match="already runs 1 clients, its limit"):
             service.create_training_client(tiny_config())
-        first.close()
-        assert service.create_training_client(tiny_config()).optim_step().result().step == 1
+        first.close()  # its slot is free once its engine process has exited (a moment later)
+        for _ in range(100):
+            try:
+                second = service.create_training_client(tiny_config())
+                break
+            except ResourceExhaustedError:
+                time.sleep(0.1)
+        assert second.optim_step().result().step == 1
 
 
 def test_a_client_is_refused_when_the_machine_lacks_the_memory_to_start_it(tmp_path, monkeypatch):
@@ -411,3 +419,131 @@ def test_tenant_ids_match_in_full_and_reads_create_no_folder(svc, home):
             svc.transport.request("GET", "/v1/artifacts", params={"tenant_id": bad})
     svc.transport.request("GET", "/v1/artifacts", params={"tenant_id": "never-used"})
     assert not (home / "artifacts" / "never-used").exists() and not (home / "artifacts" / "t2\n").exists()
+
+
+# --- what the attacker review of #17 found, each now refused ------------------------------------------
+
+
+def test_a_request_still_arriving_when_its_client_is_replaced_acts_on_nothing(svc):
+    """Its token was good when the head arrived; by the time the body has, the client is another tenant's."""
+    old = create(svc, "raced", "t1")
+    wait_ready(svc, "raced")
+    body = json.dumps({"request": {"type": "optim_step"}}).encode()
+    head = (f"POST /v1/clients/raced/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {old['access_token']}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    parsed = urlparse(svc.base_url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
+        sock.sendall(head + body[:1])  # past the door, body on its way
+        time.sleep(0.5)
+        svc.transport.request("DELETE", "/v1/clients/raced")
+        create(svc, "raced", "t2")
+        wait_ready(svc, "raced")
+        sock.sendall(body[1:])
+        answer = sock.recv(65536)
+    try:
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+        assert svc.transport.request("GET", "/v1/clients/raced")["step"] == 0  # t2's client untouched
+    finally:
+        svc.transport.request("DELETE", "/v1/clients/raced")
+
+
+def test_a_new_client_under_an_old_id_cannot_read_the_old_ones_operations(svc):
+    old = create(svc, "heir", "t1")
+    wait_ready(svc, "heir")
+    with Transport(svc.base_url, old["access_token"]) as token:
+        record = token.request("POST", "/v1/clients/heir/operations", json={"request": {"type": "optim_step"}})
+    svc.transport.request("DELETE", "/v1/clients/heir")
+    new = create(svc, "heir", "t2")
+    wait_ready(svc, "heir")
+    try:
+        with Transport(svc.base_url, new["access_token"]) as token:
+            with pytest.raises(PermissionDeniedError, match="earlier client 'heir'"):
+                token.request("GET", f"/v1/operations/{record['operation_id']}")
+            with pytest.raises(PermissionDeniedError, match="earlier client 'heir'"):
+                token.request("POST", "/v1/operations/wait", json={"operation_ids": [record["operation_id"]]})
+    finally:
+        svc.transport.request("DELETE", "/v1/clients/heir")
+
+
+def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
+    from tensafe_trainer.server import MAX_SAMPLERS_PER_CLIENT
+
+    parent = create(svc, "parent", "default")
+    wait_ready(svc, "parent")
+    with Transport(svc.base_url, parent["access_token"]) as token:
+        saved = run(token, "parent", {"type": "save_state", "kind": "sampler"})["result"]["artifact_id"]
+        children = [token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
+                    for _ in range(MAX_SAMPLERS_PER_CLIENT)]
+        with pytest.raises(ResourceExhaustedError, match=f"already has {MAX_SAMPLERS_PER_CLIENT} sampling clients"):
+            token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
+    svc.transport.request("DELETE", "/v1/clients/parent")
+    for child in children:
+        for _ in range(300):  # TERMINATED once its engine has stopped (it may still be loading)
+            if svc.transport.request("GET", f"/v1/clients/{child['client_id']}")["status"] == "TERMINATED":
+                break
+            time.sleep(0.1)
+        assert svc.transport.request("GET", f"/v1/clients/{child['client_id']}")["status"] == "TERMINATED"
+        with Transport(svc.base_url, child["access_token"]) as token, pytest.raises(AuthenticationError):
+            token.request("GET", f"/v1/clients/{child['client_id']}")
+
+
+def test_a_trickled_body_is_cut_off_and_open_paths_take_no_body(svc, victim):
+    from tensafe_trainer.gate import BODY_IDLE_S
+
+    token = svc._clients[victim.id].token
+    head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    start = time.monotonic()
+    answer = raw_http(svc.base_url, head, read_timeout=BODY_IDLE_S + 20)
+    assert answer.startswith(b"HTTP/1.1 408") and b"RequestTimeoutError" in answer
+    assert BODY_IDLE_S - 1 <= time.monotonic() - start <= BODY_IDLE_S + 10
+    held = raw_http(svc.base_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nx")
+    assert held.startswith(b"HTTP/1.1 413") and b"takes no request body" in held
+
+
+def test_a_body_in_tiny_chunks_is_refused(svc, victim):
+    token = svc._clients[victim.id].token
+    head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    start = time.monotonic()
+    answer = raw_http(svc.base_url, head, [b"1\r\nx\r\n" * 100_000, b"0\r\n\r\n"], read_timeout=30)
+    assert answer == b"" and time.monotonic() - start < 10  # the connection is closed, nothing ran
+    assert victim.refresh().info.queue_depth == 0
+
+
+def test_a_body_full_of_errors_gets_a_short_answer(svc, victim):
+    body = b'{"request":{"type":"sample","prompt":[' + b",".join([b"-1"] * 100_000) + b"]}}"
+    response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", content=body, timeout=60,
+                          headers={"authorization": f"Bearer {svc._local.token}", "content-type": "application/json"})
+    assert response.status_code == 422 and len(response.content) < 20_000
+    assert "more" in response.json()["error"]["message"] and response.json()["error"]["details"]["error_count"] > 10
+    for bad in (b"{not json", b"\xff\xfe", b"[" * 5000):
+        response = httpx.post(f"{svc.base_url}/v1/sampling_clients", content=bad,
+                              headers={"authorization": f"Bearer {svc._local.token}",
+                                       "content-type": "application/json"})
+        assert response.status_code in (400, 422) and response.json()["error"]["type"] == "ValidationError"
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"type": "sample", "prompt": [1] * 60, "max_tokens": 4096}, "prompt + max_tokens has 4156 tokens"),
+    ({"type": "optim_step", "apply_dp_noise": True}, "no dp_config enabled"),
+    ({"type": "forward_backward_sampled"}, "needs dp_config.dataset_id"),
+])
+def test_more_of_what_the_engine_would_refuse_is_refused_at_the_door(svc, victim, request_body, message):
+    response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", json={"request": request_body},
+                          headers={"authorization": f"Bearer {svc._local.token}"})
+    assert response.status_code in (413, 422) and message in response.json()["error"]["message"], response.text
+
+
+def test_a_request_head_is_counted_in_full(svc):
+    answer = raw_http(svc.base_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 100_000
+                      + b"\r\n\r\n")
+    assert not answer.startswith(b"HTTP/1.1 200")
+
+
+def test_work_for_a_terminated_client_through_other_endpoints_is_410(svc):
+    create(svc, "gone", "default")
+    wait_ready(svc, "gone")
+    svc.transport.request("DELETE", "/v1/clients/gone")
+    with pytest.raises(ClientTerminatedError):
+        svc.transport.request("POST", "/v1/sampling_clients", json={"training_client_id": "gone"})

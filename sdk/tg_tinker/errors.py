@@ -114,6 +114,12 @@ class ClientTerminatedError(TrainingClientError):
     http_status = 410
 
 
+class RequestTimeoutError(ValidationError):
+    """The request's body did not arrive in time (the trainer does not hold a connection for a trickle)."""
+
+    http_status = 408
+
+
 class RequestTooLargeError(ValidationError):
     """The request is larger than the trainer accepts from this caller (bytes, rows, tokens, nesting)."""
 
@@ -152,6 +158,7 @@ _BY_NAME: dict[str, type[TGTinkerError]] = {
         ClientFailedError,
         ClientTerminatedError,
         RequestTooLargeError,
+        RequestTimeoutError,
         OperationLostError,
         ResourceExhaustedError,
     )

@@ -9,17 +9,23 @@ import pydantic
 from .errors import ValidationError
 
 
+MAX_REPORTED_ERRORS = 10  # a body with a million bad values gets ten described, not a million (and no input)
+
+
 def describe_pydantic_error(exc: pydantic.ValidationError, model: str) -> ValidationError:
+    errors = exc.errors(include_input=False, include_url=False)
     problems = []
-    for err in exc.errors():
+    for err in errors[:MAX_REPORTED_ERRORS]:
         original = (err.get("ctx") or {}).get("error")
-        if isinstance(original, ValidationError) and len(exc.errors()) == 1:
+        if isinstance(original, ValidationError) and len(errors) == 1:
             return original  # already described by a nested model
         field = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
         message = str(original) if original is not None else err.get("msg", "invalid")
-        problems.append({"field": field, "problem": message})
+        problems.append({"field": field, "problem": message[:500]})
     text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-    return ValidationError(f"invalid {model}: {text}", {"errors": problems})
+    if len(errors) > MAX_REPORTED_ERRORS:
+        text += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
+    return ValidationError(f"invalid {model}: {text}", {"errors": problems, "error_count": len(errors)})
 
 
 class WireModel(pydantic.BaseModel):

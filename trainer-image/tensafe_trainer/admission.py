@@ -17,9 +17,13 @@ from tg_tinker.types import (
     MAX_PACKED_BYTES,
     ComputeLogprobsRequest,
     ForwardBackwardRequest,
+    ForwardBackwardSampledRequest,
     ForwardRequest,
+    OptimStepRequest,
     SampleRequest,
 )
+
+from .privacy import check_noise_request
 
 TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
 # A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them.
@@ -33,14 +37,18 @@ class Limits:
     kind: str  # "training" or "sampling"
     batch_size: int
     max_seq_len: int
-    vocab_size: Optional[int]  # None until the engine has loaded the model
+    vocab_size: Optional[int]  # None until the engine has loaded the model (the engine checks meanwhile)
+    dp_enabled: bool = False
+    dataset_id: Optional[str] = None  # DP with server-side sampling of this registered dataset
 
     @classmethod
     def of(cls, kind: str, config: Any, summary: dict) -> "Limits":
         """From the engine's own report once it is up; before that, from the client's config."""
         batch_size = summary.get("batch_size") or getattr(config, "batch_size", 1)
         max_seq_len = summary.get("max_seq_len") or getattr(config, "max_seq_len", 2048)
-        return cls(kind, batch_size, max_seq_len, summary.get("vocab_size"))
+        dp = config.dp_config if config is not None and config.dp_enabled else None
+        return cls(kind, batch_size, max_seq_len, summary.get("vocab_size"), dp is not None,
+                   dp.dataset_id if dp is not None else None)
 
 
 def body_limit(limits: Limits) -> int:
@@ -64,9 +72,14 @@ def admit(request: Any, limits: Limits) -> None:
         _check_vocab(max(map(max, request.batch.input_ids)), limits, "input_ids")
         if request.batch.labels is not None:
             _check_vocab(max(map(max, request.batch.labels)), limits, "labels")
+    elif isinstance(request, OptimStepRequest):
+        check_noise_request(limits.dp_enabled, request.apply_dp_noise)
+    elif isinstance(request, ForwardBackwardSampledRequest) and limits.kind == "training" and not limits.dataset_id:
+        raise ValidationError("forward_backward_sampled needs dp_config.dataset_id naming a registered dataset",
+                              {"operation": kind})
     elif isinstance(request, SampleRequest):
         if isinstance(request.prompt, list):
-            _check_length(len(request.prompt), limits, "prompt")
+            _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
             _check_vocab(max(request.prompt), limits, "prompt")
         elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
             raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="

@@ -10,6 +10,7 @@ arrives and refused the moment it passes the limit.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
@@ -18,10 +19,12 @@ from typing import Any, Callable, Optional
 
 from fastapi.responses import JSONResponse
 
-from tg_tinker.errors import AuthenticationError, PermissionDeniedError, RequestTooLargeError, TGTinkerError
+from tg_tinker.errors import (AuthenticationError, PermissionDeniedError, RequestTimeoutError, RequestTooLargeError,
+                              TGTinkerError)
 from tg_tinker.types import ArtifactInfo
 
-PRINCIPAL = "tensafe.principal"  # where the middleware leaves the caller, in the ASGI scope
+BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
+BODY_DEADLINE_S = 120.0  # and the most it may take in all (64 MiB at ~0.5 MB/s)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and counters: no token, nothing private
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -121,9 +124,15 @@ class Gate:
         self.open_paths = OPEN_PATHS | (DOC_PATHS if open_docs else frozenset())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if scope["path"] in self.open_paths:
+            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+                # Open to anyone, so no body: one held open would tie up a connection for free.
+                return await _refuse(RequestTooLargeError(f"{scope['path']} takes no request body",
+                                                          {"max_request_bytes": 0}), scope, receive, send)
+            return await self.app(scope, receive, send)
         try:
             state = getattr(scope["app"].state, "tensafe", None)
             principal = resolve(state, self.admin_token, headers.get(b"authorization", b"").decode("latin-1"))
@@ -134,8 +143,7 @@ class Gate:
             body = await _read_body(receive, limit)
         except TGTinkerError as error:
             return await _refuse(error, scope, receive, send)
-        scope[PRINCIPAL] = principal
-        return await self.app(scope, _replay(body, receive), send)
+        return await self.app(scope, _replay(body, receive), send)  # the app asks again (see authenticate)
 
 
 def _too_large(limit: int) -> RequestTooLargeError:
@@ -144,9 +152,18 @@ def _too_large(limit: int) -> RequestTooLargeError:
 
 
 async def _read_body(receive, limit: int) -> bytes:
+    """The whole body, counted as it arrives: refused past ``limit``, when a piece takes longer than
+    BODY_IDLE_S or the whole longer than BODY_DEADLINE_S (a trickled body would hold its connection and
+    its bytes for ever). Chunks too small to be worth parsing are refused earlier, by http_guard."""
     chunks, size = [], 0
+    deadline = asyncio.get_running_loop().time() + BODY_DEADLINE_S
     while True:
-        message = await receive()
+        left = min(BODY_IDLE_S, deadline - asyncio.get_running_loop().time())
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"the request body did not arrive in time (at most {BODY_IDLE_S:.0f}s between "
+                                      f"pieces, {BODY_DEADLINE_S:.0f}s in all)") from None
         if message["type"] == "http.disconnect":
             raise TGTinkerError("the client went away while sending its request")
         chunk = message.get("body", b"")

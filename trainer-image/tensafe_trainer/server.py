@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -52,17 +53,19 @@ from tg_tinker.types import (
 from . import datasets, metrics
 from .artifacts import ArtifactStore
 from tg_tinker.receipts import public_key_pem, sign_receipt
+from tg_tinker.wire import MAX_REPORTED_ERRORS
 
 from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
 from tg_tinker.keys import LocalKeyProvider
 from .paths import keys_dir
 from .engine_process import EngineProcess, busy_counter
-from .gate import PRINCIPAL, Gate, Principal, RevokedTokens, resolve, token_digest
+from .gate import Gate, Principal, RevokedTokens, resolve, token_digest
 from . import admission
 from .sessions import Operation, OperationIndex, Session
 
 log = logging.getLogger("tensafe.trainer")
+MAX_SAMPLERS_PER_CLIENT = 4  # sampling clients one client's token may have at once (each is an engine)
 
 
 @dataclass
@@ -96,12 +99,20 @@ class State:
         self.client_tokens[token_digest(token)] = Principal(session.client_id, session.tenant_id, session)
         return token
 
-    def revoke(self, session: Session) -> None:
+    def stop(self, session: Session, why: Optional[str] = None) -> None:
+        """Terminate a client, the sampling clients its token made, and revoke all their tokens."""
+        for child in [session, *session.children]:
+            if not child.terminated:
+                metrics.CLIENTS.labels(child.kind).dec()
+            child.terminate()
+            self.revoke(child, why)
+
+    def revoke(self, session: Session, why: Optional[str] = None) -> None:
         """The tokens issued for this client instance open nothing any more."""
+        why = why or f"this token's client {session.client_id!r} was terminated: it opens nothing any more"
         for digest in [d for d, p in self.client_tokens.items() if p.session is session]:
             self.client_tokens.pop(digest)
-            self.revoked.remember(digest, f"this token's client {session.client_id!r} was terminated: it opens "
-                                          "nothing any more")
+            self.revoked.remember(digest, why)
 
     def granted(self, principal: "Principal") -> set[str]:
         session = self.sessions.get(principal.client_id) if principal.client_id else None
@@ -119,7 +130,11 @@ class State:
         if existing is not None and not existing.stopping and existing.status not in (ClientStatus.TERMINATED,
                                                                                        ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
-        live = sum(not s.terminated and s.status is not ClientStatus.ERROR for s in self.sessions.values())
+        if existing is not None:  # replaced: what its token made goes with it
+            self.stop(existing, f"this token belonged to an earlier client {client_id!r}, since replaced: it opens "
+                                "nothing any more")
+        # A slot is held until the engine has exited (a terminated client's engine may still be finishing).
+        live = sum(s.holds_engine for s in self.sessions.values())
         if live >= self.settings.max_clients:
             raise ResourceExhaustedError(
                 f"this trainer already runs {live} clients, its limit (each holds a model in an engine process of "
@@ -215,10 +230,25 @@ def create_app(settings: Settings) -> FastAPI:
         return request.app.state.tensafe
 
     def authenticate(request: Request) -> Principal:
-        principal = request.scope.get(PRINCIPAL)  # the Gate decided, before the body was read
-        if principal is None:
-            principal = resolve(request.app.state.tensafe, settings.token, request.headers.get("authorization", ""))
-        return principal
+        """The Gate decided before the body was read; asked again now that it has arrived, so a token
+        revoked meanwhile (its client terminated or replaced) acts on nothing."""
+        return resolve(request.app.state.tensafe, settings.token, request.headers.get("authorization", ""))
+
+    def client_session(state: State, principal: Principal, client_id: str) -> Session:
+        """The client a request acts on: for a client's token, the very instance it was issued for (never a
+        newer client that took over its id)."""
+        principal.check(client_id)
+        if principal.session is not None:
+            current(state, principal.session)
+            return principal.session
+        return state.session(client_id)
+
+    def current(state: State, session: Session) -> Session:
+        """Refuse to go on with a client replaced or terminated while this request was arriving."""
+        if state.sessions.get(session.client_id) is not session:
+            raise AuthenticationError(f"client {session.client_id!r} was replaced while this request was on its "
+                                      "way: it acts on nothing")
+        return session
 
     def admin(principal: Principal = Depends(authenticate)) -> Principal:
         if principal.client_id is not None:
@@ -240,11 +270,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_request(request: Request, exc: RequestValidationError):
-        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "invalid")}
-                    for e in exc.errors()]
+        errors = exc.errors()
+        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": str(e.get("msg", "invalid"))[:500]}
+                    for e in errors[:MAX_REPORTED_ERRORS]]
         text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-        err = ValidationError(f"invalid request: {text}", {"errors": problems})
+        if len(errors) > MAX_REPORTED_ERRORS:
+            text += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
+        err = ValidationError(f"invalid request: {text}", {"errors": problems, "error_count": len(errors)})
         return JSONResponse({"error": err.to_wire()}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals (a body that is not JSON, an unknown path) in TenSafe's error shape."""
+        err = (ValidationError if exc.status_code in (400, 422) else TGTinkerError)(str(exc.detail)[:500])
+        return JSONResponse({"error": err.to_wire()}, status_code=exc.status_code)
 
 
     @app.get("/healthz", tags=["health"])
@@ -278,8 +317,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_sampling_client(body: CreateSamplingClient, state: State = Depends(get_state),
                                      principal: Principal = Depends(authenticate)):
         if body.training_client_id:
-            principal.check(body.training_client_id)
-            return state.session(body.training_client_id).info()
+            session = client_session(state, principal, body.training_client_id)
+            session.check_open()
+            return session.info()
         principal.check_tenant(body.tenant_id)
         if body.artifact_id:  # a client's token may sample its own client's artifacts
             principal.check_artifact(await asyncio.to_thread(state.store.info, body.tenant_id, body.artifact_id),
@@ -294,7 +334,15 @@ def create_app(settings: Settings) -> FastAPI:
                 state.audit.submit, durable=True, operation="create_sampling_client", training_client_id=client_id,
                 tenant_id=body.tenant_id, consumed=[body.artifact_id], success=True,
                 request_hash=request_hash(state.store.keys.audit_key(body.tenant_id), body.artifact_id.encode()))
-        return with_token(state, state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec)))
+        parent = principal.session
+        live_children = sum(not c.terminated for c in current(state, parent).children) if parent is not None else 0
+        if live_children >= MAX_SAMPLERS_PER_CLIENT:
+            raise ResourceExhaustedError(f"client {parent.client_id!r} already has {MAX_SAMPLERS_PER_CLIENT} sampling "
+                                         "clients: close one first", {"max_samplers": MAX_SAMPLERS_PER_CLIENT})
+        session = state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec))
+        if parent is not None:
+            parent.children.append(session)  # it ends with the client whose token made it
+        return with_token(state, session)
 
     @app.get("/v1/clients", response_model=list[ClientInfo])
     async def list_clients(state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
@@ -303,18 +351,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/clients/{client_id}", response_model=ClientInfo)
     async def get_client(client_id: str, state: State = Depends(get_state),
                          principal: Principal = Depends(authenticate)):
-        principal.check(client_id)
-        return state.session(client_id).info()
+        return client_session(state, principal, client_id).info()
 
     @app.delete("/v1/clients/{client_id}", response_model=ClientInfo)
     async def terminate_client(client_id: str, state: State = Depends(get_state),
                                principal: Principal = Depends(authenticate)):
-        principal.check(client_id)
-        session = state.session(client_id)
-        if not session.terminated:
-            metrics.CLIENTS.labels(session.kind).dec()
-        session.terminate()
-        state.revoke(session)
+        session = client_session(state, principal, client_id)
+        state.stop(session)
         info = session.info()
         return info.model_copy(update={"status": ClientStatus.TERMINATED})
 
@@ -338,10 +381,9 @@ def create_app(settings: Settings) -> FastAPI:
               openapi_extra=json_body(SubmitOperation))
     async def submit_operation(client_id: str, request: Request, state: State = Depends(get_state),
                                principal: Principal = Depends(authenticate)):
-        principal.check(client_id)
-        session = state.session(client_id)
+        session = client_session(state, principal, client_id)
         body = await parsed(request, SubmitOperation)
-        admit(state, session, [body], principal)
+        admit(state, current(state, session), [body], principal)
         op, created = queue_operation(state, session, body)
         return JSONResponse(op.record().model_dump(mode="json"), status_code=201 if created else 200)
 
@@ -351,10 +393,9 @@ def create_app(settings: Settings) -> FastAPI:
                                 principal: Principal = Depends(authenticate)):
         """All submissions are checked first (a refusal: 413/422, nothing queued); then queued in order,
         stopping at the first the queue refuses (full: 429 inside, see SubmittedOperations)."""
-        principal.check(client_id)
-        session = state.session(client_id)
+        session = client_session(state, principal, client_id)
         body = await parsed(request, SubmitOperations)
-        admit(state, session, body.submissions, principal)
+        admit(state, current(state, session), body.submissions, principal)
         records, error = [], None
         for submission in body.submissions:
             try:
@@ -373,6 +414,9 @@ def create_app(settings: Settings) -> FastAPI:
                 f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "
                 "its outcome is unknown", {"operation_id": operation_id}) from None
         principal.check(session.client_id)
+        if principal.session is not None and session is not principal.session:
+            raise PermissionDeniedError(f"operation {operation_id!r} belongs to an earlier client {session.client_id!r}"
+                                        ", not to this token's", {"operation_id": operation_id})
         return op, session
 
     async def long_poll(op: Operation, wait: float) -> None:
@@ -422,6 +466,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Let one client's token use another client's artifact: an explicit, audited administrator's grant."""
         info = state.store.info(body.tenant_id, artifact_id)
         session = state.session(body.training_client_id)
+        session.check_open()
         if session.tenant_id != info.tenant_id:
             raise PermissionDeniedError(f"client {session.client_id!r} belongs to another tenant than artifact "
                                         f"{artifact_id}", {"artifact_id": artifact_id})

@@ -150,6 +150,7 @@ class Session:
         self._sign = sign
         self.audit_head: Optional[dict] = None  # the head of the tenant's chain after this client's last entry
         self.granted: set[str] = set()  # other clients' artifact ids this client's token may use (audited grants)
+        self.children: list["Session"] = []  # sampling clients this client's token made: they end with it
         # A DP client's token counts are statistics of private batches: kept out of the metrics.
         self._private = config is not None and config.dp_enabled
         self._start_engine = start_engine
@@ -248,6 +249,13 @@ class Session:
     @property
     def terminated(self) -> bool:
         return self._stopping or self.status is ClientStatus.TERMINATED
+
+    @property
+    def holds_engine(self) -> bool:
+        """Whether this client still holds an engine slot: until its engine process has exited."""
+        if self.status in (ClientStatus.TERMINATED, ClientStatus.ERROR):
+            return self.engine is not None and self.engine.alive
+        return True
 
     @property
     def limits(self) -> Limits:
