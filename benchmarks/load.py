@@ -14,6 +14,7 @@ for (c) the legitimate clients' throughput with the attack over without it (same
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import statistics
 import sys
@@ -100,6 +101,16 @@ def hostile_requests(base_url: str, token: str, client_id: str):
                     yield 0  # the server closed on us: also a refusal
 
 
+def attack(base_url: str, token: str, client_id: str, stop, statuses) -> None:
+    """The attacker's process: hostile requests one after another until told to stop."""
+    counts: dict = {}
+    for status in hostile_requests(base_url, token, client_id):
+        counts[status] = counts.get(status, 0) + 1
+        if stop.is_set():
+            break
+    statuses.put(counts)
+
+
 def health_prober(base_url: str, stop: threading.Event, worst: list) -> None:
     import httpx
 
@@ -118,29 +129,30 @@ def measure(clients: int, steps: int, burst: int) -> dict:
     with ServiceClient() as service:
         tcs = [service.create_training_client(CONFIG) for _ in range(clients)]
         concurrent_s, burst_s = workload(tcs, steps, burst, latencies, burst_latencies, outcome)
-        quiet_rates, quiet_health, attack = [], [0.0], {"rate": 0.0, "health": [0.0], "statuses": {}}
+        quiet_rates, quiet_health, attack_seen = [], [0.0], {"rate": 0.0, "health": [0.0], "statuses": {}}
         for phase in ("quiet", "attack", "quiet"):
             stop, worst = threading.Event(), [0.0]
             helpers = [threading.Thread(target=health_prober, args=(service.base_url, stop, worst))]
-            if phase == "attack":
-                victim = service._clients[tcs[-1].id]
-
-                def attacker():
-                    for status in hostile_requests(service.base_url, victim.token, tcs[-1].id):
-                        attack["statuses"][status] = attack["statuses"].get(status, 0) + 1
-                        if stop.is_set():
-                            return
-
-                helpers.append(threading.Thread(target=attacker))
+            attacker = None
+            if phase == "attack":  # its own process: the attacker's CPU is real, its GIL is not ours
+                ctx = multiprocessing.get_context("spawn")
+                stop_flag, statuses = ctx.Event(), ctx.Queue()
+                token = service._clients[tcs[-1].id].token  # one legitimate client's token, misused
+                attacker = ctx.Process(target=attack, args=(service.base_url, token, tcs[-1].id, stop_flag, statuses))
+                attacker.start()
             for h in helpers:
                 h.start()
             spent = workload(tcs, steps, burst, [], [], outcome)
             stop.set()
             for h in helpers:
                 h.join()
+            if attacker is not None:
+                stop_flag.set()
+                attack_seen["statuses"] = statuses.get(timeout=120)
+                attacker.join(timeout=60)
             rate = (clients * 2 * steps + burst) / sum(spent)
             if phase == "attack":
-                attack["rate"], attack["health"] = rate, worst
+                attack_seen["rate"], attack_seen["health"] = rate, worst
             else:
                 quiet_rates.append(rate)
                 quiet_health[0] = max(quiet_health[0], worst[0])
@@ -156,11 +168,11 @@ def measure(clients: int, steps: int, burst: int) -> dict:
             "burst_p50_ms": round(1000 * statistics.median(burst_latencies), 1) if burst_latencies else 0.0,
             "errors": outcome["errors"], "dropped": outcome["dropped"], "reordered": outcome["reordered"],
             "operations": total, "clients": clients,
-            "attack_ratio": round(attack["rate"] / statistics.mean(quiet_rates), 3),
-            "quiet_ops_per_s": [round(r, 1) for r in quiet_rates], "attack_ops_per_s": round(attack["rate"], 1),
-            "worst_health_ms_attack": round(1000 * attack["health"][0], 1),
+            "attack_ratio": round(attack_seen["rate"] / statistics.mean(quiet_rates), 3),
+            "quiet_ops_per_s": [round(r, 1) for r in quiet_rates], "attack_ops_per_s": round(attack_seen["rate"], 1),
+            "worst_health_ms_attack": round(1000 * attack_seen["health"][0], 1),
             "worst_health_ms_quiet": round(1000 * quiet_health[0], 1),
-            "attack_statuses": {str(k): v for k, v in sorted(attack["statuses"].items())}}
+            "attack_statuses": {str(k): v for k, v in sorted(attack_seen["statuses"].items())}}
 
 
 def report(result: dict) -> None:
