@@ -15,6 +15,7 @@ from .errors import (
     OperationLostError,
     PermissionDeniedError,
     ReceiptVerificationError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ResourceExhaustedError,
     TGTinkerError,
@@ -50,7 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuditHead",
     "AuditIntegrityError", "AuthenticationError", "PermissionDeniedError", "ReceiptVerificationError",
-    "BatchData", "ClientFailedError", "ClientStatus", "ClientTerminatedError", "RequestTooLargeError",
+    "BatchData", "ClientFailedError", "ClientStatus", "ClientTerminatedError", "RequestTimeoutError",
+    "RequestTooLargeError",
     "ComputeLogprobsResult", "ConnectionError", "DPBudgetExceededError", "DPConfig",
     "DatasetInfo", "DPMetrics", "ForwardBackwardResult", "ForwardResult", "Future", "FutureTimeoutError",
     "LoRAConfig",
