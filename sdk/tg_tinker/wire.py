@@ -22,10 +22,16 @@ def describe_pydantic_error(exc: pydantic.ValidationError, model: str) -> Valida
         field = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
         message = str(original) if original is not None else err.get("msg", "invalid")
         problems.append({"field": field, "problem": message[:500]})
+    return validation_error(f"invalid {model}", problems, len(errors))
+
+
+def validation_error(what: str, problems: list[dict], count: int) -> ValidationError:
+    """One ValidationError for ``count`` problems, of which ``problems`` (at most MAX_REPORTED_ERRORS) are
+    described: the trainer's own refusals and FastAPI's say it the same way."""
     text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-    if len(errors) > MAX_REPORTED_ERRORS:
-        text += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
-    return ValidationError(f"invalid {model}: {text}", {"errors": problems, "error_count": len(errors)})
+    if count > len(problems):
+        text += f"; and {count - len(problems)} more"
+    return ValidationError(f"{what}: {text}", {"errors": problems, "error_count": count})
 
 
 class WireModel(pydantic.BaseModel):

@@ -87,6 +87,16 @@ class RevokedTokens:
         return self._why.get(digest)
 
 
+def replaced(client_id: str) -> str:
+    """What a token of a client replaced under the same id hears."""
+    return f"this token belonged to an earlier client {client_id!r}, since replaced: it opens nothing any more"
+
+
+def terminated(client_id: str) -> str:
+    """What a token of a terminated client hears."""
+    return f"this token's client {client_id!r} was terminated: it opens nothing any more"
+
+
 def resolve(state, admin_token: Optional[str], header: str) -> Principal:
     """The principal an ``Authorization`` header names; AuthenticationError if none. A client's token
     opens only the client instance it was issued for: once that client is terminated, or replaced by a
@@ -104,14 +114,12 @@ def resolve(state, admin_token: Optional[str], header: str) -> Principal:
         raise AuthenticationError((state.revoked.why(digest) if state is not None else None)
                                   or "missing or wrong bearer token for this trainer")
     if state.sessions.get(principal.client_id) is not principal.session:
-        why = (f"this token belonged to an earlier client {principal.client_id!r}, since replaced: it opens "
-               "nothing any more")
+        why = replaced(principal.client_id)
     elif principal.session.terminated:
-        why = f"this token's client {principal.client_id!r} was terminated: it opens nothing any more"
+        why = terminated(principal.client_id)
     else:
         return principal
-    del state.client_tokens[digest]
-    state.revoked.remember(digest, why)
+    state.revoke(principal.session, why)  # normally done when it happened; this is the backstop
     raise AuthenticationError(why)
 
 

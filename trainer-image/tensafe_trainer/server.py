@@ -53,14 +53,14 @@ from tg_tinker.types import (
 from . import datasets, metrics
 from .artifacts import ArtifactStore
 from tg_tinker.receipts import public_key_pem, sign_receipt
-from tg_tinker.wire import MAX_REPORTED_ERRORS
+from tg_tinker.wire import MAX_REPORTED_ERRORS, validation_error
 
 from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
 from tg_tinker.keys import LocalKeyProvider
 from .paths import keys_dir
 from .engine_process import EngineProcess, busy_counter
-from .gate import Gate, Principal, RevokedTokens, resolve, token_digest
+from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
 from .sessions import Operation, OperationIndex, Session
 
@@ -109,7 +109,7 @@ class State:
 
     def revoke(self, session: Session, why: Optional[str] = None) -> None:
         """The tokens issued for this client instance open nothing any more."""
-        why = why or f"this token's client {session.client_id!r} was terminated: it opens nothing any more"
+        why = why or terminated(session.client_id)
         for digest in [d for d, p in self.client_tokens.items() if p.session is session]:
             self.client_tokens.pop(digest)
             self.revoked.remember(digest, why)
@@ -131,8 +131,7 @@ class State:
                                                                                        ClientStatus.ERROR):
             raise ValidationError(f"client {client_id!r} already exists", {"client_id": client_id})
         if existing is not None:  # replaced: what its token made goes with it
-            self.stop(existing, f"this token belonged to an earlier client {client_id!r}, since replaced: it opens "
-                                "nothing any more")
+            self.stop(existing, replaced(client_id))
         # A slot is held until the engine has exited (a terminated client's engine may still be finishing).
         live = sum(s.holds_engine for s in self.sessions.values())
         if live >= self.settings.max_clients:
@@ -273,10 +272,7 @@ def create_app(settings: Settings) -> FastAPI:
         errors = exc.errors()
         problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": str(e.get("msg", "invalid"))[:500]}
                     for e in errors[:MAX_REPORTED_ERRORS]]
-        text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-        if len(errors) > MAX_REPORTED_ERRORS:
-            text += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
-        err = ValidationError(f"invalid request: {text}", {"errors": problems, "error_count": len(errors)})
+        err = validation_error("invalid request", problems, len(errors))
         return JSONResponse({"error": err.to_wire()}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
