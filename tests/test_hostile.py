@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -547,3 +548,123 @@ def test_work_for_a_terminated_client_through_other_endpoints_is_410(svc):
     svc.transport.request("DELETE", "/v1/clients/gone")
     with pytest.raises(ClientTerminatedError):
         svc.transport.request("POST", "/v1/sampling_clients", json={"training_client_id": "gone"})
+
+
+def test_the_refusal_budget_refills_at_its_rate_and_never_past_its_burst():
+    from tensafe_trainer.gate import RefusalBudget
+
+    now = [100.0]
+    budget = RefusalBudget(burst=3, per_s=2.0, clock=lambda: now[0])
+
+    class Client:  # a stand-in for a session: the budget only needs an object to key on
+        pass
+
+    noisy, quiet = Client(), Client()
+    for _ in range(3):
+        assert budget.wait_s(noisy) == 0
+        budget.charge(noisy)
+    assert budget.wait_s(noisy) == pytest.approx(0.5)  # empty: one refusal back after 1 / 2 s
+    assert budget.wait_s(quiet) == 0  # one client's refusals are its own
+    now[0] += 0.25
+    assert budget.wait_s(noisy) == pytest.approx(0.25)
+    now[0] += 0.25
+    assert budget.wait_s(noisy) == 0
+    budget.charge(noisy)
+    now[0] += 3600  # an hour idle refills to the burst, not past it
+    for _ in range(3):
+        budget.charge(noisy)
+    assert budget.wait_s(noisy) == pytest.approx(0.5)
+
+
+def test_a_token_refused_too_often_has_its_bodies_refused_unread_until_it_refills(svc, victim):
+    from tensafe_trainer.gate import REFUSALS_BURST, REFUSALS_PER_S
+
+    noisy = create(svc, "noisy", "loud-tenant")
+    wait_ready(svc, "noisy")
+    auth = {"authorization": f"Bearer {noisy['access_token']}", "content-type": "application/json"}
+    path = f"{svc.base_url}/v1/clients/noisy/operations"
+    try:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(REFUSALS_BURST):
+                assert client.post(path, content=b"{not json", headers=auth).status_code in (400, 422)
+            refused = client.post(path, json={"request": {"type": "optim_step"}}, headers=auth)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["type"] == "ResourceExhaustedError"
+            assert "refused too often" in refused.json()["error"]["message"]
+            assert int(refused.headers["retry-after"]) >= 1
+            # Without a body it still gets through: it can collect what it queued.
+            assert client.get(f"{svc.base_url}/v1/clients/noisy", headers=auth).status_code == 200
+            # Other clients and the trainer's own token are not held to this client's refusals.
+            victim_token = svc._clients[victim.id].token
+            assert client.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", content=b"{not json",
+                               headers={**auth, "authorization": f"Bearer {victim_token}"}).status_code in (400, 422)
+            admin = {**auth, "authorization": f"Bearer {svc._local.token}"}
+            for _ in range(REFUSALS_BURST + 2):
+                assert client.post(path, content=b"{not json", headers=admin).status_code in (400, 422)
+            time.sleep(1.5 / REFUSALS_PER_S)
+            record = client.post(path, json={"request": {"type": "optim_step"}}, headers=auth)
+            assert record.status_code == 201, record.text
+    finally:
+        svc.transport.request("DELETE", "/v1/clients/noisy")
+
+
+def test_a_refusal_that_leaves_a_body_unread_holds_its_sender_back(svc):
+    """Answered at once, a sender of oversized bodies reconnects and pushes megabytes into the server's
+    buffers dozens of times a second; held back, one connection gets about one refusal a second, and the
+    server keeps answering everyone else meanwhile."""
+    from tensafe_trainer.gate import REFUSAL_DELAY_S
+
+    head = (b"POST /v1/training_clients HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (8 << 20))
+    chunk = b"x" * (1 << 20)
+    worst, done = 0.0, threading.Event()
+
+    def probe():
+        nonlocal worst
+        with httpx.Client() as client:
+            while not done.is_set():
+                start = time.monotonic()
+                assert client.get(f"{svc.base_url}/healthz", timeout=30).status_code == 200
+                worst = max(worst, time.monotonic() - start)
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        start = time.monotonic()
+        for _ in range(3):
+            answer = raw_http(svc.base_url, head, [chunk] * 8, read_timeout=30)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        spent = time.monotonic() - start
+    finally:
+        done.set()
+        prober.join()
+    assert spent >= 3 * REFUSAL_DELAY_S * 0.9, f"three refusals in {spent:.2f}s: not held back"
+    assert worst < 1.0, f"/healthz took {worst:.2f}s meanwhile"
+
+
+def test_at_most_64_refusals_are_held_back_at_once(svc):
+    """Holding a refusal costs a connection: past MAX_DELAYED at once, the rest are answered at once."""
+    from tensafe_trainer.gate import MAX_DELAYED, REFUSAL_DELAY_S
+
+    parsed = urlparse(svc.base_url)
+    head = b"POST /v1/training_clients HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    socks = [socket.create_connection((parsed.hostname, parsed.port), timeout=30) for _ in range(MAX_DELAYED + 8)]
+    try:
+        start = time.monotonic()
+        for sock in socks:
+            sock.sendall(head)
+        waited, pending = [], set(socks)
+        while pending:  # in the order the answers arrive
+            readable, _, _ = select.select(list(pending), [], [], 30)
+            assert readable, "no answer within 30 s"
+            for sock in readable:
+                assert sock.recv(12) == b"HTTP/1.1 401"
+                waited.append(time.monotonic() - start)
+                pending.discard(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+    answered_at_once = [w for w in waited if w < REFUSAL_DELAY_S * 0.5]
+    assert 8 <= len(answered_at_once) < MAX_DELAYED, waited
+    assert len([w for w in waited if w >= REFUSAL_DELAY_S * 0.9]) >= MAX_DELAYED - 8
