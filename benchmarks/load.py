@@ -2,9 +2,9 @@
 
   (a) N training clients (threads) each run pipelined forward_backward + optim_step steps at once;
   (b) one client gets 1,000 operations queued as fast as the SDK can submit them;
-  (c) hostile: (a) and (b) again, ``rounds`` times, each between two quiet runs of them, while another connection keeps sending
-      oversized, chunked, malformed and unauthenticated requests (most with the token of a client of
-      another tenant: what a hostile tenant can do).
+  (c) hostile: (a) and (b) again, ``rounds`` times, each between two quiet runs of them, while another
+      connection keeps sending oversized, chunked, malformed and unauthenticated requests (most with the
+      token of a client of another tenant: what a hostile tenant can do).
 Reports operations/s, p50/p99 latency from submission to resolved future, errors, dropped (futures
 that never resolved) and reordered (optim_step results whose step does not follow submission order);
 for (c) the legitimate clients' throughput with the attack over without it (same run), and the worst
