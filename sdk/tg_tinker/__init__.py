@@ -29,6 +29,7 @@ from .sampling_client import SamplingClient
 from .service_client import ServiceClient
 from .training_client import TrainingClient
 from .types import (
+    AdamStep,
     ArtifactInfo,
     AuditEntry,
     AuditHead,
@@ -49,7 +50,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuditHead",
+    "AdamStep", "ArtifactInfo", "ArtifactIntegrityError", "ArtifactNotFoundError", "AuditEntry", "AuditHead",
     "AuditIntegrityError", "AuthenticationError", "PermissionDeniedError", "ReceiptVerificationError",
     "BatchData", "ClientFailedError", "ClientStatus", "ClientTerminatedError", "RequestTimeoutError",
     "RequestTooLargeError",

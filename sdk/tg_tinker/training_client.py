@@ -15,6 +15,7 @@ from .config import TrainingConfig
 from .errors import TrainingClientError
 from .futures import Future
 from .types import (
+    AdamStep,
     BatchData,
     ClientInfo,
     ClientStatus,
@@ -103,19 +104,28 @@ class TrainingClient:
 
     # --- operations -------------------------------------------------------------------------
 
-    def forward_backward(self, batch: Batch) -> Future[ForwardBackwardResult]:
-        return self._queue.submit(ForwardBackwardRequest(batch=BatchData.parse(batch)))
+    def forward_backward(self, batch: Batch, loss_fn: str = "cross_entropy", loss_fn_config: Optional[dict] = None,
+                         reduction: str = "mean", return_logprobs: bool = False) -> Future[ForwardBackwardResult]:
+        """Accumulate the gradient of ``loss_fn`` (the trainer's loss registry: cross_entropy, importance_sampling,
+        ppo, cispo, dro) over ``batch``; per-token inputs other than the labels go in ``batch["loss_inputs"]``."""
+        return self._queue.submit(ForwardBackwardRequest(
+            batch=BatchData.parse(batch), loss_fn=loss_fn, loss_fn_config=loss_fn_config, reduction=reduction,
+            return_logprobs=return_logprobs))
 
     def forward_backward_sampled(self) -> Future[ForwardBackwardResult]:
         """Draw one logical batch of the registered dataset ``dp_config.dataset_id`` on the server (each example
         independently with probability ``dp_config.sample_rate``) and accumulate it; then ``optim_step()``."""
         return self._queue.submit(ForwardBackwardSampledRequest())
 
-    def forward(self, batch: Batch) -> Future[ForwardResult]:
-        return self._queue.submit(ForwardRequest(batch=BatchData.parse(batch)))
+    def forward(self, batch: Batch, loss_fn: str = "cross_entropy",
+                loss_fn_config: Optional[dict] = None) -> Future[ForwardResult]:
+        return self._queue.submit(ForwardRequest(batch=BatchData.parse(batch), loss_fn=loss_fn,
+                                                 loss_fn_config=loss_fn_config))
 
-    def optim_step(self, apply_dp_noise: Optional[bool] = None) -> Future[OptimStepResult]:
-        return self._queue.submit(OptimStepRequest(apply_dp_noise=apply_dp_noise), on_result=self._advance)
+    def optim_step(self, apply_dp_noise: Optional[bool] = None,
+                   adam: Optional[AdamStep] = None) -> Future[OptimStepResult]:
+        """One optimizer step; ``adam`` overrides this step's Adam hyperparameters (and clips the gradient)."""
+        return self._queue.submit(OptimStepRequest(apply_dp_noise=apply_dp_noise, adam=adam), on_result=self._advance)
 
     def save_state(self, include_optimizer: bool = True, metadata: Optional[dict] = None) -> SaveStateResult:
         """Save an encrypted checkpoint. The result carries a signed privacy ``receipt`` and the audit chain's
@@ -169,17 +179,18 @@ class TrainingClient:
 
     # --- asyncio twins ----------------------------------------------------------------------
 
-    async def forward_backward_async(self, batch: Batch) -> Future[ForwardBackwardResult]:
-        return await asyncio.to_thread(self.forward_backward, batch)
+    async def forward_backward_async(self, batch: Batch, **loss) -> Future[ForwardBackwardResult]:
+        return await asyncio.to_thread(self.forward_backward, batch, **loss)
 
     async def forward_backward_sampled_async(self) -> Future[ForwardBackwardResult]:
         return await asyncio.to_thread(self.forward_backward_sampled)
 
-    async def forward_async(self, batch: Batch) -> Future[ForwardResult]:
-        return await asyncio.to_thread(self.forward, batch)
+    async def forward_async(self, batch: Batch, **loss) -> Future[ForwardResult]:
+        return await asyncio.to_thread(self.forward, batch, **loss)
 
-    async def optim_step_async(self, apply_dp_noise: Optional[bool] = None) -> Future[OptimStepResult]:
-        return await asyncio.to_thread(self.optim_step, apply_dp_noise)
+    async def optim_step_async(self, apply_dp_noise: Optional[bool] = None,
+                               adam: Optional[AdamStep] = None) -> Future[OptimStepResult]:
+        return await asyncio.to_thread(self.optim_step, apply_dp_noise, adam)
 
     async def save_state_async(self, include_optimizer: bool = True,
                                metadata: Optional[dict] = None) -> SaveStateResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -55,6 +56,26 @@ def _as_int_rows(value: Any, name: str) -> list[list[int]]:
     return rows
 
 
+LOSS_INPUT_NAMES = ("weights", "logprobs", "advantages")  # per-token float inputs of the losses (the trainer's registry)
+
+
+def _as_float_rows(value: Any, name: str) -> list[list[float]]:
+    if hasattr(value, "tolist") and not isinstance(value, list):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty list of rows")
+    rows = []
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)) or len(row) == 0:
+            raise ValueError(f"{name}[{i}] must be a non-empty list of numbers")
+        if not set(map(type, row)) <= {float, int}:
+            raise ValueError(f"{name}[{i}] must hold numbers")
+        if not all(math.isfinite(v) for v in row):
+            raise ValueError(f"{name}[{i}] must hold finite numbers")
+        rows.append([float(v) for v in row])
+    return rows
+
+
 INT64_MAX = (1 << 63) - 1  # token ids and seeds become int64 tensors: larger ones are refused at the door
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 MAX_METADATA_BYTES = 64 << 10  # a checkpoint's metadata, as JSON
@@ -83,11 +104,25 @@ class BatchData(WireModel):
     input_ids: list[list[int]]
     attention_mask: Optional[list[list[int]]] = None
     labels: Optional[list[list[int]]] = None
+    # Per-token inputs of the loss (``ForwardBackwardRequest.loss_fn``), each shaped like input_ids.
+    loss_inputs: Optional[dict[str, list[list[float]]]] = None
 
     @field_validator("input_ids", "attention_mask", "labels", mode="before")
     @classmethod
     def _rows(cls, value, info):
         return None if value is None else _as_int_rows(value, info.field_name)
+
+    @field_validator("loss_inputs", mode="before")
+    @classmethod
+    def _loss_inputs(cls, value):
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("loss_inputs must map input names to rows of numbers")
+        unknown = sorted(set(value) - set(LOSS_INPUT_NAMES))
+        if unknown:
+            raise ValueError(f"loss_inputs has unknown inputs {unknown}; the losses take {list(LOSS_INPUT_NAMES)}")
+        return {k: _as_float_rows(v, f"loss_inputs.{k}") for k, v in value.items()}
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -95,8 +130,9 @@ class BatchData(WireModel):
         if len(widths) != 1:
             raise ValueError(f"input_ids is ragged: row lengths {sorted(widths)}; pad to one length")
         shape = (len(self.input_ids), widths.pop())
-        for name in ("attention_mask", "labels"):
-            rows = getattr(self, name)
+        named = [(n, getattr(self, n)) for n in ("attention_mask", "labels")]
+        named += [(f"loss_inputs.{n}", r) for n, r in (self.loss_inputs or {}).items()]
+        for name, rows in named:
             if rows is None:
                 continue
             other = (len(rows), len({len(r) for r in rows}) == 1 and len(rows[0]))
@@ -122,7 +158,18 @@ class BatchData(WireModel):
 # --- operation requests -------------------------------------------------------------------------
 
 
-class ForwardBackwardRequest(WireModel):
+class LossSpec(WireModel):
+    """Which registered loss, its config, and how per-token losses reduce. ``mean``: the mean over the label
+    tokens of the logical batch (under DP, each example's mean over its own tokens). ``sum``: the plain sum
+    (Tinker's convention; under DP each example's sum, and the noisy sum is not divided)."""
+
+    loss_fn: str = Field("cross_entropy", min_length=1, max_length=64)
+    loss_fn_config: Optional[dict[str, float]] = Field(None, max_length=16)
+    reduction: Literal["mean", "sum"] = "mean"
+    return_logprobs: bool = False
+
+
+class ForwardBackwardRequest(LossSpec):
     type: Literal["forward_backward"] = "forward_backward"
     batch: BatchData
 
@@ -134,14 +181,27 @@ class ForwardBackwardSampledRequest(WireModel):
     type: Literal["forward_backward_sampled"] = "forward_backward_sampled"
 
 
-class ForwardRequest(WireModel):
+class ForwardRequest(LossSpec):
     type: Literal["forward"] = "forward"
     batch: BatchData
+
+
+class AdamStep(WireModel):
+    """One step's Adam hyperparameters, overriding the client's optimizer config (the Tinker wire's AdamParams).
+    ``grad_clip_norm`` 0: no clipping."""
+
+    learning_rate: float = Field(gt=0, allow_inf_nan=False)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_clip_norm: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class OptimStepRequest(WireModel):
     type: Literal["optim_step"] = "optim_step"
     apply_dp_noise: Optional[bool] = None
+    adam: Optional[AdamStep] = None
 
 
 class SaveStateRequest(WireModel):
@@ -163,6 +223,7 @@ class SaveStateRequest(WireModel):
 class LoadStateRequest(WireModel):
     type: Literal["load_state"] = "load_state"
     artifact_id: str = Field(min_length=1, max_length=128)
+    include_optimizer: bool = True  # False: the weights (and step, accounting) only; the optimizer starts afresh
 
 
 class SampleRequest(WireModel):
@@ -235,16 +296,19 @@ class DPMetrics(WireModel):
 
 
 class ForwardBackwardResult(WireModel):
-    loss: float
+    loss: float  # per label token
     grad_norm: float
     tokens_processed: int
     num_examples: int
+    loss_sum: Optional[float] = None  # the sum of the per-token losses
+    logprobs: Optional[list[list[Optional[float]]]] = None  # with return_logprobs; None where the label is ignored
 
 
 class ForwardResult(WireModel):
     loss: float
     tokens_processed: int
     logprobs: list[list[Optional[float]]]  # None where the label is ignored
+    loss_sum: Optional[float] = None
 
 
 class OptimStepResult(WireModel):

@@ -23,11 +23,13 @@ from tg_tinker.types import (
     SampleRequest,
 )
 
+from .losses import get_loss
 from .privacy import check_noise_request
 
 TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
-# A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them.
-BYTES_PER_TOKEN = 3 * 20
+# A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them. A float
+# (a loss input: weights, logprobs, advantages) at most 25 characters and a comma.
+BYTES_PER_TOKEN = 3 * 20 + 3 * 26
 BODY_SLACK = 256 << 10  # the envelope, metadata, a sealed blob
 TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many characters per allowed token cannot fit
 
@@ -69,6 +71,9 @@ def admit(request: Any, limits: Limits) -> None:
             raise RequestTooLargeError(f"batch has {rows} examples, more than batch_size={limits.batch_size}",
                                        {"field": "input_ids", "rows": rows, "batch_size": limits.batch_size})
         _check_length(width, limits, "input_ids")
+        loss = get_loss(request.loss_fn)
+        loss.settings(request.loss_fn_config)
+        loss.check_inputs(set(request.batch.loss_inputs or {}))
         _check_vocab(max(map(max, request.batch.input_ids)), limits, "input_ids")
         if request.batch.labels is not None:
             _check_vocab(max(map(max, request.batch.labels)), limits, "labels")

@@ -29,19 +29,23 @@ from tg_tinker.types import (
     IGNORE_INDEX,
     BatchData,
     ForwardBackwardResult,
+    AdamStep,
     ForwardResult,
+    LossSpec,
     OptimStepResult,
 )
 
 from .models import LoadedModel, load_model, pick_device, pick_dtype
 from .ledger import PrivacyLedger
-from .optim import build_optimizer, set_learning_rate
+from .losses import get_loss
+from .optim import apply_adam_step, build_optimizer, set_learning_rate
 from .privacy import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
 from .secure_random import bernoulli_mask
 
 CHECKPOINT_FORMAT = 1
 # Fields that define the model: a checkpoint only loads into a client whose config agrees on them.
 MODEL_DEFINING = ("model_ref", "lora_config", "dtype")
+CROSS_ENTROPY = LossSpec()
 
 
 def _apply_lora(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Module:
@@ -178,6 +182,7 @@ class TrainingEngine:
     def _reset_accumulation(self) -> None:
         self._grad_sum: Optional[list[torch.Tensor]] = None
         self._tokens = 0
+        self._reduction: Optional[str] = None
         if self.dp is not None:
             self.dp.reset()
 
@@ -203,14 +208,14 @@ class TrainingEngine:
             raise TrainingClientError("a Poisson draw of this client failed earlier: it releases no further step; "
                                       "start a new client from the last checkpoint")
 
-    def forward_backward(self, batch: BatchData) -> ForwardBackwardResult:
+    def forward_backward(self, batch: BatchData, spec: LossSpec = CROSS_ENTROPY) -> ForwardBackwardResult:
         if self.samples_on_server:
             raise ValidationError(
                 f"this client samples registered dataset {self.config.dp_config.dataset_id!r} on the server: "
                 "call forward_backward_sampled(); client-supplied batches would void the sampling guarantee",
                 {"operation": "forward_backward"})
         self._own_batches = True
-        return self._forward_backward(batch)
+        return self._forward_backward(batch, spec=spec)
 
     def forward_backward_sampled(self) -> ForwardBackwardResult:
         """Draw one logical batch: each example of the registered dataset independently with probability q
@@ -246,10 +251,16 @@ class TrainingEngine:
         return ForwardBackwardResult(loss=loss_sum / max(tokens, 1), grad_norm=math.sqrt(grad_sq) / max(count, 1),
                                      tokens_processed=tokens, num_examples=count)
 
-    def _forward_backward(self, batch: BatchData, capped: bool = True) -> ForwardBackwardResult:
+    def _forward_backward(self, batch: BatchData, capped: bool = True,
+                          spec: LossSpec = CROSS_ENTROPY) -> ForwardBackwardResult:
+        loss = get_loss(spec.loss_fn)
+        settings = loss.settings(spec.loss_fn_config)
         ids, mask, labels = self._tensors(batch)
-        token_counts = (labels != IGNORE_INDEX).sum(dim=1)
+        inputs = self._loss_inputs(batch, loss, labels)
+        valid = labels != IGNORE_INDEX
+        token_counts = valid.sum(dim=1)
         n_tokens = int(token_counts.sum())
+        self._check_reduction(spec.reduction)
         if capped and self.dp is not None and self.dp.num_examples + ids.shape[0] > self.config.effective_batch_size:
             raise ValidationError(
                 f"a DP logical batch holds at most batch_size x gradient_accumulation_steps = "
@@ -257,25 +268,54 @@ class TrainingEngine:
                 "call optim_step first", {"field": "input_ids"},
             )
         self.model.train()
-        if self.dp is not None:
-            holder = {}
+        holder = {}
 
+        def per_token_loss() -> torch.Tensor:
+            holder["logprobs"] = logprobs = -self._token_nll(ids, mask, labels)
+            per_token = loss.fn(logprobs, {k: v.to(logprobs.dtype) for k, v in inputs.items()}, settings)
+            return torch.where(valid, per_token, 0.0)
+
+        if self.dp is not None:
             def per_example_loss() -> torch.Tensor:
-                nll = self._token_nll(ids, mask, labels)
-                holder["kept"] = torch.isfinite(nll).all(dim=1)
-                holder["nll"] = torch.where(holder["kept"].unsqueeze(1), nll, 0.0)
-                return holder["nll"].sum(dim=1) / token_counts.clamp(min=1).to(holder["nll"].dtype)
+                per_token = per_token_loss()
+                holder["kept"] = torch.isfinite(per_token).all(dim=1)
+                holder["per_token"] = torch.where(holder["kept"].unsqueeze(1), per_token, 0.0)
+                summed = holder["per_token"].sum(dim=1)
+                if spec.reduction == "sum":
+                    return summed
+                return summed / token_counts.clamp(min=1).to(summed.dtype)
 
             _, grad_norm = self.dp.backward(per_example_loss)
-            nll = holder["nll"]
+            per_token = holder["per_token"]
             n_tokens = int(token_counts[holder["kept"]].sum())
         else:
-            nll = self._finite(self._token_nll(ids, mask, labels))
-            nll.sum().backward()
+            per_token = self._finite(per_token_loss())
+            per_token.sum().backward()
             grad_norm = self._accumulate(n_tokens)
-        loss = float(nll.detach().sum()) / max(n_tokens, 1)
-        return ForwardBackwardResult(loss=loss, grad_norm=grad_norm, tokens_processed=n_tokens,
-                                     num_examples=int(ids.shape[0]))
+        total = float(per_token.detach().sum())
+        return ForwardBackwardResult(loss=total / max(n_tokens, 1), grad_norm=grad_norm, tokens_processed=n_tokens,
+                                     num_examples=int(ids.shape[0]), loss_sum=total,
+                                     logprobs=self._rows(holder["logprobs"], valid) if spec.return_logprobs else None)
+
+    def _check_reduction(self, reduction: str) -> None:
+        """One logical batch reduces one way: a mean over its tokens and a plain sum do not mix."""
+        if self._reduction is not None and self._reduction != reduction:
+            raise ValidationError(f"this logical batch is reduced by {self._reduction!r}; a {reduction!r} "
+                                  "forward_backward cannot join it: call optim_step first", {"field": "reduction"})
+        self._reduction = reduction
+
+    def _loss_inputs(self, batch: BatchData, loss, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        given = batch.loss_inputs or {}
+        loss.check_inputs(set(given))
+        tensors = {name: torch.tensor(rows, dtype=torch.float64) for name, rows in given.items()}
+        for name, default in loss.optional.items():
+            tensors.setdefault(name, torch.full(labels.shape, default, dtype=torch.float64))
+        return {name: t.to(self.device) for name, t in tensors.items()}
+
+    @staticmethod
+    def _rows(logprobs: torch.Tensor, valid: torch.Tensor) -> list[list[Optional[float]]]:
+        return [[(float(v) if k else None) for v, k in zip(row, krow)]
+                for row, krow in zip(logprobs.detach().tolist(), valid.tolist())]
 
     @staticmethod
     def _finite(nll: torch.Tensor) -> torch.Tensor:
@@ -296,7 +336,7 @@ class TrainingEngine:
         self._tokens += n_tokens
         return norm / max(n_tokens, 1)
 
-    def optim_step(self, apply_dp_noise: Optional[bool] = None) -> OptimStepResult:
+    def optim_step(self, apply_dp_noise: Optional[bool] = None, adam: Optional[AdamStep] = None) -> OptimStepResult:
         check_noise_request(self.dp is not None, apply_dp_noise)
         dp_metrics = None
         if self.dp is not None:
@@ -305,13 +345,17 @@ class TrainingEngine:
                 raise ValidationError("call forward_backward_sampled() before optim_step: the step's logical batch "
                                       "is drawn on the server", {"operation": "optim_step"})
             before, after = self.accountant.spend_step()  # in the ledger, or raises: before any weight changes
-            self.dp.release(self.accountant.plan.expected_batch_size)
+            # The fixed public denominator: the expected batch size for a mean; none for a plain sum.
+            self.dp.release(1.0 if self._reduction == "sum" else self.accountant.plan.expected_batch_size)
             dp_metrics = self.dp.metrics(self.accountant, before, after)
         elif self._grad_sum is not None:
-            scale = 1.0 / max(self._tokens, 1)
+            scale = 1.0 if self._reduction == "sum" else 1.0 / max(self._tokens, 1)
             for p, g in zip(self.trainable.values(), self._grad_sum):
                 p.grad = g.mul_(scale)
-        lr = set_learning_rate(self.optimizer, self.config.optimizer, self.step)
+        if adam is not None:
+            lr = apply_adam_step(self.optimizer, self.trainable.values(), adam)
+        else:
+            lr = set_learning_rate(self.optimizer, self.config.optimizer, self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -320,19 +364,23 @@ class TrainingEngine:
         return OptimStepResult(step=self.step, learning_rate=lr, dp_metrics=dp_metrics)
 
     @torch.no_grad()
-    def forward(self, batch: BatchData) -> ForwardResult:
+    def forward(self, batch: BatchData, spec: LossSpec = CROSS_ENTROPY) -> ForwardResult:
+        loss = get_loss(spec.loss_fn)
+        settings = loss.settings(spec.loss_fn_config)
         ids, mask, labels = self._tensors(batch)
+        inputs = self._loss_inputs(batch, loss, labels)
         self.model.eval()
         try:
-            nll = self._token_nll(ids, mask, labels)
+            logprobs = -self._token_nll(ids, mask, labels)
         finally:
             self.model.train()
-        keep = labels != IGNORE_INDEX
-        n_tokens = int(keep.sum())
-        logprobs = [[(-float(v) if k else None) for v, k in zip(row, krow)]
-                    for row, krow in zip(nll.tolist(), keep.tolist())]
-        return ForwardResult(loss=float(nll.sum()) / max(n_tokens, 1), tokens_processed=n_tokens,
-                             logprobs=logprobs)
+        valid = labels != IGNORE_INDEX
+        per_token = torch.where(valid, loss.fn(logprobs, {k: v.to(logprobs.dtype) for k, v in inputs.items()},
+                                               settings), 0.0)
+        n_tokens = int(valid.sum())
+        total = float(per_token.sum())
+        return ForwardResult(loss=total / max(n_tokens, 1), tokens_processed=n_tokens,
+                             logprobs=self._rows(logprobs, valid), loss_sum=total)
 
     def discard_gradients(self) -> None:
         """Forget a half-finished logical batch (after a failed operation)."""

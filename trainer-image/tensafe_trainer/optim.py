@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 
 from tg_tinker.config import OptimizerConfig
+from tg_tinker.errors import ValidationError
+from tg_tinker.types import AdamStep
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -45,3 +47,16 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, st
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def apply_adam_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], step: AdamStep) -> float:
+    """Set this step's Adam hyperparameters (Tinker's AdamParams) and clip the gradient's global norm."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValidationError(f"per-step Adam parameters need an Adam optimizer, this client has "
+                              f"{type(optimizer).__name__}", {"field": "adam"})
+    for group in optimizer.param_groups:
+        group.update(lr=step.learning_rate, betas=(step.beta1, step.beta2), eps=step.eps,
+                     weight_decay=step.weight_decay)
+    if step.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], step.grad_clip_norm)
+    return step.learning_rate
