@@ -119,7 +119,8 @@ def _policy_batch(rows, sampled, advantages):
 
     width = max(len(r) for r in rows) - 1
     pad = lambda row, v: row + [v] * (width - len(row))  # noqa: E731
-    return BatchData(input_ids=[pad(r[:-1], 0) for r in rows], attention_mask=[pad([1] * (len(r) - 1), 0) for r in rows],
+    return BatchData(input_ids=[pad(r[:-1], 0) for r in rows],
+                     attention_mask=[pad([1] * (len(r) - 1), 0) for r in rows],
                      labels=[pad(r[1:], -100) for r in rows],
                      loss_inputs={"logprobs": [pad(q[:len(r) - 1], 0.0) for r, q in zip(rows, sampled)],
                                   "advantages": [pad(a[:len(r) - 1], 0.0) for r, a in zip(rows, advantages)]})

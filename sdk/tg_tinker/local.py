@@ -23,7 +23,8 @@ START_TIMEOUT_S = 180.0
 
 
 class LocalTrainer:
-    def __init__(self, home: Optional[Path] = None, log_level: str = "warning"):
+    def __init__(self, home: Optional[Path] = None, log_level: str = "warning",
+                 privacy_policy: Optional[Path] = None):
         if importlib.util.find_spec("tensafe_trainer") is None:
             raise TGTinkerError(
                 "the embedded local backend needs the trainer: pip install 'tensafe[trainer]' "
@@ -37,6 +38,8 @@ class LocalTrainer:
             env["TENSAFE_HOME"] = str(home)
         command = [sys.executable, "-m", "tensafe_trainer", "serve", "--host", "127.0.0.1", "--port", "0",
                    "--ready-file", str(ready), "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        if privacy_policy is not None:  # the Tinker API's DP policy (tensafe serve --privacy-policy)
+            command += ["--privacy-policy", str(privacy_policy)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)

@@ -56,7 +56,8 @@ def _as_int_rows(value: Any, name: str) -> list[list[int]]:
     return rows
 
 
-LOSS_INPUT_NAMES = ("weights", "logprobs", "advantages")  # per-token float inputs of the losses (the trainer's registry)
+# The per-token float inputs of the losses (the trainer's registry, tensafe_trainer/losses.py).
+LOSS_INPUT_NAMES = ("weights", "logprobs", "advantages")
 
 
 def _as_float_rows(value: Any, name: str) -> list[list[float]]:

@@ -12,7 +12,16 @@ def _serve(args) -> int:
     from .serve import run
 
     run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
-        args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs)
+        args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs, args.privacy_policy)
+    return 0
+
+
+def _tinker_key(args) -> int:
+    from .paths import tensafe_home
+    from .tinker_api.keys import create_key
+
+    key = create_key(args.home or tensafe_home(), args.tenant, args.name)
+    print(key)  # shown once: only its digest is kept
     return 0
 
 
@@ -70,7 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="its private key (PEM; default $TENSAFE_TLS_KEY)")
     serve.add_argument("--open-docs", action="store_true",
                        help="serve /docs, /redoc and /openapi.json without a token (default: they need one)")
+    serve.add_argument("--privacy-policy", type=Path, default=os.environ.get("TENSAFE_PRIVACY_POLICY"),
+                       help="the Tinker API's DP policy: JSON/YAML mapping a tenant id (or 'default') to "
+                            "{dp: {DPConfig fields}, batch_size: N} (default $TENSAFE_PRIVACY_POLICY)")
     serve.set_defaults(func=_serve)
+
+    tkey = sub.add_parser("tinker-key", help="API keys of the Tinker API (/api/v1): each opens one tenant")
+    tksub = tkey.add_subparsers(dest="tinker_key_command", required=True)
+    tcreate = tksub.add_parser("create", help="create a key (printed once; only its SHA-256 is stored)")
+    tcreate.add_argument("--tenant", default="default")
+    tcreate.add_argument("--name", default="", help="a label for the key")
+    tcreate.add_argument("--home", type=Path, default=None, help="the trainer's data folder (default $TENSAFE_HOME)")
+    tkey.set_defaults(func=_tinker_key)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M with LoRA on the bundled dataset")
     demo.add_argument("--steps", type=int, default=30)

@@ -25,6 +25,8 @@ from tg_tinker.errors import (AuthenticationError, PermissionDeniedError, Reques
                               ResourceExhaustedError, TGTinkerError)
 from tg_tinker.types import ArtifactInfo
 
+from .tinker_api import PREFIX as TINKER_PREFIX
+
 BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
 BODY_DEADLINE_S = 120.0  # and the most it may take in all (64 MiB at ~0.5 MB/s)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and counters: no token, nothing private
@@ -163,8 +165,9 @@ class Gate:
     """``limit_for(principal)``: the most body bytes that caller may send in one request."""
 
     def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Principal], int],
-                 open_docs: bool = False, refusals: Optional[RefusalBudget] = None):
+                 open_docs: bool = False, refusals: Optional[RefusalBudget] = None, tinker_keys=None):
         self.app, self.admin_token, self.limit_for = app, admin_token, limit_for
+        self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: tinker_api/keys.py
         self.open_paths = OPEN_PATHS | (DOC_PATHS if open_docs else frozenset())
         self.refusals = refusals or RefusalBudget()
         self.delayed = 0
@@ -183,8 +186,13 @@ class Gate:
             return await self.app(scope, receive, send)
         try:
             state = getattr(scope["app"].state, "tensafe", None)
-            principal = resolve(state, self.admin_token, headers.get(b"authorization", b"").decode("latin-1"))
-            metered = principal.session
+            if scope["path"].startswith(TINKER_PREFIX + "/"):  # a tenant's Tinker key, metered like a client's token
+                if self.tinker_keys is None:
+                    raise AuthenticationError("this trainer does not serve the Tinker API")
+                principal = metered = self.tinker_keys.resolve(headers.get(b"x-api-key", b"").decode("latin-1"))
+            else:
+                principal = resolve(state, self.admin_token, headers.get(b"authorization", b"").decode("latin-1"))
+                metered = principal.session
             if metered is not None:
                 send = self._metering(metered, send)
                 wait = self.refusals.wait_s(metered)

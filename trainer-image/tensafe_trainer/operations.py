@@ -97,13 +97,13 @@ class Runtime:
         if self.kind == "sampling" and kind in TRAINING_ONLY:
             raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
         if isinstance(request, ForwardBackwardRequest):
-            return Outcome(self.engine.forward_backward(request.batch))
+            return Outcome(self.engine.forward_backward(request.batch, request))
         if isinstance(request, ForwardBackwardSampledRequest):
             return Outcome(self.engine.forward_backward_sampled())
         if isinstance(request, ForwardRequest):
-            return Outcome(self.engine.forward(request.batch))
+            return Outcome(self.engine.forward(request.batch, request))
         if isinstance(request, OptimStepRequest):
-            return Outcome(self.engine.optim_step(request.apply_dp_noise))
+            return Outcome(self.engine.optim_step(request.apply_dp_noise, request.adam))
         if isinstance(request, SaveStateRequest):
             return self._save(request)
         if isinstance(request, LoadStateRequest):
@@ -176,6 +176,8 @@ class Runtime:
 
     def _load(self, req: LoadStateRequest) -> Outcome:
         state = deserialize_state(self.store.get(self.tenant_id, req.artifact_id))
+        if not req.include_optimizer:
+            state["optimizer"] = None
         self.engine.load_state_dict(state)
         result = LoadStateResult(artifact_id=req.artifact_id, step=self.engine.step, status="loaded",
                                  total_epsilon=self.engine.total_epsilon)

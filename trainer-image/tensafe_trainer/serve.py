@@ -38,7 +38,8 @@ def _watch_parent(pid: int) -> None:
 
 def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], parent_pid: Optional[int],
         insecure_no_auth: bool, client_config: Optional[Path], log_level: str,
-        tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None, open_docs: bool = False) -> None:
+        tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None, open_docs: bool = False,
+        privacy_policy: Optional[Path] = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Taken out of the environment: the engine processes this server spawns must not inherit it.
     token = os.environ.pop(TOKEN_ENV, None)
@@ -53,7 +54,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
                         max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
-                        open_docs=open_docs)
+                        open_docs=open_docs, privacy_policy=privacy_policy)
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it

@@ -63,6 +63,10 @@ from .engine_process import EngineProcess, busy_counter
 from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
 from .sessions import Operation, OperationIndex, Session
+from .tinker_api.keys import TinkerKey, TinkerKeys
+from .tinker_api.policy import PrivacyPolicy
+from .tinker_api import PREFIX as TINKER_PREFIX
+from .tinker_api.routes import TinkerSettings, tinker_router, tinker_status
 
 log = logging.getLogger("tensafe.trainer")
 MAX_SAMPLERS_PER_CLIENT = 4  # sampling clients one client's token may have at once (each is an engine)
@@ -78,6 +82,7 @@ class Settings:
     min_free_memory: int = 1 << 30  # a new client is refused while the machine has less available than this
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
     initial_client: Optional[CreateTrainingClient] = None
+    privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (tinker_api/policy.py)
 
 
 @dataclass
@@ -254,17 +259,23 @@ def create_app(settings: Settings) -> FastAPI:
             raise AuthenticationError("creating clients needs the trainer's own token, not a client's")
         return principal
 
-    def body_limit(principal: Principal) -> int:
-        """The trainer's own token may send up to max_request_bytes (datasets); a client what its config
-        can run (see admission.body_limit), so that no client's request can hold the server for long."""
-        if principal.session is None:
+    def body_limit(principal) -> int:
+        """The trainer's own token and a Tinker key may send up to max_request_bytes (datasets, a Tinker
+        forward_backward of many datums); a client what its config can run (see admission.body_limit), so
+        that no client's request can hold the server for long."""
+        if isinstance(principal, TinkerKey) or principal.session is None:
             return settings.max_request_bytes
         return min(settings.max_request_bytes, admission.body_limit(principal.session.limits))
 
-    app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs)
+    tinker_keys = TinkerKeys(settings.home)
+    app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
+                       tinker_keys=tinker_keys)
+    app.include_router(tinker_router(TinkerSettings(tinker_keys, PrivacyPolicy.load(settings.privacy_policy))))
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):
+        if request.url.path.startswith(TINKER_PREFIX):
+            return JSONResponse({"error": exc.to_wire(), "detail": exc.message}, status_code=tinker_status(exc))
         return JSONResponse({"error": exc.to_wire()}, status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)

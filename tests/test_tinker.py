@@ -1,0 +1,255 @@
+"""The official ``tinker`` SDK, unmodified, against ``tensafe serve``: each call's values checked against an
+independent computation, the wire's dedup, seeds, the sampler/trainer logprob gap, tenancy, and DP from the
+server's policy (epsilon reported, the budget enforced, client-side custom losses refused)."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tinker_helpers import build_tokenized_tiny_model, start_tinker_trainer
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+POLICY = {
+    "private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0,
+                       "dataset_size": 1000}, "batch_size": 8},
+    "tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.0, "dataset_size": 10},
+              "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return build_tokenized_tiny_model(tmp_path_factory.mktemp("tinker-model") / "tiny-smollm2-tokenizer")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    trainer = start_tinker_trainer(tmp_path_factory.mktemp("tinker-home"), POLICY,
+                                   tenants=("plain", "private", "tight", "other"))
+    yield trainer
+    trainer.trainer.close()
+
+
+@pytest.fixture(scope="module")
+def plain(server):
+    return server.service("plain")
+
+
+def datum(tokens: list[int], weights=None, **inputs) -> types.Datum:
+    n = len(tokens) - 1
+    loss_inputs = {"target_tokens": tokens[1:], "weights": weights if weights is not None else [1.0] * n}
+    loss_inputs.update(inputs)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_inputs)
+
+
+def sequences(count: int, seed: int, vocab: int = 49152, lengths=(6, 14)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(*lengths))] for _ in range(count)]
+
+
+def reference_logprobs(model_dir, rows: list[list[int]]) -> list[np.ndarray]:
+    """The base model's logprob of each next token, each row alone and unpadded (a fresh LoRA is the identity)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r[:-1]])).logits[0].double()
+            out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(r[1:])[:, None])[:, 0].numpy())
+    return out
+
+
+def artifact_state(server, tenant: str, path: str) -> dict:
+    """A saved Tinker checkpoint, decrypted with the tenant's key the way an operator's tools would."""
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.engine import deserialize_state
+    from tensafe_trainer.paths import keys_dir
+    from tg_tinker.keys import LocalKeyProvider
+
+    store = ArtifactStore(server.home / "artifacts", LocalKeyProvider(keys_dir(server.home)))
+    (info,) = [a for a in store.list(tenant) if a.name == path]
+    return deserialize_state(store.get(tenant, info.artifact_id))
+
+
+def test_forward_backward_and_forward_match_an_independent_computation(plain, model_dir):
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    rows = sequences(3, seed=1)
+    weights = [[random.Random(i).choice([0.0, 0.5, 1.0]) for _ in r[1:]] for i, r in enumerate(rows)]
+    data = [datum(r, w) for r, w in zip(rows, weights)]
+    reference = reference_logprobs(model_dir, rows)
+    expected_loss = sum(float(-(lp * np.array(w)).sum()) for lp, w in zip(reference, weights))
+
+    forward = tc.forward(data, "cross_entropy").result()
+    fb = tc.forward_backward(data, "cross_entropy").result()
+    for out in (forward, fb):
+        assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-4)
+        assert len(out.loss_fn_outputs) == len(rows)
+        for got, want in zip(out.loss_fn_outputs, reference):
+            np.testing.assert_allclose(got["logprobs"].to_numpy(), want, rtol=1e-4, atol=1e-5)
+    info = tc.get_info()
+    assert info.model_data.model_name == str(model_dir) and info.lora_rank == 4
+    assert tc.get_tokenizer().encode("hello") == tc.get_tokenizer().encode("hello")
+
+
+def test_adam_params_are_honoured(server, plain, model_dir):
+    """Adam's first step moves each weight with a gradient by exactly lr (bias-corrected m/sqrt(v) = sign(g));
+    LoRA's A has no gradient while B is zero, so decoupled weight decay alone scales it by 1 - lr * wd."""
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4, train_mlp=False,
+                                           train_unembed=False).result()
+    before = tc.save_state("before").result().path
+    tc.forward_backward([datum(r) for r in sequences(2, seed=2)], "cross_entropy").result()
+    lr, wd = 0.003, 0.25
+    tc.optim_step(types.AdamParams(learning_rate=lr, beta1=0.5, beta2=0.7, eps=1e-12, weight_decay=wd)).result()
+    after = tc.save_state("after").result().path
+    old, new = artifact_state(server, "plain", before)["trainable"], artifact_state(server, "plain", after)["trainable"]
+    assert {n.split(".")[-2] for n in new} == {"lora_A", "lora_B"} or all("lora" in n for n in new)
+    assert any("q_proj" in n for n in new) and not any("mlp" in n or "lm_head" in n for n in new)
+    for name in new:
+        if "lora_A" in name:
+            torch.testing.assert_close(new[name], old[name] * (1 - lr * wd), rtol=1e-6, atol=1e-9)
+        else:
+            moved = new[name][new[name] != 0].abs()
+            assert moved.numel() > 0
+            torch.testing.assert_close(moved, torch.full_like(moved, lr), rtol=1e-4, atol=1e-9)
+
+
+def test_a_repeated_seq_id_runs_once(server, plain, model_dir):
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[datum(r) for r in sequences(2, seed=3)],
+                                                          loss_fn="cross_entropy"),
+        model_id=tc.model_id, seq_id=900)
+    body = forward_backward_request_to_proto(request).SerializeToString()
+    headers = {"X-API-Key": server.keys["plain"], "Content-Type": "application/x-protobuf"}
+    ids = [httpx.post(f"{server.base_url}/api/v1/forward_backward", content=body, headers=headers).json()["request_id"]
+           for _ in range(3)]
+    assert ids[0] == ids[1] == ids[2]
+    done = httpx.post(f"{server.base_url}/api/v1/retrieve_future", json={"request_id": ids[0]}, timeout=60,
+                      headers={"X-API-Key": server.keys["plain"]})
+    assert done.headers["content-type"].startswith("application/x-protobuf")
+    audit = httpx.get(f"{server.base_url}/v1/audit", params={"tenant_id": "plain", "operation": "forward_backward",
+                                                             "limit": 10_000},
+                      headers={"Authorization": f"Bearer {server.trainer.token}"}).json()
+    from tensafe_trainer.tinker_api.registry import client_id_for
+
+    assert sum(e["training_client_id"] == client_id_for(tc.model_id) for e in audit) == 1
+
+
+def test_sampling_seeds_logprob_gap_and_prompt_logprobs(plain, model_dir):
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    tc.forward_backward([datum(r) for r in sequences(2, seed=4)], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.01)).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(sequences(1, seed=5)[0])
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=11)
+    first = sampler.sample(prompt, 2, params).result()
+    again = sampler.sample(prompt, 2, params).result()
+    other = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=8, temperature=1.0, seed=12)).result()
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences]
+    assert [s.tokens for s in first.sequences] != [s.tokens for s in other.sequences]
+    assert all(len(s.logprobs) == len(s.tokens) for s in first.sequences)
+
+    # The trainer's logprobs of the sampled tokens: the gap the cookbook's KL metric measures is ~0 here.
+    seq = first.sequences[0]
+    full = prompt.to_ints() + seq.tokens
+    weights = [0.0] * (len(prompt.to_ints()) - 1) + [1.0] * len(seq.tokens)
+    trained = tc.forward([datum(full, weights)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    gap = np.array(trained[-len(seq.tokens):]) - np.array(seq.logprobs)
+    assert np.abs(gap).max() < 1e-4 and abs(gap.mean()) < 1e-5
+
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(full)).result()
+    assert scored[0] is None and len(scored) == len(full)
+    np.testing.assert_allclose(scored[1:], trained, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoints_load_list_and_delete(server, plain, model_dir):
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    data = [datum(r) for r in sequences(2, seed=6)]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.01)).result()
+    path = tc.save_state("ckpt", ttl_seconds=7200).result().path
+    assert path == f"tinker://{tc.model_id}/weights/ckpt"
+    expected = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    for resumed in (plain.create_training_client_from_state(path).result(),
+                    plain.create_training_client_from_state_with_optimizer(path).result()):
+        assert resumed.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    rest = tinker.RestClient(base_url=server.base_url, api_key=server.keys["plain"])
+    listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert [c.tinker_path for c in listed] == [path] and listed[0].expires_at is not None
+    assert rest.get_training_run(tc.model_id).result().last_checkpoint.tinker_path == path
+    rest.delete_checkpoint_from_tinker_path(path).result()
+    assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        plain.create_training_client_from_state(path).result()
+
+
+def test_keys_and_tenants(server, plain, model_dir):
+    with pytest.raises(tinker.AuthenticationError):
+        tinker.ServiceClient(base_url=server.base_url, api_key="tml-not-a-key").create_lora_training_client(
+            base_model=str(model_dir), rank=4).result()
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    path = tc.save_weights_for_sampler("mine").result().path
+    other = server.service("other")
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        other.create_sampling_client(model_path=path).result()
+    headers = {"X-API-Key": server.keys["other"]}
+    for endpoint, body in (("get_info", {"model_id": tc.model_id}),
+                           ("optim_step", {"model_id": tc.model_id, "seq_id": 1,
+                                           "adam_params": {"learning_rate": 0.1}})):
+        answer = httpx.post(f"{server.base_url}/api/v1/{endpoint}", json=body, headers=headers)
+        assert answer.status_code == 404 and "unknown model" in answer.text
+    runs = httpx.get(f"{server.base_url}/api/v1/training_runs", headers=headers).json()["training_runs"]
+    assert tc.model_id not in {r["training_run_id"] for r in runs}
+    # A Tinker key opens nothing on TenSafe's own API, and a TenSafe token nothing on the Tinker wire.
+    assert httpx.get(f"{server.base_url}/v1/clients", headers={"Authorization": f"Bearer {server.keys['plain']}"}
+                     ).status_code == 401
+    assert httpx.post(f"{server.base_url}/api/v1/create_session", json={},
+                      headers={"X-API-Key": server.trainer.token}).status_code == 401
+
+
+def test_dp_from_the_policy_reports_epsilon_keeps_no_unnoised_sum_and_refuses_custom_losses(server, model_dir):
+    private = server.service("private")
+    tc = private.create_lora_training_client(base_model=str(model_dir), rank=4, train_unembed=False).result()
+    before = tc.save_state("before").result().path
+    data = [datum(r) for r in sequences(4, seed=7)]
+    fb = tc.forward_backward(data, "cross_entropy").result()
+    assert len(fb.loss_fn_outputs) == 4  # the data's owner still gets its own losses and logprobs
+    mid = tc.save_state("mid-accumulation").result().path  # the accumulated (unnoised) sum is never saved
+    saved = artifact_state(server, "private", mid)
+    assert set(saved) == {"format", "step", "config", "trainable", "optimizer", "accountant", "metadata"}
+    for name, value in artifact_state(server, "private", before)["trainable"].items():
+        torch.testing.assert_close(saved["trainable"][name], value)
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    assert 0 < step.metrics["dp/epsilon"] < 50 and step.metrics["dp/noise_multiplier"] == 1.0
+    assert step.metrics["dp/sample_rate"] == pytest.approx(8 / 1000)
+    with pytest.raises(tinker.APIStatusError, match="more than batch_size=8"):  # the policy's logical batch
+        tc.forward_backward([datum(r) for r in sequences(9, seed=8)], "cross_entropy").result()
+    with pytest.raises(tinker.UnprocessableEntityError, match="forward_backward_custom is refused under DP"):
+        tc.forward_backward_custom(data, lambda d, logprobs: (sum(-lp.sum() for lp in logprobs), {})).result()
+    with pytest.raises(Exception, match="tighten DP, never loosen"):
+        private.create_lora_training_client(base_model=str(model_dir), rank=4,
+                                            user_metadata={"tensafe.dp.noise_multiplier": "0.5"}).result().result()
+
+
+def test_a_step_past_the_budget_fails_with_a_user_error(server, model_dir):
+    tc = server.service("tight").create_lora_training_client(base_model=str(model_dir), rank=4,
+                                                             train_unembed=False).result()
+    data = [datum(r) for r in sequences(2, seed=9)]
+    spent = []
+    with pytest.raises(tinker.RequestFailedError, match="budget") as refused:
+        for _ in range(50):
+            tc.forward_backward(data, "cross_entropy").result()
+            spent.append(tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["dp/epsilon"])
+    assert refused.value.category == types.RequestErrorCategory.User
+    # Independently: opacus' RDP accountant, sigma 2, q = 8/10, delta 1e-5: 1.95 then 2.79; a third step is 3.46.
+    assert spent == pytest.approx([1.95, 2.79], abs=0.01)

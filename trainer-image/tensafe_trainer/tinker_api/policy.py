@@ -1,0 +1,93 @@
+"""The server's privacy policy for the Tinker wire, which has no DP fields of its own.
+
+``tensafe serve --privacy-policy FILE`` (JSON or YAML) maps a tenant id, or ``"default"``, to
+``{"dp": {...DPConfig fields...}, "batch_size": N}``. When a tenant's entry has ``dp``, every model it
+creates trains with DP-SGD: TenSafe's mechanism, ledger, budget and receipts, and ``batch_size`` (default
+128) caps the examples of one logical batch (between two ``optim_step`` calls) and, with
+``dp.dataset_size``, gives the asserted sampling rate. A client cannot turn DP off: a model's
+``user_metadata`` may only tighten it (``tensafe.dp.noise_multiplier`` up, ``tensafe.dp.max_grad_norm``,
+``tensafe.dp.target_epsilon`` and ``tensafe.dp.target_delta`` down); a looser value is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from tg_tinker.config import DPConfig
+from tg_tinker.errors import ValidationError
+from tg_tinker.keys import check_tenant
+
+DEFAULT_BATCH_SIZE = 128
+METADATA_PREFIX = "tensafe.dp."
+# metadata key -> (DPConfig field, which way is tighter: +1 larger, -1 smaller)
+TIGHTENING = {"noise_multiplier": 1, "max_grad_norm": -1, "target_epsilon": -1, "target_delta": -1}
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    dp: Optional[DPConfig]
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+class PrivacyPolicy:
+    def __init__(self, entries: Mapping[str, TenantPolicy]):
+        self.entries = dict(entries)
+
+    @classmethod
+    def load(cls, path: Optional[Path]) -> "PrivacyPolicy":
+        if path is None:
+            return cls({})
+        text = Path(path).read_text()
+        raw = json.loads(text) if path.suffix == ".json" else _yaml(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"privacy policy {path}: a mapping of tenant ids (or 'default') to entries")
+        entries = {}
+        for tenant, entry in raw.items():
+            if tenant != "default":
+                check_tenant(tenant)
+            if not isinstance(entry, dict) or set(entry) - {"dp", "batch_size"}:
+                raise ValueError(f"privacy policy {path}: tenant {tenant!r} takes 'dp' and 'batch_size' only")
+            dp = DPConfig.parse(entry["dp"]) if entry.get("dp") is not None else None
+            batch_size = int(entry.get("batch_size", DEFAULT_BATCH_SIZE))
+            if batch_size < 1:
+                raise ValueError(f"privacy policy {path}: tenant {tenant!r}: batch_size must be >= 1")
+            entries[tenant] = TenantPolicy(dp if dp is not None and dp.enabled else None, batch_size)
+        return cls(entries)
+
+    def for_tenant(self, tenant_id: str) -> TenantPolicy:
+        return self.entries.get(tenant_id) or self.entries.get("default") or TenantPolicy(None)
+
+    def dp_for(self, tenant_id: str, user_metadata: Optional[Mapping[str, Any]]) -> Optional[DPConfig]:
+        """The tenant's DP config, tightened by the model's metadata where it asks; never loosened."""
+        base = self.for_tenant(tenant_id).dp
+        asked = {k[len(METADATA_PREFIX):]: v for k, v in (user_metadata or {}).items() if k.startswith(METADATA_PREFIX)}
+        if not asked:
+            return base
+        if base is None:
+            raise ValidationError("this tenant's privacy policy has no DP: user_metadata cannot configure it "
+                                  "(ask the trainer's operator for a DP policy)", {"field": "user_metadata"})
+        updates = {}
+        for name, value in asked.items():
+            if name not in TIGHTENING:
+                raise ValidationError(f"user_metadata '{METADATA_PREFIX}{name}' is not a DP setting a client may "
+                                      f"tighten; these are: {sorted(TIGHTENING)}", {"field": "user_metadata"})
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValidationError(f"user_metadata '{METADATA_PREFIX}{name}' must be a number",
+                                      {"field": "user_metadata"}) from None
+            current = getattr(base, name)
+            if current is not None and (number - current) * TIGHTENING[name] < 0:
+                raise ValidationError(f"user_metadata may tighten DP, never loosen it: {name}={number:g} is looser "
+                                      f"than the policy's {current:g}", {"field": "user_metadata"})
+            updates[name] = number
+        return DPConfig.parse({**base.model_dump(), **updates})
+
+
+def _yaml(text: str):
+    import yaml
+
+    return yaml.safe_load(text)

@@ -1,0 +1,200 @@
+"""What the Tinker front door keeps: its sessions, models, samplers, futures and checkpoint names.
+
+Everything that trains, samples or is stored is TenSafe's own: a Tinker model is a TenSafe training
+client (``tk-`` + a hash of the model id), a sampler a TenSafe sampling client, a ``tinker://`` path an
+encrypted artifact whose sealed name is the path. This module only maps one set of names onto the other,
+with the tenant of the API key checked on every lookup (another tenant's ids answer "unknown").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Coroutine, Optional
+
+from tg_tinker.errors import ArtifactNotFoundError, TrainingClientNotFoundError, ValidationError
+from tg_tinker.types import ArtifactInfo
+
+PATH_SCHEME = "tinker://"
+CHECKPOINT_KINDS = {"weights": "checkpoint", "sampler_weights": "sampler"}  # Tinker kind -> TenSafe artifact kind
+MAX_LIVE_SAMPLERS = 4  # per Tinker session: each is an engine process; the oldest is closed past this
+FUTURE_TTL_S = 3600.0  # a finished future is kept this long for its poll
+MAX_FUTURES = 50_000
+
+
+@dataclass(eq=False)
+class TinkerSession:
+    session_id: str
+    tenant_id: str
+    created_at: float = field(default_factory=time.time)
+    samplers: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # sampler id -> TinkerSampler
+    models: list[str] = field(default_factory=list)
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class TinkerModel:
+    model_id: str
+    tenant_id: str
+    session: Any  # the TenSafe Session that trains it
+    base_model: str
+    lora_rank: int
+    train_flags: dict[str, bool]
+    user_metadata: dict[str, str]
+    created_at: float = field(default_factory=time.time)
+    last_request_time: float = field(default_factory=time.time)
+
+    @property
+    def description(self) -> dict:
+        """What a checkpoint records of its model, so that a load can rebuild the same client."""
+        return {"base_model": self.base_model, "lora_rank": self.lora_rank, **self.train_flags,
+                "user_metadata": self.user_metadata}
+
+
+@dataclass(eq=False)
+class TinkerSampler:
+    sampler_id: str
+    tenant_id: str
+    session: Any  # the TenSafe sampling Session
+    base_model: str
+    model_path: Optional[str]
+
+
+@dataclass
+class Pending:
+    """A Tinker future: the task that computes its answer, and whose it is."""
+
+    request_id: str
+    tenant_id: str
+    task: asyncio.Task
+    created_at: float = field(default_factory=time.time)
+
+
+def client_id_for(model_id: str) -> str:
+    return "tk-" + hashlib.sha256(model_id.encode()).hexdigest()[:24]
+
+
+def parse_path(path: str) -> tuple[str, str, str]:
+    """``tinker://{run}/{kind}/{name}`` -> (run, kind, name)."""
+    if not isinstance(path, str) or not path.startswith(PATH_SCHEME):
+        raise ValidationError(f"not a tinker:// path: {str(path)[:200]!r}", {"field": "path"})
+    parts = path[len(PATH_SCHEME):].split("/")
+    if len(parts) != 3 or not all(parts) or parts[1] not in CHECKPOINT_KINDS:
+        raise ValidationError(f"a checkpoint path is tinker://<run>/weights/<name> or tinker://<run>/sampler_weights/"
+                              f"<name>, not {path[:200]!r}", {"field": "path"})
+    return parts[0], parts[1], parts[2]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 64 or "/" in name or name in (".", ".."):
+        raise ValidationError("a checkpoint name is 1-64 characters without '/'", {"field": "path"})
+    return name
+
+
+class TinkerRegistry:
+    def __init__(self):
+        self.sessions: dict[str, TinkerSession] = {}
+        self.models: dict[str, TinkerModel] = {}
+        self.samplers: dict[str, TinkerSampler] = {}
+        self.futures: collections.OrderedDict[str, Pending] = collections.OrderedDict()
+        self.by_request: dict[tuple, str] = {}  # (kind, owner, seq) -> request_id: a retried submission's future
+        self._paths: dict[tuple[str, str], str] = {}  # (tenant, path) -> artifact id, filled from listings
+
+    # --- sessions, models, samplers ---------------------------------------------------------
+
+    def new_session(self, tenant_id: str) -> TinkerSession:
+        session = TinkerSession(uuid.uuid4().hex, tenant_id)
+        self.sessions[session.session_id] = session
+        return session
+
+    def session(self, session_id: str, tenant_id: str) -> TinkerSession:
+        found = self.sessions.get(session_id)
+        if found is None or found.tenant_id != tenant_id:
+            raise TrainingClientNotFoundError(f"unknown session {str(session_id)[:100]!r}", {"session_id": session_id})
+        return found
+
+    def model(self, model_id: str, tenant_id: str) -> TinkerModel:
+        found = self.models.get(model_id)
+        if found is None or found.tenant_id != tenant_id:
+            raise TrainingClientNotFoundError(f"unknown model {str(model_id)[:200]!r}", {"model_id": model_id})
+        found.last_request_time = time.time()
+        return found
+
+    def sampler(self, sampler_id: str, tenant_id: str) -> TinkerSampler:
+        found = self.samplers.get(sampler_id)
+        if found is None or found.tenant_id != tenant_id:
+            raise TrainingClientNotFoundError(f"unknown sampling session {str(sampler_id)[:200]!r} (closed, or "
+                                              "never created)", {"sampling_session_id": sampler_id})
+        return found
+
+    def add_sampler(self, owner: TinkerSession, sampler: TinkerSampler) -> list[TinkerSampler]:
+        """Register ``sampler``; returns the samplers it pushes out (the session's oldest), to be closed."""
+        self.samplers[sampler.sampler_id] = sampler
+        owner.samplers[sampler.sampler_id] = sampler
+        evicted = []
+        while len(owner.samplers) > MAX_LIVE_SAMPLERS:
+            _, old = owner.samplers.popitem(last=False)
+            self.samplers.pop(old.sampler_id, None)
+            evicted.append(old)
+        return evicted
+
+    # --- futures ----------------------------------------------------------------------------
+
+    def submit(self, tenant_id: str, dedup: tuple, work: Coroutine) -> str:
+        """A future for ``work``; the same ``dedup`` key (a retried submission) gets the first one's id."""
+        existing = self.by_request.get(dedup)
+        if existing is not None and existing in self.futures:
+            work.close()  # a coroutine never started
+            return existing
+        request_id = f"req-{uuid.uuid4().hex}"
+        self.futures[request_id] = Pending(request_id, tenant_id, asyncio.ensure_future(work))
+        self.by_request[dedup] = request_id
+        self._forget_old(dedup)
+        return request_id
+
+    def pending(self, request_id: str, tenant_id: str) -> Pending:
+        found = self.futures.get(request_id)
+        if found is None or found.tenant_id != tenant_id:
+            raise ArtifactNotFoundError(f"unknown future {str(request_id)[:100]!r} (expired, or never submitted)",
+                                        {"request_id": request_id})
+        return found
+
+    def _forget_old(self, keep: tuple) -> None:
+        now = time.time()
+        while self.futures:
+            oldest = next(iter(self.futures.values()))
+            expired = oldest.task.done() and now - oldest.created_at > FUTURE_TTL_S
+            if not (expired or (len(self.futures) > MAX_FUTURES and oldest.task.done())):
+                break
+            self.futures.popitem(last=False)
+        if len(self.by_request) > 2 * MAX_FUTURES:
+            self.by_request = {k: v for k, v in self.by_request.items() if v in self.futures or k == keep}
+
+    # --- checkpoint paths -------------------------------------------------------------------
+
+    def remember_path(self, tenant_id: str, path: str, artifact_id: str) -> Optional[str]:
+        """Returns the artifact the path named before (an overwritten save), if any."""
+        previous = self._paths.get((tenant_id, path))
+        self._paths[(tenant_id, path)] = artifact_id
+        return previous if previous != artifact_id else None
+
+    def forget_path(self, tenant_id: str, path: str) -> None:
+        self._paths.pop((tenant_id, path), None)
+
+    def known_path(self, tenant_id: str, path: str) -> Optional[str]:
+        return self._paths.get((tenant_id, path))
+
+    def index(self, tenant_id: str, artifacts: list[ArtifactInfo]) -> dict[str, ArtifactInfo]:
+        """path -> artifact of the tenant's Tinker checkpoints (the sealed name is the path), the newest
+        where two carry one path (an overwrite interrupted before the old one was removed)."""
+        found = {}
+        for info in artifacts:
+            if info.name and info.name.startswith(PATH_SCHEME):
+                found[info.name] = info
+        for path, info in found.items():
+            self._paths[(tenant_id, path)] = info.artifact_id
+        return found

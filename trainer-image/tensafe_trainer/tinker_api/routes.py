@@ -1,0 +1,651 @@
+"""``/api/v1``: the Tinker wire over TenSafe's sessions, engines, artifacts, audit and privacy rules.
+
+Each submit endpoint checks what it can at once (the key's tenant, the model, the request's shape
+through TenSafe's door checks), queues TenSafe operations on the model's session, and answers
+``{"request_id"}``; ``retrieve_future`` long-polls the future's task. Training requests are
+deduplicated on ``(model_id, seq_id)`` (the SDK retries for minutes with the same seq_id, and under DP
+an example counted twice would void the guarantee): a retry gets the first request's future, and the
+session's idempotency key makes sure its operation runs once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from tg_tinker.config import LoRAConfig, OptimizerConfig, TrainingConfig
+from tg_tinker.errors import (
+    ArtifactNotFoundError,
+    AuthenticationError,
+    ClientFailedError,
+    DPBudgetExceededError,
+    PermissionDeniedError,
+    TGTinkerError,
+    TrainingClientNotFoundError,
+    ValidationError,
+    error_from_wire,
+)
+from tg_tinker.types import (
+    AdamStep,
+    ClientStatus,
+    ComputeLogprobsRequest,
+    CreateTrainingClient,
+    LoadStateRequest,
+    OperationStatus,
+    OptimStepRequest,
+    SampleRequest,
+    SampleResult,
+    SaveStateRequest,
+)
+
+from .. import admission
+from ..audit import request_hash
+from ..models import TINY_REF, smollm2_folder
+from . import PREFIX, convert
+from .keys import TinkerKey, TinkerKeys
+from .policy import PrivacyPolicy
+from .registry import (
+    CHECKPOINT_KINDS,
+    PATH_SCHEME,
+    TinkerModel,
+    TinkerRegistry,
+    TinkerSampler,
+    check_name,
+    client_id_for,
+    parse_path,
+)
+
+LONG_POLL_S = 25.0  # the SDK gives up on a poll after 45 s
+READY_POLL_S = 0.05
+PROTOBUF = "application/x-protobuf"
+DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+UNEMBED = ["lm_head"]
+# Errors the caller made (Tinker's "user" category); everything else is the server's.
+USER_ERRORS = (ValidationError, DPBudgetExceededError, ArtifactNotFoundError, PermissionDeniedError,
+               TrainingClientNotFoundError, ClientFailedError)
+CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed protobuf, no JWT
+    "pjwt_auth_enabled": False, "credential_default_source": "api_key", "use_pyqwest_transport": False,
+    "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True, "fwdbwd_max_chunk_len": 1024,
+    "sample_use_retrieve_futures": False, "custom_loss_server_side": False, "sample_join_sampling_session": False,
+}
+
+
+@dataclass
+class TinkerSettings:
+    keys: TinkerKeys
+    policy: PrivacyPolicy
+
+
+def tinker_router(settings: TinkerSettings) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["tinker"])
+    registry = TinkerRegistry()
+
+    def key_of(request: Request) -> TinkerKey:
+        """Asked again now that the body has arrived (the Gate asked first, from the headers)."""
+        return settings.keys.resolve(request.headers.get("x-api-key", ""))
+
+    def trainer(request: Request):
+        return request.app.state.tensafe
+
+    async def json_of(request: Request) -> dict:
+        body = await request.json() if await request.body() else {}
+        if not isinstance(body, dict):
+            raise ValidationError("the request body must be a JSON object")
+        return body
+
+    # --- client, sessions, telemetry --------------------------------------------------------
+
+    @router.post("/client/config")
+    async def client_config(key: TinkerKey = Depends(key_of)):
+        return CLIENT_CONFIG
+
+    @router.post("/create_session")
+    async def create_session(key: TinkerKey = Depends(key_of)):
+        session = registry.new_session(key.tenant_id)
+        return {"session_id": session.session_id, "type": "create_session"}
+
+    @router.post("/session_heartbeat")
+    async def heartbeat(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        session = registry.session(str(body.get("session_id")), key.tenant_id)
+        if session.finished:
+            return JSONResponse({"detail": "session finished"}, status_code=410)
+        return {"type": "session_heartbeat"}
+
+    @router.post("/telemetry")
+    async def telemetry(key: TinkerKey = Depends(key_of)):
+        # Telemetry bodies can carry the API key and tracebacks: accepted unread, never logged or audited.
+        return {"status": "accepted"}
+
+    @router.post("/sessions/{session_id}/finish")
+    async def finish_session(session_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+        session = registry.session(session_id, key.tenant_id)
+        session.finished = True
+        state = trainer(request)
+        for model_id in session.models:  # its checkpoints stay; its engines go
+            model = registry.models.get(model_id)
+            if model is not None:
+                state.stop(model.session)
+        for sampler in list(session.samplers.values()):
+            registry.samplers.pop(sampler.sampler_id, None)
+            state.stop(sampler.session)
+        session.samplers.clear()
+        return {}
+
+    @router.get("/get_server_capabilities")
+    async def capabilities(key: TinkerKey = Depends(key_of)):
+        return {"supported_models": [
+            {"model_name": "smollm2-135m", "trainable": True, "sampleable": True},
+            {"model_name": TINY_REF, "trainable": True, "sampleable": True},
+        ]}
+
+    @router.get("/healthz")
+    async def healthz(key: TinkerKey = Depends(key_of)):
+        return {"status": "ok"}
+
+    # --- models -----------------------------------------------------------------------------
+
+    def model_config(tenant_id: str, base_model: str, rank: int, flags: dict, seed: Optional[int],
+                     user_metadata: Optional[dict]) -> TrainingConfig:
+        targets = (ATTENTION if flags.get("train_attn", True) else []) + (MLP if flags.get("train_mlp", True) else []) \
+            + (UNEMBED if flags.get("train_unembed", True) else [])
+        if not targets:
+            raise ValidationError("train at least one of attn, mlp, unembed", {"field": "lora_config"})
+        tenant = settings.policy.for_tenant(tenant_id)
+        dp = settings.policy.dp_for(tenant_id, user_metadata)
+        try:
+            return TrainingConfig(
+                model_ref=base_model, lora_config=LoRAConfig(rank=rank, alpha=32, target_modules=targets),
+                # Tinker's AdamParams defaults; each optim_step sets its own (AdamStep) anyway.
+                optimizer=OptimizerConfig(name="adamw", learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-12),
+                batch_size=tenant.batch_size if dp is not None else 1024, dp_config=dp, seed=seed or 0)
+        except ValueError as exc:
+            raise ValidationError(f"bad model settings: {exc}"[:1000]) from None
+
+    async def start_model(state, tenant_id: str, model_id: str, description: dict, seed: Optional[int]) -> TinkerModel:
+        flags = {k: bool(description.get(k, True)) for k in ("train_mlp", "train_attn", "train_unembed")}
+        metadata = {str(k): str(v) for k, v in (description.get("user_metadata") or {}).items()}
+        config = model_config(tenant_id, description["base_model"], int(description["lora_rank"]), flags, seed,
+                              metadata)
+        session = state.start_training(CreateTrainingClient(config=config, client_id=client_id_for(model_id),
+                                                            tenant_id=tenant_id))
+        model = TinkerModel(model_id, tenant_id, session, description["base_model"], int(description["lora_rank"]),
+                            flags, metadata)
+        registry.models[model_id] = model
+        return model
+
+    async def ready(session) -> None:
+        while session.status is ClientStatus.INITIALIZING:
+            await asyncio.sleep(READY_POLL_S)
+        session.check_open()
+
+    @router.post("/create_model")
+    async def create_model(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
+        dedup = ("model", model_id)
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup], "model_id": model_id}
+        lora = body.get("lora_config") or {}
+        optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+        if optimizer != "adamw":
+            raise ValidationError(f"optimizer {optimizer!r} is not supported: this trainer runs adamw",
+                                  {"field": "optimizer_config"})
+        description = {"base_model": str(body.get("base_model") or ""), "lora_rank": int(lora.get("rank", 32)),
+                       **{k: lora.get(k, True) for k in ("train_mlp", "train_attn", "train_unembed")},
+                       "user_metadata": body.get("user_metadata") or {}}
+        if not description["base_model"]:
+            raise ValidationError("create_model needs a base_model", {"field": "base_model"})
+        model = await start_model(trainer(request), key.tenant_id, model_id, description, lora.get("seed"))
+        owner.models.append(model_id)
+
+        async def created():
+            await ready(model.session)
+            return {"model_id": model_id, "type": "create_model"}
+
+        return {"request_id": registry.submit(key.tenant_id, dedup, created()), "model_id": model_id}
+
+    def tokenizer_id(base_model: str) -> str:
+        if Path(base_model).is_dir():
+            return str(Path(base_model).resolve())
+        if base_model == "smollm2-135m":
+            return str(smollm2_folder())
+        return base_model
+
+    @router.post("/get_info")
+    async def get_info(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        model = registry.model(str(body.get("model_id")), key.tenant_id)
+        name = model.base_model
+        return {"type": "get_info", "model_id": model.model_id, "is_lora": True, "lora_rank": model.lora_rank,
+                "model_name": name, "optimizer_config": {"type": "adamw"},
+                "model_data": {"arch": "llama", "model_name": name,
+                               "tokenizer_id": await asyncio.to_thread(tokenizer_id, name)}}
+
+    # --- training ---------------------------------------------------------------------------
+
+    def queue(state, model: TinkerModel, request_obj, seq_id: int):
+        """One TenSafe operation on the model's session, checked at TenSafe's door first; the session's
+        idempotency key is the seq_id, so a retry that slipped past the dedup map still runs once."""
+        session = model.session
+        session.check_open()
+        admission.admit(request_obj, session.limits)
+        op, created = session.submit(request_obj, f"tinker:{seq_id}")
+        if created:
+            state.operations.add(op, session)
+        return op
+
+    async def outcome(op) -> dict:
+        waiter = op.waiter()
+        if waiter is not None:
+            await asyncio.shield(waiter)
+        if op.status is OperationStatus.SUCCEEDED:
+            return op.result
+        raise error_from_wire(op.error.model_dump() if op.error is not None else {"message": "operation failed"})
+
+    def training_dedup(model_id: str, seq_id) -> tuple:
+        return ("train", model_id, int(seq_id))
+
+    @router.post("/forward_backward")
+    async def forward_backward(request: Request, key: TinkerKey = Depends(key_of)):
+        if "protobuf" not in request.headers.get("content-type", ""):
+            raise ValidationError("forward_backward takes a protobuf ForwardBackwardRequest "
+                                  "(Content-Type: application/x-protobuf)")
+        if request.headers.get("content-encoding", "identity") not in ("", "identity"):
+            raise ValidationError("compressed forward_backward bodies are not accepted (this trainer's client/config "
+                                  "says proto_compress_fwdbwd=false)")
+        call = await asyncio.to_thread(convert.decode_forward_backward, await request.body())
+        model = registry.model(call.model_id, key.tenant_id)
+        dedup = training_dedup(call.model_id, call.seq_id)
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup]}
+        if model.session.config.dp_enabled and "forward_backward_custom" in request.headers.get("x-sdk-method", ""):
+            raise ValidationError(
+                "forward_backward_custom is refused under DP: its per-token weights are computed on the client from "
+                "other examples' logprobs (a DPO pair, a group), so one example would move more than one clipped "
+                "datum's gradient. Use a server-side loss (cross_entropy, importance_sampling, ppo, cispo, dro)",
+                {"field": "loss_fn"})
+        tensafe_request = await asyncio.to_thread(convert.to_request, call)
+        op = queue(trainer(request), model, tensafe_request, call.seq_id)
+        lengths = [len(r) for r in call.rows]
+
+        async def result():
+            done = await outcome(op)
+            body = convert.encode_forward_output(done["logprobs"], lengths, {"loss:sum": done["loss_sum"]})
+            return Response(body, media_type=PROTOBUF)
+
+        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+
+    @router.post("/optim_step")
+    async def optim_step(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        model = registry.model(str(body.get("model_id")), key.tenant_id)
+        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup]}
+        if "optimizer_params" in body:
+            raise ValidationError("only adam_params are supported: this trainer runs adamw", {"field": "optimizer"})
+        try:
+            adam = AdamStep.parse(body.get("adam_params") or {"learning_rate": 1e-4})
+        except ValueError as exc:
+            raise ValidationError(f"bad adam_params: {exc}"[:1000], {"field": "adam_params"}) from None
+        op = queue(trainer(request), model, OptimStepRequest(adam=adam), dedup[2])
+
+        async def result():
+            done = await outcome(op)
+            metrics = {"learning_rate": done["learning_rate"], "step": float(done["step"])}
+            dp = done.get("dp_metrics")
+            if dp:
+                metrics.update({"dp/epsilon": dp["total_epsilon"], "dp/delta": dp["delta"],
+                                "dp/noise_multiplier": dp["noise_multiplier"], "dp/sample_rate": dp["sample_rate"],
+                                "dp/num_clipped": float(dp["num_clipped"]),
+                                "dp/num_examples": float(dp["num_examples"])})
+            return {"metrics": metrics, "type": "optim_step"}
+
+        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    async def find_checkpoint(state, tenant_id: str, path: str):
+        run, kind, name = parse_path(path)
+        known = registry.known_path(tenant_id, path)
+        if known is not None:
+            try:
+                return await asyncio.to_thread(state.store.info, tenant_id, known)
+            except ArtifactNotFoundError:
+                registry.forget_path(tenant_id, path)
+        found = registry.index(tenant_id, await asyncio.to_thread(state.store.list, tenant_id)).get(path)
+        if found is None:
+            raise ArtifactNotFoundError(f"no checkpoint {path[:300]!r}", {"path": path})
+        return found
+
+    def save(state, model: TinkerModel, kind: str, name: str, seq_id: int, ttl: Optional[float],
+             user_metadata: Optional[dict], dedup: tuple) -> str:
+        path = f"{PATH_SCHEME}{model.model_id}/{kind}/{check_name(name)}"
+        metadata = {"tinker": {**model.description, "checkpoint_metadata": user_metadata or {},
+                               "expires_at": time.time() + ttl if ttl else None}}
+        op = queue(state, model, SaveStateRequest(kind=CHECKPOINT_KINDS[kind], include_optimizer=kind == "weights",
+                                                  name=path, metadata=metadata), seq_id)
+
+        async def result():
+            done = await outcome(op)
+            previous = registry.remember_path(model.tenant_id, path, done["artifact_id"])
+            if previous is not None:  # a save under an existing name replaces it
+                await asyncio.to_thread(delete_artifact, state, model.tenant_id, previous, model.session.client_id)
+            return {"path": path, "type": f"save_{kind}" if kind == "weights" else "save_weights_for_sampler"}
+
+        return registry.submit(model.tenant_id, dedup, result())
+
+    def delete_artifact(state, tenant_id: str, artifact_id: str, client_id: Optional[str]) -> None:
+        state.store.delete(tenant_id, artifact_id)
+        state.audit.submit(durable=True, operation="delete_artifact", training_client_id=client_id,
+                           tenant_id=tenant_id, consumed=[artifact_id], success=True,
+                           request_hash=request_hash(state.store.keys.audit_key(tenant_id), artifact_id.encode()))
+
+    @router.post("/save_weights")
+    async def save_weights(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        model = registry.model(str(body.get("model_id")), key.tenant_id)
+        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup]}
+        return {"request_id": save(trainer(request), model, "weights", str(body.get("path") or ""), dedup[2],
+                                   body.get("ttl_seconds"), body.get("user_metadata"), dedup)}
+
+    @router.post("/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        state = trainer(request)
+        model = registry.model(str(body.get("model_id")), key.tenant_id)
+        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup]}
+        if body.get("path"):
+            return {"request_id": save(state, model, "sampler_weights", str(body["path"]), dedup[2],
+                                       body.get("ttl_seconds"), body.get("user_metadata"), dedup)}
+        # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
+        owner = registry.sessions.get(model.model_id.split(":train:")[0])
+        if owner is None or owner.tenant_id != key.tenant_id:
+            raise TrainingClientNotFoundError("the model's session is gone", {"model_id": model.model_id})
+        sampler_id = f"{owner.session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
+        op = queue(state, model, SaveStateRequest(kind="sampler", include_optimizer=False), dedup[2])
+
+        async def result():
+            done = await outcome(op)
+            sampler = start_sampler(state, owner, sampler_id, model.base_model, None, done["artifact_id"])
+            await ready(sampler.session)
+            # Loaded: the unnamed artifact has served its purpose (the sampler holds the weights).
+            await asyncio.to_thread(delete_artifact, state, key.tenant_id, done["artifact_id"],
+                                    model.session.client_id)
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+
+    @router.post("/load_weights")
+    async def load_weights(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        state = trainer(request)
+        info = await find_checkpoint(state, key.tenant_id, str(body.get("path")))
+        if info.kind != "checkpoint":
+            raise ValidationError("load_weights takes a training checkpoint (tinker://.../weights/...), not sampler "
+                                  "weights", {"field": "path"})
+        with_optimizer = bool(body.get("optimizer", False))
+        load = LoadStateRequest(artifact_id=info.artifact_id, include_optimizer=with_optimizer)
+        if body.get("model_id"):  # the deprecated in-place load of an existing model
+            model = registry.model(str(body["model_id"]), key.tenant_id)
+            dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+            if dedup in registry.by_request:
+                return {"request_id": registry.by_request[dedup]}
+            op = queue(state, model, load, dedup[2])
+
+            async def loaded():
+                await outcome(op)
+                return {"path": body.get("path"), "model_id": model.model_id, "type": "load_weights"}
+
+            return {"request_id": registry.submit(key.tenant_id, dedup, loaded())}
+        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
+        dedup = ("model", model_id)
+        if dedup in registry.by_request:
+            return {"request_id": registry.by_request[dedup], "model_id": model_id}
+        description = dict(info.metadata.get("tinker") or {})
+        if not description.get("base_model"):
+            raise ValidationError("this checkpoint was not saved through the Tinker API", {"field": "path"})
+        if body.get("user_metadata"):
+            description["user_metadata"] = body["user_metadata"]
+        model = await start_model(state, key.tenant_id, model_id, description, None)
+        owner.models.append(model_id)
+        op = queue(state, model, load, 0)
+
+        async def created():
+            await outcome(op)
+            return {"path": body.get("path"), "model_id": model_id, "type": "load_weights"}
+
+        return {"request_id": registry.submit(key.tenant_id, dedup, created()), "model_id": model_id}
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    def start_sampler(state, owner, sampler_id: str, base_model: str, model_path: Optional[str],
+                      artifact_id: Optional[str]) -> TinkerSampler:
+        existing = registry.samplers.get(sampler_id)
+        if existing is not None:
+            return existing
+        client_id = client_id_for(sampler_id)
+        spec = {"kind": "sampling", "client_id": client_id, "tenant_id": owner.tenant_id, "artifact_id": artifact_id,
+                "base_model": None if artifact_id else base_model}
+        if artifact_id:  # the artifact's use is on record, like a load
+            state.audit.submit(durable=True, operation="create_sampling_client", training_client_id=client_id,
+                               tenant_id=owner.tenant_id, consumed=[artifact_id], success=True,
+                               request_hash=request_hash(state.store.keys.audit_key(owner.tenant_id),
+                                                         artifact_id.encode()))
+        session = state.start(client_id, owner.tenant_id, "sampling", lambda: state.start_engine(spec))
+        sampler = TinkerSampler(sampler_id, owner.tenant_id, session, base_model, model_path)
+        for evicted in registry.add_sampler(owner, sampler):
+            state.stop(evicted.session)
+        return sampler
+
+    @router.post("/create_sampling_session")
+    async def create_sampling_session(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        state = trainer(request)
+        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        sampler_id = f"{owner.session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
+        if sampler_id in registry.samplers:
+            return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+        model_path, base_model, artifact_id = body.get("model_path"), body.get("base_model"), None
+        if model_path:
+            info = await find_checkpoint(state, key.tenant_id, str(model_path))
+            base_model = (info.metadata.get("tinker") or {}).get("base_model") or base_model
+            artifact_id = info.artifact_id
+        if not base_model:
+            raise ValidationError("create_sampling_session needs a base_model or a model_path", {"field": "base_model"})
+        start_sampler(state, owner, sampler_id, str(base_model), model_path, artifact_id)
+        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+    @router.get("/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str, key: TinkerKey = Depends(key_of)):
+        sampler = registry.sampler(sampler_id, key.tenant_id)
+        return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+
+    def sample_request(body: dict, prompt: list[int]) -> SampleRequest:
+        params = body.get("sampling_params") or {}
+        stop = params.get("stop")
+        top_k = params.get("top_k", -1)
+        try:
+            return SampleRequest(
+                prompt=prompt, max_tokens=params.get("max_tokens") or DEFAULT_MAX_TOKENS,
+                temperature=params.get("temperature", 1.0), top_p=params.get("top_p", 1.0),
+                top_k=None if top_k in (None, -1, 0) else top_k, seed=params.get("seed"),
+                stop=[stop] if isinstance(stop, str) else stop or None, num_samples=int(body.get("num_samples", 1)))
+        except ValueError as exc:
+            raise ValidationError(f"bad sampling request: {exc}"[:1000], {"field": "sampling_params"}) from None
+
+    def prompt_tokens(body: dict) -> list[int]:
+        tokens: list[int] = []
+        for chunk in (body.get("prompt") or {}).get("chunks") or []:
+            if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+                raise ValidationError("only encoded_text prompt chunks are supported", {"field": "prompt"})
+            tokens.extend(chunk.get("tokens") or [])
+        if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ValidationError("the prompt must hold token ids", {"field": "prompt"})
+        return tokens
+
+    @router.post("/asample")
+    async def asample(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        state = trainer(request)
+        sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
+        dedup = ("sample", sampler.sampler_id, int(body.get("seq_id", 0)))
+        num = int(body.get("num_samples", 1))
+        if dedup in registry.by_request:
+            request_id = registry.by_request[dedup]
+            return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num)]}
+        prompt = prompt_tokens(body)
+        sample = sample_request(body, prompt)
+        session = sampler.session
+        session.check_open()
+        logprobs_op = None
+        if body.get("prompt_logprobs"):
+            scoring = ComputeLogprobsRequest(tokens=prompt)
+            admission.admit(scoring, session.limits)
+        admission.admit(sample, session.limits)
+        if body.get("prompt_logprobs"):
+            logprobs_op, _ = session.submit(scoring, None)
+            state.operations.add(logprobs_op, session)
+        sample_op, _ = session.submit(sample, None)
+        state.operations.add(sample_op, session)
+
+        async def result():
+            scored = (await outcome(logprobs_op))["logprobs"] if logprobs_op is not None else None
+            sampled = SampleResult.parse(await outcome(sample_op))
+            return Response(convert.encode_sample_response(sampled, scored, len(prompt)), media_type=PROTOBUF)
+
+        request_id = registry.submit(key.tenant_id, dedup, result())
+        return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num)]}
+
+    # --- futures ----------------------------------------------------------------------------
+
+    @router.post("/retrieve_future")
+    async def retrieve_future(request: Request, key: TinkerKey = Depends(key_of)):
+        body = await json_of(request)
+        pending = registry.pending(str(body.get("request_id")), key.tenant_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(pending.task), LONG_POLL_S)
+        except asyncio.TimeoutError:
+            return JSONResponse({"type": "try_again", "request_id": pending.request_id, "queue_state": "active"},
+                                status_code=408)
+        except TGTinkerError as exc:
+            return {"error": exc.message, "category": "user" if isinstance(exc, USER_ERRORS) else "server"}
+        except Exception as exc:  # noqa: BLE001 - a bug: reported as the server's, never a hang
+            return {"error": f"{type(exc).__name__}: {exc}"[:1000], "category": "server"}
+        done = pending.task.result()
+        return done if isinstance(done, Response) else JSONResponse(done)
+
+    # --- REST: training runs and checkpoints -----------------------------------------------
+
+    def iso(ts: Optional[float]) -> Optional[str]:
+        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+    def checkpoint_json(path: str, info) -> dict:
+        _, kind, name = parse_path(path)
+        tinker = info.metadata.get("tinker") or {}
+        return {"checkpoint_id": f"{kind}/{name}", "checkpoint_type": "training" if kind == "weights" else "sampler",
+                "time": iso(info.created_at), "tinker_path": path, "size_bytes": info.size_bytes, "public": False,
+                "user_metadata": {str(k): str(v) for k, v in (tinker.get("checkpoint_metadata") or {}).items()},
+                "expires_at": iso(tinker.get("expires_at"))}
+
+    async def checkpoints(state, tenant_id: str) -> dict[str, Any]:
+        """path -> artifact, without those whose TTL has passed (deleted now)."""
+        found = registry.index(tenant_id, await asyncio.to_thread(state.store.list, tenant_id))
+        now = time.time()
+        for path, info in list(found.items()):
+            expires = (info.metadata.get("tinker") or {}).get("expires_at")
+            if expires is not None and expires < now:
+                await asyncio.to_thread(delete_artifact, state, tenant_id, info.artifact_id, None)
+                registry.forget_path(tenant_id, path)
+                del found[path]
+        return found
+
+    def run_json(run_id: str, tenant_id: str, found: dict[str, Any]) -> dict:
+        mine = {p: i for p, i in found.items() if parse_path(p)[0] == run_id}
+        live = registry.models.get(run_id)
+        live = live if live is not None and live.tenant_id == tenant_id else None
+        if live is None and not mine:
+            raise TrainingClientNotFoundError(f"unknown training run {run_id[:200]!r}", {"training_run_id": run_id})
+        described = live.description if live is not None else (next(iter(mine.values())).metadata.get("tinker") or {})
+        last = {kind: max((i for p, i in mine.items() if parse_path(p)[1] == kind), key=lambda i: i.created_at,
+                          default=None) for kind in CHECKPOINT_KINDS}
+        path_of = {i.artifact_id: p for p, i in mine.items()}
+        latest = max([i.created_at for i in mine.values()] + [live.last_request_time if live else 0.0])
+        return {"training_run_id": run_id, "base_model": described.get("base_model", ""), "model_owner": tenant_id,
+                "is_lora": True, "corrupted": False, "lora_rank": described.get("lora_rank"),
+                "last_request_time": iso(latest),
+                "last_checkpoint": checkpoint_json(path_of[last["weights"].artifact_id], last["weights"])
+                if last["weights"] else None,
+                "last_sampler_checkpoint": checkpoint_json(
+                    path_of[last["sampler_weights"].artifact_id], last["sampler_weights"])
+                if last["sampler_weights"] else None,
+                "user_metadata": {str(k): str(v) for k, v in (described.get("user_metadata") or {}).items()}}
+
+    @router.get("/training_runs")
+    async def list_runs(request: Request, limit: int = 20, offset: int = 0, key: TinkerKey = Depends(key_of)):
+        found = await checkpoints(trainer(request), key.tenant_id)
+        ids = sorted({parse_path(p)[0] for p in found} | {m.model_id for m in registry.models.values()
+                                                          if m.tenant_id == key.tenant_id})
+        page = ids[max(offset, 0):max(offset, 0) + max(min(limit, 1000), 0)]
+        return {"training_runs": [run_json(r, key.tenant_id, found) for r in page],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
+
+    @router.get("/training_runs/{run_id}")
+    async def get_run(run_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+        return run_json(run_id, key.tenant_id, await checkpoints(trainer(request), key.tenant_id))
+
+    @router.get("/training_runs/{run_id}/checkpoints")
+    async def run_checkpoints(run_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+        found = await checkpoints(trainer(request), key.tenant_id)
+        mine = sorted(((p, i) for p, i in found.items() if parse_path(p)[0] == run_id), key=lambda pi: pi[1].created_at)
+        return {"checkpoints": [checkpoint_json(p, i) for p, i in mine], "cursor": None}
+
+    @router.get("/checkpoints")
+    async def user_checkpoints(request: Request, limit: int = 100, offset: int = 0, key: TinkerKey = Depends(key_of)):
+        found = sorted((await checkpoints(trainer(request), key.tenant_id)).items(), key=lambda pi: pi[1].created_at)
+        page = found[max(offset, 0):max(offset, 0) + max(min(limit, 1000), 0)]
+        return {"checkpoints": [checkpoint_json(p, i) for p, i in page],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(found)}}
+
+    @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(run_id: str, kind: str, name: str, request: Request, key: TinkerKey = Depends(key_of)):
+        state = trainer(request)
+        path = f"{PATH_SCHEME}{run_id}/{kind}/{name}"
+        info = await find_checkpoint(state, key.tenant_id, path)
+        await asyncio.to_thread(delete_artifact, state, key.tenant_id, info.artifact_id, None)
+        registry.forget_path(key.tenant_id, path)
+        return {}
+
+    @router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+    async def set_ttl(run_id: str, kind: str, name: str, request: Request, key: TinkerKey = Depends(key_of)):
+        raise ValidationError("changing a checkpoint's TTL after the save is not supported by this trainer: give "
+                              "ttl_seconds to the save", {"field": "ttl_seconds"})
+
+    return router
+
+
+def tinker_status(exc: TGTinkerError) -> int:
+    """The HTTP status of a refusal on the Tinker wire: the SDK retries 408, 409, 429 and 5xx for minutes, so a
+    permanent refusal must not use them (TenSafe's 409 ClientFailed/DPBudget become 400)."""
+    status = exc.http_status
+    if status == 409:
+        return 400
+    if isinstance(exc, AuthenticationError) and not isinstance(exc, PermissionDeniedError):
+        return 401
+    return status
