@@ -134,6 +134,13 @@ def test_a_repeated_seq_id_runs_once(server, plain, model_dir):
     ids = [httpx.post(f"{server.base_url}/api/v1/forward_backward", content=body, headers=headers).json()["request_id"]
            for _ in range(3)]
     assert ids[0] == ids[1] == ids[2]
+    other = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[datum(r) for r in sequences(2, seed=30)],
+                                                          loss_fn="cross_entropy"),
+        model_id=tc.model_id, seq_id=900)
+    refused = httpx.post(f"{server.base_url}/api/v1/forward_backward", headers=headers,
+                         content=forward_backward_request_to_proto(other).SerializeToString())
+    assert refused.status_code == 422 and "already submitted with another body" in refused.text
     done = httpx.post(f"{server.base_url}/api/v1/retrieve_future", json={"request_id": ids[0]}, timeout=60,
                       headers={"X-API-Key": server.keys["plain"]})
     assert done.headers["content-type"].startswith("application/x-protobuf")
@@ -253,3 +260,41 @@ def test_a_step_past_the_budget_fails_with_a_user_error(server, model_dir):
     assert refused.value.category == types.RequestErrorCategory.User
     # Independently: opacus' RDP accountant, sigma 2, q = 8/10, delta 1e-5: 1.95 then 2.79; a third step is 3.46.
     assert spent == pytest.approx([1.95, 2.79], abs=0.01)
+
+
+def test_malformed_bodies_are_the_callers_error_and_the_server_keeps_serving(server, plain, model_dir):
+    """What the attacker review of #16 sent: each a 4xx with TenSafe's error shape, never a 500."""
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    headers = {"X-API-Key": server.keys["plain"]}
+    session_id = tc.model_id.split(":train:")[0]
+    for endpoint, body in (("create_model", b"{not json"),
+                           ("create_model", {"session_id": session_id, "model_seq_id": "x", "base_model": "m"}),
+                           ("create_model", {"session_id": session_id, "model_seq_id": 7, "base_model": "m",
+                                             "lora_config": [1, 2]}),
+                           ("create_model", {"session_id": session_id, "model_seq_id": 8, "base_model": "m",
+                                             "user_metadata": "x"}),
+                           ("optim_step", {"model_id": tc.model_id, "seq_id": "x"}),
+                           ("save_weights", {"model_id": tc.model_id, "seq_id": 77, "path": "a/b"})):
+        answer = httpx.post(f"{server.base_url}/api/v1/{endpoint}", headers=headers,
+                            **({"content": body} if isinstance(body, bytes) else {"json": body}))
+        assert 400 <= answer.status_code < 500, (endpoint, body, answer.status_code, answer.text)
+        assert answer.json()["error"]["type"] == "ValidationError"
+    row = sequences(1, seed=40)[0]
+    huge = datum(row, [1e38] + [1.0] * (len(row) - 2))
+    with pytest.raises(tinker.UnprocessableEntityError, match="beyond"):
+        tc.forward_backward([huge], "cross_entropy").result()
+    assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+    assert tc.forward([datum(sequences(1, seed=41)[0])], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_metadata_cannot_lower_a_noise_the_policy_computes():
+    from tensafe_trainer.tinker_api.policy import PrivacyPolicy, TenantPolicy
+    from tg_tinker import DPConfig, ValidationError
+
+    policy = PrivacyPolicy({"t": TenantPolicy(DPConfig(target_epsilon=8.0, planned_steps=100, dataset_size=1000))})
+    with pytest.raises(ValidationError, match="tighten target_epsilon instead"):
+        policy.dp_for("t", {"tensafe.dp.noise_multiplier": "0.01"})
+    assert policy.dp_for("t", {"tensafe.dp.target_epsilon": "4"}).target_epsilon == 4.0
+    for looser in ({"tensafe.dp.target_epsilon": "9"}, {"tensafe.dp.target_epsilon": "inf"}):
+        with pytest.raises(ValidationError, match="never loosen"):
+            policy.dp_for("t", looser)

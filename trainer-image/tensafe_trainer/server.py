@@ -278,6 +278,17 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"error": exc.to_wire(), "detail": exc.message}, status_code=tinker_status(exc))
         return JSONResponse({"error": exc.to_wire()}, status_code=exc.http_status)
 
+    async def on_malformed_tinker_body(request: Request, exc: Exception):
+        """A Tinker body of the wrong shape (not JSON, a string where a number goes): the caller's error, 400,
+        counted against its key's refusal budget; nothing of the body is echoed."""
+        if not request.url.path.startswith(TINKER_PREFIX):
+            raise exc
+        err = ValidationError(f"malformed request body ({type(exc).__name__}): see the Tinker API's request shapes")
+        return JSONResponse({"error": err.to_wire(), "detail": err.message}, status_code=400)
+
+    for malformed in (ValueError, TypeError, KeyError, AttributeError):
+        app.add_exception_handler(malformed, on_malformed_tinker_body)
+
     @app.exception_handler(RequestValidationError)
     async def on_bad_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()

@@ -23,6 +23,7 @@ from . import tinker_wire_pb2 as pb
 _DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
 FLOAT_INPUTS = ("weights", "logprobs", "advantages")  # per-token inputs TenSafe's losses take (losses.py)
 OUTPUT_TYPE = "ArrayRecord"
+MAX_INPUT_MAGNITUDE = 1e6  # weights, advantages and logprobs past this overflow a float32 loss: the caller's error
 
 
 @dataclass
@@ -114,9 +115,9 @@ def to_request(call: FwdBwdCall, *, sum_reduction: bool = True):
 
     for i, d in enumerate(call.inputs):
         for name in names:
-            if not np.isfinite(d[name]).all():
-                raise _user_error(f"data[{i}].loss_fn_inputs[{name!r}] holds a value that is not finite",
-                                  field="loss_fn_inputs")
+            if not np.isfinite(d[name]).all() or np.abs(d[name]).max(initial=0.0) > MAX_INPUT_MAGNITUDE:
+                raise _user_error(f"data[{i}].loss_fn_inputs[{name!r}] holds a value that is not finite or is "
+                                  f"beyond +-{MAX_INPUT_MAGNITUDE:g}", field="loss_fn_inputs")
     try:
         batch = BatchData(
             input_ids=[pad(r, 0) for r in call.rows],

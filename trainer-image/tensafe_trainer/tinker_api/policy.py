@@ -12,6 +12,7 @@ creates trains with DP-SGD: TenSafe's mechanism, ledger, budget and receipts, an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -80,7 +81,10 @@ class PrivacyPolicy:
                 raise ValidationError(f"user_metadata '{METADATA_PREFIX}{name}' must be a number",
                                       {"field": "user_metadata"}) from None
             current = getattr(base, name)
-            if current is not None and (number - current) * TIGHTENING[name] < 0:
+            if current is None:  # the policy's noise is computed from its target_epsilon: tighten that instead
+                raise ValidationError(f"the policy sets no {name} of its own (it is computed from target_epsilon and "
+                                      "planned_steps): tighten target_epsilon instead", {"field": "user_metadata"})
+            if not math.isfinite(number) or (number - current) * TIGHTENING[name] < 0:
                 raise ValidationError(f"user_metadata may tighten DP, never loosen it: {name}={number:g} is looser "
                                       f"than the policy's {current:g}", {"field": "user_metadata"})
             updates[name] = number

@@ -101,7 +101,8 @@ class TinkerRegistry:
         self.models: dict[str, TinkerModel] = {}
         self.samplers: dict[str, TinkerSampler] = {}
         self.futures: collections.OrderedDict[str, Pending] = collections.OrderedDict()
-        self.by_request: dict[tuple, str] = {}  # (kind, owner, seq) -> request_id: a retried submission's future
+        # (kind, owner, seq) -> (request_id, SHA-256 of the body): a retried submission's future
+        self.by_request: dict[tuple, tuple[str, bytes]] = {}
         self._paths: dict[tuple[str, str], str] = {}  # (tenant, path) -> artifact id, filled from listings
 
     # --- sessions, models, samplers ---------------------------------------------------------
@@ -144,15 +145,22 @@ class TinkerRegistry:
 
     # --- futures ----------------------------------------------------------------------------
 
-    def submit(self, tenant_id: str, dedup: tuple, work: Coroutine) -> str:
-        """A future for ``work``; the same ``dedup`` key (a retried submission) gets the first one's id."""
-        existing = self.by_request.get(dedup)
-        if existing is not None and existing in self.futures:
-            work.close()  # a coroutine never started
-            return existing
+    def retried(self, dedup: tuple, digest: bytes) -> Optional[str]:
+        """The future of an earlier submission under ``dedup`` (a retry: same body), None for a new one; a
+        different body under a used key is refused, never run, never answered with the other's future."""
+        earlier = self.by_request.get(dedup)
+        if earlier is None or earlier[0] not in self.futures:
+            return None
+        if earlier[1] != digest:
+            raise ValidationError(f"{dedup[0]} request {dedup[-1]} of {str(dedup[1])[:200]!r} was already submitted "
+                                  "with another body: a sequence id is used once", {"seq_id": dedup[-1]})
+        return earlier[0]
+
+    def submit(self, tenant_id: str, dedup: tuple, work: Coroutine, digest: bytes) -> str:
+        """A future for ``work``, found again by ``dedup`` (see ``retried``)."""
         request_id = f"req-{uuid.uuid4().hex}"
         self.futures[request_id] = Pending(request_id, tenant_id, asyncio.ensure_future(work))
-        self.by_request[dedup] = request_id
+        self.by_request[dedup] = (request_id, digest)
         self._forget_old(dedup)
         return request_id
 
@@ -172,7 +180,7 @@ class TinkerRegistry:
                 break
             self.futures.popitem(last=False)
         if len(self.by_request) > 2 * MAX_FUTURES:
-            self.by_request = {k: v for k, v in self.by_request.items() if v in self.futures or k == keep}
+            self.by_request = {k: v for k, v in self.by_request.items() if v[0] in self.futures or k == keep}
 
     # --- checkpoint paths -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ session's idempotency key makes sure its operation runs once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -95,6 +96,9 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     def trainer(request: Request):
         return request.app.state.tensafe
+
+    async def fingerprint(request: Request) -> bytes:
+        return hashlib.sha256(await request.body()).digest()
 
     async def json_of(request: Request) -> dict:
         body = await request.json() if await request.body() else {}
@@ -194,8 +198,9 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
         dedup = ("model", model_id)
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup], "model_id": model_id}
+        earlier = registry.retried(dedup, await fingerprint(request))
+        if earlier is not None:
+            return {"request_id": earlier, "model_id": model_id}
         lora = body.get("lora_config") or {}
         optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
         if optimizer != "adamw":
@@ -213,7 +218,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             await ready(model.session)
             return {"model_id": model_id, "type": "create_model"}
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, created()), "model_id": model_id}
+        return {"request_id": registry.submit(key.tenant_id, dedup, created(), await fingerprint(request)),
+                "model_id": model_id}
 
     def tokenizer_id(base_model: str) -> str:
         if Path(base_model).is_dir():
@@ -256,6 +262,14 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def training_dedup(model_id: str, seq_id) -> tuple:
         return ("train", model_id, int(seq_id))
 
+    async def training_request(request: Request, key: TinkerKey) -> tuple[dict, TinkerModel, tuple, Optional[str]]:
+        """A JSON training call: its body, its model (of this key's tenant), its dedup key, and the future of the
+        same submission made earlier, if this is a retry."""
+        body = await json_of(request)
+        model = registry.model(str(body.get("model_id")), key.tenant_id)
+        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+        return body, model, dedup, registry.retried(dedup, await fingerprint(request))
+
     @router.post("/forward_backward")
     async def forward_backward(request: Request, key: TinkerKey = Depends(key_of)):
         if "protobuf" not in request.headers.get("content-type", ""):
@@ -267,8 +281,9 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         call = await asyncio.to_thread(convert.decode_forward_backward, await request.body())
         model = registry.model(call.model_id, key.tenant_id)
         dedup = training_dedup(call.model_id, call.seq_id)
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup]}
+        earlier = registry.retried(dedup, await fingerprint(request))
+        if earlier is not None:
+            return {"request_id": earlier}
         if model.session.config.dp_enabled and "forward_backward_custom" in request.headers.get("x-sdk-method", ""):
             raise ValidationError(
                 "forward_backward_custom is refused under DP: its per-token weights are computed on the client from "
@@ -284,15 +299,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             body = convert.encode_forward_output(done["logprobs"], lengths, {"loss:sum": done["loss_sum"]})
             return Response(body, media_type=PROTOBUF)
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
 
     @router.post("/optim_step")
     async def optim_step(request: Request, key: TinkerKey = Depends(key_of)):
-        body = await json_of(request)
-        model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup]}
+        body, model, dedup, earlier = await training_request(request, key)
+        if earlier is not None:
+            return {"request_id": earlier}
         if "optimizer_params" in body:
             raise ValidationError("only adam_params are supported: this trainer runs adamw", {"field": "optimizer"})
         try:
@@ -312,7 +325,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                 "dp/num_examples": float(dp["num_examples"])})
             return {"metrics": metrics, "type": "optim_step"}
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -330,7 +343,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return found
 
     def save(state, model: TinkerModel, kind: str, name: str, seq_id: int, ttl: Optional[float],
-             user_metadata: Optional[dict], dedup: tuple) -> str:
+             user_metadata: Optional[dict], dedup: tuple, digest: bytes) -> str:
         path = f"{PATH_SCHEME}{model.model_id}/{kind}/{check_name(name)}"
         metadata = {"tinker": {**model.description, "checkpoint_metadata": user_metadata or {},
                                "expires_at": time.time() + ttl if ttl else None}}
@@ -344,7 +357,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 await asyncio.to_thread(delete_artifact, state, model.tenant_id, previous, model.session.client_id)
             return {"path": path, "type": f"save_{kind}" if kind == "weights" else "save_weights_for_sampler"}
 
-        return registry.submit(model.tenant_id, dedup, result())
+        return registry.submit(model.tenant_id, dedup, result(), digest)
 
     def delete_artifact(state, tenant_id: str, artifact_id: str, client_id: Optional[str]) -> None:
         state.store.delete(tenant_id, artifact_id)
@@ -354,25 +367,23 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     @router.post("/save_weights")
     async def save_weights(request: Request, key: TinkerKey = Depends(key_of)):
-        body = await json_of(request)
-        model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup]}
+        body, model, dedup, earlier = await training_request(request, key)
+        if earlier is not None:
+            return {"request_id": earlier}
         return {"request_id": save(trainer(request), model, "weights", str(body.get("path") or ""), dedup[2],
-                                   body.get("ttl_seconds"), body.get("user_metadata"), dedup)}
+                                   body.get("ttl_seconds"), body.get("user_metadata"), dedup,
+                                   await fingerprint(request))}
 
     @router.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request, key: TinkerKey = Depends(key_of)):
-        body = await json_of(request)
         state = trainer(request)
-        model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup]}
+        body, model, dedup, earlier = await training_request(request, key)
+        if earlier is not None:
+            return {"request_id": earlier}
         if body.get("path"):
             return {"request_id": save(state, model, "sampler_weights", str(body["path"]), dedup[2],
-                                       body.get("ttl_seconds"), body.get("user_metadata"), dedup)}
+                                       body.get("ttl_seconds"), body.get("user_metadata"), dedup,
+                                       await fingerprint(request))}
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
         owner = registry.sessions.get(model.model_id.split(":train:")[0])
         if owner is None or owner.tenant_id != key.tenant_id:
@@ -389,7 +400,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                     model.session.client_id)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result())}
+        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
 
     @router.post("/load_weights")
     async def load_weights(request: Request, key: TinkerKey = Depends(key_of)):
@@ -404,20 +415,22 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if body.get("model_id"):  # the deprecated in-place load of an existing model
             model = registry.model(str(body["model_id"]), key.tenant_id)
             dedup = training_dedup(model.model_id, body.get("seq_id", 0))
-            if dedup in registry.by_request:
-                return {"request_id": registry.by_request[dedup]}
+            earlier = registry.retried(dedup, await fingerprint(request))
+            if earlier is not None:
+                return {"request_id": earlier}
             op = queue(state, model, load, dedup[2])
 
             async def loaded():
                 await outcome(op)
                 return {"path": body.get("path"), "model_id": model.model_id, "type": "load_weights"}
 
-            return {"request_id": registry.submit(key.tenant_id, dedup, loaded())}
+            return {"request_id": registry.submit(key.tenant_id, dedup, loaded(), await fingerprint(request))}
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
         dedup = ("model", model_id)
-        if dedup in registry.by_request:
-            return {"request_id": registry.by_request[dedup], "model_id": model_id}
+        earlier = registry.retried(dedup, await fingerprint(request))
+        if earlier is not None:
+            return {"request_id": earlier, "model_id": model_id}
         description = dict(info.metadata.get("tinker") or {})
         if not description.get("base_model"):
             raise ValidationError("this checkpoint was not saved through the Tinker API", {"field": "path"})
@@ -431,7 +444,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             await outcome(op)
             return {"path": body.get("path"), "model_id": model_id, "type": "load_weights"}
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, created()), "model_id": model_id}
+        return {"request_id": registry.submit(key.tenant_id, dedup, created(), await fingerprint(request)),
+                "model_id": model_id}
 
     # --- sampling ---------------------------------------------------------------------------
 
@@ -507,9 +521,9 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
         dedup = ("sample", sampler.sampler_id, int(body.get("seq_id", 0)))
         num = int(body.get("num_samples", 1))
-        if dedup in registry.by_request:
-            request_id = registry.by_request[dedup]
-            return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num)]}
+        earlier = registry.retried(dedup, await fingerprint(request))
+        if earlier is not None:
+            return {"request_id": earlier, "sample_sequence_ids": [f"{earlier}:{i}" for i in range(num)]}
         prompt = prompt_tokens(body)
         sample = sample_request(body, prompt)
         session = sampler.session
@@ -530,7 +544,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             sampled = SampleResult.parse(await outcome(sample_op))
             return Response(convert.encode_sample_response(sampled, scored, len(prompt)), media_type=PROTOBUF)
 
-        request_id = registry.submit(key.tenant_id, dedup, result())
+        request_id = registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))
         return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num)]}
 
     # --- futures ----------------------------------------------------------------------------
