@@ -124,6 +124,18 @@ def test_each_client_instance_has_its_own_token_even_in_a_shared_tenant_secret()
     assert trainer_access(first, lambda name: secret, pod_ip="10.0.0.1").token == "old"
 
 
+def test_the_tinker_api_key_reaches_the_pod_only_when_enabled_and_only_by_reference():
+    from tensafe_operator.builders import build_pod
+
+    def env_of(tc):
+        return {e["name"]: e for e in build_pod(tc, default_image="x")["spec"]["containers"][0]["env"]}
+
+    assert "TENSAFE_TINKER_KEY" not in env_of(training_client())
+    enabled = training_client(tinker={"enabled": True})
+    assert env_of(enabled)["TENSAFE_TINKER_KEY"] == {
+        "name": "TENSAFE_TINKER_KEY", "valueFrom": {"secretKeyRef": {"name": "tenant-keys", "key": "tinker.1234-uid"}}}
+
+
 def test_a_dp_trainer_may_read_its_privacy_budget_and_extend_it_and_nothing_else():
     from tensafe_operator.builders import (build_ledger_role, build_ledger_role_binding, build_pod,
                                            build_privacy_budget, build_service_account)

@@ -298,3 +298,28 @@ def test_metadata_cannot_lower_a_noise_the_policy_computes():
     for looser in ({"tensafe.dp.target_epsilon": "9"}, {"tensafe.dp.target_epsilon": "inf"}):
         with pytest.raises(ValidationError, match="never loosen"):
             policy.dp_for("t", looser)
+
+
+def test_a_trainer_for_one_client_gives_that_clients_dp_to_its_tenants_tinker_models(tmp_path):
+    """A TrainingClient's pod: the client's DP config and logical batch are its tenant's Tinker policy (a policy
+    file may not say otherwise for that tenant), and its key is kept as a digest only."""
+    from tensafe_trainer.tinker_api.keys import TinkerKeys
+    from tensafe_trainer.tinker_api.policy import PrivacyPolicy, TenantPolicy
+    from tg_tinker import DPConfig, TrainingConfig, ValidationError
+
+    config = TrainingConfig(model_ref="tiny-random-llama", batch_size=8, gradient_accumulation_steps=2,
+                            dp_config=DPConfig(noise_multiplier=1.3, max_grad_norm=0.5, dataset_size=500))
+    policy = PrivacyPolicy({"other": TenantPolicy(None)}).with_client("acme", config)
+    assert policy.for_tenant("acme") == TenantPolicy(config.dp_config, 16)
+    assert policy.for_tenant("other").dp is None
+    with pytest.raises(ValidationError, match="never loosen"):
+        policy.dp_for("acme", {"tensafe.dp.noise_multiplier": "1.0"})
+    with pytest.raises(ValueError, match="its DP comes from the client's config"):
+        PrivacyPolicy({"acme": TenantPolicy(None)}).with_client("acme", config)
+
+    key = "tml-" + "k" * 43
+    keys = TinkerKeys(tmp_path, {key: "acme"})
+    assert keys.resolve(key).tenant_id == "acme"
+    assert not (tmp_path / "tinker").exists()  # nothing written: the pod's key lives in its Secret
+    with pytest.raises(ValueError, match="starts with 'tml-'"):
+        TinkerKeys(tmp_path, {"tml-short": "acme"})

@@ -20,6 +20,8 @@ from tg_tinker.resources import (
     child_name,
     key_secret_name,
     privacy_budget_name,
+    tinker_enabled,
+    tinker_key_key,
     tls_secret_name,
     token_key,
     trainer_url,
@@ -166,6 +168,9 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    if tinker_enabled(tc):  # the Tinker API (/api/v1) for this client's tenant; the trainer keeps its digest only
+        env.append({"name": "TENSAFE_TINKER_KEY", "valueFrom": {"secretKeyRef": {"name": secret,
+                                                                                  "key": tinker_key_key(tc)}}})
     dp = dp_config_of(tc)
     if dp is not None:  # the privacy ledger lives in the API: see ledger_kubernetes.py
         env += [{"name": "TENSAFE_LEDGER", "value": "kubernetes"},

@@ -63,6 +63,10 @@ def training_client_crd() -> dict[str, Any]:
                          "(default <name>-keys; the operator creates it or fills in what is missing)",
                          "required": ["name"], "properties": {"name": {"type": "string"}}},
         "suspend": {"type": "boolean", "default": False},
+        "tinker": {"type": "object", "description": "serve the official tinker SDK's API (/api/v1) for this client's "
+                   "tenant: the operator puts a tml- key in the key Secret (tinker.<uid>); models created through it "
+                   "train under this client's DP config, on its ledger", "properties": {
+                       "enabled": {"type": "boolean", "default": False}}},
         "tls": {"type": "object", "description": "serve the trainer over HTTPS with this kubernetes.io/tls Secret "
                 "(tls.crt, tls.key, ca.crt; e.g. from cert-manager for <name>-trainer.<namespace>.svc)",
                 "required": ["secretName"], "properties": {"secretName": {"type": "string"}}},

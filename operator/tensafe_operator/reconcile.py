@@ -11,9 +11,10 @@ import secrets
 from typing import Optional
 
 from kubernetes.client.exceptions import ApiException
+from tg_tinker.keys import new_tinker_key
 from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
 from tg_tinker.errors import TGTinkerError
-from tg_tinker.resources import TRAINING_CLIENTS, token_key, trainer_access
+from tg_tinker.resources import TRAINING_CLIENTS, tinker_enabled, tinker_key_key, token_key, trainer_access
 from tg_tinker.trainer_api import TrainerAPI
 from tg_tinker.types import SaveStateRequest
 
@@ -47,6 +48,8 @@ def ensure_credentials(kube: Kube, tc: dict) -> None:
             # Our own default Secret goes with the training client; a named one is the tenant's to keep.
             kube.core.patch_namespaced_secret(key_secret_name(tc), namespace,
                                               {"metadata": {"ownerReferences": [owner_reference(tc)]}})
+    if tinker_enabled(tc) and provider.get_value(tinker_key_key(tc)) is None:  # the Tinker API's key (tml-...)
+        provider.put_value(tinker_key_key(tc), new_tinker_key().encode())
     provider.complete(tenant_of(tc))  # KEK, audit and receipt keys: the pod mounts them read-only
 
 

@@ -33,6 +33,14 @@ TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SECRET_FIELDS = ("audit", "receipt")  # 32 random bytes each, besides the KEKs
 
 
+TINKER_KEY_PREFIX = "tml-"  # the official tinker SDK refuses keys without it
+
+
+def new_tinker_key() -> str:
+    """A Tinker API key (``tml-`` + 256 random bits): ``tensafe tinker-key create`` and the operator both use it."""
+    return TINKER_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 def check_tenant(tenant_id: str) -> str:
     if not isinstance(tenant_id, str) or not TENANT_PATTERN.fullmatch(tenant_id) or tenant_id in (".", ".."):
         raise ValidationError(f"invalid tenant id {tenant_id!r}", {"field": "tenant_id"})

@@ -25,6 +25,7 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 
 TRAINER_PORT = 8000
 TOKEN_KEY = "token"  # the bearer token's key in the key Secret (beside the tenant's "<tenant>.json")
+TINKER_KEY = "tinker"  # the Tinker API key's (spec.tinker.enabled), beside the token
 
 
 def token_key(tc: dict[str, Any]) -> str:
@@ -67,6 +68,17 @@ def tls_secret_name(tc: dict[str, Any]) -> str | None:
     """A ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``, ``ca.crt``; e.g. from cert-manager) for
     ``spec.tls.secretName``: the trainer then serves HTTPS and clients verify it against ``ca.crt``."""
     return (tc["spec"].get("tls") or {}).get("secretName")
+
+
+def tinker_key_key(tc: dict[str, Any]) -> str:
+    """The key of this TrainingClient's Tinker API key (``tml-...``) in its key Secret: ``tinker.<uid>``, bound to
+    the object's uid like its token (token_key)."""
+    uid = (tc.get("metadata") or {}).get("uid")
+    return f"{TINKER_KEY}.{uid}" if uid else TINKER_KEY
+
+
+def tinker_enabled(tc: dict[str, Any]) -> bool:
+    return bool((tc["spec"].get("tinker") or {}).get("enabled"))
 
 
 def trainer_url(tc: dict[str, Any], host: str | None = None) -> str:

@@ -24,6 +24,7 @@ CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
 MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
 MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
 MIN_FREE_MEMORY_ENV = "TENSAFE_MIN_FREE_MEMORY"  # bytes the machine must have available to start a client
+TINKER_KEY_ENV = "TENSAFE_TINKER_KEY"  # a trainer pod's Tinker API key (its TrainingClient's tenant)
 
 
 def _watch_parent(pid: int) -> None:
@@ -43,6 +44,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Taken out of the environment: the engine processes this server spawns must not inherit it.
     token = os.environ.pop(TOKEN_ENV, None)
+    tinker_key = os.environ.pop(TINKER_KEY_ENV, None)
     if not token and not insecure_no_auth:
         raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")
@@ -50,11 +52,14 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     raw = client_config.read_text() if client_config else os.environ.get(CLIENT_CONFIG_ENV)
     if raw:
         initial = CreateTrainingClient.parse(json.loads(raw))
+    if tinker_key and initial is None:
+        raise SystemExit(f"{TINKER_KEY_ENV} opens the Tinker API for the tenant of the trainer's own client: "
+                         f"set {CLIENT_CONFIG_ENV} too (or create keys with `tensafe tinker-key create`)")
     settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
                         max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
-                        open_docs=open_docs, privacy_policy=privacy_policy)
+                        open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key or None)
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it

@@ -83,6 +83,7 @@ class Settings:
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
     initial_client: Optional[CreateTrainingClient] = None
     privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (tinker_api/policy.py)
+    tinker_key: Optional[str] = None  # a trainer pod's Tinker key, for its initial client's tenant
 
 
 @dataclass
@@ -267,10 +268,14 @@ def create_app(settings: Settings) -> FastAPI:
             return settings.max_request_bytes
         return min(settings.max_request_bytes, admission.body_limit(principal.session.limits))
 
-    tinker_keys = TinkerKeys(settings.home)
+    initial = settings.initial_client
+    tinker_keys = TinkerKeys(settings.home, {settings.tinker_key: initial.tenant_id} if settings.tinker_key else None)
     app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
                        tinker_keys=tinker_keys)
-    app.include_router(tinker_router(TinkerSettings(tinker_keys, PrivacyPolicy.load(settings.privacy_policy))))
+    policy = PrivacyPolicy.load(settings.privacy_policy)
+    if initial is not None:  # a trainer for one client: its tenant's Tinker models train under the client's DP
+        policy = policy.with_client(initial.tenant_id, initial.config)
+    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy)))
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):

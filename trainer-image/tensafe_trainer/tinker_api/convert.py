@@ -83,9 +83,8 @@ def decode_forward_backward(body: bytes) -> FwdBwdCall:
             tokens.extend(np.frombuffer(chunk.encoded_text.tokens, "<i4").tolist())
         if not tokens:
             raise _user_error(f"data[{i}] has no tokens", field="model_input")
-        if datum.model_input_spans or datum.loss_fn_input_spans:
-            raise _user_error("provenance spans (stable_reinforce) are not supported by this trainer",
-                              field="model_input_spans")
+        _check_provenance(i, "model_input_spans", datum.model_input_spans, len(tokens))
+        _check_provenance(i, "loss_fn_input_spans", datum.loss_fn_input_spans, len(tokens))
         named = {k: _tensor(v, f"data[{i}].loss_fn_inputs[{k!r}]") for k, v in datum.loss_fn_inputs.items()}
         for name, array in named.items():
             if array.size != len(tokens):
@@ -95,6 +94,14 @@ def decode_forward_backward(body: bytes) -> FwdBwdCall:
         inputs.append(named)
     return FwdBwdCall(msg.model_id, msg.seq_id, msg.loss_fn or "cross_entropy", config, msg.forward_only,
                       rows, inputs)
+
+
+def _check_provenance(i: int, field: str, spans, length: int) -> None:
+    """Provenance spans (which sampled sequence or prompt each run of tokens came from) are annotations the
+    cookbook's RL attaches; no loss in this trainer reads them, so they are only checked to tile the datum."""
+    covered = sum(getattr(span, span.WhichOneof("span")).length for span in spans if span.WhichOneof("span"))
+    if spans and covered != length:
+        raise _user_error(f"data[{i}].{field} do not tile the datum's {length} positions", field=field)
 
 
 def to_request(call: FwdBwdCall, *, sum_reduction: bool = True):

@@ -3,6 +3,8 @@
 The SDK sends its key in ``X-API-Key``. Only SHA-256 digests are stored (``<home>/tinker/keys.json``,
 0600): whoever reads the file learns which tenants have keys, not a key. ``tensafe tinker-key create``
 adds one and prints it once; the server re-reads the file when it changes, so no restart is needed.
+A trainer pod on Kubernetes gets its key from its TrainingClient's Secret instead (``$TENSAFE_TINKER_KEY``,
+taken out of the environment at startup and kept in memory as its digest only).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -18,11 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from tg_tinker.errors import AuthenticationError
-from tg_tinker.keys import check_tenant
+from tg_tinker.keys import TINKER_KEY_PREFIX as KEY_PREFIX
+from tg_tinker.keys import check_tenant, new_tinker_key
 
 from ..artifacts import private_dir, write_private
-
-KEY_PREFIX = "tml-"
 
 
 def keys_file(home: Path) -> Path:
@@ -43,7 +43,7 @@ class TinkerKey:
 def create_key(home: Path, tenant_id: str, name: str = "") -> str:
     """A new key for ``tenant_id``, its digest added to the key file; the key itself is returned, never stored."""
     check_tenant(tenant_id)
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = new_tinker_key()
     path = keys_file(home)
     private_dir(path.parent)
     entries = _read(path)
@@ -62,11 +62,18 @@ def _read(path: Path) -> list[dict]:
 class TinkerKeys:
     """The key file, re-read when its modification time changes."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, given: Optional[dict[str, str]] = None):
+        """``given``: key -> tenant, keys handed to this process (a trainer pod's), beside the key file's."""
         self.path = keys_file(home)
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int]] = None
-        self._by_digest: dict[str, TinkerKey] = {}
+        self._given = {}
+        for key, tenant_id in (given or {}).items():
+            if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + 32:
+                raise ValueError(f"a Tinker API key starts with {KEY_PREFIX!r} and has at least 32 more characters")
+            digest = _digest(key)
+            self._given[digest] = TinkerKey(digest[:16], check_tenant(tenant_id), "given")
+        self._by_digest: dict[str, TinkerKey] = dict(self._given)
 
     def _refresh(self) -> None:
         try:
@@ -83,6 +90,7 @@ class TinkerKeys:
                                                                                 check_tenant(e["tenant_id"]),
                                                                                 e.get("name", ""))
                                for e in entries}
+            self._by_digest.update(self._given)
             self._stamp = stamp
 
     def resolve(self, presented: str) -> TinkerKey:

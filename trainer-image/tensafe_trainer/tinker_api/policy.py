@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from tg_tinker.config import DPConfig
+from tg_tinker.config import DPConfig, TrainingConfig
 from tg_tinker.errors import ValidationError
 from tg_tinker.keys import check_tenant
 
@@ -57,6 +57,16 @@ class PrivacyPolicy:
                 raise ValueError(f"privacy policy {path}: tenant {tenant!r}: batch_size must be >= 1")
             entries[tenant] = TenantPolicy(dp if dp is not None and dp.enabled else None, batch_size)
         return cls(entries)
+
+    def with_client(self, tenant_id: str, config: TrainingConfig) -> "PrivacyPolicy":
+        """A trainer started for one client (a TrainingClient's pod): its tenant's Tinker models train with that
+        client's DP config (same dataset, so the same ledger and budget) and logical batch. A policy file that
+        also names the tenant is refused: the client's spec is the one place its DP is set."""
+        if tenant_id in self.entries:
+            raise ValueError(f"privacy policy: tenant {tenant_id!r} is this trainer's own client's: its DP comes from "
+                             "the client's config, not from the policy file")
+        dp = config.dp_config if config.dp_enabled else None
+        return PrivacyPolicy({**self.entries, tenant_id: TenantPolicy(dp, config.effective_batch_size)})
 
     def for_tenant(self, tenant_id: str) -> TenantPolicy:
         return self.entries.get(tenant_id) or self.entries.get("default") or TenantPolicy(None)

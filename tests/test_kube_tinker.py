@@ -1,0 +1,67 @@
+"""A TrainingClient with ``spec.tinker.enabled``: its trainer pod serves the official tinker SDK for the client's
+tenant, with a key from the client's Secret, and Tinker models train under the client's own DP config, on its
+PrivacyBudget."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION, key_secret_name, privacy_budget_name, tinker_key_key
+
+from conftest import TINY, dp_config, tiny_config
+from kube_helpers import wait_for
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+
+def apply_training_client(cluster, namespace: str, name: str, training: dict, tenant: str) -> dict:
+    """As GitOps would: the custom resource as YAML (JSON is YAML), through kubectl."""
+    manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"tenantId": tenant, "training": training, "tinker": {"enabled": True}}}
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
+    return wait_for("the trainer to be ready", lambda: (
+        tc := cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "trainingclients", name))
+        .get("status", {}).get("phase") == "READY" and tc, timeout=180)
+
+
+def test_a_training_clients_pod_serves_tinker_under_its_dp(cluster, namespace, monkeypatch):
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    dp = dp_config(dataset_id="tinker-data", target_epsilon=40.0)
+    training = json.loads(tiny_config(dp_config=dp).model_dump_json())
+    tc = apply_training_client(cluster, namespace, "tk", training, tenant="acme")
+
+    secret = cluster.core.read_namespaced_secret(key_secret_name(tc), namespace)
+    api_key = base64.b64decode(secret.data[tinker_key_key(tc)]).decode()
+    assert api_key.startswith("tml-")
+    pod = cluster.core.read_namespaced_pod("tk-trainer", namespace)
+    env = {e.name: e for e in pod.spec.containers[0].env}
+    assert env["TENSAFE_TINKER_KEY"].value is None and env["TENSAFE_TINKER_KEY"].value_from.secret_key_ref.key == \
+        tinker_key_key(tc)  # the key itself is in no pod spec
+    base_url = f"http://{pod.status.pod_ip}:8000"  # the test cluster's flat network: a port-forward elsewhere
+
+    service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
+    model = service.create_lora_training_client(base_model=TINY, rank=4).result()
+    rows = [[(7 * i + j) % 500 for j in range(12)] for i in range(4)]
+    data = [types.Datum(model_input=types.ModelInput.from_ints(r[:-1]),
+                        loss_fn_inputs={"target_tokens": r[1:], "weights": [1.0] * 11}) for r in rows]
+    model.forward_backward(data, "cross_entropy").result()
+    step = model.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    # The client's DP: its noise, its sampling rate (batch 8 of the client's dataset_size 1000), its ledger.
+    assert step.metrics["dp/noise_multiplier"] == 1.0
+    assert step.metrics["dp/sample_rate"] == pytest.approx(8 / 1000)
+    assert 0 < step.metrics["dp/epsilon"] < 40
+    budget = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PRIVACY_BUDGETS,
+                                                         privacy_budget_name("acme", "tinker-data"))
+    assert budget["status"]["steps"] >= 1  # spent on the client's PrivacyBudget, where every pod reads it
+    with pytest.raises(tinker.UnprocessableEntityError, match="forward_backward_custom is refused under DP"):
+        model.forward_backward_custom(data, lambda d, lp: (sum(-x.sum() for x in lp), {})).result()
+    service.close("success").result()
+
+    with pytest.raises(tinker.AuthenticationError):  # another key opens nothing here
+        tinker.ServiceClient(base_url=base_url, api_key="tml-" + "x" * 43).create_lora_training_client(
+            base_model=TINY, rank=4).result()
