@@ -82,3 +82,27 @@ def test_bad_sampling_requests(service, trained):
         service.create_sampling_client(artifact_id="art-" + "0" * 32)
     with pytest.raises(ArtifactNotFoundError):
         service.create_sampling_client(artifact_id="../../etc/passwd")
+
+
+def test_eos_stops_generation_unless_the_request_says_not_to():
+    """Tinker's ``stop=[]`` disables every stop, EOS included (the Tinker wire maps it to stop_at_eos=False)."""
+    import torch
+
+    from tensafe_trainer.models import build_tiny_llama
+    from tensafe_trainer.sampling import Sampler
+    from tg_tinker.types import SampleRequest
+
+    from conftest import TINY
+
+    model = build_tiny_llama(TINY, seed=0)
+
+    def greedy(eos, **options):
+        sampler = Sampler(model, None, 512, eos, torch.device("cpu"), 64)
+        return sampler.sample(SampleRequest(prompt=[3, 4, 5], max_tokens=10, temperature=0.0, **options)).sequences[0]
+
+    free = greedy(None)
+    assert len(free.tokens) == 10 and free.stop_reason == "length"
+    eos = free.tokens[3]
+    stopped = greedy(eos)
+    assert stopped.stop_reason == "eos" and stopped.tokens == free.tokens[:free.tokens.index(eos) + 1]
+    assert greedy(eos, stop_at_eos=False).tokens == free.tokens

@@ -4,7 +4,9 @@ server's policy (epsilon reported, the budget enforced, client-side custom losse
 
 from __future__ import annotations
 
+import json
 import random
+import time
 
 import httpx
 import numpy as np
@@ -323,3 +325,47 @@ def test_a_trainer_for_one_client_gives_that_clients_dp_to_its_tenants_tinker_mo
     assert not (tmp_path / "tinker").exists()  # nothing written: the pod's key lives in its Secret
     with pytest.raises(ValueError, match="starts with 'tml-'"):
         TinkerKeys(tmp_path, {"tml-short": "acme"})
+
+
+def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_from_its_roots_only(
+        tmp_path, model_dir, monkeypatch):
+    """A client that stops sending heartbeats (it exited without finishing its session) loses its engines when the
+    next one starts; with a per-tenant cap, one tenant's models cannot hold the slots other tenants need; with model
+    roots, a key holder cannot make the server load any other folder as a model."""
+    monkeypatch.setenv("TENSAFE_TINKER_SESSION_LAPSE_S", "3")
+    monkeypatch.setenv("TENSAFE_MAX_CLIENTS_PER_TENANT", "1")
+    monkeypatch.setenv("TENSAFE_TINKER_MODEL_ROOTS", str(model_dir.parent))
+    (model_dir.parent / "escape").symlink_to(tmp_path, target_is_directory=True)
+    server = start_tinker_trainer(tmp_path / "home", {}, tenants=("plain", "other"))
+    try:
+        def post(endpoint: str, body: dict, tenant: str = "plain"):
+            answer = httpx.post(f"{server.base_url}/api/v1/{endpoint}", json=body,
+                                headers={"X-API-Key": server.keys[tenant]}, timeout=60)
+            return answer.status_code, answer.json()
+
+        def created(tenant: str):
+            """A session and a model made by hand, as a client would, without the SDK's heartbeat thread."""
+            session_id = post("create_session", {}, tenant)[1]["session_id"]
+            code, answer = post("create_model", {"session_id": session_id, "model_seq_id": 0,
+                                                 "base_model": str(model_dir), "lora_config": {"rank": 4}}, tenant)
+            assert code == 200, answer
+            assert post("retrieve_future", {"request_id": answer["request_id"]}, tenant)[1]["type"] == "create_model"
+            return answer["model_id"]
+
+        for outside in (str(tmp_path), str(model_dir.parent / "escape"), f"{model_dir}/../../{tmp_path.name}"):
+            code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
+                                                 "base_model": outside, "lora_config": {"rank": 4}})
+            assert code == 403 and "model roots" in answer["detail"], (outside, answer)
+        silent = created("plain")
+        code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
+                                             "base_model": str(model_dir), "lora_config": {"rank": 4}})
+        assert code == 429 and "its limit per tenant" in answer["detail"]  # plain holds its one slot
+        created("other")  # another tenant is not held back by plain's model
+        time.sleep(3.5)  # both sessions are silent now
+        created("plain")  # the lapsed sessions are finished first: plain's slot is free again
+        code, answer = post("optim_step", {"model_id": silent, "seq_id": 1, "adam_params": {"learning_rate": 0.1}})
+        outcome = post("retrieve_future", {"request_id": answer["request_id"]})[1] if code == 200 else answer
+        assert "is TERMINATED" in json.dumps(outcome)  # the silent session's engine is gone; its checkpoints would stay
+    finally:
+        server.trainer.close()
+        (model_dir.parent / "escape").unlink()

@@ -235,6 +235,7 @@ class SampleRequest(WireModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=1)
     stop: Optional[list[Union[Annotated[str, Field(max_length=1024)], TokenId]]] = Field(None, max_length=64)
+    stop_at_eos: bool = Field(True, description="False: generate past EOS up to max_tokens (Tinker's stop=[])")
     seed: Optional[int] = Field(None, ge=0, le=INT64_MAX)
     num_samples: int = Field(1, ge=1, le=64)
 

@@ -93,7 +93,7 @@ class Sampler:
                 token = int(torch.multinomial(probs, 1, generator=generator))
             tokens.append(token)
             logprobs.append(float(model_logprobs[token]))
-            if token == self.eos_token_id:
+            if token == self.eos_token_id and req.stop_at_eos:
                 reason = "eos"
                 break
             if token in stop_ids:

@@ -23,8 +23,10 @@ TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
 CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
 MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
 MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
+MAX_CLIENTS_PER_TENANT_ENV = "TENSAFE_MAX_CLIENTS_PER_TENANT"  # of those, one tenant's (unset: no cap)
 MIN_FREE_MEMORY_ENV = "TENSAFE_MIN_FREE_MEMORY"  # bytes the machine must have available to start a client
 TINKER_KEY_ENV = "TENSAFE_TINKER_KEY"  # a trainer pod's Tinker API key (its TrainingClient's tenant)
+TINKER_MODEL_ROOTS_ENV = "TENSAFE_TINKER_MODEL_ROOTS"  # os.pathsep-separated folders Tinker keys may load models from
 
 
 def _watch_parent(pid: int) -> None:
@@ -58,8 +60,12 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
                         max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),
+                        max_clients_per_tenant=int(os.environ[MAX_CLIENTS_PER_TENANT_ENV])
+                        if os.environ.get(MAX_CLIENTS_PER_TENANT_ENV) else None,
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
-                        open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key or None)
+                        open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key or None,
+                        tinker_model_roots=tuple(Path(p) for p in os.environ.get(TINKER_MODEL_ROOTS_ENV, "").split(
+                            os.pathsep) if p))
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it

@@ -79,11 +79,13 @@ class Settings:
     max_pending: int = 10_000
     max_request_bytes: int = 64 << 20  # the trainer's own token (dataset uploads); clients get less (admission.py)
     max_clients: int = 16  # live clients at once: each is an engine process holding a model
+    max_clients_per_tenant: Optional[int] = None  # of those, one tenant's at most (a shared trainer: None is no cap)
     min_free_memory: int = 1 << 30  # a new client is refused while the machine has less available than this
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
     initial_client: Optional[CreateTrainingClient] = None
     privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (tinker_api/policy.py)
     tinker_key: Optional[str] = None  # a trainer pod's Tinker key, for its initial client's tenant
+    tinker_model_roots: tuple = ()  # folders a Tinker key may name as base_model (empty: any)
 
 
 @dataclass
@@ -145,6 +147,13 @@ class State:
                 f"this trainer already runs {live} clients, its limit (each holds a model in an engine process of "
                 "its own): close one first, or start the trainer with a higher TENSAFE_MAX_CLIENTS",
                 {"max_clients": self.settings.max_clients})
+        cap = self.settings.max_clients_per_tenant
+        if cap is not None:
+            own = sum(s.holds_engine and s.tenant_id == tenant_id for s in self.sessions.values())
+            if own >= cap:
+                raise ResourceExhaustedError(
+                    f"tenant {tenant_id!r} already runs {own} clients on this trainer, its limit per tenant "
+                    "(TENSAFE_MAX_CLIENTS_PER_TENANT): close one first", {"max_clients_per_tenant": cap})
         free = available_memory()
         if free is not None and free < self.settings.min_free_memory:
             raise ResourceExhaustedError(
@@ -275,7 +284,7 @@ def create_app(settings: Settings) -> FastAPI:
     policy = PrivacyPolicy.load(settings.privacy_policy)
     if initial is not None:  # a trainer for one client: its tenant's Tinker models train under the client's DP
         policy = policy.with_client(initial.tenant_id, initial.config)
-    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy)))
+    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, tuple(settings.tinker_model_roots))))
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ CHECKPOINT_KINDS = {"weights": "checkpoint", "sampler_weights": "sampler"}  # Ti
 MAX_LIVE_SAMPLERS = 4  # per Tinker session: each is an engine process; the oldest is closed past this
 FUTURE_TTL_S = 3600.0  # a finished future is kept this long for its poll
 MAX_FUTURES = 50_000
+# A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is finished: its engines
+# stop, its checkpoints stay. Without it, a client that exits without finishing its session (the cookbook's DPO
+# recipe does) would hold its engines until the trainer restarts.
+SESSION_LAPSE_S = float(os.environ.get("TENSAFE_TINKER_SESSION_LAPSE_S", "300"))
 
 
 @dataclass(eq=False)
@@ -34,6 +39,7 @@ class TinkerSession:
     samplers: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # sampler id -> TinkerSampler
     models: list[str] = field(default_factory=list)
     finished: bool = False
+    last_heartbeat: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -116,13 +122,26 @@ class TinkerRegistry:
         found = self.sessions.get(session_id)
         if found is None or found.tenant_id != tenant_id:
             raise TrainingClientNotFoundError(f"unknown session {str(session_id)[:100]!r}", {"session_id": session_id})
+        found.last_heartbeat = time.monotonic()
         return found
+
+    def _alive(self, owned_id: str) -> None:
+        """A request on a model or sampler (``{session_id}:train:N``, ``...:sample:N``) is its session's heartbeat."""
+        owner = self.sessions.get(owned_id.split(":", 1)[0])
+        if owner is not None:
+            owner.last_heartbeat = time.monotonic()
+
+    def lapsed(self) -> list[TinkerSession]:
+        """Open sessions whose client has been silent for SESSION_LAPSE_S."""
+        cutoff = time.monotonic() - SESSION_LAPSE_S
+        return [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < cutoff]
 
     def model(self, model_id: str, tenant_id: str) -> TinkerModel:
         found = self.models.get(model_id)
         if found is None or found.tenant_id != tenant_id:
             raise TrainingClientNotFoundError(f"unknown model {str(model_id)[:200]!r}", {"model_id": model_id})
         found.last_request_time = time.time()
+        self._alive(model_id)
         return found
 
     def sampler(self, sampler_id: str, tenant_id: str) -> TinkerSampler:
@@ -130,6 +149,7 @@ class TinkerRegistry:
         if found is None or found.tenant_id != tenant_id:
             raise TrainingClientNotFoundError(f"unknown sampling session {str(sampler_id)[:200]!r} (closed, or "
                                               "never created)", {"sampling_session_id": sampler_id})
+        self._alive(sampler_id)
         return found
 
     def add_sampler(self, owner: TinkerSession, sampler: TinkerSampler) -> list[TinkerSampler]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,13 +49,14 @@ from tg_tinker.types import (
 
 from .. import admission
 from ..audit import request_hash
-from ..models import TINY_REF, smollm2_folder
+from ..models import SMOLLM2_REF, TINY_REF, smollm2_folder
 from . import PREFIX, convert
 from .keys import TinkerKey, TinkerKeys
 from .policy import PrivacyPolicy
 from .registry import (
     CHECKPOINT_KINDS,
     PATH_SCHEME,
+    SESSION_LAPSE_S,
     TinkerModel,
     TinkerRegistry,
     TinkerSampler,
@@ -63,10 +65,12 @@ from .registry import (
     parse_path,
 )
 
+log = logging.getLogger("tensafe.tinker")
 LONG_POLL_S = 25.0  # the SDK gives up on a poll after 45 s
 READY_POLL_S = 0.05
 PROTOBUF = "application/x-protobuf"
-DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this
+DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this (hosted
+# Tinker's own cap is the model's context; a tiny test model's is 512, and a CPU sampler's answer should come soon)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 UNEMBED = ["lm_head"]
@@ -84,6 +88,18 @@ CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed
 class TinkerSettings:
     keys: TinkerKeys
     policy: PrivacyPolicy
+    # Folders a key holder may name as base_model ($TENSAFE_TINKER_MODEL_ROOTS); empty: any folder (a machine of one
+    # user). Built-in models are always allowed.
+    model_roots: tuple[Path, ...] = ()
+
+    def check_base_model(self, base_model: str) -> str:
+        if base_model in (SMOLLM2_REF, TINY_REF) or base_model.startswith(TINY_REF + ":") or not self.model_roots:
+            return base_model
+        real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
+        if real.is_dir() and any(real.is_relative_to(root.resolve()) for root in self.model_roots):
+            return base_model
+        raise PermissionDeniedError(f"base_model {base_model[:200]!r} is not a built-in model or a folder under this "
+                                    "trainer's model roots (TENSAFE_TINKER_MODEL_ROOTS)", {"field": "base_model"})
 
 
 def tinker_router(settings: TinkerSettings) -> APIRouter:
@@ -112,8 +128,28 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def client_config(key: TinkerKey = Depends(key_of)):
         return CLIENT_CONFIG
 
+    def end_session(state, session) -> None:
+        """Its engines go (an unnoised gradient sum with them); its checkpoints stay."""
+        session.finished = True
+        for model_id in session.models:
+            model = registry.models.get(model_id)
+            if model is not None:
+                state.stop(model.session)
+        for sampler in list(session.samplers.values()):
+            registry.samplers.pop(sampler.sampler_id, None)
+            state.stop(sampler.session)
+        session.samplers.clear()
+
+    def end_lapsed_sessions(state) -> None:
+        """Run before anything that starts an engine, so silent sessions free their slots first."""
+        for session in registry.lapsed():
+            log.info("finishing Tinker session %s of tenant %s: no heartbeat for %.0f s", session.session_id,
+                     session.tenant_id, SESSION_LAPSE_S)
+            end_session(state, session)
+
     @router.post("/create_session")
-    async def create_session(key: TinkerKey = Depends(key_of)):
+    async def create_session(request: Request, key: TinkerKey = Depends(key_of)):
+        end_lapsed_sessions(trainer(request))
         session = registry.new_session(key.tenant_id)
         return {"session_id": session.session_id, "type": "create_session"}
 
@@ -132,17 +168,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     @router.post("/sessions/{session_id}/finish")
     async def finish_session(session_id: str, request: Request, key: TinkerKey = Depends(key_of)):
-        session = registry.session(session_id, key.tenant_id)
-        session.finished = True
-        state = trainer(request)
-        for model_id in session.models:  # its checkpoints stay; its engines go
-            model = registry.models.get(model_id)
-            if model is not None:
-                state.stop(model.session)
-        for sampler in list(session.samplers.values()):
-            registry.samplers.pop(sampler.sampler_id, None)
-            state.stop(sampler.session)
-        session.samplers.clear()
+        end_session(trainer(request), registry.session(session_id, key.tenant_id))
         return {}
 
     @router.get("/get_server_capabilities")
@@ -176,10 +202,12 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise ValidationError(f"bad model settings: {exc}"[:1000]) from None
 
     async def start_model(state, tenant_id: str, model_id: str, description: dict, seed: Optional[int]) -> TinkerModel:
+        settings.check_base_model(description["base_model"])
         flags = {k: bool(description.get(k, True)) for k in ("train_mlp", "train_attn", "train_unembed")}
         metadata = {str(k): str(v) for k, v in (description.get("user_metadata") or {}).items()}
         config = model_config(tenant_id, description["base_model"], int(description["lora_rank"]), flags, seed,
                               metadata)
+        end_lapsed_sessions(state)
         session = state.start_training(CreateTrainingClient(config=config, client_id=client_id_for(model_id),
                                                             tenant_id=tenant_id))
         model = TinkerModel(model_id, tenant_id, session, description["base_model"], int(description["lora_rank"]),
@@ -454,6 +482,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         existing = registry.samplers.get(sampler_id)
         if existing is not None:
             return existing
+        end_lapsed_sessions(state)
         client_id = client_id_for(sampler_id)
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": owner.tenant_id, "artifact_id": artifact_id,
                 "base_model": None if artifact_id else base_model}
@@ -483,6 +512,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             artifact_id = info.artifact_id
         if not base_model:
             raise ValidationError("create_sampling_session needs a base_model or a model_path", {"field": "base_model"})
+        if artifact_id is None:
+            settings.check_base_model(str(base_model))
         start_sampler(state, owner, sampler_id, str(base_model), model_path, artifact_id)
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
@@ -500,7 +531,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 prompt=prompt, max_tokens=params.get("max_tokens") or DEFAULT_MAX_TOKENS,
                 temperature=params.get("temperature", 1.0), top_p=params.get("top_p", 1.0),
                 top_k=None if top_k in (None, -1, 0) else top_k, seed=params.get("seed"),
-                stop=[stop] if isinstance(stop, str) else stop or None, num_samples=int(body.get("num_samples", 1)))
+                stop=[stop] if isinstance(stop, str) else stop or None, stop_at_eos=stop != [],
+                num_samples=int(body.get("num_samples", 1)))
         except ValueError as exc:
             raise ValidationError(f"bad sampling request: {exc}"[:1000], {"field": "sampling_params"}) from None
 
