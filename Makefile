@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dp.py
 	$(BIN)/python benchmarks/artifacts.py
 	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/tinker.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
