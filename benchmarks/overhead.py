@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import run_benchmark  # noqa: E402
+from common import ratio_of_rounds, report_ratio, run_benchmark  # noqa: E402
 from tg_tinker import BatchData, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
 
 MODEL = "tiny-random-llama:hidden=256,layers=4"
@@ -113,29 +113,14 @@ def measure(steps: int, rounds: int) -> dict:
             else:
                 direct_runs.append(timed(direct, batches))
                 sdk_runs.append(timed(sdk, sdk_batches))
-    ratios = [s / d for s, d in zip(sdk_runs, direct_runs)]
     return {"direct_tok_s": round(statistics.median(direct_runs), 1),
             "sdk_tok_s": round(statistics.median(sdk_runs), 1),
-            "ratio": round(statistics.median(ratios), 4),
-            "ratio_ci95": [round(r, 4) for r in median_interval(ratios)],
-            "round_ratios": [round(r, 3) for r in ratios], "rounds": rounds, "steps_per_round": steps}
-
-
-def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
-    """A distribution-free ~95% confidence interval for the median: the order statistics whose ranks lie
-    z standard deviations of a Binomial(n, 1/2) either side of n/2."""
-    ordered, n = sorted(values), len(values)
-    half = z * n ** 0.5 / 2
-    low, high = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.5))
-    return ordered[low], ordered[high]
+            **ratio_of_rounds(sdk_runs, direct_runs), "steps_per_round": steps}
 
 
 def report(result: dict) -> None:
-    print(f"direct peft loop : {result['direct_tok_s']:9.1f} tok/s (median of {result['rounds']} rounds)")
-    print(f"tg_tinker + queue: {result['sdk_tok_s']:9.1f} tok/s")
-    low, high = result["ratio_ci95"]
-    print(f"ratio sdk/direct : {result['ratio']:.3f} (95% interval {low:.3f}-{high:.3f}; target >= 0.97)")
-    print(f"per-round ratios : {result['round_ratios']}")
+    report_ratio(result, ("tg_tinker + queue", "direct peft loop"), (result["sdk_tok_s"], result["direct_tok_s"]),
+                 "target >= 0.97")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import tinker  # noqa: E402  (the official SDK)
 
 sys.path.append(str(HERE))
-from common import run_benchmark  # noqa: E402
-from overhead import MODEL, SEQ, SdkLoop, make_batches, median_interval, timed  # noqa: E402
+from common import ratio_of_rounds, report_ratio, run_benchmark  # noqa: E402
+from overhead import MODEL, SEQ, SdkLoop, make_batches, timed  # noqa: E402
 from tg_tinker import BatchData, ServiceClient  # noqa: E402
 from tg_tinker.local import LocalTrainer  # noqa: E402
 
@@ -41,6 +41,7 @@ class TinkerLoop:
 
     def __init__(self, base_url: str, api_key: str):
         self.types = tinker.types
+        self.tokens: dict[int, int] = {}  # id of a prepared batch -> its trained tokens
         self.service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
         self.tc = self.service.create_lora_training_client(base_model=MODEL, rank=16, train_mlp=False,
                                                            train_unembed=False).result()
@@ -53,6 +54,7 @@ class TinkerLoop:
             targets = [0 if label == -100 else label for label in labels]
             datums.append(self.types.Datum(model_input=self.types.ModelInput.from_ints(ids),
                                            loss_fn_inputs={"target_tokens": targets, "weights": weights}))
+        self.tokens[id(datums)] = sum(label != -100 for labels in batch["labels"] for label in labels)
         return datums
 
     def run(self, batches: list[list]) -> int:
@@ -63,7 +65,7 @@ class TinkerLoop:
         last.result()
         for f in futures:
             f.result()
-        return sum(int(sum(d.loss_fn_inputs["weights"].data)) for data in batches for d in data)
+        return sum(self.tokens[id(data)] for data in batches)
 
 
 def cpu_s(process) -> float:
@@ -105,24 +107,18 @@ def measure(steps: int, rounds: int) -> dict:
             theirs.service.close("success").result()
     finally:
         trainer.close()
-    ratios = [t / o for t, o in zip(runs["theirs"], runs["ours"])]
     per_round = {name: {k: round(v / rounds, 3) for k, v in c.items()} for name, c in cpu.items()}
     return {"tg_tinker_tok_s": round(statistics.median(runs["ours"]), 1),
             "tinker_sdk_tok_s": round(statistics.median(runs["theirs"]), 1),
-            "ratio": round(statistics.median(ratios), 4),
-            "ratio_ci95": [round(r, 4) for r in median_interval(ratios)],
-            "round_ratios": [round(r, 3) for r in ratios], "rounds": rounds, "steps_per_round": steps,
+            **ratio_of_rounds(runs["theirs"], runs["ours"]), "steps_per_round": steps,
             "tokens_per_step": 8 * (SEQ - 1),
             # CPU outside the engine, per round: the clients' own and the server's (HTTP, conversion, futures)
             "cpu_s_per_round": {"tg_tinker": per_round["ours"], "tinker_sdk": per_round["theirs"]}}
 
 
 def report(result: dict) -> None:
-    print(f"tg_tinker          : {result['tg_tinker_tok_s']:9.1f} tok/s (median of {result['rounds']} rounds)")
-    print(f"tinker SDK /api/v1 : {result['tinker_sdk_tok_s']:9.1f} tok/s")
-    low, high = result["ratio_ci95"]
-    print(f"ratio tinker/ours  : {result['ratio']:.3f} (95% interval {low:.3f}-{high:.3f}; goal >= 0.95)")
-    print(f"per-round ratios   : {result['round_ratios']}")
+    report_ratio(result, ("tinker SDK /api/v1", "tg_tinker"), (result["tinker_sdk_tok_s"], result["tg_tinker_tok_s"]),
+                 "goal >= 0.95")
     print(f"CPU s per round outside the engine: {result['cpu_s_per_round']}")
 
 
