@@ -88,9 +88,11 @@ def test_unknown_losses_inputs_and_config_are_refused_by_name():
     get_loss("cross_entropy").check_inputs(set())  # weights are optional (all ones)
     with pytest.raises(ValidationError, match=r"'ppo' takes no config \['beta'\]"):
         get_loss("ppo").settings({"beta": 1.0})
-    for bad in (float("nan"), "0.5", True):
-        with pytest.raises(ValidationError, match="must be a finite number"):
+    for bad in (float("nan"), "0.5", True, 1e300):  # 1e300 is finite, and would overflow inside the loss
+        with pytest.raises(ValidationError, match=r"must be a number within \+-1e\+06"):
             get_loss("dro").settings({"beta": bad})
+    with pytest.raises(ValidationError, match="clip_low_threshold must not exceed clip_high_threshold"):
+        get_loss("ppo").settings({"clip_low_threshold": 1.5, "clip_high_threshold": 1.2})
 
 
 # --- through the engine: gradients against an independent computation --------------------------

@@ -127,13 +127,23 @@ def test_each_client_instance_has_its_own_token_even_in_a_shared_tenant_secret()
 def test_the_tinker_api_key_reaches_the_pod_only_when_enabled_and_only_by_reference():
     from tensafe_operator.builders import build_pod
 
-    def env_of(tc):
-        return {e["name"]: e for e in build_pod(tc, default_image="x")["spec"]["containers"][0]["env"]}
+    def parts(tc):
+        spec = build_pod(tc, default_image="x")["spec"]
+        container = spec["containers"][0]
+        return ({e["name"]: e for e in container["env"]}, {v["name"]: v for v in spec["volumes"]},
+                {m["name"]: m for m in container["volumeMounts"]})
 
-    assert "TENSAFE_TINKER_KEY" not in env_of(training_client())
-    enabled = training_client(tinker={"enabled": True})
-    assert env_of(enabled)["TENSAFE_TINKER_KEY"] == {
-        "name": "TENSAFE_TINKER_KEY", "valueFrom": {"secretKeyRef": {"name": "tenant-keys", "key": "tinker.1234-uid"}}}
+    env, volumes, _ = parts(training_client())
+    assert "TENSAFE_TINKER_KEY_FILE" not in env and "tinker-key" not in volumes
+    env, volumes, mounts = parts(training_client(tinker={"enabled": True}))
+    # A file from the Secret, never a value in the pod spec or the process's environment.
+    assert volumes["tinker-key"]["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400,
+                                               "items": [{"key": "tinker.1234-uid", "path": "key"}]}
+    assert mounts["tinker-key"]["readOnly"] is True
+    assert env["TENSAFE_TINKER_KEY_FILE"]["value"] == mounts["tinker-key"]["mountPath"] + "/key"
+    assert env["TENSAFE_TINKER_MODEL_ROOTS"]["value"] == ""  # a built-in model: no folder may be named
+    env, _, _ = parts(training_client(tinker={"enabled": True}, training={"model_ref": "/models/llama"}))
+    assert env["TENSAFE_TINKER_MODEL_ROOTS"]["value"] == "/models/llama"
 
 
 def test_a_dp_trainer_may_read_its_privacy_budget_and_extend_it_and_nothing_else():

@@ -310,19 +310,28 @@ def test_a_trainer_for_one_client_gives_that_clients_dp_to_its_tenants_tinker_mo
     from tg_tinker import DPConfig, TrainingConfig, ValidationError
 
     config = TrainingConfig(model_ref="tiny-random-llama", batch_size=8, gradient_accumulation_steps=2,
-                            dp_config=DPConfig(noise_multiplier=1.3, max_grad_norm=0.5, dataset_size=500))
+                            dp_config=DPConfig(noise_multiplier=1.3, max_grad_norm=0.5, dataset_size=500,
+                                               sample_rate=0.001))
     policy = PrivacyPolicy({"other": TenantPolicy(None)}).with_client("acme", config)
-    assert policy.for_tenant("acme") == TenantPolicy(config.dp_config, 16)
+    # The client's own sampling rate says nothing of a Tinker client's batches: 16 / 500 is charged instead.
+    assert policy.for_tenant("acme") == TenantPolicy(config.dp_config.model_copy(update={"sample_rate": None}), 16)
     assert policy.for_tenant("other").dp is None
     with pytest.raises(ValidationError, match="never loosen"):
         policy.dp_for("acme", {"tensafe.dp.noise_multiplier": "1.0"})
+    with pytest.raises(ValidationError, match="max_grad_norm: Input should be greater than or equal to 0.000001"):
+        policy.dp_for("acme", {"tensafe.dp.max_grad_norm": "1e-45"})  # "tighter", but float32 noise degenerates
     with pytest.raises(ValueError, match="its DP comes from the client's config"):
         PrivacyPolicy({"acme": TenantPolicy(None)}).with_client("acme", config)
 
+    from tensafe_trainer.tinker_api.keys import create_key
+    from tg_tinker import AuthenticationError
+
+    planted = create_key(tmp_path, "acme")  # an insider with write access to the data volume adds a digest
     key = "tml-" + "k" * 43
     keys = TinkerKeys(tmp_path, {key: "acme"})
     assert keys.resolve(key).tenant_id == "acme"
-    assert not (tmp_path / "tinker").exists()  # nothing written: the pod's key lives in its Secret
+    with pytest.raises(AuthenticationError, match="unknown Tinker API key"):  # a pod reads no key file
+        keys.resolve(planted)
     with pytest.raises(ValueError, match="starts with 'tml-'"):
         TinkerKeys(tmp_path, {"tml-short": "acme"})
 
@@ -369,3 +378,39 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
     finally:
         server.trainer.close()
         (model_dir.parent / "escape").unlink()
+
+
+def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, model_dir, monkeypatch):
+    """The dedup map and the session's idempotency keys are bounded (1 h, 50,000 futures; 2,000 operations); a
+    retry that comes after both forgot its request must not run it a second time (under DP: an example counted
+    twice). Here both forget at once (TTL 0), in process, on a real trainer app."""
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.sessions import OperationIndex
+    from tensafe_trainer.tinker_api import registry
+    from tensafe_trainer.tinker_api.keys import create_key
+
+    monkeypatch.setattr(registry, "FUTURE_TTL_S", 0.0)
+    key = create_key(tmp_path, "plain")
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
+        client.app.state.tensafe.operations = OperationIndex(ttl_s=0.0)
+        headers = {"X-API-Key": key}
+
+        def call(endpoint: str, body: dict):
+            return client.post(f"/api/v1/{endpoint}", json=body, headers=headers)
+
+        def result(answer):
+            return call("retrieve_future", {"request_id": answer.json()["request_id"]}).json()
+
+        session_id = call("create_session", {}).json()["session_id"]
+        created = call("create_model", {"session_id": session_id, "base_model": str(model_dir),
+                                        "lora_config": {"rank": 4}})
+        model_id = result(created)["model_id"]
+        step = {"model_id": model_id, "seq_id": 5, "adam_params": {"learning_rate": 0.01}}
+        assert "metrics" in result(call("optim_step", step))
+        time.sleep(0.01)
+        assert "metrics" in result(call("optim_step", {**step, "seq_id": 6}))  # its arrival forgets seq 5's
+        again = call("optim_step", step)  # the SDK's late retry of seq 5
+        assert again.status_code == 422 and "already ran, and its result is no longer kept" in again.text
+        assert call("get_info", {"model_id": model_id}).status_code == 200  # and the model serves on

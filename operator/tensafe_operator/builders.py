@@ -32,6 +32,7 @@ DATA_DIR = "/var/lib/tensafe"
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEYS_DIR = "/var/run/tensafe/keys"
 TLS_DIR = "/var/run/tensafe/tls"
+TINKER_KEY_DIR = "/var/run/tensafe/tinker"
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,10 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "HOME", "value": "/tmp"},
     ]
     if tinker_enabled(tc):  # the Tinker API (/api/v1) for this client's tenant; the trainer keeps its digest only
-        env.append({"name": "TENSAFE_TINKER_KEY", "valueFrom": {"secretKeyRef": {"name": secret,
-                                                                                  "key": tinker_key_key(tc)}}})
+        model_ref = client_config(tc).config.model_ref
+        env += [{"name": "TENSAFE_TINKER_KEY_FILE", "value": f"{TINKER_KEY_DIR}/key"},
+                # Base models: the built-in ones and the client's own folder, nothing else on the pod's disks.
+                {"name": "TENSAFE_TINKER_MODEL_ROOTS", "value": model_ref if model_ref.startswith("/") else ""}]
     dp = dp_config_of(tc)
     if dp is not None:  # the privacy ledger lives in the API: see ledger_kubernetes.py
         env += [{"name": "TENSAFE_LEDGER", "value": "kubernetes"},
@@ -203,6 +206,10 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
                # Only the tenant's key set, not the token: the trainer reads its token from env.
                {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
                    {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}}]
+    if tinker_enabled(tc):  # a file, not an env var: a process's starting environment stays in /proc
+        volumes.append({"name": "tinker-key", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
+            {"key": tinker_key_key(tc), "path": "key"}]}})
+        container["volumeMounts"].append({"name": "tinker-key", "mountPath": TINKER_KEY_DIR, "readOnly": True})
     if tls:
         volumes.append({"name": "tls", "secret": {"secretName": tls, "defaultMode": 0o400, "items": [
             {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}})

@@ -48,7 +48,8 @@ class DPConfig(WireModel):
     noise_multiplier: Optional[float] = Field(
         None, ge=0, description="noise std as a multiple of max_grad_norm; computed from target_epsilon if None"
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping bound")
+    # A floor: at denormal scale float32 noise is no longer Gaussian, and the mechanism no longer the analysed one.
+    max_grad_norm: float = Field(1.0, ge=1e-6, le=1e6, description="per-example clipping bound")
     target_epsilon: Optional[float] = Field(None, gt=0, description="budget; steps past it are refused")
     target_delta: float = Field(1e-5, gt=0, lt=1)
     accountant_type: Literal["rdp", "prv", "gdp"] = "rdp"

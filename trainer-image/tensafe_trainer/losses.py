@@ -20,6 +20,7 @@ from tg_tinker.errors import ValidationError
 if TYPE_CHECKING:  # the functions use tensor methods only, so the server checks names and inputs without torch
     from torch import Tensor
 
+MAX_CONFIG_MAGNITUDE = 1e6  # a finite 1e300 still overflows in the loss (as a server error, the batch lost)
 PerTokenLoss = Callable[["Tensor", Mapping[str, "Tensor"], Mapping[str, float]], "Tensor"]
 
 
@@ -40,10 +41,14 @@ class Loss:
                                   {"field": "loss_fn_config", "unknown": unknown})
         settings = dict(self.config)
         for key, value in given.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValidationError(f"loss_fn_config[{key!r}] must be a finite number",
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) > MAX_CONFIG_MAGNITUDE:
+                raise ValidationError(f"loss_fn_config[{key!r}] must be a number within +-{MAX_CONFIG_MAGNITUDE:g}",
                                       {"field": f"loss_fn_config.{key}"})
             settings[key] = float(value)
+        if settings.get("clip_low_threshold", 0.0) > settings.get("clip_high_threshold", math.inf):
+            raise ValidationError("loss_fn_config: clip_low_threshold must not exceed clip_high_threshold",
+                                  {"field": "loss_fn_config.clip_low_threshold"})
         return settings
 
     def check_inputs(self, given: set[str]) -> None:

@@ -25,8 +25,13 @@ MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before s
 MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
 MAX_CLIENTS_PER_TENANT_ENV = "TENSAFE_MAX_CLIENTS_PER_TENANT"  # of those, one tenant's (unset: no cap)
 MIN_FREE_MEMORY_ENV = "TENSAFE_MIN_FREE_MEMORY"  # bytes the machine must have available to start a client
-TINKER_KEY_ENV = "TENSAFE_TINKER_KEY"  # a trainer pod's Tinker API key (its TrainingClient's tenant)
+TINKER_KEY_FILE_ENV = "TENSAFE_TINKER_KEY_FILE"  # a trainer pod's Tinker API key, a file its Secret mounts
 TINKER_MODEL_ROOTS_ENV = "TENSAFE_TINKER_MODEL_ROOTS"  # os.pathsep-separated folders Tinker keys may load models from
+
+
+def _model_roots(value: Optional[str]) -> Optional[tuple[Path, ...]]:
+    """Unset: any folder; set: the folders it lists (set and empty: built-in models only)."""
+    return None if value is None else tuple(Path(p) for p in value.split(os.pathsep) if p)
 
 
 def _watch_parent(pid: int) -> None:
@@ -46,7 +51,9 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Taken out of the environment: the engine processes this server spawns must not inherit it.
     token = os.environ.pop(TOKEN_ENV, None)
-    tinker_key = os.environ.pop(TINKER_KEY_ENV, None)
+    # A file, not an environment variable: /proc/<pid>/environ keeps a process's starting environment.
+    tinker_key_file = os.environ.get(TINKER_KEY_FILE_ENV)
+    tinker_key = Path(tinker_key_file).read_text().strip() if tinker_key_file else None
     if not token and not insecure_no_auth:
         raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")
@@ -55,7 +62,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     if raw:
         initial = CreateTrainingClient.parse(json.loads(raw))
     if tinker_key and initial is None:
-        raise SystemExit(f"{TINKER_KEY_ENV} opens the Tinker API for the tenant of the trainer's own client: "
+        raise SystemExit(f"{TINKER_KEY_FILE_ENV} opens the Tinker API for the tenant of the trainer's own client: "
                          f"set {CLIENT_CONFIG_ENV} too (or create keys with `tensafe tinker-key create`)")
     settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
@@ -64,8 +71,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
                         if os.environ.get(MAX_CLIENTS_PER_TENANT_ENV) else None,
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
                         open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key or None,
-                        tinker_model_roots=tuple(Path(p) for p in os.environ.get(TINKER_MODEL_ROOTS_ENV, "").split(
-                            os.pathsep) if p))
+                        tinker_model_roots=_model_roots(os.environ.get(TINKER_MODEL_ROOTS_ENV)))
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then, and without it

@@ -85,7 +85,7 @@ class Settings:
     initial_client: Optional[CreateTrainingClient] = None
     privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (tinker_api/policy.py)
     tinker_key: Optional[str] = None  # a trainer pod's Tinker key, for its initial client's tenant
-    tinker_model_roots: tuple = ()  # folders a Tinker key may name as base_model (empty: any)
+    tinker_model_roots: Optional[tuple] = None  # folders a Tinker key may name as base_model (None: any)
 
 
 @dataclass
@@ -121,6 +121,15 @@ class State:
         for digest in [d for d, p in self.client_tokens.items() if p.session is session]:
             self.client_tokens.pop(digest)
             self.revoked.remember(digest, why)
+
+    def audit_artifact_use(self, operation: str, tenant_id: str, client_id: Optional[str], artifact_id: str,
+                           produced: bool = False) -> None:
+        """A durable audit entry for one artifact's use (a sampler made from it, a grant, a delete, a dataset
+        registered): the artifact id in clear, the request fingerprinted under the tenant's audit key."""
+        self.audit.submit(durable=True, operation=operation, training_client_id=client_id, tenant_id=tenant_id,
+                          success=True, request_hash=request_hash(self.store.keys.audit_key(tenant_id),
+                                                                  artifact_id.encode()),
+                          **({"produced": [artifact_id]} if produced else {"consumed": [artifact_id]}))
 
     def granted(self, principal: "Principal") -> set[str]:
         session = self.sessions.get(principal.client_id) if principal.client_id else None
@@ -284,7 +293,7 @@ def create_app(settings: Settings) -> FastAPI:
     policy = PrivacyPolicy.load(settings.privacy_policy)
     if initial is not None:  # a trainer for one client: its tenant's Tinker models train under the client's DP
         policy = policy.with_client(initial.tenant_id, initial.config)
-    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, tuple(settings.tinker_model_roots))))
+    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, settings.tinker_model_roots)))
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):
@@ -362,10 +371,8 @@ def create_app(settings: Settings) -> FastAPI:
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
                 "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
         if body.artifact_id:  # the artifact's use is on record, like a load
-            await asyncio.to_thread(
-                state.audit.submit, durable=True, operation="create_sampling_client", training_client_id=client_id,
-                tenant_id=body.tenant_id, consumed=[body.artifact_id], success=True,
-                request_hash=request_hash(state.store.keys.audit_key(body.tenant_id), body.artifact_id.encode()))
+            await asyncio.to_thread(state.audit_artifact_use, "create_sampling_client", body.tenant_id, client_id,
+                                    body.artifact_id)
         parent = principal.session
         live_children = sum(not c.terminated for c in current(state, parent).children) if parent is not None else 0
         if live_children >= MAX_SAMPLERS_PER_CLIENT:
@@ -502,9 +509,7 @@ def create_app(settings: Settings) -> FastAPI:
         if session.tenant_id != info.tenant_id:
             raise PermissionDeniedError(f"client {session.client_id!r} belongs to another tenant than artifact "
                                         f"{artifact_id}", {"artifact_id": artifact_id})
-        state.audit.submit(durable=True, operation="grant_artifact", training_client_id=session.client_id,
-                           tenant_id=info.tenant_id, consumed=[artifact_id], success=True,
-                           request_hash=request_hash(state.store.keys.audit_key(info.tenant_id), artifact_id.encode()))
+        state.audit_artifact_use("grant_artifact", info.tenant_id, session.client_id, artifact_id)
         session.granted.add(artifact_id)
         return {"artifact_id": artifact_id, "training_client_id": session.client_id}
 
@@ -527,11 +532,8 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(data, media_type="application/octet-stream")
 
     def audit_dataset(state: State, operation: str, info: DatasetInfo) -> None:
-        key = state.store.keys.audit_key(info.tenant_id)
-        state.audit.submit(durable=True, operation=operation, training_client_id=None, tenant_id=info.tenant_id,
-                           request_hash=request_hash(key, info.artifact_id.encode()), success=True,
-                           **({"produced": [info.artifact_id]} if operation == "register_dataset" else
-                              {"consumed": [info.artifact_id]}))
+        state.audit_artifact_use(operation, info.tenant_id, None, info.artifact_id,
+                                 produced=operation == "register_dataset")
 
     @app.post("/v1/datasets", response_model=DatasetInfo, status_code=201, dependencies=[Depends(admin)],
               openapi_extra=json_body(RegisterDataset))

@@ -195,6 +195,11 @@ class Session:
         metrics.QUEUE_DEPTH.inc()
         return op, True
 
+    def knows(self, key: str) -> bool:
+        """Whether an operation under idempotency ``key`` is still kept (a submit would return it)."""
+        with self._cond:
+            return key in self._by_key
+
     def check_open(self) -> None:
         """Refuse work once the client runs nothing more: 410 terminated, 409 in ERROR (never a 500)."""
         if self.status is ClientStatus.TERMINATED or self._stopping:

@@ -3,8 +3,9 @@
 The SDK sends its key in ``X-API-Key``. Only SHA-256 digests are stored (``<home>/tinker/keys.json``,
 0600): whoever reads the file learns which tenants have keys, not a key. ``tensafe tinker-key create``
 adds one and prints it once; the server re-reads the file when it changes, so no restart is needed.
-A trainer pod on Kubernetes gets its key from its TrainingClient's Secret instead (``$TENSAFE_TINKER_KEY``,
-taken out of the environment at startup and kept in memory as its digest only).
+A trainer pod on Kubernetes gets its key from its TrainingClient's Secret instead (a file the Secret mounts,
+``$TENSAFE_TINKER_KEY_FILE``, read once at startup and kept in memory as its digest only); it then reads no key
+file: whoever can write the data volume must not be able to plant a key.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class TinkerKeys:
     """The key file, re-read when its modification time changes."""
 
     def __init__(self, home: Path, given: Optional[dict[str, str]] = None):
-        """``given``: key -> tenant, keys handed to this process (a trainer pod's), beside the key file's."""
-        self.path = keys_file(home)
+        """``given``: key -> tenant, the keys handed to this process (a trainer pod's); then the key file is not read."""
+        self.path = None if given else keys_file(home)
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int]] = None
         self._given = {}
@@ -76,6 +77,8 @@ class TinkerKeys:
         self._by_digest: dict[str, TinkerKey] = dict(self._given)
 
     def _refresh(self) -> None:
+        if self.path is None:
+            return
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size)

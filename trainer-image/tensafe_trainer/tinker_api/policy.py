@@ -61,11 +61,15 @@ class PrivacyPolicy:
     def with_client(self, tenant_id: str, config: TrainingConfig) -> "PrivacyPolicy":
         """A trainer started for one client (a TrainingClient's pod): its tenant's Tinker models train with that
         client's DP config (same dataset, so the same ledger and budget) and logical batch. A policy file that
-        also names the tenant is refused: the client's spec is the one place its DP is set."""
+        also names the tenant is refused: the client's spec is the one place its DP is set.
+
+        Not the client's ``sample_rate``: that is the rate of the client's own sampling (server-side Poisson,
+        or its own claim), and says nothing of the batches a Tinker client sends. Tinker steps are charged at
+        batch / dataset_size when the config has a dataset_size, else at q = 1 (no amplification)."""
         if tenant_id in self.entries:
             raise ValueError(f"privacy policy: tenant {tenant_id!r} is this trainer's own client's: its DP comes from "
                              "the client's config, not from the policy file")
-        dp = config.dp_config if config.dp_enabled else None
+        dp = config.dp_config.model_copy(update={"sample_rate": None}) if config.dp_enabled else None
         return PrivacyPolicy({**self.entries, tenant_id: TenantPolicy(dp, config.effective_batch_size)})
 
     def for_tenant(self, tenant_id: str) -> TenantPolicy:

@@ -53,6 +53,9 @@ class TinkerModel:
     user_metadata: dict[str, str]
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
+    # Every seq_id that ran, for the model's life (a few bytes each): a retry that comes after its future and
+    # its operation were forgotten is refused, not run again (under DP: an example counted twice).
+    seq_ids_run: set = field(default_factory=set)
 
     @property
     def description(self) -> dict:

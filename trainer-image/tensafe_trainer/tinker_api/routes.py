@@ -48,7 +48,6 @@ from tg_tinker.types import (
 )
 
 from .. import admission
-from ..audit import request_hash
 from ..models import SMOLLM2_REF, TINY_REF, smollm2_folder
 from . import PREFIX, convert
 from .keys import TinkerKey, TinkerKeys
@@ -88,12 +87,13 @@ CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed
 class TinkerSettings:
     keys: TinkerKeys
     policy: PrivacyPolicy
-    # Folders a key holder may name as base_model ($TENSAFE_TINKER_MODEL_ROOTS); empty: any folder (a machine of one
-    # user). Built-in models are always allowed.
-    model_roots: tuple[Path, ...] = ()
+    # Folders a key holder may name as base_model ($TENSAFE_TINKER_MODEL_ROOTS); None: any folder (a machine of one
+    # user); (): none. Built-in models are always allowed.
+    model_roots: Optional[tuple[Path, ...]] = None
 
     def check_base_model(self, base_model: str) -> str:
-        if base_model in (SMOLLM2_REF, TINY_REF) or base_model.startswith(TINY_REF + ":") or not self.model_roots:
+        builtin = base_model in (SMOLLM2_REF, TINY_REF) or base_model.startswith(TINY_REF + ":")
+        if builtin or self.model_roots is None:
             return base_model
         real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
         if real.is_dir() and any(real.is_relative_to(root.resolve()) for root in self.model_roots):
@@ -274,8 +274,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         session = model.session
         session.check_open()
         admission.admit(request_obj, session.limits)
-        op, created = session.submit(request_obj, f"tinker:{seq_id}")
+        key = f"tinker:{seq_id}"
+        if seq_id in model.seq_ids_run and not session.knows(key):
+            raise ValidationError(f"request {seq_id} of model {model.model_id[:200]!r} already ran, and its result is no "
+                                  "longer kept: a sequence id runs once", {"seq_id": seq_id})
+        op, created = session.submit(request_obj, key)
         if created:
+            model.seq_ids_run.add(seq_id)
             state.operations.add(op, session)
         return op
 
@@ -389,9 +394,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     def delete_artifact(state, tenant_id: str, artifact_id: str, client_id: Optional[str]) -> None:
         state.store.delete(tenant_id, artifact_id)
-        state.audit.submit(durable=True, operation="delete_artifact", training_client_id=client_id,
-                           tenant_id=tenant_id, consumed=[artifact_id], success=True,
-                           request_hash=request_hash(state.store.keys.audit_key(tenant_id), artifact_id.encode()))
+        state.audit_artifact_use("delete_artifact", tenant_id, client_id, artifact_id)
 
     @router.post("/save_weights")
     async def save_weights(request: Request, key: TinkerKey = Depends(key_of)):
@@ -487,10 +490,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         spec = {"kind": "sampling", "client_id": client_id, "tenant_id": owner.tenant_id, "artifact_id": artifact_id,
                 "base_model": None if artifact_id else base_model}
         if artifact_id:  # the artifact's use is on record, like a load
-            state.audit.submit(durable=True, operation="create_sampling_client", training_client_id=client_id,
-                               tenant_id=owner.tenant_id, consumed=[artifact_id], success=True,
-                               request_hash=request_hash(state.store.keys.audit_key(owner.tenant_id),
-                                                         artifact_id.encode()))
+            state.audit_artifact_use("create_sampling_client", owner.tenant_id, client_id, artifact_id)
         session = state.start(client_id, owner.tenant_id, "sampling", lambda: state.start_engine(spec))
         sampler = TinkerSampler(sampler_id, owner.tenant_id, session, base_model, model_path)
         for evicted in registry.add_sampler(owner, sampler):
