@@ -64,7 +64,7 @@ class TinkerKeys:
     """The key file, re-read when its modification time changes."""
 
     def __init__(self, home: Path, given: Optional[dict[str, str]] = None):
-        """``given``: key -> tenant, the keys handed to this process (a trainer pod's); then the key file is not read."""
+        """``given``: key -> tenant, the keys handed to this process (a trainer pod's); then no key file is read."""
         self.path = None if given else keys_file(home)
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int]] = None

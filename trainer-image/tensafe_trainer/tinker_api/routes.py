@@ -276,8 +276,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         admission.admit(request_obj, session.limits)
         key = f"tinker:{seq_id}"
         if seq_id in model.seq_ids_run and not session.knows(key):
-            raise ValidationError(f"request {seq_id} of model {model.model_id[:200]!r} already ran, and its result is no "
-                                  "longer kept: a sequence id runs once", {"seq_id": seq_id})
+            raise ValidationError(f"request {seq_id} of model {model.model_id[:200]!r} already ran, and its result "
+                                  "is no longer kept: a sequence id runs once", {"seq_id": seq_id})
         op, created = session.submit(request_obj, key)
         if created:
             model.seq_ids_run.add(seq_id)
