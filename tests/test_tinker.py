@@ -414,3 +414,25 @@ def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, 
         again = call("optim_step", step)  # the SDK's late retry of seq 5
         assert again.status_code == 422 and "already ran, and its result is no longer kept" in again.text
         assert call("get_info", {"model_id": model_id}).status_code == 200  # and the model serves on
+
+
+def test_a_failed_forward_backward_leaves_no_partial_gradients(server, plain, model_dir):
+    """One model sees a good batch, then a batch whose loss is not finite (refused), then a step; a twin with the
+    same seed sees the good batch and the step: their weights are the same, bit for bit."""
+    good = [datum(r) for r in sequences(2, seed=21)]
+    rows = sequences(2, seed=22)
+    bad = [types.Datum(model_input=types.ModelInput.from_ints(r[:-1]),  # sampled logprob -1e6: the ratio is inf
+                       loss_fn_inputs={"target_tokens": r[1:], "logprobs": [-1e6] * (len(r) - 1),
+                                       "advantages": [1.0] * (len(r) - 1)}) for r in rows]
+    saved = []
+    for fails in (True, False):
+        tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4, seed=3).result()
+        tc.forward_backward(good, "cross_entropy").result()
+        if fails:
+            with pytest.raises(tinker.RequestFailedError, match="not finite"):
+                tc.forward_backward(bad, "importance_sampling").result()
+        tc.optim_step(types.AdamParams(learning_rate=0.01)).result()
+        saved.append(artifact_state(server, "plain", tc.save_state(f"twin-{fails}").result().path)["trainable"])
+    assert saved[0].keys() == saved[1].keys()
+    for name in saved[0]:
+        assert torch.equal(saved[0][name], saved[1][name]), name
