@@ -106,7 +106,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
     registry = TinkerRegistry()
 
-    def key_of(request: Request) -> TinkerKey:
+    async def key_of(request: Request) -> TinkerKey:  # async: a sync dependency would run on a worker thread
         """Asked again now that the body has arrived (the Gate asked first, from the headers)."""
         return settings.keys.resolve(request.headers.get("x-api-key", ""))
 
