@@ -15,7 +15,6 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,7 +48,7 @@ from tg_tinker.types import (
 
 from .. import admission
 from ..models import SMOLLM2_REF, TINY_REF, smollm2_folder
-from . import PREFIX, convert
+from . import PREFIX, convert, listings
 from .keys import TinkerKey, TinkerKeys
 from .policy import PrivacyPolicy
 from .registry import (
@@ -606,17 +605,6 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     # --- REST: training runs and checkpoints -----------------------------------------------
 
-    def iso(ts: Optional[float]) -> Optional[str]:
-        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
-
-    def checkpoint_json(path: str, info) -> dict:
-        _, kind, name = parse_path(path)
-        tinker = info.metadata.get("tinker") or {}
-        return {"checkpoint_id": f"{kind}/{name}", "checkpoint_type": "training" if kind == "weights" else "sampler",
-                "time": iso(info.created_at), "tinker_path": path, "size_bytes": info.size_bytes, "public": False,
-                "user_metadata": {str(k): str(v) for k, v in (tinker.get("checkpoint_metadata") or {}).items()},
-                "expires_at": iso(tinker.get("expires_at"))}
-
     async def checkpoints(state, tenant_id: str) -> dict[str, Any]:
         """path -> artifact, without those whose TTL has passed (deleted now)."""
         found = registry.index(tenant_id, await asyncio.to_thread(state.store.list, tenant_id))
@@ -630,25 +618,9 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return found
 
     def run_json(run_id: str, tenant_id: str, found: dict[str, Any]) -> dict:
-        mine = {p: i for p, i in found.items() if parse_path(p)[0] == run_id}
         live = registry.models.get(run_id)
-        live = live if live is not None and live.tenant_id == tenant_id else None
-        if live is None and not mine:
-            raise TrainingClientNotFoundError(f"unknown training run {run_id[:200]!r}", {"training_run_id": run_id})
-        described = live.description if live is not None else (next(iter(mine.values())).metadata.get("tinker") or {})
-        last = {kind: max((i for p, i in mine.items() if parse_path(p)[1] == kind), key=lambda i: i.created_at,
-                          default=None) for kind in CHECKPOINT_KINDS}
-        path_of = {i.artifact_id: p for p, i in mine.items()}
-        latest = max([i.created_at for i in mine.values()] + [live.last_request_time if live else 0.0])
-        return {"training_run_id": run_id, "base_model": described.get("base_model", ""), "model_owner": tenant_id,
-                "is_lora": True, "corrupted": False, "lora_rank": described.get("lora_rank"),
-                "last_request_time": iso(latest),
-                "last_checkpoint": checkpoint_json(path_of[last["weights"].artifact_id], last["weights"])
-                if last["weights"] else None,
-                "last_sampler_checkpoint": checkpoint_json(
-                    path_of[last["sampler_weights"].artifact_id], last["sampler_weights"])
-                if last["sampler_weights"] else None,
-                "user_metadata": {str(k): str(v) for k, v in (described.get("user_metadata") or {}).items()}}
+        return listings.run_json(run_id, tenant_id, found, live if live is not None and live.tenant_id == tenant_id
+                                 else None)
 
     @router.get("/training_runs")
     async def list_runs(request: Request, limit: int = 20, offset: int = 0, key: TinkerKey = Depends(key_of)):
@@ -667,13 +639,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def run_checkpoints(run_id: str, request: Request, key: TinkerKey = Depends(key_of)):
         found = await checkpoints(trainer(request), key.tenant_id)
         mine = sorted(((p, i) for p, i in found.items() if parse_path(p)[0] == run_id), key=lambda pi: pi[1].created_at)
-        return {"checkpoints": [checkpoint_json(p, i) for p, i in mine], "cursor": None}
+        return {"checkpoints": [listings.checkpoint_json(p, i) for p, i in mine], "cursor": None}
 
     @router.get("/checkpoints")
     async def user_checkpoints(request: Request, limit: int = 100, offset: int = 0, key: TinkerKey = Depends(key_of)):
         found = sorted((await checkpoints(trainer(request), key.tenant_id)).items(), key=lambda pi: pi[1].created_at)
         page = found[max(offset, 0):max(offset, 0) + max(min(limit, 1000), 0)]
-        return {"checkpoints": [checkpoint_json(p, i) for p, i in page],
+        return {"checkpoints": [listings.checkpoint_json(p, i) for p, i in page],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(found)}}
 
     @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
