@@ -35,25 +35,35 @@ class OperationStatus(str, Enum):
         return self in (OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.CANCELLED)
 
 
-def _as_int_rows(value: Any, name: str) -> list[list[int]]:
-    """Accept lists, numpy arrays and torch tensors; refuse floats, bools and ragged rows."""
+def _rows(value: Any, name: str, what: str, check_row) -> list[list]:
+    """A non-empty list of non-empty rows from lists, numpy arrays or torch tensors; ``check_row(i, row)``
+    returns the row as kept, or raises ValueError."""
     if hasattr(value, "tolist") and not isinstance(value, list):
-        dtype = str(getattr(value, "dtype", ""))
-        if "float" in dtype or "complex" in dtype or "bool" in dtype:
-            raise ValueError(f"{name} must hold integers, got dtype {dtype}")
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise ValueError(f"{name} must be a non-empty list of rows")
     rows = []
     for i, row in enumerate(value):
         if not isinstance(row, (list, tuple)) or len(row) == 0:
-            raise ValueError(f"{name}[{i}] must be a non-empty list of integers")
+            raise ValueError(f"{name}[{i}] must be a non-empty list of {what}")
+        rows.append(check_row(i, row))
+    return rows
+
+
+def _as_int_rows(value: Any, name: str) -> list[list[int]]:
+    """Accept lists, numpy arrays and torch tensors; refuse floats, bools and ragged rows."""
+    dtype = str(getattr(value, "dtype", "")) if not isinstance(value, list) else ""
+    if "float" in dtype or "complex" in dtype or "bool" in dtype:
+        raise ValueError(f"{name} must hold integers, got dtype {dtype}")
+
+    def integers(i: int, row) -> list[int]:
         if not set(map(type, row)) <= {int}:  # the common case checked in C: this runs for every batch
             for tok in row:
                 if isinstance(tok, bool) or not isinstance(tok, int):
                     raise ValueError(f"{name}[{i}] must hold integers, found {type(tok).__name__} {tok!r}")
-        rows.append(row if type(row) is list else list(row))
-    return rows
+        return row if type(row) is list else list(row)
+
+    return _rows(value, name, "integers", integers)
 
 
 # The per-token float inputs of the losses (the trainer's registry, tensafe_trainer/losses.py).
@@ -61,20 +71,14 @@ LOSS_INPUT_NAMES = ("weights", "logprobs", "advantages")
 
 
 def _as_float_rows(value: Any, name: str) -> list[list[float]]:
-    if hasattr(value, "tolist") and not isinstance(value, list):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) == 0:
-        raise ValueError(f"{name} must be a non-empty list of rows")
-    rows = []
-    for i, row in enumerate(value):
-        if not isinstance(row, (list, tuple)) or len(row) == 0:
-            raise ValueError(f"{name}[{i}] must be a non-empty list of numbers")
+    def finite_numbers(i: int, row) -> list[float]:
         if not set(map(type, row)) <= {float, int}:
             raise ValueError(f"{name}[{i}] must hold numbers")
         if not all(math.isfinite(v) for v in row):
             raise ValueError(f"{name}[{i}] must hold finite numbers")
-        rows.append([float(v) for v in row])
-    return rows
+        return [float(v) for v in row]
+
+    return _rows(value, name, "numbers", finite_numbers)
 
 
 INT64_MAX = (1 << 63) - 1  # token ids and seeds become int64 tensors: larger ones are refused at the door
