@@ -135,6 +135,7 @@ def test_the_tinker_api_key_reaches_the_pod_only_when_enabled_and_only_by_refere
 
     env, volumes, _ = parts(training_client())
     assert "TENSAFE_TINKER_KEY_FILE" not in env and "tinker-key" not in volumes
+    assert env["TENSAFE_TINKER_MODEL_ROOTS"]["value"] == ""  # set on every pod: no folder but the client's
     env, volumes, mounts = parts(training_client(tinker={"enabled": True}))
     # A file from the Secret, never a value in the pod spec or the process's environment.
     assert volumes["tinker-key"]["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400,

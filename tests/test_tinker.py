@@ -361,6 +361,10 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
             assert post("retrieve_future", {"request_id": answer["request_id"]}, tenant)[1]["type"] == "create_model"
             return answer["model_id"]
 
+        huge = "tiny-random-llama:hidden=100000"  # a built-in with the caller's sizes: bounded at the door
+        code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
+                                             "base_model": huge, "lora_config": {"rank": 4}})
+        assert code == 422 and "a tiny random model has at most 200,000,000" in answer["detail"]
         for outside in (str(tmp_path), str(model_dir.parent / "escape"), f"{model_dir}/../../{tmp_path.name}"):
             code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
                                                  "base_model": outside, "lora_config": {"rank": 4}})
@@ -436,3 +440,57 @@ def test_a_failed_forward_backward_leaves_no_partial_gradients(server, plain, mo
     assert saved[0].keys() == saved[1].keys()
     for name in saved[0]:
         assert torch.equal(saved[0][name], saved[1][name]), name
+
+
+def test_a_call_of_many_datums_is_split_by_the_sdk_and_an_oversized_request_refused(server, plain, model_dir):
+    """client/config tells the SDK to send at most 128 datums a request (a request's conversion holds the GIL for
+    its rows x width padded tokens); the SDK splits a larger call, and a request past it is refused unconverted."""
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    data = [datum(r) for r in sequences(130, seed=40, lengths=(3, 5))]
+    out = tc.forward_backward(data, "cross_entropy").result()
+    assert len(out.loss_fn_outputs) == 130
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=data[:129], loss_fn="cross_entropy"),
+        model_id=tc.model_id, seq_id=7000)
+    refused = httpx.post(f"{server.base_url}/api/v1/forward_backward",
+                         content=forward_backward_request_to_proto(request).SerializeToString(),
+                         headers={"X-API-Key": server.keys["plain"], "Content-Type": "application/x-protobuf"})
+    assert refused.status_code == 413 and "at most 128 datums" in refused.text
+
+
+def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):
+    """A TrainingClient's pod without spec.tinker: a key planted in the key file on its data volume (an insider
+    who can write the volume) opens nothing; /api/v1 answers 401 to every key."""
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.tinker_api.keys import create_key
+    from tg_tinker.types import CreateTrainingClient
+
+    from conftest import tiny_config
+
+    planted = create_key(tmp_path, "acme")
+    initial = CreateTrainingClient(config=tiny_config(), client_id="pod-client", tenant_id="acme")
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token", initial_client=initial))) as client:
+        answer = client.post("/api/v1/create_session", json={}, headers={"X-API-Key": planted})
+        assert answer.status_code == 401 and "unknown Tinker API key" in answer.text
+
+
+def test_open_sessions_per_tenant_are_capped(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.tinker_api.keys import create_key
+    from tensafe_trainer.tinker_api.registry import MAX_OPEN_SESSIONS
+
+    keys = {tenant: {"X-API-Key": create_key(tmp_path, tenant)} for tenant in ("plain", "other")}
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
+        opened = [client.post("/api/v1/create_session", json={}, headers=keys["plain"]).json()["session_id"]
+                  for _ in range(MAX_OPEN_SESSIONS)]
+        refused = client.post("/api/v1/create_session", json={}, headers=keys["plain"])
+        assert refused.status_code == 429 and f"already has {MAX_OPEN_SESSIONS} open Tinker sessions" in refused.text
+        assert client.post("/api/v1/create_session", json={}, headers=keys["other"]).status_code == 200
+        assert client.post(f"/api/v1/sessions/{opened[0]}/finish", json={}, headers=keys["plain"]).status_code == 200
+        assert client.post("/api/v1/create_session", json={}, headers=keys["plain"]).status_code == 200

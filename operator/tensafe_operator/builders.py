@@ -169,11 +169,11 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    model_ref = client_config(tc).config.model_ref
+    # Tinker base models: the built-in ones and the client's own folder, nothing else on the pod's disks.
+    env.append({"name": "TENSAFE_TINKER_MODEL_ROOTS", "value": model_ref if model_ref.startswith("/") else ""})
     if tinker_enabled(tc):  # the Tinker API (/api/v1) for this client's tenant; the trainer keeps its digest only
-        model_ref = client_config(tc).config.model_ref
-        env += [{"name": "TENSAFE_TINKER_KEY_FILE", "value": f"{TINKER_KEY_DIR}/key"},
-                # Base models: the built-in ones and the client's own folder, nothing else on the pod's disks.
-                {"name": "TENSAFE_TINKER_MODEL_ROOTS", "value": model_ref if model_ref.startswith("/") else ""}]
+        env.append({"name": "TENSAFE_TINKER_KEY_FILE", "value": f"{TINKER_KEY_DIR}/key"})
     dp = dp_config_of(tc)
     if dp is not None:  # the privacy ledger lives in the API: see ledger_kubernetes.py
         env += [{"name": "TENSAFE_LEDGER", "value": "kubernetes"},

@@ -60,17 +60,22 @@ def body_limit(limits: Limits) -> int:
     return max(MAX_PACKED_BYTES, one_batch) + BODY_SLACK
 
 
+def check_shape(rows: int, width: int, limits: Limits) -> None:
+    """A batch of ``rows`` examples of at most ``width`` tokens: within this client's batch_size and max_seq_len
+    (also asked before a batch is padded, so that an oversized one costs nothing to refuse)."""
+    if rows > limits.batch_size:
+        raise RequestTooLargeError(f"batch has {rows} examples, more than batch_size={limits.batch_size}",
+                                   {"field": "input_ids", "rows": rows, "batch_size": limits.batch_size})
+    _check_length(width, limits, "input_ids")
+
+
 def admit(request: Any, limits: Limits) -> None:
     """Refuse ``request`` (ValidationError 422, RequestTooLargeError 413) unless this client can run it."""
     kind = request.type
     if limits.kind == "sampling" and kind in TRAINING_ONLY:
         raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
     if isinstance(request, (ForwardBackwardRequest, ForwardRequest)):
-        rows, width = request.batch.shape
-        if rows > limits.batch_size:
-            raise RequestTooLargeError(f"batch has {rows} examples, more than batch_size={limits.batch_size}",
-                                       {"field": "input_ids", "rows": rows, "batch_size": limits.batch_size})
-        _check_length(width, limits, "input_ids")
+        check_shape(*request.batch.shape, limits)
         loss = get_loss(request.loss_fn)
         loss.settings(request.loss_fn_config)
         loss.check_inputs(set(request.batch.loss_inputs or {}))

@@ -53,7 +53,10 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[requested]
 
 
-def _parse_tiny(ref: str) -> dict[str, int]:
+MAX_TINY_PARAMETERS = 200_000_000
+
+
+def parse_tiny(ref: str) -> dict[str, int]:
     sizes = dict(TINY_DEFAULTS)
     _, _, spec = ref.partition(":")
     for part in filter(None, spec.split(",")):
@@ -64,13 +67,18 @@ def _parse_tiny(ref: str) -> dict[str, int]:
                 {"field": "model_ref"},
             )
         sizes[key] = int(value)
+    h = sizes["hidden"]
+    params = sizes["layers"] * (4 * h * h + 3 * h * sizes["intermediate"]) + 2 * sizes["vocab"] * h
+    if params > MAX_TINY_PARAMETERS:  # a built-in any Tinker key may name: it must not take the machine's memory
+        raise ValidationError(f"model_ref {ref!r} has ~{params:,} parameters; a tiny random model has at most "
+                              f"{MAX_TINY_PARAMETERS:,}", {"field": "model_ref"})
     return sizes
 
 
 def build_tiny_llama(ref: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    s = _parse_tiny(ref)
+    s = parse_tiny(ref)
     config = LlamaConfig(
         hidden_size=s["hidden"],
         num_hidden_layers=s["layers"],

@@ -54,6 +54,8 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     # A file, not an environment variable: /proc/<pid>/environ keeps a process's starting environment.
     tinker_key_file = os.environ.get(TINKER_KEY_FILE_ENV)
     tinker_key = Path(tinker_key_file).read_text().strip() if tinker_key_file else None
+    if tinker_key_file and not tinker_key:
+        raise SystemExit(f"{TINKER_KEY_FILE_ENV} names {tinker_key_file}, which holds no key")
     if not token and not insecure_no_auth:
         raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")

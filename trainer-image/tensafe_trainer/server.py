@@ -293,7 +293,10 @@ def create_app(settings: Settings) -> FastAPI:
         return min(settings.max_request_bytes, admission.body_limit(principal.session.limits))
 
     initial = settings.initial_client
-    tinker_keys = TinkerKeys(settings.home, {settings.tinker_key: initial.tenant_id} if settings.tinker_key else None)
+    # A trainer started for one client (a TrainingClient's pod) takes Tinker keys from its Secret only, never from a
+    # key file on its data volume, which an insider could write: without a key there, /api/v1 opens for no one.
+    given = {settings.tinker_key: initial.tenant_id} if settings.tinker_key else {} if initial is not None else None
+    tinker_keys = TinkerKeys(settings.home, given)
     app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
                        tinker_keys=tinker_keys)
     policy = PrivacyPolicy.load(settings.privacy_policy)

@@ -64,8 +64,9 @@ class TinkerKeys:
     """The key file, re-read when its modification time changes."""
 
     def __init__(self, home: Path, given: Optional[dict[str, str]] = None):
-        """``given``: key -> tenant, the keys handed to this process (a trainer pod's); then no key file is read."""
-        self.path = None if given else keys_file(home)
+        """``given``: key -> tenant, the keys handed to this process (a trainer pod's, perhaps none); when given,
+        no key file is read. None: the key file's keys."""
+        self.path = None if given is not None else keys_file(home)
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int]] = None
         self._given = {}

@@ -17,7 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Coroutine, Optional
 
-from tg_tinker.errors import ArtifactNotFoundError, TrainingClientNotFoundError, ValidationError
+from tg_tinker.errors import (
+    ArtifactNotFoundError,
+    ResourceExhaustedError,
+    TrainingClientNotFoundError,
+    ValidationError,
+)
 from tg_tinker.types import ArtifactInfo
 
 PATH_SCHEME = "tinker://"
@@ -29,6 +34,8 @@ MAX_FUTURES = 50_000
 # stop, its checkpoints stay. Without it, a client that exits without finishing its session (the cookbook's DPO
 # recipe does) would hold its engines until the trainer restarts.
 SESSION_LAPSE_S = float(os.environ.get("TENSAFE_TINKER_SESSION_LAPSE_S", "300"))
+MAX_OPEN_SESSIONS = 256  # per tenant: a session costs little, but every one is kept and scanned for its lapse
+ENDED_KEPT_S = 3600.0  # an ended session (and its models) is remembered this long, to answer 410 / TERMINATED
 
 
 @dataclass(eq=False)
@@ -40,6 +47,7 @@ class TinkerSession:
     models: list[str] = field(default_factory=list)
     finished: bool = False
     last_heartbeat: float = field(default_factory=time.monotonic)
+    ended_at: Optional[float] = None  # time.monotonic() when it was finished
 
 
 @dataclass(eq=False)
@@ -117,9 +125,21 @@ class TinkerRegistry:
     # --- sessions, models, samplers ---------------------------------------------------------
 
     def new_session(self, tenant_id: str) -> TinkerSession:
+        self._forget_ended()
+        if sum(not s.finished and s.tenant_id == tenant_id for s in self.sessions.values()) >= MAX_OPEN_SESSIONS:
+            raise ResourceExhaustedError(f"this tenant already has {MAX_OPEN_SESSIONS} open Tinker sessions: finish "
+                                         "one (ServiceClient.close) first", {"max_sessions": MAX_OPEN_SESSIONS})
         session = TinkerSession(uuid.uuid4().hex, tenant_id)
         self.sessions[session.session_id] = session
         return session
+
+    def _forget_ended(self) -> None:
+        """Sessions ended over ENDED_KEPT_S ago, with their models: nothing of them runs any more."""
+        cutoff = time.monotonic() - ENDED_KEPT_S
+        for session in [s for s in self.sessions.values() if s.ended_at is not None and s.ended_at < cutoff]:
+            del self.sessions[session.session_id]
+            for model_id in session.models:
+                self.models.pop(model_id, None)
 
     def session(self, session_id: str, tenant_id: str) -> TinkerSession:
         found = self.sessions.get(session_id)

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from tg_tinker.errors import (
     ClientFailedError,
     DPBudgetExceededError,
     PermissionDeniedError,
+    RequestTooLargeError,
     TGTinkerError,
     TrainingClientNotFoundError,
     ValidationError,
@@ -47,7 +49,7 @@ from tg_tinker.types import (
 )
 
 from .. import admission
-from ..models import SMOLLM2_REF, TINY_REF, smollm2_folder
+from ..models import SMOLLM2_REF, TINY_REF, parse_tiny, smollm2_folder
 from . import PREFIX, convert, listings
 from .keys import TinkerKey, TinkerKeys
 from .policy import PrivacyPolicy
@@ -66,7 +68,14 @@ from .registry import (
 log = logging.getLogger("tensafe.tinker")
 LONG_POLL_S = 25.0  # the SDK gives up on a poll after 45 s
 READY_POLL_S = 0.05
-INLINE_BODY_BYTES = 64 << 10  # forward_backward bodies up to this are decoded on the event loop (<= 1.5 ms)
+# forward_backward bodies up to this are decoded on the event loop, and batches of up to INLINE_CELLS padded tokens
+# converted there (each well under a millisecond); larger ones on a worker thread.
+INLINE_BODY_BYTES = 32 << 10
+INLINE_CELLS = 8192
+# Datums in one forward_backward request (the SDK splits a call into requests of this many, as client/config says):
+# a request's conversion holds the GIL for its rows x width padded tokens, so its rows are bounded, whatever the
+# model's batch.
+MAX_DATUMS_PER_REQUEST = 128
 PROTOBUF = "application/x-protobuf"
 DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this (hosted
 # Tinker's own cap is the model's context; a tiny test model's is 512, and a CPU sampler's answer should come soon)
@@ -78,7 +87,7 @@ USER_ERRORS = (ValidationError, DPBudgetExceededError, ArtifactNotFoundError, Pe
                TrainingClientNotFoundError, ClientFailedError)
 CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed protobuf, no JWT
     "pjwt_auth_enabled": False, "credential_default_source": "api_key", "use_pyqwest_transport": False,
-    "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True, "fwdbwd_max_chunk_len": 1024,
+    "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True, "fwdbwd_max_chunk_len": MAX_DATUMS_PER_REQUEST,
     "sample_use_retrieve_futures": False, "custom_loss_server_side": False, "sample_join_sampling_session": False,
 }
 
@@ -93,6 +102,8 @@ class TinkerSettings:
 
     def check_base_model(self, base_model: str) -> str:
         builtin = base_model in (SMOLLM2_REF, TINY_REF) or base_model.startswith(TINY_REF + ":")
+        if builtin and base_model.startswith(TINY_REF):
+            parse_tiny(base_model)  # its sizes are the caller's: bounded at the door
         if builtin or self.model_roots is None:
             return base_model
         real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
@@ -105,6 +116,7 @@ class TinkerSettings:
 def tinker_router(settings: TinkerSettings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
     registry = TinkerRegistry()
+    converter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinker-convert")
 
     async def key_of(request: Request) -> TinkerKey:  # async: a sync dependency would run on a worker thread
         """Asked again now that the body has arrived (the Gate asked first, from the headers)."""
@@ -113,10 +125,12 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def trainer(request: Request):
         return request.app.state.tensafe
 
-    async def off_loop_if_large(size: int, fn, *args):
-        """``fn(*args)`` on a worker thread when the body is large (its parse would hold the event loop), inline
-        when small: a thread handoff costs more than decoding a cookbook batch (measured with py-spy)."""
-        return await asyncio.to_thread(fn, *args) if size > INLINE_BODY_BYTES else fn(*args)
+    async def off_loop_if(large: bool, fn, *args):
+        """``fn(*args)`` on the conversion thread when its input is large, inline when small: a thread handoff
+        costs more than converting a cookbook batch (measured with py-spy). One thread for all: conversions hold
+        the GIL, and with many at once the event loop would wait its turn behind each of them (measured: 16
+        padded batches on 16 threads held /healthz for 5.5 s)."""
+        return await asyncio.get_running_loop().run_in_executor(converter, fn, *args) if large else fn(*args)
 
     async def fingerprint(request: Request) -> bytes:
         return hashlib.sha256(await request.body()).digest()
@@ -136,6 +150,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def end_session(state, session) -> None:
         """Its engines go (an unnoised gradient sum with them); its checkpoints stay."""
         session.finished = True
+        session.ended_at = time.monotonic()
         for model_id in session.models:
             model = registry.models.get(model_id)
             if model is not None:
@@ -317,7 +332,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise ValidationError("compressed forward_backward bodies are not accepted (this trainer's client/config "
                                   "says proto_compress_fwdbwd=false)")
         body = await request.body()
-        call = await off_loop_if_large(len(body), convert.decode_forward_backward, body)
+        call = await off_loop_if(len(body) > INLINE_BODY_BYTES, convert.decode_forward_backward, body)
         model = registry.model(call.model_id, key.tenant_id)
         dedup = training_dedup(call.model_id, call.seq_id)
         earlier = registry.retried(dedup, await fingerprint(request))
@@ -329,7 +344,15 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 "other examples' logprobs (a DPO pair, a group), so one example would move more than one clipped "
                 "datum's gradient. Use a server-side loss (cross_entropy, importance_sampling, ppo, cispo, dro)",
                 {"field": "loss_fn"})
-        tensafe_request = await off_loop_if_large(len(body), convert.to_request, call)
+        if len(call.rows) > MAX_DATUMS_PER_REQUEST:
+            raise RequestTooLargeError(f"a forward_backward request holds at most {MAX_DATUMS_PER_REQUEST} datums here "
+                                       "(client/config's fwdbwd_max_chunk_len, which the SDK follows); got "
+                                       f"{len(call.rows)}", {"field": "data", "max_datums": MAX_DATUMS_PER_REQUEST})
+        width = max(map(len, call.rows))
+        admission.check_shape(len(call.rows), width, model.session.limits)  # before padding: refused at no cost
+        # Padding makes the conversion's cost rows x width, whatever the body's size (one long datum beside
+        # hundreds of one-token ones), so that product decides where it runs.
+        tensafe_request = await off_loop_if(len(call.rows) * width > INLINE_CELLS, convert.to_request, call)
         op = queue(trainer(request), model, tensafe_request, call.seq_id)
         lengths = [len(r) for r in call.rows]
 
