@@ -314,6 +314,11 @@ def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_pat
 def test_engine_processes_get_no_admin_token(svc, victim):
     from test_faults import engine_pids
 
+    # Nor the server's own starting environment (/proc keeps it): the local backend hands the token over in a
+    # 0600 file, removed once the server has read it.
+    server_environ = open(f"/proc/{svc._local.process.pid}/environ", "rb").read()
+    assert svc._local.token.encode() not in server_environ
+    assert not (svc._local._dir / "token").exists()
     for pid in engine_pids(svc._local.process.pid):
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         assert not any(entry.startswith(b"TENSAFE_AUTH_TOKEN=") for entry in environ)

@@ -86,8 +86,14 @@ def test_pod_carries_config_token_owner_and_volume():
     config = json.loads(env["TENSAFE_CLIENT_CONFIG"]["value"])
     assert config["client_id"] == "demo" and config["config"]["model_ref"] == TINY
     assert config["config"]["batch_size"] == 4 and config["config"]["lora_config"]["rank"] == 16  # defaults filled
-    assert env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tenant-keys", "key": "token.1234-uid"}
-    assert "value" not in env["TENSAFE_AUTH_TOKEN"]  # the token itself never appears in the pod spec
+    # The token is a file from the Secret: never in the pod spec, nor in the process's environment (/proc keeps it).
+    assert "TENSAFE_AUTH_TOKEN" not in env
+    token_volume = {v["name"]: v for v in spec["volumes"]}["trainer-token"]
+    assert token_volume["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400,
+                                      "items": [{"key": "token.1234-uid", "path": "token"}]}
+    token_mount = {m["name"]: m for m in container["volumeMounts"]}["trainer-token"]
+    assert token_mount["readOnly"] is True
+    assert env["TENSAFE_AUTH_TOKEN_FILE"]["value"] == token_mount["mountPath"] + "/token"
     assert config["resume_from"] == "latest"  # every pod, first or replacement, resumes the last checkpoint
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "2", "memory": "16Gi"},
                                       "requests": {"memory": "16Gi"}}
@@ -115,8 +121,8 @@ def test_each_client_instance_has_its_own_token_even_in_a_shared_tenant_secret()
     neighbour["metadata"]["uid"] = "9999-uid"
 
     def token_ref(tc):
-        env = {e["name"]: e for e in build_pod(tc, default_image="x")["spec"]["containers"][0]["env"]}
-        return env["TENSAFE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]
+        volumes = {v["name"]: v for v in build_pod(tc, default_image="x")["spec"]["volumes"]}
+        return volumes["trainer-token"]["secret"]["items"][0]["key"]
 
     assert len({token_ref(first), token_ref(again), token_ref(neighbour)}) == 3
     secret = {"token.1234-uid": b"old", "token.5678-uid": b"new", "token.9999-uid": b"other"}
@@ -197,8 +203,8 @@ def test_invalid_training_spec_is_refused_by_the_builder():
     with pytest.raises(ValidationError, match="rank"):
         build_pod(training_client(training={"lora_config": {"rank": 0}}), default_image="x")
     pod = build_pod(training_client(keySecretRef=None), default_image="x")  # the operator's own Secret
-    token = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}["TENSAFE_AUTH_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"]["name"] == "demo-keys"
+    token = {v["name"]: v for v in pod["spec"]["volumes"]}["trainer-token"]
+    assert token["secret"]["secretName"] == "demo-keys"
 
 
 class CrdValidator:

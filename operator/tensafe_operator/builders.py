@@ -33,6 +33,7 @@ SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEYS_DIR = "/var/run/tensafe/keys"
 TLS_DIR = "/var/run/tensafe/tls"
 TINKER_KEY_DIR = "/var/run/tensafe/tinker"
+TOKEN_DIR = "/var/run/tensafe/token"
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         {"name": "TENSAFE_HOME", "value": DATA_DIR},
         {"name": "TENSAFE_KEYS_DIR", "value": KEYS_DIR},
         {"name": "TENSAFE_CLIENT_CONFIG", "value": client_config(tc).model_dump_json()},
-        {"name": "TENSAFE_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": token_key(tc)}}},
+        # Files from the Secret, not env values: a process's starting environment stays readable in /proc.
+        {"name": "TENSAFE_AUTH_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
@@ -197,15 +199,19 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": TRAINER_PORT, "scheme": scheme}, "periodSeconds": 10,
                           "failureThreshold": 6},
         "volumeMounts": [{"name": "artifacts", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"},
-                         {"name": "tenant-keys", "mountPath": KEYS_DIR, "readOnly": True}],
+                         {"name": "tenant-keys", "mountPath": KEYS_DIR, "readOnly": True},
+                         {"name": "trainer-token", "mountPath": TOKEN_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
     volumes = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim_name(tc)}},
                {"name": "tmp", "emptyDir": {}},
-               # Only the tenant's key set, not the token: the trainer reads its token from env.
+               # The tenant's key set and, in a folder of its own, this client's token: each item named, so a
+               # shared tenant Secret's other tokens are not mounted.
                {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
-                   {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}}]
+                   {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}},
+               {"name": "trainer-token", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
+                   {"key": token_key(tc), "path": "token"}]}}]
     if tinker_enabled(tc):  # a file, not an env var: a process's starting environment stays in /proc
         volumes.append({"name": "tinker-key", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
             {"key": tinker_key_key(tc), "path": "key"}]}})

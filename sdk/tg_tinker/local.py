@@ -33,7 +33,11 @@ class LocalTrainer:
         self._dir = Path(tempfile.mkdtemp(prefix="tensafe-local-"))
         ready = self._dir / "ready.json"
         self.log_path = self._dir / "trainer.log"
-        env = dict(os.environ, TENSAFE_AUTH_TOKEN=self.token)
+        token_file = self._dir / "token"  # a file (0600, in a 0700 folder), not an env value /proc would keep
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.token)
+        env = {k: v for k, v in os.environ.items() if k != "TENSAFE_AUTH_TOKEN"}
+        env["TENSAFE_AUTH_TOKEN_FILE"] = str(token_file)
         if home is not None:
             env["TENSAFE_HOME"] = str(home)
         command = [sys.executable, "-m", "tensafe_trainer", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -52,6 +56,7 @@ class LocalTrainer:
                 self.close()
                 raise TGTinkerError(f"the local trainer did not start in {START_TIMEOUT_S:.0f}s:\n{self.log_tail()}")
             time.sleep(0.05)
+        token_file.unlink()  # read at start: the server keeps it in memory only
         info = json.loads(ready.read_text())
         self.base_url = f"http://127.0.0.1:{info['port']}"
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensafe", description="TenSafe: private fine-tuning service")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the trainer server (bearer token from $TENSAFE_AUTH_TOKEN)")
+    serve = sub.add_parser("serve", help="run the trainer server (bearer token from the file $TENSAFE_AUTH_TOKEN_FILE "
+                                         "names, or $TENSAFE_AUTH_TOKEN)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     serve.add_argument("--home", type=Path, default=None, help="data folder (default $TENSAFE_HOME)")

@@ -20,6 +20,7 @@ from .paths import tensafe_home
 from .server import Settings, create_app
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
+TOKEN_FILE_ENV = "TENSAFE_AUTH_TOKEN_FILE"  # the token in a file instead (a Secret's, or the local backend's 0600 file)
 CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
 MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
 MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
@@ -51,13 +52,19 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Taken out of the environment: the engine processes this server spawns must not inherit it.
     token = os.environ.pop(TOKEN_ENV, None)
+    # A file is better: /proc/<pid>/environ keeps a process's starting environment, whatever it pops later.
+    token_file = os.environ.pop(TOKEN_FILE_ENV, None)
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"{TOKEN_FILE_ENV} names {token_file}, which holds no token")
     # A file, not an environment variable: /proc/<pid>/environ keeps a process's starting environment.
     tinker_key_file = os.environ.get(TINKER_KEY_FILE_ENV)
     tinker_key = Path(tinker_key_file).read_text().strip() if tinker_key_file else None
     if tinker_key_file and not tinker_key:
         raise SystemExit(f"{TINKER_KEY_FILE_ENV} names {tinker_key_file}, which holds no key")
     if not token and not insecure_no_auth:
-        raise SystemExit(f"set {TOKEN_ENV} to the bearer token clients must present "
+        raise SystemExit(f"set {TOKEN_FILE_ENV} (or {TOKEN_ENV}) to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")
     initial = None
     raw = client_config.read_text() if client_config else os.environ.get(CLIENT_CONFIG_ENV)
