@@ -272,8 +272,7 @@ class TrainingEngine:
 
         def per_token_loss() -> torch.Tensor:
             holder["logprobs"] = logprobs = -self._token_nll(ids, mask, labels)
-            per_token = loss.fn(logprobs, {k: v.to(logprobs.dtype) for k, v in inputs.items()}, settings)
-            return torch.where(valid, per_token, 0.0)
+            return self._per_token(loss, settings, inputs, logprobs, valid)
 
         if self.dp is not None:
             def per_example_loss() -> torch.Tensor:
@@ -311,6 +310,13 @@ class TrainingEngine:
         for name, default in loss.optional.items():
             tensors.setdefault(name, torch.full(labels.shape, default, dtype=torch.float64))
         return {name: t.to(self.device) for name, t in tensors.items()}
+
+    @staticmethod
+    def _per_token(loss, settings: dict, inputs: dict[str, torch.Tensor], logprobs: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+        """The loss of each token, zero where there is no target."""
+        return torch.where(valid, loss.fn(logprobs, {k: v.to(logprobs.dtype) for k, v in inputs.items()}, settings),
+                           0.0)
 
     @staticmethod
     def _rows(logprobs: torch.Tensor, valid: torch.Tensor) -> list[list[Optional[float]]]:
@@ -375,8 +381,7 @@ class TrainingEngine:
         finally:
             self.model.train()
         valid = labels != IGNORE_INDEX
-        per_token = torch.where(valid, loss.fn(logprobs, {k: v.to(logprobs.dtype) for k, v in inputs.items()},
-                                               settings), 0.0)
+        per_token = self._per_token(loss, settings, inputs, logprobs, valid)
         n_tokens = int(valid.sum())
         total = float(per_token.sum())
         return ForwardResult(loss=total / max(n_tokens, 1), tokens_processed=n_tokens,

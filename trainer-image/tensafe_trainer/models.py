@@ -56,6 +56,10 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 MAX_TINY_PARAMETERS = 200_000_000
 
 
+def is_tiny(ref: str) -> bool:
+    return ref == TINY_REF or ref.startswith(TINY_REF + ":")
+
+
 def parse_tiny(ref: str) -> dict[str, int]:
     sizes = dict(TINY_DEFAULTS)
     _, _, spec = ref.partition(":")
@@ -162,13 +166,13 @@ def load_tokenizer(ref: str):
     """The tokenizer for ``ref`` (None for the tokenizer-less tiny random model)."""
     from transformers import AutoTokenizer
 
-    if ref == TINY_REF or ref.startswith(TINY_REF + ":"):
+    if is_tiny(ref):
         return None
     return AutoTokenizer.from_pretrained(smollm2_folder() if ref == SMOLLM2_REF else ref)
 
 
 def load_model(ref: str, *, seed: int, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    if ref == TINY_REF or ref.startswith(TINY_REF + ":"):
+    if is_tiny(ref):
         model, tokenizer = build_tiny_llama(ref, seed).to(dtype), None
     elif ref == SMOLLM2_REF:
         model, tokenizer = _from_folder(smollm2_folder(), dtype)

@@ -30,6 +30,18 @@ TINKER_KEY_FILE_ENV = "TENSAFE_TINKER_KEY_FILE"  # a trainer pod's Tinker API ke
 TINKER_MODEL_ROOTS_ENV = "TENSAFE_TINKER_MODEL_ROOTS"  # os.pathsep-separated folders Tinker keys may load models from
 
 
+def _secret_from_file(env: str, what: str) -> Optional[str]:
+    """The secret in the file ``$env`` names (a file, not an env value: /proc/<pid>/environ keeps a process's
+    starting environment, whatever it pops later); None when ``$env`` is unset; an empty file stops the server."""
+    path = os.environ.pop(env, None)
+    if not path:
+        return None
+    secret = Path(path).read_text().strip()
+    if not secret:
+        raise SystemExit(f"{env} names {path}, which holds no {what}")
+    return secret
+
+
 def _model_roots(value: Optional[str]) -> Optional[tuple[Path, ...]]:
     """Unset: any folder; set: the folders it lists (set and empty: built-in models only)."""
     return None if value is None else tuple(Path(p) for p in value.split(os.pathsep) if p)
@@ -50,19 +62,10 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
         tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None, open_docs: bool = False,
         privacy_policy: Optional[Path] = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Taken out of the environment: the engine processes this server spawns must not inherit it.
-    token = os.environ.pop(TOKEN_ENV, None)
-    # A file is better: /proc/<pid>/environ keeps a process's starting environment, whatever it pops later.
-    token_file = os.environ.pop(TOKEN_FILE_ENV, None)
-    if token_file:
-        token = Path(token_file).read_text().strip()
-        if not token:
-            raise SystemExit(f"{TOKEN_FILE_ENV} names {token_file}, which holds no token")
-    # A file, not an environment variable: /proc/<pid>/environ keeps a process's starting environment.
-    tinker_key_file = os.environ.get(TINKER_KEY_FILE_ENV)
-    tinker_key = Path(tinker_key_file).read_text().strip() if tinker_key_file else None
-    if tinker_key_file and not tinker_key:
-        raise SystemExit(f"{TINKER_KEY_FILE_ENV} names {tinker_key_file}, which holds no key")
+    # Taken out of the environment either way: the engine processes this server spawns must not inherit it.
+    env_token = os.environ.pop(TOKEN_ENV, None)
+    token = _secret_from_file(TOKEN_FILE_ENV, "token") or env_token
+    tinker_key = _secret_from_file(TINKER_KEY_FILE_ENV, "key")
     if not token and not insecure_no_auth:
         raise SystemExit(f"set {TOKEN_FILE_ENV} (or {TOKEN_ENV}) to the bearer token clients must present "
                          "(or pass --insecure-no-auth on a trusted network)")
@@ -79,7 +82,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
                         max_clients_per_tenant=int(os.environ[MAX_CLIENTS_PER_TENANT_ENV])
                         if os.environ.get(MAX_CLIENTS_PER_TENANT_ENV) else None,
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
-                        open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key or None,
+                        open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key,
                         tinker_model_roots=_model_roots(os.environ.get(TINKER_MODEL_ROOTS_ENV)))
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

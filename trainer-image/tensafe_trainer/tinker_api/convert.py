@@ -16,12 +16,18 @@ from typing import Optional
 import numpy as np
 
 from tg_tinker.errors import ValidationError
-from tg_tinker.types import IGNORE_INDEX, BatchData, ForwardBackwardRequest, ForwardRequest, SampleResult
+from tg_tinker.types import (
+    IGNORE_INDEX,
+    LOSS_INPUT_NAMES,
+    BatchData,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    SampleResult,
+)
 
 from . import tinker_wire_pb2 as pb
 
 _DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
-FLOAT_INPUTS = ("weights", "logprobs", "advantages")  # per-token inputs TenSafe's losses take (losses.py)
 OUTPUT_TYPE = "ArrayRecord"
 MAX_INPUT_MAGNITUDE = 1e6  # weights, advantages and logprobs past this overflow a float32 loss: the caller's error
 
@@ -106,15 +112,15 @@ def _check_provenance(i: int, field: str, spans, length: int) -> None:
 
 def to_request(call: FwdBwdCall, *, sum_reduction: bool = True):
     """TenSafe's ForwardBackwardRequest (or ForwardRequest for ``forward_only``) for one Tinker call."""
-    if "target_tokens" not in call.inputs[0] or any("target_tokens" not in d for d in call.inputs):
+    if any("target_tokens" not in d for d in call.inputs):
         raise _user_error("every datum needs loss_fn_inputs['target_tokens']", field="loss_fn_inputs")
     names = set(call.inputs[0]) - {"target_tokens"}
     if any(set(d) - {"target_tokens"} != names for d in call.inputs):
         raise _user_error("every datum of one call must carry the same loss_fn_inputs", field="loss_fn_inputs")
-    unknown = sorted(names - set(FLOAT_INPUTS))
+    unknown = sorted(names - set(LOSS_INPUT_NAMES))
     if unknown:
         raise _user_error(f"loss_fn_inputs {unknown} are not supported by this trainer; it takes target_tokens, "
-                          f"{', '.join(FLOAT_INPUTS)}", field="loss_fn_inputs")
+                          f"{', '.join(LOSS_INPUT_NAMES)}", field="loss_fn_inputs")
     width = max(map(len, call.rows))
 
     def pad(values, fill):

@@ -69,13 +69,12 @@ class TinkerKeys:
         self.path = None if given is not None else keys_file(home)
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int]] = None
-        self._given = {}
+        self._by_digest: dict[str, TinkerKey] = {}
         for key, tenant_id in (given or {}).items():
             if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + 32:
                 raise ValueError(f"a Tinker API key starts with {KEY_PREFIX!r} and has at least 32 more characters")
             digest = _digest(key)
-            self._given[digest] = TinkerKey(digest[:16], check_tenant(tenant_id), "given")
-        self._by_digest: dict[str, TinkerKey] = dict(self._given)
+            self._by_digest[digest] = TinkerKey(digest[:16], check_tenant(tenant_id), "given")
 
     def _refresh(self) -> None:
         if self.path is None:
@@ -89,12 +88,11 @@ class TinkerKeys:
             if stamp == self._stamp:
                 return
             entries = _read(self.path) if stamp is not None else []
-            known = {d: k for d, k in self._by_digest.items()}  # keep each key's object (and refusal budget)
+            known = self._by_digest  # keep each key's object (and its refusal budget) across re-reads
             self._by_digest = {e["digest"]: known.get(e["digest"]) or TinkerKey(e["digest"][:16],
                                                                                 check_tenant(e["tenant_id"]),
                                                                                 e.get("name", ""))
                                for e in entries}
-            self._by_digest.update(self._given)
             self._stamp = stamp
 
     def resolve(self, presented: str) -> TinkerKey:

@@ -95,6 +95,11 @@ def client_id_for(model_id: str) -> str:
     return "tk-" + hashlib.sha256(model_id.encode()).hexdigest()[:24]
 
 
+def session_id_of(owned_id: str) -> str:
+    """The session of a model or sampler id (``{session_id}:train:N``, ``{session_id}:sample:N``)."""
+    return owned_id.split(":", 1)[0]
+
+
 def parse_path(path: str) -> tuple[str, str, str]:
     """``tinker://{run}/{kind}/{name}`` -> (run, kind, name)."""
     if not isinstance(path, str) or not path.startswith(PATH_SCHEME):
@@ -150,7 +155,7 @@ class TinkerRegistry:
 
     def _alive(self, owned_id: str) -> None:
         """A request on a model or sampler (``{session_id}:train:N``, ``...:sample:N``) is its session's heartbeat."""
-        owner = self.sessions.get(owned_id.split(":", 1)[0])
+        owner = self.sessions.get(session_id_of(owned_id))
         if owner is not None:
             owner.last_heartbeat = time.monotonic()
 

@@ -49,7 +49,7 @@ from tg_tinker.types import (
 )
 
 from .. import admission
-from ..models import SMOLLM2_REF, TINY_REF, parse_tiny, smollm2_folder
+from ..models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
 from . import PREFIX, convert, listings
 from .keys import TinkerKey, TinkerKeys
 from .policy import PrivacyPolicy
@@ -63,6 +63,7 @@ from .registry import (
     check_name,
     client_id_for,
     parse_path,
+    session_id_of,
 )
 
 log = logging.getLogger("tensafe.tinker")
@@ -101,10 +102,9 @@ class TinkerSettings:
     model_roots: Optional[tuple[Path, ...]] = None
 
     def check_base_model(self, base_model: str) -> str:
-        builtin = base_model in (SMOLLM2_REF, TINY_REF) or base_model.startswith(TINY_REF + ":")
-        if builtin and base_model.startswith(TINY_REF):
+        if is_tiny(base_model):
             parse_tiny(base_model)  # its sizes are the caller's: bounded at the door
-        if builtin or self.model_roots is None:
+        if is_tiny(base_model) or base_model == SMOLLM2_REF or self.model_roots is None:
             return base_model
         real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
         if real.is_dir() and any(real.is_relative_to(root.resolve()) for root in self.model_roots):
@@ -133,7 +133,11 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return await asyncio.get_running_loop().run_in_executor(converter, fn, *args) if large else fn(*args)
 
     async def fingerprint(request: Request) -> bytes:
-        return hashlib.sha256(await request.body()).digest()
+        """The body's SHA-256, computed once per request (a submission asks for it twice: retried, submit)."""
+        digest = getattr(request.state, "body_digest", None)
+        if digest is None:
+            digest = request.state.body_digest = hashlib.sha256(await request.body()).digest()
+        return digest
 
     async def json_of(request: Request) -> dict:
         body = await request.json() if await request.body() else {}
@@ -194,7 +198,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     @router.get("/get_server_capabilities")
     async def capabilities(key: TinkerKey = Depends(key_of)):
         return {"supported_models": [
-            {"model_name": "smollm2-135m", "trainable": True, "sampleable": True},
+            {"model_name": SMOLLM2_REF, "trainable": True, "sampleable": True},
             {"model_name": TINY_REF, "trainable": True, "sampleable": True},
         ]}
 
@@ -272,7 +276,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def tokenizer_id(base_model: str) -> str:
         if Path(base_model).is_dir():
             return str(Path(base_model).resolve())
-        if base_model == "smollm2-135m":
+        if base_model == SMOLLM2_REF:
             return str(smollm2_folder())
         return base_model
 
@@ -348,13 +352,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise RequestTooLargeError(f"a forward_backward request holds at most {MAX_DATUMS_PER_REQUEST} datums here "
                                        "(client/config's fwdbwd_max_chunk_len, which the SDK follows); got "
                                        f"{len(call.rows)}", {"field": "data", "max_datums": MAX_DATUMS_PER_REQUEST})
-        width = max(map(len, call.rows))
+        lengths = [len(r) for r in call.rows]
+        width = max(lengths)
         admission.check_shape(len(call.rows), width, model.session.limits)  # before padding: refused at no cost
         # Padding makes the conversion's cost rows x width, whatever the body's size (one long datum beside
         # hundreds of one-token ones), so that product decides where it runs.
         tensafe_request = await off_loop_if(len(call.rows) * width > INLINE_CELLS, convert.to_request, call)
         op = queue(trainer(request), model, tensafe_request, call.seq_id)
-        lengths = [len(r) for r in call.rows]
 
         async def result():
             done = await outcome(op)
@@ -392,7 +396,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     # --- checkpoints ------------------------------------------------------------------------
 
     async def find_checkpoint(state, tenant_id: str, path: str):
-        run, kind, name = parse_path(path)
+        parse_path(path)  # refuses what is not a tinker:// checkpoint path
         known = registry.known_path(tenant_id, path)
         if known is not None:
             try:
@@ -445,7 +449,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                        body.get("ttl_seconds"), body.get("user_metadata"), dedup,
                                        await fingerprint(request))}
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
-        owner = registry.sessions.get(model.model_id.split(":train:")[0])
+        owner = registry.sessions.get(session_id_of(model.model_id))
         if owner is None or owner.tenant_id != key.tenant_id:
             raise TrainingClientNotFoundError("the model's session is gone", {"model_id": model.model_id})
         sampler_id = f"{owner.session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
