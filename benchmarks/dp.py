@@ -6,6 +6,8 @@ In one process, on the tiny Llama of the overhead benchmark (hidden 256, 4 layer
               and accounting every step);
   (c) opacus: opacus' GradSampleModule + DPOptimizer on the same peft model, same per-example loss
               (its noise from torch's generator: faster, and predictable, see docs/privacy.md);
+  (d) group4: (b) with dp group_size 4 (each 4 consecutive rows one privacy unit, their summed gradient
+              clipped as one: the Tinker wire's RL groups);
 for LoRA r16 on q/k/v/o, then (a) and (b) again with every parameter trained (full fine-tuning), where
 the noise is drawn for all of them each step. Short rounds alternate; ratios are medians of per-round
 ratios.
@@ -37,14 +39,15 @@ from tg_tinker import BatchData, DPConfig, LoRAConfig, OptimizerConfig, Training
 NOISE, CLIP = 1.0, 1.0
 
 
-def engine_loop(dp: bool, lora: bool = True):
+def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
     from tensafe_trainer.engine import TrainingEngine
     from tensafe_trainer.ledger import PrivacyLedger
 
     config = TrainingConfig(
         model_ref=MODEL, batch_size=BATCH, max_seq_len=SEQ, optimizer=OptimizerConfig(learning_rate=1e-4),
         lora_config=LoRAConfig(rank=16, alpha=32, target_modules=TARGETS) if lora else None,
-        dp_config=DPConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, dataset_size=10_000) if dp else None)
+        dp_config=DPConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, dataset_size=10_000,
+                           group_size=group_size) if dp else None)
     ledger = PrivacyLedger(Path(tempfile.mkdtemp(prefix="bench-ledger-")), "default", None) if dp else None
     engine = TrainingEngine(config, ledger=ledger)
 
@@ -111,13 +114,14 @@ def ratio(runs: dict, a: str, b: str) -> float:
 
 def measure(steps: int, rounds: int) -> dict:
     batches = [BatchData(**b) for b in make_batches(steps)]
-    lora = alternate({"nodp": engine_loop(dp=False), "dp": engine_loop(dp=True), "opacus": opacus_loop()},
-                     batches, rounds)
+    lora = alternate({"nodp": engine_loop(dp=False), "dp": engine_loop(dp=True), "opacus": opacus_loop(),
+                      "group4": engine_loop(dp=True, group_size=4)}, batches, rounds)
     full = alternate({"nodp": engine_loop(dp=False, lora=False), "dp": engine_loop(dp=True, lora=False)},
                      batches, rounds)
     median = {name: round(statistics.median(values), 1) for name, values in lora.items()}
     return {"nodp_tok_s": median["nodp"], "dp_tok_s": median["dp"], "opacus_tok_s": median["opacus"],
             "dp_over_nodp": ratio(lora, "dp", "nodp"), "dp_over_opacus": ratio(lora, "dp", "opacus"),
+            "group4_tok_s": median["group4"], "group4_over_dp": ratio(lora, "group4", "dp"),
             "full_nodp_tok_s": round(statistics.median(full["nodp"]), 1),
             "full_dp_tok_s": round(statistics.median(full["dp"]), 1),
             "full_dp_over_nodp": ratio(full, "dp", "nodp"), "rounds": rounds, "steps_per_round": steps}
@@ -130,6 +134,8 @@ def report(result: dict) -> None:
           "target >= 0.90)")
     print(f"  opacus         : {result['opacus_tok_s']:9.1f} tok/s  (TenSafe/opacus {result['dp_over_opacus']:.3f}, "
           "target >= 1.0)")
+    print(f"  DP, groups of 4: {result['group4_tok_s']:9.1f} tok/s  ({result['group4_over_dp']:.3f} of DP with one "
+          "row a unit)")
     print("full fine-tuning (every parameter):")
     print(f"  no DP          : {result['full_nodp_tok_s']:9.1f} tok/s")
     print(f"  TenSafe DP-SGD : {result['full_dp_tok_s']:9.1f} tok/s  ({result['full_dp_over_nodp']:.3f} of no-DP)")

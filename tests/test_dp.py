@@ -92,8 +92,8 @@ def test_noise_is_added_once_per_step_with_the_configured_std(monkeypatch):
     assert abs(float(noise.mean())) < 4 * sigma * bound / math.sqrt(noise.numel())
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
-def test_epsilon_matches_opacus_accountant(accountant):
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_matches_opacus_accountant_and_an_asserted_rate_is_only_a_claim(accountant):
     config = DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, dataset_size=400, target_delta=1e-5,
                       accountant_type=accountant)
     engine = make_engine(dp_config=config, batch_size=4)
@@ -102,18 +102,26 @@ def test_epsilon_matches_opacus_accountant(accountant):
     for _ in range(5):
         engine.forward_backward(padded_batch(rows))
         results.append(engine.optim_step().dp_metrics)
-    reference = create_accountant(mechanism=accountant)
-    for _ in range(5):
-        reference.step(noise_multiplier=1.1, sample_rate=4 / 400)
-    expected = reference.get_epsilon(delta=1e-5)
-    assert results[-1].total_epsilon == pytest.approx(expected, rel=1e-6)
-    assert results[-1].sample_rate == pytest.approx(0.01)
-    assert results[-1].sampling == "asserted" and "dataset_size 400" in results[-1].sampling_assumption
-    q1 = create_accountant(mechanism=accountant)
-    q1.history = [(1.1, 1.0, 5)]
-    assert results[-1].epsilon_q1 == pytest.approx(q1.get_epsilon(delta=1e-5), rel=1e-6)
-    assert ("can underestimate" in results[-1].sampling_assumption) == (accountant == "gdp")
-    assert sum(r.epsilon_spent for r in results) == pytest.approx(expected, rel=1e-6)
+
+    def opacus(q: float) -> float:
+        reference = create_accountant(mechanism=accountant)
+        reference.history = [(1.1, q, 5)]
+        return reference.get_epsilon(delta=1e-5)
+
+    last = results[-1]
+    # The client's batches were not drawn by the server: charged at q = 1, whatever the client asserts.
+    assert last.total_epsilon == pytest.approx(opacus(1.0), rel=1e-6) == last.epsilon_q1
+    assert last.sample_rate == 1.0 and last.sampling == "asserted"
+    assert last.epsilon_asserted == pytest.approx(opacus(0.01), rel=1e-6)
+    assert last.epsilon_asserted < last.total_epsilon
+    assert last.asserted_sample_rate == pytest.approx(0.01) and "dataset_size 400" in last.sampling_assumption
+    assert "claim" in last.sampling_assumption
+    assert sum(r.epsilon_spent for r in results) == pytest.approx(last.total_epsilon, rel=1e-6)
+
+
+def test_the_gdp_accountant_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match="accountant_type.*central-limit"):
+        DPConfig(noise_multiplier=1.0, accountant_type="gdp")
 
 
 def test_no_sampling_information_means_no_amplification():
@@ -123,26 +131,26 @@ def test_no_sampling_information_means_no_amplification():
     reference = create_accountant(mechanism="rdp")
     reference.step(noise_multiplier=1.0, sample_rate=1.0)
     assert metrics.sample_rate == 1.0 and "no amplification" in metrics.sampling_assumption
-    assert metrics.sampling == "none" and metrics.epsilon_q1 is None
-    assert metrics.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5))
+    assert metrics.sampling == "none" and metrics.epsilon_asserted is None
+    assert metrics.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5)) == metrics.epsilon_q1
 
 
-def test_noise_multiplier_is_computed_from_the_budget():
+def test_noise_multiplier_is_computed_from_the_budget_at_the_certified_rate():
     config = DPConfig(target_epsilon=3.0, planned_steps=50, dataset_size=1000, max_grad_norm=1.0)
     engine = make_engine(dp_config=config, batch_size=10)
     sigma = engine.accountant.noise_multiplier
     reference = create_accountant(mechanism="rdp")
-    reference.history = [(sigma, 0.01, 50)]
+    reference.history = [(sigma, 1.0, 50)]  # the client's batches: q = 1, not its asserted 10 / 1000
     assert reference.get_epsilon(delta=1e-5) <= 3.0
-    reference.history = [(sigma * 0.9, 0.01, 50)]
+    reference.history = [(sigma * 0.9, 1.0, 50)]
     assert reference.get_epsilon(delta=1e-5) > 3.0  # not needlessly noisy
 
 
 def _budget_for(steps: float) -> float:
     reference = create_accountant(mechanism="rdp")
-    reference.history = [(1.0, 0.01, 2)]
+    reference.history = [(1.0, 1.0, 2)]
     two = reference.get_epsilon(delta=1e-5)
-    reference.history = [(1.0, 0.01, 3)]
+    reference.history = [(1.0, 1.0, 3)]
     three = reference.get_epsilon(delta=1e-5)
     return (two + three) / 2  # room for two steps, not three
 
@@ -198,3 +206,68 @@ def test_turning_noise_off_on_a_dp_client_is_refused():
     plain = make_engine(batch_size=4)
     with pytest.raises(ValidationError, match="no dp_config"):
         plain.optim_step(apply_dp_noise=True)
+
+
+# --- groups: G consecutive examples as one privacy unit -----------------------------------------------------------
+
+
+def clipped_group_sum(grads: list[dict[str, torch.Tensor]], size: int, bound: float) -> dict[str, torch.Tensor]:
+    """Independently: each group's summed gradient clipped to ``bound``, then summed."""
+    total = {n: torch.zeros_like(g) for n, g in grads[0].items()}
+    for start in range(0, len(grads), size):
+        group = {n: sum(g[n] for g in grads[start:start + size]) for n in total}
+        factor = min(1.0, bound / (norm(group) + 1e-6))
+        for n in total:
+            total[n] += factor * group[n]
+    return total
+
+
+@pytest.mark.parametrize("micro_batch", [6, 2, 4], ids=["one-batch", "groups-split", "groups-straddle"])
+def test_a_group_is_clipped_as_one_unit_even_across_micro_batches(no_noise, micro_batch):
+    rows = sequences(6, seed=13)
+    reference = per_example_gradients(make_engine(), rows)
+    groups = [sum(norm(g) for g in reference[i:i + 3]) for i in (0, 3)]
+    bound = min(groups) * 0.5  # both groups clipped, each far above any one row's clipped share
+    accumulation = -(-6 // micro_batch)
+    engine = make_engine(dp_config=dp_config(max_grad_norm=bound, group_size=3), batch_size=micro_batch,
+                         gradient_accumulation_steps=accumulation)
+    before = snapshot(engine)
+    for start in range(0, 6, micro_batch):
+        engine.forward_backward(padded_batch(rows[start:start + micro_batch]))
+    metrics = engine.optim_step().dp_metrics
+    denominator = micro_batch * accumulation  # the declared logical batch, in rows
+    expected = {n: t / denominator for n, t in clipped_group_sum(reference, 3, bound).items()}
+    assert_close(update(engine, before), expected, rtol=1e-8, atol=1e-12)
+    assert metrics.group_size == 3 and metrics.num_examples == 6 and metrics.num_clipped == 2
+
+
+def test_a_group_moves_the_update_by_at_most_the_bound_where_rows_alone_would_move_it_more(no_noise):
+    rows = [sequences(1, seed=17)[0]] * 4  # one prompt's 4 samples: the same direction four times
+    bound = norm(per_example_gradients(make_engine(), rows[:1])[0]) * 0.5
+    moved = {}
+    for size in (1, 4):
+        engine = make_engine(dp_config=dp_config(max_grad_norm=bound, group_size=size), batch_size=4)
+        before = snapshot(engine)
+        engine.forward_backward(padded_batch(rows))
+        engine.optim_step()
+        moved[size] = norm(update(engine, before)) * 4  # times the denominator: the clipped sum's norm
+    assert moved[1] == pytest.approx(4 * bound, rel=1e-6)  # four units, each at the bound
+    assert moved[4] == pytest.approx(bound, rel=1e-6)  # one unit
+
+
+def test_a_logical_batch_that_ends_inside_a_group_is_refused_and_discarded():
+    engine = make_engine(dp_config=dp_config(group_size=3), batch_size=6)
+    before = snapshot(engine)
+    engine.forward_backward(padded_batch(sequences(4, seed=1)))
+    with pytest.raises(ValidationError, match="inside a group: 1 of its 3 rows"):
+        engine.optim_step()
+    assert engine.total_epsilon == 0 and engine.step == 0
+    assert all(torch.equal(p, before[n]) for n, p in engine.trainable.items())
+    engine.forward_backward(padded_batch(sequences(3, seed=2)))  # a fresh batch of whole groups
+    assert engine.optim_step().dp_metrics.group_size == 3
+
+
+def test_groups_apply_to_batches_a_client_sends_not_to_the_servers_poisson_draw():
+    with pytest.raises(ValidationError, match="group_size"):
+        make_engine(dp_config=DPConfig(noise_multiplier=1.0, dataset_id="facts", sample_rate=0.5, group_size=2),
+                    dataset=[{"input_ids": [1, 2, 3]}] * 4)

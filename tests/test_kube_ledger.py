@@ -46,7 +46,7 @@ def accountant(book, target=None):
     from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
 
     config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=target, dataset_id=book.dataset_id)
-    return PrivacyAccountant(config, plan_sampling(config, 4, False), book, "tc-test")
+    return PrivacyAccountant(config, plan_sampling(config, 4, server_samples=True), book, "tc-test")  # q = 0.01
 
 
 def test_steps_are_reserved_in_chunks_and_the_epsilon_is_the_accountants(cluster, namespace):
@@ -173,14 +173,14 @@ def test_two_training_clients_on_one_dataset_share_its_ledger_through_the_operat
         for seed in range(2):
             first.forward_backward(random_batch(seed=seed))
             mine = first.optim_step().result().dp_metrics.total_epsilon
-        assert mine == pytest.approx(rdp_epsilon(1.0, 0.01, 2))
+        assert mine == pytest.approx(rdp_epsilon(1.0, 1.0, 2))  # its own batches: q = 1, sample_rate is a claim
         first.close()  # deleting the client keeps the ledger
         reserved = wait_for("the ledger", lambda: budget(cluster, namespace, "tickets").get("status"))
         assert reserved["steps"] == 16 and reserved["lastWriter"] == "first"
         second = service.create_training_client(config, client_id="second")
         second.forward_backward(random_batch(seed=5))
         theirs = second.optim_step().result().dp_metrics.total_epsilon
-        assert theirs == pytest.approx(rdp_epsilon(1.0, 0.01, 17))  # the first's 16 reserved, then its own one
+        assert theirs == pytest.approx(rdp_epsilon(1.0, 1.0, 17))  # the first's 16 reserved, then its own one
         table = cluster.kubectl("get", "pb", "-n", namespace).stdout
         assert "tickets" in table and "EPSILON" in table and "32" in table  # two chunks reserved
 
@@ -201,6 +201,19 @@ def test_poisson_sampling_on_kubernetes_with_a_dataset_registered_through_the_cl
         with pytest.raises(ValidationError, match="samples registered dataset"):
             tc.forward_backward(random_batch(rows=2, width=6)).result()
         assert budget(cluster, namespace, "kube-facts")["status"]["steps"] == 16
+
+
+def test_abandoned_draws_on_fresh_trainers_are_each_charged_to_the_privacy_budget(cluster, namespace):
+    """A draw is spent when drawn: each fresh trainer (a new client, a replaced pod) that draws and walks away
+    without an optim_step leaves its step in the PrivacyBudget."""
+    from test_privacy import sampled_engine
+
+    make_budget(cluster, namespace, "facts")
+    for _ in range(3):
+        client = sampled_engine(ledger=ledger(cluster, namespace, "facts", chunk=1))
+        client.forward_backward_sampled()  # sees the draw's size, loss and grad norm, never steps
+    status = budget(cluster, namespace, "facts")["status"]
+    assert status["steps"] == 3 and status["history"] == [{"noiseMultiplier": 1.0, "sampleRate": 0.25, "steps": 3}]
 
 
 def test_a_trainer_without_api_access_refuses_dp_steps_loudly(cluster, namespace, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION, key_secret_name, privacy_budget_name, tinker_key_key
 
 from conftest import TINY, dp_config, tiny_config
+from test_accounting import pld_epsilon
 from kube_helpers import wait_for
 
 tinker = pytest.importorskip("tinker")
@@ -49,13 +50,17 @@ def test_a_training_clients_pod_serves_tinker_under_its_dp(cluster, namespace, m
                         loss_fn_inputs={"target_tokens": r[1:], "weights": [1.0] * 11}) for r in rows]
     model.forward_backward(data, "cross_entropy").result()
     step = model.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-    # The client's DP: its noise, its sampling rate (batch 8 of the client's dataset_size 1000), its ledger.
+    # The client's DP: its noise and its ledger; the Tinker client's own batches charged at q = 1 (the client's
+    # dataset_size 1000 is only a claim), each figure at or above Google's PLD for what was spent.
     assert step.metrics["dp/noise_multiplier"] == 1.0
-    assert step.metrics["dp/sample_rate"] == pytest.approx(8 / 1000)
-    assert 0 < step.metrics["dp/epsilon"] < 40
+    assert step.metrics["dp/sample_rate"] == 1.0
+    assert 40 > step.metrics["dp/epsilon"] >= pld_epsilon(((1.0, 1.0, 1),))
     budget = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PRIVACY_BUDGETS,
                                                          privacy_budget_name("acme", "tinker-data"))
-    assert budget["status"]["steps"] >= 1  # spent on the client's PrivacyBudget, where every pod reads it
+    status = budget["status"]
+    assert status["steps"] >= 1  # spent on the client's PrivacyBudget, where every pod reads it
+    spent = tuple((h["noiseMultiplier"], h["sampleRate"], h["steps"]) for h in status["history"])
+    assert status["epsilon"] >= pld_epsilon(spent)  # what `kubectl get pb` shows
     with pytest.raises(tinker.UnprocessableEntityError, match="forward_backward_custom is refused under DP"):
         model.forward_backward_custom(data, lambda d, lp: (sum(-x.sum() for x in lp), {})).result()
     with pytest.raises(tinker.PermissionDeniedError, match="model roots"):  # no other folder of the pod's disks

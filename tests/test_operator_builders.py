@@ -57,7 +57,7 @@ def test_training_schema_mirrors_the_sdk_config_and_guards_model_fields():
     assert set(schema["properties"]) == set(TrainingConfig.model_fields)
     assert schema["properties"]["lora_config"]["nullable"] is True  # null = full fine-tuning
     assert schema["properties"]["optimizer"]["properties"]["name"]["enum"] == ["adamw", "adam", "sgd", "adafactor"]
-    assert schema["properties"]["dp_config"]["properties"]["accountant_type"]["enum"] == ["rdp", "prv", "gdp"]
+    assert schema["properties"]["dp_config"]["properties"]["accountant_type"]["enum"] == ["rdp", "prv"]
     for field in ("model_ref", "lora_config", "dtype"):
         assert schema["properties"][field]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
     columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]

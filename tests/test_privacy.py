@@ -140,39 +140,28 @@ def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
     engine.forward_backward_sampled()
 
 
-def test_gdp_never_composes_a_mixed_history_by_its_last_entry_alone():
-    from tensafe_trainer.privacy import epsilon_of
-
-    mixed = ((0.8, 0.01, 513), (0.8001, 0.01, 1))
-    assert epsilon_of("gdp", 1e-5, mixed) == pytest.approx(epsilon_of("rdp", 1e-5, mixed))
-    single = ((0.8, 0.01, 100), (0.8, 0.01, 413))
-    gdp = create_accountant(mechanism="gdp")
-    gdp.history = [(0.8, 0.01, 513)]
-    assert epsilon_of("gdp", 1e-5, single) == pytest.approx(gdp.get_epsilon(delta=1e-5))
-
-
 def test_the_datas_budget_is_held_with_rdp_whatever_the_clients_accountant():
     from test_dp import fresh_ledger_at
 
     ledger = fresh_ledger("rdp-held")
-    low = (rdp(1.0, 2 / 1000, 2) + rdp(1.0, 2 / 1000, 3)) / 2
+    low = (rdp(1.0, 1.0, 2) + rdp(1.0, 1.0, 3)) / 2
     first = make_engine(dp_config=dp_config(dataset_id="rdp-held", target_epsilon=low), batch_size=2, ledger=ledger)
     first.forward_backward(padded_batch(sequences(2, seed=1)))
     first.optim_step()
-    gdp = make_engine(dp_config=dp_config(dataset_id="rdp-held", target_epsilon=100.0, accountant_type="gdp"),
+    prv = make_engine(dp_config=dp_config(dataset_id="rdp-held", target_epsilon=100.0, accountant_type="prv"),
                       batch_size=2, ledger=fresh_ledger_at(ledger))
-    gdp.forward_backward(padded_batch(sequences(2, seed=2)))
-    gdp.optim_step()
-    gdp.forward_backward(padded_batch(sequences(2, seed=3)))
+    prv.forward_backward(padded_batch(sequences(2, seed=2)))
+    prv.optim_step()
+    prv.forward_backward(padded_batch(sequences(2, seed=3)))
     with pytest.raises(DPBudgetExceededError, match="set by the first client"):
-        gdp.optim_step()
+        prv.optim_step()
 
 
 def test_the_first_clients_budget_binds_a_later_client_with_a_higher_target():
     from test_dp import fresh_ledger_at
 
     ledger = fresh_ledger("budgeted")
-    low = (rdp(1.0, 2 / 1000, 2) + rdp(1.0, 2 / 1000, 3)) / 2  # two steps
+    low = (rdp(1.0, 1.0, 2) + rdp(1.0, 1.0, 3)) / 2  # two steps (client batches: q = 1)
     first = make_engine(dp_config=dp_config(dataset_id="budgeted", target_epsilon=low), batch_size=2, ledger=ledger)
     first.forward_backward(padded_batch(sequences(2, seed=1)))
     first.optim_step()
@@ -328,6 +317,33 @@ def test_a_sampling_client_refuses_client_batches_and_a_second_draw_per_step():
         plain.forward_backward_sampled()
 
 
+def test_a_draw_is_charged_when_drawn_so_abandoned_draws_on_fresh_clients_all_count():
+    from test_dp import fresh_ledger_at
+
+    ledger = fresh_ledger("facts")
+    for _ in range(5):  # a new client, a restart, a replaced pod: each draws, sees the draw, walks away
+        sampled_engine(ledger=fresh_ledger_at(ledger)).forward_backward_sampled()
+    assert ledger.history() == ((1.0, 0.25, 5),)
+
+
+def test_a_draw_past_the_budget_is_refused_before_a_coin_is_tossed(monkeypatch):
+    from tensafe_trainer import engine as engine_module
+
+    budget = (rdp(1.0, 0.25, 2) + rdp(1.0, 0.25, 3)) / 2
+    engine = make_engine(dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts",
+                                            sample_rate=0.25, target_epsilon=budget),
+                         batch_size=3, dataset=dataset(20, seed=21))
+    tosses = []
+    real = engine_module.bernoulli_mask
+    monkeypatch.setattr(engine_module, "bernoulli_mask", lambda n, q: tosses.append(1) or real(n, q))
+    for _ in range(2):
+        engine.forward_backward_sampled()
+        engine.optim_step()
+    with pytest.raises(DPBudgetExceededError):
+        engine.forward_backward_sampled()
+    assert len(tosses) == 2 and engine.accountant.ledger.history() == ((1.0, 0.25, 2),)
+
+
 def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
     from tg_tinker import TrainingClientError
 
@@ -346,10 +362,12 @@ def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
     with pytest.raises(TrainingClientError, match="releases no further step"):
         engine.forward_backward_sampled()
     assert engine.dp.summed == {} and engine.dp.num_examples == 0  # the first micro-batch is gone too
+    charged = engine.total_epsilon
+    assert charged > spent  # the draw was spent when drawn
     for call in (engine.optim_step, engine.forward_backward_sampled):
         with pytest.raises(TrainingClientError, match="releases no further step"):
             call()
-    assert engine.total_epsilon == spent and engine.step == 0
+    assert engine.total_epsilon == charged and engine.step == 0
 
 
 def test_a_dataset_registered_after_the_client_started_is_sampled_unless_it_trained_on_its_own_batches():
@@ -445,7 +463,7 @@ def test_the_ledger_composes_every_client_on_the_data_and_survives_reopening():
     second.forward_backward(padded_batch(sequences(2, seed=2)))
     third_step = second.optim_step().dp_metrics
     reference = create_accountant(mechanism="rdp")
-    reference.history = [(1.0, 2 / 1000, 3)]
+    reference.history = [(1.0, 1.0, 3)]  # client batches: charged at q = 1
     assert third_step.total_epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
     assert first.total_epsilon == pytest.approx(third_step.total_epsilon)  # the first client sees it too
 
@@ -456,9 +474,9 @@ def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
 
     ledger = fresh_ledger("race")
     reference = create_accountant(mechanism="rdp")
-    reference.history = [(1.0, 0.01, 10)]
+    reference.history = [(1.0, 1.0, 10)]
     ten = reference.get_epsilon(delta=1e-5)
-    reference.history = [(1.0, 0.01, 11)]
+    reference.history = [(1.0, 1.0, 11)]
     budget = (ten + reference.get_epsilon(delta=1e-5)) / 2  # room for exactly 10 steps
     config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=budget, dataset_id="race")
     passed, refused = [], []
@@ -479,7 +497,7 @@ def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
     for t in threads:
         t.join()
     assert len(passed) == 10 and len(refused) == 10
-    assert ledger.history() == ((1.0, 0.01, 10),)
+    assert ledger.history() == ((1.0, 1.0, 10),)  # an asserted rate is not what the ledger certifies
 
 
 def test_a_torn_ledger_line_is_not_a_step_and_is_dropped_by_the_next():
@@ -523,3 +541,79 @@ def test_bf16_clipped_contributions_stay_within_the_bound():
         assert float(norms[0]) > 0.1  # clipping is active
         assert all(s.dtype == torch.float32 for s in summed.values())
         assert float(per_example_norms({p: s.unsqueeze(0) for p, s in summed.items()})[0]) <= 0.1 * (1 + 1e-6)
+
+
+# --- 7. smaller findings of the second audit ----------------------------------------------------------------------
+
+
+def test_the_embedding_rule_gives_the_padding_row_no_gradient_as_autograd_does():
+    from tensafe_trainer.per_example import PerExampleGradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, padding_idx=0), torch.nn.Linear(4, 1))
+    ids = torch.tensor([[0, 3, 0, 5], [2, 0, 0, 7]])  # the pad id used as a real token
+    hooks = PerExampleGradients(model)
+    with hooks.capture():
+        model(ids).sum().backward()
+        grads = hooks.collect()
+    embedding = model[0].weight
+    for row in range(2):
+        model.zero_grad()
+        model(ids[row:row + 1]).sum().backward()
+        torch.testing.assert_close(grads[embedding][row], embedding.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_client_that_cannot_run_the_largest_possible_draw_fails_at_start_not_at_a_large_draw(monkeypatch):
+    from tg_tinker import TrainingClientError
+    from tensafe_trainer import engine as engine_module
+
+    real = engine_module.load_model
+
+    def small_memory(*args, **kwargs):  # a device that runs at most 30 tokens at once
+        loaded = real(*args, **kwargs)
+        forward = loaded.model.forward
+
+        def limited(*a, input_ids=None, **k):
+            if input_ids is not None and input_ids.numel() > 30:
+                raise RuntimeError("out of memory")
+            return forward(*a, input_ids=input_ids, **k)
+
+        loaded.model.forward = limited
+        return loaded
+
+    monkeypatch.setattr(engine_module, "load_model", small_memory)
+    rows = dataset(20, seed=21)  # up to 12 tokens: 3 rows of 12 do not fit, 2 do
+    config = DPConfig(noise_multiplier=1.0, dataset_id="facts", sample_rate=0.1)
+    with pytest.raises(TrainingClientError, match="largest micro-batch"):
+        make_engine(dp_config=config, batch_size=3, dataset=rows)
+    fits = make_engine(dp_config=config, batch_size=2, dataset=rows)
+    assert fits.dp.num_examples == 0 and fits.total_epsilon == 0  # the trial run left nothing behind
+    fits.forward_backward_sampled()
+    fits.optim_step()
+
+
+def test_a_step_whose_batch_lost_rows_to_a_failure_is_refused_under_dp():
+    engine = make_engine(dp_config=dp_config(), batch_size=6)
+    before = snapshot(engine)
+    engine.forward_backward(padded_batch(sequences(2, seed=1)))
+    engine.discard_gradients()  # what the engine process does when a forward_backward fails unexpectedly
+    engine.forward_backward(padded_batch(sequences(2, seed=2)))
+    with pytest.raises(ValidationError, match="lost its earlier rows"):
+        engine.optim_step()
+    assert engine.total_epsilon == 0 and all(torch.equal(p, before[n]) for n, p in engine.trainable.items())
+    engine.forward_backward(padded_batch(sequences(2, seed=3)))  # the batch sent again
+    assert engine.optim_step().dp_metrics.num_examples == 2
+
+
+def test_a_dp_clients_unexpected_failure_is_logged_by_type_only(caplog):
+    from tensafe_trainer.engine_process import wire_error
+
+    secret = RuntimeError("index 4242 out of range for row [17, 4242, 9]")
+    for private in (False, True):
+        caplog.clear()
+        try:
+            raise secret
+        except RuntimeError as exc:
+            wire = wire_error(exc, "forward_backward", private)
+        assert "4242" in wire["message"]  # the client that owns the data gets it
+        assert ("4242" in caplog.text) is not private and "RuntimeError" in caplog.text

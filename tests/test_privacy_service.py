@@ -13,7 +13,10 @@ import pytest
 
 from tg_tinker import ArtifactNotFoundError, DatasetInfo, DPConfig, ValidationError
 
+from tg_tinker import ClientStatus, verify_receipt
+
 from conftest import VOCAB, random_batch, tiny_config
+from test_accounting import pld_epsilon
 
 UNNOISED = ("grad_norm_before_clip", "grad_norm_after_clip", "num_clipped", "num_examples")
 
@@ -61,7 +64,11 @@ def test_poisson_training_through_the_sdk(service, registered):
             sizes.append(fb.result().num_examples)
         metrics = step.dp_metrics
         assert metrics.sampling == "poisson" and metrics.expected_batch_size == 4.0  # batch_size, not q x N
-        assert metrics.total_epsilon > 0 and metrics.epsilon_q1 is None
+        assert metrics.epsilon_q1 > metrics.total_epsilon > 0  # amplification the server certifies
+        # Each copy of the epsilon (the step's, the client's status, a signed receipt) bounds Google's PLD.
+        bound = pld_epsilon(((1.0, 0.25, 3),))
+        receipt = verify_receipt(tc.save_state().receipt, service.receipt_public_key())
+        assert min(metrics.total_epsilon, tc.refresh().total_epsilon, receipt["total_epsilon"]) >= bound
         refused = tc.forward_backward(random_batch(rows=2, width=6))
         with pytest.raises(ValidationError, match="samples registered dataset"):
             refused.result()
@@ -80,6 +87,11 @@ def test_the_ledger_outlives_a_client_a_reload_and_counts_a_second_client(servic
     first.forward_backward(random_batch(rows=2, width=6))
     first.optim_step().result()
     checkpoint = first.save_state()
+    # Its batches are its own: the receipt's headline is the q = 1 bound, the asserted rate's figure a labelled claim.
+    claims = verify_receipt(checkpoint.receipt, service.receipt_public_key())
+    assert claims["sampling"] == "asserted" and claims["total_epsilon"] == claims["epsilon_q1"]
+    assert claims["total_epsilon"] >= pld_epsilon(((1.0, 1.0, 1),)) > claims["epsilon_asserted"]
+    assert claims["asserted_sample_rate"] == 0.01 and "claim" in claims["epsilon_asserted_is"]
     first.forward_backward(random_batch(rows=2, width=6))
     spent = first.optim_step().result().dp_metrics.total_epsilon
     first.load_state(checkpoint.artifact_id)  # back to the earlier weights: the budget stays spent
@@ -99,7 +111,7 @@ def test_the_audit_log_and_metrics_carry_no_unnoised_statistic_and_hashes_are_ke
                                                           dataset_id="audit-demo"))
     tc = service.create_training_client(config)
     batch = random_batch(rows=2, width=6, seed=77)
-    tokens_before = _tokens_metric(service)
+    tokens_before = _metric(service, "tensafe_tokens_processed_total")
     try:
         tc.forward_backward(batch).result()
         result = tc.optim_step().result()
@@ -120,7 +132,8 @@ def test_the_audit_log_and_metrics_carry_no_unnoised_statistic_and_hashes_are_ke
     assert hashlib.sha256(guess).hexdigest() not in log_text
     fb_hashes = {e.request_hash for e in entries if e.operation == "forward_backward"}
     assert len(fb_hashes) == 1 and all(len(h) == 64 for h in fb_hashes)
-    assert _tokens_metric(service) == tokens_before  # a DP client's token counts stay out of /metrics
+    # A DP client's token counts stay out of /metrics.
+    assert _metric(service, "tensafe_tokens_processed_total") == tokens_before
 
 
 def test_a_dp_clients_failures_are_logged_by_type_only_and_kept_out_of_metrics(service, tensafe_home):
@@ -152,9 +165,25 @@ def test_a_datasets_size_is_in_no_plaintext(service, registered, tensafe_home):
     assert "description" not in header and "num_examples" not in json.dumps(header)  # the description is sealed
 
 
-def _tokens_metric(service) -> float:
-    text = httpx.get(f"{service.base_url}/metrics").text
-    lines = [line for line in text.splitlines() if line.startswith("tensafe_tokens_processed_total ")]
+def test_a_dp_clients_steps_are_not_timed_by_its_status_or_the_queue_gauge(service):
+    config = tiny_config(dp_config=DPConfig(noise_multiplier=1.0, dataset_id="timing"))
+    tc = service.create_training_client(config)
+    try:
+        futures = []
+        for seed in range(10):
+            futures += [tc.forward_backward(random_batch(rows=8, width=64, seed=seed)), tc.optim_step()]
+        statuses, depths = set(), set()
+        while not futures[-1].done():
+            statuses.add(tc.refresh().status)
+            depths.add(_metric(service, "tensafe_queue_depth"))
+        assert futures[-1].result().step == 10
+        assert statuses == {ClientStatus.READY} and depths == {0.0}  # never BUSY; never in the gauge
+    finally:
+        tc.close()
+
+
+def _metric(service, name: str) -> float:
+    lines = [line for line in httpx.get(f"{service.base_url}/metrics").text.splitlines() if line.startswith(name + " ")]
     return float(lines[0].split()[1]) if lines else 0.0
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from tensafe_trainer.tinker_api.convert import SAMPLING_CODES
+from test_accounting import pld_epsilon
 from tinker_helpers import build_tokenized_tiny_model, start_tinker_trainer
 
 tinker = pytest.importorskip("tinker")
@@ -21,8 +23,12 @@ from tinker import types  # noqa: E402
 POLICY = {
     "private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0,
                        "dataset_size": 1000}, "batch_size": 8},
-    "tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.0, "dataset_size": 10},
-              "batch_size": 8},
+    "tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8},
+    # The cookbook's RL recipes: a group of 4 samples of one prompt is one privacy unit.
+    "rl-private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8,
+                   "group_size": 4},
+    "rl-tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8,
+                 "group_size": 4},
 }
 
 
@@ -34,7 +40,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     trainer = start_tinker_trainer(tmp_path_factory.mktemp("tinker-home"), POLICY,
-                                   tenants=("plain", "private", "tight", "other"))
+                                   tenants=("plain", "private", "tight", "other", "rl-private"))
     yield trainer
     trainer.trainer.close()
 
@@ -240,7 +246,10 @@ def test_dp_from_the_policy_reports_epsilon_keeps_no_unnoised_sum_and_refuses_cu
         torch.testing.assert_close(saved["trainable"][name], value)
     step = tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     assert 0 < step.metrics["dp/epsilon"] < 50 and step.metrics["dp/noise_multiplier"] == 1.0
-    assert step.metrics["dp/sample_rate"] == pytest.approx(8 / 1000)
+    # The client sent its batch: charged at q = 1 (the policy's dataset_size is only a claim, never dp/epsilon).
+    assert step.metrics["dp/sample_rate"] == 1.0 and step.metrics["dp/epsilon_q1"] == step.metrics["dp/epsilon"]
+    assert step.metrics["dp/sampling"] == SAMPLING_CODES["asserted"] and step.metrics["dp/group_size"] == 1.0
+    assert step.metrics["dp/epsilon"] >= pld_epsilon(((1.0, 1.0, 1),))
     with pytest.raises(tinker.APIStatusError, match="more than batch_size=8"):  # the policy's logical batch
         tc.forward_backward([datum(r) for r in sequences(9, seed=8)], "cross_entropy").result()
     with pytest.raises(tinker.UnprocessableEntityError, match="forward_backward_custom is refused under DP"):
@@ -260,8 +269,9 @@ def test_a_step_past_the_budget_fails_with_a_user_error(server, model_dir):
             tc.forward_backward(data, "cross_entropy").result()
             spent.append(tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["dp/epsilon"])
     assert refused.value.category == types.RequestErrorCategory.User
-    # Independently: opacus' RDP accountant, sigma 2, q = 8/10, delta 1e-5: 1.95 then 2.79; a third step is 3.46.
-    assert spent == pytest.approx([1.95, 2.79], abs=0.01)
+    # Independently: opacus' RDP accountant, sigma 2, q = 1 (the client's batches), delta 1e-5: 2.17 then 3.19;
+    # a third step is 4.01.
+    assert spent == pytest.approx([2.17, 3.19], abs=0.01)
 
 
 def test_malformed_bodies_are_the_callers_error_and_the_server_keeps_serving(server, plain, model_dir):
@@ -287,6 +297,36 @@ def test_malformed_bodies_are_the_callers_error_and_the_server_keeps_serving(ser
         tc.forward_backward([huge], "cross_entropy").result()
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
     assert tc.forward([datum(sequences(1, seed=41)[0])], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_a_group_declared_in_metadata_is_clipped_whole_and_a_batch_must_hold_whole_groups(server, model_dir):
+    private = server.service("private")
+    tc = private.create_lora_training_client(base_model=str(model_dir), rank=4, train_unembed=False,
+                                             user_metadata={"tensafe.dp.group_size": "4"}).result()
+    tc.forward_backward([datum(r) for r in sequences(4, seed=11)], "cross_entropy").result()
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    assert step.metrics["dp/group_size"] == 4.0 and step.metrics["dp/num_clipped"] <= 1.0  # one unit of four
+    tc.forward_backward([datum(r) for r in sequences(6, seed=12)], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="inside a group: 2 of its 4 rows") as refused:
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    assert refused.value.category == types.RequestErrorCategory.User
+    with pytest.raises(Exception, match="tighten DP, never loosen"):  # the policy's group may grow, never shrink
+        server.service("rl-private").create_lora_training_client(
+            base_model=str(model_dir), rank=4, user_metadata={"tensafe.dp.group_size": "2"}).result().result()
+
+
+def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path):
+    from tensafe_trainer.tinker_api.policy import PrivacyPolicy
+
+    cases = {"sample_rate": {"t": {"dp": {"noise_multiplier": 1.0, "sample_rate": 0.001}}},
+             "beside 'dp'": {"t": {"dp": {"noise_multiplier": 1.0, "group_size": 4}}},
+             "has no 'dp'": {"t": {"group_size": 4}}}
+    for message, policy in cases.items():
+        (tmp_path / "p.json").write_text(json.dumps(policy))
+        with pytest.raises(ValueError, match=message):
+            PrivacyPolicy.load(tmp_path / "p.json")
+    (tmp_path / "p.json").write_text(json.dumps({"t": {"dp": {"noise_multiplier": 1.0}, "group_size": 4}}))
+    assert PrivacyPolicy.load(tmp_path / "p.json").dp_for("t", {}).group_size == 4
 
 
 def test_metadata_cannot_lower_a_noise_the_policy_computes():

@@ -16,7 +16,7 @@ pytest.importorskip("tinker_cookbook")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):  # noqa: F811
     trainer = start_tinker_trainer(tmp_path_factory.mktemp("cookbook-home"), POLICY,
-                                   tenants=("plain", "private", "tight"))
+                                   tenants=("plain", "private", "tight", "rl-private", "rl-tight"))
     yield trainer
     trainer.trainer.close()
 
@@ -126,7 +126,7 @@ def rl_config(server, tenant: str, model_dir, tmp_path, monkeypatch, loss_fn: st
         lora_rank=4, base_url=server.base_url, loss_fn=loss_fn)
 
 
-@pytest.mark.parametrize("tenant", ["plain", "private"])
+@pytest.mark.parametrize("tenant", ["plain", "rl-private"])  # under DP with its groups of 4 declared
 @pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
 def test_rl_train_main_runs_unchanged(server, model_dir, tmp_path, monkeypatch, tenant, loss_fn):  # noqa: F811
     train, config = rl_config(server, tenant, model_dir, tmp_path, monkeypatch, loss_fn)
@@ -143,8 +143,10 @@ def test_rl_train_main_runs_unchanged(server, model_dir, tmp_path, monkeypatch, 
     final = artifact_state(server, tenant, saved[-1]["state_path"])["trainable"]
     assert any(v.abs().sum() > 0 for n, v in final.items() if "lora_B" in n)  # LoRA B starts at zero: it moved
     epsilons = [m.get("dp/epsilon") for m in steps]
-    if tenant == "private":
+    if tenant == "rl-private":  # one unit per group of 4: a step's update moved by at most 2 clipped groups
         assert all(e is not None and e > 0 for e in epsilons) and epsilons == sorted(epsilons)
+        assert all(m["dp/group_size"] == 4.0 and m["dp/num_examples"] == 8.0 for m in steps)
+        assert all(m["dp/num_clipped"] <= 2.0 for m in steps)
     else:
         assert epsilons == [None, None]
 
@@ -152,7 +154,7 @@ def test_rl_train_main_runs_unchanged(server, model_dir, tmp_path, monkeypatch, 
 def test_rl_train_main_stops_at_the_budget(server, model_dir, tmp_path, monkeypatch):  # noqa: F811
     import tinker
 
-    train, config = rl_config(server, "tight", model_dir, tmp_path, monkeypatch, "ppo", batches=3)  # eps 1.95, 2.79
+    train, config = rl_config(server, "rl-tight", model_dir, tmp_path, monkeypatch, "ppo", batches=3)  # 2.17, 3.19
     with pytest.raises(tinker.RequestFailedError, match="budget"):
         asyncio.run(train.main(config))
 

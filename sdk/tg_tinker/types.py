@@ -7,6 +7,7 @@ import math
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
+import pydantic
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from .config import TrainingConfig
@@ -284,11 +285,19 @@ class SubmitOperation(WireModel):
 
 
 class DPMetrics(WireModel):
+    """A DP step's privacy figures. ``total_epsilon`` is the one the trainer certifies: an upper bound for the privacy
+    unit (``group_size`` consecutive examples, one by default) over every step on the data, at the sampling rate the
+    server can vouch for. ``epsilon_asserted`` is only a client's claim of uniform sampling (``sampling`` "asserted")."""
+
+    # An infinite epsilon travels as "Infinity", never as null (which would read as no claim at all).
+    model_config = pydantic.ConfigDict(**WireModel.model_config, ser_json_inf_nan="strings")
+
+    total_epsilon: float
+    epsilon_q1: Optional[float] = None  # the same steps without amplification by subsampling (q = 1)
+    epsilon_spent: float
+    delta: float
     noise_applied: bool
     noise_multiplier: float
-    epsilon_spent: float
-    total_epsilon: float
-    delta: float
     grad_norm_before_clip: float
     grad_norm_after_clip: float
     num_clipped: int
@@ -298,7 +307,9 @@ class DPMetrics(WireModel):
     accountant_type: str
     sampling: Literal["poisson", "asserted", "none"]
     expected_batch_size: float  # the fixed public denominator of the noisy sum
-    epsilon_q1: Optional[float] = None  # with sampling "asserted": epsilon without amplification (q = 1)
+    group_size: int = 1  # examples per privacy unit, clipped together
+    epsilon_asserted: Optional[float] = None  # "asserted" only: the client's claim, not a bound
+    asserted_sample_rate: Optional[float] = None
 
 
 class ForwardBackwardResult(WireModel):

@@ -15,6 +15,7 @@ Loss conventions:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -35,7 +36,7 @@ from tg_tinker.types import (
     OptimStepResult,
 )
 
-from .models import LoadedModel, load_model, pick_device, pick_dtype
+from .models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
 from .ledger import PrivacyLedger
 from .losses import get_loss
 from .optim import apply_adam_step, build_optimizer, set_learning_rate
@@ -115,13 +116,15 @@ class TrainingEngine:
             plan = plan_sampling(config.dp_config, config.effective_batch_size, dataset is not None)
             self.accountant = PrivacyAccountant(config.dp_config, plan, ledger, client_id)
             self.dp = DPGradientAccumulator(self.model, config.dp_config, self.accountant.noise_multiplier)
-        if dataset is not None:
-            self._check_examples(dataset)
         self._draw_failed = False
+        self._batch_lost = False
+        self._draw_charge: tuple[float, float] = (0.0, 0.0)
         # A Poisson batch was drawn since the last step. Only optim_step clears it (not a load_state or a
-        # discarded batch): a client must not see a draw, throw it away and draw again.
+        # discarded batch): a second draw summed into the same release would double the sampling rate.
         self._sampled = False
         self._reset_accumulation()
+        if dataset is not None:
+            self._check_examples(dataset)
 
     def _check_examples(self, dataset: list[dict]) -> None:
         """Every registered example must run: a draw that failed on one would reveal that it was drawn."""
@@ -135,6 +138,24 @@ class TrainingEngine:
         if longest > self.config.max_seq_len:
             raise ValidationError(f"dataset {name!r} holds an example of {longest} tokens, more than max_seq_len="
                                   f"{self.config.max_seq_len}", {"field": "dp_config.dataset_id", "length": longest})
+        self._run_worst_case(dataset)
+
+    def _run_worst_case(self, dataset: list[dict]) -> None:
+        """Run the largest micro-batch a draw can make (batch_size copies of the longest example) before any draw,
+        and forget it: memory that fails here fails before a step is public, not at a draw that happened to be
+        large (which would reveal that long examples were drawn)."""
+        longest = max(dataset, key=lambda e: len(e["input_ids"]))
+        try:
+            self._forward_backward(pad_examples([longest] * self.config.batch_size), capped=False)
+        except Exception as exc:
+            raise TrainingClientError(
+                f"this client cannot run the largest micro-batch a draw of dataset {self.config.dp_config.dataset_id!r}"
+                f" can make (batch_size {self.config.batch_size} x {len(longest['input_ids'])} tokens: "
+                f"{type(exc).__name__}); lower batch_size") from None
+        finally:
+            for p in self.trainable.values():
+                p.grad = None
+            self._reset_accumulation()
 
     # --- batches -----------------------------------------------------------------------------
 
@@ -227,6 +248,10 @@ class TrainingEngine:
             raise ValidationError("a Poisson logical batch was already drawn for this step: call optim_step first "
                                   "(a second draw would double the sampling rate)",
                                   {"operation": "forward_backward_sampled"})
+        # A draw is spent when it is drawn: charged in the data's ledger (durably, or refused past the budget)
+        # before a coin is tossed, whether or not an optim_step follows. A client that sees a draw and abandons it
+        # (a new client, a restart, a replaced pod, a discard) has paid for it.
+        self._draw_charge = self.accountant.spend_step()
         self._sampled = True
         chosen = bernoulli_mask(len(self.dataset), self.accountant.sample_rate).nonzero().flatten().tolist()
         size = self.config.batch_size
@@ -347,10 +372,14 @@ class TrainingEngine:
         dp_metrics = None
         if self.dp is not None:
             self._refuse_after_failed_draw()
-            if self.samples_on_server and not self._sampled:
-                raise ValidationError("call forward_backward_sampled() before optim_step: the step's logical batch "
-                                      "is drawn on the server", {"operation": "optim_step"})
-            before, after = self.accountant.spend_step()  # in the ledger, or raises: before any weight changes
+            self._refuse_a_partial_batch()
+            if self.samples_on_server:
+                if not self._sampled:
+                    raise ValidationError("call forward_backward_sampled() before optim_step: the step's logical "
+                                          "batch is drawn on the server", {"operation": "optim_step"})
+                before, after = self._draw_charge  # charged when drawn
+            else:
+                before, after = self.accountant.spend_step()  # in the ledger, or raises: before any weight changes
             # The fixed public denominator: the expected batch size for a mean; none for a plain sum.
             self.dp.release(1.0 if self._reduction == "sum" else self.accountant.plan.expected_batch_size)
             dp_metrics = self.dp.metrics(self.accountant, before, after)
@@ -388,10 +417,29 @@ class TrainingEngine:
                              logprobs=self._rows(logprobs, valid), loss_sum=total)
 
     def discard_gradients(self) -> None:
-        """Forget a half-finished logical batch (after a failed operation)."""
+        """Forget a half-finished logical batch (after a failed operation). Under DP the step of that batch is then
+        refused: the next optim_step would release a sum missing the rows before the failure."""
+        if self.dp is not None and (self.dp.num_examples or self.dp.open_rows):
+            self._batch_lost = True
         for p in self.trainable.values():
             p.grad = None
         self._reset_accumulation()
+
+    def _refuse_a_partial_batch(self) -> None:
+        lost, self._batch_lost = self._batch_lost, False
+        try:
+            if lost:
+                raise ValidationError("this step's logical batch lost its earlier rows when a forward_backward failed: "
+                                      "under DP its step is refused and the batch discarded; send the batch again",
+                                      {"operation": "optim_step"})
+            self.dp.check_whole_groups()
+        except ValidationError:
+            self._reset_accumulation()
+            raise
+
+    @functools.cached_property
+    def public_model_name(self) -> str:
+        return public_model_name(self.config.model_ref)
 
     @property
     def total_epsilon(self) -> Optional[float]:

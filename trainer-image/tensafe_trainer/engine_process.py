@@ -175,12 +175,18 @@ class _Inbox:
         return self._items.get()
 
 
+def _is_private(spec: dict) -> bool:
+    dp = (spec.get("config") or {}).get("dp_config") if spec["kind"] == "training" else None
+    return bool(dp) and dp.get("enabled", True)
+
+
 def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGate) -> None:
+    private = _is_private(spec)
     try:
         threads = _ThreadShare(busy_engines)
         runtime = _build(spec, Path(home))
     except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller
-        replies.send(("failed", _wire(exc)))
+        replies.send(("failed", wire_error(exc, private=private)))
         return
     replies.send(("ready", _summary(runtime)))
 
@@ -199,7 +205,7 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
         except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
             if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
                 runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
-            answer(seq, error=_wire(exc, request.type))
+            answer(seq, error=wire_error(exc, request.type, private))
             continue
         dp = getattr(outcome.result, "dp_metrics", None)
         answer(seq, result=outcome.result.model_dump(mode="json"), produced=outcome.produced,
@@ -207,10 +213,15 @@ def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGa
                receipt_claims=outcome.receipt_claims)
 
 
-def _wire(exc: BaseException, operation: str = "start-up") -> dict:
+def wire_error(exc: BaseException, operation: str = "start-up", private: bool = False) -> dict:
+    """The error the caller gets. The log gets the traceback, but of a DP client's failure only the type: a
+    message or a traceback's locals can quote the private batch (a length, a token id, a shape)."""
     if isinstance(exc, TGTinkerError):
         return exc.to_wire()
-    log.error("%s failed:\n%s", operation, traceback.format_exc())
+    if private:
+        log.error("%s of a DP client failed: %s (message withheld from the log)", operation, type(exc).__name__)
+    else:
+        log.error("%s failed:\n%s", operation, traceback.format_exc())
     return TrainingClientError(
         f"{operation} failed inside the trainer ({type(exc).__name__}: {exc})"
         + ("; the current logical batch's gradients were discarded" if operation in ACCUMULATING else ""),

@@ -10,6 +10,8 @@ Accepted references:
 
 from __future__ import annotations
 
+import hashlib
+
 import importlib.util
 import os
 import shutil
@@ -58,6 +60,20 @@ MAX_TINY_PARAMETERS = 200_000_000
 
 def is_tiny(ref: str) -> bool:
     return ref == TINY_REF or ref.startswith(TINY_REF + ":")
+
+
+def public_model_name(ref: str) -> str:
+    """How a receipt names a base model: a built-in by its name; a folder by the SHA-256 of its files (names and
+    contents), never by its path, which can name a person, a tenant or a project in clear."""
+    if ref == SMOLLM2_REF or is_tiny(ref) or not Path(ref).is_dir():
+        return ref
+    digest = hashlib.sha256()
+    folder = Path(ref)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return f"folder-sha256:{digest.hexdigest()}"
 
 
 def parse_tiny(ref: str) -> dict[str, int]:

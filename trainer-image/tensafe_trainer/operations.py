@@ -145,7 +145,7 @@ class Runtime:
             dataset = find_dataset(self.store, self.tenant_id, privacy["dataset_id"])
             privacy["dataset_hash"] = dataset.content_hash if dataset is not None else None
         return {"artifact_id": artifact_id, "artifact_kind": kind, "content_hash": content_hash,
-                "base_model": self.engine.config.model_ref, "tenant": self.tenant_id,
+                "base_model": self.engine.public_model_name, "tenant": self.tenant_id,
                 "training_client": self.client_id, "step": self.engine.step, **privacy, **extra}
 
     def _export(self) -> Outcome:

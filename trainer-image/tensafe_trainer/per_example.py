@@ -38,6 +38,8 @@ def _embedding(module: nn.Embedding, ids: torch.Tensor, go: torch.Tensor) -> dic
     grad = torch.zeros(batch, *module.weight.shape, dtype=go.dtype, device=go.device)
     index = ids.reshape(batch, -1, 1).expand(-1, -1, go.shape[-1])
     grad.scatter_add_(1, index, go.reshape(batch, -1, go.shape[-1]))
+    if module.padding_idx is not None:
+        grad[:, module.padding_idx] = 0  # autograd gives the padding row no gradient: neither may its clipped sum
     return {"weight": grad}
 
 

@@ -35,14 +35,11 @@ Sampling = Literal["poisson", "asserted", "none"]
 DATA_BUDGET_ACCOUNTANT = "rdp"  # the accountant that holds every client to the data's own budget
 # What the audit log and metrics may carry of a step's dp_metrics: nothing computed from the batch itself.
 PUBLIC_DP_FIELDS = ("noise_applied", "noise_multiplier", "epsilon_spent", "total_epsilon", "delta",
-                    "sample_rate", "sampling", "epsilon_q1", "expected_batch_size", "accountant_type")
+                    "sample_rate", "sampling", "epsilon_q1", "epsilon_asserted", "asserted_sample_rate",
+                    "expected_batch_size", "accountant_type", "group_size")
 
 
 ADJACENCY = "add/remove one example"
-
-
-def _finite(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
 
 
 def public_dp_metrics(metrics: Optional[dict]) -> Optional[dict]:
@@ -51,12 +48,17 @@ def public_dp_metrics(metrics: Optional[dict]) -> Optional[dict]:
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """How a logical batch is drawn, the rate the accountant is given, and the fixed denominator."""
+    """How a logical batch is drawn, the rate the accountant is given, and the fixed denominator.
+
+    ``sample_rate`` is the rate the server certifies and the ledger records: q where the server draws the batch
+    (``poisson``), 1 otherwise. ``asserted_rate`` is a client's own claim (``asserted``), used for nothing but the
+    figure labelled as that claim."""
 
     mode: Sampling
     sample_rate: float
     expected_batch_size: float  # the public denominator of the noisy sum
     assumption: str
+    asserted_rate: Optional[float] = None
 
 
 def plan_sampling(cfg: DPConfig, effective_batch_size: int, server_samples: bool) -> SamplingPlan:
@@ -65,23 +67,30 @@ def plan_sampling(cfg: DPConfig, effective_batch_size: int, server_samples: bool
         if cfg.sample_rate is None:
             raise ValidationError(f"sampling registered dataset {cfg.dataset_id!r} needs dp_config.sample_rate",
                                   {"field": "dp_config.sample_rate"})
+        if cfg.group_size != 1:
+            raise ValidationError("group_size applies to batches a client sends: the server's Poisson draw takes each "
+                                  "row on its own", {"field": "dp_config.group_size"})
         q = cfg.sample_rate
         # The denominator is the client's declared expected batch (batch_size x accumulation steps), not q x N:
         # N changes when a row is added or removed, and the update's scale would then reveal it.
         return SamplingPlan("poisson", q, float(effective_batch_size), (
             f"Poisson sampling on the server: each example of dataset {cfg.dataset_id!r} independently with "
             f"probability {q:g}"))
-    if cfg.sample_rate is not None:
-        return SamplingPlan("asserted", cfg.sample_rate, float(effective_batch_size), (
-            f"sample_rate={cfg.sample_rate:g} as asserted by the client (uniform sampling is the client's "
-            "claim; epsilon_q1 is the epsilon without it)"))
-    if cfg.dataset_size is not None:
-        q = min(1.0, effective_batch_size / cfg.dataset_size)
-        return SamplingPlan("asserted", q, float(effective_batch_size), (
-            f"sample_rate = effective batch {effective_batch_size} / dataset_size {cfg.dataset_size} = {q:g}, "
-            "as asserted by the client (epsilon_q1 is the epsilon without it)"))
+    claimed = cfg.sample_rate if cfg.sample_rate is not None else (
+        min(1.0, effective_batch_size / cfg.dataset_size) if cfg.dataset_size is not None else None)
+    if claimed is not None:
+        source = (f"sample_rate={claimed:g}" if cfg.sample_rate is not None else
+                  f"effective batch {effective_batch_size} / dataset_size {cfg.dataset_size} = {claimed:g}")
+        return SamplingPlan("asserted", 1.0, float(effective_batch_size), (
+            f"the client's batches, charged at q = 1: the server did not draw them. The client asserts uniform "
+            f"sampling at {source}; epsilon_asserted is that claim's epsilon, not a bound the server certifies "
+            "(shuffled fixed-size batches are not Poisson sampling)"), asserted_rate=claimed)
     return SamplingPlan("none", 1.0, float(effective_batch_size),
                         "no sampling information: q = 1, no amplification by subsampling")
+
+
+def privacy_unit(group_size: int) -> str:
+    return ADJACENCY if group_size == 1 else f"add/remove one group of {group_size} consecutive examples"
 
 
 @functools.lru_cache(maxsize=64)
@@ -92,18 +101,14 @@ def _rdp_curve(sigma: float, q: float):
 # Memoized: a step's "epsilon before" is the previous step's "epsilon after".
 @functools.lru_cache(maxsize=8)
 def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
-    """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism``.
-
-    opacus' GDP accountant reads only the last entry of a history: a ledger that mixes several (sigma, q)
-    (two clients, a restart with another sigma) is composed with RDP instead, a sound upper bound."""
+    """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism`` ("rdp" or
+    "prv": both upper bounds; tests/test_accounting.py holds each against Google's dp-accounting PLD)."""
+    if mechanism not in ("rdp", "prv"):
+        raise ValueError(f"unknown accountant {mechanism!r}: rdp or prv")
     if not history:
         return 0.0
-    if any(sigma == 0 for sigma, _, _ in history):
+    if any(sigma * sigma == 0 for sigma, _, _ in history):  # no noise, or so little its square underflows
         return math.inf
-    if mechanism == "gdp" and len({(sigma, q) for sigma, q, _ in history}) > 1:
-        mechanism = "rdp"
-    if mechanism == "gdp":
-        history = (history[0][:2] + (sum(steps for _, _, steps in history),),)
     if mechanism == "rdp":
         # opacus' compute_rdp is linear in steps, so the one-step RDP curve per (sigma, q) is cached:
         # the same arithmetic as RDPAccountant.get_epsilon without recomputing ~150 orders every step.
@@ -113,6 +118,19 @@ def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
     probe = create_accountant(mechanism=mechanism)
     probe.history = list(history)
     return float(probe.get_epsilon(delta=delta))
+
+
+def steps_by_rate(history) -> dict[tuple[float, float], int]:
+    """Steps per (noise multiplier, sample rate): a history may list one pair in several entries."""
+    out: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        out[(float(s), float(q))] = out.get((float(s), float(q)), 0) + int(n)
+    return out
+
+
+def json_epsilon(value: float):
+    """An epsilon as JSON carries it: a number, or the string "Infinity" (never null: null reads as no claim)."""
+    return value if math.isfinite(value) else "Infinity"
 
 
 class PrivacyAccountant:
@@ -125,7 +143,7 @@ class PrivacyAccountant:
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
-            try:
+            try:  # calibrated at the rate the ledger records: the budget is held on the certified figure
                 self.noise_multiplier = float(get_noise_multiplier(
                     target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
                     sample_rate=self.sample_rate, steps=cfg.planned_steps, accountant=cfg.accountant_type,
@@ -141,30 +159,42 @@ class PrivacyAccountant:
         registered after it started: the same q, so the noise multiplier stands)."""
         self.plan, self.sample_rate = plan, plan.sample_rate
         self.sampling_assumption = plan.assumption
-        if self.cfg.accountant_type == "gdp":
-            self.sampling_assumption += ("; GDP accounting is a CLT approximation that can underestimate "
-                                         "epsilon (prefer rdp or prv)")
 
     def _epsilon_of(self, history: History) -> float:
         return epsilon_of(self.cfg.accountant_type, self.cfg.target_delta, history)
 
     def total_epsilon(self) -> float:
-        """Composed over every step any client took on this ledger's data."""
+        """Composed over every step any client took on this ledger's data, at the rates the server certified."""
         return self._epsilon_of(self.ledger.history())
 
     def epsilon_q1(self) -> float:
-        """The same steps without amplification by subsampling (q = 1): what holds if the sampling claim does not."""
+        """The same steps without amplification by subsampling (q = 1): what holds if no sampling claim does."""
         return self._epsilon_of(tuple((s, 1.0, n) for s, _, n in self.ledger.history()))
 
+    def epsilon_asserted(self) -> Optional[float]:
+        """The client's claim (``asserted`` mode): the ledger's steps with every one charged at q = 1 taken at the
+        asserted rate instead, as if all batches not drawn by the server had been sampled as asserted. Not a bound."""
+        if self.plan.asserted_rate is None:
+            return None
+        rate = self.plan.asserted_rate
+        return self._epsilon_of(tuple((s, rate if q == 1.0 else q, n) for s, q, n in self.ledger.history()))
+
     def claims(self) -> dict:
-        """The public privacy claim of weights trained so far (what a receipt states)."""
-        total = self.total_epsilon()
-        return {"dp": True, "dataset_id": self.cfg.dataset_id, "total_epsilon": total if math.isfinite(total) else None,
-                "delta": self.cfg.target_delta, "epsilon_q1": _finite(self.epsilon_q1()),
-                "accountant": self.cfg.accountant_type, "sampling": self.plan.mode,
-                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
-                "sample_rate": self.sample_rate, "expected_batch_size": self.plan.expected_batch_size,
-                "adjacency": ADJACENCY, "steps": sum(n for _, _, n in self.ledger.history())}
+        """The public privacy claim of weights trained so far (what a receipt states): the certified epsilon first,
+        a client's sampling claim only labelled as such."""
+        history = self.ledger.history()
+        out = {"dp": True, "total_epsilon": json_epsilon(self._epsilon_of(history)), "delta": self.cfg.target_delta,
+               "epsilon_q1": json_epsilon(self.epsilon_q1()), "dataset_id": self.cfg.dataset_id,
+               "accountant": self.cfg.accountant_type, "sampling": self.plan.mode,
+               "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
+               "sample_rate": self.sample_rate, "expected_batch_size": self.plan.expected_batch_size,
+               "adjacency": privacy_unit(self.cfg.group_size), "group_size": self.cfg.group_size,
+               "steps": sum(n for _, _, n in history)}
+        if self.plan.asserted_rate is not None:
+            out.update({"epsilon_asserted": json_epsilon(self.epsilon_asserted()),
+                        "asserted_sample_rate": self.plan.asserted_rate,
+                        "epsilon_asserted_is": "the client's claim of uniform sampling, not certified by the server"})
+        return out
 
     def spend_step(self) -> tuple[float, float]:
         """Check and record one step in the ledger, atomically; raises (recording nothing) past the budget.
@@ -184,7 +214,7 @@ class PrivacyAccountant:
                 )
             budget = self.ledger.budget()  # the data's own, which a client's higher target cannot override
             if budget is not None:
-                limit, delta = budget  # held with RDP whatever the client's accountant (GDP can underestimate)
+                limit, delta = budget  # held with RDP whatever the client's accountant
                 now = epsilon_of(DATA_BUDGET_ACCOUNTANT, delta, before)
                 then = epsilon_of(DATA_BUDGET_ACCOUNTANT, delta, after)
                 if then > limit:
@@ -218,16 +248,16 @@ class PrivacyAccountant:
                 f"{self.cfg.dataset_id!r}: its weights carry that data's privacy loss, which this client's epsilon "
                 "would not count", {"field": "dp_config.dataset_id"})
         # The ledger must hold at least what the checkpoint's weights were trained with: a ledger rolled back
-        # (an old backup, an emptied file) would otherwise let these weights claim less than they spent.
-        ledger = {(float(s), float(q)): int(n) for s, q, n in self.ledger.history()}
-        for s, q, n in state.get("history") or []:
-            if ledger.get((float(s), float(q)), 0) < int(n):
+        # (an old backup, an emptied file) would otherwise let these weights claim less than they spent. Both
+        # sides summed per (sigma, q) first: a history may list one pair in several entries.
+        ledger = steps_by_rate(self.ledger.history())
+        for (s, q), n in steps_by_rate(state.get("history") or []).items():
+            if ledger.get((s, q), 0) < n:
                 raise ValidationError(
-                    f"the privacy ledger of {self._ledger_name()} records {ledger.get((float(s), float(q)), 0)} steps "
+                    f"the privacy ledger of {self._ledger_name()} records {ledger.get((s, q), 0)} steps "
                     f"at noise multiplier {s:g} and sample rate {q:g}, but this checkpoint was trained with {n}: the "
                     "ledger was rolled back or replaced. Restore it (spent budget is never given back) before "
-                    "loading these weights", {"ledger_steps": ledger.get((float(s), float(q)), 0),
-                                               "checkpoint_steps": int(n)})
+                    "loading these weights", {"ledger_steps": ledger.get((s, q), 0), "checkpoint_steps": n})
 
 
 class NoiseAhead:
@@ -262,11 +292,16 @@ class NoiseAhead:
 
 
 class DPGradientAccumulator:
-    """Collects clipped per-example gradients across micro-batches; releases one noisy sum over a fixed
-    denominator."""
+    """Collects clipped per-unit gradients across micro-batches; releases one noisy sum over a fixed denominator.
+
+    The unit is one example, or with ``group_size`` G one group of G consecutive examples: the group's summed
+    gradient is clipped as one, so the group moves the update by at most C. A group may span micro-batches (the
+    Tinker SDK splits a call into requests by bytes): the rows of a group not yet complete are summed, unclipped,
+    until its last row comes; a logical batch that ends inside a group is refused at ``release``."""
 
     def __init__(self, model: torch.nn.Module, cfg: DPConfig, noise_multiplier: float):
         self.cfg = cfg
+        self.group_size = cfg.group_size
         self.hooks = PerExampleGradients(model)
         self.params = self.hooks.params
         self.noise = NoiseAhead(self.params, noise_multiplier * cfg.max_grad_norm)
@@ -276,14 +311,48 @@ class DPGradientAccumulator:
         self.summed: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.num_examples = 0
         self.num_clipped = 0
+        self.num_units = 0
         self.norm_sum = 0.0
         self.clipped_norm_sum = 0.0
+        self.open_group: dict[torch.nn.Parameter, torch.Tensor] = {}  # the unclipped sum of a group in progress
+        self.open_rows = 0
+
+    def _units(self, grads: dict[torch.nn.Parameter, torch.Tensor]) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Per-example gradients [B, ...] as per-unit gradients [U, ...]: groups of G consecutive rows summed,
+        continuing a group left open by the previous micro-batch and leaving the last one open if it is short."""
+        size = self.group_size
+        if size == 1:
+            return grads
+        batch = next(iter(grads.values())).shape[0]
+        take = min((size - self.open_rows) % size, batch)  # rows that continue the open group
+        whole = (batch - take) // size * size
+        closed = self.open_rows and self.open_rows + take == size
+        units, left = {}, {}
+        for p, g in grads.items():
+            g = g.to(accumulation_dtype(g.dtype))
+            parts = []
+            if self.open_rows:
+                head = self.open_group[p] + g[:take].sum(dim=0)
+                if closed:
+                    parts.append(head.unsqueeze(0))
+                else:
+                    left[p] = head
+            if whole:
+                parts.append(g[take:take + whole].reshape(whole // size, size, *g.shape[1:]).sum(dim=1))
+            if take + whole < batch:
+                left[p] = g[take + whole:].sum(dim=0)
+            if parts:
+                units[p] = torch.cat(parts)
+        self.open_rows = (self.open_rows + take) % size if self.open_rows else 0
+        self.open_rows += batch - take - whole
+        self.open_group = left
+        return units
 
     def backward(self, per_example_loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
         """Run ``per_example_loss_fn`` (the forward) and backpropagate the sum of its losses, then add
-        the clipped per-example gradients to the running sum.
+        the clipped per-unit gradients to the running sum.
 
-        Returns the per-example losses and the norm of this micro-batch's mean clipped gradient.
+        Returns the per-example losses and the norm of this micro-batch's clipped sum over its rows.
         """
         self.noise.start()
         with self.hooks.capture():
@@ -298,19 +367,31 @@ class DPGradientAccumulator:
             )
         for p in self.params:
             p.grad = None  # autograd's batch-summed gradient is not used under DP
-        summed, norms, factors = clip_and_sum(grads, self.cfg.max_grad_norm)
+        units = self._units(grads)
+        batch = per_example_loss.shape[0]
+        self.num_examples += batch
+        if not units:
+            return per_example_loss, 0.0
+        summed, norms, factors = clip_and_sum(units, self.cfg.max_grad_norm)
         for p, g in summed.items():
             if p in self.summed:
                 self.summed[p].add_(g)
             else:
                 self.summed[p] = g
-        batch = per_example_loss.shape[0]
-        self.num_examples += batch
+        self.num_units += norms.shape[0]
         self.num_clipped += int((factors < 1.0).sum())
         self.norm_sum += float(norms.sum())
         self.clipped_norm_sum += float((norms * factors).sum())
         mean_sq = sum(float(g.pow(2).sum()) for g in summed.values())
         return per_example_loss, math.sqrt(mean_sq) / batch
+
+    def check_whole_groups(self) -> None:
+        if self.open_rows:
+            raise ValidationError(
+                f"the logical batch ends inside a group: {self.open_rows} of its {self.group_size} rows came "
+                "(dp group_size); a group is one privacy unit and is clipped whole. The batch was discarded: send "
+                "whole groups, in order", {"field": "group_size", "group_size": self.group_size,
+                                           "rows_of_open_group": self.open_rows})
 
     def release(self, denominator: float) -> None:
         """Write (clipped sum + N(0, (sigma C)^2)) / denominator into ``param.grad``, the noise from this step's
@@ -322,18 +403,19 @@ class DPGradientAccumulator:
             p.grad = total.add_(noise.to(p.device)).div_(denominator).to(p.dtype)
 
     def metrics(self, accountant: PrivacyAccountant, before: float, after: float) -> DPMetrics:
-        n = max(self.num_examples, 1)
+        n = max(self.num_units, 1)
         plan = accountant.plan
+        total = max(after, accountant.total_epsilon())  # others may have spent on the data since this step's charge
         return DPMetrics(
             noise_applied=True, noise_multiplier=accountant.noise_multiplier,
             epsilon_spent=(after - before) if math.isfinite(after) else math.inf,
-            total_epsilon=after, delta=self.cfg.target_delta,
+            total_epsilon=total, epsilon_q1=accountant.epsilon_q1(), delta=self.cfg.target_delta,
             grad_norm_before_clip=self.norm_sum / n, grad_norm_after_clip=self.clipped_norm_sum / n,
             num_clipped=self.num_clipped, num_examples=self.num_examples,
             sample_rate=accountant.sample_rate, sampling_assumption=accountant.sampling_assumption,
             accountant_type=self.cfg.accountant_type, sampling=plan.mode,
-            expected_batch_size=plan.expected_batch_size,
-            epsilon_q1=accountant.epsilon_q1() if plan.mode == "asserted" else None,
+            expected_batch_size=plan.expected_batch_size, group_size=self.group_size,
+            epsilon_asserted=accountant.epsilon_asserted(), asserted_sample_rate=plan.asserted_rate,
         )
 
 

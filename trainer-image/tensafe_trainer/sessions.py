@@ -192,7 +192,7 @@ class Session:
                 self._by_key[key] = op
             self._queue.append(op)
             self._cond.notify()
-        metrics.QUEUE_DEPTH.inc()
+        self._count_queued(1)
         return op, True
 
     def knows(self, key: str) -> bool:
@@ -212,7 +212,7 @@ class Session:
 
     def _close_unrun(self, op: Operation, status: OperationStatus, error: dict) -> None:
         """Finish an operation that never ran (cancelled, or failed with its client), audited like any other."""
-        metrics.QUEUE_DEPTH.dec()
+        self._count_queued(-1)
         op.finish(status, error=ErrorInfo(**error))
         self._audit.submit(operation=op.type, training_client_id=self.client_id, tenant_id=self.tenant_id,
                            request_hash=op.fingerprint, success=False, error=self._loggable(error))
@@ -240,6 +240,8 @@ class Session:
         summary = self.engine.summary if self.engine else {}
         with self._cond:
             queued = len(self._queue) + sum(op.status is OperationStatus.PENDING for op in self._handed)
+            if self._private:  # not when each step started: what the client sent and has not had back
+                queued = len(self._queue) + len(self._handed)
         return ClientInfo(
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
             step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),
@@ -347,9 +349,15 @@ class Session:
 
     def _mark_running(self, op: Operation, since: Optional[float] = None) -> None:
         op.status, op.started_at = OperationStatus.RUNNING, since or time.time()
-        if self.status is not ClientStatus.ERROR:
-            self.status = ClientStatus.BUSY
-        metrics.QUEUE_DEPTH.dec()
+        if self.status is not ClientStatus.ERROR and not self._private:
+            self.status = ClientStatus.BUSY  # a DP client stays READY: when its steps start and end is private
+        self._count_queued(-1)
+
+    def _count_queued(self, change: int) -> None:
+        """The trainer-wide queue-depth gauge, which a DP client's operations stay out of: its rises and falls would
+        time each of the client's steps, and a step's duration depends on its private batch."""
+        if not self._private:
+            metrics.QUEUE_DEPTH.inc(change)
 
     def _finish_oldest(self) -> bool:
         """Take the engine's reply to the oldest outstanding operation and finish that operation; False when
@@ -438,6 +446,9 @@ class Session:
         """Move to ERROR and fail everything still queued with the reason."""
         if isinstance(exc, TGTinkerError):
             self.error, self.error_type = exc.message, type(exc).__name__
+        elif self._private:  # its message could quote the private batch: the log and the status get the type
+            log.error("%s: %s (a DP client's: message withheld)", context, type(exc).__name__)
+            self.error, self.error_type = f"{type(exc).__name__} (message withheld: a DP client)", "TrainingClientError"
         else:
             log.error("%s:\n%s", context, traceback.format_exc())
             self.error, self.error_type = f"{type(exc).__name__}: {exc}", "TrainingClientError"

@@ -183,3 +183,17 @@ def encode_sample_response(result: Optional[SampleResult], prompt_logprobs: Opti
         response.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     response.prompt_cache_hit_tokens = 0
     return response.SerializeToString()
+
+
+# Tinker's metrics are floats: the sampling mode travels as a number (docs/privacy.md, "The Tinker wire").
+SAMPLING_CODES = {"none": 0.0, "asserted": 1.0, "poisson": 2.0}
+
+
+def dp_metrics(dp: dict) -> dict[str, float]:
+    """A step's public DP figures as Tinker ``optim_step`` metrics. ``dp/epsilon`` is the certified bound; an
+    asserted sampling rate's figure (a client's claim) is never sent under that name."""
+    out = {"dp/epsilon": dp["total_epsilon"], "dp/epsilon_q1": dp["epsilon_q1"], "dp/delta": dp["delta"],
+           "dp/sampling": SAMPLING_CODES[dp["sampling"]], "dp/sample_rate": dp["sample_rate"],
+           "dp/group_size": float(dp["group_size"]), "dp/noise_multiplier": dp["noise_multiplier"],
+           "dp/num_clipped": float(dp["num_clipped"]), "dp/num_examples": float(dp["num_examples"])}
+    return {k: float(v) for k, v in out.items()}

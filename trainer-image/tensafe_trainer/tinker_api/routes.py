@@ -385,10 +385,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             metrics = {"learning_rate": done["learning_rate"], "step": float(done["step"])}
             dp = done.get("dp_metrics")
             if dp:
-                metrics.update({"dp/epsilon": dp["total_epsilon"], "dp/delta": dp["delta"],
-                                "dp/noise_multiplier": dp["noise_multiplier"], "dp/sample_rate": dp["sample_rate"],
-                                "dp/num_clipped": float(dp["num_clipped"]),
-                                "dp/num_examples": float(dp["num_examples"])})
+                metrics.update(convert.dp_metrics(dp))
             return {"metrics": metrics, "type": "optim_step"}
 
         return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}

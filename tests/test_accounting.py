@@ -1,0 +1,117 @@
+"""Every epsilon the trainer reports is an upper bound: each figure held against Google's dp-accounting (PLD, an
+independent implementation) on the same history, and the checkpoint-vs-ledger check that keeps it from being
+rolled back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tg_tinker import DPConfig, ValidationError
+from tg_tinker.types import BatchData, ForwardBackwardRequest, OptimStepRequest, SaveStateRequest
+
+from conftest import dp_config, tiny_config
+from engine_helpers import fresh_ledger, make_engine, padded_batch
+from test_dp import sequences
+
+def pld_epsilon(history, delta: float = 1e-5) -> float:
+    """Google's PLD accountant, add/remove adjacency (its default), Poisson-subsampled Gaussian per step."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for sigma, q, steps in history:
+        gaussian = dp_event.GaussianDpEvent(sigma)
+        accountant.compose(gaussian if q == 1.0 else dp_event.PoissonSampledDpEvent(q, gaussian), steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("history", [
+    ((0.6, 0.01, 50),),  # the audit's example, where GDP said 1.03
+    ((1.0, 1.0, 3), (2.0, 0.1, 20)),  # two clients, two mechanisms, one ledger
+    ((1.0, 0.001, 10_000),),
+], ids=["audit", "mixed", "long"])
+def test_both_accountants_we_run_are_at_or_above_googles_pld(history):
+    from tensafe_trainer.privacy import epsilon_of
+
+    reference = pld_epsilon(history)
+    for mechanism in ("rdp", "prv"):
+        assert epsilon_of(mechanism, 1e-5, history) >= reference, mechanism
+
+
+def test_an_engines_metrics_and_claims_are_at_or_above_pld_for_client_batches_and_poisson_draws():
+    from test_privacy import sampled_engine
+
+    asserted = make_engine(dp_config=dp_config(noise_multiplier=1.1), batch_size=4)  # dataset_size: a claim
+    for _ in range(3):
+        asserted.forward_backward(padded_batch(sequences(4, seed=1)))
+        metrics = asserted.optim_step().dp_metrics
+    bound = pld_epsilon(((1.1, 1.0, 3),))  # client batches: q = 1 whatever the client asserts
+    claims = asserted.privacy_claims()
+    assert metrics.total_epsilon >= bound and claims["total_epsilon"] >= bound and metrics.epsilon_q1 >= bound
+    assert claims["epsilon_asserted"] < bound  # the claim is labelled as one, never the headline
+    assert "client's claim" in claims["epsilon_asserted_is"]
+
+    poisson = sampled_engine(n=20, q=0.25)
+    for _ in range(3):
+        poisson.forward_backward_sampled()
+        metrics = poisson.optim_step().dp_metrics
+    assert metrics.total_epsilon >= pld_epsilon(((1.0, 0.25, 3),))
+    assert poisson.privacy_claims()["total_epsilon"] == pytest.approx(metrics.total_epsilon)
+
+
+def test_an_infinite_epsilon_is_said_as_such_never_as_null():
+    engine = make_engine(dp_config=dp_config(noise_multiplier=1e-200), batch_size=2)
+    engine.forward_backward(padded_batch(sequences(2, seed=3)))
+    metrics = engine.optim_step().dp_metrics
+    assert json.loads(metrics.model_dump_json())["total_epsilon"] == "Infinity"
+    claims = engine.privacy_claims()
+    assert claims["dp"] is True and claims["total_epsilon"] == "Infinity"
+
+
+# --- the checkpoint against the ledger: a rollback refused, an intact ledger resumed -----------------------------
+
+
+def alternating_runtimes(tmp_path):
+    """Two clients on one dataset at different noise, stepping in turn: the ledger lists (1.0, 1.0) in several
+    entries, (1.0, 1.0, 2), (2.0, 1.0, 1), (1.0, 1.0, 2), ..."""
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.operations import Runtime
+    from tg_tinker.keys import LocalKeyProvider
+
+    store = ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
+
+    def runtime(client_id: str, sigma: float):
+        config = tiny_config(batch_size=2, dp_config=DPConfig(noise_multiplier=sigma, dataset_id="shared"))
+        return Runtime.for_training(client_id, "default", config, store, tmp_path / "privacy")
+
+    return runtime
+
+
+def step(runtime, seed: int) -> None:
+    runtime.execute(ForwardBackwardRequest(batch=BatchData(**padded_batch(sequences(2, seed=seed)).model_dump())))
+    runtime.execute(OptimStepRequest())
+
+
+def test_an_intact_ledger_with_repeated_entries_resumes_and_a_rolled_back_one_is_refused(tmp_path):
+    runtime = alternating_runtimes(tmp_path)
+    main, other = runtime("main", 1.0), runtime("other", 2.0)
+    for round_ in range(3):
+        step(main, seed=round_)
+        step(main, seed=10 + round_)
+        step(other, seed=20 + round_)
+    main.execute(SaveStateRequest(kind="checkpoint"))  # trained with (1.0, 1.0, 2) three times
+    step(main, seed=30)  # the ledger's last (1.0, 1.0) entry now holds 1 step
+    ledger = main.engine.accountant.ledger
+    history = ledger.history()
+    assert len(history) == 7 and history[-1] == (1.0, 1.0, 1)
+
+    resumed = runtime("main", 1.0)
+    resumed.resume("latest")  # intact: 7 steps at (1.0, 1.0) in the ledger, 6 in the checkpoint
+    assert resumed.engine.step == 6
+
+    lines = ledger.path.read_bytes().splitlines(keepends=True)
+    ledger.path.write_bytes(b"".join(lines[:-4]))  # a backup from before the last rounds: fewer steps
+    with pytest.raises(ValidationError, match="rolled back"):
+        runtime("main", 1.0).resume("latest")
