@@ -5,11 +5,19 @@ rolled back."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from tg_tinker import DPConfig, ValidationError
-from tg_tinker.types import BatchData, ForwardBackwardRequest, OptimStepRequest, SaveStateRequest
+from tg_tinker.types import (
+    BatchData,
+    ClientInfo,
+    DPMetrics,
+    ForwardBackwardRequest,
+    OptimStepRequest,
+    SaveStateRequest,
+)
 
 from conftest import dp_config, tiny_config
 from engine_helpers import fresh_ledger, make_engine, padded_batch
@@ -65,7 +73,11 @@ def test_an_infinite_epsilon_is_said_as_such_never_as_null():
     engine = make_engine(dp_config=dp_config(noise_multiplier=1e-200), batch_size=2)
     engine.forward_backward(padded_batch(sequences(2, seed=3)))
     metrics = engine.optim_step().dp_metrics
-    assert json.loads(metrics.model_dump_json())["total_epsilon"] == "Infinity"
+    wire = metrics.model_dump(mode="json")  # what the engine process sends, and the server then as JSON
+    assert wire["total_epsilon"] == "Infinity" and json.loads(metrics.model_dump_json())["epsilon_q1"] == "Infinity"
+    assert DPMetrics.model_validate(wire).total_epsilon == math.inf  # the SDK reads it back as a float
+    assert ClientInfo(client_id="c", kind="training", status="READY", step=1, tenant_id="t",
+                      total_epsilon=math.inf).model_dump(mode="json")["total_epsilon"] == "Infinity"
     claims = engine.privacy_claims()
     assert claims["dp"] is True and claims["total_epsilon"] == "Infinity"
 

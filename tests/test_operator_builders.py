@@ -293,6 +293,8 @@ def test_status_follows_the_pod_then_the_trainer():
     assert (status["phase"], status["step"], status["privacy"], status["lastCheckpoint"]) == \
         ("READY", 7, {"totalEpsilon": 1.5}, "art-1")
     assert status["observedGeneration"] == 3 and conditions(status)["Ready"] == ("True", "TrainerReady")
+    # An infinite epsilon: JSON numbers cannot carry it, and no column may show it as a number or as nothing.
+    assert desired_status(tc, pod(), trainer(total_epsilon=float("inf")))["privacy"] == {"unbounded": True}
     failed = desired_status(tc, pod(), trainer("ERROR", error="model not found"))
     assert conditions(failed)["Failed"] == ("True", "TrainerError") and failed["phase"] == "ERROR"
     suspended = desired_status(training_client(suspend=True), None, None)

@@ -80,7 +80,10 @@ def training_client_crd() -> dict[str, Any]:
         "observedGeneration": {"type": "integer"},
         "podName": {"type": "string"}, "endpoint": {"type": "string"},
         "step": {"type": "integer"},
-        "privacy": {"type": "object", "properties": {"totalEpsilon": {"type": "number", "nullable": True}}},
+        "privacy": {"type": "object", "properties": {
+            "totalEpsilon": {"type": "number", "nullable": True},
+            "unbounded": {"type": "boolean", "description": "the epsilon is infinite (no privacy guarantee): JSON "
+                          "numbers cannot say so, and totalEpsilon is then absent"}}},
         "lastCheckpoint": {"type": "string"},
         "auditHead": {"type": "object", "description": "the tenant's audit chain head after this client's last "
                       "entry: `tensafe audit verify --expect-head <sequence>:<recordHash>` catches a truncated log",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any, Optional
 
 from tg_tinker.types import ClientInfo, ClientStatus
@@ -98,7 +99,8 @@ def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo])
             status["failureStreak"] = 0
         status["step"] = trainer.step
         if trainer.total_epsilon is not None:
-            status["privacy"] = {"totalEpsilon": trainer.total_epsilon}
+            status["privacy"] = ({"totalEpsilon": trainer.total_epsilon} if math.isfinite(trainer.total_epsilon)
+                                 else {"unbounded": True})
         if trainer.last_checkpoint:
             status["lastCheckpoint"] = trainer.last_checkpoint
         if trainer.audit_head is not None:

@@ -7,8 +7,7 @@ import math
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
-import pydantic
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, PlainSerializer, field_validator, model_validator
 
 from .config import TrainingConfig
 from .wire import WireModel
@@ -284,17 +283,19 @@ class SubmitOperation(WireModel):
 # --- results ------------------------------------------------------------------------------------
 
 
+# An infinite epsilon travels in JSON as "Infinity" (which pydantic reads back as inf), never as null: null would read
+# as no claim at all.
+Epsilon = Annotated[float, PlainSerializer(lambda v: "Infinity" if math.isinf(v) else v, when_used="json")]
+
+
 class DPMetrics(WireModel):
     """A DP step's privacy figures. ``total_epsilon`` is the one the trainer certifies: an upper bound for the privacy
     unit (``group_size`` consecutive examples, one by default) over every step on the data, at the sampling rate the
-    server can vouch for. ``epsilon_asserted`` is only a client's claim of uniform sampling (``sampling`` "asserted")."""
+    server can vouch for. ``epsilon_asserted`` is only a client's claim of uniform sampling (sampling "asserted")."""
 
-    # An infinite epsilon travels as "Infinity", never as null (which would read as no claim at all).
-    model_config = pydantic.ConfigDict(**WireModel.model_config, ser_json_inf_nan="strings")
-
-    total_epsilon: float
-    epsilon_q1: Optional[float] = None  # the same steps without amplification by subsampling (q = 1)
-    epsilon_spent: float
+    total_epsilon: Epsilon
+    epsilon_q1: Optional[Epsilon] = None  # the same steps without amplification by subsampling (q = 1)
+    epsilon_spent: Epsilon
     delta: float
     noise_applied: bool
     noise_multiplier: float
@@ -308,7 +309,7 @@ class DPMetrics(WireModel):
     sampling: Literal["poisson", "asserted", "none"]
     expected_batch_size: float  # the fixed public denominator of the noisy sum
     group_size: int = 1  # examples per privacy unit, clipped together
-    epsilon_asserted: Optional[float] = None  # "asserted" only: the client's claim, not a bound
+    epsilon_asserted: Optional[Epsilon] = None  # "asserted" only: the client's claim, not a bound
     asserted_sample_rate: Optional[float] = None
 
 
@@ -373,7 +374,7 @@ class LoadStateResult(WireModel):
     artifact_id: str
     step: int
     status: str
-    total_epsilon: Optional[float] = None
+    total_epsilon: Optional[Epsilon] = None
 
 
 class SampleSequence(WireModel):
@@ -487,7 +488,7 @@ class ClientInfo(WireModel):
     step: int
     tenant_id: str
     config: Optional[TrainingConfig] = None
-    total_epsilon: Optional[float] = None
+    total_epsilon: Optional[Epsilon] = None
     last_checkpoint: Optional[str] = None
     error: Optional[str] = None
     error_type: Optional[str] = None

@@ -191,9 +191,10 @@ SAMPLING_CODES = {"none": 0.0, "asserted": 1.0, "poisson": 2.0}
 
 def dp_metrics(dp: dict) -> dict[str, float]:
     """A step's public DP figures as Tinker ``optim_step`` metrics. ``dp/epsilon`` is the certified bound; an
-    asserted sampling rate's figure (a client's claim) is never sent under that name."""
+    asserted sampling rate's figure (a client's claim) is never sent under that name. An infinite epsilon stays
+    "Infinity" (JSON has no inf; the SDK reads the string back as a float)."""
     out = {"dp/epsilon": dp["total_epsilon"], "dp/epsilon_q1": dp["epsilon_q1"], "dp/delta": dp["delta"],
            "dp/sampling": SAMPLING_CODES[dp["sampling"]], "dp/sample_rate": dp["sample_rate"],
            "dp/group_size": float(dp["group_size"]), "dp/noise_multiplier": dp["noise_multiplier"],
            "dp/num_clipped": float(dp["num_clipped"]), "dp/num_examples": float(dp["num_examples"])}
-    return {k: float(v) for k, v in out.items()}
+    return {k: v if v == "Infinity" else float(v) for k, v in out.items()}
