@@ -127,3 +127,28 @@ def test_an_intact_ledger_with_repeated_entries_resumes_and_a_rolled_back_one_is
     ledger.path.write_bytes(b"".join(lines[:-4]))  # a backup from before the last rounds: fewer steps
     with pytest.raises(ValidationError, match="rolled back"):
         runtime("main", 1.0).resume("latest")
+
+
+def test_a_meaningless_delta_is_refused_and_an_epsilon_is_never_negative():
+    from tensafe_trainer.privacy import epsilon_of
+
+    with pytest.raises(ValidationError, match="target_delta"):
+        DPConfig(noise_multiplier=1.0, target_delta=0.5)  # the conversion gave -2.28 there (attacker review)
+    for mechanism in ("rdp", "prv"):  # opacus' PRV alone says -0.05 here
+        assert epsilon_of(mechanism, 0.1, ((10.0, 1.0, 3),)) >= 0.0
+
+
+def test_a_ledger_emptied_and_refilled_by_other_steps_does_not_cover_an_earlier_checkpoint(tmp_path):
+    """The attacker review's case: counts alone came back (10 steps by another client after the ledger was emptied),
+    so a checkpoint trained on 10 steps loaded and claimed 19.05 where the data had spent 30 steps (39.83)."""
+    runtime = alternating_runtimes(tmp_path)
+    first = runtime("first", 1.0)
+    for seed in range(3):
+        step(first, seed)
+    first.execute(SaveStateRequest(kind="checkpoint"))
+    first.engine.accountant.ledger.path.write_bytes(b"")  # an insider empties the ledger
+    second = runtime("second", 1.0)
+    for seed in range(3):  # the same counts again, other steps
+        step(second, 10 + seed)
+    with pytest.raises(ValidationError, match="no longer begins with"):
+        runtime("first", 1.0).resume("latest")

@@ -317,6 +317,7 @@ def test_a_group_declared_in_metadata_is_clipped_whole_and_a_batch_must_hold_who
 
 def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path):
     from tensafe_trainer.tinker_api.policy import PrivacyPolicy
+    from tg_tinker import ValidationError
 
     cases = {"sample_rate": {"t": {"dp": {"noise_multiplier": 1.0, "sample_rate": 0.001}}},
              "beside 'dp'": {"t": {"dp": {"noise_multiplier": 1.0, "group_size": 4}}},
@@ -326,7 +327,12 @@ def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path
         with pytest.raises(ValueError, match=message):
             PrivacyPolicy.load(tmp_path / "p.json")
     (tmp_path / "p.json").write_text(json.dumps({"t": {"dp": {"noise_multiplier": 1.0}, "group_size": 4}}))
-    assert PrivacyPolicy.load(tmp_path / "p.json").dp_for("t", {}).group_size == 4
+    policy = PrivacyPolicy.load(tmp_path / "p.json")
+    assert policy.dp_for("t", {}).group_size == 4
+    assert policy.dp_for("t", {"tensafe.dp.group_size": "8"}).group_size == 8  # two of the policy's groups whole
+    for split in ("6", "2", "4.5"):  # a policy group split across two of the model's, or shrunk
+        with pytest.raises(ValidationError, match="multiple of the policy's group_size 4|never loosen"):
+            policy.dp_for("t", {"tensafe.dp.group_size": split})
 
 
 def test_metadata_cannot_lower_a_noise_the_policy_computes():

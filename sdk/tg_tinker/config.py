@@ -51,7 +51,8 @@ class DPConfig(WireModel):
     # A floor: at denormal scale float32 noise is no longer Gaussian, and the mechanism no longer the analysed one.
     max_grad_norm: float = Field(1.0, ge=1e-6, le=1e6, description="per-example clipping bound")
     target_epsilon: Optional[float] = Field(None, gt=0, description="budget; steps past it are refused")
-    target_delta: float = Field(1e-5, gt=0, lt=1)
+    # Above 0.1 delta says "anything may happen" too often to mean privacy, and the RDP conversion goes negative.
+    target_delta: float = Field(1e-5, gt=0, le=0.1)
     # Only accountants whose epsilon is an upper bound: GDP (a central-limit approximation) can report less than
     # the mechanism spends, so it is refused with the reason (see _refuse_gdp).
     accountant_type: Literal["rdp", "prv"] = "rdp"

@@ -9,12 +9,16 @@ client or a restart cannot lower it.
 
 Locally (and in a trainer pod) the ledger is an append-only JSON-lines file in the trainer's home, one
 line per step, fsynced before the step's weights change, under ``flock``. A line torn by a crash is a
-step whose weights never changed: it is dropped when the next step is recorded.
+step whose weights never changed: it is dropped when the next step is recorded. Its lines are chained
+(SHA-256 over the previous head and the line): a checkpoint records the head it was saved at, and loads only
+over a ledger that still begins with those lines, so a ledger rolled back and then refilled by other steps
+is refused although its step counts are back.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -38,6 +42,14 @@ def check_dataset_id(dataset_id: str) -> str:
         raise ValidationError(f"invalid dataset id {dataset_id!r}: letters, digits, '_', '.', '-', at most 64",
                               {"field": "dataset_id"})
     return dataset_id
+
+
+def _chain_start() -> bytes:
+    return bytes(32)
+
+
+def _chained(chain: bytes, line: bytes) -> bytes:
+    return hashlib.sha256(chain + line).digest()
 
 
 def _merge(history: list[list], sigma: float, q: float, steps: int) -> None:
@@ -78,6 +90,7 @@ class PrivacyLedger:
         self._offset = 0  # bytes of the file already parsed into _history
         self._history: list[list] = []
         self._budget: tuple[float, float] | None = None
+        self._lines, self._chain = 0, _chain_start()
 
     def _read_new(self, f) -> None:
         """Parse the complete lines written since the last read (a torn last line is not a step)."""
@@ -87,6 +100,7 @@ class PrivacyLedger:
         for line in data[:end].splitlines():
             if not line.strip():
                 continue
+            self._lines, self._chain = self._lines + 1, _chained(self._chain, line)
             entry = json.loads(line)
             if "epsilon_budget" in entry:
                 self._budget = self._budget or (float(entry["epsilon_budget"]), float(entry["delta"]))
@@ -103,6 +117,22 @@ class PrivacyLedger:
     def budget(self) -> tuple[float, float] | None:
         """(epsilon, delta): the data's budget, set once by the first client that spent with a target."""
         return self._budget
+
+    def head(self) -> dict:
+        """Where the ledger stands: its complete lines and their chained SHA-256 (a checkpoint keeps it)."""
+        self.history()
+        return {"lines": self._lines, "sha256": self._chain.hex()}
+
+    def covers(self, head: dict) -> bool:
+        """Whether this ledger still begins with the lines ``head`` was taken over (it only ever grows)."""
+        lines, chain = 0, _chain_start()
+        with open(self.path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n") or lines == head["lines"]:
+                    break
+                if line.strip():
+                    lines, chain = lines + 1, _chained(chain, line.rstrip(b"\n"))
+        return lines == head["lines"] and chain.hex() == head["sha256"]
 
     def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
               client_id: str = "", budget: tuple[float, float] | None = None) -> tuple[History, History]:
@@ -131,6 +161,8 @@ class PrivacyLedger:
                 os.fsync(f.fileno())
                 self._offset += len(line)
                 self._history = after_list
+                for written in line.splitlines():
+                    self._lines, self._chain = self._lines + 1, _chained(self._chain, written)
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return before, after

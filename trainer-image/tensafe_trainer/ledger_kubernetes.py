@@ -128,6 +128,14 @@ class KubernetesLedger:
     def _remember(self, history: list[list]) -> None:
         self._seen, self._seen_at = history, time.monotonic()
 
+    def head(self) -> None:
+        """No chain here: the API itself refuses a lowered record (the CRD's rules)."""
+        return None
+
+    def covers(self, head: dict) -> bool:
+        """A chain head is a file ledger's: this ledger holds another record, which cannot vouch for it."""
+        return False
+
     def budget(self) -> Optional[tuple[float, float]]:
         """(epsilonBudget, delta) of the resource as last read: set by the operator from the first client."""
         spec = self._spec

@@ -114,10 +114,11 @@ def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
         # the same arithmetic as RDPAccountant.get_epsilon without recomputing ~150 orders every step.
         total = sum(_rdp_curve(sigma, q) * steps for sigma, q, steps in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
-        return float(eps)
-    probe = create_accountant(mechanism=mechanism)
-    probe.history = list(history)
-    return float(probe.get_epsilon(delta=delta))
+    else:
+        probe = create_accountant(mechanism=mechanism)
+        probe.history = list(history)
+        eps = probe.get_epsilon(delta=delta)
+    return max(0.0, float(eps))  # both conversions dip below 0 at a large delta; epsilon >= 0 always holds
 
 
 def steps_by_rate(history) -> dict[tuple[float, float], int]:
@@ -234,7 +235,7 @@ class PrivacyAccountant:
         """What a checkpoint records (for the record only: loading it never changes the ledger)."""
         return {"history": [list(h) for h in self.ledger.history()], "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "mechanism": self.cfg.accountant_type,
-                "dataset_id": self.cfg.dataset_id}
+                "dataset_id": self.cfg.dataset_id, "ledger_head": self.ledger.head()}
 
     def check_checkpoint(self, state: dict) -> None:
         if state.get("mechanism") != self.cfg.accountant_type:
@@ -258,6 +259,14 @@ class PrivacyAccountant:
                     f"at noise multiplier {s:g} and sample rate {q:g}, but this checkpoint was trained with {n}: the "
                     "ledger was rolled back or replaced. Restore it (spent budget is never given back) before "
                     "loading these weights", {"ledger_steps": ledger.get((s, q), 0), "checkpoint_steps": n})
+        # Counts can be refilled (a ledger emptied, then other steps taken): the ledger must still begin with the
+        # very lines it held when the checkpoint was saved.
+        head = state.get("ledger_head")
+        if head is not None and not self.ledger.covers(head):
+            raise ValidationError(
+                f"the privacy ledger of {self._ledger_name()} no longer begins with the {head['lines']} entries it "
+                "held when this checkpoint was saved: it was rolled back or replaced. Restore it (spent budget is "
+                "never given back) before loading these weights", {"ledger_lines": head["lines"]})
 
 
 class NoiseAhead:
