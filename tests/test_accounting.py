@@ -152,3 +152,58 @@ def test_a_ledger_emptied_and_refilled_by_other_steps_does_not_cover_an_earlier_
         step(second, 10 + seed)
     with pytest.raises(ValidationError, match="no longer begins with"):
         runtime("first", 1.0).resume("latest")
+
+
+# --- the ledger's entries: each checked, one unit per ledger (second attacker review) -----------------------------
+
+
+@pytest.mark.parametrize("line", [
+    b'{"noise_multiplier": 0.3, "sample_rate": 1.0, "steps": -1000}',  # set every epsilon to 0 before this check
+    b'{"noise_multiplier": 1.0, "sample_rate": NaN, "steps": 1}',  # hung the RDP accountant
+    b'{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1.5}',
+    b'{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1, "epsilon_budget": 100}',
+    b'{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1, "group_size": 4}',  # another unit
+], ids=["negative-steps", "nan-rate", "fractional", "mixed-kinds", "mixed-units"])
+def test_an_edited_ledger_is_refused_whole_never_read_around(line):
+    from tg_tinker import TrainingClientError
+
+    engine = make_engine(dp_config=dp_config(dataset_id="edited"), batch_size=2)
+    engine.forward_backward(padded_batch(sequences(2, seed=1)))
+    spent = engine.optim_step().dp_metrics.total_epsilon
+    ledger = engine.accountant.ledger
+    with open(ledger.path, "ab") as f:
+        f.write(line + b"\n")
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "edited")
+    with pytest.raises(TrainingClientError, match="invalid entry at line 2"):
+        reopened.history()
+    with pytest.raises(TrainingClientError, match="invalid entry at line 2"):  # no step is taken on it
+        engine.forward_backward(padded_batch(sequences(2, seed=2)))
+        engine.optim_step()
+    assert spent > 0 and engine.step == 1
+
+
+def test_a_ledger_counts_in_one_unit_and_a_client_of_another_is_refused():
+    from test_dp import fresh_ledger_at
+
+    ledger = fresh_ledger("units")
+    rows = make_engine(dp_config=dp_config(dataset_id="units"), batch_size=4, ledger=ledger)
+    rows.forward_backward(padded_batch(sequences(4, seed=1)))
+    rows.optim_step()
+    groups = make_engine(dp_config=dp_config(dataset_id="units", group_size=4), batch_size=4,
+                         ledger=fresh_ledger_at(ledger))
+    groups.forward_backward(padded_batch(sequences(4, seed=2)))
+    with pytest.raises(ValidationError, match="units of 1 row"):  # row-clipped steps are not group steps
+        groups.optim_step()
+    assert ledger.history() == ((1.0, 1.0, 1),)
+
+
+def test_a_checkpoint_that_names_no_ledger_head_does_not_load_over_a_file_ledger():
+    from tensafe_trainer.engine import deserialize_state, serialize_state
+
+    engine = make_engine(dp_config=dp_config(dataset_id="headless"), batch_size=2)
+    engine.forward_backward(padded_batch(sequences(2, seed=1)))
+    engine.optim_step()
+    state = deserialize_state(serialize_state(engine.state_dict(include_optimizer=True)))
+    state["accountant"].pop("ledger_head")  # as saved before ledgers were chained, or over a PrivacyBudget
+    with pytest.raises(ValidationError, match="names no head"):
+        engine.load_state_dict(state)

@@ -42,11 +42,13 @@ def ledger(cluster, namespace, dataset_id, chunk=8):
                             dataset_id, lambda history, delta: epsilon_of("rdp", delta, history), "rdp", chunk=chunk)
 
 
-def accountant(book, target=None):
+def accountant(book, target=None, group_size=1):
     from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
 
-    config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=target, dataset_id=book.dataset_id)
-    return PrivacyAccountant(config, plan_sampling(config, 4, server_samples=True), book, "tc-test")  # q = 0.01
+    config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=target, dataset_id=book.dataset_id,
+                      group_size=group_size)
+    server_samples = group_size == 1  # q = 0.01 from a draw; groups are for client batches (q = 1)
+    return PrivacyAccountant(config, plan_sampling(config, 4, server_samples), book, "tc-test")
 
 
 def test_steps_are_reserved_in_chunks_and_the_epsilon_is_the_accountants(cluster, namespace):
@@ -201,6 +203,20 @@ def test_poisson_sampling_on_kubernetes_with_a_dataset_registered_through_the_cl
         with pytest.raises(ValidationError, match="samples registered dataset"):
             tc.forward_backward(random_batch(rows=2, width=6)).result()
         assert budget(cluster, namespace, "kube-facts")["status"]["steps"] == 16
+
+
+def test_a_privacy_budget_counts_in_one_unit_and_the_api_keeps_it(cluster, namespace):
+    make_budget(cluster, namespace, "units")
+    accountant(ledger(cluster, namespace, "units", chunk=2)).spend_step()
+    assert budget(cluster, namespace, "units")["status"]["groupSize"] == 1
+    with pytest.raises(ValidationError, match="units of 1 row"):  # a group-clipping trainer on row-clipped steps
+        accountant(ledger(cluster, namespace, "units", chunk=2), group_size=4).spend_step()
+    with pytest.raises(ApiException) as changed:  # and no trainer's write may change the unit
+        status = {**budget(cluster, namespace, "units")["status"], "groupSize": 4}
+        cluster.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PRIVACY_BUDGETS,
+                                                             privacy_budget_name("default", "units"),
+                                                             {"status": status})
+    assert changed.value.status == 422 and "privacy unit" in changed.value.body
 
 
 def test_abandoned_draws_on_fresh_trainers_are_each_charged_to_the_privacy_budget(cluster, namespace):

@@ -108,20 +108,24 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
         trained.forward_backward(padded_batch(sequences(2, seed=seed)))
         trained.optim_step()
     state = deserialize_state(serialize_state(trained.state_dict(include_optimizer=True)))
+    original = ledger.path.read_bytes()
     ledger.path.write_bytes(b"")  # the rollback
     resumed = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=type(ledger)(
         ledger.path.parent.parent, "default", "rolled"))
     with pytest.raises(ValidationError, match="records 0 steps .* trained with 2: the ledger was rolled back"):
         resumed.load_state_dict(state)
     assert resumed.step == 0
-    same = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=trained.accountant.ledger)
-    ledger.path.write_bytes(b"")
-    intact = fresh_ledger("rolled")
-    for _ in range(2):  # a ledger that covers the checkpoint (here: as many steps) loads it
-        intact.spend(1.0, trained.accountant.sample_rate, lambda before, after: None)
-    same.accountant.ledger = intact
-    same.load_state_dict(state)
-    assert same.step == 2
+    refilled = fresh_ledger("rolled")
+    for _ in range(2):  # as many steps again, but not the ones these weights were trained with
+        refilled.spend(1.0, trained.accountant.sample_rate, lambda before, after: None)
+    elsewhere = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=refilled)
+    with pytest.raises(ValidationError, match="no longer begins with the 2 entries"):
+        elsewhere.load_state_dict(state)
+    ledger.path.write_bytes(original)  # the ledger restored: it covers the checkpoint again
+    restored = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2,
+                           ledger=type(ledger)(ledger.path.parent.parent, "default", "rolled"))
+    restored.load_state_dict(state)
+    assert restored.step == 2
 
 
 def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():

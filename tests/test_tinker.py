@@ -29,6 +29,8 @@ POLICY = {
                    "group_size": 4},
     "rl-tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8,
                  "group_size": 4},
+    # No unit named: a model declares its own groups (a ledger then counts in that unit only).
+    "declared": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8},
 }
 
 
@@ -40,7 +42,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     trainer = start_tinker_trainer(tmp_path_factory.mktemp("tinker-home"), POLICY,
-                                   tenants=("plain", "private", "tight", "other", "rl-private"))
+                                   tenants=("plain", "private", "tight", "other", "rl-private", "declared"))
     yield trainer
     trainer.trainer.close()
 
@@ -300,9 +302,9 @@ def test_malformed_bodies_are_the_callers_error_and_the_server_keeps_serving(ser
 
 
 def test_a_group_declared_in_metadata_is_clipped_whole_and_a_batch_must_hold_whole_groups(server, model_dir):
-    private = server.service("private")
-    tc = private.create_lora_training_client(base_model=str(model_dir), rank=4, train_unembed=False,
-                                             user_metadata={"tensafe.dp.group_size": "4"}).result()
+    declared = server.service("declared")
+    tc = declared.create_lora_training_client(base_model=str(model_dir), rank=4, train_unembed=False,
+                                              user_metadata={"tensafe.dp.group_size": "4"}).result()
     tc.forward_backward([datum(r) for r in sequences(4, seed=11)], "cross_entropy").result()
     step = tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     assert step.metrics["dp/group_size"] == 4.0 and step.metrics["dp/num_clipped"] <= 1.0  # one unit of four
@@ -310,7 +312,11 @@ def test_a_group_declared_in_metadata_is_clipped_whole_and_a_batch_must_hold_who
     with pytest.raises(tinker.RequestFailedError, match="inside a group: 2 of its 4 rows") as refused:
         tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     assert refused.value.category == types.RequestErrorCategory.User
-    with pytest.raises(Exception, match="multiple of the policy's group_size 4"):  # the policy's group never shrinks
+    rows = declared.create_lora_training_client(base_model=str(model_dir), rank=4, train_unembed=False).result()
+    rows.forward_backward([datum(r) for r in sequences(4, seed=13)], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="units of 4 row"):  # the tenant's ledger counts groups now
+        rows.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    with pytest.raises(Exception, match="this policy's unit is 4 rows"):  # the policy's unit is kept
         server.service("rl-private").create_lora_training_client(
             base_model=str(model_dir), rank=4, user_metadata={"tensafe.dp.group_size": "2"}).result().result()
 
@@ -328,11 +334,11 @@ def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path
             PrivacyPolicy.load(tmp_path / "p.json")
     (tmp_path / "p.json").write_text(json.dumps({"t": {"dp": {"noise_multiplier": 1.0}, "group_size": 4}}))
     policy = PrivacyPolicy.load(tmp_path / "p.json")
-    assert policy.dp_for("t", {}).group_size == 4
-    assert policy.dp_for("t", {"tensafe.dp.group_size": "8"}).group_size == 8  # two of the policy's groups whole
-    for split in ("6", "2", "4.5"):  # a policy group split across two of the model's, or shrunk
-        with pytest.raises(ValidationError, match="multiple of the policy's group_size 4|never loosen"):
-            policy.dp_for("t", {"tensafe.dp.group_size": split})
+    assert policy.dp_for("t", {}).group_size == 4 == policy.dp_for("t", {"tensafe.dp.group_size": "4"}).group_size
+    # A policy's unit is kept: split (6), shared by two (8: one group could move the update by 2 C) or shrunk (2).
+    for other in ("6", "8", "2", "4.5"):
+        with pytest.raises(ValidationError, match="this policy's unit is 4 rows"):
+            policy.dp_for("t", {"tensafe.dp.group_size": other})
 
 
 def test_metadata_cannot_lower_a_noise_the_policy_computes():

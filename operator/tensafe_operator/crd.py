@@ -164,6 +164,10 @@ def privacy_budget_crd() -> dict[str, Any]:
         "epsilon": {"type": "number", "description": "epsilon of the history at delta, by the last writer"},
         "delta": {"type": "number"}, "accountant": {"type": "string"},
         "lastWriter": {"type": "string", "description": "the training client that last reserved steps"},
+        "groupSize": {"type": "integer", "minimum": 1, "description": "the data's privacy unit: rows per group "
+                      "clipped as one, set by the first step; steps of another unit are refused",
+                      "x-kubernetes-validations": [{"rule": "self == oldSelf",
+                                                    "message": "the privacy unit of a ledger cannot change"}]},
     }}
     columns = [("Tenant", "string", ".spec.tenantId"), ("Dataset", "string", ".spec.datasetId"),
                ("Epsilon", "number", ".status.epsilon"), ("Budget", "number", ".spec.epsilonBudget"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from tg_tinker.config import DPConfig
-from tg_tinker.errors import ValidationError
+from tg_tinker.errors import TrainingClientError, ValidationError
 
 from .artifacts import fsync_dir, private_dir
 from tg_tinker.keys import check_tenant
@@ -42,6 +43,53 @@ def check_dataset_id(dataset_id: str) -> str:
         raise ValidationError(f"invalid dataset id {dataset_id!r}: letters, digits, '_', '.', '-', at most 64",
                               {"field": "dataset_id"})
     return dataset_id
+
+
+STEP_FIELDS = {"noise_multiplier", "sample_rate", "steps", "group_size", "client", "time"}
+BUDGET_FIELDS = {"epsilon_budget", "delta", "client"}
+
+
+def _corrupt(path: Path, number: int, why: str) -> TrainingClientError:
+    return TrainingClientError(f"the privacy ledger {path.name} holds an invalid entry at line {number} ({why}): it "
+                               "was edited; no DP step is taken on it until it is restored", {"ledger_line": number})
+
+
+def _parse(line: bytes, path: Path, number: int) -> dict:
+    """One ledger line, checked: a step or the data's budget, every number in its range. A line that is neither
+    makes the whole ledger unreadable (an edited ledger is refused, never read around)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        raise _corrupt(path, number, "not JSON") from None
+    if not isinstance(entry, dict):
+        raise _corrupt(path, number, "not an object")
+
+    def number_in(name: str, low: float, high: float, low_open: bool = True) -> bool:
+        value = entry.get(name)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (value > low if low_open else value >= low) and value <= high
+
+    def whole(name: str, default=None) -> bool:
+        value = entry.get(name, default)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if "epsilon_budget" in entry:
+        ok = set(entry) <= BUDGET_FIELDS and number_in("epsilon_budget", 0, math.inf) and number_in("delta", 0, 1)
+    else:
+        ok = set(entry) <= STEP_FIELDS and number_in("noise_multiplier", 0, math.inf, low_open=False) and \
+            number_in("sample_rate", 0, 1) and whole("steps") and whole("group_size", 1)
+    if not ok:
+        raise _corrupt(path, number, "not a step or a budget with values in range")
+    return entry
+
+
+def check_unit(data_unit: int | None, spender_unit: int, dataset_id: str | None) -> None:
+    if data_unit is not None and data_unit != spender_unit:
+        name = f"dataset {dataset_id!r}" if dataset_id else "this tenant's data"
+        raise ValidationError(
+            f"the privacy ledger of {name} counts steps in units of {data_unit} row(s) (group_size); a client with "
+            f"group_size {spender_unit} cannot spend on it: steps clipped per different units do not compose into "
+            "an epsilon for either. Use another dataset_id", {"field": "dp_config.group_size"})
 
 
 def _chain_start() -> bytes:
@@ -90,23 +138,31 @@ class PrivacyLedger:
         self._offset = 0  # bytes of the file already parsed into _history
         self._history: list[list] = []
         self._budget: tuple[float, float] | None = None
+        self._group_size: int | None = None  # the data's privacy unit: rows per group, set by its first step
         self._lines, self._chain = 0, _chain_start()
 
     def _read_new(self, f) -> None:
-        """Parse the complete lines written since the last read (a torn last line is not a step)."""
+        """Parse the complete lines written since the last read (a torn last line is not a step). All or nothing:
+        an invalid line leaves what was read before untouched, and raises."""
         f.seek(self._offset)
         data = f.read()
         end = data.rfind(b"\n") + 1
+        history, budget, unit = [list(h) for h in self._history], self._budget, self._group_size
+        lines, chain = self._lines, self._chain
         for line in data[:end].splitlines():
             if not line.strip():
                 continue
-            self._lines, self._chain = self._lines + 1, _chained(self._chain, line)
-            entry = json.loads(line)
+            lines, chain = lines + 1, _chained(chain, line)
+            entry = _parse(line, self.path, lines)
             if "epsilon_budget" in entry:
-                self._budget = self._budget or (float(entry["epsilon_budget"]), float(entry["delta"]))
-            else:
-                _merge(self._history, float(entry["noise_multiplier"]), float(entry["sample_rate"]),
-                       int(entry["steps"]))
+                budget = budget or (float(entry["epsilon_budget"]), float(entry["delta"]))
+                continue
+            if unit not in (None, entry.get("group_size", 1)):
+                raise _corrupt(self.path, lines, f"group_size {entry.get('group_size', 1)} beside {unit}")
+            unit = entry.get("group_size", 1)
+            _merge(history, float(entry["noise_multiplier"]), float(entry["sample_rate"]), entry["steps"])
+        self._history, self._budget, self._group_size = history, budget, unit
+        self._lines, self._chain = lines, chain
         self._offset += end
 
     def history(self) -> History:
@@ -135,14 +191,17 @@ class PrivacyLedger:
         return lines == head["lines"] and chain.hex() == head["sha256"]
 
     def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
-              client_id: str = "", budget: tuple[float, float] | None = None) -> tuple[History, History]:
+              client_id: str = "", budget: tuple[float, float] | None = None,
+              group_size: int = 1) -> tuple[History, History]:
         """Record one step, unless ``check(history before, history after)`` raises: both under the lock.
         ``budget``: the spender's (target epsilon, delta), which becomes the data's if it has none yet.
-        Returns (before, after)."""
+        ``group_size``: the spender's privacy unit, which must be the data's (steps of two units do not compose
+        into an epsilon for either). Returns (before, after)."""
         with open(self.path, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self._read_new(f)
+                check_unit(self._group_size, group_size, self.dataset_id)
                 before = tuple((s, q, n) for s, q, n in self._history)
                 after_list = [list(h) for h in self._history]
                 _merge(after_list, noise_multiplier, sample_rate, 1)
@@ -151,7 +210,8 @@ class PrivacyLedger:
                 f.truncate(self._offset)  # drop a line torn by a crash (its step never changed weights)
                 f.seek(self._offset)
                 line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": 1,
-                                   "client": client_id, "time": time.time()}, sort_keys=True).encode() + b"\n"
+                                   "group_size": group_size, "client": client_id, "time": time.time()},
+                                  sort_keys=True).encode() + b"\n"
                 if self._budget is None and budget is not None:
                     line = json.dumps({"epsilon_budget": budget[0], "delta": budget[1], "client": client_id},
                                       sort_keys=True).encode() + b"\n" + line
@@ -160,7 +220,7 @@ class PrivacyLedger:
                 f.flush()
                 os.fsync(f.fileno())
                 self._offset += len(line)
-                self._history = after_list
+                self._history, self._group_size = after_list, group_size
                 for written in line.splitlines():
                     self._lines, self._chain = self._lines + 1, _chained(self._chain, written)
             finally:

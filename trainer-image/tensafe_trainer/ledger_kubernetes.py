@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from tg_tinker.errors import DPBudgetExceededError, TrainingClientError
 from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION
 
-from .ledger import History
+from .ledger import History, check_unit
 
 DEFAULT_CHUNK = 16
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -144,8 +144,10 @@ class KubernetesLedger:
         return float(spec["epsilonBudget"]), float(spec["delta"])
 
     def spend(self, noise_multiplier: float, sample_rate: float, check: Callable[[History, History], None],
-              client_id: str = "", budget: Optional[tuple[float, float]] = None) -> tuple[History, History]:
-        """``budget`` is not written: the operator set the resource's from the first client's config."""
+              client_id: str = "", budget: Optional[tuple[float, float]] = None,
+              group_size: int = 1) -> tuple[History, History]:
+        """``budget`` is not written: the operator set the resource's from the first client's config.
+        ``group_size``: the spender's privacy unit, which must be the data's (``status.groupSize``)."""
         if self._reserved and self._reserved_at == (noise_multiplier, sample_rate):
             before = self._view(self._seen)  # no API call: the step was checked when it was reserved
             after = _frozen(_with([list(h) for h in before], noise_multiplier, sample_rate, 1))
@@ -156,9 +158,11 @@ class KubernetesLedger:
         for _ in range(MAX_CONFLICTS):
             obj = self._get()
             history = _history(obj)
+            status = obj.get("status") or {}
+            check_unit(status.get("groupSize", 1 if history else None), group_size, self.dataset_id)
             steps = self._reservable(history, noise_multiplier, sample_rate, check)
             reserved = _with(history, noise_multiplier, sample_rate, steps)
-            if self._write(obj, reserved, client_id):
+            if self._write(obj, reserved, client_id, group_size):
                 before = _frozen(history)  # nothing of this trainer's is left unused in it
                 self._remember(reserved)
                 self._reserved, self._reserved_at = steps - 1, (noise_multiplier, sample_rate)
@@ -189,7 +193,7 @@ class KubernetesLedger:
             low, high = (middle, high) if fits(middle) else (low, middle)
         return low
 
-    def _write(self, obj: dict, history: list[list], client_id: str) -> bool:
+    def _write(self, obj: dict, history: list[list], client_id: str, group_size: int) -> bool:
         """Replace the status computed from ``obj``; False if another writer came first (409)."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
@@ -197,7 +201,7 @@ class KubernetesLedger:
         delta = (obj.get("spec") or {}).get("delta") or 1e-5
         status = {"history": [{"noiseMultiplier": s, "sampleRate": q, "steps": n} for s, q, n in history],
                   "steps": sum(n for _, _, n in history), "epsilon": self._epsilon(_frozen(history), delta),
-                  "delta": delta, "accountant": self._accountant, "lastWriter": client_id}
+                  "delta": delta, "accountant": self._accountant, "lastWriter": client_id, "groupSize": group_size}
         body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
         try:
             self.api.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PRIVACY_BUDGETS,

@@ -118,7 +118,8 @@ def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
         probe = create_accountant(mechanism=mechanism)
         probe.history = list(history)
         eps = probe.get_epsilon(delta=delta)
-    return max(0.0, float(eps))  # both conversions dip below 0 at a large delta; epsilon >= 0 always holds
+    eps = float(eps)
+    return math.inf if math.isnan(eps) else max(0.0, eps)  # both dip below 0 at a large delta; epsilon >= 0 holds
 
 
 def steps_by_rate(history) -> dict[tuple[float, float], int]:
@@ -225,7 +226,7 @@ class PrivacyAccountant:
                         {"current_epsilon": now, "max_epsilon": limit, "epsilon_after_step": then, "delta": delta})
 
         budget = (self.cfg.target_epsilon, self.cfg.target_delta) if self.cfg.target_epsilon is not None else None
-        self.ledger.spend(self.noise_multiplier, self.sample_rate, check, self.client_id, budget)
+        self.ledger.spend(self.noise_multiplier, self.sample_rate, check, self.client_id, budget, self.cfg.group_size)
         return spent["before"], spent["after"]
 
     def _ledger_name(self) -> str:
@@ -262,6 +263,12 @@ class PrivacyAccountant:
         # Counts can be refilled (a ledger emptied, then other steps taken): the ledger must still begin with the
         # very lines it held when the checkpoint was saved.
         head = state.get("ledger_head")
+        if head is None and self.ledger.head() is not None:
+            raise ValidationError(
+                f"this checkpoint names no head of the privacy ledger of {self._ledger_name()} (saved before ledgers "
+                "were chained, or over a Kubernetes PrivacyBudget): whether this ledger still holds the steps its "
+                "weights were trained with cannot be checked, so it is not loaded for training (sampling from it "
+                "works)", {"field": "ledger_head"})
         if head is not None and not self.ledger.covers(head):
             raise ValidationError(
                 f"the privacy ledger of {self._ledger_name()} no longer begins with the {head['lines']} entries it "

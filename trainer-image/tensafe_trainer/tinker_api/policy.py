@@ -8,7 +8,7 @@ batches, so its steps are charged at q = 1: the server draws nothing it could ce
 ``sample_rate`` is refused when the policy is loaded (``dataset_size`` gives only a labelled claim, never the
 headline). ``group_size`` (default 1) makes G consecutive datums one privacy unit, clipped together: the G samples
 of one prompt in the cookbook's RL recipes. A client cannot loosen DP: a model's ``user_metadata`` may only tighten
-it (``tensafe.dp.noise_multiplier`` up, ``tensafe.dp.group_size`` to a whole multiple of the policy's,
+it (``tensafe.dp.noise_multiplier`` up, ``tensafe.dp.group_size`` where the policy's is 1,
 ``tensafe.dp.max_grad_norm``, ``tensafe.dp.target_epsilon`` and ``tensafe.dp.target_delta`` down); a looser value
 is refused.
 """
@@ -95,11 +95,14 @@ class PrivacyPolicy:
             except (TypeError, ValueError):
                 raise ValidationError(f"user_metadata '{METADATA_PREFIX}{name}' must be a number",
                                       {"field": "user_metadata"}) from None
-            if name == "group_size" and not (number.is_integer() and number % base.group_size == 0):
-                # A group of the policy's must lie whole in one of the model's: split across two, or sharing one
-                # with another, it could move the update by more than one clipped unit.
-                raise ValidationError(f"user_metadata '{METADATA_PREFIX}group_size' must be a whole multiple of the "
-                                      f"policy's group_size {base.group_size}", {"field": "user_metadata"})
+            unit_kept = base.group_size == 1 or number == base.group_size
+            if name == "group_size" and not (number.is_integer() and unit_kept):
+                # A policy that names a unit keeps it: a group of the policy's split across two of the model's, or
+                # sharing one with another, could move the update by up to 2 C. Where the policy names none (1),
+                # the model declares its own (its RL groups).
+                raise ValidationError(f"user_metadata '{METADATA_PREFIX}group_size' may declare a group where the "
+                                      f"policy has none; this policy's unit is {base.group_size} rows",
+                                      {"field": "user_metadata"})
             current = getattr(base, name)
             if current is None:  # the policy's noise is computed from its target_epsilon: tighten that instead
                 raise ValidationError(f"the policy sets no {name} of its own (it is computed from target_epsilon and "
