@@ -489,7 +489,7 @@ def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
             token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
     svc.transport.request("DELETE", "/v1/clients/parent")
     for child in children:
-        for _ in range(300):  # TERMINATED once its engine has stopped (it may still be loading)
+        for _ in range(1200):  # TERMINATED once its engine has stopped (it may still be loading: ~9 s of imports here)
             if svc.transport.request("GET", f"/v1/clients/{child['client_id']}")["status"] == "TERMINATED":
                 break
             time.sleep(0.1)
