@@ -283,9 +283,13 @@ class SubmitOperation(WireModel):
 # --- results ------------------------------------------------------------------------------------
 
 
-# An infinite epsilon travels in JSON as "Infinity" (which pydantic reads back as inf), never as null: null would read
-# as no claim at all.
-Epsilon = Annotated[float, PlainSerializer(lambda v: "Infinity" if math.isinf(v) else v, when_used="json")]
+def json_epsilon(value: float):
+    """An epsilon as JSON carries it: a number, or "Infinity" (which pydantic reads back as inf), never null: null
+    would read as no claim at all."""
+    return value if math.isfinite(value) else "Infinity"
+
+
+Epsilon = Annotated[float, PlainSerializer(json_epsilon, when_used="json")]
 
 
 class DPMetrics(WireModel):

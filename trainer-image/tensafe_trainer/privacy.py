@@ -16,7 +16,7 @@ import concurrent.futures
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
@@ -25,7 +25,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from tg_tinker.config import DPConfig
 from tg_tinker.errors import DPBudgetExceededError, TrainingClientError, ValidationError
-from tg_tinker.types import DPMetrics
+from tg_tinker.types import DPMetrics, json_epsilon
 
 from .ledger import History, PrivacyLedger
 from .per_example import PerExampleGradients, accumulation_dtype, clip_and_sum
@@ -130,9 +130,10 @@ def steps_by_rate(history) -> dict[tuple[float, float], int]:
     return out
 
 
-def json_epsilon(value: float):
-    """An epsilon as JSON carries it: a number, or the string "Infinity" (never null: null reads as no claim)."""
-    return value if math.isfinite(value) else "Infinity"
+class Epsilons(NamedTuple):
+    total: float
+    q1: float
+    asserted: Optional[float]
 
 
 class PrivacyAccountant:
@@ -169,31 +170,31 @@ class PrivacyAccountant:
         """Composed over every step any client took on this ledger's data, at the rates the server certified."""
         return self._epsilon_of(self.ledger.history())
 
-    def epsilon_q1(self) -> float:
-        """The same steps without amplification by subsampling (q = 1): what holds if no sampling claim does."""
-        return self._epsilon_of(tuple((s, 1.0, n) for s, _, n in self.ledger.history()))
-
-    def epsilon_asserted(self) -> Optional[float]:
-        """The client's claim (``asserted`` mode): the ledger's steps with every one charged at q = 1 taken at the
-        asserted rate instead, as if all batches not drawn by the server had been sampled as asserted. Not a bound."""
-        if self.plan.asserted_rate is None:
-            return None
+    def epsilons(self, history: Optional[History] = None) -> Epsilons:
+        """The ledger's figures, from one read of it: the certified epsilon; the same steps without amplification
+        by subsampling (q = 1: what holds if no sampling claim does); and in ``asserted`` mode the client's claim,
+        the steps charged at q = 1 taken at the asserted rate instead (as if every batch the server did not draw had
+        been sampled as asserted: not a bound)."""
+        history = self.ledger.history() if history is None else history
         rate = self.plan.asserted_rate
-        return self._epsilon_of(tuple((s, rate if q == 1.0 else q, n) for s, q, n in self.ledger.history()))
+        return Epsilons(
+            self._epsilon_of(history), self._epsilon_of(tuple((s, 1.0, n) for s, _, n in history)),
+            None if rate is None else self._epsilon_of(tuple((s, rate if q == 1.0 else q, n) for s, q, n in history)))
 
     def claims(self) -> dict:
         """The public privacy claim of weights trained so far (what a receipt states): the certified epsilon first,
         a client's sampling claim only labelled as such."""
         history = self.ledger.history()
-        out = {"dp": True, "total_epsilon": json_epsilon(self._epsilon_of(history)), "delta": self.cfg.target_delta,
-               "epsilon_q1": json_epsilon(self.epsilon_q1()), "dataset_id": self.cfg.dataset_id,
+        figures = self.epsilons(history)
+        out = {"dp": True, "total_epsilon": json_epsilon(figures.total), "delta": self.cfg.target_delta,
+               "epsilon_q1": json_epsilon(figures.q1), "dataset_id": self.cfg.dataset_id,
                "accountant": self.cfg.accountant_type, "sampling": self.plan.mode,
                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
                "sample_rate": self.sample_rate, "expected_batch_size": self.plan.expected_batch_size,
                "adjacency": privacy_unit(self.cfg.group_size), "group_size": self.cfg.group_size,
                "steps": sum(n for _, _, n in history)}
         if self.plan.asserted_rate is not None:
-            out.update({"epsilon_asserted": json_epsilon(self.epsilon_asserted()),
+            out.update({"epsilon_asserted": json_epsilon(figures.asserted),
                         "asserted_sample_rate": self.plan.asserted_rate,
                         "epsilon_asserted_is": "the client's claim of uniform sampling, not certified by the server"})
         return out
@@ -421,17 +422,18 @@ class DPGradientAccumulator:
     def metrics(self, accountant: PrivacyAccountant, before: float, after: float) -> DPMetrics:
         n = max(self.num_units, 1)
         plan = accountant.plan
-        total = max(after, accountant.total_epsilon())  # others may have spent on the data since this step's charge
+        figures = accountant.epsilons()
         return DPMetrics(
             noise_applied=True, noise_multiplier=accountant.noise_multiplier,
             epsilon_spent=(after - before) if math.isfinite(after) else math.inf,
-            total_epsilon=total, epsilon_q1=accountant.epsilon_q1(), delta=self.cfg.target_delta,
+            # max: others may have spent on the data since this step's charge
+            total_epsilon=max(after, figures.total), epsilon_q1=figures.q1, delta=self.cfg.target_delta,
             grad_norm_before_clip=self.norm_sum / n, grad_norm_after_clip=self.clipped_norm_sum / n,
             num_clipped=self.num_clipped, num_examples=self.num_examples,
             sample_rate=accountant.sample_rate, sampling_assumption=accountant.sampling_assumption,
             accountant_type=self.cfg.accountant_type, sampling=plan.mode,
             expected_batch_size=plan.expected_batch_size, group_size=self.group_size,
-            epsilon_asserted=accountant.epsilon_asserted(), asserted_sample_rate=plan.asserted_rate,
+            epsilon_asserted=figures.asserted, asserted_sample_rate=plan.asserted_rate,
         )
 
 

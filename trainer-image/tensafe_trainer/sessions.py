@@ -239,9 +239,9 @@ class Session:
     def info(self) -> ClientInfo:
         summary = self.engine.summary if self.engine else {}
         with self._cond:
-            queued = len(self._queue) + sum(op.status is OperationStatus.PENDING for op in self._handed)
-            if self._private:  # not when each step started: what the client sent and has not had back
-                queued = len(self._queue) + len(self._handed)
+            # A DP client's: what it sent and has not had back (not when each of its steps started).
+            queued = len(self._queue) + (len(self._handed) if self._private else
+                                         sum(op.status is OperationStatus.PENDING for op in self._handed))
         return ClientInfo(
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
             step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),

@@ -95,8 +95,7 @@ class PrivacyPolicy:
             except (TypeError, ValueError):
                 raise ValidationError(f"user_metadata '{METADATA_PREFIX}{name}' must be a number",
                                       {"field": "user_metadata"}) from None
-            unit_kept = base.group_size == 1 or number == base.group_size
-            if name == "group_size" and not (number.is_integer() and unit_kept):
+            if name == "group_size" and not (number.is_integer() and base.group_size in (1, number)):
                 # A policy that names a unit keeps it: a group of the policy's split across two of the model's, or
                 # sharing one with another, could move the update by up to 2 C. Where the policy names none (1),
                 # the model declares its own (its RL groups).
