@@ -48,7 +48,8 @@ def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
         lora_config=LoRAConfig(rank=16, alpha=32, target_modules=TARGETS) if lora else None,
         dp_config=DPConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, dataset_size=10_000,
                            group_size=group_size) if dp else None)
-    ledger = PrivacyLedger(Path(tempfile.mkdtemp(prefix="bench-ledger-")), "default", None) if dp else None
+    ledger = PrivacyLedger(Path(tempfile.mkdtemp(prefix="bench-ledger-")), "default", None,
+                           names_key=os.urandom(32)) if dp else None
     engine = TrainingEngine(config, ledger=ledger)
 
     def run(batches: list[BatchData]) -> int:

@@ -44,6 +44,9 @@ def random_batch(rows: int = 4, width: int = 16, seed: int = 0, vocab: int = VOC
 def tensafe_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("tensafe-home")
     os.environ["TENSAFE_HOME"] = str(home)
+    # Key sets apart from the homes (the default is the user's ~/.config/tensafe/keys/<home's keys id>)
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+    os.environ.pop("TENSAFE_KEYS_DIR", None)
     return home
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def fresh_ledger(dataset_id=None):
     """A privacy ledger of its own, in a new folder."""
     from tensafe_trainer.ledger import PrivacyLedger
 
-    return PrivacyLedger(Path(tempfile.mkdtemp(prefix="ledger-")), "default", dataset_id)
+    return PrivacyLedger(Path(tempfile.mkdtemp(prefix="ledger-")), "default", dataset_id, names_key=os.urandom(32))
 
 
 def make_engine(ledger=None, dataset=None, **overrides):

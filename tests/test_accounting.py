@@ -173,7 +173,7 @@ def test_an_edited_ledger_is_refused_whole_never_read_around(line):
     ledger = engine.accountant.ledger
     with open(ledger.path, "ab") as f:
         f.write(line + b"\n")
-    reopened = type(ledger)(ledger.path.parent.parent, "default", "edited")
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "edited", names_key=ledger.names_key)
     with pytest.raises(TrainingClientError, match="invalid entry at line 2"):
         reopened.history()
     with pytest.raises(TrainingClientError, match="invalid entry at line 2"):  # no step is taken on it

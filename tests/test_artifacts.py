@@ -79,14 +79,20 @@ def test_one_flipped_bit_anywhere_is_detected(store, where):
     header_len = int.from_bytes(data[5:9], "big")
     header_text = data[9:9 + header_len].decode()
     header = json.loads(header_text)
-    offsets = {
-        "magic": 0, "header": 9 + header_text.index(header["sealed"]) + 5,
-        "wrapped_key": 9 + header_text.index(header["wrapped_dek"]) + 3,
-        "nonce": 9 + header_text.index(header["nonce"]) + 2,
-        "body_start": 9 + header_len, "body_middle": len(data) // 2, "tag": len(data) - 3,
-    }
-    data[offsets[where]] ^= 0x04
-    path.write_bytes(bytes(data))
+    if where == "wrapped_key":  # kept in the key store, not in the file
+        [key_file] = (store.keys.folder / "artifacts" / "acme").glob(f"{info.artifact_id}.*.key")
+        entry = json.loads(key_file.read_text())
+        entry["wrapped_dek"] = entry["wrapped_dek"][:3] + ("A" if entry["wrapped_dek"][3] != "A" else "B") + \
+            entry["wrapped_dek"][4:]
+        key_file.write_text(json.dumps(entry))
+    else:
+        offsets = {
+            "magic": 0, "header": 9 + header_text.index(header["sealed"]) + 5,
+            "nonce": 9 + header_text.index(header["nonce"]) + 2,
+            "body_start": 9 + header_len, "body_middle": len(data) // 2, "tag": len(data) - 3,
+        }
+        data[offsets[where]] ^= 0x04
+        path.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError):
         store.get("acme", info.artifact_id)
 
@@ -134,10 +140,14 @@ def test_wrong_key_is_refused(store, tmp_path):
     from tg_tinker.keys import LocalKeyProvider
 
     info = put(store)
-    stranger = ArtifactStore(store.root, LocalKeyProvider(tmp_path / "other-keys"))
-    stranger.keys.active_key("acme")  # a different KEK under the same tenant name
+    # the data keys, but a different key set (KEKs) under the same tenant name
+    stranger = ArtifactStore(store.root, LocalKeyProvider(tmp_path / "other-keys", tmp_path / "keys" / "artifacts"))
+    stranger.keys.active_key("acme")
     with pytest.raises(ArtifactIntegrityError, match="not available|does not unwrap"):
         stranger.get("acme", info.artifact_id)
+    with pytest.raises(ArtifactNotFoundError, match="data key"):  # the key sets without the data keys
+        ArtifactStore(store.root, LocalKeyProvider(tmp_path / "keys", tmp_path / "no-data-keys")).get(
+            "acme", info.artifact_id)
 
 
 def test_key_file_is_private(store, tmp_path):
@@ -149,26 +159,28 @@ def test_key_file_is_private(store, tmp_path):
 def test_rotation_rewraps_without_reencrypting(store):
     from tensafe_trainer import crypto
 
+    import json
+
     info = put(store)
     path = path_of(store, info)
-    with open(path, "rb") as f:
-        _, offset = crypto.read_header(f)
-    body_before = path.read_bytes()[offset:]
+    before = path.read_bytes()
     new_kid, retired = store.rotate("acme")
     assert new_kid != info.key_id and retired == []
+    assert path.read_bytes() == before  # the data key is re-wrapped in the key store: the file is untouched
     with open(path, "rb") as f:
-        header, offset = crypto.read_header(f)
-    assert header["kid"] == new_kid and path.read_bytes()[offset:] == body_before
+        tag = crypto.key_tag(crypto.read_header(f)[0])
+    entry = json.loads((store.keys.folder / "artifacts" / "acme" / f"{info.artifact_id}.{tag}.key").read_text())
+    assert entry["kid"] == new_kid
     rotated = store.info("acme", info.artifact_id)
-    assert rotated.key_id == new_kid and rotated.content_hash != info.content_hash
+    assert rotated.key_id == new_kid and rotated.content_hash == info.content_hash
     assert store.get("acme", info.artifact_id) == PAYLOAD
     assert put(store).key_id == new_kid
 
 
 def test_crypto_shredding_makes_artifacts_unreadable(store):
     info = put(store)
-    store.keys.shred("acme")
-    with pytest.raises(ArtifactIntegrityError, match="not available"):
+    store.keys.shred("acme")  # the key set and every data key
+    with pytest.raises(ArtifactNotFoundError, match="data key"):
         store.get("acme", info.artifact_id)
 
 
@@ -268,8 +280,7 @@ def test_the_description_is_sealed_and_authenticated(store):
     data = path.read_bytes()
     header_len = int.from_bytes(data[5:9], "big")
     header = json.loads(data[9:9 + header_len])
-    assert set(header) == {"v", "alg", "nonce", "tenant", "artifact_id", "sealed", "sealed_nonce", "kid",
-                           "wrapped_dek", "wrap_nonce"}
+    assert set(header) == {"v", "alg", "nonce", "tenant", "artifact_id", "sealed", "sealed_nonce"}
     for secret in (b"hiv-cohort", b"ward-7", b"tc-cohort", b"checkpoint"):
         assert secret not in data and secret not in index_path_of(store, info).read_bytes()
     described = store.info("acme", info.artifact_id)
@@ -285,8 +296,8 @@ def test_the_description_is_sealed_and_authenticated(store):
 
 
 def test_every_bit_flipped_in_the_tenant_field_is_an_integrity_error(store, tmp_path):
-    """Offline decryption takes the tenant from the header: a flip there must read as tampering, not as a bad
-    command-line argument."""
+    """Offline decryption takes the tenant from the header: a flip there must read as tampering (or as a data
+    key this store does not hold), not as a bad command-line argument."""
     import io
 
     from tensafe_trainer import crypto
@@ -298,7 +309,7 @@ def test_every_bit_flipped_in_the_tenant_field_is_an_integrity_error(store, tmp_
         for bit in range(8):
             flipped = bytearray(data)
             flipped[offset] ^= 1 << bit
-            with pytest.raises(ArtifactIntegrityError):
+            with pytest.raises((ArtifactIntegrityError, ArtifactNotFoundError)):
                 header, _ = crypto.read_header(io.BytesIO(bytes(flipped)))
                 crypto.decrypt_from(io.BytesIO(bytes(flipped)), len(flipped),
                                     crypto.Binding(header["tenant"], "", header["artifact_id"]), store.keys)
@@ -331,10 +342,10 @@ def test_reencrypting_rotation_retires_the_old_key_so_a_copy_taken_before_is_dea
     with open(tmp_path / "keys" / "acme.json") as f:
         assert list(__import__("json").load(f)["keys"]) == [kid]
     path_of(store, info).write_bytes(copy)  # the old copy put back in place
-    with pytest.raises(ArtifactIntegrityError, match="not available"):
+    with pytest.raises(ArtifactIntegrityError, match="re-encrypted"):
         store.get("acme", info.artifact_id)
-    with open(path_of(store, info), "rb") as f:
-        assert crypto.read_header(f)[0]["kid"] == info.key_id  # it is the old copy, refused for want of its key
+    with open(path_of(store, info), "rb") as f:  # it is the old copy, refused for want of its data key
+        assert crypto.read_header(f)[0]["nonce"] in copy.decode(errors="replace")
 
 
 def test_reencryption_destroys_no_key_while_an_artifact_cannot_move(store):
@@ -361,7 +372,7 @@ def test_shredding_removes_keys_files_and_index_entries(store, tmp_path):
     private = store.root / "acme"
     private.mkdir()
     (private / f"{info.artifact_id}.tsa").write_bytes(copy)  # a backup restored
-    with pytest.raises(ArtifactIntegrityError, match="not available"):
+    with pytest.raises(ArtifactNotFoundError, match="data key"):
         store.info("acme", info.artifact_id)
 
 
@@ -389,3 +400,115 @@ def test_a_damaged_artifact_is_left_out_of_listings_and_can_be_deleted(store):
     assert not path.exists() and not index_path_of(store, damaged).exists()
     with pytest.raises(ArtifactNotFoundError):
         store.delete("acme", damaged.artifact_id)
+
+
+def test_deleting_an_artifact_kills_every_earlier_copy_and_only_that_one(store):
+    """The insider's backup of the home: a copy of the file taken before ``delete`` never opens again (its data
+    key was destroyed in the key store), while the tenant's other artifacts stay readable."""
+    doomed, kept = put(store), put(store, os.urandom(500))
+    backup = path_of(store, doomed).read_bytes()
+    store.delete("acme", doomed.artifact_id)
+    path_of(store, doomed).write_bytes(backup)  # put back from the backup
+    with pytest.raises(ArtifactNotFoundError, match="data key"):
+        store.get("acme", doomed.artifact_id)
+    assert [i.artifact_id for i in store.list("acme")] == [kept.artifact_id]  # not listed either
+    assert store.get("acme", kept.artifact_id) is not None
+    with pytest.raises(ArtifactNotFoundError):  # deleting it again: nothing there to delete
+        store.delete("acme", "art-" + "0" * 32)
+
+
+def test_a_deleted_dataset_does_not_come_back_from_a_restored_file(store):
+    from tensafe_trainer import datasets
+    from tg_tinker.types import RegisterDataset
+
+    first = datasets.register(store, RegisterDataset(dataset_id="cohort", tenant_id="acme",
+                                                     examples=[{"input_ids": [1, 2, 3]}]))
+    backup = (store.root / "acme" / f"{first.artifact_id}.tsa").read_bytes()
+    datasets.delete(store, "acme", "cohort")
+    (store.root / "acme" / f"{first.artifact_id}.tsa").write_bytes(backup)
+    with pytest.raises(ArtifactNotFoundError):
+        datasets.describe(store, "acme", "cohort")
+    assert datasets.load_examples(store, "acme", "cohort") is None
+    again = datasets.register(store, RegisterDataset(dataset_id="cohort", tenant_id="acme",
+                                                     examples=[{"input_ids": [7, 8]}, {"input_ids": [9]}]))
+    assert again.artifact_id != first.artifact_id
+    assert datasets.load_examples(store, "acme", "cohort") == [{"input_ids": [7, 8]}, {"input_ids": [9]}]
+
+
+def test_rotation_keeps_readable_the_artifacts_of_another_home_on_the_same_key_store(tmp_path):
+    """Homes share the per-user key store by default: retiring a KEK must not kill another home's artifacts."""
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tg_tinker.keys import LocalKeyProvider
+
+    keys = LocalKeyProvider(tmp_path / "keys")
+    here, there = ArtifactStore(tmp_path / "a", keys), ArtifactStore(tmp_path / "b", keys)
+    mine, theirs = put(here), put(there, os.urandom(64))
+    kid, retired = here.rotate("acme", reencrypt=True)
+    assert retired == [mine.key_id]
+    assert there.info("acme", theirs.artifact_id).key_id == kid and there.get("acme", theirs.artifact_id)
+    assert here.get("acme", mine.artifact_id) == PAYLOAD
+
+
+def test_a_version_2_file_with_its_data_key_in_the_header_is_read_and_moved_on_reencryption(store):
+    """Files written before data keys moved to the key store: an independent writer of the version 2 layout."""
+    import base64
+    import json
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from tensafe_trainer import crypto
+
+    kid, kek = store.keys.active_key("acme")
+    artifact_id, dek, nonce = "art-" + "ab" * 16, os.urandom(32), os.urandom(12)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    header = {"v": 2, "alg": "AES-256-GCM", "nonce": b64(nonce), "tenant": "acme", "artifact_id": artifact_id}
+    sealed_nonce = os.urandom(12)
+    description = {"kind": "checkpoint", "step": 1, "created_at": 0.0, "training_client": "tc-old", "name": None}
+    header["sealed"] = b64(AESGCM(dek).encrypt(sealed_nonce, crypto.canonical_json(description), crypto.canonical_json(
+        {"sealed": "description", "tenant": "acme", "artifact_id": artifact_id})))
+    header["sealed_nonce"] = b64(sealed_nonce)
+    wrap_nonce = os.urandom(12)
+    header.update(kid=kid, wrap_nonce=b64(wrap_nonce), wrapped_dek=b64(AESGCM(kek).encrypt(
+        wrap_nonce, dek, crypto.canonical_json({"kid": kid, "tenant": "acme", "artifact_id": artifact_id}))))
+    aad = crypto.canonical_json({k: v for k, v in header.items() if k not in ("kid", "wrapped_dek", "wrap_nonce")})
+    body = json.dumps(header).encode()
+    (store.root / "acme").mkdir(mode=0o700, exist_ok=True)
+    path = store.root / "acme" / f"{artifact_id}.tsa"
+    path.write_bytes(struct.pack(">4sBI", b"TSAF", 2, len(body)) + body + AESGCM(dek).encrypt(nonce, b"old", aad))
+    assert store.get("acme", artifact_id) == b"old" and store.owner("acme", artifact_id) == "tc-old"
+    store.rotate("acme", reencrypt=True)
+    with open(path, "rb") as f:
+        assert crypto.read_header(f)[0]["v"] == crypto.VERSION
+    assert store.get("acme", artifact_id) == b"old"
+
+
+def test_a_key_file_written_or_deleted_is_fsynced_with_its_folder(tmp_path, monkeypatch):
+    """A power cut must not bring back a key a shred or a deletion destroyed, nor lose one a save wrote."""
+    from pathlib import Path
+
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tg_tinker.keys import LocalKeyProvider
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    keys = LocalKeyProvider(tmp_path / "keys")
+    store = ArtifactStore(tmp_path / "artifacts", keys)
+    info = put(store, b"x")
+    data_keys = tmp_path / "keys" / "artifacts" / "acme"
+    [key_file] = data_keys.glob(f"{info.artifact_id}.*.key")
+    assert {str(tmp_path / "keys"), str(data_keys)} <= set(synced)  # the folders, after the renames
+    for written in (tmp_path / "keys" / "acme.json", key_file):  # each file, under its temporary name
+        assert any(Path(p).parent == written.parent and Path(p).name.startswith(f".{written.name}.") for p in synced)
+    synced.clear()
+    store.delete("acme", info.artifact_id)
+    assert str(data_keys) in synced and not key_file.exists()
+    synced.clear()
+    keys.shred("acme")
+    assert str(tmp_path / "keys") in synced and not (tmp_path / "keys" / "acme.json").exists()

@@ -38,7 +38,7 @@ def lines(log):
 def verify(log, expect_head=None):
     from tensafe_trainer.audit import verify as run
 
-    return run(log.path, log._key, expect_head)
+    return run(log.path, log.generations(), expect_head)
 
 
 def test_intact_chain_verifies(log):
@@ -158,16 +158,15 @@ def test_a_new_writer_verifies_the_whole_chain_before_extending_it(log, keys):
 
     rows = lines(log)
     log.path.write_text("\n".join(rows[:2] + rows[4:]) + "\n")
-    writer = AuditLog(log.path, keys.chain_key("acme"), "acme")  # a restarted trainer
+    writer = AuditLog(log.path, keys, "acme")  # a restarted trainer
     with pytest.raises(AuditIntegrityError, match="does not verify .*sequence 4 where 2 was expected"):
         writer.append_many([dict(operation="optim_step", training_client_id="tc-1", tenant_id="acme",
                                  request_hash="0" * 64, success=True)])
 
 
 def test_cli_verify_needs_the_key_and_reports_the_first_broken_link(log, tmp_path):
-    home = tmp_path  # the fixture's keys are <tmp>/keys, as in a trainer home
-    command = [sys.executable, "-m", "tensafe_trainer", "audit", "verify", str(log.path), "--tenant", "acme",
-               "--home", str(home)]
+    base = [sys.executable, "-m", "tensafe_trainer", "audit", "verify", str(log.path), "--tenant", "acme"]
+    command = base + ["--keys", str(tmp_path / "keys" / "acme.json")]  # the fixture's key set
     good = subprocess.run(command, capture_output=True, text=True)
     assert good.returncode == 0 and "chain intact" in good.stdout, good.stdout + good.stderr
     head = log.head()
@@ -179,7 +178,7 @@ def test_cli_verify_needs_the_key_and_reports_the_first_broken_link(log, tmp_pat
     log.path.write_text("\n".join(rows) + "\n")
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 1 and "line 4" in bad.stdout
-    keyless = subprocess.run(command[:-2] + ["--home", str(tmp_path / "elsewhere")], capture_output=True, text=True)
+    keyless = subprocess.run(base + ["--home", str(tmp_path / "elsewhere")], capture_output=True, text=True)
     assert keyless.returncode == 2 and "no audit key" in keyless.stderr
     log.path.unlink()
     gone = subprocess.run(command, capture_output=True, text=True)
@@ -201,10 +200,79 @@ def test_every_operation_is_audited_through_the_service(service, tc):
     from pathlib import Path
 
     from tensafe_trainer.audit import verify as run
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_trainer.paths import key_provider
 
     home = Path(os.environ["TENSAFE_HOME"])
-    ok, _, message = run(home / "audit" / "default.jsonl", LocalKeyProvider(home / "keys").chain_key("default"),
+    ok, _, message = run(home / "audit" / "default.jsonl", key_provider(home).chain_key("default"),
                          (checkpoint.audit_head.sequence, checkpoint.audit_head.record_hash))
     assert ok, message
     assert entries[2].sequence == checkpoint.audit_head.sequence  # the save's result names its own entry
+
+
+def test_audit_reads_refuse_an_edited_or_truncated_log_under_a_running_trainer(service, tensafe_home):
+    """Issue #26, finding 7: `/v1/audit` served an edited entry, and after a truncation `/v1/audit/head` answered
+    an earlier head. Reads verify the whole chain and never serve a log that ends before what the trainer wrote."""
+    from pathlib import Path
+
+    from tensafe_trainer.audit import AuditTrail
+    from tensafe_trainer.paths import key_provider
+    from tg_tinker import AuditIntegrityError, ServiceClient
+
+    with ServiceClient(service.base_url, service._local.token, tenant_id="audit-tamper") as svc:
+        for seed in range(3):  # six audited operations of the tenant
+            svc.delete_dataset(svc.register_dataset(random_batch(rows=2, width=4, seed=seed)).dataset_id)
+        head = svc.audit_head()
+        assert head.sequence == 5 and len(svc.get_audit_logs()) == 6
+        path = AuditTrail(Path(tensafe_home) / "audit", key_provider(Path(tensafe_home))).path("audit-tamper")
+        intact = path.read_text().splitlines()
+
+        edited = json.loads(intact[2])
+        edited["artifact_ids_produced"] = ["art-" + "0" * 32]  # the insider's edit, in place
+        path.write_text("\n".join(intact[:2] + [json.dumps(edited, sort_keys=True)] + intact[3:]) + "\n")
+        with pytest.raises(AuditIntegrityError, match="line 3"):
+            svc.get_audit_logs()
+        with pytest.raises(AuditIntegrityError, match="does not verify"):
+            svc.audit_head()
+
+        path.write_text("\n".join(intact[:4]) + "\n")  # the last two entries dropped: a valid shorter chain
+        with pytest.raises(AuditIntegrityError, match="ends at sequence 3, before the published head 5"):
+            svc.audit_head()
+        with pytest.raises(AuditIntegrityError, match="truncated"):
+            svc.get_audit_logs()
+
+        path.write_text("\n".join(intact) + "\n")
+        assert svc.audit_head() == head and len(svc.get_audit_logs()) == 6
+
+
+def test_resume_latest_refuses_when_the_newest_checkpoint_file_is_gone(service, tensafe_home):
+    """Issue #26, finding 8: removing the newest checkpoint file silently rolled `resume_from="latest"` back a step
+    (every trainer pod starts with it). The audit chain names each save's artifacts: a missing newest is an error."""
+    from pathlib import Path
+
+    from tg_tinker import TGTinkerError
+
+    from conftest import tiny_config
+
+    config = tiny_config()
+    victim = service.create_training_client(config, client_id="latest-victim")
+    try:
+        victim.forward_backward(random_batch())
+        victim.optim_step()
+        older = victim.save_state()
+        victim.forward_backward(random_batch(seed=1))
+        victim.optim_step()
+        newest = victim.save_state()
+        assert (older.step, newest.step) == (1, 2)
+    finally:
+        victim.close()
+    removed = list((Path(tensafe_home) / "artifacts" / "default").glob(f"{newest.artifact_id}.*"))
+    assert removed
+    for path in removed:  # the insider's `rm`
+        path.unlink()
+    with pytest.raises(TGTinkerError, match=f"{newest.artifact_id}, the newest save .* is missing"):
+        service.create_training_client(config, client_id="latest-victim", resume_from="latest")
+    rolled_back = service.create_training_client(config, client_id="latest-victim", resume_from=older.artifact_id)
+    try:  # a rollback said out loud is still possible
+        assert rolled_back.step == 1
+    finally:
+        rolled_back.close()

@@ -101,3 +101,21 @@ def test_trainer_defaults_reach_the_operator(helm):
     defaults = TrainerDefaults.parse(env["TENSAFE_TRAINER_DEFAULTS"])
     assert defaults.resources == {"gpus": 1} and defaults.node_selector == {"pool": "gpu"}
     assert json.loads(env["TENSAFE_TRAINER_DEFAULTS"])["tolerations"] == []
+
+
+def test_trainer_images_are_an_allow_list_defaulting_to_the_charts_own(helm):
+    """Issue #26: a TrainingClient's spec.image runs only if the operator's allow-list has it."""
+    from tensafe_operator.builders import image_allowed, parse_allowed_images
+
+    def allowed(*sets):
+        container = by_kind(render(helm, *sets))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        return env["TENSAFE_TRAINER_IMAGE"], parse_allowed_images(env["TENSAFE_ALLOWED_IMAGES"])
+
+    default, images = allowed()
+    assert images == ("ghcr.io/tensafe/tensafe-trainer:0.1.0",) == (default,)
+    assert not image_allowed("ghcr.io/tensafe/tensafe-trainer:0.0.9", images, default)
+    default, images = allowed("trainer.allowedImages={registry.example/tensafe-trainer:*,other.example/t:1}")
+    assert images == ("registry.example/tensafe-trainer:*", "other.example/t:1")
+    assert image_allowed("registry.example/tensafe-trainer:2", images, default) and image_allowed(default, images,
+                                                                                                    default)

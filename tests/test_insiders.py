@@ -203,7 +203,9 @@ def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, 
     state = torch.load(out, weights_only=True)
     assert state["step"] == checkpoint.step and out.stat().st_mode & 0o777 == 0o600
     # With only the key set, as a file or as the tenant's key Secret exported from Kubernetes.
-    keyset = (home / "keys" / "default.json").read_text()
+    from tensafe_trainer.paths import artifact_keys_dir, keys_dir
+
+    keyset = (keys_dir(home) / "default.json").read_text()
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "acme-keys"},
               "data": {"default.json": base64.b64encode(keyset.encode()).decode(), "token": "eA=="}}
     (tmp_path / "secret.json").write_text(json.dumps(secret))
@@ -211,7 +213,8 @@ def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, 
     for keys in ("keyset.json", "secret.json"):
         again = tmp_path / f"again-{keys}.pt"
         done = tensafe("artifact", "decrypt", str(tmp_path / "checkpoint.bin"), "--out", str(again),
-                       "--keys", str(tmp_path / keys), "--home", str(tmp_path / "nowhere"))
+                       "--keys", str(tmp_path / keys), "--artifact-keys", str(artifact_keys_dir(home)),
+                       "--home", str(tmp_path / "nowhere"))
         assert done.returncode == 0 and again.read_bytes() == out.read_bytes(), done.stderr
     flipped = bytearray(data)
     flipped[len(flipped) // 2] ^= 1
@@ -313,11 +316,13 @@ def test_shredding_leaves_nothing_readable_in_the_home(tmp_path):
     done = tensafe("artifact", "shred", "--yes", "--home", str(home))
     assert done.returncode == 0, done.stderr
     assert readable() == []
-    assert not (home / "artifacts" / "default").exists() and not (home / "keys" / "default.json").exists()
+    from tensafe_trainer.paths import keys_dir
+
+    assert not (home / "artifacts" / "default").exists() and not (keys_dir(home) / "default.json").exists()
     assert not (home / "audit" / "default.jsonl").exists()
     (tmp_path / "copy.bin").write_bytes(copy)
     dead = tensafe("artifact", "decrypt", str(tmp_path / "copy.bin"), "--out", str(tmp_path / "x"), "--home", str(home))
-    assert dead.returncode == 1 and "not available" in dead.stderr
+    assert dead.returncode == 1 and "data key is not in this key store" in dead.stderr
 
 
 def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
@@ -335,7 +340,7 @@ def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
     assert done.returncode == 0 and "retired keys destroyed" in done.stdout, done.stderr
     dead = tensafe("artifact", "decrypt", str(tmp_path / "before.bin"), "--out", str(tmp_path / "b"),
                    "--home", str(tmp_path))
-    assert dead.returncode == 1 and "not available" in dead.stderr and not (tmp_path / "b").exists()
+    assert dead.returncode == 1 and "re-encrypted" in dead.stderr and not (tmp_path / "b").exists()
     assert open_store(tmp_path).get("default", info.artifact_id) == b"weights"
     from tensafe_trainer import crypto
 
@@ -343,3 +348,73 @@ def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
     with pytest.raises(ArtifactIntegrityError):
         crypto.decrypt_from(io.BytesIO(before), len(before), crypto.Binding("default", "", info.artifact_id),
                             open_store(tmp_path).keys)
+
+
+def test_a_copy_of_the_home_decrypts_nothing_in_a_fresh_environment(svc, bob, home, tmp_path):
+    """The insider's backup of the home, taken to another machine (no access to the key store): no key set
+    is in it, no artifact, no dataset and no name decrypts, and a trainer started on it reads nothing."""
+    import os
+    import shutil
+
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.paths import key_provider
+
+    saved = bob.save_state(metadata={"cohort": SECRET_NAME})
+    svc.register_dataset([{"input_ids": [11, 12, 13]}], dataset_id="ward-7")
+    copy = tmp_path / "copied-home"
+    shutil.copytree(home, copy)
+    for path in copy.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b'"active"' not in data and not path.name.endswith(".key"), path  # no key set, no data key
+            assert SECRET_NAME.encode() not in data, path
+    fresh = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "fresh-config"))
+    fresh.pop("TENSAFE_KEYS_DIR", None)
+    out = subprocess.run([sys.executable, "-m", "tensafe_trainer", "artifact", "decrypt", saved.artifact_id,
+                          "--out", str(tmp_path / "x.pt"), "--home", str(copy)], capture_output=True, text=True,
+                         env=fresh)
+    assert out.returncode != 0 and not (tmp_path / "x.pt").exists()
+    os.environ["XDG_CONFIG_HOME"], before = str(tmp_path / "fresh-config"), os.environ["XDG_CONFIG_HOME"]
+    try:
+        store = ArtifactStore(copy / "artifacts", key_provider(copy))
+    finally:
+        os.environ["XDG_CONFIG_HOME"] = before
+    assert store.list("default") == []  # every artifact, the dataset included, is unreadable
+    assert ArtifactStore(home / "artifacts", key_provider(home)).get("default", saved.artifact_id)  # the original
+
+
+def test_a_server_whose_keys_lie_inside_its_home_refuses_to_start(tmp_path):
+    import os
+
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    (home / "keys" / "default.json").write_text("{}")  # where versions before kept them
+    env = dict(os.environ, TENSAFE_AUTH_TOKEN="t")
+    env.pop("TENSAFE_KEYS_DIR", None)
+    for extra in ({}, {"TENSAFE_KEYS_DIR": str(home / "inside")}):
+        refused = subprocess.run([sys.executable, "-m", "tensafe_trainer", "serve", "--home", str(home), "--port", "0"],
+                                 capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert refused.returncode != 0 and "inside the data folder" in refused.stderr, refused.stderr
+        assert "--allow-keys-in-home" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_without_a_key_the_home_names_no_client_and_no_dataset(svc, home):
+    """Finding 9: the audit log and the ledger file names showed client ids, dataset ids and which client
+    produced which artifact. Client ids are sealed in the audit log and ledgers are named by pseudonym; the
+    trainer still reads both back (its answers name the client)."""
+    from conftest import dp_config
+
+    client = svc.create_training_client(tiny_config(dp_config=dp_config(dataset_id="ward7-cohort")),
+                                        client_id="oncology-trial-42")
+    client.forward_backward(random_batch())
+    client.optim_step().result()
+    saved = client.save_state()
+    secrets = (b"oncology-trial-42", b"ward7-cohort")
+    for path in home.rglob("*"):
+        assert not any(s.decode() in path.name for s in secrets), path
+        if path.is_file():
+            assert not any(s in path.read_bytes() for s in secrets), path
+    entries = svc.get_audit_logs(training_client_id="oncology-trial-42")
+    assert entries and {e.training_client_id for e in entries} == {"oncology-trial-42"}
+    assert saved.artifact_id in {a for e in entries for a in e.artifact_ids_produced}
+    client.close()

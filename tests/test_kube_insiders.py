@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,16 +46,19 @@ def test_a_save_on_kubernetes_leaves_no_name_or_metadata_and_publishes_the_audit
         (tmp_path / "keys.json").write_text(json.dumps({"kind": "Secret", "data": secret.data}))
 
         volume = cluster.dev.root / "volumes" / namespace / "cohort-artifacts"
+        data_keys = cluster.dev.root / "volumes" / namespace / "cohort-artifacts-keys"  # the artifacts' data keys
         seen = {"TrainingOperations": json.dumps(top),
                 "TrainingClient": json.dumps(cluster.custom.get_namespaced_custom_object(
                     GROUP, VERSION, namespace, TRAINING_CLIENTS, "cohort")),
                 "operator log": (cluster.dev.root / "operator.log").read_text(errors="replace")}
-        seen.update({str(p): p.read_bytes().decode("latin-1") for p in volume.rglob("*") if p.is_file()})
+        seen.update({str(p): p.read_bytes().decode("latin-1") for folder in (volume, data_keys)
+                     for p in folder.rglob("*") if p.is_file()})
         seen.update({str(p): p.read_text(errors="replace")
                      for p in (cluster.dev.root / "logs").glob(f"{namespace}_*.log")})
         for where, text in seen.items():
             assert SECRET_NAME not in text and SECRET_NOTE not in text, where
-        assert any(str(volume / "artifacts") in where for where in seen)  # the volume was scanned
+        assert any(str(volume / "artifacts") in where for where in seen)  # the volumes were scanned
+        assert any(str(data_keys) in where for where in seen) and not any(volume.rglob("*.key"))
         assert sampler in {a.artifact_id for a in service.list_artifacts()}
 
         # An administrator of the volume truncates the chain; the head the status published catches it, with
@@ -73,17 +78,18 @@ def test_a_save_on_kubernetes_leaves_no_name_or_metadata_and_publishes_the_audit
 
         (tmp_path / "copy.bin").write_bytes(copy)
         opened = tensafe("artifact", "decrypt", str(tmp_path / "copy.bin"), "--out", str(tmp_path / "a.pt"),
-                         "--keys", str(tmp_path / "keys.json"))
+                         "--keys", str(tmp_path / "keys.json"), "--artifact-keys", str(data_keys))
         assert opened.returncode == 0, opened.stderr
         KubernetesSecretKeyProvider(cluster.core, namespace, "cohort-keys").shred("default")
         assert "default.json" not in (cluster.core.read_namespaced_secret("cohort-keys", namespace).data or {})
         tc.close()
     for top in cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_OPERATIONS)["items"]:
         assert SECRET_NAME not in json.dumps(top)
+    fresh = {"active": "x", "keys": {"x": base64.b64encode(os.urandom(32)).decode()}}  # a new key set, not the old
     (tmp_path / "keys-now.json").write_text(json.dumps({"kind": "Secret", "data": {
-        "default.json": base64.b64encode(json.dumps({"active": "x", "keys": {}}).encode()).decode()}}))
+        "default.json": base64.b64encode(json.dumps(fresh).encode()).decode()}}))
     dead = tensafe("artifact", "decrypt", str(tmp_path / "copy.bin"), "--out", str(tmp_path / "b.pt"),
-                   "--keys", str(tmp_path / "keys-now.json"))
+                   "--keys", str(tmp_path / "keys-now.json"), "--artifact-keys", str(data_keys))
     assert dead.returncode == 1 and "not available" in dead.stderr
 
 
@@ -138,3 +144,70 @@ def test_a_client_created_again_under_its_name_gets_a_new_token_and_the_old_one_
         assert fresh.status_code == 200
     finally:
         cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, "reborn")
+
+
+def test_a_training_client_cannot_name_another_tenants_secret_or_volume_nor_run_an_unlisted_image(cluster, namespace):
+    """Issue #26, finding 3, as the insider does it: whoever may create TrainingClients (and Secrets of his own), not
+    read Secrets, names tenant acme's key Secret and volume from tenant mallory, and an image of his own."""
+    from tg_tinker import TrainingClientError
+
+    def apply(name, tenant, **spec):
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient", "metadata": {"name": name},
+                "spec": {"training": tiny_config().model_dump(mode="json", exclude_none=True), "tenantId": tenant,
+                         **spec}}
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, body)
+
+    def status(name):
+        return cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS,
+                                                           name).get("status") or {}
+
+    # The victim's Secret and volume, made by the operator for acme (suspended: no trainer needed for this).
+    apply("acme-bot", "acme", keySecretRef={"name": "acme-keys"}, artifactStore={"claimName": "acme-data"},
+          suspend=True)
+    wait_for("acme's client", lambda: status("acme-bot").get("phase") == "TERMINATED")
+    before = cluster.core.read_namespaced_secret("acme-keys", namespace)
+    assert "acme.json" in before.data
+
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "acme-tls", "labels": {
+        "tensafe.io/tenant": "acme"}}, "type": "kubernetes.io/tls", "data": {"tls.crt": "", "tls.key": ""}})
+    attacks = {"grab-keys": ("ForeignSecret", {"keySecretRef": {"name": "acme-keys"}}),
+               "grab-tls": ("ForeignSecret", {"tls": {"secretName": "acme-tls"}}),
+               "grab-volume": ("ForeignVolume", {"artifactStore": {"claimName": "acme-data"}}),
+               "acme": ("ForeignSecret", {}),  # its own default Secret would be "acme-keys"
+               # the local kubelet runs any image named tensafe-trainer: today's code would start it
+               "run-mine": ("ImageNotAllowed", {"image": "evil.example/tensafe-trainer:pwn"})}
+    for name, (_, spec) in attacks.items():
+        apply(name, "mallory", **spec)
+    for name, (reason, _) in attacks.items():
+        refused = wait_for(f"{name} refused", lambda: (s := status(name)).get("reason") == reason and s)
+        failed = {c["type"]: c for c in refused["conditions"]}["Failed"]
+        assert refused["phase"] == "ERROR" and failed["status"] == "True"
+        if reason != "ImageNotAllowed":
+            assert "another tenant" in refused["message"]  # whose, it does not say
+            assert "'acme'" not in refused["message"] and "=acme" not in refused["message"]
+    events = wait_for("the Warning events", lambda: (found := {
+        (e.involved_object.name, e.reason) for e in cluster.core.list_namespaced_event(namespace).items
+        if e.type == "Warning"}) >= {(n, r) for n, (r, _) in attacks.items()} and found)
+    assert events
+    time.sleep(2)  # two status-mirror rounds: still no pod, still refused
+    assert cluster.core.list_namespaced_pod(namespace).items == []
+    after = cluster.core.read_namespaced_secret("acme-keys", namespace)
+    assert after.metadata.resource_version == before.metadata.resource_version  # no token, no key set, no owner
+    assert sorted(after.data) == sorted(before.data) and not after.metadata.owner_references
+    assert all(status(name)["reason"] == reason for name, (reason, _) in attacks.items())
+    # What the operator made for acme is bound to acme (and the volume, like the Secret, is named: not owned).
+    claim = cluster.core.read_namespaced_persistent_volume_claim("acme-data", namespace).metadata
+    assert before.metadata.labels["tensafe.io/tenant"] == claim.labels["tensafe.io/tenant"] == "acme"
+    assert not claim.owner_references
+    with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:
+        with pytest.raises(TrainingClientError, match="ForeignVolume"):
+            service.get_training_client("grab-volume")
+
+    # A Secret of his own, unlabelled, is refused too; labelled for his own tenant, the client goes ahead.
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "mine"}, "data": {}})
+    apply("own-keys", "mallory", keySecretRef={"name": "mine"}, suspend=True)
+    wait_for("own-keys refused", lambda: status("own-keys").get("reason") == "ForeignSecret")
+    assert not cluster.core.read_namespaced_secret("mine", namespace).data
+    cluster.core.patch_namespaced_secret("mine", namespace, {"metadata": {"labels": {"tensafe.io/tenant": "mallory"}}})
+    wait_for("own-keys accepted", lambda: status("own-keys").get("phase") == "TERMINATED")
+    assert "mallory.json" in cluster.core.read_namespaced_secret("mine", namespace).data

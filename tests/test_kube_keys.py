@@ -8,16 +8,17 @@ import os
 
 import pytest
 
-from tg_tinker import ArtifactIntegrityError
+from tg_tinker import ArtifactIntegrityError, ArtifactNotFoundError
 
 PAYLOAD = os.urandom(2 * 1024 * 1024 + 5)
 
 
 @pytest.fixture
-def provider(cluster, namespace):
+def provider(cluster, namespace, tmp_path):
+    """The tenant's Secret through the API, and the trainer's data-key volume (here a folder)."""
     from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
 
-    return KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys")
+    return KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys", tmp_path / "data-keys")
 
 
 def secret_data(cluster, namespace):
@@ -36,7 +37,8 @@ def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespac
     mounted = tmp_path / "mounted"
     mounted.mkdir()
     (mounted / "acme.json").write_bytes(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))
-    assert ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(mounted)).get("acme", info.artifact_id) == PAYLOAD
+    pod_keys = LocalKeyProvider(mounted, tmp_path / "data-keys")
+    assert ArtifactStore(tmp_path / "artifacts", pod_keys).get("acme", info.artifact_id) == PAYLOAD
 
     new_kid, retired = store.rotate("acme")
     assert new_kid != info.key_id and store.info("acme", info.artifact_id).key_id == new_kid and retired == []
@@ -52,12 +54,12 @@ def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespac
     assert list(json.loads(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))["keys"]) == [last_kid]
     assert store.get("acme", info.artifact_id) == PAYLOAD
     path.write_bytes(before)
-    with pytest.raises(ArtifactIntegrityError, match="not available"):
+    with pytest.raises(ArtifactIntegrityError, match="re-encrypted"):
         store.get("acme", info.artifact_id)
 
     store.keys.shred("acme")
-    assert "acme.json" not in secret_data(cluster, namespace)
-    with pytest.raises(ArtifactIntegrityError, match="not available"):
+    assert "acme.json" not in secret_data(cluster, namespace) and not (tmp_path / "data-keys" / "acme").exists()
+    with pytest.raises(ArtifactNotFoundError, match="data key"):
         store.get("acme", info.artifact_id)
 
 

@@ -41,7 +41,7 @@ def test_create_train_save_load_and_delete(cluster, namespace, service):
     tc = service.create_training_client(tiny_config(), client_id="alpha")
     assert tc.status.value == "READY"
     assert children(cluster, namespace) == {"pods": ["alpha-trainer"], "services": ["alpha-trainer"],
-                                            "claims": ["alpha-artifacts"]}
+                                            "claims": ["alpha-artifacts", "alpha-artifacts-keys"]}
     pod = cluster.core.read_namespaced_pod("alpha-trainer", namespace)
     assert pod.metadata.owner_references[0].name == "alpha" and pod.metadata.owner_references[0].controller
 
@@ -74,9 +74,44 @@ def test_create_train_save_load_and_delete(cluster, namespace, service):
     tc.optim_step().result()
     assert tc.load_state(saved.artifact_id).step == 2
 
-    tc.close()  # deletes the custom resource; the garbage collector takes its children
+    service.delete_training_client("alpha")  # the explicit call; the garbage collector takes its children
     wait_for("children to go", lambda: children(cluster, namespace) == {"pods": [], "services": [], "claims": []})
     assert cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TOPS)["items"] == []
+
+
+def test_leaving_a_service_client_keeps_its_clients_checkpoints_and_deleting_is_an_explicit_call(cluster, namespace):
+    """Issue #26, finding 12: leaving the block suspends the client it created (a checkpoint, then no pod); the
+    resource, its volume with every checkpoint and its TrainingOperations stay, and it resumes where it was."""
+    with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:
+        tc = service.create_training_client(tiny_config(), client_id="keeper")
+        tc.forward_backward(random_batch())
+        tc.optim_step().result()
+        saved = tc.save_state()
+        tc.forward_backward(random_batch(seed=1))
+        tc.optim_step()  # after the last save: the suspension's own checkpoint keeps it
+    wait_for("the pod to stop", lambda: not children(cluster, namespace)["pods"])
+    status = wait_for("the suspended status", lambda: (s := training_client(cluster, namespace, "keeper")[
+        "status"]).get("phase") == "TERMINATED" and s)
+    assert training_client(cluster, namespace, "keeper")["spec"]["suspend"] is True
+    assert status["lastCheckpoint"] != saved.artifact_id  # the one taken on suspension
+    assert children(cluster, namespace)["claims"] == ["keeper-artifacts", "keeper-artifacts-keys"]
+    [top] = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TOPS)["items"]
+    assert top["status"]["result"]["artifact_id"] == saved.artifact_id
+
+    with ServiceClient(backend="kubernetes", namespace=namespace, kubeconfig=cluster.kubeconfig) as service:
+        with pytest.raises(ValidationError, match="get_training_client"):
+            service.create_training_client(tiny_config(), client_id="keeper")
+        tc = service.get_training_client("keeper")  # resumed from the latest checkpoint
+        assert tc.info.step == 2 and tc.info.last_checkpoint == status["lastCheckpoint"]
+        assert tc.forward_backward(random_batch(seed=2)).result().loss > 0
+        # (Issue #26, finding 3: a running client whose spec turns to an image not allowed is stopped.)
+        cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, TC, "keeper",
+                                                      {"spec": {"image": "evil.example/tensafe-trainer:1"}})
+        wait_for("the refusal", lambda: training_client(cluster, namespace, "keeper")["status"].get(
+            "reason") == "ImageNotAllowed" and not children(cluster, namespace)["pods"])
+        service.delete_training_client("keeper")
+    wait_for("everything to go", lambda: children(cluster, namespace) == {"pods": [], "services": [], "claims": []}
+             and not cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, TOPS)["items"])
 
 
 def test_invalid_spec_is_refused_by_the_api_with_its_reason(cluster, namespace, service):
@@ -153,7 +188,7 @@ def test_operator_killed_mid_reconcile_resumes_without_duplicating_children(clus
     cluster.dev.start_operator()
     tc = service.get_training_client("steady")
     assert children(cluster, namespace) == {"pods": ["steady-trainer"], "services": ["steady-trainer"],
-                                            "claims": ["steady-artifacts"]}
+                                            "claims": ["steady-artifacts", "steady-artifacts-keys"]}
     pod_uid = cluster.core.read_namespaced_pod("steady-trainer", namespace).metadata.uid
 
     cluster.dev.stop_operator()  # and a clean restart with a TrainingOperation created while it was down
@@ -226,8 +261,8 @@ def test_trainer_serves_https_with_the_clients_tls_secret(cluster, namespace, tm
 
     ca, cert, key = write_serving_certificate(tmp_path, dns_names=(f"secure-trainer.{namespace}.svc",))
     data = {"ca.crt": ca, "tls.crt": cert, "tls.key": key}
-    cluster.core.create_namespaced_secret(namespace, {
-        "metadata": {"name": "secure-tls"}, "type": "kubernetes.io/tls",
+    cluster.core.create_namespaced_secret(namespace, {  # labelled for its tenant, as cert-manager's secretTemplate can
+        "metadata": {"name": "secure-tls", "labels": {"tensafe.io/tenant": "default"}}, "type": "kubernetes.io/tls",
         "data": {k: base64.b64encode(p.read_bytes()).decode() for k, p in data.items()}})
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingClient", "metadata": {"name": "secure"},
             "spec": {"training": tiny_config().model_dump(mode="json", exclude_none=True),

@@ -100,12 +100,15 @@ def test_pod_carries_config_token_owner_and_volume():
     assert container["image"] == "tensafe/trainer:0.1.0"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["artifacts"]["persistentVolumeClaim"] == {"claimName": "demo-artifacts"}
-    # Only the tenant's key set is mounted (read-only), never the token, and the trainer is told where.
-    assert volumes["tenant-keys"]["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400,
-                                                "items": [{"key": "default.json", "path": "default.json"}]}
+    # Only the tenant's key set and the names secret are mounted (read-only), never the token, and the trainer is
+    # told where; the artifacts' data keys are on a volume of their own, apart from the artifacts.
+    assert volumes["tenant-keys"]["secret"] == {"secretName": "tenant-keys", "defaultMode": 0o400, "items": [
+        {"key": "default.json", "path": "default.json"}, {"key": "names.key", "path": "names.key"}]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["tenant-keys"]["readOnly"] is True
     assert env["TENSAFE_KEYS_DIR"]["value"] == mounts["tenant-keys"]["mountPath"]
+    assert volumes["data-keys"]["persistentVolumeClaim"] == {"claimName": "demo-artifacts-keys"}
+    assert env["TENSAFE_ARTIFACT_KEYS_DIR"]["value"] == mounts["data-keys"]["mountPath"] != mounts["artifacts"]["mountPath"]
     assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
 
 
@@ -379,3 +382,49 @@ def test_trainer_connections_are_reused_per_access_and_the_least_recent_closed()
     assert len(pool) == 2 and rotated._client.is_closed and not first._client.is_closed
     pool.close()
     assert first._client.is_closed and moved._client.is_closed and len(pool) == 0
+
+
+def test_a_client_may_name_only_its_tenants_secrets_and_volumes_and_only_allowed_images():
+    """Issue #26, finding 3, the rule as pure functions (the attack itself: test_kube_insiders.py)."""
+    from tensafe_operator.builders import build_claim, build_key_secret, foreign_to, image_allowed
+    from tensafe_operator.status import desired_status, event_for
+
+    tc = training_client(tenantId="mallory")  # names the Secret "tenant-keys"; its default would be demo-keys
+
+    def obj(name, labels=None, owner_uid=None):
+        owners = [{"uid": owner_uid, "controller": True}] if owner_uid else []
+        return {"metadata": {"name": name, "labels": labels or {}, "ownerReferences": owners}}
+
+    assert foreign_to(tc, None, "demo-keys") is None  # missing: the operator creates it, for mallory
+    assert foreign_to(tc, obj("tenant-keys", {"tensafe.io/tenant": "mallory"}), "demo-keys") is None
+    victims = foreign_to(tc, obj("tenant-keys", {"tensafe.io/tenant": "acme"}), "demo-keys")
+    assert "another tenant" in victims and "acme" not in victims  # says no more than that
+    assert "no tensafe.io/tenant label" in foreign_to(tc, obj("tenant-keys"), "demo-keys")
+    # Its own default object from an operator before the label: taken; the same name controlled by another: not.
+    assert foreign_to(tc, obj("demo-keys", owner_uid="1234-uid"), "demo-keys") is None
+    assert foreign_to(tc, obj("demo-keys", owner_uid="other-uid"), "demo-keys")
+    assert foreign_to(tc, obj("tenant-keys", owner_uid="1234-uid"), "demo-keys")  # a named one needs the label
+
+    named, own = build_key_secret(tc), build_key_secret(training_client(keySecretRef=None))
+    assert named["metadata"]["labels"]["tensafe.io/tenant"] == "mallory" and "ownerReferences" not in named["metadata"]
+    assert own["metadata"]["name"] == "demo-keys" and own["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+    claim = build_claim(training_client(artifactStore={"claimName": "shared-data"}))["metadata"]
+    assert claim["labels"]["tensafe.io/tenant"] == "default" and "ownerReferences" not in claim
+    assert build_claim(tc)["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+
+    default = "ghcr.io/tensafe/tensafe-trainer:0.1.0"
+    assert image_allowed(default, (), default) and not image_allowed("evil.example/tensafe-trainer:1", (), default)
+    allowed = ("registry.example/tensafe/tensafe-trainer:*", "registry.example/other@sha256:abc")
+    assert image_allowed("registry.example/tensafe/tensafe-trainer:2.0", allowed, default)
+    assert image_allowed("registry.example/other@sha256:abc", allowed, default)
+    assert not image_allowed("registry.example/tensafe/tensafe-trainer-evil:2.0", allowed, default)
+    assert not image_allowed("registry.example/other@sha256:abd", allowed, default)
+
+    # A refusal of this generation holds the status at ERROR, whatever the mirror sees, with a Warning event.
+    tc["metadata"]["generation"] = 2
+    tc["status"] = {"refusal": {"reason": "ForeignSecret", "message": "Secret 'tenant-keys' ...", "generation": 2}}
+    status = desired_status(tc, None, None)
+    assert status["phase"] == "ERROR" and conditions(status)["Failed"] == ("True", "ForeignSecret")
+    assert event_for({}, status)[:2] == ("Warning", "ForeignSecret")
+    tc["metadata"]["generation"] = 3  # a new spec: checked anew
+    assert desired_status(tc, None, None)["phase"] == "INITIALIZING"

@@ -111,7 +111,7 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
     original = ledger.path.read_bytes()
     ledger.path.write_bytes(b"")  # the rollback
     resumed = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=type(ledger)(
-        ledger.path.parent.parent, "default", "rolled"))
+        ledger.path.parent.parent, "default", "rolled", names_key=ledger.names_key))
     with pytest.raises(ValidationError, match="records 0 steps .* trained with 2: the ledger was rolled back"):
         resumed.load_state_dict(state)
     assert resumed.step == 0
@@ -123,7 +123,8 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
         elsewhere.load_state_dict(state)
     ledger.path.write_bytes(original)  # the ledger restored: it covers the checkpoint again
     restored = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2,
-                           ledger=type(ledger)(ledger.path.parent.parent, "default", "rolled"))
+                           ledger=type(ledger)(ledger.path.parent.parent, "default", "rolled",
+                                               names_key=ledger.names_key))
     restored.load_state_dict(state)
     assert restored.step == 2
 
@@ -486,7 +487,8 @@ def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
     passed, refused = [], []
 
     def client(name: str) -> None:
-        own = PrivacyLedger(ledger.path.parent.parent, "default", "race")  # its own file handle, as a process has
+        own = PrivacyLedger(ledger.path.parent.parent, "default", "race",  # its own file handle, as a process has
+                            names_key=ledger.names_key)
         accountant = PrivacyAccountant(config, plan_sampling(config, 4, False), own, name)
         for _ in range(10):
             try:
@@ -509,10 +511,11 @@ def test_a_torn_ledger_line_is_not_a_step_and_is_dropped_by_the_next():
     ledger.spend(1.0, 0.1, lambda before, after: None)
     with open(ledger.path, "ab") as f:
         f.write(b'{"noise_multiplier": 1.0, "sam')  # a crash mid-write: its step never changed weights
-    reopened = type(ledger)(ledger.path.parent.parent, "default", "torn")
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "torn", names_key=ledger.names_key)
     assert reopened.history() == ((1.0, 0.1, 1),)
     reopened.spend(1.0, 0.1, lambda before, after: None)
-    assert type(ledger)(ledger.path.parent.parent, "default", "torn").history() == ((1.0, 0.1, 2),)
+    again = type(ledger)(ledger.path.parent.parent, "default", "torn", names_key=ledger.names_key)
+    assert again.history() == ((1.0, 0.1, 2),)
 
 
 # --- 6. refusals and bf16 -------------------------------------------------------------------------
@@ -621,3 +624,25 @@ def test_a_dp_clients_unexpected_failure_is_logged_by_type_only(caplog):
             wire = wire_error(exc, "forward_backward", private)
         assert "4242" in wire["message"]  # the client that owns the data gets it
         assert ("4242" in caplog.text) is not private and "RuntimeError" in caplog.text
+
+
+def test_a_ledger_is_named_by_pseudonym_and_found_again_after_rotation_and_shred(tmp_path):
+    """The folder lists no dataset id; the name survives a key rotation and a tenant's shred (spent budget must
+    be found again), and a ledger named in clear by an earlier version is taken over, not started afresh."""
+    from tensafe_trainer.ledger import PrivacyLedger
+    from tg_tinker.keys import LocalKeyProvider
+
+    keys = LocalKeyProvider(tmp_path / "keys")
+    names = keys.names_key("acme")
+    assert names != keys.names_key("globex")
+    ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", names_key=names)
+    ledger.spend(1.0, 0.1, lambda before, after: None)
+    assert "ward7" not in ledger.path.name
+    keys.rotate("acme")
+    keys.shred("acme")
+    again = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", names_key=keys.names_key("acme"))
+    assert again.path == ledger.path and again.history() == ((1.0, 0.1, 1),)
+    legacy = tmp_path / "privacy" / "acme" / "older.jsonl"
+    legacy.write_bytes(ledger.path.read_bytes())
+    taken = PrivacyLedger(tmp_path / "privacy", "acme", "older", names_key=names)
+    assert not legacy.exists() and taken.history() == ((1.0, 0.1, 1),)

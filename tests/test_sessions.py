@@ -105,7 +105,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     trail = AuditTrail(tmp_path / "audit", LocalKeyProvider(tmp_path / "keys"))
     writer = AuditWriter(trail)
     session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
-                      max_pending=16, hash_key=bytes(32))
+                      max_pending=16, hash_key=lambda: bytes(32))
     try:
         ops = [session.submit(OptimStepRequest(), f"key-{i}")[0] for i in range(3)]
         session._thread.join(timeout=120)

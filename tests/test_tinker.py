@@ -81,10 +81,9 @@ def artifact_state(server, tenant: str, path: str) -> dict:
     """A saved Tinker checkpoint, decrypted with the tenant's key the way an operator's tools would."""
     from tensafe_trainer.artifacts import ArtifactStore
     from tensafe_trainer.engine import deserialize_state
-    from tensafe_trainer.paths import keys_dir
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_trainer.paths import key_provider
 
-    store = ArtifactStore(server.home / "artifacts", LocalKeyProvider(keys_dir(server.home)))
+    store = ArtifactStore(server.home / "artifacts", key_provider(server.home))
     (info,) = [a for a in store.list(tenant) if a.name == path]
     return deserialize_state(store.get(tenant, info.artifact_id))
 
@@ -204,7 +203,13 @@ def test_checkpoints_load_list_and_delete(server, plain, model_dir):
     listed = rest.list_checkpoints(tc.model_id).result().checkpoints
     assert [c.tinker_path for c in listed] == [path] and listed[0].expires_at is not None
     assert rest.get_training_run(tc.model_id).result().last_checkpoint.tinker_path == path
+    tenant_folder = server.home / "artifacts" / "plain"
+    backup = {p.name: p.read_bytes() for p in tenant_folder.glob("art-*.tsa")}  # an insider's copy, before delete
     rest.delete_checkpoint_from_tinker_path(path).result()
+    assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+    for name, data in backup.items():  # put back: its data key died with the delete, so it stays deleted
+        if not (tenant_folder / name).exists():
+            (tenant_folder / name).write_bytes(data)
     assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
     with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
         plain.create_training_client_from_state(path).result()
@@ -506,6 +511,41 @@ def test_a_call_of_many_datums_is_split_by_the_sdk_and_an_oversized_request_refu
                          content=forward_backward_request_to_proto(request).SerializeToString(),
                          headers={"X-API-Key": server.keys["plain"], "Content-Type": "application/x-protobuf"})
     assert refused.status_code == 413 and "at most 128 datums" in refused.text
+
+
+def test_a_key_planted_or_moved_in_the_key_file_opens_nothing_and_is_audited(tmp_path):
+    """The insider who can write the home (not the keys, kept apart): one digest of their own for acme added
+    to tinker/keys.json, and a key of another tenant moved to acme, no restart. Neither opens anything; both
+    are on acme's audit record."""
+    import hashlib
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.tinker_api.keys import create_key, keys_file
+
+    home = tmp_path / "home"
+    home.mkdir()
+    legit = create_key(home, "acme")
+    other = create_key(home, "other")
+    with TestClient(create_app(Settings(home=home, token="admin-token"))) as client:
+        def status(key):
+            return client.get("/api/v1/training_runs", headers={"X-API-Key": key}).status_code
+
+        assert status(legit) == 200 and status(other) == 200
+        planted = "tml-" + "p" * 43
+        entries = json.loads(keys_file(home).read_text())["keys"]
+        entries.append({"digest": hashlib.sha256(planted.encode()).hexdigest(), "tenant_id": "acme", "name": "",
+                        "created_at": 0.0, "mac": "0" * 64})  # a MAC the insider cannot compute
+        moved = next(e for e in entries if e["tenant_id"] == "other")
+        moved["tenant_id"] = "acme"  # a real key of tenant other, now claiming acme
+        keys_file(home).write_text(json.dumps({"keys": entries}))
+        assert status(planted) == 401 and status(other) == 401 and status(legit) == 200
+        client.app.state.tensafe.audit.flush()
+        refused = client.get("/v1/audit", params={"tenant_id": "acme", "operation": "tinker_key_refused"},
+                             headers={"Authorization": "Bearer admin-token"}).json()
+        assert len(refused) == 2 and not any(e["success"] for e in refused)
 
 
 def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):

@@ -15,6 +15,7 @@ from tg_tinker.config import TrainingConfig
 from tg_tinker.resources import (
     GROUP,
     PRIVACY_BUDGETS,
+    TENANT_LABEL,
     TRAINER_PORT,
     VERSION,
     child_name,
@@ -31,6 +32,8 @@ from tg_tinker.types import CreateTrainingClient
 DATA_DIR = "/var/lib/tensafe"
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEYS_DIR = "/var/run/tensafe/keys"
+DATA_KEYS_DIR = "/var/run/tensafe/data-keys"
+NAMES_KEY = "names.key"  # the key store's names secret (tg_tinker.keys.KeyProvider.names_key), in the key Secret
 TLS_DIR = "/var/run/tensafe/tls"
 TINKER_KEY_DIR = "/var/run/tensafe/tinker"
 TOKEN_DIR = "/var/run/tensafe/token"
@@ -90,6 +93,13 @@ def artifact_claim_name(tc: dict[str, Any]) -> str:
     return (tc["spec"].get("artifactStore") or {}).get("claimName") or child_name(tc["metadata"]["name"], "artifacts")
 
 
+def data_keys_claim_name(tc: dict[str, Any]) -> str:
+    """The volume of the artifacts' data keys (each wrapped under the tenant's KEK): the artifact volume's twin,
+    ``<artifact volume>-keys``, kept apart from it so that a copy of the artifact volume opens nothing and
+    deleting an artifact (its data key) kills every copy of it."""
+    return f"{artifact_claim_name(tc)}-keys"
+
+
 def dp_config_of(tc: dict[str, Any]):
     """The client's DPConfig when DP is on, else None."""
     config = TrainingConfig.parse(tc["spec"]["training"])
@@ -140,11 +150,71 @@ def build_ledger_role_binding(tc: dict[str, Any]) -> dict[str, Any]:
                           "namespace": tc["metadata"]["namespace"]}]}
 
 
+def _tenant_metadata(tc: dict[str, Any], name: str, default_name: str) -> dict[str, Any]:
+    """A Secret's or volume's metadata: bound to the client's tenant by label; owned by the client (and deleted
+    with it) only under the client's own default name. One the spec names is the tenant's and outlives it."""
+    meta = {"name": name, "namespace": tc["metadata"]["namespace"],
+            "labels": {"app.kubernetes.io/managed-by": "tensafe-operator", TENANT_LABEL: tenant_of(tc)}}
+    if name == default_name:
+        meta["labels"]["tensafe.io/training-client"] = tc["metadata"]["name"]
+        meta["ownerReferences"] = [owner_reference(tc)]
+    return meta
+
+
 def build_claim(tc: dict[str, Any]) -> dict[str, Any]:
+    """The artifact volume, created when missing (``spec.artifactStore.claimName`` or ``<client>-artifacts``)."""
     size = (tc["spec"].get("artifactStore") or {}).get("size") or "10Gi"
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _child_metadata(tc, artifact_claim_name(tc)),
+            "metadata": _tenant_metadata(tc, artifact_claim_name(tc), child_name(tc["metadata"]["name"], "artifacts")),
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
+
+
+def build_data_keys_claim(tc: dict[str, Any]) -> dict[str, Any]:
+    """The data-key volume (``data_keys_claim_name``), created when missing: small (a few hundred bytes an
+    artifact); back it up apart from the artifact volume, or not at all."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _tenant_metadata(tc, data_keys_claim_name(tc),
+                                         f"{child_name(tc['metadata']['name'], 'artifacts')}-keys"),
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}}
+
+
+def build_key_secret(tc: dict[str, Any]) -> dict[str, Any]:
+    """The key Secret, created empty when missing (the operator then fills in the key set and token)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _tenant_metadata(tc, key_secret_name(tc), child_name(tc["metadata"]["name"], "keys"))}
+
+
+def foreign_to(tc: dict[str, Any], obj: dict[str, Any] | None, default_name: str) -> str | None:
+    """Why a Secret or volume that ``tc`` names is not its tenant's (None: it may use it).
+
+    It is the tenant's when its ``tensafe.io/tenant`` label names the client's tenant, or when it is the client's
+    own default object, controlled by this very client (an operator before the label made those). One that does
+    not exist yet is not refused: the operator creates it for the client's tenant (``_tenant_metadata``)."""
+    if obj is None:
+        return None
+    meta = obj.get("metadata") or {}
+    bound = (meta.get("labels") or {}).get(TENANT_LABEL)
+    if bound == tenant_of(tc):
+        return None
+    owned = any(ref.get("uid") == tc["metadata"].get("uid") and ref.get("controller")
+                for ref in meta.get("ownerReferences") or [])
+    if meta.get("name") == default_name and owned and bound is None:
+        return None
+    if bound is not None:  # never say whose it is
+        return f"belongs to another tenant (its {TENANT_LABEL} label is not {tenant_of(tc)!r})"
+    return f"is not bound to tenant {tenant_of(tc)!r} (no {TENANT_LABEL} label)"
+
+
+def parse_allowed_images(text: str) -> tuple[str, ...]:
+    """``$TENSAFE_ALLOWED_IMAGES``: comma-separated image references, each exact or a ``prefix*`` pattern."""
+    return tuple(entry.strip() for entry in (text or "").split(",") if entry.strip())
+
+
+def image_allowed(image: str, allowed: tuple[str, ...], default_image: str) -> bool:
+    """The operator's own trainer image, or one on the allow-list (none listed: the default image only)."""
+    if image == default_image:
+        return True
+    return any(image == entry or (entry.endswith("*") and image.startswith(entry[:-1])) for entry in allowed)
 
 
 def build_pod(tc: dict[str, Any], *, default_image: str,
@@ -165,6 +235,7 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
     env = [
         {"name": "TENSAFE_HOME", "value": DATA_DIR},
         {"name": "TENSAFE_KEYS_DIR", "value": KEYS_DIR},
+        {"name": "TENSAFE_ARTIFACT_KEYS_DIR", "value": DATA_KEYS_DIR},
         {"name": "TENSAFE_CLIENT_CONFIG", "value": client_config(tc).model_dump_json()},
         # Files from the Secret, not env values: a process's starting environment stays readable in /proc.
         {"name": "TENSAFE_AUTH_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
@@ -199,17 +270,20 @@ def build_pod(tc: dict[str, Any], *, default_image: str,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": TRAINER_PORT, "scheme": scheme}, "periodSeconds": 10,
                           "failureThreshold": 6},
         "volumeMounts": [{"name": "artifacts", "mountPath": DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "data-keys", "mountPath": DATA_KEYS_DIR},
                          {"name": "tenant-keys", "mountPath": KEYS_DIR, "readOnly": True},
                          {"name": "trainer-token", "mountPath": TOKEN_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
     volumes = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim_name(tc)}},
+               {"name": "data-keys", "persistentVolumeClaim": {"claimName": data_keys_claim_name(tc)}},
                {"name": "tmp", "emptyDir": {}},
-               # The tenant's key set and, in a folder of its own, this client's token: each item named, so a
-               # shared tenant Secret's other tokens are not mounted.
+               # The tenant's key set (and the key store's names secret) and, in a folder of its own, this
+               # client's token: each item named, so a shared tenant Secret's other tokens are not mounted.
                {"name": "tenant-keys", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
-                   {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))}]}},
+                   {"key": keyset_key(tenant_of(tc)), "path": keyset_key(tenant_of(tc))},
+                   {"key": NAMES_KEY, "path": NAMES_KEY}]}},
                {"name": "trainer-token", "secret": {"secretName": secret, "defaultMode": 0o400, "items": [
                    {"key": token_key(tc), "path": "token"}]}}]
     if tinker_enabled(tc):  # a file, not an env var: a process's starting environment stays in /proc

@@ -52,15 +52,19 @@ def training_client_crd() -> dict[str, Any]:
         "training": _training_schema(),
         "tenantId": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$", "default": "default",
                      "x-kubernetes-validations": _immutable("tenantId is immutable")},
-        "image": {"type": "string", "description": "trainer image; the operator's default when empty"},
+        "image": {"type": "string", "description": "trainer image; the operator's default when empty. Only images "
+                  "on the operator's allow-list (Helm value trainer.allowedImages) run; another is refused"},
         "resources": {"type": "object", "properties": {
             "gpus": {"type": "integer", "minimum": 0, "description": "absent: the installation's default"},
             "cpu": {"type": "string"}, "memory": {"type": "string"}}},
-        "artifactStore": {"type": "object", "description": "PersistentVolumeClaim for artifacts and audit log",
+        "artifactStore": {"type": "object", "description": "PersistentVolumeClaim for artifacts and audit log "
+                          "(default <name>-artifacts); a named one must carry the label tensafe.io/tenant=<tenantId> "
+                          "(the operator creates it so when missing), else the client is refused",
                           "properties": {"claimName": {"type": "string"},
                                          "size": {"type": "string", "default": "10Gi"}}},
         "keySecretRef": {"type": "object", "description": "Secret with the tenant key set and the bearer token "
-                         "(default <name>-keys; the operator creates it or fills in what is missing)",
+                         "(default <name>-keys; the operator creates it or fills in what is missing). A named one "
+                         "must carry the label tensafe.io/tenant=<tenantId>, else the client is refused",
                          "required": ["name"], "properties": {"name": {"type": "string"}}},
         "suspend": {"type": "boolean", "default": False},
         "tinker": {"type": "object", "description": "serve the official tinker SDK's API (/api/v1) for this client's "
@@ -68,7 +72,8 @@ def training_client_crd() -> dict[str, Any]:
                    "train under this client's DP config, on its ledger", "properties": {
                        "enabled": {"type": "boolean", "default": False}}},
         "tls": {"type": "object", "description": "serve the trainer over HTTPS with this kubernetes.io/tls Secret "
-                "(tls.crt, tls.key, ca.crt; e.g. from cert-manager for <name>-trainer.<namespace>.svc)",
+                "(tls.crt, tls.key, ca.crt; e.g. from cert-manager for <name>-trainer.<namespace>.svc), labelled "
+                "tensafe.io/tenant=<tenantId> (cert-manager: secretTemplate.labels), else the client is refused",
                 "required": ["secretName"], "properties": {"secretName": {"type": "string"}}},
     }}
     status = {"type": "object", "properties": {
@@ -90,6 +95,10 @@ def training_client_crd() -> dict[str, Any]:
                       "properties": {"sequence": {"type": "integer"}, "recordHash": {"type": "string"}}},
         "restarts": {"type": "integer", "description": "trainer pods replaced after they died"},
         "failureStreak": {"type": "integer", "description": "trainer pods in a row that died soon after starting"},
+        "refusal": {"type": "object", "nullable": True, "description": "the operator refused this spec generation "
+                    "(ForeignSecret, ForeignVolume, ImageNotAllowed): no trainer pod runs", "properties": {
+                        "reason": {"type": "string"}, "message": {"type": "string"},
+                        "generation": {"type": "integer"}}},
     }}
     columns = [("Phase", "string", ".status.phase"), ("Reason", "string", ".status.reason"),
                ("Model", "string", ".spec.training.model_ref"), ("Step", "integer", ".status.step"),

@@ -16,6 +16,7 @@ import kopf
 from tg_tinker.resources import GROUP, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION
 
 from . import operations, reconcile
+from . import status as status_of
 from .kube import Kube
 
 MIRROR_INTERVAL_S = float(os.environ.get("TENSAFE_STATUS_INTERVAL_S", "2"))
@@ -91,7 +92,11 @@ async def _mirror(memo: kopf.Memo, tops: kopf.Index) -> None:
 
 def _mirror_once(kube: Kube, namespace: str | None) -> None:
     for tc in kube.training_clients(namespace):
-        if not tc["metadata"].get("deletionTimestamp"):
+        if tc["metadata"].get("deletionTimestamp"):
+            continue
+        if status_of.refused(tc):  # checked again: what it names may have been labelled for its tenant since
+            reconcile.ensure(kube, tc)
+        else:
             reconcile.refresh_status(kube, tc, fetch_pod=True)
 
 

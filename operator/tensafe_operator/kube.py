@@ -58,6 +58,7 @@ class Kube:
         namespace, kind = obj["metadata"]["namespace"], obj["kind"]
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
                   "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
+                  "Secret": self.core.create_namespaced_secret,
                   "ServiceAccount": self.core.create_namespaced_service_account,
                   "Event": self.core.create_namespaced_event,
                   "Role": self.rbac.create_namespaced_role, "RoleBinding": self.rbac.create_namespaced_role_binding,
@@ -73,6 +74,14 @@ class Kube:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         _or_none(lambda: self.core.delete_namespaced_pod(name, namespace))
+
+    def secret(self, namespace: str, name: str) -> Optional[dict]:
+        """A Secret's metadata (labels, owners), never its data; None if it does not exist."""
+        secret = _or_none(lambda: self.core.read_namespaced_secret(name, namespace))
+        return None if secret is None else {"metadata": self._plain(secret.metadata)}
+
+    def claim(self, namespace: str, name: str) -> Optional[dict]:
+        return _or_none(lambda: self._plain(self.core.read_namespaced_persistent_volume_claim(name, namespace)))
 
     def secret_data(self, namespace: str, name: str) -> dict[str, bytes]:
         """A Secret's data, decoded; empty if it does not exist."""

@@ -65,13 +65,21 @@ def pod_problem(pod: dict) -> tuple[str, str]:
     return "PodPending", "waiting for the trainer pod to be scheduled"
 
 
+def refused(tc: dict) -> bool:
+    """The operator refused this generation of the spec (``status.refusal``, written by reconcile.record_refusal)."""
+    refusal = (tc.get("status") or {}).get("refusal")
+    return bool(refusal) and refusal.get("generation") == tc["metadata"].get("generation", 1)
+
+
 def desired_status(tc: dict, pod: Optional[dict], trainer: Optional[ClientInfo]) -> dict[str, Any]:
     """What the status should say now; fields the operator cannot observe keep their current values."""
     current = tc.get("status") or {}
     spec = tc["spec"]
     status: dict[str, Any] = {"observedGeneration": tc["metadata"].get("generation", 1),
                               "podName": child_name(tc["metadata"]["name"]), "endpoint": service_endpoint(tc)}
-    if spec.get("suspend"):
+    if refused(tc):  # the spec names what is not its tenant's, or an image not allowed (reconcile.refusal)
+        phase, reason, message = ClientStatus.ERROR, current["refusal"]["reason"], current["refusal"]["message"]
+    elif spec.get("suspend"):
         phase, reason, message = ClientStatus.TERMINATED, "Suspended", "spec.suspend is true; the trainer is stopped"
     elif pod is None:
         phase, reason, message = ClientStatus.INITIALIZING, "PodCreating", "creating the trainer pod"

@@ -10,8 +10,22 @@ A tenant's key set is ``{"active": kid, "keys": {kid: base64 32-byte KEK}, "audi
   confirmed from the log) and, through a derived key, the MAC of every audit record (audit.py).
 - ``receipt``: the tenant's Ed25519 key that signs privacy receipts (tg_tinker.receipts).
 
-Rotation keeps ``audit`` and ``receipt``. Deleting a tenant's key set (crypto-shredding) makes every
-artifact of that tenant unreadable and its request hashes unlinkable.
+``audit`` and ``receipt`` form one *secrets generation*, named by ``secrets_id`` (absent in key sets made before
+generations: ``s1``). ``rotate_secrets`` (``tensafe artifact rotate``, beside the KEK rotation) replaces both
+and with them the chain key, the request-hash key and the sealing key (all derived from ``audit``). The
+retired generation goes to ``retired_secrets[<id>]``: its ``audit`` secret kept (the chain's old segment is
+verified with it), its receipt key's public half only (``receipt_public``, ``receipt_key_id``: the private
+seed is destroyed), ``retired_at`` (the audit sequence of the ``rotate_keys`` record that closes its
+segment), ``head`` (that record's hash) and ``successor``. The rule (audit.verify, receipts.verify_receipt):
+a sequence number belongs to exactly one generation, so an audit record made with a retired key after its
+retirement, or with a key the key set does not know, is refused, and so is a receipt signed with a retired
+key that names an audit head at or after its retirement. Receipt keys, current and retired, are published
+by ``receipt_public_keys``. Deleting a tenant's key set (crypto-shredding) makes every artifact of that
+tenant unreadable and its request hashes unlinkable.
+
+Beside the key sets the store keeps each artifact's data key, wrapped under a KEK (``artifact_key``):
+the artifact file does not hold it, so destroying that one entry makes every copy of that artifact (a
+backup, a snapshot, a file put back) unreadable, while the tenant's other artifacts stay.
 """
 
 from __future__ import annotations
@@ -20,7 +34,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import threading
@@ -28,9 +41,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from .errors import ArtifactIntegrityError, ValidationError
+from .private_files import fsync_dir, private_dir, write_durably
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+ARTIFACT_ID = re.compile(r"art-[0-9a-f]{32}")
 SECRET_FIELDS = ("audit", "receipt")  # 32 random bytes each, besides the KEKs
+FIRST_SECRETS_ID = "s1"  # the secrets generation of a key set that names none
 
 
 TINKER_KEY_PREFIX = "tml-"  # the official tinker SDK refuses keys without it
@@ -56,7 +72,51 @@ class KeyProvider(ABC):
 
     @abstractmethod
     def shred(self, tenant_id: str) -> None:
-        """Delete every key of the tenant."""
+        """Delete every key of the tenant, its artifacts' data keys included."""
+
+    # Each artifact's wrapped data key ({"kid", "wrapped_dek", "wrap_nonce"}: crypto.py), one per encryption
+    # of it (``tag``: its payload nonce, so re-encryption adds the new key before the file changes and drops
+    # the old one after), in a folder of their own (``ArtifactKeyFolder``). A provider given none (a key set
+    # on the command line, a Secret read through the API without the trainer's data-key volume) opens and
+    # stores no artifact.
+    _artifact_keys: "ArtifactKeyFolder | None" = None
+
+    def _data_keys(self) -> "ArtifactKeyFolder":
+        if self._artifact_keys is None:
+            raise ValidationError(f"{type(self).__name__} was given no folder of artifact data keys")
+        return self._artifact_keys
+
+    def put_artifact_key(self, tenant_id: str, artifact_id: str, tag: str, entry: dict) -> None:
+        self._data_keys().put(tenant_id, artifact_id, tag, entry)
+
+    def artifact_key(self, tenant_id: str, artifact_id: str, tag: str) -> dict | None:
+        return None if self._artifact_keys is None else self._artifact_keys.get(tenant_id, artifact_id, tag)
+
+    def destroy_artifact_key(self, tenant_id: str, artifact_id: str, keep: str | None = None) -> int:
+        """Destroy the artifact's data keys (all, or all but the one tagged ``keep``), durably; returns how many."""
+        return self._data_keys().destroy(tenant_id, artifact_id, keep)
+
+    def artifact_keys(self, tenant_id: str) -> list[tuple[str, str]]:
+        """(artifact id, tag) of every data key the store keeps for the tenant."""
+        return [] if self._artifact_keys is None else self._artifact_keys.ids(tenant_id)
+
+    # Secrets of the key store itself, beside the tenants' key sets (``<name>.key``: a key-set name ends in
+    # .json), created on first use; a crypto-shred of a tenant leaves them.
+    def _store_secret(self, name: str) -> bytes:
+        raise ValidationError(f"{type(self).__name__} keeps no {name} key")
+
+    def credentials_key(self) -> bytes:
+        """The key that authenticates credential files kept in the trainer's home (Tinker key digests): kept with
+        the key sets, so whoever can write the home but not the keys cannot plant or edit an entry."""
+        return self._store_secret("credentials")
+
+    def names_key(self, tenant_id: str) -> bytes:
+        """The key of the tenant's pseudonyms on disk (ledger file names, client ids in the audit log): derived
+        from the key store's names secret, so neither a rotation nor a crypto-shred of the tenant changes it (a
+        ledger must be found again after either, or its spent budget would seem to vanish). Whoever holds the
+        key store can read the names, as they can read everything else."""
+        return hmac.new(self._store_secret("names"), b"tensafe/names/v1\n" + check_tenant(tenant_id).encode(),
+                        hashlib.sha256).digest()
 
     _lock = threading.Lock()
 
@@ -89,25 +149,73 @@ class KeyProvider(ABC):
         return keyset
 
     def audit_key(self, tenant_id: str) -> bytes:
-        """The tenant's request-hash key."""
+        """The tenant's request-hash key (of the active secrets generation)."""
         return base64.b64decode(self.complete(tenant_id)["audit"])
 
     def chain_key(self, tenant_id: str) -> bytes:
-        """The key of the audit chain's record MACs: derived from the audit key, so the request hashes and
-        the chain never share a key."""
+        """The key of the audit chain's record MACs (active generation): derived from the audit key, so the
+        request hashes and the chain never share a key. Verifying a chain takes the whole key set
+        (``secret_generations``): a rotated chain has a segment per generation."""
         return chain_key_of(self.complete(tenant_id))
 
     def sealing_key(self, tenant_id: str) -> bytes:
-        """The key of a TrainingOperation's sealed parameters (tg_tinker.sealing)."""
+        """The key of a TrainingOperation's sealed parameters (tg_tinker.sealing), active generation only:
+        parameters sealed before a rotation no longer open."""
         from tg_tinker.sealing import sealing_key
 
         return sealing_key(self.complete(tenant_id))
 
     def receipt_key(self, tenant_id: str):
-        """The tenant's receipt-signing key (an ``Ed25519PrivateKey``)."""
+        """The tenant's receipt-signing key (an ``Ed25519PrivateKey``), active generation only."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(self.complete(tenant_id)["receipt"]))
+
+    def secrets_id(self, tenant_id: str) -> str:
+        """The id of the tenant's active secrets generation (its audit records' ``key_id``)."""
+        return secrets_id_of(self.complete(tenant_id))
+
+    def rotate_secrets(self, tenant_id: str, *, retiring: str, successor: str, retired_at: int, head: str) -> dict:
+        """Replace the audit and receipt secrets (and so the chain, request-hash and sealing keys) with a new
+        generation ``successor``; the active one, ``retiring``, is retired at audit sequence ``retired_at``, whose
+        record (hash ``head``) is the ``rotate_keys`` entry naming ``successor``. Call it through
+        ``AuditLog.rotate_keys``, which writes that entry under the chain's lock first. Refuses if ``retiring`` is
+        no longer the active generation (a concurrent rotation). Returns the new key set."""
+        with self._lock:
+            keyset = self._load(check_tenant(tenant_id))
+            if keyset is None or any(name not in keyset for name in SECRET_FIELDS):
+                raise ValidationError(f"tenant {tenant_id!r} has no complete key set to rotate")
+            if secrets_id_of(keyset) != retiring:
+                raise ValidationError(f"the active secrets of tenant {tenant_id!r} are {secrets_id_of(keyset)!r}, "
+                                      f"not {retiring!r}: rotated meanwhile", {"tenant_id": tenant_id})
+            if successor == retiring or successor in keyset.get("retired_secrets", {}):
+                raise ValidationError(f"secrets id {successor!r} was used before", {"tenant_id": tenant_id})
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            from .receipts import _raw_public, key_id
+
+            public = Ed25519PrivateKey.from_private_bytes(base64.b64decode(keyset["receipt"])).public_key()
+            retired = {**keyset.get("retired_secrets", {}), retiring: {
+                "audit": keyset["audit"], "receipt_public": base64.b64encode(_raw_public(public)).decode(),
+                "receipt_key_id": key_id(public), "retired_at": int(retired_at), "head": head,
+                "successor": successor}}
+            fresh = {name: base64.b64encode(secrets.token_bytes(32)).decode() for name in SECRET_FIELDS}
+            keyset = {**keyset, **fresh, "secrets_id": successor, "retired_secrets": retired}
+            self._store(tenant_id, keyset)
+        return keyset
+
+    def check_writable(self, tenant_id: str) -> None:
+        """Store the tenant's key set unchanged: raises where it cannot be written (a read-only Secret mount, a key
+        set given on the command line), before a rotation changes anything."""
+        with self._lock:
+            keyset = self._load(check_tenant(tenant_id))
+            if keyset is not None:
+                self._store(tenant_id, keyset)
+
+    def receipt_public_keys(self, tenant_id: str) -> dict:
+        """The tenant's receipt public keys, the active one and every retired one with the audit sequence it was
+        retired at (``receipt_public_keys_of``): what ``verify_receipt`` takes to check a receipt of any age."""
+        return receipt_public_keys_of(tenant_id, self.complete(tenant_id))
 
     def rotate(self, tenant_id: str) -> str:
         """Add a new active key; returns its id."""
@@ -141,42 +249,134 @@ def _with_secrets(keyset: dict) -> dict:
     return {**{name: base64.b64encode(secrets.token_bytes(32)).decode() for name in SECRET_FIELDS}, **keyset}
 
 
-def chain_key_of(keyset: dict) -> bytes:
-    return hmac.new(base64.b64decode(keyset["audit"]), b"tensafe/audit-chain/v1", hashlib.sha256).digest()
+def chain_key_of(keyset: dict, generation: str | None = None) -> bytes:
+    """The audit chain's MAC key of the active secrets generation, or of ``generation`` (active or retired)."""
+    audit = keyset["audit"]
+    if generation is not None and generation != secrets_id_of(keyset):
+        retired = keyset.get("retired_secrets", {}).get(generation)
+        if retired is None:
+            raise ValidationError(f"the key set has no secrets generation {generation!r}", {"key_id": generation})
+        audit = retired["audit"]
+    return hmac.new(base64.b64decode(audit), b"tensafe/audit-chain/v1", hashlib.sha256).digest()
+
+
+def secrets_id_of(keyset: dict) -> str:
+    return keyset.get("secrets_id") or FIRST_SECRETS_ID
+
+
+def new_secrets_id(keyset: dict) -> str:
+    """A fresh generation id: ``s<n>-<8 hex>``."""
+    return f"s{len(keyset.get('retired_secrets', {})) + 2}-{secrets.token_hex(4)}"
+
+
+def secret_generations(keyset: dict) -> list[dict]:
+    """The key set's secrets generations in the order they were active: each ``{"id", "chain_key", "retired_at",
+    "head", "successor"}`` (the active one last, with ``retired_at`` None). A sequence number n belongs to the
+    first generation with ``n <= retired_at``, else to the active one."""
+    retired = sorted(keyset.get("retired_secrets", {}).items(), key=lambda item: int(item[1]["retired_at"]))
+    generations = [{"id": gid, "chain_key": chain_key_of(keyset, gid), "retired_at": int(r["retired_at"]),
+                    "head": r["head"], "successor": r["successor"]} for gid, r in retired]
+    return generations + [{"id": secrets_id_of(keyset), "chain_key": chain_key_of(keyset), "retired_at": None,
+                           "head": None, "successor": None}]
+
+
+def receipt_public_keys_of(tenant_id: str, keyset: dict) -> dict:
+    """``{"format", "tenant_id", "keys": [{"key_id", "public_key" (PEM), "status": "active"|"retired",
+    "retired_at"}]}``: a retired key verifies only receipts whose audit head precedes ``retired_at``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from .receipts import KEYS_FORMAT, key_id
+
+    def pem(public) -> str:
+        return public.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    active = Ed25519PrivateKey.from_private_bytes(base64.b64decode(keyset["receipt"])).public_key()
+    keys = [{"key_id": key_id(active), "public_key": pem(active), "status": "active", "retired_at": None}]
+    for _, retired in sorted(keyset.get("retired_secrets", {}).items(), key=lambda item: -int(item[1]["retired_at"])):
+        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(retired["receipt_public"]))
+        keys.append({"key_id": key_id(public), "public_key": pem(public), "status": "retired",
+                     "retired_at": int(retired["retired_at"])})
+    return {"format": KEYS_FORMAT, "tenant_id": tenant_id, "keys": keys}
 
 
 def load_keyset_file(path: Path, tenant_id: str | None = None) -> tuple[str, dict]:
     """A key set given on the command line: a key-set file (``<tenant>.json`` as in a keys folder), or a
     Kubernetes Secret exported as JSON or YAML (``kubectl get secret NAME -o yaml``), whose
-    ``data["<tenant>.json"]`` is the key set. Returns (tenant, key set)."""
-    text = Path(path).read_text()
+    ``data["<tenant>.json"]`` is the key set. Returns (tenant, key set).
+
+    An error names the file and the kind of problem, never any of its content: a parser's error quotes the
+    input (a YAML error prints the lines around the fault, KEKs and all), so none is chained or shown."""
+
+    def refuse(problem: str, field: str = "keys") -> ValidationError:
+        return ValidationError(f"{path}: {problem}: not a TenSafe key set or a Secret holding one", {"field": field})
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ValidationError(f"cannot read the key set {path}: {exc.strerror or type(exc).__name__}",
+                              {"field": "keys"}) from None
+    except UnicodeDecodeError:
+        raise refuse("not UTF-8 text") from None
     try:
         doc = json.loads(text)
     except ValueError:
         import yaml
 
-        doc = yaml.safe_load(text)
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise refuse("neither valid JSON nor valid YAML (damaged or truncated?)") from None
     if isinstance(doc, dict) and doc.get("kind") == "Secret":
-        entries = {k[:-5]: v for k, v in (doc.get("data") or {}).items() if k.endswith(".json")}
+        data = doc.get("data") or {}
+        if not isinstance(data, dict):
+            raise refuse("a Secret whose data is not a mapping")
+        entries = {k[:-5]: v for k, v in data.items() if isinstance(k, str) and k.endswith(".json")}
         if tenant_id is None and len(entries) == 1:
             tenant_id = next(iter(entries))
         if tenant_id not in entries:
+            named = sorted(t for t in entries if TENANT_PATTERN.fullmatch(t))
             raise ValidationError(f"Secret {path} holds no key set for tenant {tenant_id!r} (it has "
-                                  f"{sorted(entries)}); name one with --tenant", {"field": "tenant"})
-        doc = json.loads(base64.b64decode(entries[tenant_id]))
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
-        raise ValidationError(f"{path} is not a TenSafe key set or a Secret holding one", {"field": "keys"})
+                                  f"{named}); name one with --tenant", {"field": "tenant"})
+        try:
+            doc = json.loads(base64.b64decode(entries[tenant_id], validate=True))
+        except (ValueError, TypeError):
+            raise refuse("the Secret's entry for the tenant is not a base64-encoded JSON key set") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict) or not doc["keys"]:
+        raise refuse("no \"keys\" mapping")
+    for value in doc["keys"].values():
+        try:
+            ok = isinstance(value, str) and len(base64.b64decode(value, validate=True)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise refuse("one of its keys is not a base64-encoded 32-byte key") from None
+    if doc.get("active") not in doc["keys"]:
+        raise refuse("its \"active\" key is not among its keys", "active")
     return tenant_id or Path(path).stem, doc
 
 
 class StaticKeyProvider(KeyProvider):
     """One tenant's key set given as a document (a key-set file or Secret export), read-only."""
 
-    def __init__(self, tenant_id: str, keyset: dict):
+    def __init__(self, tenant_id: str, keyset: dict, artifact_keys: Path | None = None):
+        """``artifact_keys``: the folder of the artifacts' data keys (``paths.artifact_keys_dir``), read-only."""
         self.tenant_id, self.keyset = check_tenant(tenant_id), keyset
+        self._artifact_keys = ArtifactKeyFolder(artifact_keys) if artifact_keys is not None else None
 
     def _load(self, tenant_id: str) -> dict | None:
         return self.keyset if tenant_id == self.tenant_id else None
+
+    def artifact_key(self, tenant_id: str, artifact_id: str, tag: str) -> dict | None:
+        return super().artifact_key(tenant_id, artifact_id, tag) if tenant_id == self.tenant_id else None
+
+    def put_artifact_key(self, tenant_id: str, artifact_id: str, tag: str, entry: dict) -> None:
+        self._store(tenant_id, {})  # read-only: refused
+
+    def destroy_artifact_key(self, tenant_id: str, artifact_id: str, keep: str | None = None) -> int:
+        self.shred(tenant_id)  # read-only: refused
+        return 0
 
     def _store(self, tenant_id: str, keyset: dict) -> None:
         raise ValidationError("this key set was given on the command line and is read-only")
@@ -185,16 +385,73 @@ class StaticKeyProvider(KeyProvider):
         raise ValidationError("this key set was given on the command line and is read-only")
 
 
-class LocalKeyProvider(KeyProvider):
-    """Key sets as JSON files (mode 0600) in a folder (mode 0700)."""
+class ArtifactKeyFolder:
+    """Artifacts' wrapped data keys, one file per encryption: ``<folder>/<tenant>/<artifact_id>.<tag>.key``
+    (0600, folders 0700). Destroying unlinks and fsyncs the folder, so a power cut cannot undo a deletion."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _tenant_folder(self, tenant_id: str) -> Path:
+        return self.folder / check_tenant(tenant_id)
+
+    def _path(self, tenant_id: str, artifact_id: str, tag: str) -> Path:
+        if not ARTIFACT_ID.fullmatch(str(artifact_id)) or not re.fullmatch(r"[0-9a-f]{24}", str(tag)):
+            raise ValidationError(f"invalid artifact id {str(artifact_id)[:80]!r}", {"field": "artifact_id"})
+        return self._tenant_folder(tenant_id) / f"{artifact_id}.{tag}.key"
+
+    def put(self, tenant_id: str, artifact_id: str, tag: str, entry: dict) -> None:
+        path = self._path(tenant_id, artifact_id, tag)
+        private_dir(self.folder)
+        private_dir(path.parent)
+        write_durably(path, json.dumps(entry).encode())
+
+    def get(self, tenant_id: str, artifact_id: str, tag: str) -> dict | None:
         try:
-            os.chmod(self.folder, 0o700)
-        except OSError:
-            pass  # a read-only mount (a Kubernetes Secret volume): its permissions are the kubelet's
+            entry = json.loads(self._path(tenant_id, artifact_id, tag).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise ArtifactIntegrityError(f"the data key of artifact {artifact_id!r} is damaged",
+                                         {"artifact_id": artifact_id})
+        return entry
+
+    def destroy(self, tenant_id: str, artifact_id: str, keep: str | None = None) -> int:
+        self._path(tenant_id, artifact_id, keep or "0" * 24)  # checks the ids
+        folder = self._tenant_folder(tenant_id)
+        doomed = [p for p in folder.glob(f"{artifact_id}.*.key") if p.name != f"{artifact_id}.{keep}.key"] \
+            if folder.is_dir() else []
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        if doomed:
+            fsync_dir(folder)
+        return len(doomed)
+
+    def ids(self, tenant_id: str) -> list[tuple[str, str]]:
+        folder = self._tenant_folder(tenant_id)
+        return sorted(tuple(p.name.split(".")[:2]) for p in folder.glob("art-*.*.key")) if folder.is_dir() else []
+
+    def shred(self, tenant_id: str) -> None:
+        folder = self._tenant_folder(tenant_id)
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+            fsync_dir(folder)
+            folder.rmdir()
+            fsync_dir(self.folder)
+
+
+class LocalKeyProvider(KeyProvider):
+    """Key sets as JSON files (mode 0600) in a folder (mode 0700); artifacts' data keys in
+    ``artifact_keys`` (default ``<folder>/artifacts``: a trainer pod, whose key sets are a read-only Secret
+    mount, keeps them on a volume of their own)."""
+
+    def __init__(self, folder: Path, artifact_keys: Path | None = None):
+        self.folder = Path(folder)  # created with the first key set: reading creates nothing
+        self._artifact_keys = ArtifactKeyFolder(artifact_keys if artifact_keys is not None
+                                                else self.folder / "artifacts")
 
     def _path(self, tenant_id: str) -> Path:
         return self.folder / f"{tenant_id}.json"
@@ -206,14 +463,25 @@ class LocalKeyProvider(KeyProvider):
             return None
 
     def _store(self, tenant_id: str, keyset: dict) -> None:
-        path = self._path(tenant_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(keyset, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        private_dir(self.folder)
+        write_durably(self._path(tenant_id), json.dumps(keyset).encode())
 
     def shred(self, tenant_id: str) -> None:
-        self._path(check_tenant(tenant_id)).unlink(missing_ok=True)
+        path = self._path(check_tenant(tenant_id))
+        if path.exists():
+            path.unlink()
+            fsync_dir(self.folder)
+        self._artifact_keys.shred(tenant_id)
+
+    def _store_secret(self, name: str) -> bytes:
+        path = self.folder / f"{name}.key"
+        with self._lock:
+            try:
+                return base64.b64decode(path.read_bytes(), validate=True)
+            except FileNotFoundError:
+                key = secrets.token_bytes(32)
+                private_dir(self.folder)
+                write_durably(path, base64.b64encode(key))
+                return key
+            except ValueError:
+                raise ValidationError(f"{path} is damaged: it should hold 32 bytes in base64") from None

@@ -3,16 +3,19 @@
 The Secret named by a ``TrainingClient``'s ``spec.keySecretRef`` holds, under ``<tenant>.json``, the
 same key-set document :class:`~tg_tinker.keys.LocalKeyProvider` keeps in a file. The trainer pod
 mounts that one key read-only as a file, so inside the pod the local provider reads it unchanged and the
-pod needs no API access. Rotation and crypto-shredding go through the API, with this provider.
+pod needs no API access. Rotation and crypto-shredding go through the API, with this provider; the artifacts'
+data keys are on the trainer's data-key volume (``artifact_keys``: a copy of it, or where it is mounted).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+import secrets
+from pathlib import Path
+from typing import Any, Optional
 
-from .keys import KeyProvider, check_tenant
+from .keys import ArtifactKeyFolder, KeyProvider, check_tenant
 
 
 def keyset_key(tenant_id: str) -> str:
@@ -23,8 +26,9 @@ def keyset_key(tenant_id: str) -> str:
 class KubernetesSecretKeyProvider(KeyProvider):
     """``core_v1`` is a ``kubernetes.client.CoreV1Api``; the Secret is created on first use."""
 
-    def __init__(self, core_v1: Any, namespace: str, secret_name: str):
+    def __init__(self, core_v1: Any, namespace: str, secret_name: str, artifact_keys: Optional[Path] = None):
         self.api, self.namespace, self.secret_name = core_v1, namespace, secret_name
+        self._artifact_keys = ArtifactKeyFolder(artifact_keys) if artifact_keys is not None else None
         self._read_version: dict[str, str] = {}  # tenant -> the Secret's resourceVersion its key set was read at
 
     def _secret(self):
@@ -55,6 +59,17 @@ class KubernetesSecretKeyProvider(KeyProvider):
     def shred(self, tenant_id: str) -> None:
         if self._secret() is not None:
             self.api.patch_namespaced_secret(self.secret_name, self.namespace, {"data": {keyset_key(tenant_id): None}})
+        if self._artifact_keys is not None:
+            self._artifact_keys.shred(tenant_id)
+
+    def _store_secret(self, name: str) -> bytes:
+        """A key-store secret (``names.key``: keys.py) in the Secret, beside the key sets; a trainer pod reads it
+        from the mounted file of the same name."""
+        value = self.get_value(f"{name}.key")
+        if value is None:
+            value = base64.b64encode(secrets.token_bytes(32))
+            self.put_value(f"{name}.key", value)
+        return base64.b64decode(value)
 
     def put_value(self, key: str, value: bytes) -> None:
         """Store another value (the trainer's bearer token) beside the key sets."""

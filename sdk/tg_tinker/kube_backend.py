@@ -68,6 +68,10 @@ class KubernetesBackend:
         try:
             return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINING_CLIENTS, body)
         except self._errors as error:
+            if error.status == 409:  # closing keeps a client (suspended, with its checkpoints)
+                raise ValidationError(f"TrainingClient {name!r} already exists: get_training_client({name!r}) "
+                                      f"resumes it, delete_training_client({name!r}) deletes it and its checkpoints",
+                                      {"field": "client_id"}) from None
             raise _api_error(error, f"TrainingClient {name!r}") from None
 
     def get(self, name: str) -> dict:
@@ -81,6 +85,16 @@ class KubernetesBackend:
             self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINING_CLIENTS, name)
         except self._errors as error:
             if error.status != 404:
+                raise _api_error(error, f"TrainingClient {name!r}") from None
+
+    def suspend(self, name: str, suspend: bool = True) -> None:
+        """``spec.suspend``: true, the operator saves a checkpoint and stops the pod (the resource, its volume and
+        its operations stay); false, a new pod resumes from the latest checkpoint."""
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINING_CLIENTS, name,
+                                                       {"spec": {"suspend": suspend}})
+        except self._errors as error:
+            if error.status != 404 or not suspend:
                 raise _api_error(error, f"TrainingClient {name!r}") from None
 
     def wait_ready(self, name: str, timeout: float) -> dict:

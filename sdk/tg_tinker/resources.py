@@ -26,6 +26,9 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 TRAINER_PORT = 8000
 TOKEN_KEY = "token"  # the bearer token's key in the key Secret (beside the tenant's "<tenant>.json")
 TINKER_KEY = "tinker"  # the Tinker API key's (spec.tinker.enabled), beside the token
+# The label that binds a Secret or PersistentVolumeClaim to a tenant: a TrainingClient may use a Secret or volume
+# only of its own tenant (the operator sets it on those it creates; docs/privacy.md, "What a TrainingClient may name").
+TENANT_LABEL = "tensafe.io/tenant"
 
 
 def token_key(tc: dict[str, Any]) -> str:

@@ -5,7 +5,10 @@ Backends:
 - ``remote``: a trainer server already running at ``base_url`` (or ``$TENSAFE_URL``), with
   ``api_key`` (or ``$TENSAFE_API_KEY``) as its bearer token.
 - ``kubernetes``: a ``TrainingClient`` custom resource per training client in ``namespace``
-  (in-cluster config, else ``kubeconfig`` / ``$KUBECONFIG``); each has its own trainer pod.
+  (in-cluster config, else ``kubeconfig`` / ``$KUBECONFIG``); each has its own trainer pod. Closing loses
+  nothing: the clients this ServiceClient started are suspended (checkpointed, then their pod stopped), their
+  resource, volume and TrainingOperations kept; ``get_training_client`` resumes one. Deleting is an explicit
+  ``delete_training_client`` (or ``delete_on_close=True``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class ServiceClient:
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
                  backend: Optional[str] = None, tenant_id: str = "default", home: Optional[os.PathLike] = None,
                  timeout: float = 30.0, namespace: Optional[str] = None, kubeconfig: Optional[str] = None,
-                 context: Optional[str] = None, delete_on_close: bool = True, verify: Verify = True):
+                 context: Optional[str] = None, delete_on_close: bool = False, verify: Verify = True):
         base_url = base_url or os.environ.get("TENSAFE_URL")
         backend = backend or ("remote" if base_url else "local")
         if backend not in BACKENDS:
@@ -62,7 +65,7 @@ class ServiceClient:
         self._kube: Optional[KubernetesBackend] = None
         self._clients: dict[str, Transport] = {}  # each client's own token (and, on kubernetes, its own trainer)
         self._queues: dict[str, OperationQueue] = {}  # one per client: its operations reach it in call order
-        self._created: set[str] = set()  # kubernetes: the resources this client made (and deletes on close)
+        self._created: set[str] = set()  # kubernetes: the clients this one started (suspended on close)
         self._delete_on_close = delete_on_close
         self.transport: Optional[Transport] = None
         self.base_url = base_url
@@ -82,15 +85,22 @@ class ServiceClient:
     # --- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop what this client started: the local trainer, or (kubernetes, unless ``delete_on_close=False``)
-        the training clients it created. Operations already submitted are sent first."""
+        """Stop what this client started, losing nothing: the local trainer; on Kubernetes the training clients
+        it created or resumed are suspended (``spec.suspend: true``: the operator saves a checkpoint, then stops
+        the pod; the TrainingClient, its volume with every checkpoint and its TrainingOperations stay, and
+        ``get_training_client`` resumes it). Only with ``delete_on_close=True`` are they deleted, with their
+        volume and records, as ``delete_training_client`` does. Operations already submitted are sent first."""
         for queue in self._queues.values():
             queue.flush()
         self._queues.clear()
         for name, transport in list(self._clients.items()):
             transport.close()
-            if self._kube is not None and self._delete_on_close and name in self._created:
-                self._kube.delete(name)
+            if self._kube is not None and name in self._created:
+                if self._delete_on_close:
+                    self._kube.delete(name)
+                else:
+                    self._kube.suspend(name)
+        self._created.clear()
         self._clients.clear()
         if self.transport is not None:
             self.transport.close()
@@ -155,8 +165,13 @@ class ServiceClient:
 
     def get_training_client(self, client_id: str) -> TrainingClient:
         """Attach to a training client that already exists (on Kubernetes: a TrainingClient resource, e.g.
-        from GitOps; it is left in place on close). Waits until it is ready."""
+        from GitOps; left running on close). A suspended one (``spec.suspend``, as closing a ServiceClient leaves
+        the ones it started) is resumed from its latest checkpoint, and suspended again on close. Waits until
+        it is ready."""
         if self._kube is not None:
+            if self._kube.get(client_id)["spec"].get("suspend"):
+                self._kube.suspend(client_id, False)
+                self._created.add(client_id)
             return self._connect_kube(client_id)
         info = self._wait_ready(self._client_info(client_id))
         return TrainingClient(self, info, info.config)
@@ -168,6 +183,23 @@ class ServiceClient:
                                   server_name=access.server_name))
         info = self._kube.info(tc)
         return TrainingClient(self, info, info.config)
+
+    def delete_training_client(self, client_id: str) -> None:
+        """Kubernetes: delete the TrainingClient resource, and with it what it owns: its pod, its own key Secret
+        and volume (``<name>-keys``, ``<name>-artifacts``: every checkpoint on it) and its TrainingOperations. A
+        Secret or volume its spec names is the tenant's and stays; so does its PrivacyBudget. This is the one
+        call of the SDK that deletes a client's data; closing never does."""
+        if self._kube is None:
+            raise ValidationError("delete_training_client is for backend='kubernetes'; elsewhere a client's "
+                                  "checkpoints are artifacts of the tenant", {"field": "backend"})
+        queue = self._queues.pop(client_id, None)
+        if queue is not None:
+            queue.close(TrainingClientError(f"training client {client_id!r} was deleted"))
+        transport = self._clients.pop(client_id, None)
+        if transport is not None:
+            transport.close()
+        self._created.discard(client_id)
+        self._kube.delete(client_id)
 
     def list_training_clients(self) -> list[ClientInfo]:
         if self._kube is not None:
@@ -222,10 +254,11 @@ class ServiceClient:
             queue.close(TrainingClientError(f"client {client_id} is TERMINATED: it was closed",
                                             {"status": ClientStatus.TERMINATED.value}))
         if self._kube is not None and client_id in self._clients:
+            # Suspended, not deleted: the operator checkpoints and stops the pod; volume and records stay.
             info = self._client_info(client_id)
             self._clients.pop(client_id).close()
             self._created.discard(client_id)
-            self._kube.delete(client_id)
+            self._kube.suspend(client_id)
             return info.model_copy(update={"status": ClientStatus.TERMINATED})
         info = TrainerAPI(self._transport_for(client_id)).terminate(client_id)
         # Its token died with it: what is left to read of it (audit entries, artifacts, the outcome of its
@@ -317,6 +350,13 @@ class ServiceClient:
         """The PEM public key that verifies this tenant's privacy receipts (``tg_tinker.verify_receipt``)."""
         return self._transport_for(training_client_id).request(
             "GET", "/v1/receipts/public_key", params={"tenant_id": self.tenant_id})["public_key"]
+
+    def receipt_public_keys(self, *, training_client_id: Optional[str] = None) -> dict:
+        """This tenant's receipt key list: the active key and every key retired by a rotation, with the audit
+        sequence it was retired at. ``tg_tinker.verify_receipt(receipt, keys)`` takes it and verifies receipts of
+        any age, refusing one a retired key signed after its retirement."""
+        return self._transport_for(training_client_id).request(
+            "GET", "/v1/receipts/public_keys", params={"tenant_id": self.tenant_id})
 
     def audit_head(self, *, training_client_id: Optional[str] = None) -> AuditHead:
         """The head of this tenant's audit chain now: keep it, and ``tensafe audit verify --expect-head``

@@ -572,6 +572,10 @@ class AuditEntry(WireModel):
     error: Optional[str] = None
     prev_hash: str
     record_hash: str
+    # The tenant's secrets generation whose chain key MACs this record (absent: the first, in logs written
+    # before generations), and, on a ``rotate_keys`` record (the last of its generation's segment), the next.
+    key_id: Optional[str] = None
+    next_key_id: Optional[str] = None
 
 
 RESULT_TYPES: dict[str, type[WireModel]] = {

@@ -1,8 +1,9 @@
 """The artifact store: encrypted files on a local filesystem (a PersistentVolume in Kubernetes).
 
-Layout: ``<root>/<tenant>/<artifact_id>.tsa``, the encrypted artifact. Its header holds ids, the wrapped
-data key and a sealed description (training client, kind, step, name, user metadata: crypto.py), so
-the file names nothing a user chose. Artifact files go to a temporary name, are fsynced and renamed, so a
+Layout: ``<root>/<tenant>/<artifact_id>.tsa``, the encrypted artifact. Its header holds ids and a sealed
+description (training client, kind, step, name, user metadata: crypto.py), so the file names nothing a
+user chose; its data key is in the key store, apart from the data, so ``delete`` destroys it and every
+copy of the file dies with it. Artifact files go to a temporary name, are fsynced and renamed, so a
 reader sees the old state or the new one and never half of either.
 
 Beside each sits ``<artifact_id>.json``, an index entry (size, content hash and key id: nothing a user
@@ -30,6 +31,7 @@ from tg_tinker.types import ArtifactInfo
 
 from . import crypto
 from tg_tinker.keys import KeyProvider, check_tenant
+from tg_tinker.private_files import FILE_MODE, atomic_write, fsync_dir, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,6 @@ def check_artifact_id(artifact_id: str) -> str:
     return artifact_id
 
 
-FILE_MODE, DIR_MODE = 0o600, 0o700
-
-
 def write_private_folder(folder: Path, files: dict[str, bytes]) -> list[str]:
     """Plaintext the user asked for (an exported adapter): folder 0700, files 0600, each written whole."""
     private_dir(Path(folder))
@@ -60,43 +59,7 @@ def write_private_folder(folder: Path, files: dict[str, bytes]) -> list[str]:
 
 def write_private(path: Path, data: bytes) -> None:
     """``data`` at ``path`` (mode 0600), whole or not at all, never through a planted file or link."""
-    _atomic_write(path, lambda f: f.write(data), durable=False)
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` created if needed, mode 0700."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != DIR_MODE:
-        os.chmod(path, DIR_MODE)
-    return path
-
-
-def open_private(path: Path):
-    """A new binary file at ``path``, mode 0600; refuses one that exists or a symlink planted there."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE), "wb")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write, durable: bool = True) -> None:
-    """Temporary name, then rename; ``durable`` fsyncs the file before the rename. The folder's fsync is
-    the caller's: one, after all of its renames, makes them all durable."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open_private(tmp) as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 class ArtifactStore:
@@ -133,17 +96,17 @@ class ArtifactStore:
         description = {"kind": kind, "step": step, "name": name, "created_at": time.time(),
                        "metadata": metadata or {}}
         return self._write(data_path, index_path, binding, description,
-                           plaintext if callable(plaintext) else (lambda w: w.write(plaintext)))
+                           plaintext if callable(plaintext) else (lambda w: w.write(plaintext)))[0]
 
     def _write(self, data_path: Path, index_path: Path, binding: crypto.Binding, description: dict,
-               produce: Callable[[BinaryIO], None]) -> ArtifactInfo:
+               produce: Callable[[BinaryIO], None]) -> tuple[ArtifactInfo, crypto.Encrypted]:
         written: list[crypto.Encrypted] = []
-        _atomic_write(data_path, lambda f: written.append(
+        atomic_write(data_path, lambda f: written.append(
             crypto.encrypt_stream(f, produce, binding, self.keys, description)))
         info = _describe(binding, description, written[0])
         _write_index(index_path, info)
         fsync_dir(data_path.parent)  # makes both renames durable
-        return info
+        return info, written[0]
 
     def _not_found(self, tenant_id: str, artifact_id: str) -> ArtifactNotFoundError:
         return ArtifactNotFoundError(f"no artifact {artifact_id!r} for tenant {tenant_id!r}",
@@ -158,14 +121,15 @@ class ArtifactStore:
         with src:
             header, _ = crypto.read_header(src)
             crypto.check_binding(header, crypto.Binding(tenant_id, "", artifact_id))  # not a renamed or moved file
-            _, description = crypto.open_header(header, self.keys)
+            _, description, kid = crypto.open_header(header, self.keys)
             size = os.fstat(src.fileno()).st_size
             indexed = _read_index(index_path)
             if indexed is None or (indexed.get("artifact_id"), indexed.get("size_bytes"), indexed.get("key_id")) \
-                    != (artifact_id, size, header["kid"]):
-                indexed = _reindex(src, header, artifact_id, index_path)
+                    != (artifact_id, size, kid):
+                indexed = _reindex(src, kid, artifact_id, index_path)
             binding = crypto.Binding(tenant_id, description["training_client"], artifact_id)
-            return _describe(binding, description, crypto.Encrypted(size, indexed["content_hash"], header["kid"]))
+            return _describe(binding, description,
+                             crypto.Encrypted(size, indexed["content_hash"], kid, crypto.key_tag(header)))
 
     def owner(self, tenant_id: str, artifact_id: str) -> str:
         """The training client an artifact belongs to (from its sealed description)."""
@@ -202,12 +166,17 @@ class ArtifactStore:
         return sorted(infos, key=lambda i: i.created_at)
 
     def delete(self, tenant_id: str, artifact_id: str) -> None:
-        """Removes the artifact (damaged or not) and then its index entry."""
-        if not self._paths(tenant_id, artifact_id)[0].exists():
+        """Destroys the artifact's data key (so every copy of it, a backup's or a file put back, is dead), then
+        removes the file (damaged or not) and its index entry. A version 2 file (data key in its header) is
+        only unlinked: ``rotate(reencrypt=True)`` first makes old ones destroyable."""
+        data_path = self._paths(tenant_id, artifact_id)[0]
+        destroyed = self.keys.destroy_artifact_key(tenant_id, artifact_id)
+        if not data_path.exists() and not destroyed:
             raise self._not_found(tenant_id, artifact_id)
         for path in self._paths(tenant_id, artifact_id):
             path.unlink(missing_ok=True)
-        fsync_dir(self._dir(tenant_id))
+        if self._dir(tenant_id).is_dir():
+            fsync_dir(self._dir(tenant_id))
 
     def shred(self, tenant_id: str) -> int:
         """Crypto-shred a tenant: its key set first (every copy anywhere, backups included, becomes
@@ -239,16 +208,22 @@ class ArtifactStore:
             with open(data_path, "rb") as src:
                 header, offset = crypto.read_header(src)
                 src.seek(offset)
-                stored = crypto.rewrap_header(header, self.keys) + src.read()
-            _atomic_write(data_path, lambda f, data=stored: f.write(data))
-            _write_index(index_path, info.model_copy(update={
-                "key_id": kid, "size_bytes": len(stored), "content_hash": hashlib.sha256(stored).hexdigest()}))
+                new_header = crypto.rewrap(header, self.keys)
+                stored = None if new_header is None else new_header + src.read()
+            if stored is not None:  # version 2: the data key is in the header
+                atomic_write(data_path, lambda f, data=stored: f.write(data))
+                info = info.model_copy(update={"size_bytes": len(stored),
+                                               "content_hash": hashlib.sha256(stored).hexdigest()})
+            _write_index(index_path, info.model_copy(update={"key_id": kid}))
+        # data keys of artifacts this home does not list (another home on the same key store, a damaged file)
+        stored_keys = [crypto.rewrap_stored_key(tenant_id, artifact_id, tag, self.keys)
+                       for artifact_id, tag in self.keys.artifact_keys(tenant_id)]
         if self._dir(tenant_id).is_dir():
             fsync_dir(self._dir(tenant_id))
         if not reencrypt:
             return kid, []
         left = [i.artifact_id for i in self.list(tenant_id) if i.key_id != kid]
-        if left or self._unlisted(tenant_id):
+        if left or self._unlisted(tenant_id) or any(k != kid for k in stored_keys):
             raise ArtifactIntegrityError(
                 f"not every artifact of tenant {tenant_id!r} is under the new key ({left or 'damaged files'}); "
                 "no key was destroyed", {"artifact_ids": left})
@@ -265,7 +240,8 @@ class ArtifactStore:
             payload, description = crypto.decrypt_with_description(
                 src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
         binding = crypto.Binding(tenant_id, description.pop("training_client"), artifact_id)
-        self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
+        _, encrypted = self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
+        self.keys.destroy_artifact_key(tenant_id, artifact_id, keep=encrypted.key_tag)  # the old encryption's
 
 
 def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encrypted) -> ArtifactInfo:
@@ -276,14 +252,14 @@ def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encr
         content_hash=encrypted.sha256, key_id=encrypted.key_id, metadata=description.get("metadata") or {})
 
 
-def _reindex(src: BinaryIO, header: dict, artifact_id: str, index_path: Path) -> dict:
+def _reindex(src: BinaryIO, kid: str, artifact_id: str, index_path: Path) -> dict:
     """The index entry rebuilt from the artifact file (after a crash, or an interrupted rotation)."""
     src.seek(0)
     digest, size = hashlib.sha256(), 0
     while chunk := src.read(crypto.CHUNK):
         digest.update(chunk)
         size += len(chunk)
-    return _write_entry(index_path, artifact_id, size, digest.hexdigest(), header["kid"])
+    return _write_entry(index_path, artifact_id, size, digest.hexdigest(), kid)
 
 
 def _write_index(path: Path, info: ArtifactInfo) -> None:

@@ -12,11 +12,20 @@ def _serve(args) -> int:
     from .serve import run
 
     run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
-        args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs, args.privacy_policy)
+        args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs, args.privacy_policy,
+        allow_keys_in_home=args.allow_keys_in_home)
     return 0
 
 
+def _holds_keys() -> None:
+    """Before a command reads a key set: no core dump may carry it (hardening.py)."""
+    from .hardening import disable_core_dumps
+
+    disable_core_dumps()
+
+
 def _tinker_key(args) -> int:
+    _holds_keys()
     from .paths import tensafe_home
     from .tinker_api.keys import create_key
 
@@ -32,12 +41,14 @@ def _demo(args) -> int:
 
 
 def _artifact(args) -> int:
+    _holds_keys()
     from .admin import artifact_command
 
     return artifact_command(args)
 
 
 def _audit(args) -> int:
+    _holds_keys()
     from .admin import audit_command
 
     return audit_command(args)
@@ -83,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--privacy-policy", type=Path, default=os.environ.get("TENSAFE_PRIVACY_POLICY"),
                        help="the Tinker API's DP policy: JSON/YAML mapping a tenant id (or 'default') to "
                             "{dp: {DPConfig fields}, batch_size: N} (default $TENSAFE_PRIVACY_POLICY)")
+    serve.add_argument("--allow-keys-in-home", action="store_true",
+                       help="start even though the key sets lie inside the data folder: then whoever copies the "
+                            "home (a backup, a snapshot) can decrypt every artifact and dataset in it")
     serve.set_defaults(func=_serve)
 
     tkey = sub.add_parser("tinker-key", help="API keys of the Tinker API (/api/v1): each opens one tenant")
@@ -117,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--keys", type=Path, default=None,
                            help="the tenant's key set: a key-set file, or its key Secret as JSON/YAML "
                                 "(default: the home's keys)")
+            p.add_argument("--artifact-keys", type=Path, default=None,
+                           help="with --keys: the folder of the artifacts' data keys (default: the home's; on "
+                                "Kubernetes, a copy of the trainer's keys volume)")
         if name == "rotate":
             p.add_argument("--reencrypt", action="store_true",
                            help="re-encrypt every artifact under a fresh data key and the new key, then destroy "

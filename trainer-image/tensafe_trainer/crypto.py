@@ -5,13 +5,16 @@ File layout::
     b"TSAF" | version (1 byte) | header length (4 bytes, big-endian) | header (JSON) | ciphertext | tag (16)
 
 In clear, the header holds only ids and what decryption needs: the format version, algorithm, tenant,
-artifact id, key id, the DEK wrapped under the tenant's KEK (AES-GCM, bound to key id, tenant and
-artifact id) and the nonces. Everything else about the artifact (training client, kind, step, name,
+artifact id and the nonces. The DEK, wrapped under the tenant's KEK (AES-GCM, bound to key id, tenant and
+artifact id), is not in the file: it is kept in the tenant's key store (``KeyProvider.artifact_key``), so
+deleting an artifact destroys that one entry and every earlier copy of the file (a backup, a snapshot, a
+file put back) can never be opened again. Version 2 files, which carried the wrapped DEK in the header,
+are still read (and moved to version 3 by ``tensafe artifact rotate --reencrypt``). Everything else about the artifact (training client, kind, step, name,
 creation time, user metadata: its *description*) is sealed under the DEK (AES-GCM, its own nonce), so a
 file, a backup or a listing of the volume names nothing a user chose, and once the tenant's keys are gone
 nothing of it can be read. The payload's associated data is every header field except the wrapped key
 and key id (the sealed description included), so a swapped or edited header fails authentication while
-key rotation can re-wrap the DEK without touching the ciphertext. Encryption streams chunk by chunk
+key rotation re-wraps the DEK without touching the file. Encryption streams chunk by chunk
 (no 2 GiB cap, no second copy of the payload in memory), with hashing, writing and syncing on threads
 of their own.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -34,12 +38,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tg_tinker.errors import ArtifactIntegrityError
+from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 
 from tg_tinker.keys import TENANT_PATTERN, KeyProvider
 
 MAGIC = b"TSAF"
-VERSION = 2  # 1: description in clear (refused: it would leak what v2 seals)
+VERSION = 3  # 1: description in clear (refused: it would leak what v2 seals); 2: wrapped DEK in the header (read)
+LEGACY_VERSION = 2
+WRAP_FIELDS = ("kid", "wrapped_dek", "wrap_nonce")
 ALGORITHM = "AES-256-GCM"
 TAG_SIZE = 16
 CHUNK = 1 << 20
@@ -63,7 +69,7 @@ def canonical_json(obj) -> bytes:
 
 
 def _payload_aad(header: dict) -> bytes:
-    return canonical_json({k: v for k, v in header.items() if k not in ("kid", "wrapped_dek", "wrap_nonce")})
+    return canonical_json({k: v for k, v in header.items() if k not in WRAP_FIELDS})
 
 
 def _wrap_aad(kid: str, binding: dict) -> bytes:
@@ -101,19 +107,43 @@ def _wrap(kek: bytes, kid: str, dek: bytes, header: dict) -> dict:
             "wrap_nonce": base64.b64encode(wrap_nonce).decode()}
 
 
-def _unwrap(kek: bytes, header: dict) -> bytes:
+def _unwrap(kek: bytes, wrap: dict, header: dict) -> bytes:
     try:
-        return AESGCM(kek).decrypt(header_bytes(header, "wrap_nonce", 12), header_bytes(header, "wrapped_dek", 48),
-                                   _wrap_aad(header["kid"], header))
+        return AESGCM(kek).decrypt(header_bytes(wrap, "wrap_nonce", 12), header_bytes(wrap, "wrapped_dek", 48),
+                                   _wrap_aad(wrap["kid"], header))
     except InvalidTag:
         raise ArtifactIntegrityError(
             f"the data key of artifact {header.get('artifact_id')!r} does not unwrap under key "
-            f"{header.get('kid')!r}: wrong key or tampered header") from None
+            f"{wrap.get('kid')!r}: wrong key or tampered header") from None
+
+
+def key_tag(header: dict) -> str:
+    """Names this encryption's data key in the key store: the payload nonce (unique per encryption)."""
+    return header_bytes(header, "nonce", 12).hex()
+
+
+def wrap_of(header: dict, keys: KeyProvider) -> dict:
+    """The artifact's wrapped data key: from the key store (version 3), from the header (version 2)."""
+    if header["v"] == LEGACY_VERSION:
+        return {field: header[field] for field in WRAP_FIELDS}
+    wrap = keys.artifact_key(header["tenant"], header["artifact_id"], key_tag(header))
+    if wrap is None and any(a == header["artifact_id"] for a, _ in keys.artifact_keys(header["tenant"])):
+        raise ArtifactIntegrityError(
+            f"artifact {header['artifact_id']!r} is not the one this key store holds a data key for: its header was "
+            "changed, or it is a copy from before the artifact was re-encrypted", {"artifact_id": header["artifact_id"]})
+    if wrap is None:
+        raise ArtifactNotFoundError(
+            f"no artifact {header['artifact_id']!r} for tenant {header['tenant']!r}: its data key is not in this key "
+            "store (the artifact was deleted, so this copy can never be opened, or it is another store's)",
+            {"artifact_id": header["artifact_id"]})
+    if not isinstance(wrap.get("kid"), str):
+        raise ArtifactIntegrityError(f"the data key of artifact {header['artifact_id']!r} is damaged")
+    return wrap
 
 
 def _encode_header(header: dict) -> bytes:
     body = canonical_json(header)
-    return _PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    return _PREFIX.pack(MAGIC, header["v"], len(body)) + body
 
 
 class _Worker:
@@ -227,6 +257,7 @@ class Encrypted(NamedTuple):
     size: int  # bytes written
     sha256: str  # of the bytes written
     key_id: str  # the KEK that wraps the data key
+    key_tag: str  # names the data key in the key store
 
 
 def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: Binding,
@@ -238,7 +269,8 @@ def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: 
     header = {"v": VERSION, "alg": ALGORITHM, "nonce": base64.b64encode(nonce).decode(),
               "tenant": binding.tenant_id, "artifact_id": binding.artifact_id}
     header.update(_seal(dek, header, {**(description or {}), "training_client": binding.training_client_id}))
-    header.update(_wrap(kek, kid, dek, header))
+    # Durably in the key store before the file exists: a crash leaves at worst a key with no file.
+    keys.put_artifact_key(binding.tenant_id, binding.artifact_id, key_tag(header), _wrap(kek, kid, dek, header))
     encryptor = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
     encryptor.authenticate_additional_data(_payload_aad(header))
     sink = _CiphertextSink(out)
@@ -250,7 +282,7 @@ def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: 
         writer.finish()
     finally:
         written, digest = sink.close()
-    return Encrypted(written, digest, kid)
+    return Encrypted(written, digest, kid, key_tag(header))
 
 
 def read_header(src: BinaryIO) -> tuple[dict, int]:
@@ -261,21 +293,25 @@ def read_header(src: BinaryIO) -> tuple[dict, int]:
     magic, version, length = _PREFIX.unpack(prefix)
     if magic != MAGIC or length > MAX_HEADER:
         raise ArtifactIntegrityError("not a TenSafe artifact (no TSAF header)")
-    if version != VERSION:
+    if version not in (VERSION, LEGACY_VERSION):
         raise ArtifactIntegrityError(f"unsupported TenSafe artifact format version {version} (this trainer "
                                      f"reads version {VERSION})", {"version": version})
     try:
         header = json.loads(src.read(length))
     except ValueError:
         raise ArtifactIntegrityError("artifact header is corrupt") from None
-    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
+    if not isinstance(header, dict) or header.get("alg") != ALGORITHM or header.get("v") != version:
         raise ArtifactIntegrityError("artifact header is corrupt or uses an unknown algorithm")
-    for field in ("kid", "tenant", "artifact_id", "sealed"):
+    legacy = version == LEGACY_VERSION
+    for field in ("tenant", "artifact_id", "sealed") + (("kid",) if legacy else ()):
         if not isinstance(header.get(field), str):
             raise ArtifactIntegrityError(f"artifact header is corrupt: {field} missing")
+    if not legacy and any(field in header for field in WRAP_FIELDS):
+        raise ArtifactIntegrityError("artifact header is corrupt: a version 3 header carries no data key")
     if not TENANT_PATTERN.fullmatch(header["tenant"]) or not re.fullmatch(r"art-[0-9a-f]{32}", header["artifact_id"]):
         raise ArtifactIntegrityError("artifact header is corrupt: bad tenant or artifact id", {"field": "tenant"})
-    for field, size in (("nonce", 12), ("wrap_nonce", 12), ("wrapped_dek", 48), ("sealed_nonce", 12)):
+    for field, size in (("nonce", 12), ("sealed_nonce", 12)) + ((("wrap_nonce", 12), ("wrapped_dek", 48))
+                                                                 if legacy else ()):
         header_bytes(header, field, size)  # refuse now, not halfway through decryption
     return header, _PREFIX.size + length
 
@@ -306,10 +342,12 @@ def check_binding(header: dict, binding: Binding, description: Optional[dict] = 
                 "a renamed, swapped or foreign artifact", {"field": field})
 
 
-def open_header(header: dict, keys: KeyProvider) -> tuple[bytes, dict]:
-    """The artifact's data key and its unsealed description (which names its training client)."""
-    dek = _unwrap(keys.key(header["tenant"], header["kid"]), header)
-    return dek, _unseal(dek, header)
+def open_header(header: dict, keys: KeyProvider) -> tuple[bytes, dict, str]:
+    """The artifact's data key, its unsealed description (which names its training client) and the id of
+    the KEK that wraps the data key."""
+    wrap = wrap_of(header, keys)
+    dek = _unwrap(keys.key(header["tenant"], wrap["kid"]), wrap, header)
+    return dek, _unseal(dek, header), wrap["kid"]
 
 
 def decrypt_from(src: BinaryIO, total_size: int, binding: Binding, keys: KeyProvider) -> bytes:
@@ -321,7 +359,7 @@ def decrypt_with_description(src: BinaryIO, total_size: int, binding: Binding,
                              keys: KeyProvider) -> tuple[bytes, dict]:
     header, offset = read_header(src)
     check_binding(header, binding)
-    dek, description = open_header(header, keys)
+    dek, description, _ = open_header(header, keys)
     check_binding(header, binding, description)
     body = total_size - offset - TAG_SIZE
     if body < 0:
@@ -350,10 +388,67 @@ def decrypt_with_description(src: BinaryIO, total_size: int, binding: Binding,
     return bytes(plaintext), description
 
 
-def rewrap_header(header: dict, keys: KeyProvider) -> bytes:
-    """The header re-wrapped under the tenant's active key (for rotation); the payload is unchanged."""
-    dek = _unwrap(keys.key(header["tenant"], header["kid"]), header)
+SEALED_ID_PREFIX = "sealed:"
+
+
+def _id_key(names_key: bytes, label: bytes, size: int) -> bytes:
+    return hmac.new(names_key, label, hashlib.sha512 if size == 64 else hashlib.sha256).digest()
+
+
+def pseudonym(names_key: bytes, kind: str, value: str) -> str:
+    """A one-way name for ``value`` on disk (HMAC-SHA256 under the tenant's names key): ``kind`` keeps a
+    ledger's name apart from anything else's. 32 hex digits."""
+    key = _id_key(names_key, b"tensafe/pseudonyms/v1", 32)
+    return hmac.new(key, f"{kind}\n{value}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def seal_id(names_key: bytes, tenant_id: str, value: Optional[str]) -> Optional[str]:
+    """An id as it is written to disk where the trainer must read it back (a client id in the audit log):
+    AES-SIV, deterministic so equal ids seal equal (a filter needs no key), bound to the tenant."""
+    if value is None:
+        return None
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    sealed = AESSIV(_id_key(names_key, b"tensafe/sealed-ids/v1", 64)).encrypt(value.encode(), [tenant_id.encode()])
+    return SEALED_ID_PREFIX + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
+
+
+def open_id(names_key: bytes, tenant_id: str, value: Optional[str]) -> Optional[str]:
+    """``seal_id`` undone; an id written in clear (before ids were sealed) is returned as it is."""
+    if not isinstance(value, str) or not value.startswith(SEALED_ID_PREFIX):
+        return value
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    raw = value[len(SEALED_ID_PREFIX):]
+    try:
+        return AESSIV(_id_key(names_key, b"tensafe/sealed-ids/v1", 64)).decrypt(
+            base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)), [tenant_id.encode()]).decode()
+    except (InvalidTag, ValueError):
+        raise ArtifactIntegrityError("a sealed id does not open under the tenant's names key") from None
+
+
+def rewrap_stored_key(tenant_id: str, artifact_id: str, tag: str, keys: KeyProvider) -> str:
+    """Re-wrap one data key in the key store under the tenant's active KEK (rotation); returns the KEK id."""
+    wrap = keys.artifact_key(tenant_id, artifact_id, tag)
+    binding = {"tenant": tenant_id, "artifact_id": artifact_id}
+    if wrap is None or not isinstance(wrap.get("kid"), str):
+        raise ArtifactIntegrityError(f"the data key of artifact {artifact_id!r} is damaged", {"artifact_id": artifact_id})
+    kid, kek = keys.active_key(tenant_id)
+    if wrap["kid"] != kid:
+        dek = _unwrap(keys.key(tenant_id, wrap["kid"]), wrap, binding)
+        keys.put_artifact_key(tenant_id, artifact_id, tag, _wrap(kek, kid, dek, binding))
+    return kid
+
+
+def rewrap(header: dict, keys: KeyProvider) -> Optional[bytes]:
+    """Re-wrap the artifact's data key under the tenant's active KEK (rotation): in the key store (version 3:
+    returns None, the file is unchanged), or in the header (version 2: returns the new header bytes)."""
+    wrap = wrap_of(header, keys)
+    dek = _unwrap(keys.key(header["tenant"], wrap["kid"]), wrap, header)
     kid, kek = keys.active_key(header["tenant"])
-    fresh = {k: v for k, v in header.items() if k not in ("kid", "wrapped_dek", "wrap_nonce")}
+    if header["v"] != LEGACY_VERSION:
+        keys.put_artifact_key(header["tenant"], header["artifact_id"], key_tag(header), _wrap(kek, kid, dek, header))
+        return None
+    fresh = {k: v for k, v in header.items() if k not in WRAP_FIELDS}
     fresh.update(_wrap(kek, kid, dek, fresh))
     return _encode_header(fresh)

@@ -77,13 +77,12 @@ def _summary(runtime) -> dict:
 
 def _build(spec: dict, home: Path):
     from .artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
-    from .paths import keys_dir, ledger_dir
+    from .paths import key_provider, ledger_dir
     from .operations import Runtime
 
     from tg_tinker.config import TrainingConfig
 
-    store = ArtifactStore(home / "artifacts", LocalKeyProvider(keys_dir(home)))
+    store = ArtifactStore(home / "artifacts", key_provider(home))
     if spec["kind"] == "training":
         runtime = Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]),
                                        store, ledger_dir(home))
@@ -181,6 +180,12 @@ def _is_private(spec: dict) -> bool:
 
 
 def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGate) -> None:
+    # Before any key is read: no core dump of this process (it holds the tenant's KEKs), and it dies with
+    # the server, even one killed with SIGKILL (hardening.py).
+    from .hardening import die_with_parent, disable_core_dumps
+
+    disable_core_dumps()
+    die_with_parent(multiprocessing.parent_process().pid)
     private = _is_private(spec)
     try:
         threads = _ThreadShare(busy_engines)

@@ -7,8 +7,10 @@ against the budget and recorded under one exclusive lock, before any weight chan
 spending the same budget at once cannot both pass it; nothing ever removes an entry, so a reload, a new
 client or a restart cannot lower it.
 
-Locally (and in a trainer pod) the ledger is an append-only JSON-lines file in the trainer's home, one
-line per step, fsynced before the step's weights change, under ``flock``. A line torn by a crash is a
+Locally (and in a trainer pod) the ledger is an append-only JSON-lines file in the trainer's home
+(``privacy/<tenant>/<pseudonym>.jsonl``: the file name is an HMAC of the dataset id under the tenant's names
+key, so the folder does not list the tenant's dataset ids, and the client on each line is sealed; a file
+named in clear by an earlier version is renamed on first open), one line per step, fsynced before the step's weights change, under ``flock``. A line torn by a crash is a
 step whose weights never changed: it is dropped when the next step is recorded. Its lines are chained
 (SHA-256 over the previous head and the line): a checkpoint records the head it was saved at, and loads only
 over a ledger that still begins with those lines, so a ledger rolled back and then refilled by other steps
@@ -30,7 +32,8 @@ from typing import Callable
 from tg_tinker.config import DPConfig
 from tg_tinker.errors import TrainingClientError, ValidationError
 
-from .artifacts import fsync_dir, private_dir
+from tg_tinker.private_files import fsync_dir, private_dir
+from .crypto import pseudonym, seal_id
 from tg_tinker.keys import check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
@@ -107,7 +110,7 @@ def _merge(history: list[list], sigma: float, q: float, steps: int) -> None:
         history.append([sigma, q, steps])
 
 
-def open_ledger(root: Path, tenant_id: str, cfg: DPConfig):
+def open_ledger(root: Path, tenant_id: str, cfg: DPConfig, names_key: bytes):
     """The ledger of the data ``cfg`` trains on: a PrivacyBudget in the API in a trainer pod the operator set up
     for it (``TENSAFE_LEDGER=kubernetes``), else a file under ``root``."""
     if os.environ.get("TENSAFE_LEDGER") == "kubernetes":
@@ -117,21 +120,30 @@ def open_ledger(root: Path, tenant_id: str, cfg: DPConfig):
         return KubernetesLedger.from_environment(
             tenant_id, cfg.dataset_id, cfg.accountant_type,
             lambda history, delta: epsilon_of(cfg.accountant_type, delta, history))
-    return PrivacyLedger(root, tenant_id, cfg.dataset_id)
+    return PrivacyLedger(root, tenant_id, cfg.dataset_id, names_key=names_key)
 
 
 class PrivacyLedger:
     """One dataset's ledger file. Safe across the engine processes of a trainer (and across trainers that
     share the folder): reads take what is fully written, spending holds an exclusive lock."""
 
-    def __init__(self, root: Path, tenant_id: str, dataset_id: str | None):
+    def __init__(self, root: Path, tenant_id: str, dataset_id: str | None, *, names_key: bytes):
+        """``names_key``: the tenant's (KeyProvider.names_key), which names the file."""
         self.tenant_id = check_tenant(tenant_id)
-        self.dataset_id = dataset_id
+        self.dataset_id, self.names_key = dataset_id, names_key
         name = TENANT_LEDGER if dataset_id is None else check_dataset_id(dataset_id)
         folder = Path(root) / self.tenant_id
         private_dir(folder.parent)
         private_dir(folder)
-        self.path = folder / f"{name}.jsonl"
+        self.path = folder / f"{pseudonym(names_key, 'ledger', name)}.jsonl"
+        clear = folder / f"{name}.jsonl"  # the name an earlier version gave it
+        if clear.exists():
+            if self.path.exists():
+                raise TrainingClientError(f"two ledgers of one dataset in {folder}: {clear.name} (named before ids "
+                                          f"were pseudonymised) and {self.path.name}; merge them by hand (spent "
+                                          "budget must not be lost)", {"dataset_id": dataset_id})
+            os.rename(clear, self.path)
+            fsync_dir(folder)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             fsync_dir(folder)
@@ -209,6 +221,7 @@ class PrivacyLedger:
                 check(before, after)
                 f.truncate(self._offset)  # drop a line torn by a crash (its step never changed weights)
                 f.seek(self._offset)
+                client_id = seal_id(self.names_key, self.tenant_id, client_id) if client_id else client_id
                 line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": 1,
                                    "group_size": group_size, "client": client_id, "time": time.time()},
                                   sort_keys=True).encode() + b"\n"

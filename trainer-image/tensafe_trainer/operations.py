@@ -70,7 +70,7 @@ class Runtime:
         ledger = dataset = find = None
         if config.dp_enabled:
             dataset_id = config.dp_config.dataset_id
-            ledger = open_ledger(ledger_root, tenant_id, config.dp_config)
+            ledger = open_ledger(ledger_root, tenant_id, config.dp_config, store.keys.names_key(tenant_id))
             if dataset_id:
                 find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
                 dataset = find()
@@ -165,14 +165,61 @@ class Runtime:
                                                            adapter_config_hash=config_hash))
 
     def resume(self, artifact_id: str) -> None:
-        """Load a checkpoint at start: an id, or 'latest' (this client's newest checkpoint, if it has one)."""
+        """Load a checkpoint at start: an id, or 'latest' (this client's newest checkpoint, if it has one: see
+        ``latest_checkpoint``)."""
         if artifact_id == "latest":
-            checkpoints = [a for a in self.store.list(self.tenant_id, self.client_id) if a.kind == "checkpoint"]
-            if not checkpoints:
+            artifact_id = self.latest_checkpoint()
+            if artifact_id is None:
                 return  # a first start: nothing to resume
-            artifact_id = checkpoints[-1].artifact_id
         self._load(LoadStateRequest(artifact_id=artifact_id))
         self.last_checkpoint = self.resumed_from = artifact_id
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """This client's newest checkpoint, as the tenant's audit chain records it, not as the folder lists it.
+
+        The chain (verified whole under the tenant's key set) names the artifacts each of this client's successful
+        saves produced and the artifacts deleted since (``delete_artifact`` entries). Walking those saves from the
+        newest: the first that is a checkpoint is the answer; a sampler save is passed over; one whose file is
+        missing or unreadable is an ArtifactIntegrityError, never a silent step back to an older checkpoint (its
+        kind cannot be told without it). Checkpoint files the chain does not record (a save whose entry was never
+        written, so whose outcome was never published; or a planted file) are not resumed from. Without an audit
+        log (a Runtime used outside a trainer, or a log never written) the listing decides, as before; a trainer
+        whose log was deleted is caught against a published head, not here."""
+        from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
+
+        from .audit import AuditTrail
+
+        listed = {a.artifact_id: a for a in self.store.list(self.tenant_id, self.client_id)}
+        records = AuditTrail(self.store.root.parent / "audit", self.store.keys).records(self.tenant_id)
+        if not records:
+            checkpoints = [a for a in listed.values() if a.kind == "checkpoint"]
+            return checkpoints[-1].artifact_id if checkpoints else None
+        deleted: set[str] = set()
+        saves: list[tuple[int, str]] = []  # newest first
+        for record in reversed(records):
+            if not record.get("success"):
+                continue
+            if record.get("operation") == "delete_artifact":
+                deleted.update(record.get("artifact_ids_consumed") or ())
+            elif record.get("operation") == "save_state" and record.get("training_client_id") == self.client_id:
+                saves.extend((record["sequence"], a) for a in record.get("artifact_ids_produced") or ()
+                             if a not in deleted)
+        for sequence, artifact_id in saves:
+            info = listed.get(artifact_id)
+            if info is None:
+                try:
+                    info = self.store.info(self.tenant_id, artifact_id)
+                except (ArtifactNotFoundError, ArtifactIntegrityError) as exc:
+                    raise ArtifactIntegrityError(
+                        f"artifact {artifact_id}, the newest save of client {self.client_id!r} (audit sequence "
+                        f"{sequence}), is {'missing' if isinstance(exc, ArtifactNotFoundError) else 'unreadable'}: "
+                        "refusing to resume 'latest' from an older checkpoint, which would silently roll the client "
+                        "back. Restore the file, or resume from an explicit artifact id if a rollback is meant",
+                        {"artifact_id": artifact_id, "training_client_id": self.client_id,
+                         "audit_sequence": sequence}) from None
+            if info.kind == "checkpoint":
+                return artifact_id
+        return None
 
     def _load(self, req: LoadStateRequest) -> Outcome:
         state = deserialize_state(self.store.get(self.tenant_id, req.artifact_id))

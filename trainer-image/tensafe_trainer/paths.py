@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 
 
 def tensafe_home() -> Path:
-    """``$TENSAFE_HOME``, else ``~/.cache/tensafe``: models cache, artifacts, keys, audit log."""
+    """``$TENSAFE_HOME``, else ``~/.cache/tensafe``: artifacts, audit log, privacy ledgers (not keys: keys_dir)."""
     home = os.environ.get("TENSAFE_HOME")
     path = Path(home) if home else Path.home() / ".cache" / "tensafe"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -22,10 +24,84 @@ def model_cache() -> Path:
     return path
 
 
+KEYS_DIR_ENV = "TENSAFE_KEYS_DIR"
+ARTIFACT_KEYS_DIR_ENV = "TENSAFE_ARTIFACT_KEYS_DIR"
+
+
+KEYS_ID_FILE = "keys-id"
+
+
 def keys_dir(home: Path) -> Path:
-    """Tenant key sets: ``$TENSAFE_KEYS_DIR`` (a mounted Secret in a trainer pod), else ``<home>/keys``."""
-    override = os.environ.get("TENSAFE_KEYS_DIR")
-    return Path(override) if override else home / "keys"
+    """Tenant key sets: ``$TENSAFE_KEYS_DIR`` (a mounted Secret in a trainer pod), else
+    ``$XDG_CONFIG_HOME/tensafe/keys/<keys id>`` (``~/.config/...``), where the keys id is a random name the home
+    keeps in ``<home>/keys-id`` (so each home has its own key sets, and a moved home finds them). Never inside
+    the home by default: a copy of the home (a backup, a snapshot) decrypts nothing."""
+    override = os.environ.get(KEYS_DIR_ENV)
+    if override:
+        return Path(override)
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "tensafe" / "keys" / _keys_id(Path(home))
+
+
+def _keys_id(home: Path) -> str:
+    """The home's keys id, created with the home's first key lookup; a home that does not exist gets none
+    (and a key folder that does not exist: reading creates nothing)."""
+    path = home / KEYS_ID_FILE
+    for _ in range(2):
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            if not home.is_dir():
+                return "none"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                continue  # another process created it meanwhile: read theirs
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(16) + "\n")
+            continue
+        if not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise SystemExit(f"{path} is damaged: it should hold the 32 hex digits naming this home's key folder")
+        return value
+    raise SystemExit(f"could not read {path}")
+
+
+def artifact_keys_dir(home: Path) -> Path:
+    """Each artifact's wrapped data key: ``$TENSAFE_ARTIFACT_KEYS_DIR`` (a trainer pod's keys volume, since its
+    key sets are a read-only Secret), else ``<keys_dir>/artifacts``."""
+    override = os.environ.get(ARTIFACT_KEYS_DIR_ENV)
+    return Path(override) if override else keys_dir(home) / "artifacts"
+
+
+def key_provider(home: Path):
+    """The trainer's key store for ``home``: key sets in ``keys_dir``, data keys in ``artifact_keys_dir``."""
+    from tg_tinker.keys import LocalKeyProvider
+
+    return LocalKeyProvider(keys_dir(home), artifact_keys_dir(home))
+
+
+def keys_inside_home(home: Path) -> list[Path]:
+    """The key folders that lie inside ``home`` (so a copy of the home would carry them), plus ``<home>/keys``
+    where earlier versions kept key sets, if it still holds any."""
+    root = Path(home).resolve()
+    inside = [folder for folder in (keys_dir(home), artifact_keys_dir(home))
+              if folder.resolve() == root or root in folder.resolve().parents]
+    legacy = Path(home) / "keys"
+    if legacy.is_dir() and any(legacy.glob("*.json")) and legacy.resolve() not in {f.resolve() for f in inside}:
+        inside.append(legacy)
+    return inside
+
+
+def refuse_keys_inside_home(home: Path) -> None:
+    """Stop a server whose keys a copy of its home would carry (``--allow-keys-in-home`` skips this)."""
+    inside = keys_inside_home(home)
+    if inside:
+        raise SystemExit(
+            f"key sets at {', '.join(map(str, inside))} lie inside the data folder {home}: whoever copies it (a "
+            "backup, a snapshot) could decrypt every artifact and dataset in it. Move them out of the home (to "
+            f"$XDG_CONFIG_HOME/tensafe/keys, the default, or wherever {KEYS_DIR_ENV} names), treat backups of the "
+            "home taken so far as holding the keys (`tensafe artifact rotate --reencrypt` gives every artifact a "
+            "new key), or pass --allow-keys-in-home to accept that risk")
 
 
 def ledger_dir(home: Path) -> Path:

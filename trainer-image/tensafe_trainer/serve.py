@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import threading
@@ -15,8 +16,9 @@ import uvicorn
 
 from tg_tinker.types import CreateTrainingClient
 
+from .hardening import disable_core_dumps
 from .http_guard import MAX_HEADER_BYTES, GuardedH11Protocol
-from .paths import tensafe_home
+from .paths import refuse_keys_inside_home, tensafe_home
 from .server import Settings, create_app
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
@@ -54,13 +56,30 @@ def _watch_parent(pid: int) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            _stop_engines(grace=0.0)  # os._exit runs no exit handler: nothing else would stop them
             os._exit(0)
+
+
+ENGINE_STOP_GRACE_S = 5.0  # at shutdown, for engines to finish their operation and exit before they are killed
+
+
+def _stop_engines(grace: float = ENGINE_STOP_GRACE_S) -> None:
+    """Every engine process this server started ends with it: given ``grace`` seconds (their sessions were
+    told to stop, and close them once their running operation is done), then killed. Engines also get
+    SIGKILL from the kernel if the server dies first (hardening.die_with_parent)."""
+    deadline = time.monotonic() + grace
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5.0)
 
 
 def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], parent_pid: Optional[int],
         insecure_no_auth: bool, client_config: Optional[Path], log_level: str,
         tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None, open_docs: bool = False,
-        privacy_policy: Optional[Path] = None) -> None:
+        privacy_policy: Optional[Path] = None, allow_keys_in_home: bool = False) -> None:
+    disable_core_dumps()  # before any secret is read: no core file of the server, nor of its keys (hardening.py)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Taken out of the environment either way: the engine processes this server spawns must not inherit it.
     env_token = os.environ.pop(TOKEN_ENV, None)
@@ -76,7 +95,10 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     if tinker_key and initial is None:
         raise SystemExit(f"{TINKER_KEY_FILE_ENV} opens the Tinker API for the tenant of the trainer's own client: "
                          f"set {CLIENT_CONFIG_ENV} too (or create keys with `tensafe tinker-key create`)")
-    settings = Settings(home=home or tensafe_home(), token=token or None, initial_client=initial,
+    home = home or tensafe_home()
+    if not allow_keys_in_home:
+        refuse_keys_inside_home(home)
+    settings = Settings(home=home, token=token or None, initial_client=initial,
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
                         max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),
                         max_clients_per_tenant=int(os.environ[MAX_CLIENTS_PER_TENANT_ENV])
@@ -111,6 +133,13 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
             os.replace(tmp, ready_file)
 
         server.startup = startup
+    original_shutdown = server.shutdown
+
+    async def shutdown(sockets=None):  # uvicorn re-raises SIGTERM after this: no exit handler runs after it
+        await original_shutdown(sockets=sockets)
+        _stop_engines()
+
+    server.shutdown = shutdown
     logging.getLogger("tensafe.trainer").info("serving %s on %s:%d (data in %s)", "https" if tls_cert else "http",
                                               host, bound_port, settings.home)
     server.run(sockets=[sock])

@@ -57,8 +57,8 @@ from tg_tinker.wire import MAX_REPORTED_ERRORS, validation_error
 
 from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
-from tg_tinker.keys import LocalKeyProvider
-from .paths import keys_dir
+from tg_tinker.keys import TENANT_PATTERN
+from .paths import key_provider
 from .engine_process import EngineProcess, busy_counter
 from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
@@ -171,7 +171,7 @@ class State:
                 {"available_bytes": free})
         keys = self.store.keys
         session = Session(client_id, tenant_id, kind, build, self.audit, self.loop,
-                          max_pending=self.settings.max_pending, hash_key=keys.audit_key(tenant_id),
+                          max_pending=self.settings.max_pending, hash_key=lambda: keys.audit_key(tenant_id),
                           sign=lambda claims: sign_receipt(claims, keys.receipt_key(tenant_id)), config=config)
         self.sessions[client_id] = session
         metrics.CLIENTS.labels(kind).inc()
@@ -233,7 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         home = settings.home
-        keys = LocalKeyProvider(keys_dir(home))
+        keys = key_provider(home)
         trail = AuditTrail(home / "audit", keys)
         store = ArtifactStore(home / "artifacts", keys)
         for path in store.remove_partial_writes():
@@ -296,7 +296,19 @@ def create_app(settings: Settings) -> FastAPI:
     # A trainer started for one client (a TrainingClient's pod) takes Tinker keys from its Secret only, never from a
     # key file on its data volume, which an insider could write: without a key there, /api/v1 opens for no one.
     given = {settings.tinker_key: initial.tenant_id} if settings.tinker_key else {} if initial is not None else None
-    tinker_keys = TinkerKeys(settings.home, given)
+
+    def tinker_key_refused(entry: dict) -> None:
+        """An entry of the Tinker key file that does not verify: on the record of the tenant it names."""
+        tenant = entry.get("tenant_id")
+        if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
+            return
+        state: State = app.state.tensafe
+        state.audit.submit(operation="tinker_key_refused", training_client_id=None, tenant_id=tenant, success=False,
+                           request_hash=request_hash(state.store.keys.audit_key(tenant), entry),
+                           error="a Tinker key entry that does not verify (planted or edited in the key file) "
+                                 "was refused")
+
+    tinker_keys = TinkerKeys(settings.home, given, on_refused=tinker_key_refused)
     app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
                        tinker_keys=tinker_keys)
     policy = PrivacyPolicy.load(settings.privacy_policy)
@@ -581,6 +593,8 @@ def create_app(settings: Settings) -> FastAPI:
     def audit_entries(training_client_id: Optional[str] = None, operation: Optional[str] = None,
                       tenant_id: Optional[str] = None, limit: int = Query(100, ge=1, le=10_000),
                       state: State = Depends(get_state), principal: Principal = Depends(authenticate)):
+        """Served only once the whole chain verifies under the tenant's key set and does not end before what this
+        trainer wrote or served: an edited or truncated log is an AuditIntegrityError (500), never an answer."""
         tenant, visible = tenant_of(principal, tenant_id), principal.visible(training_client_id)
         state.audit.flush()
         return state.audit_trail.query(tenant, training_client_id=visible, operation=operation, limit=limit)
@@ -588,7 +602,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/audit/head", response_model=AuditHead)
     def audit_head(tenant_id: Optional[str] = None, state: State = Depends(get_state),
                    principal: Principal = Depends(authenticate)):
-        """The tenant's chain head now: keep it, and ``tensafe audit verify --expect-head`` catches a truncation."""
+        """The tenant's chain head now: keep it, and ``tensafe audit verify --expect-head`` catches a truncation.
+        Checked like ``/v1/audit``: never a head behind one this trainer wrote or served."""
         tenant = tenant_of(principal, tenant_id)
         state.audit.flush()
         return state.audit_trail.head(tenant)
@@ -596,9 +611,20 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/receipts/public_key")
     def receipt_public_key(tenant_id: Optional[str] = None, state: State = Depends(get_state),
                            principal: Principal = Depends(authenticate)):
-        """The PEM public key that verifies this tenant's privacy receipts."""
+        """The PEM public key that signs this tenant's privacy receipts now (``/v1/receipts/public_keys``: with
+        the keys that signed them before a rotation)."""
+        from tg_tinker.receipts import key_id
+
         tenant = tenant_of(principal, tenant_id)
-        return {"tenant_id": tenant, "public_key": public_key_pem(state.store.keys.receipt_key(tenant))}
+        key = state.store.keys.receipt_key(tenant)
+        return {"tenant_id": tenant, "public_key": public_key_pem(key), "key_id": key_id(key.public_key())}
+
+    @app.get("/v1/receipts/public_keys")
+    def receipt_public_keys(tenant_id: Optional[str] = None, state: State = Depends(get_state),
+                            principal: Principal = Depends(authenticate)):
+        """The tenant's receipt key list (tg_tinker.receipts): the active key and every retired one with the audit
+        sequence it was retired at; ``verify_receipt`` takes it and refuses a retired key's later receipts."""
+        return state.store.keys.receipt_public_keys(tenant_of(principal, tenant_id))
 
     with_body_schemas(app, (SubmitOperation, SubmitOperations, RegisterDataset))
     return app

@@ -143,10 +143,10 @@ def fingerprint(key: bytes, request: Any) -> str:
 
 class Session:
     def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineProcess],
-                 audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, hash_key: bytes,
+                 audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, hash_key: Callable[[], bytes],
                  sign: Optional[Signer] = None, config=None):
         self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
-        self._hash_key = hash_key
+        self._hash_key = hash_key  # read per request: a key rotation applies at once
         self._sign = sign
         self.audit_head: Optional[dict] = None  # the head of the tenant's chain after this client's last entry
         self.granted: set[str] = set()  # other clients' artifact ids this client's token may use (audited grants)
@@ -174,7 +174,7 @@ class Session:
 
     def submit(self, request: Any, key: Optional[str]) -> tuple[Operation, bool]:
         """Queue ``request``; returns (operation, created). A repeated key returns the first operation."""
-        fp = fingerprint(self._hash_key, request)
+        fp = fingerprint(self._hash_key(), request)
         with self._cond:
             if key is not None and key in self._by_key:
                 existing = self._by_key[key]
@@ -296,7 +296,7 @@ class Session:
             try:
                 self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,
                                    tenant_id=self.tenant_id, success=True, consumed=[resumed],
-                                   request_hash=request_hash(self._hash_key, resumed.encode()))
+                                   request_hash=request_hash(self._hash_key(), resumed.encode()))
             except AuditIntegrityError as exc:
                 self.engine.close()
                 self._enter_error(exc, f"client {self.client_id} could not audit its resume")
