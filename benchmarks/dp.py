@@ -42,14 +42,15 @@ NOISE, CLIP = 1.0, 1.0
 def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
     from tensafe_trainer.engine import TrainingEngine
     from tensafe_trainer.ledger import PrivacyLedger
+    from tg_tinker.keys import LocalKeyProvider
 
     config = TrainingConfig(
         model_ref=MODEL, batch_size=BATCH, max_seq_len=SEQ, optimizer=OptimizerConfig(learning_rate=1e-4),
         lora_config=LoRAConfig(rank=16, alpha=32, target_modules=TARGETS) if lora else None,
         dp_config=DPConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, dataset_size=10_000,
                            group_size=group_size) if dp else None)
-    ledger = PrivacyLedger(Path(tempfile.mkdtemp(prefix="bench-ledger-")), "default", None,
-                           names_key=os.urandom(32)) if dp else None
+    folder = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    ledger = PrivacyLedger(folder / "privacy", "default", None, keys=LocalKeyProvider(folder / "keys")) if dp else None
     engine = TrainingEngine(config, ledger=ledger)
 
     def run(batches: list[BatchData]) -> int:

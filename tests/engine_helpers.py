@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,10 @@ def fresh_ledger(dataset_id=None):
     """A privacy ledger of its own, in a new folder."""
     from tensafe_trainer.ledger import PrivacyLedger
 
-    return PrivacyLedger(Path(tempfile.mkdtemp(prefix="ledger-")), "default", dataset_id, names_key=os.urandom(32))
+    from tg_tinker.keys import LocalKeyProvider
+
+    folder = Path(tempfile.mkdtemp(prefix="ledger-"))
+    return PrivacyLedger(folder / "privacy", "default", dataset_id, keys=LocalKeyProvider(folder / "keys"))
 
 
 def make_engine(ledger=None, dataset=None, **overrides):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tg_tinker import DPConfig, ValidationError
+from tg_tinker import DPConfig, TrainingClientError, ValidationError
 from tg_tinker.types import (
     BatchData,
     ClientInfo,
@@ -106,6 +106,11 @@ def step(runtime, seed: int) -> None:
     runtime.execute(OptimStepRequest())
 
 
+def forget_ledger_heads(tmp_path) -> None:
+    for head in (tmp_path / "keys").rglob("*.head"):
+        head.unlink()
+
+
 def test_an_intact_ledger_with_repeated_entries_resumes_and_a_rolled_back_one_is_refused(tmp_path):
     runtime = alternating_runtimes(tmp_path)
     main, other = runtime("main", 1.0), runtime("other", 2.0)
@@ -125,6 +130,9 @@ def test_an_intact_ledger_with_repeated_entries_resumes_and_a_rolled_back_one_is
 
     lines = ledger.path.read_bytes().splitlines(keepends=True)
     ledger.path.write_bytes(b"".join(lines[:-4]))  # a backup from before the last rounds: fewer steps
+    with pytest.raises(TrainingClientError, match="rolled back"):  # the key store's head of the ledger
+        runtime("main", 1.0).resume("latest")
+    forget_ledger_heads(tmp_path)  # an insider who holds the key store too: the checkpoint's record still catches it
     with pytest.raises(ValidationError, match="rolled back"):
         runtime("main", 1.0).resume("latest")
 
@@ -147,6 +155,9 @@ def test_a_ledger_emptied_and_refilled_by_other_steps_does_not_cover_an_earlier_
         step(first, seed)
     first.execute(SaveStateRequest(kind="checkpoint"))
     first.engine.accountant.ledger.path.write_bytes(b"")  # an insider empties the ledger
+    with pytest.raises(TrainingClientError, match="rolled back"):  # the key store's head of the ledger
+        step(runtime("second", 1.0), 10)
+    forget_ledger_heads(tmp_path)  # ... and, holding the key store too, the ledger heads in it
     second = runtime("second", 1.0)
     for seed in range(3):  # the same counts again, other steps
         step(second, 10 + seed)
@@ -173,7 +184,7 @@ def test_an_edited_ledger_is_refused_whole_never_read_around(line):
     ledger = engine.accountant.ledger
     with open(ledger.path, "ab") as f:
         f.write(line + b"\n")
-    reopened = type(ledger)(ledger.path.parent.parent, "default", "edited", names_key=ledger.names_key)
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "edited", keys=ledger.keys)
     with pytest.raises(TrainingClientError, match="invalid entry at line 2"):
         reopened.history()
     with pytest.raises(TrainingClientError, match="invalid entry at line 2"):  # no step is taken on it

@@ -512,3 +512,31 @@ def test_a_key_file_written_or_deleted_is_fsynced_with_its_folder(tmp_path, monk
     synced.clear()
     keys.shred("acme")
     assert str(tmp_path / "keys") in synced and not (tmp_path / "keys" / "acme.json").exists()
+
+
+def test_a_delete_racing_a_reencrypting_rotation_stays_deleted(store, monkeypatch):
+    """The attacker review's race: re-encryption had read the artifact when a delete destroyed its key and file;
+    it then wrote it back under a new key. Now the two take the tenant's lock in turn."""
+    import threading
+    import time
+
+    from tensafe_trainer import crypto
+
+    doomed, kept = put(store, b"secret-weights"), put(store, b"other")
+    real = crypto.decrypt_with_description
+    deleting: list[threading.Thread] = []
+
+    def decrypt_then_let_a_delete_in(src, size, binding, keys):
+        opened = real(src, size, binding, keys)
+        if binding.artifact_id == doomed.artifact_id and not deleting:
+            deleting.append(threading.Thread(target=store.delete, args=("acme", doomed.artifact_id)))
+            deleting[0].start()
+            time.sleep(0.3)  # without the lock, the delete finishes here
+        return opened
+
+    monkeypatch.setattr(crypto, "decrypt_with_description", decrypt_then_let_a_delete_in)
+    store.rotate("acme", reencrypt=True)
+    deleting[0].join(timeout=30)
+    assert [i.artifact_id for i in store.list("acme")] == [kept.artifact_id]
+    with pytest.raises(ArtifactNotFoundError):
+        store.get("acme", doomed.artifact_id)

@@ -171,3 +171,95 @@ def test_an_empty_or_missing_audit_log_does_not_verify(tmp_path, keys_env):
     log.unlink()
     assert "nothing to verify" in one_line_error(tensafe("audit", "verify", "--home", str(tmp_path / "home"),
                                                          env=keys_env))
+
+
+# --- Tinker keys: listed, revoked for good (an old key file put back brings none back), revoked by a shred ---
+
+def key_id(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def test_tinker_keys_are_listed_and_revoked(tmp_path, keys_env):
+    import hashlib
+
+    (tmp_path / "home").mkdir()
+    acme = tensafe("tinker-key", "create", "--tenant", "acme", "--name", "laptop\x1b[2J", env=keys_env).stdout.strip()
+    other = tensafe("tinker-key", "create", "--tenant", "other", env=keys_env).stdout.strip()
+    assert acme.startswith("tml-") and other.startswith("tml-")
+    listed = tensafe("tinker-key", "list", env=keys_env)
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[key_id(acme), "acme"], [key_id(other), "other"]]
+    assert "laptop?[2J" in lines[0] and "\x1b" not in listed.stdout  # a label prints no control character
+    for secret in (acme, other):  # neither a key nor its whole digest
+        assert secret not in listed.stdout and hashlib.sha256(secret.encode()).hexdigest() not in listed.stdout
+    only = tensafe("tinker-key", "list", "--tenant", "other", env=keys_env).stdout.splitlines()
+    assert len(only) == 1 and only[0].startswith(key_id(other))
+    assert tensafe("tinker-key", "list", "--tenant", "nobody", env=keys_env).stdout.strip() == \
+        "no Tinker keys of tenant nobody"
+
+    keys_file = tmp_path / "home" / "tinker" / "keys.json"
+    old_copy = keys_file.read_bytes()
+    revoked = tensafe("tinker-key", "revoke", key_id(acme), env=keys_env)
+    assert revoked.returncode == 0 and len(revoked.stdout.splitlines()) == 1, revoked.stderr
+    assert key_id(acme) in revoked.stdout and "acme" in revoked.stdout and acme not in revoked.stdout
+    assert json.loads((tmp_path / "keys" / "revoked.json").read_text()) == \
+        [hashlib.sha256(acme.encode()).hexdigest()]  # kept with the key sets, not in the home
+    assert [line.split()[0] for line in tensafe("tinker-key", "list", env=keys_env).stdout.splitlines()] == \
+        [key_id(other)]
+    assert "no Tinker key" in one_line_error(tensafe("tinker-key", "revoke", key_id(acme), env=keys_env))
+    for wrong in ("nothex", acme, "0" * 8):
+        error = one_line_error(tensafe("tinker-key", "revoke", wrong, env=keys_env))
+        assert "not a Tinker key id" in error and acme not in error, error
+    keys_file.write_bytes(old_copy)  # an insider puts an old copy back: listed as revoked, revoked once more
+    back = tensafe("tinker-key", "list", env=keys_env).stdout.splitlines()
+    assert back[0].startswith(key_id(acme)) and back[0].endswith("[REVOKED]") and "[" not in back[1]
+    assert tensafe("tinker-key", "revoke", key_id(acme), env=keys_env).returncode == 0
+    assert len(json.loads(keys_file.read_text())["keys"]) == 1
+    missing = one_line_error(tensafe("tinker-key", "revoke", key_id(other), "--home", str(tmp_path / "none"),
+                                     env=keys_env))
+    assert "no Tinker key" in missing and not (tmp_path / "none").exists()
+
+
+def test_a_shred_revokes_the_tenants_tinker_keys(tmp_path, keys_env, monkeypatch):
+    for name, value in keys_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TENSAFE_ARTIFACT_KEYS_DIR", raising=False)
+    from tensafe_trainer.tinker_api.keys import TinkerKeys, create_key
+    from tg_tinker import AuthenticationError
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shredded, kept = create_key(home, "default"), create_key(home, "other")
+    old_copy = (home / "tinker" / "keys.json").read_bytes()
+    done = tensafe("artifact", "shred", "--yes", "--home", str(home), env=keys_env)
+    assert done.returncode == 0, done.stderr
+    for _ in range(2):  # after the shred, and with the key file of before it put back
+        keys = TinkerKeys(home)
+        assert keys.resolve(kept).tenant_id == "other"
+        with pytest.raises(AuthenticationError, match="unknown Tinker API key"):
+            keys.resolve(shredded)
+        (home / "tinker" / "keys.json").write_bytes(old_copy)
+
+
+def test_receipt_verify_of_a_file_not_utf8_is_one_line(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tg_tinker.receipts import public_key_pem, sign_receipt
+
+    private = Ed25519PrivateKey.generate()
+    (tmp_path / "key.pem").write_text(public_key_pem(private))
+    (tmp_path / "receipt.json").write_text(json.dumps(sign_receipt({"tenant": "t"}, private)))
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00private-content-\x9c\x80")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "tensafe-receipt.json").write_bytes(b"{\"payload\": \"\xe9\"}")
+    for receipt, key in ((tmp_path / "binary", tmp_path / "key.pem"),
+                         (tmp_path / "folder", tmp_path / "key.pem"),
+                         (tmp_path / "receipt.json", tmp_path / "binary")):
+        error = one_line_error(tensafe("receipt", "verify", str(receipt), "--public-key", str(key)))
+        bad = receipt if receipt.name != "receipt.json" else key
+        assert str(bad) in error and "UTF-8" in error and "private-content" not in error, error
+    ok = tensafe("receipt", "verify", str(tmp_path / "receipt.json"), "--public-key", str(tmp_path / "key.pem"))
+    assert ok.returncode == 0 and "tenant: t" in ok.stdout, ok.stderr

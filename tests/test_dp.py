@@ -189,7 +189,7 @@ def fresh_ledger_at(ledger):
     """Another ledger object on the same file, as another process or a restarted trainer opens it."""
     from tensafe_trainer.ledger import PrivacyLedger
 
-    return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id, names_key=ledger.names_key)
+    return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id, keys=ledger.keys)
 
 
 def test_dp_logical_batch_cannot_exceed_what_the_accountant_assumes():

@@ -418,3 +418,25 @@ def test_without_a_key_the_home_names_no_client_and_no_dataset(svc, home):
     assert entries and {e.training_client_id for e in entries} == {"oncology-trial-42"}
     assert saved.artifact_id in {a for e in entries for a in e.artifact_ids_produced}
     client.close()
+
+
+def test_a_used_home_whose_keys_id_was_removed_or_changed_does_not_start_with_new_keys(svc, bob, home, tmp_path):
+    """The attacker review's second budget reset: removing <home>/keys-id (or writing another id there) gave the
+    home a new, empty key store, so a new names key named every ledger anew and they all read as empty."""
+    import os
+    import shutil
+
+    bob.save_state()
+    env = dict(os.environ, TENSAFE_AUTH_TOKEN="t")
+    env.pop("TENSAFE_KEYS_DIR", None)
+    for change in ("removed", "changed"):
+        copy = tmp_path / change
+        shutil.copytree(home, copy)
+        if change == "removed":
+            (copy / "keys-id").unlink()
+        else:
+            (copy / "keys-id").write_text("0" * 32 + "\n")
+        refused = subprocess.run([sys.executable, "-m", "tensafe_trainer", "serve", "--home", str(copy),
+                                  "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+        assert refused.returncode != 0 and "its key store" in refused.stderr and "is new" in refused.stderr, \
+            refused.stderr

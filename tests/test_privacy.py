@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from opacus.accountants import create_accountant
 from scipy import stats
 
-from tg_tinker import DPBudgetExceededError, DPConfig, OptimizerConfig, ValidationError
+from tg_tinker import DPBudgetExceededError, DPConfig, OptimizerConfig, TrainingClientError, ValidationError
 
 from conftest import dp_config
 from engine_helpers import (
@@ -75,8 +75,8 @@ def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
 
     drawn = []
     real = secure_random.secrets.token_bytes
-    monkeypatch.setattr(secure_random.secrets, "token_bytes", lambda n: drawn.append(n) or real(n))
     engine = make_engine(dp_config=dp_config(), batch_size=2)
+    monkeypatch.setattr(secure_random.secrets, "token_bytes", lambda n: drawn.append(n) or real(n))
     for _ in range(3):
         engine.forward_backward(padded_batch(sequences(2, seed=1)))
         engine.optim_step()
@@ -111,8 +111,9 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
     original = ledger.path.read_bytes()
     ledger.path.write_bytes(b"")  # the rollback
     resumed = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=type(ledger)(
-        ledger.path.parent.parent, "default", "rolled", names_key=ledger.names_key))
-    with pytest.raises(ValidationError, match="records 0 steps .* trained with 2: the ledger was rolled back"):
+        ledger.path.parent.parent, "default", "rolled", keys=ledger.keys))
+    # The key store's head of the ledger catches it first; without it, the checkpoint's ledger head would.
+    with pytest.raises((TrainingClientError, ValidationError), match="rolled back"):
         resumed.load_state_dict(state)
     assert resumed.step == 0
     refilled = fresh_ledger("rolled")
@@ -124,7 +125,7 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
     ledger.path.write_bytes(original)  # the ledger restored: it covers the checkpoint again
     restored = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2,
                            ledger=type(ledger)(ledger.path.parent.parent, "default", "rolled",
-                                               names_key=ledger.names_key))
+                                               keys=ledger.keys))
     restored.load_state_dict(state)
     assert restored.step == 2
 
@@ -488,7 +489,7 @@ def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
 
     def client(name: str) -> None:
         own = PrivacyLedger(ledger.path.parent.parent, "default", "race",  # its own file handle, as a process has
-                            names_key=ledger.names_key)
+                            keys=ledger.keys)
         accountant = PrivacyAccountant(config, plan_sampling(config, 4, False), own, name)
         for _ in range(10):
             try:
@@ -511,10 +512,10 @@ def test_a_torn_ledger_line_is_not_a_step_and_is_dropped_by_the_next():
     ledger.spend(1.0, 0.1, lambda before, after: None)
     with open(ledger.path, "ab") as f:
         f.write(b'{"noise_multiplier": 1.0, "sam')  # a crash mid-write: its step never changed weights
-    reopened = type(ledger)(ledger.path.parent.parent, "default", "torn", names_key=ledger.names_key)
+    reopened = type(ledger)(ledger.path.parent.parent, "default", "torn", keys=ledger.keys)
     assert reopened.history() == ((1.0, 0.1, 1),)
     reopened.spend(1.0, 0.1, lambda before, after: None)
-    again = type(ledger)(ledger.path.parent.parent, "default", "torn", names_key=ledger.names_key)
+    again = type(ledger)(ledger.path.parent.parent, "default", "torn", keys=ledger.keys)
     assert again.history() == ((1.0, 0.1, 2),)
 
 
@@ -633,16 +634,48 @@ def test_a_ledger_is_named_by_pseudonym_and_found_again_after_rotation_and_shred
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
-    names = keys.names_key("acme")
-    assert names != keys.names_key("globex")
-    ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", names_key=names)
+    assert keys.names_key("acme") != keys.names_key("globex")
+    ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", keys=keys)
     ledger.spend(1.0, 0.1, lambda before, after: None)
     assert "ward7" not in ledger.path.name
     keys.rotate("acme")
     keys.shred("acme")
-    again = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", names_key=keys.names_key("acme"))
+    again = PrivacyLedger(tmp_path / "privacy", "acme", "ward7-cohort", keys=keys)
     assert again.path == ledger.path and again.history() == ((1.0, 0.1, 1),)
     legacy = tmp_path / "privacy" / "acme" / "older.jsonl"
     legacy.write_bytes(ledger.path.read_bytes())
-    taken = PrivacyLedger(tmp_path / "privacy", "acme", "older", names_key=names)
+    taken = PrivacyLedger(tmp_path / "privacy", "acme", "older", keys=keys)
     assert not legacy.exists() and taken.history() == ((1.0, 0.1, 1),)
+
+
+@pytest.mark.parametrize("attack", ["renamed away", "emptied", "an older copy", "other lines"])
+def test_a_ledger_rolled_back_or_removed_in_the_home_spends_nothing_more(tmp_path, attack):
+    """The attacker review's budget reset: whoever can write the home renames the ledger away (or empties it,
+    or puts back an older copy) and a fresh client, which needs no checkpoint, would start from zero. The key
+    store keeps each ledger's head, so the ledger must still begin with it."""
+    import shutil
+
+    from tensafe_trainer.ledger import PrivacyLedger
+    from tg_tinker.keys import LocalKeyProvider
+
+    keys = LocalKeyProvider(tmp_path / "keys")
+    ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)
+    ledger.spend(1.0, 0.1, lambda before, after: None)
+    older = ledger.path.read_bytes()
+    ledger.spend(1.0, 0.1, lambda before, after: None)
+    if attack == "renamed away":
+        shutil.move(ledger.path, ledger.path.with_name("old.jsonl"))
+    elif attack == "emptied":
+        ledger.path.write_bytes(b"")
+    elif attack == "an older copy":
+        ledger.path.write_bytes(older)
+    else:
+        other = PrivacyLedger(tmp_path / "elsewhere", "acme", "ward7", keys=LocalKeyProvider(tmp_path / "k2"))
+        for _ in range(3):
+            other.spend(2.0, 0.1, lambda before, after: None)
+        ledger.path.write_bytes(other.path.read_bytes())  # as many steps or more, but not these ones
+    fresh = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)
+    with pytest.raises(TrainingClientError, match="rolled back, replaced or removed"):
+        fresh.spend(1.0, 0.1, lambda before, after: None)
+    with pytest.raises(TrainingClientError, match="rolled back, replaced or removed"):
+        fresh.history()

@@ -548,6 +548,62 @@ def test_a_key_planted_or_moved_in_the_key_file_opens_nothing_and_is_audited(tmp
         assert len(refused) == 2 and not any(e["success"] for e in refused)
 
 
+def test_a_revoked_key_stays_refused_when_an_old_key_file_is_put_back(tmp_path, caplog):
+    """The insider who can write the home keeps a copy of tinker/keys.json and puts it back (old times and all)
+    after `tensafe tinker-key revoke`, run in another process while the server runs: the revocation, kept in the
+    key store, takes effect with no restart (even before the key file changes) and the restored entries stay
+    refused, logged and on the tenant's audit record. A revocation list that cannot be read opens nothing."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.tinker_api.keys import RESTORED, create_key, keys_file
+
+    home = tmp_path / "home"
+    home.mkdir()
+    revoked, pending, kept = (create_key(home, "acme", name) for name in ("revoked", "pending", "kept"))
+    old_copy, old_stat = keys_file(home).read_bytes(), keys_file(home).stat()
+    with TestClient(create_app(Settings(home=home, token="admin-token"))) as client:
+        def status(key):
+            return client.get("/api/v1/training_runs", headers={"X-API-Key": key}).status_code
+
+        def refusals():
+            client.app.state.tensafe.audit.flush()
+            return client.get("/v1/audit", params={"tenant_id": "acme", "operation": "tinker_key_refused"},
+                              headers={"Authorization": "Bearer admin-token"}).json()
+
+        assert status(revoked) == 200 and status(pending) == 200 and status(kept) == 200
+        # Revoked in the key store, its entry not yet removed (the revoking command's next step): refused at
+        # once, the key file unchanged, and not reported as restored.
+        key_provider(home).revoke_credentials({hashlib.sha256(pending.encode()).hexdigest()})
+        assert status(pending) == 401 and status(kept) == 200 and refusals() == []
+        done = subprocess.run([sys.executable, "-m", "tensafe_trainer", "tinker-key", "revoke",
+                               hashlib.sha256(revoked.encode()).hexdigest()[:16], "--home", str(home)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "revoked Tinker key" in done.stdout, done.stderr
+        assert status(revoked) == 401 and status(kept) == 200
+        assert revoked.encode() not in keys_file(home).read_bytes() and len(json.loads(
+            keys_file(home).read_text())["keys"]) == 1  # both revoked entries gone from the key file
+        time.sleep(0.05)  # the copy is put back later than the revocation (as `cp -p`: its old times kept)
+        keys_file(home).write_bytes(old_copy)
+        os.utime(keys_file(home), ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+        with caplog.at_level("WARNING", logger="tensafe.trainer"):
+            assert status(revoked) == 401 and status(pending) == 401 and status(kept) == 200
+            assert status(revoked) == 401  # logged and audited once
+        assert sum("revoked Tinker key" in r.getMessage() for r in caplog.records) == 2
+        refused = refusals()
+        assert len(refused) == 2 and not any(e["success"] for e in refused)
+        assert {e["error"] for e in refused} == {RESTORED}
+        key_provider(home).revocation_file().write_text("{damaged")
+        answer = client.get("/api/v1/training_runs", headers={"X-API-Key": kept})
+        assert answer.status_code == 401 and "revocation list" in answer.text
+
+
 def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):
     """A TrainingClient's pod without spec.tinker: a key planted in the key file on its data volume (an insider
     who can write the volume) opens nothing; /api/v1 answers 401 to every key."""

@@ -38,6 +38,7 @@ import re
 import secrets
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ArtifactIntegrityError, ValidationError
@@ -100,6 +101,14 @@ class KeyProvider(ABC):
         """(artifact id, tag) of every data key the store keeps for the tenant."""
         return [] if self._artifact_keys is None else self._artifact_keys.ids(tenant_id)
 
+    # The head (lines, chained SHA-256) of each file ledger, kept apart from the ledger (ledger.py): a ledger in
+    # the home that is shorter than its recorded head, or differs from it, was rolled back or replaced.
+    def ledger_head(self, tenant_id: str, ledger: str) -> dict | None:
+        return None
+
+    def put_ledger_head(self, tenant_id: str, ledger: str, head: dict) -> None:
+        raise ValidationError(f"{type(self).__name__} keeps no ledger heads: it cannot record a DP step")
+
     # Secrets of the key store itself, beside the tenants' key sets (``<name>.key``: a key-set name ends in
     # .json), created on first use; a crypto-shred of a tenant leaves them.
     def _store_secret(self, name: str) -> bytes:
@@ -109,6 +118,16 @@ class KeyProvider(ABC):
         """The key that authenticates credential files kept in the trainer's home (Tinker key digests): kept with
         the key sets, so whoever can write the home but not the keys cannot plant or edit an entry."""
         return self._store_secret("credentials")
+
+    def revoked_credentials(self) -> set[str]:
+        """The digests of revoked credentials (Tinker keys: ``tensafe tinker-key revoke``), kept with the key sets
+        (not in the home): an entry put back in the home (an old copy of the key file) stays refused. A provider
+        that keeps no list: none."""
+        return set()
+
+    def revoke_credentials(self, digests: Iterable[str]) -> None:
+        """Add ``digests`` (SHA-256, hex) to the revocation list, durably; a digest once there is never dropped."""
+        raise ValidationError(f"{type(self).__name__} keeps no revocation list: it cannot revoke a credential")
 
     def names_key(self, tenant_id: str) -> bytes:
         """The key of the tenant's pseudonyms on disk (ledger file names, client ids in the audit log): derived
@@ -473,6 +492,30 @@ class LocalKeyProvider(KeyProvider):
             fsync_dir(self.folder)
         self._artifact_keys.shred(tenant_id)
 
+    def _ledger_head_path(self, tenant_id: str, ledger: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{32}", ledger):
+            raise ValidationError(f"invalid ledger name {ledger[:80]!r}")
+        return self.folder / "ledgers" / check_tenant(tenant_id) / f"{ledger}.head"
+
+    def ledger_head(self, tenant_id: str, ledger: str) -> dict | None:
+        path = self._ledger_head_path(tenant_id, ledger)
+        try:
+            head = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            head = None
+        if not isinstance(head, dict) or not isinstance(head.get("lines"), int) \
+                or not isinstance(head.get("sha256"), str):
+            raise ValidationError(f"{path} is damaged: the ledger's recorded head cannot be read")
+        return head
+
+    def put_ledger_head(self, tenant_id: str, ledger: str, head: dict) -> None:
+        path = self._ledger_head_path(tenant_id, ledger)
+        private_dir(self.folder / "ledgers")
+        private_dir(path.parent)
+        write_durably(path, json.dumps(head).encode())
+
     def _store_secret(self, name: str) -> bytes:
         path = self.folder / f"{name}.key"
         with self._lock:
@@ -485,3 +528,37 @@ class LocalKeyProvider(KeyProvider):
                 return key
             except ValueError:
                 raise ValidationError(f"{path} is damaged: it should hold 32 bytes in base64") from None
+
+    def revocation_file(self) -> Path:
+        """The revocation list (``revoked_credentials``): a JSON list of digests. A reader may watch its stamp."""
+        return self.folder / "revoked.json"
+
+    def revoked_credentials(self) -> set[str]:
+        path = self.revocation_file()
+        try:
+            revoked = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return set()
+        except ValueError:
+            revoked = None
+        if not isinstance(revoked, list) or not all(isinstance(d, str) for d in revoked):
+            raise ValidationError(f"{path} is damaged: it should be a JSON list of revoked credential digests")
+        return set(revoked)
+
+    def revoke_credentials(self, digests: Iterable[str]) -> None:
+        import fcntl
+        import os
+
+        digests = set(digests)
+        if not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests):
+            raise ValidationError("a revoked credential is named by its SHA-256 digest (64 hex digits)")
+        with self._lock:
+            private_dir(self.folder)
+            folder = os.open(self.folder, os.O_RDONLY)
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX)  # another process revoking at once: neither loses a digest
+                revoked = self.revoked_credentials()
+                if not digests <= revoked:
+                    write_durably(self.revocation_file(), json.dumps(sorted(revoked | digests), indent=0).encode())
+            finally:
+                os.close(folder)  # releases the lock

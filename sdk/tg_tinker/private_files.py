@@ -4,7 +4,6 @@ the audit log and the key store all write through these."""
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o600, 0o700
@@ -34,7 +33,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, write, durable: bool = True) -> None:
     """Temporary name, then rename; ``durable`` fsyncs the file before the rename. The folder's fsync is
     the caller's: one, after all of its renames, makes them all durable."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")  # unique, not secret (O_EXCL, O_NOFOLLOW)
     try:
         with open_private(tmp) as f:
             write(f)

@@ -111,13 +111,18 @@ def _key_list(public_key) -> Optional[dict]:
 
 
 def _parse_receipt(receipt) -> dict:
+    source = "the receipt"
     if isinstance(receipt, Path) or (isinstance(receipt, str) and not receipt.lstrip().startswith("{")):
-        receipt = Path(receipt).read_text()
+        source = f"the receipt {receipt}"
+        try:  # an error names the file, never its content
+            receipt = Path(receipt).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ReceiptVerificationError(f"{source} is not UTF-8 text (not a receipt)") from None
     if isinstance(receipt, (str, bytes)):
         try:
             receipt = json.loads(receipt)
         except ValueError:
-            raise ReceiptVerificationError("the receipt is not JSON") from None
+            raise ReceiptVerificationError(f"{source} is not JSON") from None
     if not isinstance(receipt, dict) or receipt.get("format") != FORMAT or receipt.get("alg") != ALG \
             or not isinstance(receipt.get("payload"), str) or not isinstance(receipt.get("signature"), str):
         raise ReceiptVerificationError(f"not a {FORMAT} receipt (format, alg, payload and signature are required)")

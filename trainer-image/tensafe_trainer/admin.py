@@ -92,9 +92,13 @@ def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
 
 
 def shred_tenant(home: Path, tenant: str) -> int:
-    """Keys, artifacts, index entries and the tenant's audit chain (unverifiable once its key is gone). The
+    """Keys, artifacts, index entries and the tenant's audit chain (unverifiable once its key is gone), and its
+    Tinker API keys, revoked first (tinker_api.keys: an old copy of the key file put back opens nothing). The
     privacy ledgers stay: spent budget is never given back."""
+    from .tinker_api.keys import revoke_tenant_keys
+
     store = open_store(home)
+    revoke_tenant_keys(home, tenant, store.keys)
     removed = store.shred(tenant)
     log = home / "audit" / f"{tenant}.jsonl"
     if log.exists():
@@ -202,7 +206,11 @@ def receipt_keys(path: Path):
 
     from tg_tinker.keys import receipt_public_keys_of
 
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:  # nothing of the content is shown: the file may be a key set
+        raise ValidationError(f"{path} is not UTF-8 text: not a PEM public key, a receipt key list or a key set",
+                              {"field": "public_key"}) from None
     if "BEGIN" in text:
         return text
     try:
@@ -223,7 +231,7 @@ def receipt_command(args) -> int:
     source = Path(args.file)
     receipt_path = source / RECEIPT_FILE if source.is_dir() else source
     try:
-        claims = verify_receipt(receipt_path.read_text(), receipt_keys(args.public_key))
+        claims = verify_receipt(receipt_path, receipt_keys(args.public_key))
     except (TGTinkerError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ Files are created 0600 and folders 0700; reads never create a folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -170,13 +172,29 @@ class ArtifactStore:
         removes the file (damaged or not) and its index entry. A version 2 file (data key in its header) is
         only unlinked: ``rotate(reencrypt=True)`` first makes old ones destroyable."""
         data_path = self._paths(tenant_id, artifact_id)[0]
-        destroyed = self.keys.destroy_artifact_key(tenant_id, artifact_id)
-        if not data_path.exists() and not destroyed:
-            raise self._not_found(tenant_id, artifact_id)
-        for path in self._paths(tenant_id, artifact_id):
-            path.unlink(missing_ok=True)
-        if self._dir(tenant_id).is_dir():
-            fsync_dir(self._dir(tenant_id))
+        with self._locked(tenant_id):
+            destroyed = self.keys.destroy_artifact_key(tenant_id, artifact_id)
+            if not data_path.exists() and not destroyed:
+                raise self._not_found(tenant_id, artifact_id)
+            for path in self._paths(tenant_id, artifact_id):
+                path.unlink(missing_ok=True)
+            if self._dir(tenant_id).is_dir():
+                fsync_dir(self._dir(tenant_id))
+
+    @contextlib.contextmanager
+    def _locked(self, tenant_id: str):
+        """The tenant's artifacts held still (an exclusive flock on their folder, across processes): a delete and
+        a re-encryption of the same artifact never interleave (a deleted one must not come back re-encrypted)."""
+        folder = self._dir(tenant_id)
+        if not folder.is_dir():
+            yield
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def shred(self, tenant_id: str) -> int:
         """Crypto-shred a tenant: its key set first (every copy anywhere, backups included, becomes
@@ -236,12 +254,20 @@ class ArtifactStore:
         return [p.stem for p in folder.glob("art-*.tsa") if p.stem not in listed] if folder.is_dir() else []
 
     def _reencrypt(self, tenant_id: str, artifact_id: str, data_path: Path, index_path: Path) -> None:
-        with open(data_path, "rb") as src:
-            payload, description = crypto.decrypt_with_description(
-                src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
-        binding = crypto.Binding(tenant_id, description.pop("training_client"), artifact_id)
-        _, encrypted = self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
-        self.keys.destroy_artifact_key(tenant_id, artifact_id, keep=encrypted.key_tag)  # the old encryption's
+        with self._locked(tenant_id):
+            try:
+                src = open(data_path, "rb")
+            except FileNotFoundError:
+                return  # deleted since it was listed
+            with src:
+                try:
+                    payload, description = crypto.decrypt_with_description(
+                        src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
+                except ArtifactNotFoundError:
+                    return  # its data key was destroyed since it was listed: deleted, it stays so
+            binding = crypto.Binding(tenant_id, description.pop("training_client"), artifact_id)
+            _, encrypted = self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
+            self.keys.destroy_artifact_key(tenant_id, artifact_id, keep=encrypted.key_tag)  # the old encryption's
 
 
 def _describe(binding: crypto.Binding, description: dict, encrypted: crypto.Encrypted) -> ArtifactInfo:

@@ -26,11 +26,45 @@ def _holds_keys() -> None:
 
 def _tinker_key(args) -> int:
     _holds_keys()
-    from .paths import tensafe_home
-    from .tinker_api.keys import create_key
+    import time
 
-    key = create_key(args.home or tensafe_home(), args.tenant, args.name)
-    print(key)  # shown once: only its digest is kept
+    from tg_tinker.errors import TGTinkerError
+
+    from .paths import tensafe_home
+    from .tinker_api.keys import create_key, list_keys, revoke_key
+
+    def shown(value, width: int) -> str:  # an entry's fields may be planted: no control characters, bounded
+        text = "".join(c if c.isprintable() else "?" for c in str(value))
+        return text if len(text) <= width else text[:width - 1] + "~"
+
+    try:
+        if args.tinker_key_command == "create":
+            key = create_key(args.home or tensafe_home(), args.tenant, args.name)
+            print(key)  # shown once: only its digest is kept
+            return 0
+        # list and revoke read a home, never create one (nor a key store)
+        home = args.home or Path(os.environ.get("TENSAFE_HOME") or Path.home() / ".cache" / "tensafe")
+        if args.tinker_key_command == "list":
+            listed = list_keys(home, args.tenant)
+            for k in listed:
+                created = k["created_at"]
+                created = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(created)) \
+                    if isinstance(created, (int, float)) and 0 <= created < 1e11 else "?"
+                status = "" if k["status"] == "valid" else f"  [{k['status'].upper()}]"
+                print(f"{shown(k['key_id'], 16):16}  {shown(k['tenant_id'], 24):24}  {created}  "
+                      f"{shown(k['name'], 40)}{status}")
+            if not listed:
+                print("no Tinker keys" + (f" of tenant {shown(args.tenant, 64)}" if args.tenant else ""))
+        else:
+            revoked = revoke_key(home, args.key_id)
+            print(f"revoked Tinker key {args.key_id} of tenant {shown(revoked[0].get('tenant_id'), 64)}: refused "
+                  "from now on, even if an old copy of the key file is put back")
+    except TGTinkerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate.add_argument("--tenant", default="default")
     tcreate.add_argument("--name", default="", help="a label for the key")
     tcreate.add_argument("--home", type=Path, default=None, help="the trainer's data folder (default $TENSAFE_HOME)")
+    tlist = tksub.add_parser("list", help="list the keys: key id, tenant, created, name (never a key)")
+    tlist.add_argument("--tenant", default=None, help="only this tenant's keys")
+    tlist.add_argument("--home", type=Path, default=None, help="the trainer's data folder (default $TENSAFE_HOME)")
+    trevoke = tksub.add_parser("revoke", help="revoke a key for good (kept in the key store's revocation list, so "
+                                              "an old copy of the key file put back does not bring it back)")
+    trevoke.add_argument("key_id", help="the key id `tensafe tinker-key list` shows (16 hex digits)")
+    trevoke.add_argument("--home", type=Path, default=None, help="the trainer's data folder (default $TENSAFE_HOME)")
     tkey.set_defaults(func=_tinker_key)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M with LoRA on the bundled dataset")

@@ -34,7 +34,7 @@ from tg_tinker.errors import TrainingClientError, ValidationError
 
 from tg_tinker.private_files import fsync_dir, private_dir
 from .crypto import pseudonym, seal_id
-from tg_tinker.keys import check_tenant
+from tg_tinker.keys import KeyProvider, check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
 TENANT_LEDGER = "_tenant"  # the ledger of a tenant's DP steps that name no dataset
@@ -110,7 +110,7 @@ def _merge(history: list[list], sigma: float, q: float, steps: int) -> None:
         history.append([sigma, q, steps])
 
 
-def open_ledger(root: Path, tenant_id: str, cfg: DPConfig, names_key: bytes):
+def open_ledger(root: Path, tenant_id: str, cfg: DPConfig, keys: KeyProvider):
     """The ledger of the data ``cfg`` trains on: a PrivacyBudget in the API in a trainer pod the operator set up
     for it (``TENSAFE_LEDGER=kubernetes``), else a file under ``root``."""
     if os.environ.get("TENSAFE_LEDGER") == "kubernetes":
@@ -120,22 +120,24 @@ def open_ledger(root: Path, tenant_id: str, cfg: DPConfig, names_key: bytes):
         return KubernetesLedger.from_environment(
             tenant_id, cfg.dataset_id, cfg.accountant_type,
             lambda history, delta: epsilon_of(cfg.accountant_type, delta, history))
-    return PrivacyLedger(root, tenant_id, cfg.dataset_id, names_key=names_key)
+    return PrivacyLedger(root, tenant_id, cfg.dataset_id, keys=keys)
 
 
 class PrivacyLedger:
     """One dataset's ledger file. Safe across the engine processes of a trainer (and across trainers that
     share the folder): reads take what is fully written, spending holds an exclusive lock."""
 
-    def __init__(self, root: Path, tenant_id: str, dataset_id: str | None, *, names_key: bytes):
-        """``names_key``: the tenant's (KeyProvider.names_key), which names the file."""
+    def __init__(self, root: Path, tenant_id: str, dataset_id: str | None, *, keys: KeyProvider):
+        """``keys``: the key store, which names the file (the tenant's names key) and keeps its head."""
         self.tenant_id = check_tenant(tenant_id)
-        self.dataset_id, self.names_key = dataset_id, names_key
+        self.dataset_id, self.keys = dataset_id, keys
+        self.names_key = keys.names_key(self.tenant_id)
         name = TENANT_LEDGER if dataset_id is None else check_dataset_id(dataset_id)
         folder = Path(root) / self.tenant_id
         private_dir(folder.parent)
         private_dir(folder)
-        self.path = folder / f"{pseudonym(names_key, 'ledger', name)}.jsonl"
+        self._name = pseudonym(self.names_key, "ledger", name)
+        self.path = folder / f"{self._name}.jsonl"
         clear = folder / f"{name}.jsonl"  # the name an earlier version gave it
         if clear.exists():
             if self.path.exists():
@@ -152,6 +154,21 @@ class PrivacyLedger:
         self._budget: tuple[float, float] | None = None
         self._group_size: int | None = None  # the data's privacy unit: rows per group, set by its first step
         self._lines, self._chain = 0, _chain_start()
+        self._checked_lines = 0  # the key store's recorded head is known to be covered up to here
+
+    def _check_recorded(self) -> None:
+        """The ledger still holds what the key store recorded of it (its head after the last step any trainer
+        wrote): one emptied, rolled back, replaced or renamed away would give spent budget back."""
+        recorded = self.keys.ledger_head(self.tenant_id, self._name)
+        if recorded is None or recorded["lines"] <= self._checked_lines:
+            return
+        if recorded["lines"] > self._lines or not self.covers(recorded):
+            raise TrainingClientError(
+                f"the privacy ledger {self.path} holds {self._lines} lines where the key store recorded "
+                f"{recorded['lines']}, or other ones: it was rolled back, replaced or removed, and spent budget is "
+                "never given back; restore it (no DP step runs on this data until then)",
+                {"dataset_id": self.dataset_id})
+        self._checked_lines = recorded["lines"]
 
     def _read_new(self, f) -> None:
         """Parse the complete lines written since the last read (a torn last line is not a step). All or nothing:
@@ -180,6 +197,7 @@ class PrivacyLedger:
     def history(self) -> History:
         with open(self.path, "rb") as f:
             self._read_new(f)
+        self._check_recorded()
         return tuple((s, q, n) for s, q, n in self._history)
 
     def budget(self) -> tuple[float, float] | None:
@@ -213,6 +231,7 @@ class PrivacyLedger:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self._read_new(f)
+                self._check_recorded()
                 check_unit(self._group_size, group_size, self.dataset_id)
                 before = tuple((s, q, n) for s, q, n in self._history)
                 after_list = [list(h) for h in self._history]
@@ -236,6 +255,10 @@ class PrivacyLedger:
                 self._history, self._group_size = after_list, group_size
                 for written in line.splitlines():
                     self._lines, self._chain = self._lines + 1, _chained(self._chain, written)
+                # Under the lock, after the line is durable: the key store's head never runs ahead of the file.
+                self.keys.put_ledger_head(self.tenant_id, self._name, {"lines": self._lines,
+                                                                       "sha256": self._chain.hex()})
+                self._checked_lines = self._lines
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return before, after

@@ -70,7 +70,7 @@ class Runtime:
         ledger = dataset = find = None
         if config.dp_enabled:
             dataset_id = config.dp_config.dataset_id
-            ledger = open_ledger(ledger_root, tenant_id, config.dp_config, store.keys.names_key(tenant_id))
+            ledger = open_ledger(ledger_root, tenant_id, config.dp_config, store.keys)
             if dataset_id:
                 find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
                 dataset = find()

@@ -96,12 +96,29 @@ def refuse_keys_inside_home(home: Path) -> None:
     """Stop a server whose keys a copy of its home would carry (``--allow-keys-in-home`` skips this)."""
     inside = keys_inside_home(home)
     if inside:
+        target = "wherever $TENSAFE_KEYS_DIR names" if os.environ.get(KEYS_DIR_ENV) else str(keys_dir(home))
         raise SystemExit(
             f"key sets at {', '.join(map(str, inside))} lie inside the data folder {home}: whoever copies it (a "
-            "backup, a snapshot) could decrypt every artifact and dataset in it. Move them out of the home (to "
-            f"$XDG_CONFIG_HOME/tensafe/keys, the default, or wherever {KEYS_DIR_ENV} names), treat backups of the "
-            "home taken so far as holding the keys (`tensafe artifact rotate --reencrypt` gives every artifact a "
-            "new key), or pass --allow-keys-in-home to accept that risk")
+            f"backup, a snapshot) could decrypt every artifact and dataset in it. Move them out of the home (to "
+            f"{target}; or set {KEYS_DIR_ENV}), treat backups of the home taken so far as holding the keys "
+            "(`tensafe artifact rotate --reencrypt` gives every artifact a new key), or pass --allow-keys-in-home "
+            "to accept that risk")
+
+
+def refuse_a_new_key_store_for_a_used_home(home: Path) -> None:
+    """Stop a server whose home holds data but whose key store is new: its keys id was removed or changed, or
+    the key store moved. Starting would create fresh keys: nothing saved would open, and every privacy ledger
+    would seem empty (a new names key names them anew), giving spent budget back."""
+    store = keys_dir(home)
+    known = store.is_dir() and (any(store.glob("*.json")) or (store / "names.key").exists())
+    used = any(Path(home).glob("artifacts/*/art-*.tsa")) or any(
+        p.stat().st_size for p in (*Path(home).glob("audit/*.jsonl"), *Path(home).glob("privacy/*/*.jsonl")))
+    if used and not known:
+        raise SystemExit(
+            f"{home} holds artifacts, audit logs or privacy ledgers, but its key store {store} is new: "
+            f"{Path(home) / KEYS_ID_FILE} was removed or changed, or the key store moved. Restore it (or set "
+            f"{KEYS_DIR_ENV} to where the keys are); starting with new keys would open nothing saved and lose "
+            "track of spent privacy budget")
 
 
 def ledger_dir(home: Path) -> Path:

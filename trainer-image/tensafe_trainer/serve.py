@@ -18,7 +18,7 @@ from tg_tinker.types import CreateTrainingClient
 
 from .hardening import disable_core_dumps
 from .http_guard import MAX_HEADER_BYTES, GuardedH11Protocol
-from .paths import refuse_keys_inside_home, tensafe_home
+from .paths import refuse_a_new_key_store_for_a_used_home, refuse_keys_inside_home, tensafe_home
 from .server import Settings, create_app
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
@@ -98,6 +98,7 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
     home = home or tensafe_home()
     if not allow_keys_in_home:
         refuse_keys_inside_home(home)
+    refuse_a_new_key_store_for_a_used_home(home)
     settings = Settings(home=home, token=token or None, initial_client=initial,
                         max_pending=int(os.environ.get(MAX_PENDING_ENV, Settings.max_pending)),
                         max_clients=int(os.environ.get(MAX_CLIENTS_ENV, Settings.max_clients)),

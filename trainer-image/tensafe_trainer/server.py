@@ -63,7 +63,7 @@ from .engine_process import EngineProcess, busy_counter
 from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
 from .sessions import Operation, OperationIndex, Session
-from .tinker_api.keys import TinkerKey, TinkerKeys
+from .tinker_api.keys import NOT_VERIFIED, TinkerKey, TinkerKeys
 from .tinker_api.policy import PrivacyPolicy
 from .tinker_api import PREFIX as TINKER_PREFIX
 from .tinker_api.routes import TinkerSettings, tinker_router, tinker_status
@@ -297,7 +297,7 @@ def create_app(settings: Settings) -> FastAPI:
     # key file on its data volume, which an insider could write: without a key there, /api/v1 opens for no one.
     given = {settings.tinker_key: initial.tenant_id} if settings.tinker_key else {} if initial is not None else None
 
-    def tinker_key_refused(entry: dict) -> None:
+    def tinker_key_refused(entry: dict, reason: str = NOT_VERIFIED) -> None:
         """An entry of the Tinker key file that does not verify: on the record of the tenant it names."""
         tenant = entry.get("tenant_id")
         if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
@@ -305,8 +305,7 @@ def create_app(settings: Settings) -> FastAPI:
         state: State = app.state.tensafe
         state.audit.submit(operation="tinker_key_refused", training_client_id=None, tenant_id=tenant, success=False,
                            request_hash=request_hash(state.store.keys.audit_key(tenant), entry),
-                           error="a Tinker key entry that does not verify (planted or edited in the key file) "
-                                 "was refused")
+                           error=reason)
 
     tinker_keys = TinkerKeys(settings.home, given, on_refused=tinker_key_refused)
     app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
