@@ -553,3 +553,30 @@ def test_a_save_whose_data_key_cannot_be_stored_fails_and_leaves_no_file(tmp_pat
     with pytest.raises(ValidationError, match="read-only"):
         put(store, os.urandom(3 << 20))
     assert list((tmp_path / "artifacts" / "acme").iterdir()) == []
+
+
+def test_a_delete_racing_a_plain_rotation_stays_deleted(store, monkeypatch):
+    """Second attacker review: a plain rotation read a data key, a delete destroyed it, and the rotation wrote it
+    back re-wrapped, so a backup of the file opened again. The rotation now re-wraps under the tenant's lock."""
+    import threading
+    import time
+
+    doomed, kept = put(store, b"secret weights"), put(store, b"other")
+    backup = path_of(store, doomed).read_bytes()
+    real_put = store.keys.put_artifact_key
+    deleting: list[threading.Thread] = []
+
+    def put_after_a_delete_got_in(tenant_id, artifact_id, tag, entry):
+        if artifact_id == doomed.artifact_id and not deleting:
+            deleting.append(threading.Thread(target=store.delete, args=("acme", doomed.artifact_id)))
+            deleting[0].start()
+            time.sleep(0.3)  # without the lock, the delete finishes here
+        real_put(tenant_id, artifact_id, tag, entry)
+
+    monkeypatch.setattr(store.keys, "put_artifact_key", put_after_a_delete_got_in)
+    store.rotate("acme")
+    deleting[0].join(timeout=30)
+    path_of(store, doomed).write_bytes(backup)  # the insider's copy put back
+    assert [i.artifact_id for i in store.list("acme")] == [kept.artifact_id]
+    with pytest.raises(ArtifactNotFoundError):
+        store.get("acme", doomed.artifact_id)

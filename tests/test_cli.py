@@ -205,7 +205,7 @@ def test_tinker_keys_are_listed_and_revoked(tmp_path, keys_env):
     revoked = tensafe("tinker-key", "revoke", key_id(acme), env=keys_env)
     assert revoked.returncode == 0 and len(revoked.stdout.splitlines()) == 1, revoked.stderr
     assert key_id(acme) in revoked.stdout and "acme" in revoked.stdout and acme not in revoked.stdout
-    assert json.loads((tmp_path / "keys" / "revoked.json").read_text()) == \
+    assert json.loads((tmp_path / "keys" / "revoked.list").read_text()) == \
         [hashlib.sha256(acme.encode()).hexdigest()]  # kept with the key sets, not in the home
     assert [line.split()[0] for line in tensafe("tinker-key", "list", env=keys_env).stdout.splitlines()] == \
         [key_id(other)]
@@ -263,3 +263,31 @@ def test_receipt_verify_of_a_file_not_utf8_is_one_line(tmp_path):
         assert str(bad) in error and "UTF-8" in error and "private-content" not in error, error
     ok = tensafe("receipt", "verify", str(tmp_path / "receipt.json"), "--public-key", str(tmp_path / "key.pem"))
     assert ok.returncode == 0 and "tenant: t" in ok.stdout, ok.stderr
+
+
+def test_revocation_survives_a_tenant_named_like_it_and_a_planted_twin(tmp_path):
+    """Second attacker review: a tenant named `revoked` shared its key-set file name with the revocation list,
+    so shredding it deleted the list; and a planted entry under another tenant with the victim's digest got the
+    victim's key revoked by an operator cleaning it up."""
+    import json
+
+    from tensafe_trainer.tinker_api.keys import TinkerKeys, create_key, keys_file, revoke_key
+    from tg_tinker import AuthenticationError, ValidationError
+    from tg_tinker.keys import LocalKeyProvider
+
+    home, store = tmp_path / "home", LocalKeyProvider(tmp_path / "keys")
+    home.mkdir()
+    gone, kept = create_key(home, "alice", keys=store), create_key(home, "victim", keys=store)
+    entries = json.loads(keys_file(home).read_text())["keys"]
+    revoke_key(home, entries[0]["digest"][:16], keys=store)
+    store.complete("revoked")
+    store.shred("revoked")
+    keys_file(home).write_text(json.dumps({"keys": entries}))  # the old file put back
+    tinker_keys = TinkerKeys(home, keys=store)
+    with pytest.raises(AuthenticationError):
+        tinker_keys.resolve(gone)
+    twin = {**entries[1], "tenant_id": "evil", "mac": "0" * 64}
+    keys_file(home).write_text(json.dumps({"keys": entries[1:] + [twin]}))
+    with pytest.raises(ValidationError, match="several tenants"):
+        revoke_key(home, entries[1]["digest"][:16], keys=store)
+    assert TinkerKeys(home, keys=store).resolve(kept).tenant_id == "victim"

@@ -420,23 +420,21 @@ def test_without_a_key_the_home_names_no_client_and_no_dataset(svc, home):
     client.close()
 
 
-def test_a_used_home_whose_keys_id_was_removed_or_changed_does_not_start_with_new_keys(svc, bob, home, tmp_path):
-    """The attacker review's second budget reset: removing <home>/keys-id (or writing another id there) gave the
-    home a new, empty key store, so a new names key named every ledger anew and they all read as empty."""
+def test_a_used_home_does_not_start_with_a_new_key_store(svc, bob, home, tmp_path):
+    """The attacker reviews' budget reset: a home pointed at a fresh key store (before, by editing a keys-id file
+    in the home) got a new names key, so every ledger read as empty. The key store now follows the home's path,
+    which nothing in the home chooses; a used home found at another path (moved, or copied there) does not start
+    with new keys."""
     import os
     import shutil
 
     bob.save_state()
+    copy = tmp_path / "moved-home"
+    shutil.copytree(home, copy)
     env = dict(os.environ, TENSAFE_AUTH_TOKEN="t")
     env.pop("TENSAFE_KEYS_DIR", None)
-    for change in ("removed", "changed"):
-        copy = tmp_path / change
-        shutil.copytree(home, copy)
-        if change == "removed":
-            (copy / "keys-id").unlink()
-        else:
-            (copy / "keys-id").write_text("0" * 32 + "\n")
-        refused = subprocess.run([sys.executable, "-m", "tensafe_trainer", "serve", "--home", str(copy),
-                                  "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
-        assert refused.returncode != 0 and "its key store" in refused.stderr and "is new" in refused.stderr, \
-            refused.stderr
+    refused = subprocess.run([sys.executable, "-m", "tensafe_trainer", "serve", "--home", str(copy), "--port", "0"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode != 0 and "its key store" in refused.stderr and "is new" in refused.stderr, \
+        refused.stderr
+    assert not any(path.name == "keys-id" for path in copy.rglob("*"))  # nothing in the home names the key store

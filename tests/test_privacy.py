@@ -679,3 +679,19 @@ def test_a_ledger_rolled_back_or_removed_in_the_home_spends_nothing_more(tmp_pat
         fresh.spend(1.0, 0.1, lambda before, after: None)
     with pytest.raises(TrainingClientError, match="rolled back, replaced or removed"):
         fresh.history()
+
+
+def test_a_budget_line_written_into_the_ledger_file_sets_no_budget(tmp_path):
+    """Second attacker review: a budget line appended by whoever can write the home became the data's budget
+    (1e300: clients without a target of their own were no longer capped). The key store's head holds it."""
+    from tensafe_trainer.ledger import PrivacyLedger
+    from tg_tinker.keys import LocalKeyProvider
+
+    keys = LocalKeyProvider(tmp_path / "keys")
+    ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)
+    ledger.path.write_bytes(b'{"delta": 1.0, "epsilon_budget": 1e300}\n')  # before any step
+    ledger.spend(1.0, 0.1, lambda before, after: None, budget=(1.0, 1e-5))
+    with open(ledger.path, "ab") as f:  # and after one
+        f.write(b'{"delta": 1.0, "epsilon_budget": 1e300}\n')
+    again = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)
+    assert again.budget() == (1.0, 1e-5) and again.history() == ((1.0, 0.1, 1),)

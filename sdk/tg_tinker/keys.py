@@ -31,9 +31,12 @@ backup, a snapshot, a file put back) unreadable, while the tenant's other artifa
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import threading
@@ -100,6 +103,12 @@ class KeyProvider(ABC):
     def artifact_keys(self, tenant_id: str) -> list[tuple[str, str]]:
         """(artifact id, tag) of every data key the store keeps for the tenant."""
         return [] if self._artifact_keys is None else self._artifact_keys.ids(tenant_id)
+
+    def artifact_lock(self, tenant_id: str):
+        """Held around anything that reads a tenant's data key and writes it back (rotation) and around a delete,
+        across processes, so a deleted artifact's key is never written back. Kept in the key store: whoever can
+        swap folders in the home cannot split it."""
+        return contextlib.nullcontext() if self._artifact_keys is None else self._artifact_keys.lock(tenant_id)
 
     # The head (lines, chained SHA-256) of each file ledger, kept apart from the ledger (ledger.py): a ledger in
     # the home that is shorter than its recorded head, or differs from it, was rolled back or replaced.
@@ -448,6 +457,18 @@ class ArtifactKeyFolder:
             fsync_dir(folder)
         return len(doomed)
 
+    @contextlib.contextmanager
+    def lock(self, tenant_id: str):
+        folder = self._tenant_folder(tenant_id)
+        private_dir(self.folder)
+        private_dir(folder)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def ids(self, tenant_id: str) -> list[tuple[str, str]]:
         folder = self._tenant_folder(tenant_id)
         return sorted(tuple(p.name.split(".")[:2]) for p in folder.glob("art-*.*.key")) if folder.is_dir() else []
@@ -531,7 +552,7 @@ class LocalKeyProvider(KeyProvider):
 
     def revocation_file(self) -> Path:
         """The revocation list (``revoked_credentials``): a JSON list of digests. A reader may watch its stamp."""
-        return self.folder / "revoked.json"
+        return self.folder / "revoked.list"  # not a key-set name (<tenant>.json): a tenant cannot shadow or shred it
 
     def revoked_credentials(self) -> set[str]:
         path = self.revocation_file()

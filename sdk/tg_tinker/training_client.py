@@ -171,7 +171,9 @@ class TrainingClient:
         return folder
 
     def close(self) -> None:
-        """Terminate the trainer session; queued operations are cancelled."""
+        """Terminate the trainer session; queued operations are cancelled. On Kubernetes the TrainingClient is
+        suspended (a checkpoint, then its pod stops; the resource, its volumes and records stay):
+        ``ServiceClient.delete_training_client`` deletes."""
         if self.status is not ClientStatus.TERMINATED:
             self._info = self._service._terminate(self.id)
 

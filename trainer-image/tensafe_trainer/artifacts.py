@@ -16,8 +16,6 @@ Files are created 0600 and folders 0700; reads never create a folder.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -181,20 +179,10 @@ class ArtifactStore:
             if self._dir(tenant_id).is_dir():
                 fsync_dir(self._dir(tenant_id))
 
-    @contextlib.contextmanager
     def _locked(self, tenant_id: str):
-        """The tenant's artifacts held still (an exclusive flock on their folder, across processes): a delete and
-        a re-encryption of the same artifact never interleave (a deleted one must not come back re-encrypted)."""
-        folder = self._dir(tenant_id)
-        if not folder.is_dir():
-            yield
-            return
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        """The tenant's data keys held still (KeyProvider.artifact_lock): a delete and a rotation's re-wrap or
+        re-encryption of the same artifact never interleave (a deleted one must not come back)."""
+        return self.keys.artifact_lock(tenant_id)
 
     def shred(self, tenant_id: str) -> int:
         """Crypto-shred a tenant: its key set first (every copy anywhere, backups included, becomes
@@ -222,20 +210,12 @@ class ArtifactStore:
             data_path, index_path = self._paths(tenant_id, info.artifact_id)
             if reencrypt:
                 self._reencrypt(tenant_id, info.artifact_id, data_path, index_path)
-                continue
-            with open(data_path, "rb") as src:
-                header, offset = crypto.read_header(src)
-                src.seek(offset)
-                new_header = crypto.rewrap(header, self.keys)
-                stored = None if new_header is None else new_header + src.read()
-            if stored is not None:  # version 2: the data key is in the header
-                atomic_write(data_path, lambda f, data=stored: f.write(data))
-                info = info.model_copy(update={"size_bytes": len(stored),
-                                               "content_hash": hashlib.sha256(stored).hexdigest()})
-            _write_index(index_path, info.model_copy(update={"key_id": kid}))
-        # data keys of artifacts this home does not list (another home on the same key store, a damaged file)
-        stored_keys = [crypto.rewrap_stored_key(tenant_id, artifact_id, tag, self.keys)
-                       for artifact_id, tag in self.keys.artifact_keys(tenant_id)]
+            else:
+                self._rewrap(tenant_id, info, kid, data_path, index_path)
+        # data keys no listed artifact named (a damaged file, another home on the same key store)
+        with self._locked(tenant_id):
+            stored_keys = [crypto.rewrap_stored_key(tenant_id, artifact_id, tag, self.keys)
+                           for artifact_id, tag in self.keys.artifact_keys(tenant_id)]
         if self._dir(tenant_id).is_dir():
             fsync_dir(self._dir(tenant_id))
         if not reencrypt:
@@ -252,6 +232,26 @@ class ArtifactStore:
         folder = self._dir(tenant_id)
         listed = {i.artifact_id for i in self.list(tenant_id)}
         return [p.stem for p in folder.glob("art-*.tsa") if p.stem not in listed] if folder.is_dir() else []
+
+    def _rewrap(self, tenant_id: str, info: ArtifactInfo, kid: str, data_path: Path, index_path: Path) -> None:
+        with self._locked(tenant_id):
+            try:
+                src = open(data_path, "rb")
+            except FileNotFoundError:
+                return  # deleted since it was listed
+            with src:
+                header, offset = crypto.read_header(src)
+                src.seek(offset)
+                try:
+                    new_header = crypto.rewrap(header, self.keys)
+                except ArtifactNotFoundError:
+                    return  # its data key was destroyed since it was listed: deleted, it stays so
+                stored = None if new_header is None else new_header + src.read()
+            if stored is not None:  # version 2: the data key is in the header
+                atomic_write(data_path, lambda f, data=stored: f.write(data))
+                info = info.model_copy(update={"size_bytes": len(stored),
+                                               "content_hash": hashlib.sha256(stored).hexdigest()})
+            _write_index(index_path, info.model_copy(update={"key_id": kid}))
 
     def _reencrypt(self, tenant_id: str, artifact_id: str, data_path: Path, index_path: Path) -> None:
         with self._locked(tenant_id):

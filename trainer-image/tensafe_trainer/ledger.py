@@ -8,7 +8,7 @@ spending the same budget at once cannot both pass it; nothing ever removes an en
 client or a restart cannot lower it.
 
 Locally (and in a trainer pod) the ledger is an append-only JSON-lines file in the trainer's home
-(``privacy/<tenant>/<pseudonym>.jsonl``: the file name is an HMAC of the dataset id under the tenant's names
+(``privacy/<tenant>/_<pseudonym>.jsonl``: the file name is an HMAC of the dataset id under the tenant's names
 key, so the folder does not list the tenant's dataset ids, and the client on each line is sealed; a file
 named in clear by an earlier version is renamed on first open), one line per step, fsynced before the step's weights change, under ``flock``. A line torn by a crash is a
 step whose weights never changed: it is dropped when the next step is recorded. Its lines are chained
@@ -137,7 +137,8 @@ class PrivacyLedger:
         private_dir(folder.parent)
         private_dir(folder)
         self._name = pseudonym(self.names_key, "ledger", name)
-        self.path = folder / f"{self._name}.jsonl"
+        # "_" first: no dataset id starts so, so no clear name (below) is ever another ledger's pseudonym
+        self.path = folder / f"_{self._name}.jsonl"
         clear = folder / f"{name}.jsonl"  # the name an earlier version gave it
         if clear.exists():
             if self.path.exists():
@@ -151,7 +152,6 @@ class PrivacyLedger:
             fsync_dir(folder)
         self._offset = 0  # bytes of the file already parsed into _history
         self._history: list[list] = []
-        self._budget: tuple[float, float] | None = None
         self._group_size: int | None = None  # the data's privacy unit: rows per group, set by its first step
         self._lines, self._chain = 0, _chain_start()
         self._checked_lines = 0  # the key store's recorded head is known to be covered up to here
@@ -176,21 +176,20 @@ class PrivacyLedger:
         f.seek(self._offset)
         data = f.read()
         end = data.rfind(b"\n") + 1
-        history, budget, unit = [list(h) for h in self._history], self._budget, self._group_size
+        history, unit = [list(h) for h in self._history], self._group_size
         lines, chain = self._lines, self._chain
         for line in data[:end].splitlines():
             if not line.strip():
                 continue
             lines, chain = lines + 1, _chained(chain, line)
             entry = _parse(line, self.path, lines)
-            if "epsilon_budget" in entry:
-                budget = budget or (float(entry["epsilon_budget"]), float(entry["delta"]))
+            if "epsilon_budget" in entry:  # for the reader; the key store's head is the budget (budget())
                 continue
             if unit not in (None, entry.get("group_size", 1)):
                 raise _corrupt(self.path, lines, f"group_size {entry.get('group_size', 1)} beside {unit}")
             unit = entry.get("group_size", 1)
             _merge(history, float(entry["noise_multiplier"]), float(entry["sample_rate"]), entry["steps"])
-        self._history, self._budget, self._group_size = history, budget, unit
+        self._history, self._group_size = history, unit
         self._lines, self._chain = lines, chain
         self._offset += end
 
@@ -201,8 +200,11 @@ class PrivacyLedger:
         return tuple((s, q, n) for s, q, n in self._history)
 
     def budget(self) -> tuple[float, float] | None:
-        """(epsilon, delta): the data's budget, set once by the first client that spent with a target."""
-        return self._budget
+        """(epsilon, delta): the data's budget, set once by the first client that spent with a target, as the key
+        store's head records it: a budget line written into the file by whoever can write the home sets nothing
+        (nor does one in a ledger from before the key store kept heads: its next target sets it)."""
+        recorded = self.keys.ledger_head(self.tenant_id, self._name)
+        return tuple(recorded["budget"]) if recorded and recorded.get("budget") else None
 
     def head(self) -> dict:
         """Where the ledger stands: its complete lines and their chained SHA-256 (a checkpoint keeps it)."""
@@ -244,10 +246,11 @@ class PrivacyLedger:
                 line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": 1,
                                    "group_size": group_size, "client": client_id, "time": time.time()},
                                   sort_keys=True).encode() + b"\n"
-                if self._budget is None and budget is not None:
+                data_budget = self.budget()
+                if data_budget is None and budget is not None:  # the first target on this data becomes its budget
                     line = json.dumps({"epsilon_budget": budget[0], "delta": budget[1], "client": client_id},
                                       sort_keys=True).encode() + b"\n" + line
-                    self._budget = budget
+                    data_budget = budget
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -256,8 +259,9 @@ class PrivacyLedger:
                 for written in line.splitlines():
                     self._lines, self._chain = self._lines + 1, _chained(self._chain, written)
                 # Under the lock, after the line is durable: the key store's head never runs ahead of the file.
-                self.keys.put_ledger_head(self.tenant_id, self._name, {"lines": self._lines,
-                                                                       "sha256": self._chain.hex()})
+                self.keys.put_ledger_head(self.tenant_id, self._name, {
+                    "lines": self._lines, "sha256": self._chain.hex(),
+                    "budget": list(data_budget) if data_budget is not None else None})
                 self._checked_lines = self._lines
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
-import secrets
 from pathlib import Path
 
 
@@ -28,42 +27,22 @@ KEYS_DIR_ENV = "TENSAFE_KEYS_DIR"
 ARTIFACT_KEYS_DIR_ENV = "TENSAFE_ARTIFACT_KEYS_DIR"
 
 
-KEYS_ID_FILE = "keys-id"
-
-
 def keys_dir(home: Path) -> Path:
     """Tenant key sets: ``$TENSAFE_KEYS_DIR`` (a mounted Secret in a trainer pod), else
-    ``$XDG_CONFIG_HOME/tensafe/keys/<keys id>`` (``~/.config/...``), where the keys id is a random name the home
-    keeps in ``<home>/keys-id`` (so each home has its own key sets, and a moved home finds them). Never inside
-    the home by default: a copy of the home (a backup, a snapshot) decrypts nothing."""
+    ``$XDG_CONFIG_HOME/tensafe/keys/<home id>`` (``~/.config/...``), the home id being a hash of the home's
+    resolved path: each home has its own key store, never inside it (a copy of the home decrypts nothing),
+    and nothing in the home chooses it (an insider who could point the home at a fresh key store would give
+    every ledger a new name, and spent budget back). A home moved to another path needs its key store moved
+    along, or ``$TENSAFE_KEYS_DIR``: a server refuses a used home whose key store is new."""
     override = os.environ.get(KEYS_DIR_ENV)
     if override:
         return Path(override)
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "tensafe" / "keys" / _keys_id(Path(home))
+    return Path(config) / "tensafe" / "keys" / home_id(home)
 
 
-def _keys_id(home: Path) -> str:
-    """The home's keys id, created with the home's first key lookup; a home that does not exist gets none
-    (and a key folder that does not exist: reading creates nothing)."""
-    path = home / KEYS_ID_FILE
-    for _ in range(2):
-        try:
-            value = path.read_text().strip()
-        except FileNotFoundError:
-            if not home.is_dir():
-                return "none"
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                continue  # another process created it meanwhile: read theirs
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(16) + "\n")
-            continue
-        if not re.fullmatch(r"[0-9a-f]{32}", value):
-            raise SystemExit(f"{path} is damaged: it should hold the 32 hex digits naming this home's key folder")
-        return value
-    raise SystemExit(f"could not read {path}")
+def home_id(home: Path) -> str:
+    return hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:32]
 
 
 def artifact_keys_dir(home: Path) -> Path:
@@ -106,8 +85,8 @@ def refuse_keys_inside_home(home: Path) -> None:
 
 
 def refuse_a_new_key_store_for_a_used_home(home: Path) -> None:
-    """Stop a server whose home holds data but whose key store is new: its keys id was removed or changed, or
-    the key store moved. Starting would create fresh keys: nothing saved would open, and every privacy ledger
+    """Stop a server whose home holds data but whose key store is new: the home was moved or copied, or the key
+    store moved. Starting would create fresh keys: nothing saved would open, and every privacy ledger
     would seem empty (a new names key names them anew), giving spent budget back."""
     store = keys_dir(home)
     known = store.is_dir() and (any(store.glob("*.json")) or (store / "names.key").exists())
@@ -115,9 +94,9 @@ def refuse_a_new_key_store_for_a_used_home(home: Path) -> None:
         p.stat().st_size for p in (*Path(home).glob("audit/*.jsonl"), *Path(home).glob("privacy/*/*.jsonl")))
     if used and not known:
         raise SystemExit(
-            f"{home} holds artifacts, audit logs or privacy ledgers, but its key store {store} is new: "
-            f"{Path(home) / KEYS_ID_FILE} was removed or changed, or the key store moved. Restore it (or set "
-            f"{KEYS_DIR_ENV} to where the keys are); starting with new keys would open nothing saved and lose "
+            f"{home} holds artifacts, audit logs or privacy ledgers, but its key store {store} is new: the home "
+            f"was moved or copied here, or its key store moved. Move the key store of its old path to {store} (or "
+            f"set {KEYS_DIR_ENV} to where the keys are); starting with new keys would open nothing saved and lose "
             "track of spent privacy budget")
 
 

@@ -132,9 +132,19 @@ def revoke_key(home: Path, key_id: str, keys: Optional[KeyProvider] = None) -> l
     if not re.fullmatch(r"[0-9a-f]{16,64}", key_id or ""):
         raise ValidationError("not a Tinker key id: give the 16 hex digits `tensafe tinker-key list` shows (the "
                               "argument is not repeated here: it might be a key)", {"field": "key_id"})
-    doomed = _revoke(home, lambda e: e["digest"].startswith(key_id), keys)
+    # Only entries that verify: an entry planted with another tenant's digest must not get that key revoked.
+    mac_key = _keys_of(home, keys).credentials_key()
+    named = [e for e in _read(keys_file(home)) if isinstance(e, dict) and str(e.get("digest", "")).startswith(key_id)]
+    if len({str(e.get("tenant_id")) for e in named}) > 1:  # a planted entry can copy another tenant's digest
+        raise ValidationError(f"key id {key_id} names entries of several tenants (`tensafe tinker-key list` shows "
+                              "which do not verify: those were planted, open nothing, and may be removed by hand); "
+                              "nothing revoked", {"field": "key_id"})
+    matching = [e for e in named if _authentic(mac_key, e)]
+    doomed = _revoke(home, lambda e: e["digest"].startswith(key_id) and _authentic(mac_key, e), keys) \
+        if matching else []
     if not doomed:
-        raise ValidationError(f"no Tinker key {key_id} in {keys_file(home)} (tensafe tinker-key list shows them)",
+        raise ValidationError(f"no Tinker key {key_id} that verifies in {keys_file(home)} (tensafe tinker-key list "
+                              "shows them; an entry that does not verify opens nothing and needs no revoking)",
                               {"field": "key_id"})
     return doomed
 
