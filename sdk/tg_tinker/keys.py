@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ArtifactIntegrityError, ValidationError
-from .private_files import fsync_dir, private_dir, write_durably
+from .private_files import atomic_write, fsync_dir, private_dir, write_durably
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ARTIFACT_ID = re.compile(r"art-[0-9a-f]{32}")
@@ -535,7 +535,9 @@ class LocalKeyProvider(KeyProvider):
         path = self._ledger_head_path(tenant_id, ledger)
         private_dir(self.folder / "ledgers")
         private_dir(path.parent)
-        write_durably(path, json.dumps(head).encode())
+        # The file is synced before its rename, the folder not: a power cut may keep the previous head, which the
+        # ledger still covers (a head is written only after its lines are durable), never a torn one.
+        atomic_write(path, lambda f: f.write(json.dumps(head).encode()))
 
     def _store_secret(self, name: str) -> bytes:
         path = self.folder / f"{name}.key"
