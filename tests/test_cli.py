@@ -68,6 +68,14 @@ def keys_env(tmp_path):
     return env
 
 
+@pytest.fixture
+def keys_in_process(keys_env, monkeypatch):
+    """``keys_env`` for this test process too (what it calls in-process finds the same folders)."""
+    for name, value in keys_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TENSAFE_ARTIFACT_KEYS_DIR", raising=False)
+
+
 def a_keyset(tmp_path) -> dict:
     from tg_tinker.keys import LocalKeyProvider
 
@@ -113,10 +121,7 @@ def test_a_damaged_key_set_file_prints_no_key(tmp_path, keys_env):
     assert "32-byte" in one_line_error(tensafe("audit", "verify", "--keys", str(wrong), env=keys_env))
 
 
-def test_exporting_a_dataset_is_refused_in_one_line(tmp_path, keys_env, monkeypatch):
-    for name, value in keys_env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("TENSAFE_ARTIFACT_KEYS_DIR", raising=False)
+def test_exporting_a_dataset_is_refused_in_one_line(tmp_path, keys_env, keys_in_process):
     from tensafe_trainer.admin import open_store
 
     home = tmp_path / "home"
@@ -223,10 +228,7 @@ def test_tinker_keys_are_listed_and_revoked(tmp_path, keys_env):
     assert "no Tinker key" in missing and not (tmp_path / "none").exists()
 
 
-def test_a_shred_revokes_the_tenants_tinker_keys(tmp_path, keys_env, monkeypatch):
-    for name, value in keys_env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("TENSAFE_ARTIFACT_KEYS_DIR", raising=False)
+def test_a_shred_revokes_the_tenants_tinker_keys(tmp_path, keys_env, keys_in_process):
     from tensafe_trainer.tinker_api.keys import TinkerKeys, create_key
     from tg_tinker import AuthenticationError
 

@@ -16,6 +16,7 @@ Files are created 0600 and folders 0700; reads never create a folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -233,20 +234,29 @@ class ArtifactStore:
         listed = {i.artifact_id for i in self.list(tenant_id)}
         return [p.stem for p in folder.glob("art-*.tsa") if p.stem not in listed] if folder.is_dir() else []
 
-    def _rewrap(self, tenant_id: str, info: ArtifactInfo, kid: str, data_path: Path, index_path: Path) -> None:
+    @contextlib.contextmanager
+    def _still_there(self, tenant_id: str, data_path: Path):
+        """Under the tenant's lock, the artifact's file open for reading; None if it was deleted since it was listed."""
         with self._locked(tenant_id):
             try:
                 src = open(data_path, "rb")
             except FileNotFoundError:
-                return  # deleted since it was listed
+                yield None
+                return
             with src:
-                header, offset = crypto.read_header(src)
-                src.seek(offset)
-                try:
-                    new_header = crypto.rewrap(header, self.keys)
-                except ArtifactNotFoundError:
-                    return  # its data key was destroyed since it was listed: deleted, it stays so
-                stored = None if new_header is None else new_header + src.read()
+                yield src
+
+    def _rewrap(self, tenant_id: str, info: ArtifactInfo, kid: str, data_path: Path, index_path: Path) -> None:
+        with self._still_there(tenant_id, data_path) as src:
+            if src is None:
+                return
+            header, offset = crypto.read_header(src)
+            src.seek(offset)
+            try:
+                new_header = crypto.rewrap(header, self.keys)
+            except ArtifactNotFoundError:
+                return  # its data key was destroyed since it was listed: deleted, it stays so
+            stored = None if new_header is None else new_header + src.read()
             if stored is not None:  # version 2: the data key is in the header
                 atomic_write(data_path, lambda f, data=stored: f.write(data))
                 info = info.model_copy(update={"size_bytes": len(stored),
@@ -254,17 +264,14 @@ class ArtifactStore:
             _write_index(index_path, info.model_copy(update={"key_id": kid}))
 
     def _reencrypt(self, tenant_id: str, artifact_id: str, data_path: Path, index_path: Path) -> None:
-        with self._locked(tenant_id):
+        with self._still_there(tenant_id, data_path) as src:
+            if src is None:
+                return
             try:
-                src = open(data_path, "rb")
-            except FileNotFoundError:
-                return  # deleted since it was listed
-            with src:
-                try:
-                    payload, description = crypto.decrypt_with_description(
-                        src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
-                except ArtifactNotFoundError:
-                    return  # its data key was destroyed since it was listed: deleted, it stays so
+                payload, description = crypto.decrypt_with_description(
+                    src, os.fstat(src.fileno()).st_size, crypto.Binding(tenant_id, "", artifact_id), self.keys)
+            except ArtifactNotFoundError:
+                return  # its data key was destroyed since it was listed: deleted, it stays so
             binding = crypto.Binding(tenant_id, description.pop("training_client"), artifact_id)
             _, encrypted = self._write(data_path, index_path, binding, description, lambda w: w.write(payload))
             self.keys.destroy_artifact_key(tenant_id, artifact_id, keep=encrypted.key_tag)  # the old encryption's
