@@ -38,6 +38,7 @@ only their public dp_metrics.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -266,6 +267,11 @@ class AuditLog:
         private_dir(self.path.parent)
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE))
 
+    @functools.cached_property
+    def _names(self) -> bytes:
+        """The tenant's names key (client ids are sealed on disk): never replaced, so read once, not per append."""
+        return self._keys.names_key(self.tenant_id)
+
     def generations(self) -> Generations:
         return Generations(self._keys.complete(self.tenant_id))
 
@@ -334,7 +340,7 @@ class AuditLog:
                 prev = self._tail(f, generations)
                 self._extendable(prev, generations)
                 lines = []
-                names = self._keys.names_key(self.tenant_id)
+                names = self._names
                 for event in events:
                     client = event.get("training_client_id")
                     fields = _fields(generations.active, prev, **{
@@ -430,7 +436,7 @@ class AuditLog:
         self._advance(last if last is not None and last["sequence"] >= 0 else None)
         if not records:
             return [last] if last is not None and last["sequence"] >= 0 else []
-        names = self._keys.names_key(self.tenant_id)
+        names = self._names
         return [_opened(names, self.tenant_id, fields) for fields in found]
 
     def head(self) -> AuditHead:
