@@ -213,20 +213,21 @@ class ArtifactStore:
                 self._reencrypt(tenant_id, info.artifact_id, data_path, index_path)
             else:
                 self._rewrap(tenant_id, info, kid, data_path, index_path)
-        # data keys no listed artifact named (a damaged file, another home on the same key store)
+        # Under the lock: a delete between listing and globbing would read as a damaged file.
         with self._locked(tenant_id):
+            # data keys no listed artifact named (a damaged file, another home on the same key store)
             stored_keys = [crypto.rewrap_stored_key(tenant_id, artifact_id, tag, self.keys)
                            for artifact_id, tag in self.keys.artifact_keys(tenant_id)]
-        if self._dir(tenant_id).is_dir():
-            fsync_dir(self._dir(tenant_id))
-        if not reencrypt:
-            return kid, []
-        left = [i.artifact_id for i in self.list(tenant_id) if i.key_id != kid]
-        if left or self._unlisted(tenant_id) or any(k != kid for k in stored_keys):
-            raise ArtifactIntegrityError(
-                f"not every artifact of tenant {tenant_id!r} is under the new key ({left or 'damaged files'}); "
-                "no key was destroyed", {"artifact_ids": left})
-        return kid, self.keys.retire(tenant_id)
+            if self._dir(tenant_id).is_dir():
+                fsync_dir(self._dir(tenant_id))
+            if not reencrypt:
+                return kid, []
+            left = [i.artifact_id for i in self.list(tenant_id) if i.key_id != kid]
+            if left or self._unlisted(tenant_id) or any(k != kid for k in stored_keys):
+                raise ArtifactIntegrityError(
+                    f"not every artifact of tenant {tenant_id!r} is under the new key ({left or 'damaged files'}); "
+                    "no key was destroyed", {"artifact_ids": left})
+            return kid, self.keys.retire(tenant_id)
 
     def _unlisted(self, tenant_id: str) -> list[str]:
         """Artifact files a listing leaves out (damaged): re-encryption must not destroy keys they need."""
