@@ -4,7 +4,11 @@
   (b) one client gets 1,000 operations queued as fast as the SDK can submit them;
   (c) hostile: (a) and (b) again, ``rounds`` times, each between two quiet runs of them, while another
       connection keeps sending oversized, chunked, malformed and unauthenticated requests (most with the
-      token of a client of another tenant: what a hostile tenant can do).
+      token of a client of another tenant: what a hostile tenant can do), and on the Tinker door, with that
+      tenant's Tinker key, the two body attacks of the door review (#27): 48 MiB JSON bodies to a control
+      endpoint and 9 MiB forward_backward bodies naming no model.
+Throughout, a Tinker model (the official SDK, another tenant) trains beside the /v1 clients: both doors'
+legitimate throughput is measured.
 Reports operations/s, p50/p99 latency from submission to resolved future, errors, dropped (futures
 that never resolved) and reordered (optim_step results whose step does not follow submission order);
 for (c) the legitimate clients' throughput with the attack over without it (same run), and the worst
@@ -57,9 +61,34 @@ def drive(tc, operations: int, latencies: list, outcome: dict) -> None:
     outcome["reordered"] += sum(1 for got, want in zip(steps, expected) if got != want)
 
 
-def workload(tcs, steps: int, burst: int, latencies: list, burst_latencies: list, outcome: dict):
+def tinker_datums():
+    from tinker import types
+
+    return [types.Datum(model_input=types.ModelInput.from_ints(row[:-1]),
+                        loss_fn_inputs={"target_tokens": row[1:], "weights": [1.0] * (len(row) - 1)})
+            for row in BATCH.input_ids]
+
+
+def drive_tinker(model, steps: int, spent: list, outcome: dict) -> None:
+    """The Tinker door's legitimate client: ``steps`` forward_backward + optim_step pairs, each submitted ahead."""
+    from tinker import types
+
+    datums, start = tinker_datums(), time.perf_counter()
+    for _ in range(steps):
+        step = [model.forward_backward(datums, "cross_entropy"), model.optim_step(types.AdamParams(learning_rate=1e-3))]
+        for future in step:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - any failure of a legitimate call is what is counted
+                outcome["errors"] += 1
+    spent.append(time.perf_counter() - start)
+
+
+def workload(tcs, steps: int, burst: int, latencies: list, burst_latencies: list, outcome: dict, tinker_model,
+             tinker_spent: list):
     start = time.perf_counter()
     threads = [threading.Thread(target=drive, args=(tc, 2 * steps, latencies, outcome)) for tc in tcs]
+    threads.append(threading.Thread(target=drive_tinker, args=(tinker_model, steps, tinker_spent, outcome)))
     for t in threads:
         t.start()
     for t in threads:
@@ -70,7 +99,7 @@ def workload(tcs, steps: int, burst: int, latencies: list, burst_latencies: list
     return concurrent_s, time.perf_counter() - start
 
 
-def hostile_bodies(token: str, client_id: str) -> list[tuple[str, bytes, dict]]:
+def hostile_bodies(token: str, client_id: str, tinker_key: str) -> list[tuple[str, bytes, dict]]:
     """What the attacker sends, in turn, built once (an attacker elsewhere pays for its own bytes; here
     its CPU is ours, so it should not spend it rebuilding them): each is refused (401, 413, 422 or 429)."""
     import json
@@ -84,14 +113,24 @@ def hostile_bodies(token: str, client_id: str) -> list[tuple[str, bytes, dict]]:
         node["a"] = {}
         node = node["a"]
     deep_save = {"submissions": [{"request": {"type": "save_state", "metadata": deep}}]}
-    return [("/v1/training_clients", b"x" * (8 << 20), {}),  # no token
+    from tensafe_trainer.tinker_api import tinker_wire_pb2 as pb
+
+    keyed = {"x-api-key": tinker_key, "content-type": "application/json"}
+    no_model = pb.ForwardBackwardRequest(model_id="nobody:train:0", seq_id=1)
+    for _ in range(128):
+        datum = no_model.data.add()
+        datum.model_input.add().encoded_text.tokens = b"\x01\x00\x00\x00" * (9 << 20 >> 9)
+    return [("/api/v1/retrieve_future", b'{"request_id": "' + b"x" * (48 << 20) + b'"}', keyed),
+            ("/api/v1/forward_backward", no_model.SerializeToString(),
+             {**keyed, "content-type": "application/x-protobuf"}),
+            ("/v1/training_clients", b"x" * (8 << 20), {}),  # no token
             (operations, b"x" * (12 << 20), {**auth, "transfer-encoding": "chunked"}),
             (operations, json.dumps(big_rows).encode(), auth),
             (f"{operations}/batch", json.dumps(deep_save).encode(), auth),
             (operations, b"{" * 100_000, auth)]
 
 
-def attack(base_url: str, token: str, client_id: str, stop, statuses) -> None:
+def attack(base_url: str, token: str, client_id: str, tinker_key: str, stop, statuses) -> None:
     """The attacker's process: hostile requests one after another on one connection at a time, until told
     to stop. It runs at the lowest priority: on this 2-core machine its own CPU would otherwise be charged
     to the server, which on a network it is not; the server's cost of refusing is counted in full."""
@@ -100,7 +139,7 @@ def attack(base_url: str, token: str, client_id: str, stop, statuses) -> None:
     os.nice(19)
     counts: dict = {}
     sent, started = 0, time.perf_counter()
-    bodies = hostile_bodies(token, client_id)
+    bodies = hostile_bodies(token, client_id, tinker_key)
 
     def chunks(body: bytes):
         for i in range(0, len(body), 1 << 20):
@@ -152,13 +191,27 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
     latencies: list[float] = []
     burst_latencies: list[float] = []
     outcome = {"errors": 0, "dropped": 0, "reordered": 0}
-    with ServiceClient() as service:
+    import tempfile
+
+    import tinker
+
+    from tensafe_trainer.tinker_api.keys import create_key
+
+    home = Path(tempfile.mkdtemp(prefix="tensafe-load-"))
+    tinker_keys = {tenant: create_key(home, tenant) for tenant in ("tinker-user", "intruder")}
+    tinker_spent: dict = {"quiet": [], "attack": []}
+    with ServiceClient(home=home) as service:
         tcs = [service.create_training_client(CONFIG) for _ in range(clients)]
+        tinker_model = tinker.ServiceClient(base_url=service.base_url, api_key=tinker_keys["tinker-user"]) \
+            .create_lora_training_client(base_model=MODEL, rank=4)
+        # The intruder's own Tinker model: its forward_backward budget is then a model's, not a control call's.
+        tinker.ServiceClient(base_url=service.base_url, api_key=tinker_keys["intruder"]) \
+            .create_lora_training_client(base_model=MODEL, rank=4)
         # The attacker: a client of another tenant, with its own token, sending what is refused.
         with ServiceClient(service.base_url, service._local.token, tenant_id="intruder") as admin:
             intruder = admin.create_training_client(CONFIG, client_id="intruder")
             intruder_token = admin._clients[intruder.id].token
-        concurrent_s, burst_s = workload(tcs, steps, burst, latencies, burst_latencies, outcome)
+        concurrent_s, burst_s = workload(tcs, steps, burst, latencies, burst_latencies, outcome, tinker_model, [])
         server_cpu: dict = {"quiet": [], "attack": []}
         rates: list[tuple[str, float]] = []
         quiet_health, attack_seen = [0.0], {"health": [0.0], "statuses": {}}
@@ -172,12 +225,12 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
                 ctx = multiprocessing.get_context("spawn")
                 stop_flag, statuses = ctx.Event(), ctx.Queue()
                 attacker = ctx.Process(target=attack, args=(service.base_url, intruder_token, intruder.id,
-                                                            stop_flag, statuses))
+                                                            tinker_keys["intruder"], stop_flag, statuses))
                 attacker.start()
             for h in helpers:
                 h.start()
             cpu_before = trainer_cpu_s(service)
-            spent = workload(tcs, steps, burst, [], [], outcome)
+            spent = workload(tcs, steps, burst, [], [], outcome, tinker_model, tinker_spent[phase])
             stop.set()
             for h in helpers:
                 h.join()
@@ -194,6 +247,8 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             seen[0] = max(seen[0], worst[0])
     ratios = [rates[i][1] / statistics.mean([rates[i - 1][1], rates[i + 1][1]])
               for i in range(1, len(rates) - 1, 2)]
+    quiet_t, attack_t = tinker_spent["quiet"], tinker_spent["attack"]  # seconds per phase: lower is faster
+    tinker_ratios = [statistics.mean([quiet_t[i], quiet_t[i + 1]]) / attack_t[i] for i in range(len(attack_t))]
     ordered = sorted(latencies + burst_latencies)
     total = clients * 2 * steps + burst
 
@@ -207,6 +262,9 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             "errors": outcome["errors"], "dropped": outcome["dropped"], "reordered": outcome["reordered"],
             "operations": total, "clients": clients,
             "attack_ratio": round(statistics.median(ratios), 3), "attack_ratios": [round(r, 3) for r in ratios],
+            "tinker_attack_ratio": round(statistics.median(tinker_ratios), 3),
+            "tinker_attack_ratios": [round(r, 3) for r in tinker_ratios],
+            "tinker_steps_per_s": [round(steps / t, 2) for t in quiet_t + attack_t],
             "phase_ops_per_s": [(phase, round(rate, 1)) for phase, rate in rates],
             "worst_health_ms_attack": round(1000 * attack_seen["health"][0], 1),
             "worst_health_ms_quiet": round(1000 * quiet_health[0], 1),
@@ -223,7 +281,8 @@ def report(result: dict) -> None:
     print(f"errors {result['errors']}, dropped {result['dropped']}, reordered {result['reordered']}")
     print(f"phases (ops/s): {result['phase_ops_per_s']}")
     print(f"under attack vs quiet either side: median ratio {result['attack_ratio']} of {result['attack_ratios']} "
-          f"(goal >= 0.9); worst /healthz {result['worst_health_ms_attack']} ms "
+          f"(goal >= 0.9); the Tinker door's client: median {result['tinker_attack_ratio']} of "
+          f"{result['tinker_attack_ratios']}; worst /healthz {result['worst_health_ms_attack']} ms "
           f"(quiet: {result['worst_health_ms_quiet']} ms); attacker's answers {result['attack_statuses']}; "
           f"trainer CPU s per phase {result['trainer_cpu_s']}")
 

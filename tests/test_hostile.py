@@ -193,7 +193,7 @@ def test_submissions_are_checked_at_the_door_against_what_the_client_can_run(svc
 def test_a_batch_with_one_bad_submission_queues_nothing(svc, victim):
     nested: dict = {}
     node = nested
-    for _ in range(300):
+    for _ in range(100):
         node["a"] = {}
         node = node["a"]
     steps = len(svc.get_audit_logs(training_client_id=victim.id, operation="optim_step", limit=1000))
@@ -532,7 +532,7 @@ def test_a_body_full_of_errors_gets_a_short_answer(svc, victim):
         response = httpx.post(f"{svc.base_url}/v1/sampling_clients", content=bad,
                               headers={"authorization": f"Bearer {svc._local.token}",
                                        "content-type": "application/json"})
-        assert response.status_code in (400, 422) and response.json()["error"]["type"] == "ValidationError"
+        assert response.status_code == 400 and response.json()["error"]["type"] == "MalformedRequestError"
 
 
 @pytest.mark.parametrize("request_body, message", [

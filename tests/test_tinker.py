@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tg_tinker.errors import ValidationError, error_from_wire
 from tensafe_trainer.tinker_api.convert import SAMPLING_CODES
 from test_accounting import pld_epsilon
 from tinker_helpers import build_tokenized_tiny_model, start_tinker_trainer
@@ -297,7 +298,7 @@ def test_malformed_bodies_are_the_callers_error_and_the_server_keeps_serving(ser
         answer = httpx.post(f"{server.base_url}/api/v1/{endpoint}", headers=headers,
                             **({"content": body} if isinstance(body, bytes) else {"json": body}))
         assert 400 <= answer.status_code < 500, (endpoint, body, answer.status_code, answer.text)
-        assert answer.json()["error"]["type"] == "ValidationError"
+        assert isinstance(error_from_wire(answer.json()["error"]), ValidationError)
     row = sequences(1, seed=40)[0]
     huge = datum(row, [1e38] + [1.0] * (len(row) - 2))
     with pytest.raises(tinker.UnprocessableEntityError, match="beyond"):
@@ -622,19 +623,30 @@ def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):
         assert answer.status_code == 401 and "unknown Tinker API key" in answer.text
 
 
-def test_open_sessions_per_tenant_are_capped(tmp_path):
+def test_open_sessions_are_capped_per_key_and_per_tenant(tmp_path):
+    """One key cannot take all its tenant's sessions (the door review: it held them for 5 minutes); the tenant as a
+    whole is capped too, and another tenant is not affected."""
     from fastapi.testclient import TestClient
 
     from tensafe_trainer.server import Settings, create_app
     from tensafe_trainer.tinker_api.keys import create_key
     from tensafe_trainer.tinker_api.registry import MAX_OPEN_SESSIONS
+    from tensafe_trainer.tinker_api.routes import MAX_SESSIONS_PER_KEY
 
-    keys = {tenant: {"X-API-Key": create_key(tmp_path, tenant)} for tenant in ("plain", "other")}
+    per_tenant = MAX_OPEN_SESSIONS // MAX_SESSIONS_PER_KEY + 1
+    plain = [{"X-API-Key": create_key(tmp_path, "plain", f"k{i}")} for i in range(per_tenant)]
+    other = {"X-API-Key": create_key(tmp_path, "other")}
     with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
-        opened = [client.post("/api/v1/create_session", json={}, headers=keys["plain"]).json()["session_id"]
-                  for _ in range(MAX_OPEN_SESSIONS)]
-        refused = client.post("/api/v1/create_session", json={}, headers=keys["plain"])
+        def open_session(headers):
+            return client.post("/api/v1/create_session", json={}, headers=headers)
+
+        opened = [open_session(plain[0]).json()["session_id"] for _ in range(MAX_SESSIONS_PER_KEY)]
+        refused = open_session(plain[0])
+        assert refused.status_code == 429 and f"this key already has {MAX_SESSIONS_PER_KEY}" in refused.text
+        for headers in plain[1:-1]:
+            assert all(open_session(headers).status_code == 200 for _ in range(MAX_SESSIONS_PER_KEY))
+        refused = open_session(plain[-1])
         assert refused.status_code == 429 and f"already has {MAX_OPEN_SESSIONS} open Tinker sessions" in refused.text
-        assert client.post("/api/v1/create_session", json={}, headers=keys["other"]).status_code == 200
-        assert client.post(f"/api/v1/sessions/{opened[0]}/finish", json={}, headers=keys["plain"]).status_code == 200
-        assert client.post("/api/v1/create_session", json={}, headers=keys["plain"]).status_code == 200
+        assert open_session(other).status_code == 200
+        assert client.post(f"/api/v1/sessions/{opened[0]}/finish", json={}, headers=plain[0]).status_code == 200
+        assert open_session(plain[-1]).status_code == 200

@@ -9,10 +9,11 @@ from pydantic import Field, field_validator, model_validator
 from .wire import WireModel
 
 DEFAULT_MODEL = "smollm2-135m"
+MAX_LORA_RANK = 1024  # past this a LoRA is no longer low-rank for any model this trainer serves
 
 
 class LoRAConfig(WireModel):
-    rank: int = Field(16, gt=0, description="rank of the low-rank matrices")
+    rank: int = Field(16, gt=0, le=MAX_LORA_RANK, description="rank of the low-rank matrices")
     alpha: float = Field(32.0, gt=0, description="scaling factor; the update is scaled by alpha/rank")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(

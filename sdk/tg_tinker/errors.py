@@ -31,6 +31,13 @@ class ValidationError(TGTinkerError, ValueError):
     http_status = 422
 
 
+class MalformedRequestError(ValidationError):
+    """A request body that is not a document at all (not JSON, nested too deep, not the protobuf message the
+    endpoint takes): 400 on both of the trainer's doors."""
+
+    http_status = 400
+
+
 class FutureTimeoutError(TGTinkerError, TimeoutError):
     """``future.result(timeout)`` expired; the operation itself goes on."""
 
@@ -143,6 +150,7 @@ _BY_NAME: dict[str, type[TGTinkerError]] = {
     for cls in (
         TGTinkerError,
         ValidationError,
+        MalformedRequestError,
         FutureTimeoutError,
         OperationCancelledError,
         DPBudgetExceededError,

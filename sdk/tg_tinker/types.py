@@ -13,6 +13,7 @@ from .config import TrainingConfig
 from .wire import WireModel
 
 IGNORE_INDEX = -100
+MAX_NUM_SAMPLES = 64  # sequences one sample request may ask for
 
 
 class ClientStatus(str, Enum):
@@ -241,7 +242,7 @@ class SampleRequest(WireModel):
     stop: Optional[list[Union[Annotated[str, Field(max_length=1024)], TokenId]]] = Field(None, max_length=64)
     stop_at_eos: bool = Field(True, description="False: generate past EOS up to max_tokens (Tinker's stop=[])")
     seed: Optional[int] = Field(None, ge=0, le=INT64_MAX)
-    num_samples: int = Field(1, ge=1, le=64)
+    num_samples: int = Field(1, ge=1, le=MAX_NUM_SAMPLES)
 
     @field_validator("prompt")
     @classmethod

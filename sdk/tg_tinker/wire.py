@@ -6,7 +6,7 @@ from typing import Any
 
 import pydantic
 
-from .errors import ValidationError
+from .errors import MalformedRequestError, ValidationError
 
 
 MAX_REPORTED_ERRORS = 10  # a body with a million bad values gets ten described, not a million (and no input)
@@ -23,6 +23,11 @@ def describe_pydantic_error(exc: pydantic.ValidationError, model: str) -> Valida
         message = str(original) if original is not None else err.get("msg", "invalid")
         problems.append({"field": field, "problem": message[:500]})
     return validation_error(f"invalid {model}", problems, len(errors))
+
+
+def malformed_json() -> MalformedRequestError:
+    """Not a JSON document, or one nested deeper than a parser follows: the same 400 on both doors."""
+    return MalformedRequestError("the request body is not a JSON document (or is nested too deep)")
 
 
 def validation_error(what: str, problems: list[dict], count: int) -> ValidationError:
@@ -51,6 +56,8 @@ class WireModel(pydantic.BaseModel):
         try:
             return cls.model_validate_json(raw)
         except pydantic.ValidationError as exc:
+            if any(err["type"] == "json_invalid" for err in exc.errors(include_input=False, include_url=False)):
+                raise malformed_json() from None
             raise describe_pydantic_error(exc, cls.__name__) from None
 
     @classmethod

@@ -9,7 +9,10 @@ how many bytes one request of this client may carry at all. A submission refused
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional
 
 from tg_tinker.errors import RequestTooLargeError, ValidationError
@@ -32,6 +35,26 @@ TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "opti
 BYTES_PER_TOKEN = 3 * 20 + 3 * 26
 BODY_SLACK = 256 << 10  # the envelope, metadata, a sealed blob
 TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many characters per allowed token cannot fit
+# A forward_backward holds its logits (rows x width x vocabulary float32) about three times over: the logits, their
+# log-softmax and its gradient. The loss is not computed in chunks of the vocabulary (yet), so that is the cost.
+LOGIT_BYTES_PER_CELL = 3 * 4
+REQUEST_MEMORY_ENV = "TENSAFE_REQUEST_MEMORY"  # bytes one request may need at most; default half the memory
+
+
+@lru_cache(maxsize=1)
+def request_memory_budget() -> int:
+    """The most memory one request may need: $TENSAFE_REQUEST_MEMORY, else half of what this process may use
+    (its cgroup's limit in a pod, the machine's memory elsewhere)."""
+    if os.environ.get(REQUEST_MEMORY_ENV):
+        return int(os.environ[REQUEST_MEMORY_ENV])
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total // 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,7 @@ class Limits:
     vocab_size: Optional[int]  # None until the engine has loaded the model (the engine checks meanwhile)
     dp_enabled: bool = False
     dataset_id: Optional[str] = None  # DP with server-side sampling of this registered dataset
+    memory_budget: int = field(default_factory=request_memory_budget)
 
     @classmethod
     def of(cls, kind: str, config: Any, summary: dict) -> "Limits":
@@ -60,13 +84,26 @@ def body_limit(limits: Limits) -> int:
     return max(MAX_PACKED_BYTES, one_batch) + BODY_SLACK
 
 
-def check_shape(rows: int, width: int, limits: Limits) -> None:
-    """A batch of ``rows`` examples of at most ``width`` tokens: within this client's batch_size and max_seq_len
-    (also asked before a batch is padded, so that an oversized one costs nothing to refuse)."""
+def check_rows(rows: int, limits: Limits) -> None:
     if rows > limits.batch_size:
         raise RequestTooLargeError(f"batch has {rows} examples, more than batch_size={limits.batch_size}",
                                    {"field": "input_ids", "rows": rows, "batch_size": limits.batch_size})
+
+
+def check_shape(rows: int, width: int, limits: Limits) -> None:
+    """A batch of ``rows`` examples of at most ``width`` tokens: within this client's batch_size and max_seq_len,
+    and its logits within the memory one request may take (also asked before a batch is padded, so that an
+    oversized one costs nothing to refuse)."""
+    check_rows(rows, limits)
     _check_length(width, limits, "input_ids")
+    if limits.vocab_size is not None:
+        need = rows * width * limits.vocab_size * LOGIT_BYTES_PER_CELL
+        if need > limits.memory_budget:
+            raise RequestTooLargeError(
+                f"a batch of {rows} x {width} tokens over a vocabulary of {limits.vocab_size} needs about "
+                f"{need >> 20} MiB for its logits, more than the {limits.memory_budget >> 20} MiB one request may take "
+                f"here ({REQUEST_MEMORY_ENV}): send fewer or shorter rows per request",
+                {"field": "input_ids", "rows": rows, "width": width, "memory_budget": limits.memory_budget})
 
 
 def admit(request: Any, limits: Limits) -> None:

@@ -33,7 +33,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and counte
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 REFUSAL_DELAY_S = 1.0  # a refusal that leaves a body unread is answered this late (see Gate.refuse)
 MAX_DELAYED = 64  # refusals held back at once; past that they are answered at once
-REFUSED_STATUSES = frozenset({400, 403, 408, 413, 422})  # what a malformed or hostile request earns
+# What a malformed or hostile request earns; a 404 too (an id probe, or a body naming nothing the caller has).
+REFUSED_STATUSES = frozenset({400, 401, 403, 404, 408, 413, 422})
+STILL_PENDING = (b"x-tensafe-pending", b"1")  # a long-poll's 408 "try again" (the Tinker wire's): not a refusal
 REFUSALS_BURST, REFUSALS_PER_S = 16, 2.0  # a client token may earn 16 refusals at once, then two a second
 
 
@@ -162,9 +164,9 @@ def resolve(state, admin_token: Optional[str], header: str) -> Principal:
 
 
 class Gate:
-    """``limit_for(principal)``: the most body bytes that caller may send in one request."""
+    """``limit_for(principal, path)``: the most body bytes that caller may send in one request to that path."""
 
-    def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Principal], int],
+    def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Any, str], int],
                  open_docs: bool = False, refusals: Optional[RefusalBudget] = None, tinker_keys=None):
         self.app, self.admin_token, self.limit_for = app, admin_token, limit_for
         self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: tinker_api/keys.py
@@ -201,7 +203,7 @@ class Gate:
                         f"this client's requests were refused too often (more than {self.refusals.burst}, then "
                         f"{self.refusals.per_s:g} a second): requests with a body are refused unread for "
                         f"{wait:.1f}s more", {"retry_after_s": round(wait, 1)})
-            limit = self.limit_for(principal)
+            limit = self.limit_for(principal, scope["path"])
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 raise _too_large(limit)
             body = await _read_body(receive, limit)
@@ -226,7 +228,8 @@ class Gate:
     def _metering(self, session, send):
         """``send``, charging the client's refusal budget when its answer is a refusal."""
         async def metered(message):
-            if message["type"] == "http.response.start" and message["status"] in REFUSED_STATUSES:
+            if message["type"] == "http.response.start" and message["status"] in REFUSED_STATUSES \
+                    and STILL_PENDING not in message.get("headers", ()):
                 self.refusals.charge(session)
             await send(message)
 

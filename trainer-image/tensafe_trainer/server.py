@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tg_tinker.errors import (
     AuthenticationError,
+    MalformedRequestError,
     OperationLostError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -53,7 +55,7 @@ from tg_tinker.types import (
 from . import datasets, metrics
 from .artifacts import ArtifactStore
 from tg_tinker.receipts import public_key_pem, sign_receipt
-from tg_tinker.wire import MAX_REPORTED_ERRORS, validation_error
+from tg_tinker.wire import MAX_REPORTED_ERRORS, malformed_json, validation_error
 
 from .audit import AuditTrail, request_hash
 from .audit_writer import AuditWriter
@@ -62,13 +64,17 @@ from .paths import key_provider
 from .engine_process import EngineProcess, busy_counter
 from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
+from .service import door
 from .sessions import Operation, OperationIndex, Session
 from .tinker_api.keys import NOT_VERIFIED, TinkerKey, TinkerKeys
 from .tinker_api.policy import PrivacyPolicy
 from .tinker_api import PREFIX as TINKER_PREFIX
+from .tinker_api.registry import TinkerRegistry
 from .tinker_api.routes import TinkerSettings, tinker_router, tinker_status
+from .tinker_api.routes import body_budget as tinker_body_budget
 
 log = logging.getLogger("tensafe.trainer")
+SUBMISSION_PATH = re.compile(r"/v1/clients/[^/]+/operations(/batch)?")  # where a client's token sends batches
 MAX_SAMPLERS_PER_CLIENT = 4  # sampling clients one client's token may have at once (each is an engine)
 
 
@@ -200,10 +206,11 @@ def available_memory() -> Optional[int]:
 
 
 async def parsed(request: Request, model):
-    """The body validated on a worker thread: a large one (a client's full batch, a dataset) then delays
-    other requests by a GIL switch interval, not by its whole parse (measured: 1.1 s for 26 MB, during which
-    the event loop waited at most 49 ms)."""
-    return await asyncio.to_thread(model.parse_json, await request.body())
+    """The body validated by the door's rule (service/door.py): a large one (a client's full batch, a dataset) on
+    the decoding thread, so it delays other requests by a GIL switch interval, not by its whole parse (measured:
+    1.1 s for 26 MB, during which the event loop waited at most 49 ms); a small one inline."""
+    body = await request.body()
+    return await door.decode(len(body), model.parse_json, body)
 
 
 def json_body(model) -> dict:
@@ -284,12 +291,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def admin(principal: Principal = Depends(authenticate)) -> Principal:
         return require_admin(principal)
 
-    def body_limit(principal) -> int:
-        """The trainer's own token and a Tinker key may send up to max_request_bytes (datasets, a Tinker
-        forward_backward of many datums); a client what its config can run (see admission.body_limit), so
-        that no client's request can hold the server for long."""
-        if isinstance(principal, TinkerKey) or principal.session is None:
+    def body_limit(principal, path: str) -> int:
+        """The most bytes a request to ``path`` may carry, decided from its headers: the trainer's own token up to
+        max_request_bytes (datasets); a client's token what its config can run on its submission routes (see
+        admission.body_limit), a control call's few KiB elsewhere; a Tinker key what its route and the tenant's
+        open models need (tinker_api.body_budget)."""
+        if isinstance(principal, TinkerKey):
+            return min(settings.max_request_bytes, tinker_body_budget(tinker_registry, principal.tenant_id, path))
+        if principal.session is None:
             return settings.max_request_bytes
+        if not SUBMISSION_PATH.fullmatch(path):
+            return door.CONTROL_BYTES
         return min(settings.max_request_bytes, admission.body_limit(principal.session.limits))
 
     initial = settings.initial_client
@@ -308,12 +320,14 @@ def create_app(settings: Settings) -> FastAPI:
                            error=reason)
 
     tinker_keys = TinkerKeys(settings.home, given, on_refused=tinker_key_refused)
+    tinker_registry = TinkerRegistry()
     app.add_middleware(Gate, admin_token=settings.token, limit_for=body_limit, open_docs=settings.open_docs,
                        tinker_keys=tinker_keys)
     policy = PrivacyPolicy.load(settings.privacy_policy)
     if initial is not None:  # a trainer for one client: its tenant's Tinker models train under the client's DP
         policy = policy.with_client(initial.tenant_id, initial.config)
-    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, settings.tinker_model_roots)))
+    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, settings.tinker_model_roots,
+                                                    tinker_registry)))
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):
@@ -329,12 +343,15 @@ def create_app(settings: Settings) -> FastAPI:
         err = ValidationError(f"malformed request body ({type(exc).__name__}): see the Tinker API's request shapes")
         return JSONResponse({"error": err.to_wire(), "detail": err.message}, status_code=400)
 
-    for malformed in (ValueError, TypeError, KeyError, AttributeError):
+    for malformed in (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
         app.add_exception_handler(malformed, on_malformed_tinker_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            err = malformed_json()
+            return JSONResponse({"error": err.to_wire()}, status_code=err.http_status)
         problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": str(e.get("msg", "invalid"))[:500]}
                     for e in errors[:MAX_REPORTED_ERRORS]]
         err = validation_error("invalid request", problems, len(errors))
@@ -343,7 +360,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         """Starlette's own refusals (a body that is not JSON, an unknown path) in TenSafe's error shape."""
-        err = (ValidationError if exc.status_code in (400, 422) else TGTinkerError)(str(exc.detail)[:500])
+        kind = {400: MalformedRequestError, 422: ValidationError}.get(exc.status_code, TGTinkerError)
+        err = kind(str(exc.detail)[:500])
         return JSONResponse({"error": err.to_wire()}, status_code=exc.status_code)
 
 
@@ -602,7 +620,12 @@ def create_app(settings: Settings) -> FastAPI:
     def audit_head(tenant_id: Optional[str] = None, state: State = Depends(get_state),
                    principal: Principal = Depends(authenticate)):
         """The tenant's chain head now: keep it, and ``tensafe audit verify --expect-head`` catches a truncation.
-        Checked like ``/v1/audit``: never a head behind one this trainer wrote or served."""
+        Checked like ``/v1/audit``: never a head behind one this trainer wrote or served. The trainer's token only:
+        the head's sequence number counts every client's entries (a client learns the head after its own
+        entries from its results)."""
+        if principal.client_id is not None:
+            raise PermissionDeniedError("the tenant's audit head needs the trainer's own token (a client's results "
+                                        "carry the head after its own entries)")
         tenant = tenant_of(principal, tenant_id)
         state.audit.flush()
         return state.audit_trail.head(tenant)

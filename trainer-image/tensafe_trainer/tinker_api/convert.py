@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from tg_tinker.errors import ValidationError
+from tg_tinker.errors import MalformedRequestError, RequestTooLargeError, ValidationError
 from tg_tinker.types import (
     IGNORE_INDEX,
     LOSS_INPUT_NAMES,
@@ -62,12 +62,83 @@ def _tensor(msg, where: str) -> np.ndarray:
     return array
 
 
+@dataclass
+class FwdBwdHead:
+    """What a forward_backward body names and how large its datums are, read from the protobuf's field tags and
+    lengths alone: enough to find the model and refuse an oversized request before anything is decoded."""
+
+    model_id: str
+    seq_id: int
+    datum_bytes: list[int]
+
+
+_FIELD_MODEL_ID, _FIELD_SEQ_ID, _FIELD_DATA = 1, 2, 3
+MAX_OTHER_FIELDS = 256  # loss name, forward_only and loss config entries: a request has a handful
+
+
+def _varint(body: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(body) or shift > 63:
+            raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+        byte = body[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+
+
+def peek_forward_backward(body: bytes, max_datums: int) -> FwdBwdHead:
+    """The top-level fields of a ForwardBackwardRequest, each skipped by its length (a datum is never looked
+    into): a body of more than ``max_datums`` datums, or of many other fields, is refused as soon as that shows."""
+    model_id, seq_id, datums, others, at = b"", 0, [], 0, 0
+    while at < len(body):
+        tag, at = _varint(body, at)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, at = _varint(body, at)
+            if field == _FIELD_SEQ_ID:
+                seq_id = value - (1 << 64) if value >= 1 << 63 else value
+        elif wire == 2:
+            size, at = _varint(body, at)
+            if at + size > len(body):
+                raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+            if field == _FIELD_MODEL_ID:
+                model_id = body[at:at + size]
+            elif field == _FIELD_DATA:
+                datums.append(size)
+                if len(datums) > max_datums:
+                    raise RequestTooLargeError(f"a forward_backward request holds at most {max_datums} datums here "
+                                               "(client/config's fwdbwd_max_chunk_len, which the SDK follows)",
+                                               {"field": "data", "max_datums": max_datums})
+            at += size
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+        if field not in (_FIELD_DATA, _FIELD_MODEL_ID, _FIELD_SEQ_ID):
+            others += 1
+            if others > MAX_OTHER_FIELDS:
+                raise MalformedRequestError(f"a forward_backward request has more than {MAX_OTHER_FIELDS} fields "
+                                            "besides its datums")
+    if at > len(body):
+        raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+    try:
+        name = model_id.decode()
+    except UnicodeDecodeError:
+        raise MalformedRequestError("the forward_backward body's model_id is not UTF-8") from None
+    if not name:
+        raise _user_error("forward_backward needs a model_id", field="model_id")
+    return FwdBwdHead(name, seq_id, datums)
+
+
 def decode_forward_backward(body: bytes) -> FwdBwdCall:
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError and others
-        raise _user_error(f"the forward_backward body is not a ForwardBackwardRequest message ({type(exc).__name__})")
+        raise MalformedRequestError(
+            f"the forward_backward body is not a ForwardBackwardRequest message ({type(exc).__name__})") from None
     if not msg.model_id:
         raise _user_error("forward_backward needs a model_id", field="model_id")
     if not msg.data:

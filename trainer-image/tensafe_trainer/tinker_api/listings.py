@@ -12,7 +12,12 @@ from .registry import CHECKPOINT_KINDS, TinkerModel, parse_path
 
 
 def iso(ts: Optional[float]) -> Optional[str]:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    """A timestamp as ISO 8601; None for none, or for one past what a date holds (a TTL of 1e20 s, saved before
+    the door refused such TTLs, must not fail every listing of its tenant)."""
+    try:
+        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def checkpoint_json(path: str, info) -> dict:

@@ -42,6 +42,7 @@ ENDED_KEPT_S = 3600.0  # an ended session (and its models) is remembered this lo
 class TinkerSession:
     session_id: str
     tenant_id: str
+    key_id: str = ""  # the key that opened it
     created_at: float = field(default_factory=time.time)
     samplers: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # sampler id -> TinkerSampler
     models: list[str] = field(default_factory=list)
@@ -129,12 +130,18 @@ class TinkerRegistry:
 
     # --- sessions, models, samplers ---------------------------------------------------------
 
-    def new_session(self, tenant_id: str) -> TinkerSession:
+    def new_session(self, tenant_id: str, key_id: str, per_key: int) -> TinkerSession:
+        """A session of ``tenant_id`` opened by key ``key_id``: at most MAX_OPEN_SESSIONS open per tenant, of which
+        ``per_key`` per key (one key, or one script leaking sessions, cannot lock its tenant's other keys out)."""
         self._forget_ended()
-        if sum(not s.finished and s.tenant_id == tenant_id for s in self.sessions.values()) >= MAX_OPEN_SESSIONS:
+        open_ = [s for s in self.sessions.values() if not s.finished and s.tenant_id == tenant_id]
+        if len(open_) >= MAX_OPEN_SESSIONS:
             raise ResourceExhaustedError(f"this tenant already has {MAX_OPEN_SESSIONS} open Tinker sessions: finish "
                                          "one (ServiceClient.close) first", {"max_sessions": MAX_OPEN_SESSIONS})
-        session = TinkerSession(uuid.uuid4().hex, tenant_id)
+        if sum(s.key_id == key_id for s in open_) >= per_key:
+            raise ResourceExhaustedError(f"this key already has {per_key} open Tinker sessions: finish one "
+                                         "(ServiceClient.close) first, or let it lapse", {"max_sessions": per_key})
+        session = TinkerSession(uuid.uuid4().hex, tenant_id, key_id)
         self.sessions[session.session_id] = session
         return session
 
@@ -163,6 +170,10 @@ class TinkerRegistry:
         """Open sessions whose client has been silent for SESSION_LAPSE_S."""
         cutoff = time.monotonic() - SESSION_LAPSE_S
         return [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < cutoff]
+
+    def open_models(self, tenant_id: str) -> list[TinkerModel]:
+        return [m for m in self.models.values()
+                if m.tenant_id == tenant_id and not m.session.terminated]
 
     def model(self, model_id: str, tenant_id: str) -> TinkerModel:
         found = self.models.get(model_id)

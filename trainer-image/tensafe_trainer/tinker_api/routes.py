@@ -14,15 +14,14 @@ import asyncio
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from tg_tinker.config import LoRAConfig, OptimizerConfig, TrainingConfig
+from tg_tinker.config import MAX_LORA_RANK, LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import (
     ArtifactNotFoundError,
     AuthenticationError,
@@ -40,6 +39,7 @@ from tg_tinker.types import (
     ClientStatus,
     ComputeLogprobsRequest,
     CreateTrainingClient,
+    MAX_NUM_SAMPLES,
     LoadStateRequest,
     OperationStatus,
     OptimStepRequest,
@@ -49,6 +49,7 @@ from tg_tinker.types import (
 )
 
 from .. import admission
+from ..service import door
 from ..models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
 from . import PREFIX, convert, listings
 from .keys import TinkerKey, TinkerKeys
@@ -69,14 +70,16 @@ from .registry import (
 log = logging.getLogger("tensafe.tinker")
 LONG_POLL_S = 25.0  # the SDK gives up on a poll after 45 s
 READY_POLL_S = 0.05
-# forward_backward bodies up to this are decoded on the event loop, and batches of up to INLINE_CELLS padded tokens
-# converted there (each well under a millisecond); larger ones on a worker thread.
-INLINE_BODY_BYTES = 32 << 10
-INLINE_CELLS = 8192
+# Batches of up to door.INLINE_BYTES padded tokens are converted on the event loop (well under a millisecond).
 # Datums in one forward_backward request (the SDK splits a call into requests of this many, as client/config says):
 # a request's conversion holds the GIL for its rows x width padded tokens, so its rows are bounded, whatever the
 # model's batch.
 MAX_DATUMS_PER_REQUEST = 128
+# A datum's bytes per token at most: its int32 token, target_tokens (int64) and three float32 loss inputs, with room
+# for chunk and tensor headers; and per datum, room for its map keys and provenance spans.
+TINKER_BYTES_PER_TOKEN, DATUM_SLACK = 40, 4 << 10
+JSON_BYTES_PER_TOKEN = 21  # a prompt token in JSON: up to 20 digits and a comma
+MAX_SESSIONS_PER_KEY = 64  # of the tenant's MAX_OPEN_SESSIONS: one key cannot take them all
 PROTOBUF = "application/x-protobuf"
 DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this (hosted
 # Tinker's own cap is the model's context; a tiny test model's is 512, and a CPU sampler's answer should come soon)
@@ -93,6 +96,25 @@ CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed
 }
 
 
+def datum_budget(limits: admission.Limits) -> int:
+    """The most bytes one datum of a model with these limits can need."""
+    return limits.max_seq_len * TINKER_BYTES_PER_TOKEN + DATUM_SLACK
+
+
+def body_budget(registry: TinkerRegistry, tenant_id: str, path: str) -> int:
+    """The most bytes a request to ``path`` may carry, decided from its headers: a forward_backward what the
+    tenant's largest open model can run, a sample a prompt as long as its samplers take, anything else a control
+    call's few KiB. A tenant with no model open has nothing a large body could be for."""
+    name = path[len(PREFIX):]
+    if name == "/forward_backward":
+        return max((min(MAX_DATUMS_PER_REQUEST, m.session.limits.batch_size) * datum_budget(m.session.limits)
+                    + door.CONTROL_BYTES for m in registry.open_models(tenant_id)), default=door.CONTROL_BYTES)
+    if name == "/asample":
+        return max((s.session.limits.max_seq_len * JSON_BYTES_PER_TOKEN + door.CONTROL_BYTES
+                    for s in registry.samplers.values() if s.tenant_id == tenant_id), default=door.CONTROL_BYTES)
+    return door.CONTROL_BYTES
+
+
 @dataclass
 class TinkerSettings:
     keys: TinkerKeys
@@ -100,6 +122,7 @@ class TinkerSettings:
     # Folders a key holder may name as base_model ($TENSAFE_TINKER_MODEL_ROOTS); None: any folder (a machine of one
     # user); (): none. Built-in models are always allowed.
     model_roots: Optional[tuple[Path, ...]] = None
+    registry: TinkerRegistry = field(default_factory=TinkerRegistry)
 
     def check_base_model(self, base_model: str) -> str:
         if is_tiny(base_model):
@@ -115,8 +138,7 @@ class TinkerSettings:
 
 def tinker_router(settings: TinkerSettings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
-    registry = TinkerRegistry()
-    converter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinker-convert")
+    registry = settings.registry
 
     async def key_of(request: Request) -> TinkerKey:  # async: a sync dependency would run on a worker thread
         """Asked again now that the body has arrived (the Gate asked first, from the headers)."""
@@ -124,13 +146,6 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     def trainer(request: Request):
         return request.app.state.tensafe
-
-    async def off_loop_if(large: bool, fn, *args):
-        """``fn(*args)`` on the conversion thread when its input is large, inline when small: a thread handoff
-        costs more than converting a cookbook batch (measured with py-spy). One thread for all: conversions hold
-        the GIL, and with many at once the event loop would wait its turn behind each of them (measured: 16
-        padded batches on 16 threads held /healthz for 5.5 s)."""
-        return await asyncio.get_running_loop().run_in_executor(converter, fn, *args) if large else fn(*args)
 
     async def fingerprint(request: Request) -> bytes:
         """The body's SHA-256, computed once per request (a submission asks for it twice: retried, submit)."""
@@ -140,10 +155,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return digest
 
     async def json_of(request: Request) -> dict:
-        body = await request.json() if await request.body() else {}
-        if not isinstance(body, dict):
-            raise ValidationError("the request body must be a JSON object")
-        return body
+        return await door.json_body(await request.body())
 
     # --- client, sessions, telemetry --------------------------------------------------------
 
@@ -174,7 +186,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     @router.post("/create_session")
     async def create_session(request: Request, key: TinkerKey = Depends(key_of)):
         end_lapsed_sessions(trainer(request))
-        session = registry.new_session(key.tenant_id)
+        session = registry.new_session(key.tenant_id, key.key_id, MAX_SESSIONS_PER_KEY)
         return {"session_id": session.session_id, "type": "create_session"}
 
     @router.post("/session_heartbeat")
@@ -229,13 +241,12 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         settings.check_base_model(description["base_model"])
         flags = {k: bool(description.get(k, True)) for k in ("train_mlp", "train_attn", "train_unembed")}
         metadata = {str(k): str(v) for k, v in (description.get("user_metadata") or {}).items()}
-        config = model_config(tenant_id, description["base_model"], int(description["lora_rank"]), flags, seed,
-                              metadata)
+        rank = door.integer(description, "lora_rank", 32, 1, MAX_LORA_RANK)
+        config = model_config(tenant_id, description["base_model"], rank, flags, seed, metadata)
         end_lapsed_sessions(state)
         session = state.start_training(CreateTrainingClient(config=config, client_id=client_id_for(model_id),
                                                             tenant_id=tenant_id))
-        model = TinkerModel(model_id, tenant_id, session, description["base_model"], int(description["lora_rank"]),
-                            flags, metadata)
+        model = TinkerModel(model_id, tenant_id, session, description["base_model"], rank, flags, metadata)
         registry.models[model_id] = model
         return model
 
@@ -248,22 +259,24 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def create_model(request: Request, key: TinkerKey = Depends(key_of)):
         body = await json_of(request)
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
-        model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
+        model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
         dedup = ("model", model_id)
         earlier = registry.retried(dedup, await fingerprint(request))
         if earlier is not None:
             return {"request_id": earlier, "model_id": model_id}
-        lora = body.get("lora_config") or {}
-        optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+        lora = door.mapping(body, "lora_config")
+        optimizer = door.mapping(body, "optimizer_config").get("type", "adamw")
         if optimizer != "adamw":
             raise ValidationError(f"optimizer {optimizer!r} is not supported: this trainer runs adamw",
                                   {"field": "optimizer_config"})
-        description = {"base_model": str(body.get("base_model") or ""), "lora_rank": int(lora.get("rank", 32)),
+        description = {"base_model": str(body.get("base_model") or ""),
+                       "lora_rank": door.integer(lora, "rank", 32, 1, MAX_LORA_RANK),
                        **{k: lora.get(k, True) for k in ("train_mlp", "train_attn", "train_unembed")},
-                       "user_metadata": body.get("user_metadata") or {}}
+                       "user_metadata": door.mapping(body, "user_metadata")}
         if not description["base_model"]:
             raise ValidationError("create_model needs a base_model", {"field": "base_model"})
-        model = await start_model(trainer(request), key.tenant_id, model_id, description, lora.get("seed"))
+        model = await start_model(trainer(request), key.tenant_id, model_id, description,
+                                  door.integer(lora, "seed", None))
         owner.models.append(model_id)
 
         async def created():
@@ -316,15 +329,15 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             return op.result
         raise error_from_wire(op.error.model_dump() if op.error is not None else {"message": "operation failed"})
 
-    def training_dedup(model_id: str, seq_id) -> tuple:
-        return ("train", model_id, int(seq_id))
+    def training_dedup(model_id: str, seq_id: int) -> tuple:
+        return ("train", model_id, seq_id)
 
     async def training_request(request: Request, key: TinkerKey) -> tuple[dict, TinkerModel, tuple, Optional[str]]:
         """A JSON training call: its body, its model (of this key's tenant), its dedup key, and the future of the
         same submission made earlier, if this is a retry."""
         body = await json_of(request)
         model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+        dedup = training_dedup(model.model_id, door.integer(body, "seq_id"))
         return body, model, dedup, registry.retried(dedup, await fingerprint(request))
 
     @router.post("/forward_backward")
@@ -336,8 +349,15 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise ValidationError("compressed forward_backward bodies are not accepted (this trainer's client/config "
                                   "says proto_compress_fwdbwd=false)")
         body = await request.body()
-        call = await off_loop_if(len(body) > INLINE_BODY_BYTES, convert.decode_forward_backward, body)
-        model = registry.model(call.model_id, key.tenant_id)
+        # The model found and the datums counted and sized from the protobuf's lengths, before anything is decoded.
+        head = convert.peek_forward_backward(body, MAX_DATUMS_PER_REQUEST)
+        model = registry.model(head.model_id, key.tenant_id)
+        largest = max(head.datum_bytes, default=0)
+        if largest > datum_budget(model.session.limits):
+            raise RequestTooLargeError(f"a datum of {largest} bytes cannot fit this model's max_seq_len="
+                                       f"{model.session.limits.max_seq_len} tokens", {"field": "data"})
+        admission.check_rows(len(head.datum_bytes), model.session.limits)
+        call = await door.decode(len(body), convert.decode_forward_backward, body)
         dedup = training_dedup(call.model_id, call.seq_id)
         earlier = registry.retried(dedup, await fingerprint(request))
         if earlier is not None:
@@ -348,16 +368,12 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 "other examples' logprobs (a DPO pair, a group), so one example would move more than one clipped "
                 "datum's gradient. Use a server-side loss (cross_entropy, importance_sampling, ppo, cispo, dro)",
                 {"field": "loss_fn"})
-        if len(call.rows) > MAX_DATUMS_PER_REQUEST:
-            raise RequestTooLargeError(f"a forward_backward request holds at most {MAX_DATUMS_PER_REQUEST} datums here "
-                                       "(client/config's fwdbwd_max_chunk_len, which the SDK follows); got "
-                                       f"{len(call.rows)}", {"field": "data", "max_datums": MAX_DATUMS_PER_REQUEST})
         lengths = [len(r) for r in call.rows]
         width = max(lengths)
         admission.check_shape(len(call.rows), width, model.session.limits)  # before padding: refused at no cost
         # Padding makes the conversion's cost rows x width, whatever the body's size (one long datum beside
         # hundreds of one-token ones), so that product decides where it runs.
-        tensafe_request = await off_loop_if(len(call.rows) * width > INLINE_CELLS, convert.to_request, call)
+        tensafe_request = await door.decode(len(call.rows) * width, convert.to_request, call)
         op = queue(trainer(request), model, tensafe_request, call.seq_id)
 
         async def result():
@@ -432,7 +448,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if earlier is not None:
             return {"request_id": earlier}
         return {"request_id": save(trainer(request), model, "weights", str(body.get("path") or ""), dedup[2],
-                                   body.get("ttl_seconds"), body.get("user_metadata"), dedup,
+                                   door.ttl_seconds(body), door.mapping(body, "user_metadata"), dedup,
                                    await fingerprint(request))}
 
     @router.post("/save_weights_for_sampler")
@@ -443,13 +459,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             return {"request_id": earlier}
         if body.get("path"):
             return {"request_id": save(state, model, "sampler_weights", str(body["path"]), dedup[2],
-                                       body.get("ttl_seconds"), body.get("user_metadata"), dedup,
+                                       door.ttl_seconds(body), door.mapping(body, "user_metadata"), dedup,
                                        await fingerprint(request))}
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
         owner = registry.sessions.get(session_id_of(model.model_id))
         if owner is None or owner.tenant_id != key.tenant_id:
             raise TrainingClientNotFoundError("the model's session is gone", {"model_id": model.model_id})
-        sampler_id = f"{owner.session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
+        sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
         op = queue(state, model, SaveStateRequest(kind="sampler", include_optimizer=False), dedup[2])
 
         async def result():
@@ -475,7 +491,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         load = LoadStateRequest(artifact_id=info.artifact_id, include_optimizer=with_optimizer)
         if body.get("model_id"):  # the deprecated in-place load of an existing model
             model = registry.model(str(body["model_id"]), key.tenant_id)
-            dedup = training_dedup(model.model_id, body.get("seq_id", 0))
+            dedup = training_dedup(model.model_id, door.integer(body, "seq_id"))
             earlier = registry.retried(dedup, await fingerprint(request))
             if earlier is not None:
                 return {"request_id": earlier}
@@ -487,7 +503,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
             return {"request_id": registry.submit(key.tenant_id, dedup, loaded(), await fingerprint(request))}
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
-        model_id = f"{owner.session_id}:train:{int(body.get('model_seq_id', 0))}"
+        model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
         dedup = ("model", model_id)
         earlier = registry.retried(dedup, await fingerprint(request))
         if earlier is not None:
@@ -496,7 +512,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if not description.get("base_model"):
             raise ValidationError("this checkpoint was not saved through the Tinker API", {"field": "path"})
         if body.get("user_metadata"):
-            description["user_metadata"] = body["user_metadata"]
+            description["user_metadata"] = door.mapping(body, "user_metadata")
         model = await start_model(state, key.tenant_id, model_id, description, None)
         owner.models.append(model_id)
         op = queue(state, model, load, 0)
@@ -532,7 +548,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         body = await json_of(request)
         state = trainer(request)
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
-        sampler_id = f"{owner.session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
+        sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
         if sampler_id in registry.samplers:
             return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
         model_path, base_model, artifact_id = body.get("model_path"), body.get("base_model"), None
@@ -553,7 +569,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
     def sample_request(body: dict, prompt: list[int]) -> SampleRequest:
-        params = body.get("sampling_params") or {}
+        params = door.mapping(body, "sampling_params")
         stop = params.get("stop")
         top_k = params.get("top_k", -1)
         try:
@@ -562,13 +578,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 temperature=params.get("temperature", 1.0), top_p=params.get("top_p", 1.0),
                 top_k=None if top_k in (None, -1, 0) else top_k, seed=params.get("seed"),
                 stop=[stop] if isinstance(stop, str) else stop or None, stop_at_eos=stop != [],
-                num_samples=int(body.get("num_samples", 1)))
+                num_samples=door.integer(body, "num_samples", 1, 1))
         except ValueError as exc:
             raise ValidationError(f"bad sampling request: {exc}"[:1000], {"field": "sampling_params"}) from None
 
     def prompt_tokens(body: dict) -> list[int]:
         tokens: list[int] = []
-        for chunk in (body.get("prompt") or {}).get("chunks") or []:
+        for chunk in door.mapping(body, "prompt").get("chunks") or []:
             if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
                 raise ValidationError("only encoded_text prompt chunks are supported", {"field": "prompt"})
             tokens.extend(chunk.get("tokens") or [])
@@ -581,8 +597,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         body = await json_of(request)
         state = trainer(request)
         sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
-        dedup = ("sample", sampler.sampler_id, int(body.get("seq_id", 0)))
-        num = int(body.get("num_samples", 1))
+        dedup = ("sample", sampler.sampler_id, door.integer(body, "seq_id"))
+        num = door.integer(body, "num_samples", 1, 1, MAX_NUM_SAMPLES)
         earlier = registry.retried(dedup, await fingerprint(request))
         if earlier is not None:
             return {"request_id": earlier, "sample_sequence_ids": [f"{earlier}:{i}" for i in range(num)]}
@@ -619,7 +635,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             await asyncio.wait_for(asyncio.shield(pending.task), LONG_POLL_S)
         except asyncio.TimeoutError:
             return JSONResponse({"type": "try_again", "request_id": pending.request_id, "queue_state": "active"},
-                                status_code=408)
+                                status_code=408, headers={"x-tensafe-pending": "1"})
         except TGTinkerError as exc:
             return {"error": exc.message, "category": "user" if isinstance(exc, USER_ERRORS) else "server"}
         except Exception as exc:  # noqa: BLE001 - a bug: reported as the server's, never a hang

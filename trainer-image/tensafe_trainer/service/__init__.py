@@ -1,0 +1,1 @@
+"""The service layer both doors share: door checks, principals, operations."""
