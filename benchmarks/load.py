@@ -69,26 +69,30 @@ def tinker_datums():
             for row in BATCH.input_ids]
 
 
-def drive_tinker(model, steps: int, spent: list, outcome: dict) -> None:
-    """The Tinker door's legitimate client: ``steps`` forward_backward + optim_step pairs, each submitted ahead."""
+def drive_tinker(model, done: threading.Event, rates: list, outcome: dict) -> None:
+    """The Tinker door's legitimate client: forward_backward + optim_step pairs, each pair submitted at once, for
+    as long as the /v1 clients' work lasts; its steps per second are appended to ``rates``."""
     from tinker import types
 
-    datums, start = tinker_datums(), time.perf_counter()
-    for _ in range(steps):
+    datums, steps, start = tinker_datums(), 0, time.perf_counter()
+    while not done.is_set():
         step = [model.forward_backward(datums, "cross_entropy"), model.optim_step(types.AdamParams(learning_rate=1e-3))]
         for future in step:
             try:
                 future.result()
             except Exception:  # noqa: BLE001 - any failure of a legitimate call is what is counted
                 outcome["errors"] += 1
-    spent.append(time.perf_counter() - start)
+        steps += 1
+    rates.append(steps / (time.perf_counter() - start))
 
 
 def workload(tcs, steps: int, burst: int, latencies: list, burst_latencies: list, outcome: dict, tinker_model,
-             tinker_spent: list):
+             tinker_rates: list):
+    done = threading.Event()
+    tinker_client = threading.Thread(target=drive_tinker, args=(tinker_model, done, tinker_rates, outcome))
+    tinker_client.start()
     start = time.perf_counter()
     threads = [threading.Thread(target=drive, args=(tc, 2 * steps, latencies, outcome)) for tc in tcs]
-    threads.append(threading.Thread(target=drive_tinker, args=(tinker_model, steps, tinker_spent, outcome)))
     for t in threads:
         t.start()
     for t in threads:
@@ -96,7 +100,10 @@ def workload(tcs, steps: int, burst: int, latencies: list, burst_latencies: list
     concurrent_s = time.perf_counter() - start
     start = time.perf_counter()
     drive(tcs[0], burst, burst_latencies, outcome)
-    return concurrent_s, time.perf_counter() - start
+    burst_s = time.perf_counter() - start
+    done.set()
+    tinker_client.join()
+    return concurrent_s, burst_s
 
 
 def hostile_bodies(token: str, client_id: str, tinker_key: str) -> list[tuple[str, bytes, dict]]:
@@ -199,14 +206,14 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
 
     home = Path(tempfile.mkdtemp(prefix="tensafe-load-"))
     tinker_keys = {tenant: create_key(home, tenant) for tenant in ("tinker-user", "intruder")}
-    tinker_spent: dict = {"quiet": [], "attack": []}
+    tinker_rates: dict = {"quiet": [], "attack": []}
     with ServiceClient(home=home) as service:
         tcs = [service.create_training_client(CONFIG) for _ in range(clients)]
         tinker_model = tinker.ServiceClient(base_url=service.base_url, api_key=tinker_keys["tinker-user"]) \
-            .create_lora_training_client(base_model=MODEL, rank=4)
+            .create_lora_training_client(base_model=MODEL, rank=4).result()
         # The intruder's own Tinker model: its forward_backward budget is then a model's, not a control call's.
         tinker.ServiceClient(base_url=service.base_url, api_key=tinker_keys["intruder"]) \
-            .create_lora_training_client(base_model=MODEL, rank=4)
+            .create_lora_training_client(base_model=MODEL, rank=4).result()
         # The attacker: a client of another tenant, with its own token, sending what is refused.
         with ServiceClient(service.base_url, service._local.token, tenant_id="intruder") as admin:
             intruder = admin.create_training_client(CONFIG, client_id="intruder")
@@ -230,7 +237,7 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             for h in helpers:
                 h.start()
             cpu_before = trainer_cpu_s(service)
-            spent = workload(tcs, steps, burst, [], [], outcome, tinker_model, tinker_spent[phase])
+            spent = workload(tcs, steps, burst, [], [], outcome, tinker_model, tinker_rates[phase])
             stop.set()
             for h in helpers:
                 h.join()
@@ -247,8 +254,8 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             seen[0] = max(seen[0], worst[0])
     ratios = [rates[i][1] / statistics.mean([rates[i - 1][1], rates[i + 1][1]])
               for i in range(1, len(rates) - 1, 2)]
-    quiet_t, attack_t = tinker_spent["quiet"], tinker_spent["attack"]  # seconds per phase: lower is faster
-    tinker_ratios = [statistics.mean([quiet_t[i], quiet_t[i + 1]]) / attack_t[i] for i in range(len(attack_t))]
+    quiet_t, attack_t = tinker_rates["quiet"], tinker_rates["attack"]  # steps per second
+    tinker_ratios = [attack_t[i] / statistics.mean([quiet_t[i], quiet_t[i + 1]]) for i in range(len(attack_t))]
     ordered = sorted(latencies + burst_latencies)
     total = clients * 2 * steps + burst
 
@@ -264,7 +271,7 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             "attack_ratio": round(statistics.median(ratios), 3), "attack_ratios": [round(r, 3) for r in ratios],
             "tinker_attack_ratio": round(statistics.median(tinker_ratios), 3),
             "tinker_attack_ratios": [round(r, 3) for r in tinker_ratios],
-            "tinker_steps_per_s": [round(steps / t, 2) for t in quiet_t + attack_t],
+            "tinker_steps_per_s": {"quiet": [round(r, 2) for r in quiet_t], "attack": [round(r, 2) for r in attack_t]},
             "phase_ops_per_s": [(phase, round(rate, 1)) for phase, rate in rates],
             "worst_health_ms_attack": round(1000 * attack_seen["health"][0], 1),
             "worst_health_ms_quiet": round(1000 * quiet_health[0], 1),

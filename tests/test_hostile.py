@@ -586,6 +586,21 @@ def test_the_refusal_budget_refills_at_its_rate_and_never_past_its_burst():
     assert budget.wait_s(noisy) == pytest.approx(0.5)
 
 
+def test_a_refusal_that_made_the_server_read_a_large_body_costs_more():
+    """The door review's Tinker attack: 10 MB bodies naming no model, each read and then refused, at a pace under
+    the refill rate, were never slowed. Now each MiB read costs one more refusal."""
+    from tensafe_trainer.gate import REFUSAL_BYTES, RefusalBudget
+
+    now = [100.0]
+    budget = RefusalBudget(burst=16, per_s=2.0, clock=lambda: now[0])
+    prober = object.__new__(type("Key", (), {}))
+    budget.charge(prober, 10 * REFUSAL_BYTES)  # 11 of 16
+    budget.charge(prober, REFUSAL_BYTES - 1)  # 1 more
+    assert budget.wait_s(prober) == 0
+    budget.charge(prober, 5 * REFUSAL_BYTES)
+    assert budget.wait_s(prober) == pytest.approx((1 - (16 - 12 - 6)) / 2.0)
+
+
 def test_a_token_refused_too_often_has_its_bodies_refused_unread_until_it_refills(svc, victim):
     from tensafe_trainer.gate import REFUSALS_BURST, REFUSALS_PER_S
 

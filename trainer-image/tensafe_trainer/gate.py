@@ -16,15 +16,13 @@ import hashlib
 import hmac
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from fastapi.responses import JSONResponse
+from tg_tinker.errors import (AuthenticationError, RequestTimeoutError, RequestTooLargeError, ResourceExhaustedError,
+                              TGTinkerError)
 
-from tg_tinker.errors import (AuthenticationError, PermissionDeniedError, RequestTimeoutError, RequestTooLargeError,
-                              ResourceExhaustedError, TGTinkerError)
-from tg_tinker.types import ArtifactInfo
-
+from .service.errors import answer
+from .service.principals import Principal
 from .tinker_api import PREFIX as TINKER_PREFIX
 
 BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
@@ -37,48 +35,11 @@ MAX_DELAYED = 64  # refusals held back at once; past that they are answered at o
 REFUSED_STATUSES = frozenset({400, 401, 403, 404, 408, 413, 422})
 STILL_PENDING = (b"x-tensafe-pending", b"1")  # a long-poll's 408 "try again" (the Tinker wire's): not a refusal
 REFUSALS_BURST, REFUSALS_PER_S = 16, 2.0  # a client token may earn 16 refusals at once, then two a second
+REFUSAL_BYTES = 1 << 20  # a refusal costs one more for every MiB read before it was decided
 
 
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request is from: the trainer's own token (``client_id`` None: everything) or one client's."""
-
-    client_id: Optional[str]
-    tenant_id: Optional[str] = None
-    session: Any = field(default=None, compare=False, repr=False)  # the one client instance it was issued for
-
-    def check(self, client_id: Optional[str]) -> None:
-        if self.client_id is not None and client_id != self.client_id:
-            raise PermissionDeniedError(f"this token belongs to training client {self.client_id!r}; it cannot use "
-                                        f"{client_id or 'other clients'!r}")
-
-    def check_tenant(self, tenant_id: str) -> None:
-        if self.tenant_id is not None and tenant_id != self.tenant_id:
-            raise PermissionDeniedError(f"this token belongs to a client of tenant {self.tenant_id!r}; it cannot "
-                                        f"reach tenant {tenant_id!r}", {"tenant_id": tenant_id})
-
-    def check_artifact(self, info: ArtifactInfo, granted: frozenset[str] | set[str] = frozenset()) -> None:
-        """A client's token reaches its own client's artifacts, and those granted to it; the trainer's token
-        reaches every one."""
-        self.check_tenant(info.tenant_id)
-        if self.client_id is not None and info.training_client_id != self.client_id \
-                and info.artifact_id not in granted:
-            raise PermissionDeniedError(
-                f"artifact {info.artifact_id} belongs to another training client: the token of client "
-                f"{self.client_id!r} opens its own artifacts only; use the trainer's own token to load, sample "
-                "or download another client's artifact, or grant it to this client with "
-                "ServiceClient.grant_artifact", {"artifact_id": info.artifact_id})
-
-    def visible(self, training_client_id: Optional[str]) -> Optional[str]:
-        """The client filter of a listing: a client's token sees its own client only, whatever it asked."""
-        if self.client_id is None:
-            return training_client_id
-        self.check(training_client_id or self.client_id)
-        return self.client_id
 
 
 class RevokedTokens:
@@ -103,7 +64,9 @@ class RefusalBudget:
     Refusing costs the server what it read and parsed to decide (measured: 13-34 ms of CPU for a client's
     oversized chunked body or a 400 KB batch of too many rows), so a token that keeps sending what is
     refused would keep the trainer busy for free. Each client instance has a bucket of ``burst``
-    refusals, refilled at ``per_s``; once it is empty, that token's requests with a body are answered 429
+    refusals, refilled at ``per_s``, a refusal costing one and one more per REFUSAL_BYTES the server read to
+    decide it (a 10 MB body naming no model, read and then refused, costs 10); once it is empty, that
+    token's requests with a body are answered 429
     at the door, before a byte is read, until the bucket refills. Requests without a body (polls,
     listings) still pass, so the client can collect what it already queued. The trainer's own token is
     not metered; unauthenticated requests are refused from their headers alone and cost nothing to refuse.
@@ -123,8 +86,8 @@ class RefusalBudget:
         level = self._now_level(session)
         return 0.0 if level >= 1 else (1 - level) / self.per_s
 
-    def charge(self, session) -> None:
-        self._level[session] = (self._now_level(session) - 1, self.clock())
+    def charge(self, session, read_bytes: int = 0) -> None:
+        self._level[session] = (self._now_level(session) - 1 - read_bytes // REFUSAL_BYTES, self.clock())
 
 
 def replaced(client_id: str) -> str:
@@ -142,12 +105,12 @@ def resolve(state, admin_token: Optional[str], header: str) -> Principal:
     opens only the client instance it was issued for: once that client is terminated, or replaced by a
     new one under the same id (perhaps another tenant's), the token is revoked for good."""
     if admin_token is None:
-        return Principal(None)
+        return Principal.trainer()
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise AuthenticationError("missing or wrong bearer token for this trainer")
     if hmac.compare_digest(presented.encode(), admin_token.encode()):
-        return Principal(None)
+        return Principal.trainer()
     digest = token_digest(presented)  # a lookup by SHA-256: what timing can leak is about the hash
     principal = state.client_tokens.get(digest) if state is not None else None
     if principal is None:
@@ -191,12 +154,12 @@ class Gate:
             if scope["path"].startswith(TINKER_PREFIX + "/"):  # a tenant's Tinker key, metered like a client's token
                 if self.tinker_keys is None:
                     raise AuthenticationError("this trainer does not serve the Tinker API")
-                principal = metered = self.tinker_keys.resolve(headers.get(b"x-api-key", b"").decode("latin-1"))
+                principal = self.tinker_keys.resolve(headers.get(b"x-api-key", b"").decode("latin-1"))
             else:
                 principal = resolve(state, self.admin_token, headers.get(b"authorization", b"").decode("latin-1"))
-                metered = principal.session
+            metered, read = principal.meter, [0]
             if metered is not None:
-                send = self._metering(metered, send)
+                send = self._metering(metered, send, read)
                 wait = self.refusals.wait_s(metered)
                 if wait and has_body:
                     raise ResourceExhaustedError(
@@ -206,7 +169,7 @@ class Gate:
             limit = self.limit_for(principal, scope["path"])
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 raise _too_large(limit)
-            body = await _read_body(receive, limit)
+            body = await _read_body(receive, limit, read)
         except TGTinkerError as error:
             return await self.refuse(error, has_body, scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)  # the app asks again (see authenticate)
@@ -225,12 +188,13 @@ class Gate:
                 self.delayed -= 1
         await _refuse(error, scope, receive, send)
 
-    def _metering(self, session, send):
-        """``send``, charging the client's refusal budget when its answer is a refusal."""
+    def _metering(self, session, send, read: list[int]):
+        """``send``, charging the client's refusal budget when its answer is a refusal (``read[0]``: the body
+        bytes read for it)."""
         async def metered(message):
             if message["type"] == "http.response.start" and message["status"] in REFUSED_STATUSES \
                     and STILL_PENDING not in message.get("headers", ()):
-                self.refusals.charge(session)
+                self.refusals.charge(session, read[0])
             await send(message)
 
         return metered
@@ -241,7 +205,7 @@ def _too_large(limit: int) -> RequestTooLargeError:
                                 {"max_request_bytes": limit})
 
 
-async def _read_body(receive, limit: int) -> bytes:
+async def _read_body(receive, limit: int, read: list[int]) -> bytes:
     """The whole body, counted as it arrives: refused past ``limit``, when a piece takes longer than
     BODY_IDLE_S or the whole longer than BODY_DEADLINE_S (a trickled body would hold its connection and
     its bytes for ever). Chunks too small to be worth parsing are refused earlier, by http_guard."""
@@ -258,6 +222,7 @@ async def _read_body(receive, limit: int) -> bytes:
             raise TGTinkerError("the client went away while sending its request")
         chunk = message.get("body", b"")
         size += len(chunk)
+        read[0] = size
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
@@ -284,5 +249,4 @@ async def _refuse(error: TGTinkerError, scope, receive, send) -> None:
         headers["www-authenticate"] = "Bearer"
     if "retry_after_s" in error.details:
         headers["retry-after"] = str(max(1, round(error.details["retry_after_s"] + 0.5)))
-    response = JSONResponse({"error": error.to_wire()}, status_code=error.http_status, headers=headers)
-    await response(scope, receive, send)
+    await answer(error, scope["path"], headers)(scope, receive, send)

@@ -62,15 +62,15 @@ from .audit_writer import AuditWriter
 from tg_tinker.keys import TENANT_PATTERN
 from .paths import key_provider
 from .engine_process import EngineProcess, busy_counter
-from .gate import Gate, Principal, RevokedTokens, replaced, resolve, terminated, token_digest
+from .gate import Gate, RevokedTokens, replaced, resolve, terminated, token_digest
 from . import admission
-from .service import door
+from .service import door, errors
+from .service.principals import Principal, Scope
 from .sessions import Operation, OperationIndex, Session
-from .tinker_api.keys import NOT_VERIFIED, TinkerKey, TinkerKeys
+from .tinker_api.keys import NOT_VERIFIED, TinkerKeys
 from .tinker_api.policy import PrivacyPolicy
-from .tinker_api import PREFIX as TINKER_PREFIX
 from .tinker_api.registry import TinkerRegistry
-from .tinker_api.routes import TinkerSettings, tinker_router, tinker_status
+from .tinker_api.routes import TinkerSettings, tinker_router
 from .tinker_api.routes import body_budget as tinker_body_budget
 
 log = logging.getLogger("tensafe.trainer")
@@ -110,7 +110,7 @@ class State:
     def issue_token(self, session: Session) -> str:
         """A bearer token for this one client: its operations, its artifacts, its audit entries."""
         token = secrets.token_urlsafe(32)
-        self.client_tokens[token_digest(token)] = Principal(session.client_id, session.tenant_id, session)
+        self.client_tokens[token_digest(token)] = Principal.client(session)
         return token
 
     def stop(self, session: Session, why: Optional[str] = None) -> None:
@@ -284,7 +284,7 @@ def create_app(settings: Settings) -> FastAPI:
         return session
 
     def require_admin(principal: Principal) -> Principal:
-        if principal.client_id is not None:
+        if not principal.is_trainer:
             raise AuthenticationError("creating clients needs the trainer's own token, not a client's")
         return principal
 
@@ -296,9 +296,9 @@ def create_app(settings: Settings) -> FastAPI:
         max_request_bytes (datasets); a client's token what its config can run on its submission routes (see
         admission.body_limit), a control call's few KiB elsewhere; a Tinker key what its route and the tenant's
         open models need (tinker_api.body_budget)."""
-        if isinstance(principal, TinkerKey):
+        if principal.scope is Scope.TINKER_KEY:
             return min(settings.max_request_bytes, tinker_body_budget(tinker_registry, principal.tenant_id, path))
-        if principal.session is None:
+        if principal.is_trainer:
             return settings.max_request_bytes
         if not SUBMISSION_PATH.fullmatch(path):
             return door.CONTROL_BYTES
@@ -331,38 +331,34 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(TGTinkerError)
     async def on_tensafe_error(request: Request, exc: TGTinkerError):
-        if request.url.path.startswith(TINKER_PREFIX):
-            return JSONResponse({"error": exc.to_wire(), "detail": exc.message}, status_code=tinker_status(exc))
-        return JSONResponse({"error": exc.to_wire()}, status_code=exc.http_status)
+        return errors.answer(exc, request.url.path)
 
     async def on_malformed_tinker_body(request: Request, exc: Exception):
-        """A Tinker body of the wrong shape (not JSON, a string where a number goes): the caller's error, 400,
-        counted against its key's refusal budget; nothing of the body is echoed."""
-        if not request.url.path.startswith(TINKER_PREFIX):
+        """A Tinker body of a shape the door's readers did not foresee: the caller's error, 400, counted against
+        its key's refusal budget; nothing of the body is echoed. (On /v1 the wire models read every body.)"""
+        if not errors.on_tinker_wire(request.url.path):
             raise exc
-        err = ValidationError(f"malformed request body ({type(exc).__name__}): see the Tinker API's request shapes")
-        return JSONResponse({"error": err.to_wire(), "detail": err.message}, status_code=400)
+        err = MalformedRequestError(f"malformed request body ({type(exc).__name__}): see the Tinker API's request "
+                                    "shapes")
+        return errors.answer(err, request.url.path)
 
     for malformed in (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
         app.add_exception_handler(malformed, on_malformed_tinker_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_request(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            err = malformed_json()
-            return JSONResponse({"error": err.to_wire()}, status_code=err.http_status)
+        found = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in found):
+            return errors.answer(malformed_json(), request.url.path)
         problems = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": str(e.get("msg", "invalid"))[:500]}
-                    for e in errors[:MAX_REPORTED_ERRORS]]
-        err = validation_error("invalid request", problems, len(errors))
-        return JSONResponse({"error": err.to_wire()}, status_code=422)
+                    for e in found[:MAX_REPORTED_ERRORS]]
+        return errors.answer(validation_error("invalid request", problems, len(found)), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         """Starlette's own refusals (a body that is not JSON, an unknown path) in TenSafe's error shape."""
         kind = {400: MalformedRequestError, 422: ValidationError}.get(exc.status_code, TGTinkerError)
-        err = kind(str(exc.detail)[:500])
-        return JSONResponse({"error": err.to_wire()}, status_code=exc.status_code)
+        return errors.answer(kind(str(exc.detail)[:500]), request.url.path, status=exc.status_code)
 
 
     @app.get("/healthz", tags=["health"])
@@ -623,7 +619,7 @@ def create_app(settings: Settings) -> FastAPI:
         Checked like ``/v1/audit``: never a head behind one this trainer wrote or served. The trainer's token only:
         the head's sequence number counts every client's entries (a client learns the head after its own
         entries from its results)."""
-        if principal.client_id is not None:
+        if not principal.is_trainer:
             raise PermissionDeniedError("the tenant's audit head needs the trainer's own token (a client's results "
                                         "carry the head after its own entries)")
         tenant = tenant_of(principal, tenant_id)

@@ -25,18 +25,17 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tg_tinker.errors import AuthenticationError
+from tg_tinker.errors import AuthenticationError, ValidationError
 from tg_tinker.keys import TINKER_KEY_PREFIX as KEY_PREFIX
-from tg_tinker.errors import ValidationError
 from tg_tinker.keys import KeyProvider, check_tenant, new_tinker_key
 from tg_tinker.private_files import private_dir
 
 from ..artifacts import write_private
 from ..crypto import canonical_json
+from ..service.principals import Principal
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -47,13 +46,6 @@ def keys_file(home: Path) -> Path:
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass(eq=False)  # identity, not value: the refusal budget is kept per key object (gate.RefusalBudget)
-class TinkerKey:
-    key_id: str  # the digest's first 16 hex digits: names a key in logs and listings, opens nothing
-    tenant_id: str
-    name: str
 
 
 def entry_mac(credentials_key: bytes, entry: dict) -> str:
@@ -199,12 +191,12 @@ class TinkerKeys:
         self._stamp: Optional[tuple] = None
         self._revoked: set[str] = set()
         self._unreadable: Optional[tuple] = None  # the stamp at which the revocation list could not be read
-        self._by_digest: dict[str, TinkerKey] = {}
+        self._by_digest: dict[str, Principal] = {}
         for key, tenant_id in (given or {}).items():
             if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + 32:
                 raise ValueError(f"a Tinker API key starts with {KEY_PREFIX!r} and has at least 32 more characters")
             digest = _digest(key)
-            self._by_digest[digest] = TinkerKey(digest[:16], check_tenant(tenant_id), "given")
+            self._by_digest[digest] = Principal.tinker_key(digest[:16], check_tenant(tenant_id), "given")
 
     def _refresh(self) -> None:
         if self.path is None:
@@ -240,9 +232,8 @@ class TinkerKeys:
                 entries.remove(entry)
                 self._refuse_revoked(entry, restored)
             known = self._by_digest  # keep each key's object (and its refusal budget) across re-reads
-            self._by_digest = {e["digest"]: known.get(e["digest"]) or TinkerKey(e["digest"][:16],
-                                                                                check_tenant(e["tenant_id"]),
-                                                                                e.get("name", ""))
+            self._by_digest = {e["digest"]: known.get(e["digest"])
+                               or Principal.tinker_key(e["digest"][:16], check_tenant(e["tenant_id"]), e.get("name", ""))
                                for e in entries}
             self._stamp, self._revoked = stamp, revoked
 
@@ -278,7 +269,7 @@ class TinkerKeys:
                 self._tell(entry if isinstance(entry, dict) else {}, NOT_VERIFIED)
         return kept
 
-    def resolve(self, presented: str) -> TinkerKey:
+    def resolve(self, presented: str) -> Principal:
         if not presented.startswith(KEY_PREFIX):
             raise AuthenticationError("missing or wrong Tinker API key (X-API-Key: tml-...); create one with "
                                       "`tensafe tinker-key create --tenant T`")

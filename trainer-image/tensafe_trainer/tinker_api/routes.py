@@ -24,9 +24,6 @@ from fastapi.responses import JSONResponse, Response
 from tg_tinker.config import MAX_LORA_RANK, LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import (
     ArtifactNotFoundError,
-    AuthenticationError,
-    ClientFailedError,
-    DPBudgetExceededError,
     PermissionDeniedError,
     RequestTooLargeError,
     TGTinkerError,
@@ -49,10 +46,11 @@ from tg_tinker.types import (
 )
 
 from .. import admission
-from ..service import door
+from ..service import door, errors
 from ..models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
 from . import PREFIX, convert, listings
-from .keys import TinkerKey, TinkerKeys
+from ..service.principals import Principal
+from .keys import TinkerKeys
 from .policy import PrivacyPolicy
 from .registry import (
     CHECKPOINT_KINDS,
@@ -86,9 +84,6 @@ DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 UNEMBED = ["lm_head"]
-# Errors the caller made (Tinker's "user" category); everything else is the server's.
-USER_ERRORS = (ValidationError, DPBudgetExceededError, ArtifactNotFoundError, PermissionDeniedError,
-               TrainingClientNotFoundError, ClientFailedError)
 CLIENT_CONFIG = {  # the SDK's simplest path: plain httpx, JSON and uncompressed protobuf, no JWT
     "pjwt_auth_enabled": False, "credential_default_source": "api_key", "use_pyqwest_transport": False,
     "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True, "fwdbwd_max_chunk_len": MAX_DATUMS_PER_REQUEST,
@@ -140,7 +135,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
     registry = settings.registry
 
-    async def key_of(request: Request) -> TinkerKey:  # async: a sync dependency would run on a worker thread
+    async def key_of(request: Request) -> Principal:  # async: a sync dependency would run on a worker thread
         """Asked again now that the body has arrived (the Gate asked first, from the headers)."""
         return settings.keys.resolve(request.headers.get("x-api-key", ""))
 
@@ -160,7 +155,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     # --- client, sessions, telemetry --------------------------------------------------------
 
     @router.post("/client/config")
-    async def client_config(key: TinkerKey = Depends(key_of)):
+    async def client_config(key: Principal = Depends(key_of)):
         return CLIENT_CONFIG
 
     def end_session(state, session) -> None:
@@ -184,13 +179,13 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             end_session(state, session)
 
     @router.post("/create_session")
-    async def create_session(request: Request, key: TinkerKey = Depends(key_of)):
+    async def create_session(request: Request, key: Principal = Depends(key_of)):
         end_lapsed_sessions(trainer(request))
         session = registry.new_session(key.tenant_id, key.key_id, MAX_SESSIONS_PER_KEY)
         return {"session_id": session.session_id, "type": "create_session"}
 
     @router.post("/session_heartbeat")
-    async def heartbeat(request: Request, key: TinkerKey = Depends(key_of)):
+    async def heartbeat(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         session = registry.session(str(body.get("session_id")), key.tenant_id)
         if session.finished:
@@ -198,24 +193,24 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {"type": "session_heartbeat"}
 
     @router.post("/telemetry")
-    async def telemetry(key: TinkerKey = Depends(key_of)):
+    async def telemetry(key: Principal = Depends(key_of)):
         # Telemetry bodies can carry the API key and tracebacks: accepted unread, never logged or audited.
         return {"status": "accepted"}
 
     @router.post("/sessions/{session_id}/finish")
-    async def finish_session(session_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+    async def finish_session(session_id: str, request: Request, key: Principal = Depends(key_of)):
         end_session(trainer(request), registry.session(session_id, key.tenant_id))
         return {}
 
     @router.get("/get_server_capabilities")
-    async def capabilities(key: TinkerKey = Depends(key_of)):
+    async def capabilities(key: Principal = Depends(key_of)):
         return {"supported_models": [
             {"model_name": SMOLLM2_REF, "trainable": True, "sampleable": True},
             {"model_name": TINY_REF, "trainable": True, "sampleable": True},
         ]}
 
     @router.get("/healthz")
-    async def healthz(key: TinkerKey = Depends(key_of)):
+    async def healthz(key: Principal = Depends(key_of)):
         return {"status": "ok"}
 
     # --- models -----------------------------------------------------------------------------
@@ -256,7 +251,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         session.check_open()
 
     @router.post("/create_model")
-    async def create_model(request: Request, key: TinkerKey = Depends(key_of)):
+    async def create_model(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
@@ -294,7 +289,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return base_model
 
     @router.post("/get_info")
-    async def get_info(request: Request, key: TinkerKey = Depends(key_of)):
+    async def get_info(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         model = registry.model(str(body.get("model_id")), key.tenant_id)
         name = model.base_model
@@ -332,7 +327,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def training_dedup(model_id: str, seq_id: int) -> tuple:
         return ("train", model_id, seq_id)
 
-    async def training_request(request: Request, key: TinkerKey) -> tuple[dict, TinkerModel, tuple, Optional[str]]:
+    async def training_request(request: Request, key: Principal) -> tuple[dict, TinkerModel, tuple, Optional[str]]:
         """A JSON training call: its body, its model (of this key's tenant), its dedup key, and the future of the
         same submission made earlier, if this is a retry."""
         body = await json_of(request)
@@ -341,7 +336,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return body, model, dedup, registry.retried(dedup, await fingerprint(request))
 
     @router.post("/forward_backward")
-    async def forward_backward(request: Request, key: TinkerKey = Depends(key_of)):
+    async def forward_backward(request: Request, key: Principal = Depends(key_of)):
         if "protobuf" not in request.headers.get("content-type", ""):
             raise ValidationError("forward_backward takes a protobuf ForwardBackwardRequest "
                                   "(Content-Type: application/x-protobuf)")
@@ -384,7 +379,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
 
     @router.post("/optim_step")
-    async def optim_step(request: Request, key: TinkerKey = Depends(key_of)):
+    async def optim_step(request: Request, key: Principal = Depends(key_of)):
         body, model, dedup, earlier = await training_request(request, key)
         if earlier is not None:
             return {"request_id": earlier}
@@ -443,7 +438,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         state.audit_artifact_use("delete_artifact", tenant_id, client_id, artifact_id)
 
     @router.post("/save_weights")
-    async def save_weights(request: Request, key: TinkerKey = Depends(key_of)):
+    async def save_weights(request: Request, key: Principal = Depends(key_of)):
         body, model, dedup, earlier = await training_request(request, key)
         if earlier is not None:
             return {"request_id": earlier}
@@ -452,7 +447,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                    await fingerprint(request))}
 
     @router.post("/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request, key: TinkerKey = Depends(key_of)):
+    async def save_weights_for_sampler(request: Request, key: Principal = Depends(key_of)):
         state = trainer(request)
         body, model, dedup, earlier = await training_request(request, key)
         if earlier is not None:
@@ -480,7 +475,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
 
     @router.post("/load_weights")
-    async def load_weights(request: Request, key: TinkerKey = Depends(key_of)):
+    async def load_weights(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         state = trainer(request)
         info = await find_checkpoint(state, key.tenant_id, str(body.get("path")))
@@ -544,7 +539,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return sampler
 
     @router.post("/create_sampling_session")
-    async def create_sampling_session(request: Request, key: TinkerKey = Depends(key_of)):
+    async def create_sampling_session(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         state = trainer(request)
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
@@ -564,7 +559,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     @router.get("/samplers/{sampler_id}")
-    async def get_sampler(sampler_id: str, key: TinkerKey = Depends(key_of)):
+    async def get_sampler(sampler_id: str, key: Principal = Depends(key_of)):
         sampler = registry.sampler(sampler_id, key.tenant_id)
         return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
@@ -593,7 +588,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return tokens
 
     @router.post("/asample")
-    async def asample(request: Request, key: TinkerKey = Depends(key_of)):
+    async def asample(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         state = trainer(request)
         sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
@@ -628,7 +623,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     # --- futures ----------------------------------------------------------------------------
 
     @router.post("/retrieve_future")
-    async def retrieve_future(request: Request, key: TinkerKey = Depends(key_of)):
+    async def retrieve_future(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         pending = registry.pending(str(body.get("request_id")), key.tenant_id)
         try:
@@ -637,7 +632,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             return JSONResponse({"type": "try_again", "request_id": pending.request_id, "queue_state": "active"},
                                 status_code=408, headers={"x-tensafe-pending": "1"})
         except TGTinkerError as exc:
-            return {"error": exc.message, "category": "user" if isinstance(exc, USER_ERRORS) else "server"}
+            return {"error": exc.message, "category": errors.category(exc)}
         except Exception as exc:  # noqa: BLE001 - a bug: reported as the server's, never a hang
             return {"error": f"{type(exc).__name__}: {exc}"[:1000], "category": "server"}
         done = pending.task.result()
@@ -663,7 +658,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                  else None)
 
     @router.get("/training_runs")
-    async def list_runs(request: Request, limit: int = 20, offset: int = 0, key: TinkerKey = Depends(key_of)):
+    async def list_runs(request: Request, limit: int = 20, offset: int = 0, key: Principal = Depends(key_of)):
         found = await checkpoints(trainer(request), key.tenant_id)
         ids = sorted({parse_path(p)[0] for p in found} | {m.model_id for m in registry.models.values()
                                                           if m.tenant_id == key.tenant_id})
@@ -672,24 +667,24 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
 
     @router.get("/training_runs/{run_id}")
-    async def get_run(run_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+    async def get_run(run_id: str, request: Request, key: Principal = Depends(key_of)):
         return run_json(run_id, key.tenant_id, await checkpoints(trainer(request), key.tenant_id))
 
     @router.get("/training_runs/{run_id}/checkpoints")
-    async def run_checkpoints(run_id: str, request: Request, key: TinkerKey = Depends(key_of)):
+    async def run_checkpoints(run_id: str, request: Request, key: Principal = Depends(key_of)):
         found = await checkpoints(trainer(request), key.tenant_id)
         mine = sorted(((p, i) for p, i in found.items() if parse_path(p)[0] == run_id), key=lambda pi: pi[1].created_at)
         return {"checkpoints": [listings.checkpoint_json(p, i) for p, i in mine], "cursor": None}
 
     @router.get("/checkpoints")
-    async def user_checkpoints(request: Request, limit: int = 100, offset: int = 0, key: TinkerKey = Depends(key_of)):
+    async def user_checkpoints(request: Request, limit: int = 100, offset: int = 0, key: Principal = Depends(key_of)):
         found = sorted((await checkpoints(trainer(request), key.tenant_id)).items(), key=lambda pi: pi[1].created_at)
         page = found[max(offset, 0):max(offset, 0) + max(min(limit, 1000), 0)]
         return {"checkpoints": [listings.checkpoint_json(p, i) for p, i in page],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(found)}}
 
     @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
-    async def delete_checkpoint(run_id: str, kind: str, name: str, request: Request, key: TinkerKey = Depends(key_of)):
+    async def delete_checkpoint(run_id: str, kind: str, name: str, request: Request, key: Principal = Depends(key_of)):
         state = trainer(request)
         path = f"{PATH_SCHEME}{run_id}/{kind}/{name}"
         info = await find_checkpoint(state, key.tenant_id, path)
@@ -698,19 +693,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         return {}
 
     @router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
-    async def set_ttl(run_id: str, kind: str, name: str, request: Request, key: TinkerKey = Depends(key_of)):
+    async def set_ttl(run_id: str, kind: str, name: str, request: Request, key: Principal = Depends(key_of)):
         raise ValidationError("changing a checkpoint's TTL after the save is not supported by this trainer: give "
                               "ttl_seconds to the save", {"field": "ttl_seconds"})
 
     return router
-
-
-def tinker_status(exc: TGTinkerError) -> int:
-    """The HTTP status of a refusal on the Tinker wire: the SDK retries 408, 409, 429 and 5xx for minutes, so a
-    permanent refusal must not use them (TenSafe's 409 ClientFailed/DPBudget become 400)."""
-    status = exc.http_status
-    if status == 409:
-        return 400
-    if isinstance(exc, AuthenticationError) and not isinstance(exc, PermissionDeniedError):
-        return 401
-    return status

@@ -9,7 +9,7 @@ layers, LoRA r16 on q/k/v/o, batch 8x128):
 Rounds alternate a/b (and which goes first) so a noisy machine's slow phases hit both alike; the ratio is
 the median of the per-round ratios (tinker / tg_tinker), with a distribution-free 95% interval.
 
-    python benchmarks/tinker.py [--steps 8] [--rounds 16] [--json]
+    python benchmarks/tinker_wire.py [--steps 8] [--rounds 16] [--json]
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")  # nothing leaves the machine
-# This file is named tinker.py: with its folder first on the path, `import tinker` would import it again.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import tinker  # noqa: E402  (the official SDK)
 
-sys.path.append(str(HERE))
 from common import ratio_of_rounds, report_ratio, run_benchmark  # noqa: E402
 from overhead import MODEL, SEQ, SdkLoop, make_batches, timed  # noqa: E402
 from tg_tinker import BatchData, ServiceClient  # noqa: E402
