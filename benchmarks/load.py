@@ -120,7 +120,7 @@ def hostile_bodies(token: str, client_id: str, tinker_key: str) -> list[tuple[st
         node["a"] = {}
         node = node["a"]
     deep_save = {"submissions": [{"request": {"type": "save_state", "metadata": deep}}]}
-    from tensafe_trainer.tinker_api import tinker_wire_pb2 as pb
+    from tensafe_trainer.api.tinker import tinker_wire_pb2 as pb
 
     keyed = {"x-api-key": tinker_key, "content-type": "application/json"}
     no_model = pb.ForwardBackwardRequest(model_id="nobody:train:0", seq_id=1)
@@ -202,7 +202,7 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
 
     import tinker
 
-    from tensafe_trainer.tinker_api.keys import create_key
+    from tensafe_trainer.api.tinker.keys import create_key
 
     home = Path(tempfile.mkdtemp(prefix="tensafe-load-"))
     tinker_keys = {tenant: create_key(home, tenant) for tenant in ("tinker-user", "intruder")}

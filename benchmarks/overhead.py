@@ -52,7 +52,7 @@ class DirectLoop:
     def __init__(self):
         from peft import LoraConfig, get_peft_model
 
-        from tensafe_trainer.models import build_tiny_llama
+        from tensafe_trainer.engine.models import build_tiny_llama
 
         self.model = get_peft_model(build_tiny_llama(MODEL, seed=0),
                                     LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))

@@ -53,7 +53,7 @@ def tensafe_home(tmp_path_factory):
 @pytest.fixture
 def no_noise(monkeypatch):
     """The DP mechanism without its noise, to check the clipped sum and the denominator exactly."""
-    monkeypatch.setattr("tensafe_trainer.privacy.add_secure_normal_", lambda target, std, stream=None: None)
+    monkeypatch.setattr("tensafe_trainer.privacy.dp.add_secure_normal_", lambda target, std, stream=None: None)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ SGD1 = OptimizerConfig(name="sgd", learning_rate=1.0)
 
 def fresh_ledger(dataset_id=None):
     """A privacy ledger of its own, in a new folder."""
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
 
     from tg_tinker.keys import LocalKeyProvider
 
@@ -26,7 +26,7 @@ def fresh_ledger(dataset_id=None):
 
 
 def make_engine(ledger=None, dataset=None, **overrides):
-    from tensafe_trainer.engine import TrainingEngine
+    from tensafe_trainer.engine.training import TrainingEngine
 
     values = dict(dtype="float64", optimizer=SGD1)
     values.update(overrides)

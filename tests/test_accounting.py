@@ -41,7 +41,7 @@ def pld_epsilon(history, delta: float = 1e-5) -> float:
     ((1.0, 0.001, 10_000),),
 ], ids=["audit", "mixed", "long"])
 def test_both_accountants_we_run_are_at_or_above_googles_pld(history):
-    from tensafe_trainer.privacy import epsilon_of
+    from tensafe_trainer.privacy.dp import epsilon_of
 
     reference = pld_epsilon(history)
     for mechanism in ("rdp", "prv"):
@@ -88,8 +88,8 @@ def test_an_infinite_epsilon_is_said_as_such_never_as_null():
 def alternating_runtimes(tmp_path):
     """Two clients on one dataset at different noise, stepping in turn: the ledger lists (1.0, 1.0) in several
     entries, (1.0, 1.0, 2), (2.0, 1.0, 1), (1.0, 1.0, 2), ..."""
-    from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.operations import Runtime
+    from tensafe_trainer.storage.artifacts import ArtifactStore
+    from tensafe_trainer.engine.operations import Runtime
     from tg_tinker.keys import LocalKeyProvider
 
     store = ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
@@ -138,7 +138,7 @@ def test_an_intact_ledger_with_repeated_entries_resumes_and_a_rolled_back_one_is
 
 
 def test_a_meaningless_delta_is_refused_and_an_epsilon_is_never_negative():
-    from tensafe_trainer.privacy import epsilon_of
+    from tensafe_trainer.privacy.dp import epsilon_of
 
     with pytest.raises(ValidationError, match="target_delta"):
         DPConfig(noise_multiplier=1.0, target_delta=0.5)  # the conversion gave -2.28 there (attacker review)
@@ -209,7 +209,7 @@ def test_a_ledger_counts_in_one_unit_and_a_client_of_another_is_refused():
 
 
 def test_a_checkpoint_that_names_no_ledger_head_does_not_load_over_a_file_ledger():
-    from tensafe_trainer.engine import deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import deserialize_state, serialize_state
 
     engine = make_engine(dp_config=dp_config(dataset_id="headless"), batch_size=2)
     engine.forward_backward(padded_batch(sequences(2, seed=1)))

@@ -11,7 +11,7 @@ from tg_tinker import ArtifactIntegrityError, ArtifactNotFoundError, ValidationE
 
 @pytest.fixture
 def store(tmp_path):
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
 
     return ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
@@ -40,8 +40,7 @@ def test_round_trip_is_bit_exact_and_hash_is_of_stored_bytes(store):
 
 
 def test_large_payload_streams_through_chunks_and_background_syncs(store, monkeypatch):
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     synced = []
     real_fdatasync = os.fdatasync
     monkeypatch.setattr(crypto, "SYNC_EVERY", crypto.CHUNK)
@@ -57,8 +56,7 @@ def test_a_failing_background_sync_fails_the_save_and_leaves_nothing(store, monk
     could succeed over lost data."""
     import errno
 
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     def failing(fd):
         raise OSError(errno.EIO, "simulated disk error")
 
@@ -107,8 +105,7 @@ def test_truncated_file_is_detected(store):
 
 
 def test_swapped_header_is_detected(store):
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     a, b = put(store), put(store, os.urandom(1000))
     pa, pb = path_of(store, a), path_of(store, b)
     with open(pa, "rb") as f:
@@ -136,7 +133,7 @@ def test_renamed_artifact_and_other_tenant_are_refused(store):
 
 
 def test_wrong_key_is_refused(store, tmp_path):
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
 
     info = put(store)
@@ -157,8 +154,7 @@ def test_key_file_is_private(store, tmp_path):
 
 
 def test_rotation_rewraps_without_reencrypting(store):
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     import json
 
     info = put(store)
@@ -190,7 +186,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_artifact(store, monke
     def crash(*args, **kwargs):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr("tensafe_trainer.artifacts.os.replace", crash)
+    monkeypatch.setattr("tensafe_trainer.storage.artifacts.os.replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         put(store, os.urandom(100))
     monkeypatch.undo()
@@ -260,7 +256,7 @@ def test_a_rotation_interrupted_before_the_index_is_rewritten_reports_the_new_ke
     import hashlib
 
     info = put(store)
-    monkeypatch.setattr("tensafe_trainer.artifacts._write_index", lambda path, info: None)  # crash before
+    monkeypatch.setattr("tensafe_trainer.storage.artifacts._write_index", lambda path, info: None)  # crash before
     kid, _ = store.rotate("acme")
     monkeypatch.undo()
     rebuilt = store.info("acme", info.artifact_id)
@@ -300,8 +296,7 @@ def test_every_bit_flipped_in_the_tenant_field_is_an_integrity_error(store, tmp_
     key this store does not hold), not as a bad command-line argument."""
     import io
 
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     info = put(store, payload=b"x" * 100)
     data = path_of(store, info).read_bytes()
     start = data.index(b'"tenant":"acme"') + len(b'"tenant":"')
@@ -331,8 +326,7 @@ def test_reencrypting_rotation_retires_the_old_key_so_a_copy_taken_before_is_dea
     """The insider's backup: a copy of the artifact and of the key set taken before rotation."""
     import shutil
 
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     info = put(store)
     copy = path_of(store, info).read_bytes()
     shutil.copy(tmp_path / "keys" / "acme.json", tmp_path / "keyset-before.json")
@@ -378,7 +372,7 @@ def test_shredding_removes_keys_files_and_index_entries(store, tmp_path):
 
 def test_an_artifact_renamed_with_its_index_entry_is_refused_not_relisted(store):
     """Renaming both files moves the artifact to another id: its header still names the old one."""
-    from tensafe_trainer.artifacts import new_artifact_id
+    from tensafe_trainer.storage.artifacts import new_artifact_id
 
     info = put(store)
     other = new_artifact_id()
@@ -418,7 +412,7 @@ def test_deleting_an_artifact_kills_every_earlier_copy_and_only_that_one(store):
 
 
 def test_a_deleted_dataset_does_not_come_back_from_a_restored_file(store):
-    from tensafe_trainer import datasets
+    from tensafe_trainer.privacy import datasets
     from tg_tinker.types import RegisterDataset
 
     first = datasets.register(store, RegisterDataset(dataset_id="cohort", tenant_id="acme",
@@ -437,7 +431,7 @@ def test_a_deleted_dataset_does_not_come_back_from_a_restored_file(store):
 
 def test_rotation_keeps_readable_the_artifacts_of_another_home_on_the_same_key_store(tmp_path):
     """Homes share the per-user key store by default: retiring a KEK must not kill another home's artifacts."""
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
@@ -457,8 +451,7 @@ def test_a_version_2_file_with_its_data_key_in_the_header_is_read_and_moved_on_r
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     kid, kek = store.keys.active_key("acme")
     artifact_id, dek, nonce = "art-" + "ab" * 16, os.urandom(32), os.urandom(12)
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
@@ -487,7 +480,7 @@ def test_a_key_file_written_or_deleted_is_fsynced_with_its_folder(tmp_path, monk
     """A power cut must not bring back a key a shred or a deletion destroyed, nor lose one a save wrote."""
     from pathlib import Path
 
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
 
     synced = []
@@ -520,8 +513,7 @@ def test_a_delete_racing_a_reencrypting_rotation_stays_deleted(store, monkeypatc
     import threading
     import time
 
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     doomed, kept = put(store, b"secret-weights"), put(store, b"other")
     real = crypto.decrypt_with_description
     deleting: list[threading.Thread] = []
@@ -545,7 +537,7 @@ def test_a_delete_racing_a_reencrypting_rotation_stays_deleted(store, monkeypatc
 def test_a_save_whose_data_key_cannot_be_stored_fails_and_leaves_no_file(tmp_path):
     """The data key is written beside the payload: if the key store refuses it (here, a key set given on the
     command line, read-only), the save fails and no artifact appears that nothing could ever open."""
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider, StaticKeyProvider
 
     keyset = LocalKeyProvider(tmp_path / "keys").complete("acme")

@@ -22,7 +22,7 @@ def keys(tmp_path):
 
 @pytest.fixture
 def log(tmp_path, keys):
-    from tensafe_trainer.audit import AuditTrail
+    from tensafe_trainer.storage.audit import AuditTrail
 
     trail = AuditTrail(tmp_path / "audit", keys)
     audit = trail.log("acme")
@@ -36,7 +36,7 @@ def lines(log):
 
 
 def verify(log, expect_head=None):
-    from tensafe_trainer.audit import verify as run
+    from tensafe_trainer.storage.audit import verify as run
 
     return run(log.path, log.generations(), expect_head)
 
@@ -53,7 +53,7 @@ def test_intact_chain_verifies(log):
 def test_records_are_macs_under_the_tenant_key_not_plain_hashes(log, keys):
     import hmac
 
-    from tensafe_trainer.crypto import canonical_json
+    from tensafe_trainer.storage.crypto import canonical_json
 
     entry = json.loads(lines(log)[2])
     body = {k: v for k, v in entry.items() if k != "record_hash"}
@@ -67,8 +67,8 @@ def test_records_are_macs_under_the_tenant_key_not_plain_hashes(log, keys):
 def test_an_insider_who_edits_and_recomputes_the_whole_chain_is_caught(log):
     """The old unkeyed chain let anyone with write access recompute every hash; without the key the
     recomputed chain does not verify."""
-    from tensafe_trainer.audit import GENESIS
-    from tensafe_trainer.crypto import canonical_json
+    from tensafe_trainer.storage.audit import GENESIS
+    from tensafe_trainer.storage.crypto import canonical_json
 
     rows, prev, forged = lines(log), GENESIS, []
     for row in rows:
@@ -152,7 +152,7 @@ def test_a_line_with_a_duplicated_key_does_not_verify(log):
 
 def test_a_new_writer_verifies_the_whole_chain_before_extending_it(log, keys):
     """Entries dropped from the middle, the real tail kept: the last record verifies, the chain does not."""
-    from tensafe_trainer.audit import AuditLog
+    from tensafe_trainer.storage.audit import AuditLog
 
     from tg_tinker import AuditIntegrityError
 
@@ -199,8 +199,8 @@ def test_every_operation_is_audited_through_the_service(service, tc):
     import os
     from pathlib import Path
 
-    from tensafe_trainer.audit import verify as run
-    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.storage.audit import verify as run
+    from tensafe_trainer.storage.paths import key_provider
 
     home = Path(os.environ["TENSAFE_HOME"])
     ok, _, message = run(home / "audit" / "default.jsonl", key_provider(home).chain_key("default"),
@@ -214,8 +214,8 @@ def test_audit_reads_refuse_an_edited_or_truncated_log_under_a_running_trainer(s
     an earlier head. Reads verify the whole chain and never serve a log that ends before what the trainer wrote."""
     from pathlib import Path
 
-    from tensafe_trainer.audit import AuditTrail
-    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.storage.audit import AuditTrail
+    from tensafe_trainer.storage.paths import key_provider
     from tg_tinker import AuditIntegrityError, ServiceClient
 
     with ServiceClient(service.base_url, service._local.token, tenant_id="audit-tamper") as svc:

@@ -1,4 +1,4 @@
-"""The door checks both doors share (service/door.py), the Tinker body's peek (tinker_api/convert.py) and the
+"""The door checks both doors share (service/door.py), the Tinker body's peek (api/tinker/convert.py) and the
 per-request memory budget (admission.py), each against an independent computation."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from tensafe_trainer import admission
+from tensafe_trainer.service import admission
 from tensafe_trainer.service import door
-from tensafe_trainer.tinker_api import convert
-from tensafe_trainer.tinker_api import tinker_wire_pb2 as pb
-from tensafe_trainer.tinker_api.listings import iso
+from tensafe_trainer.api.tinker import convert
+from tensafe_trainer.api.tinker import tinker_wire_pb2 as pb
+from tensafe_trainer.api.tinker.listings import iso
 from tg_tinker.errors import MalformedRequestError, RequestTooLargeError, ValidationError
 from tg_tinker.types import WaitForOperations
 

@@ -66,8 +66,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_their_union(no_noise):
 
 
 def test_noise_is_added_once_per_step_with_the_configured_std(monkeypatch):
-    from tensafe_trainer import privacy
-
+    from tensafe_trainer.privacy import dp as privacy
     sigma, bound = 2.0, 0.5
     rows = sequences(6, seed=7)
     engines = {}
@@ -156,7 +155,7 @@ def _budget_for(steps: float) -> float:
 
 
 def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_reset_it(tmp_path):
-    from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
 
     config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, dataset_size=400, target_epsilon=_budget_for(2.5))
     engine = make_engine(dp_config=config, batch_size=4)
@@ -187,7 +186,7 @@ def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_rese
 
 def fresh_ledger_at(ledger):
     """Another ledger object on the same file, as another process or a restarted trainer opens it."""
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
 
     return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id, keys=ledger.keys)
 

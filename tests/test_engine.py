@@ -78,7 +78,7 @@ def test_warmup_and_cosine_schedule():
 
 
 def test_checkpoint_restores_weights_and_optimizer_state_bit_for_bit():
-    from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
 
     rows = sequences(4, seed=8)
     engine = make_engine(batch_size=4, optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
@@ -103,7 +103,7 @@ def test_checkpoint_restores_weights_and_optimizer_state_bit_for_bit():
 
 
 def test_checkpoint_of_another_model_is_refused():
-    from tensafe_trainer.engine import deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import deserialize_state, serialize_state
 
     lora = make_engine(batch_size=4)
     full = make_engine(batch_size=4, lora_config=None)
@@ -141,7 +141,7 @@ def test_engine_refuses_batches_that_do_not_fit_the_model(bad, match):
 def test_bfloat16_tracks_float32_and_checkpoints_bit_for_bit(lora):
     """The dtype GPUs get by default ("auto" on CUDA with bf16), exercised on the CPU: the model is bf16 (LoRA
     adapters float32, peft's mixed precision), and its losses follow a float32 run of the same steps."""
-    from tensafe_trainer.engine import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
 
     rows = sequences(4, seed=3)
     overrides = {"optimizer": OptimizerConfig(name="adamw", learning_rate=3e-2), "batch_size": 4}

@@ -18,7 +18,7 @@ from conftest import TINY, random_batch, tiny_config
 def local_logprobs(folder: Path, batch: dict) -> list[float]:
     from peft import PeftModel
 
-    from tensafe_trainer.models import build_tiny_llama
+    from tensafe_trainer.engine.models import build_tiny_llama
 
     model = PeftModel.from_pretrained(build_tiny_llama(TINY, seed=0), folder).eval()
     ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])

@@ -71,7 +71,7 @@ def gone(pid: int) -> bool:
 
 
 def test_disable_core_dumps_turns_dumpable_off():
-    code = ("import ctypes; from tensafe_trainer.hardening import disable_core_dumps; prctl = ctypes.CDLL(None).prctl;"
+    code = ("import ctypes; from tensafe_trainer.cli.hardening import disable_core_dumps; prctl = ctypes.CDLL(None).prctl;"
             "before = prctl(3, 0, 0, 0, 0); disable_core_dumps(); print(before, prctl(3, 0, 0, 0, 0))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["1", "0"], done.stderr
@@ -87,7 +87,7 @@ def test_cli_commands_that_load_a_key_set_cannot_dump_core(tmp_path, command):
     args = [a.replace("{home}", str(tmp_path / "home")) for a in command]
     if command[0] == "audit":
         args += ["--keys", str(tmp_path / "default.json"), str(tmp_path / "no-log.jsonl")]
-    code = ("import ctypes, sys\nfrom tensafe_trainer.cli import main\ntry:\n    main(sys.argv[1:])\n"
+    code = ("import ctypes, sys\nfrom tensafe_trainer.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as exit:\n    print('exit', exit.code)\nprint('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")
     env = dict(os.environ, TENSAFE_KEYS_DIR=str(tmp_path / "keys"))
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)

@@ -226,7 +226,7 @@ def test_metadata_is_bounded_in_size_and_depth(victim):
 def test_one_clients_largest_request_does_not_freeze_the_server(svc, victim):
     """A body at this client's limit (here one row of two million tokens, refused once parsed) is parsed on
     a worker thread: /healthz keeps answering meanwhile."""
-    from tensafe_trainer.admission import Limits, body_limit
+    from tensafe_trainer.service.admission import Limits, body_limit
 
     limit = body_limit(Limits("training", 2, 64, VOCAB))
     prefix, suffix = b'{"submissions":[{"request":{"type":"forward","batch":{"input_ids":[[', b"]]}}}]}"
@@ -261,7 +261,7 @@ def test_a_failed_sample_leaves_the_accumulated_gradients_alone(tensafe_home):
     """The engine's own rule behind the door's checks: only an operation that accumulates gradients may
     discard them when it fails. A sample failing inside the engine (its seed past what torch takes, sent
     past the door's check here) once silently dropped the batch, and the next optim_step changed nothing."""
-    from tensafe_trainer.engine_process import EngineProcess
+    from tensafe_trainer.engine.process import EngineProcess
 
     from tg_tinker.types import (BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest,
                                  SampleRequest)
@@ -333,7 +333,7 @@ def test_docs_need_a_token_and_readyz_names_no_client(svc, victim):
 
 
 def test_a_silent_connection_is_closed_after_the_header_deadline(svc, monkeypatch):
-    from tensafe_trainer.http_guard import HEADER_TIMEOUT_S
+    from tensafe_trainer.api.http_guard import HEADER_TIMEOUT_S
 
     parsed = urlparse(svc.base_url)
     with socket.create_connection((parsed.hostname, parsed.port), timeout=HEADER_TIMEOUT_S + 20) as sock:
@@ -377,7 +377,7 @@ def test_a_client_is_refused_when_the_machine_lacks_the_memory_to_start_it(tmp_p
 
 def test_open_docs_is_a_flag_of_the_server(tmp_path):
     from fastapi.testclient import TestClient
-    from tensafe_trainer.server import Settings, create_app
+    from tensafe_trainer.api.app import Settings, create_app
 
     for open_docs, status in ((False, 401), (True, 200)):
         app = create_app(Settings(home=tmp_path / str(open_docs), token="admin-token", open_docs=open_docs))
@@ -390,7 +390,7 @@ def test_open_docs_is_a_flag_of_the_server(tmp_path):
 def test_results_kept_per_client_are_bounded():
     import asyncio
 
-    from tensafe_trainer.sessions import Operation, OperationIndex
+    from tensafe_trainer.service.sessions import Operation, OperationIndex
     from tg_tinker.types import OperationStatus, OptimStepRequest
 
     class Owner:
@@ -477,7 +477,7 @@ def test_a_new_client_under_an_old_id_cannot_read_the_old_ones_operations(svc):
 
 
 def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
-    from tensafe_trainer.server import MAX_SAMPLERS_PER_CLIENT
+    from tensafe_trainer.api.app import MAX_SAMPLERS_PER_CLIENT
 
     parent = create(svc, "parent", "default")
     wait_ready(svc, "parent")
@@ -499,7 +499,7 @@ def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
 
 
 def test_a_trickled_body_is_cut_off_and_open_paths_take_no_body(svc, victim):
-    from tensafe_trainer.gate import BODY_IDLE_S
+    from tensafe_trainer.api.gate import BODY_IDLE_S
 
     token = svc._clients[victim.id].token
     head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
@@ -561,7 +561,7 @@ def test_work_for_a_terminated_client_through_other_endpoints_is_410(svc):
 
 
 def test_the_refusal_budget_refills_at_its_rate_and_never_past_its_burst():
-    from tensafe_trainer.gate import RefusalBudget
+    from tensafe_trainer.api.gate import RefusalBudget
 
     now = [100.0]
     budget = RefusalBudget(burst=3, per_s=2.0, clock=lambda: now[0])
@@ -589,7 +589,7 @@ def test_the_refusal_budget_refills_at_its_rate_and_never_past_its_burst():
 def test_a_refusal_that_made_the_server_read_a_large_body_costs_more():
     """The door review's Tinker attack: 10 MB bodies naming no model, each read and then refused, at a pace under
     the refill rate, were never slowed. Now each MiB read costs one more refusal."""
-    from tensafe_trainer.gate import REFUSAL_BYTES, RefusalBudget
+    from tensafe_trainer.api.gate import REFUSAL_BYTES, RefusalBudget
 
     now = [100.0]
     budget = RefusalBudget(burst=16, per_s=2.0, clock=lambda: now[0])
@@ -602,7 +602,7 @@ def test_a_refusal_that_made_the_server_read_a_large_body_costs_more():
 
 
 def test_a_token_refused_too_often_has_its_bodies_refused_unread_until_it_refills(svc, victim):
-    from tensafe_trainer.gate import REFUSALS_BURST, REFUSALS_PER_S
+    from tensafe_trainer.api.gate import REFUSALS_BURST, REFUSALS_PER_S
 
     noisy = create(svc, "noisy", "loud-tenant")
     wait_ready(svc, "noisy")
@@ -637,7 +637,7 @@ def test_a_refusal_that_leaves_a_body_unread_holds_its_sender_back(svc):
     """Answered at once, a sender of oversized bodies reconnects and pushes megabytes into the server's
     buffers dozens of times a second; held back, one connection gets about one refusal a second, and the
     server keeps answering everyone else meanwhile."""
-    from tensafe_trainer.gate import REFUSAL_DELAY_S
+    from tensafe_trainer.api.gate import REFUSAL_DELAY_S
 
     head = (b"POST /v1/training_clients HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (8 << 20))
@@ -670,7 +670,7 @@ def test_a_refusal_that_leaves_a_body_unread_holds_its_sender_back(svc):
 
 def test_at_most_64_refusals_are_held_back_at_once(svc):
     """Holding a refusal costs a connection: past MAX_DELAYED at once, the rest are answered at once."""
-    from tensafe_trainer.gate import MAX_DELAYED, REFUSAL_DELAY_S
+    from tensafe_trainer.api.gate import MAX_DELAYED, REFUSAL_DELAY_S
 
     parsed = urlparse(svc.base_url)
     head = b"POST /v1/training_clients HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"

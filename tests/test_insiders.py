@@ -203,7 +203,7 @@ def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, 
     state = torch.load(out, weights_only=True)
     assert state["step"] == checkpoint.step and out.stat().st_mode & 0o777 == 0o600
     # With only the key set, as a file or as the tenant's key Secret exported from Kubernetes.
-    from tensafe_trainer.paths import artifact_keys_dir, keys_dir
+    from tensafe_trainer.storage.paths import artifact_keys_dir, keys_dir
 
     keyset = (keys_dir(home) / "default.json").read_text()
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "acme-keys"},
@@ -228,7 +228,7 @@ def test_a_pulled_file_decrypts_offline_and_a_flipped_bit_leaves_no_output(svc, 
     assert exported.returncode == 0 and (tmp_path / "peft" / "adapter_model.safetensors").exists(), exported.stderr
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "peft").iterdir()} == {0o600}
     # A link planted at the output receives nothing: it is replaced, its target never written.
-    from tensafe_trainer.artifacts import write_private
+    from tensafe_trainer.storage.artifacts import write_private
 
     planted = tmp_path / "planted"
     (tmp_path / "link.pt").symlink_to(planted)
@@ -267,9 +267,9 @@ def test_exports_are_built_in_memory(monkeypatch, tmp_path):
     import tempfile
 
     from engine_helpers import make_engine
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
-    from tensafe_trainer.operations import Runtime
+    from tensafe_trainer.engine.operations import Runtime
 
     runtime = Runtime("tc-1", "default", "training", make_engine(),
                       ArtifactStore(tmp_path / "a", LocalKeyProvider(tmp_path / "k")))
@@ -316,7 +316,7 @@ def test_shredding_leaves_nothing_readable_in_the_home(tmp_path):
     done = tensafe("artifact", "shred", "--yes", "--home", str(home))
     assert done.returncode == 0, done.stderr
     assert readable() == []
-    from tensafe_trainer.paths import keys_dir
+    from tensafe_trainer.storage.paths import keys_dir
 
     assert not (home / "artifacts" / "default").exists() and not (keys_dir(home) / "default.json").exists()
     assert not (home / "audit" / "default.jsonl").exists()
@@ -326,7 +326,7 @@ def test_shredding_leaves_nothing_readable_in_the_home(tmp_path):
 
 
 def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
-    from tensafe_trainer.admin import open_store
+    from tensafe_trainer.cli.admin import open_store
 
     store = open_store(tmp_path)
     info = store.put(b"weights", tenant_id="default", training_client_id="tc-1", kind="checkpoint", step=1)
@@ -342,8 +342,7 @@ def test_reencrypting_rotation_kills_a_copy_taken_before(tmp_path):
                    "--home", str(tmp_path))
     assert dead.returncode == 1 and "re-encrypted" in dead.stderr and not (tmp_path / "b").exists()
     assert open_store(tmp_path).get("default", info.artifact_id) == b"weights"
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     before = (tmp_path / "before.bin").read_bytes()
     with pytest.raises(ArtifactIntegrityError):
         crypto.decrypt_from(io.BytesIO(before), len(before), crypto.Binding("default", "", info.artifact_id),
@@ -356,8 +355,8 @@ def test_a_copy_of_the_home_decrypts_nothing_in_a_fresh_environment(svc, bob, ho
     import os
     import shutil
 
-    from tensafe_trainer.artifacts import ArtifactStore
-    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.storage.artifacts import ArtifactStore
+    from tensafe_trainer.storage.paths import key_provider
 
     saved = bob.save_state(metadata={"cohort": SECRET_NAME})
     svc.register_dataset([{"input_ids": [11, 12, 13]}], dataset_id="ward-7")

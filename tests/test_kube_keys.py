@@ -26,7 +26,7 @@ def secret_data(cluster, namespace):
 
 
 def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespace, provider, tmp_path):
-    from tensafe_trainer.artifacts import ArtifactStore
+    from tensafe_trainer.storage.artifacts import ArtifactStore
     from tg_tinker.keys import LocalKeyProvider
 
     store = ArtifactStore(tmp_path / "artifacts", provider)

@@ -35,15 +35,15 @@ def budget(cluster, namespace, dataset_id):
 
 
 def ledger(cluster, namespace, dataset_id, chunk=8):
-    from tensafe_trainer.ledger_kubernetes import KubernetesLedger
-    from tensafe_trainer.privacy import epsilon_of
+    from tensafe_trainer.privacy.ledger_kubernetes import KubernetesLedger
+    from tensafe_trainer.privacy.dp import epsilon_of
 
     return KubernetesLedger(cluster.custom, namespace, privacy_budget_name("default", dataset_id), "default",
                             dataset_id, lambda history, delta: epsilon_of("rdp", delta, history), "rdp", chunk=chunk)
 
 
 def accountant(book, target=None, group_size=1):
-    from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
+    from tensafe_trainer.privacy.dp import PrivacyAccountant, plan_sampling
 
     config = DPConfig(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=target, dataset_id=book.dataset_id,
                       group_size=group_size)
@@ -233,7 +233,7 @@ def test_abandoned_draws_on_fresh_trainers_are_each_charged_to_the_privacy_budge
 
 
 def test_a_trainer_without_api_access_refuses_dp_steps_loudly(cluster, namespace, monkeypatch):
-    from tensafe_trainer.ledger_kubernetes import KubernetesLedger
+    from tensafe_trainer.privacy.ledger_kubernetes import KubernetesLedger
 
     book = ledger(cluster, namespace, "missing")  # no PrivacyBudget was created
     assert isinstance(book, KubernetesLedger)

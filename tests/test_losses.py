@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tensafe_trainer.losses import LOSSES, get_loss
+from tensafe_trainer.engine.losses import LOSSES, get_loss
 from tg_tinker.errors import ValidationError
 
 

@@ -71,8 +71,7 @@ def test_noise_never_comes_from_torch_or_numpy_generators(monkeypatch):
 
 
 def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
-    from tensafe_trainer import secure_random
-
+    from tensafe_trainer.privacy import secure_random
     drawn = []
     real = secure_random.secrets.token_bytes
     engine = make_engine(dp_config=dp_config(), batch_size=2)
@@ -84,7 +83,7 @@ def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
 
 
 def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_load_changes_nothing():
-    from tensafe_trainer.engine import deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import deserialize_state, serialize_state
 
     trained = make_engine(dp_config=dp_config(dataset_id="Y"), batch_size=2)
     trained.forward_backward(padded_batch(sequences(2, seed=1)))
@@ -100,7 +99,7 @@ def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_
 def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
     """An administrator of the volume empties (or restores an old copy of) the ledger file: the weights trained
     with 2 steps would then carry a receipt claiming fewer. The load is refused, naming the rollback."""
-    from tensafe_trainer.engine import deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import deserialize_state, serialize_state
 
     ledger = fresh_ledger("rolled")
     trained = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=ledger)
@@ -131,7 +130,7 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
 
 
 def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
-    from tensafe_trainer.engine import deserialize_state, serialize_state
+    from tensafe_trainer.engine.training import deserialize_state, serialize_state
 
     engine = sampled_engine()
     saved = deserialize_state(serialize_state(engine.state_dict(include_optimizer=True)))
@@ -187,7 +186,7 @@ def rdp(sigma, q, steps, delta=1e-5):
 
 
 def test_keystream_is_aes_256_ctr_and_uniforms_use_53_bits():
-    from tensafe_trainer.secure_random import KeyStream
+    from tensafe_trainer.privacy.secure_random import KeyStream
 
     key = bytes(range(32))
     reference = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(64))
@@ -198,7 +197,7 @@ def test_keystream_is_aes_256_ctr_and_uniforms_use_53_bits():
 
 
 def test_secure_gaussian_has_the_right_distribution():
-    from tensafe_trainer.secure_random import secure_normal
+    from tensafe_trainer.privacy.secure_random import secure_normal
 
     draws = secure_normal(200_000, std=3.0, key=bytes(32))  # a fixed key: the test cannot flake
     assert draws.dtype == torch.float64
@@ -242,7 +241,7 @@ def test_the_update_is_the_clipped_sum_over_the_expected_batch_size_however_many
 
 
 def test_poisson_coins_are_consistent_with_q():
-    from tensafe_trainer.secure_random import bernoulli_mask
+    from tensafe_trainer.privacy.secure_random import bernoulli_mask
 
     n, q, draws = 200, 0.05, 2000
     masks = torch.stack([bernoulli_mask(n, q, key=i.to_bytes(32, "big")) for i in range(draws)])
@@ -267,8 +266,7 @@ def sampled_engine(n=20, q=0.25, **overrides):
 
 
 def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_the_declared_batch(monkeypatch, no_noise):
-    from tensafe_trainer import engine as engine_module
-
+    from tensafe_trainer.engine import training as engine_module
     chosen = [1, 4, 5, 9, 13, 17, 18]  # more than one micro-batch of 3
     monkeypatch.setattr(engine_module, "bernoulli_mask",
                         lambda n, q: torch.tensor([i in chosen for i in range(n)]))
@@ -286,8 +284,7 @@ def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_the_declar
 def test_the_sampled_update_does_not_depend_on_the_dataset_size(monkeypatch, no_noise):
     """Add/remove adjacency: one more row in the dataset (not drawn) must not change the update's scale (a
     denominator of q x N did: the weights then revealed N, and with it whether a row was present)."""
-    from tensafe_trainer import engine as engine_module
-
+    from tensafe_trainer.engine import training as engine_module
     monkeypatch.setattr(engine_module, "bernoulli_mask", lambda n, q: torch.tensor([i < 4 for i in range(n)]))
     moves = []
     for n in (20, 21):
@@ -333,8 +330,7 @@ def test_a_draw_is_charged_when_drawn_so_abandoned_draws_on_fresh_clients_all_co
 
 
 def test_a_draw_past_the_budget_is_refused_before_a_coin_is_tossed(monkeypatch):
-    from tensafe_trainer import engine as engine_module
-
+    from tensafe_trainer.engine import training as engine_module
     budget = (rdp(1.0, 0.25, 2) + rdp(1.0, 0.25, 3)) / 2
     engine = make_engine(dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts",
                                             sample_rate=0.25, target_epsilon=budget),
@@ -377,7 +373,7 @@ def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
 
 
 def test_a_dataset_registered_after_the_client_started_is_sampled_unless_it_trained_on_its_own_batches():
-    from tensafe_trainer.engine import TrainingEngine
+    from tensafe_trainer.engine.training import TrainingEngine
 
     from conftest import tiny_config
     from engine_helpers import SGD1
@@ -405,7 +401,7 @@ def test_registered_examples_longer_than_max_seq_len_are_refused_before_any_draw
 
 
 def test_an_example_with_a_non_finite_gradient_contributes_nothing():
-    from tensafe_trainer.per_example import clip_and_sum
+    from tensafe_trainer.privacy.per_example import clip_and_sum
 
     param = torch.nn.Parameter(torch.zeros(3))
     grads = {param: torch.tensor([[3.0, 4.0, 0.0], [float("inf"), 1.0, 1.0], [float("nan"), 0.0, 0.0]])}
@@ -415,8 +411,7 @@ def test_an_example_with_a_non_finite_gradient_contributes_nothing():
 
 
 def test_noise_fills_tensors_of_any_size_across_chunks():
-    from tensafe_trainer import secure_random
-
+    from tensafe_trainer.privacy import secure_random
     for size in (1, 7, secure_random._CHUNK + 3):
         target = torch.zeros(size)
         secure_random.add_secure_normal_(target, 1.0)
@@ -475,8 +470,8 @@ def test_the_ledger_composes_every_client_on_the_data_and_survives_reopening():
 
 
 def test_two_clients_spending_one_budget_at_once_cannot_both_pass_it():
-    from tensafe_trainer.ledger import PrivacyLedger
-    from tensafe_trainer.privacy import PrivacyAccountant, plan_sampling
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.dp import PrivacyAccountant, plan_sampling
 
     ledger = fresh_ledger("race")
     reference = create_accountant(mechanism="rdp")
@@ -529,7 +524,7 @@ def test_dp_without_noise_is_refused():
 
 
 def test_bf16_clipped_contributions_stay_within_the_bound():
-    from tensafe_trainer.per_example import clip_and_sum, per_example_norms
+    from tensafe_trainer.privacy.per_example import clip_and_sum, per_example_norms
 
     engine = make_engine(dtype="bfloat16", lora_config=None, dp_config=dp_config(max_grad_norm=0.1),
                          optimizer=OptimizerConfig(name="sgd", learning_rate=0.1), batch_size=6)
@@ -555,7 +550,7 @@ def test_bf16_clipped_contributions_stay_within_the_bound():
 
 
 def test_the_embedding_rule_gives_the_padding_row_no_gradient_as_autograd_does():
-    from tensafe_trainer.per_example import PerExampleGradients
+    from tensafe_trainer.privacy.per_example import PerExampleGradients
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, padding_idx=0), torch.nn.Linear(4, 1))
@@ -573,8 +568,7 @@ def test_the_embedding_rule_gives_the_padding_row_no_gradient_as_autograd_does()
 
 def test_a_client_that_cannot_run_the_largest_possible_draw_fails_at_start_not_at_a_large_draw(monkeypatch):
     from tg_tinker import TrainingClientError
-    from tensafe_trainer import engine as engine_module
-
+    from tensafe_trainer.engine import training as engine_module
     real = engine_module.load_model
 
     def small_memory(*args, **kwargs):  # a device that runs at most 30 tokens at once
@@ -614,7 +608,7 @@ def test_a_step_whose_batch_lost_rows_to_a_failure_is_refused_under_dp():
 
 
 def test_a_dp_clients_unexpected_failure_is_logged_by_type_only(caplog):
-    from tensafe_trainer.engine_process import wire_error
+    from tensafe_trainer.engine.process import wire_error
 
     secret = RuntimeError("index 4242 out of range for row [17, 4242, 9]")
     for private in (False, True):
@@ -630,7 +624,7 @@ def test_a_dp_clients_unexpected_failure_is_logged_by_type_only(caplog):
 def test_a_ledger_is_named_by_pseudonym_and_found_again_after_rotation_and_shred(tmp_path):
     """The folder lists no dataset id; the name survives a key rotation and a tenant's shred (spent budget must
     be found again), and a ledger named in clear by an earlier version is taken over, not started afresh."""
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
@@ -655,7 +649,7 @@ def test_a_ledger_rolled_back_or_removed_in_the_home_spends_nothing_more(tmp_pat
     store keeps each ledger's head, so the ledger must still begin with it."""
     import shutil
 
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
@@ -684,7 +678,7 @@ def test_a_ledger_rolled_back_or_removed_in_the_home_spends_nothing_more(tmp_pat
 def test_a_budget_line_written_into_the_ledger_file_sets_no_budget(tmp_path):
     """Second attacker review: a budget line appended by whoever can write the home became the data's budget
     (1e300: clients without a target of their own were no longer capped). The key store's head holds it."""
-    from tensafe_trainer.ledger import PrivacyLedger
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")

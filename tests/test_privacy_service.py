@@ -158,8 +158,7 @@ def test_a_datasets_size_is_in_no_plaintext(service, registered, tensafe_home):
     folder = Path(tensafe_home) / "artifacts" / "default"
     index = json.loads((folder / f"{registered.artifact_id}.json").read_text())
     assert "num_examples" not in index and "24" not in json.dumps(index.get("metadata", {}))
-    from tensafe_trainer import crypto
-
+    from tensafe_trainer.storage import crypto
     with open(folder / f"{registered.artifact_id}.tsa", "rb") as f:
         header, _ = crypto.read_header(f)
     assert "description" not in header and "num_examples" not in json.dumps(header)  # the description is sealed
@@ -188,7 +187,7 @@ def _metric(service, name: str) -> float:
 
 
 def test_request_hashes_are_hmacs_under_the_tenant_audit_key_which_shredding_destroys(tmp_path):
-    from tensafe_trainer.audit import request_hash
+    from tensafe_trainer.storage.audit import request_hash
     from tg_tinker.keys import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_trains_and_samples_text(service, tmp_path):
-    from tensafe_trainer.models import load_tokenizer
+    from tensafe_trainer.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     text = "The capital of France is Paris."

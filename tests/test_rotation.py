@@ -35,14 +35,14 @@ def home(tmp_path):
 
 @pytest.fixture
 def keys(home):
-    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.storage.paths import key_provider
 
     return key_provider(home)
 
 
 def forge(leaked: dict, prev: dict, **overrides) -> dict:
     """What an insider holding the leaked key set appends: the next record, MACed with the old chain key."""
-    from tensafe_trainer.audit import _fields
+    from tensafe_trainer.storage.audit import _fields
     from tg_tinker.keys import chain_key_of, secrets_id_of
 
     record = _fields({"id": secrets_id_of(leaked), "chain_key": chain_key_of(leaked)}, prev,
@@ -59,7 +59,7 @@ def write_rows(path: Path, lines: list[str]) -> None:
 
 
 def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys):
-    from tensafe_trainer.audit import AuditTrail, _fields, verify
+    from tensafe_trainer.storage.audit import AuditTrail, _fields, verify
     from tg_tinker import AuditIntegrityError
     from tg_tinker.keys import chain_key_of
 
@@ -89,7 +89,7 @@ def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys
         forged = forge(leaked, records[-1])
         if "key_id" in overrides:
             del forged["key_id"]
-            from tensafe_trainer.audit import record_mac
+            from tensafe_trainer.storage.audit import record_mac
 
             forged["record_hash"] = record_mac(chain_key_of(leaked), forged)
         write_rows(path, intact + [json.dumps(forged, sort_keys=True)])
@@ -105,7 +105,7 @@ def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys
     assert not ok and "after its retirement" in message, message
 
     # 3. The old segment rewritten with the old key, up to and including its rotation record.
-    from tensafe_trainer.audit import GENESIS, Generations
+    from tensafe_trainer.storage.audit import GENESIS, Generations
 
     old = Generations(leaked).active
     prev, rewritten = None, []
@@ -135,7 +135,7 @@ def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys
 def test_a_receipt_signed_with_the_old_key_after_rotation_is_refused_and_old_receipts_still_verify(home, keys):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from tensafe_trainer.audit import AuditTrail
+    from tensafe_trainer.storage.audit import AuditTrail
     from tg_tinker import ReceiptVerificationError, verify_receipt
     from tg_tinker.receipts import public_key_pem, sign_receipt
 
@@ -187,7 +187,7 @@ def test_a_receipt_signed_with_the_old_key_after_rotation_is_refused_and_old_rec
 
 
 def test_rotation_replaces_the_sealing_and_request_hash_keys(home, keys):
-    from tensafe_trainer.audit import AuditTrail
+    from tensafe_trainer.storage.audit import AuditTrail
     from tg_tinker import ValidationError
     from tg_tinker.sealing import seal, sealing_key, unseal
 
@@ -205,7 +205,7 @@ def test_rotation_replaces_the_sealing_and_request_hash_keys(home, keys):
 def test_an_interrupted_rotation_blocks_the_chain_until_it_is_completed(home, keys):
     """The rotation record is written first, then the key set: a crash between the two leaves a log that no writer
     extends (it names a key the key set lacks) until `rotate` runs again and completes that very rotation."""
-    from tensafe_trainer.audit import ROTATE, AuditTrail, _fields, verify
+    from tensafe_trainer.storage.audit import ROTATE, AuditTrail, _fields, verify
     from tg_tinker import AuditIntegrityError, ValidationError
     from tg_tinker.keys import StaticKeyProvider
 
@@ -235,8 +235,8 @@ def test_a_running_trainer_follows_a_rotation(service, tensafe_home):
     keys; the old key's forgery is refused; the checkpoint re-encrypted under the new KEK still loads."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from tensafe_trainer.audit import AuditTrail, verify
-    from tensafe_trainer.paths import key_provider
+    from tensafe_trainer.storage.audit import AuditTrail, verify
+    from tensafe_trainer.storage.paths import key_provider
     from tg_tinker import ReceiptVerificationError, ServiceClient, verify_receipt
     from tg_tinker.receipts import sign_receipt
 

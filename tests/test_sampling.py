@@ -88,8 +88,8 @@ def test_eos_stops_generation_unless_the_request_says_not_to():
     """Tinker's ``stop=[]`` disables every stop, EOS included (the Tinker wire maps it to stop_at_eos=False)."""
     import torch
 
-    from tensafe_trainer.models import build_tiny_llama
-    from tensafe_trainer.sampling import Sampler
+    from tensafe_trainer.engine.models import build_tiny_llama
+    from tensafe_trainer.engine.sampling import Sampler
     from tg_tinker.types import SampleRequest
 
     from conftest import TINY

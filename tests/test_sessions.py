@@ -16,7 +16,7 @@ class RecordingOwner:
 
 
 def make_ops(n):
-    from tensafe_trainer.sessions import Operation, fingerprint
+    from tensafe_trainer.service.sessions import Operation, fingerprint
 
     loop = asyncio.new_event_loop()
     request = OptimStepRequest()
@@ -33,7 +33,7 @@ def test_finished_operations_drop_their_request():
 
 
 def test_operation_index_forgets_the_oldest_finished_operations_only():
-    from tensafe_trainer.sessions import OperationIndex
+    from tensafe_trainer.service.sessions import OperationIndex
 
     loop, ops = make_ops(5)
     owner = RecordingOwner()
@@ -59,7 +59,7 @@ def training_spec(client_id, config) -> dict:
 def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_runs(tensafe_home):
     """The session hands the engine the next operation while one runs; withdrawing it still works until it
     starts, decided by the engine's start gate."""
-    from tensafe_trainer.engine_process import EngineProcess
+    from tensafe_trainer.engine.process import EngineProcess
 
     from conftest import random_batch, tiny_config
     from tg_tinker.types import BatchData, ForwardBackwardRequest
@@ -85,11 +85,11 @@ def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_run
 def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_hanging(tensafe_home, tmp_path):
     """Whatever goes wrong in the worker's own bookkeeping (here: the engine answering out of order), the
     client's operations fail with the reason and its status says ERROR; nothing waits for ever."""
-    from tensafe_trainer.audit import AuditTrail
-    from tensafe_trainer.audit_writer import AuditWriter
-    from tensafe_trainer.engine_process import EngineProcess
+    from tensafe_trainer.storage.audit import AuditTrail
+    from tensafe_trainer.storage.audit_writer import AuditWriter
+    from tensafe_trainer.engine.process import EngineProcess
     from tg_tinker.keys import LocalKeyProvider
-    from tensafe_trainer.sessions import Session
+    from tensafe_trainer.service.sessions import Session
 
     from conftest import tiny_config
     from tg_tinker.types import ClientStatus

@@ -20,7 +20,7 @@ def build_tokenized_tiny_model(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tensafe_trainer.models import smollm2_gguf_path
+    from tensafe_trainer.engine.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -49,7 +49,7 @@ class TinkerTrainer:
 
 
 def start_tinker_trainer(home: Path, policy: dict, tenants=("plain", "private")) -> TinkerTrainer:
-    from tensafe_trainer.tinker_api.keys import create_key
+    from tensafe_trainer.api.tinker.keys import create_key
     from tg_tinker.local import LocalTrainer
 
     home.mkdir(parents=True, exist_ok=True)

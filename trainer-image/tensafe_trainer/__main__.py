@@ -1,4 +1,4 @@
-from .cli import main
+from tensafe_trainer.cli.main import main
 
 if __name__ == "__main__":
     main()

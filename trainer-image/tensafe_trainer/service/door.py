@@ -1,7 +1,7 @@
 """The checks both doors (``/v1`` and the Tinker wire) run on a body, in one place.
 
-The Gate (gate.py) bounds a body before it is read, by a budget per route (``body_budget`` there and in
-tinker_api); here: decoding it off the event loop when it is large, refusing what is not a document (400,
+The Gate (api/gate.py) bounds a body before it is read, by a budget per route (``body_budget`` there and in
+api/tinker/routes.py); here: decoding it off the event loop when it is large, refusing what is not a document (400,
 ``MalformedRequestError``) and reading its fields with their types and ranges (422, ``ValidationError``),
 so that no value a caller sends (``Infinity``, ``1e400``, a string where a number goes, a TTL of 1e20)
 reaches ``int()``, ``datetime`` or the engine unchecked. ``/v1`` bodies are validated by the wire models

@@ -22,7 +22,7 @@ from tg_tinker.errors import (
     ValidationError,
 )
 
-from ..tinker_api import PREFIX as TINKER_PREFIX
+from tensafe_trainer.api.tinker import PREFIX as TINKER_PREFIX
 
 # Errors the caller made (the Tinker wire's "user" category); everything else is the server's.
 USER_ERRORS = (ValidationError, DPBudgetExceededError, ArtifactNotFoundError, PermissionDeniedError,

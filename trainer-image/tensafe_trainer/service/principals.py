@@ -17,7 +17,7 @@ class Scope(str, enum.Enum):
     TINKER_KEY = "tinker_key"  # a tenant's Tinker key: that tenant, on the Tinker wire only
 
 
-@dataclass(frozen=True, eq=False)  # identity, not value: a refusal budget is kept per principal object (gate.py)
+@dataclass(frozen=True, eq=False)  # identity, not value: a refusal budget is kept per principal object (api/gate.py)
 class Principal:
     scope: Scope
     tenant_id: Optional[str] = None  # None: every tenant (the trainer's token)

@@ -54,7 +54,7 @@ from tg_tinker.errors import AuditIntegrityError
 from tg_tinker.types import AuditEntry, AuditHead
 
 from tg_tinker.private_files import FILE_MODE, private_dir
-from .crypto import canonical_json, open_id, seal_id
+from tensafe_trainer.storage.crypto import canonical_json, open_id, seal_id
 from tg_tinker.keys import KeyProvider, check_tenant, new_secrets_id, secret_generations
 
 GENESIS = "0" * 64

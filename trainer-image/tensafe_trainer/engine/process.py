@@ -76,9 +76,9 @@ def _summary(runtime) -> dict:
 
 
 def _build(spec: dict, home: Path):
-    from .artifacts import ArtifactStore
-    from .paths import key_provider, ledger_dir
-    from .operations import Runtime
+    from tensafe_trainer.storage.artifacts import ArtifactStore
+    from tensafe_trainer.storage.paths import key_provider, ledger_dir
+    from tensafe_trainer.engine.operations import Runtime
 
     from tg_tinker.config import TrainingConfig
 
@@ -182,7 +182,7 @@ def _is_private(spec: dict) -> bool:
 def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGate) -> None:
     # Before any key is read: no core dump of this process (it holds the tenant's KEKs), and it dies with
     # the server, even one killed with SIGKILL (hardening.py).
-    from .hardening import die_with_parent, disable_core_dumps
+    from tensafe_trainer.cli.hardening import die_with_parent, disable_core_dumps
 
     disable_core_dumps()
     die_with_parent(multiprocessing.parent_process().pid)

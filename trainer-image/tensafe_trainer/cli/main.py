@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _serve(args) -> int:
-    from .serve import run
+    from tensafe_trainer.cli.serve import run
 
     run(args.host, args.port, args.home, args.ready_file, args.parent_pid, args.insecure_no_auth,
         args.client_config, args.log_level, args.tls_cert, args.tls_key, args.open_docs, args.privacy_policy,
@@ -19,7 +19,7 @@ def _serve(args) -> int:
 
 def _holds_keys() -> None:
     """Before a command reads a key set: no core dump may carry it (hardening.py)."""
-    from .hardening import disable_core_dumps
+    from tensafe_trainer.cli.hardening import disable_core_dumps
 
     disable_core_dumps()
 
@@ -30,8 +30,8 @@ def _tinker_key(args) -> int:
 
     from tg_tinker.errors import TGTinkerError
 
-    from .paths import tensafe_home
-    from .tinker_api.keys import create_key, list_keys, revoke_key
+    from tensafe_trainer.storage.paths import tensafe_home
+    from tensafe_trainer.api.tinker.keys import create_key, list_keys, revoke_key
 
     def shown(value, width: int) -> str:  # an entry's fields may be planted: no control characters, bounded
         text = "".join(c if c.isprintable() else "?" for c in str(value))
@@ -69,27 +69,27 @@ def _tinker_key(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from tensafe_trainer.cli.demo import run_demo
 
     return run_demo(steps=args.steps, out=args.out, dp=args.dp, model_ref=args.model)
 
 
 def _artifact(args) -> int:
     _holds_keys()
-    from .admin import artifact_command
+    from tensafe_trainer.cli.admin import artifact_command
 
     return artifact_command(args)
 
 
 def _audit(args) -> int:
     _holds_keys()
-    from .admin import audit_command
+    from tensafe_trainer.cli.admin import audit_command
 
     return audit_command(args)
 
 
 def _receipt(args) -> int:
-    from .admin import receipt_command
+    from tensafe_trainer.cli.admin import receipt_command
 
     return receipt_command(args)
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 from tg_tinker.errors import (AuthenticationError, RequestTimeoutError, RequestTooLargeError, ResourceExhaustedError,
                               TGTinkerError)
 
-from .service.errors import answer
-from .service.principals import Principal
-from .tinker_api import PREFIX as TINKER_PREFIX
+from tensafe_trainer.service.errors import answer
+from tensafe_trainer.service.principals import Principal
+from tensafe_trainer.api.tinker import PREFIX as TINKER_PREFIX
 
 BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
 BODY_DEADLINE_S = 120.0  # and the most it may take in all (64 MiB at ~0.5 MB/s)
@@ -132,7 +132,7 @@ class Gate:
     def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Any, str], int],
                  open_docs: bool = False, refusals: Optional[RefusalBudget] = None, tinker_keys=None):
         self.app, self.admin_token, self.limit_for = app, admin_token, limit_for
-        self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: tinker_api/keys.py
+        self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: api/tinker/keys.py
         self.open_paths = OPEN_PATHS | (DOC_PATHS if open_docs else frozenset())
         self.refusals = refusals or RefusalBudget()
         self.delayed = 0

@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Optional
 from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from tg_tinker.types import ArtifactInfo
 
-from . import crypto
+from tensafe_trainer.storage import crypto
 from tg_tinker.keys import KeyProvider, check_tenant
 from tg_tinker.private_files import FILE_MODE, atomic_write, fsync_dir, private_dir
 

@@ -26,8 +26,8 @@ from tg_tinker.types import (
     SampleRequest,
 )
 
-from .losses import get_loss
-from .privacy import check_noise_request
+from tensafe_trainer.engine.losses import get_loss
+from tensafe_trainer.privacy.dp import check_noise_request
 
 TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
 # A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them. A float

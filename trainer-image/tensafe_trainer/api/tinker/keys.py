@@ -33,9 +33,9 @@ from tg_tinker.keys import TINKER_KEY_PREFIX as KEY_PREFIX
 from tg_tinker.keys import KeyProvider, check_tenant, new_tinker_key
 from tg_tinker.private_files import private_dir
 
-from ..artifacts import write_private
-from ..crypto import canonical_json
-from ..service.principals import Principal
+from tensafe_trainer.storage.artifacts import write_private
+from tensafe_trainer.storage.crypto import canonical_json
+from tensafe_trainer.service.principals import Principal
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -56,7 +56,7 @@ def entry_mac(credentials_key: bytes, entry: dict) -> str:
 def create_key(home: Path, tenant_id: str, name: str = "", keys: Optional[KeyProvider] = None) -> str:
     """A new key for ``tenant_id``, its digest added to the key file (authenticated under ``keys``' credentials
     key: default, the home's key store); the key itself is returned, never stored."""
-    from ..paths import key_provider
+    from tensafe_trainer.storage.paths import key_provider
 
     check_tenant(tenant_id)
     mac_key = (keys or key_provider(home)).credentials_key()
@@ -81,7 +81,7 @@ def _read(path: Path) -> list:
 
 
 def _keys_of(home: Path, keys: Optional[KeyProvider]) -> KeyProvider:
-    from ..paths import key_provider
+    from tensafe_trainer.storage.paths import key_provider
 
     return keys if keys is not None else key_provider(home)
 
@@ -180,7 +180,7 @@ class TinkerKeys:
         the home's key store), less those whose key was revoked (``tensafe tinker-key revoke``). ``on_refused``
         is told of each entry refused, once: ``on_refused(entry, reason=NOT_VERIFIED or RESTORED)`` where it takes
         a ``reason``, else ``on_refused(entry)``."""
-        from ..paths import key_provider
+        from tensafe_trainer.storage.paths import key_provider
 
         self.path = None if given is not None else keys_file(home)
         self._keys = keys if keys is not None or given is not None else key_provider(home)

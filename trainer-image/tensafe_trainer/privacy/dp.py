@@ -27,9 +27,9 @@ from tg_tinker.config import DPConfig
 from tg_tinker.errors import DPBudgetExceededError, TrainingClientError, ValidationError
 from tg_tinker.types import DPMetrics, json_epsilon
 
-from .ledger import History, PrivacyLedger
-from .per_example import PerExampleGradients, accumulation_dtype, clip_and_sum
-from .secure_random import KeyStream, add_secure_normal_
+from tensafe_trainer.privacy.ledger import History, PrivacyLedger
+from tensafe_trainer.privacy.per_example import PerExampleGradients, accumulation_dtype, clip_and_sum
+from tensafe_trainer.privacy.secure_random import KeyStream, add_secure_normal_
 
 Sampling = Literal["poisson", "asserted", "none"]
 DATA_BUDGET_ACCOUNTANT = "rdp"  # the accountant that holds every client to the data's own budget

@@ -30,13 +30,13 @@ from tg_tinker.types import (
     WireModel,
 )
 
-from .admission import TRAINING_ONLY
-from .artifacts import ArtifactStore
-from .crypto import ALGORITHM
-from .datasets import find_dataset, load_examples
-from .engine import TrainingEngine, deserialize_state, write_state
-from .ledger import open_ledger
-from .sampling import Sampler
+from tensafe_trainer.service.admission import TRAINING_ONLY
+from tensafe_trainer.storage.artifacts import ArtifactStore
+from tensafe_trainer.storage.crypto import ALGORITHM
+from tensafe_trainer.privacy.datasets import find_dataset, load_examples
+from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, write_state
+from tensafe_trainer.privacy.ledger import open_ledger
+from tensafe_trainer.engine.sampling import Sampler
 
 
 
@@ -187,7 +187,7 @@ class Runtime:
         whose log was deleted is caught against a published head, not here."""
         from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 
-        from .audit import AuditTrail
+        from tensafe_trainer.storage.audit import AuditTrail
 
         listed = {a.artifact_id: a for a in self.store.list(self.tenant_id, self.client_id)}
         records = AuditTrail(self.store.root.parent / "audit", self.store.keys).records(self.tenant_id)

@@ -7,8 +7,10 @@ export the adapter, write the loss curve, and say where everything is.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,14 +18,14 @@ from typing import Optional
 
 from tg_tinker import DPConfig, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig
 
-from .models import load_tokenizer
+from tensafe_trainer.engine.models import load_tokenizer
 
 QUESTIONS = ["What is the mascot of TenSafe?", "How are TenSafe checkpoints stored?"]
 BATCH = 8
 
 
 def load_dataset() -> list[dict]:
-    text = resources.files("tensafe_trainer").joinpath("data/tensafe_facts.jsonl").read_text()
+    text = resources.files("tensafe_trainer.cli").joinpath("data/tensafe_facts.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -76,6 +78,10 @@ def run_demo(steps: int = 30, out: Path = Path("out/demo"), dp: bool = False, mo
              home: Optional[Path] = None) -> int:
     from tqdm import tqdm
 
+    if importlib.util.find_spec("matplotlib") is None:  # checked first: a finished run must not fail at its plot
+        print("tensafe demo plots its loss curve with matplotlib, which the trainer image leaves out: "
+              "pip install 'tensafe[demo]' (make setup installs it)", file=sys.stderr)
+        return 2
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -1,6 +1,6 @@
 """The privacy ledger on Kubernetes: a ``PrivacyBudget`` custom resource every trainer pod on the data sees.
 
-Same contract as :class:`~tensafe_trainer.ledger.PrivacyLedger` (``history()``, ``spend()``), kept in the
+Same contract as :class:`~tensafe_trainer.privacy.ledger.PrivacyLedger` (``history()``, ``spend()``), kept in the
 API instead of a file, so two TrainingClients (two pods, two volumes) on one dataset compose into one
 epsilon. A trainer reserves steps in chunks so the API sees one write per ``chunk`` steps, not one per
 step: a reservation is checked against the budget (the client's ``target_epsilon`` and the resource's
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from tg_tinker.errors import DPBudgetExceededError, TrainingClientError
 from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION
 
-from .ledger import History, check_unit
+from tensafe_trainer.privacy.ledger import History, check_unit
 
 DEFAULT_CHUNK = 16
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

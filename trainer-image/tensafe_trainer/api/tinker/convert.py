@@ -25,7 +25,7 @@ from tg_tinker.types import (
     SampleResult,
 )
 
-from . import tinker_wire_pb2 as pb
+from tensafe_trainer.api.tinker import tinker_wire_pb2 as pb
 
 _DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
 OUTPUT_TYPE = "ArrayRecord"

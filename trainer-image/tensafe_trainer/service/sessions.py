@@ -31,12 +31,12 @@ from tg_tinker.errors import (
 )
 from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
 
-from . import metrics
-from .admission import Limits
-from .audit import request_hash
-from .audit_writer import AuditWriter
-from .engine_process import PIPELINE_DEPTH, EngineProcess
-from .privacy import public_dp_metrics
+from tensafe_trainer.service import metrics
+from tensafe_trainer.service.admission import Limits
+from tensafe_trainer.storage.audit import request_hash
+from tensafe_trainer.storage.audit_writer import AuditWriter
+from tensafe_trainer.engine.process import PIPELINE_DEPTH, EngineProcess
+from tensafe_trainer.privacy.dp import public_dp_metrics
 
 log = logging.getLogger("tensafe.trainer")
 

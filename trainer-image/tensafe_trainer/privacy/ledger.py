@@ -33,7 +33,7 @@ from tg_tinker.config import DPConfig
 from tg_tinker.errors import TrainingClientError, ValidationError
 
 from tg_tinker.private_files import fsync_dir, private_dir
-from .crypto import pseudonym, seal_id
+from tensafe_trainer.storage.crypto import pseudonym, seal_id
 from tg_tinker.keys import KeyProvider, check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
@@ -114,8 +114,8 @@ def open_ledger(root: Path, tenant_id: str, cfg: DPConfig, keys: KeyProvider):
     """The ledger of the data ``cfg`` trains on: a PrivacyBudget in the API in a trainer pod the operator set up
     for it (``TENSAFE_LEDGER=kubernetes``), else a file under ``root``."""
     if os.environ.get("TENSAFE_LEDGER") == "kubernetes":
-        from .ledger_kubernetes import KubernetesLedger
-        from .privacy import epsilon_of
+        from tensafe_trainer.privacy.ledger_kubernetes import KubernetesLedger
+        from tensafe_trainer.privacy.dp import epsilon_of
 
         return KubernetesLedger.from_environment(
             tenant_id, cfg.dataset_id, cfg.accountant_type,

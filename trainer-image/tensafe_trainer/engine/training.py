@@ -36,12 +36,12 @@ from tg_tinker.types import (
     OptimStepResult,
 )
 
-from .models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
-from .ledger import PrivacyLedger
-from .losses import get_loss
-from .optim import apply_adam_step, build_optimizer, set_learning_rate
-from .privacy import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
-from .secure_random import bernoulli_mask
+from tensafe_trainer.engine.models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
+from tensafe_trainer.privacy.ledger import PrivacyLedger
+from tensafe_trainer.engine.losses import get_loss
+from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
+from tensafe_trainer.privacy.dp import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
+from tensafe_trainer.privacy.secure_random import bernoulli_mask
 
 CHECKPOINT_FORMAT = 1
 # Fields that define the model: a checkpoint only loads into a client whose config agrees on them.
@@ -468,7 +468,7 @@ class TrainingEngine:
 
     def export_adapter(self, folder: Path) -> list[str]:
         """Write the adapter folder (``adapter_files``) at ``folder``."""
-        from .artifacts import write_private_folder
+        from tensafe_trainer.storage.artifacts import write_private_folder
 
         return write_private_folder(Path(folder), self.adapter_files())
 

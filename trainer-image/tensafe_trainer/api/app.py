@@ -52,26 +52,27 @@ from tg_tinker.types import (
     WaitForOperations,
 )
 
-from . import datasets, metrics
-from .artifacts import ArtifactStore
+from tensafe_trainer.privacy import datasets
+from tensafe_trainer.service import metrics
+from tensafe_trainer.storage.artifacts import ArtifactStore
 from tg_tinker.receipts import public_key_pem, sign_receipt
 from tg_tinker.wire import MAX_REPORTED_ERRORS, malformed_json, validation_error
 
-from .audit import AuditTrail, request_hash
-from .audit_writer import AuditWriter
+from tensafe_trainer.storage.audit import AuditTrail, request_hash
+from tensafe_trainer.storage.audit_writer import AuditWriter
 from tg_tinker.keys import TENANT_PATTERN
-from .paths import key_provider
-from .engine_process import EngineProcess, busy_counter
-from .gate import Gate, RevokedTokens, replaced, resolve, terminated, token_digest
-from . import admission
-from .service import door, errors
-from .service.principals import Principal, Scope
-from .sessions import Operation, OperationIndex, Session
-from .tinker_api.keys import NOT_VERIFIED, TinkerKeys
-from .tinker_api.policy import PrivacyPolicy
-from .tinker_api.registry import TinkerRegistry
-from .tinker_api.routes import TinkerSettings, tinker_router
-from .tinker_api.routes import body_budget as tinker_body_budget
+from tensafe_trainer.storage.paths import key_provider
+from tensafe_trainer.engine.process import EngineProcess, busy_counter
+from tensafe_trainer.api.gate import Gate, RevokedTokens, replaced, resolve, terminated, token_digest
+from tensafe_trainer.service import admission
+from tensafe_trainer.service import door, errors
+from tensafe_trainer.service.principals import Principal, Scope
+from tensafe_trainer.service.sessions import Operation, OperationIndex, Session
+from tensafe_trainer.api.tinker.keys import NOT_VERIFIED, TinkerKeys
+from tensafe_trainer.api.tinker.policy import PrivacyPolicy
+from tensafe_trainer.api.tinker.registry import TinkerRegistry
+from tensafe_trainer.api.tinker.routes import TinkerSettings, tinker_router
+from tensafe_trainer.api.tinker.routes import body_budget as tinker_body_budget
 
 log = logging.getLogger("tensafe.trainer")
 SUBMISSION_PATH = re.compile(r"/v1/clients/[^/]+/operations(/batch)?")  # where a client's token sends batches
@@ -89,7 +90,7 @@ class Settings:
     min_free_memory: int = 1 << 30  # a new client is refused while the machine has less available than this
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
     initial_client: Optional[CreateTrainingClient] = None
-    privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (tinker_api/policy.py)
+    privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (api/tinker/policy.py)
     tinker_key: Optional[str] = None  # a trainer pod's Tinker key, for its initial client's tenant
     tinker_model_roots: Optional[tuple] = None  # folders a Tinker key may name as base_model (None: any)
 
@@ -295,7 +296,7 @@ def create_app(settings: Settings) -> FastAPI:
         """The most bytes a request to ``path`` may carry, decided from its headers: the trainer's own token up to
         max_request_bytes (datasets); a client's token what its config can run on its submission routes (see
         admission.body_limit), a control call's few KiB elsewhere; a Tinker key what its route and the tenant's
-        open models need (tinker_api.body_budget)."""
+        open models need (api/tinker/routes.py, body_budget)."""
         if principal.scope is Scope.TINKER_KEY:
             return min(settings.max_request_bytes, tinker_body_budget(tinker_registry, principal.tenant_id, path))
         if principal.is_trainer:

@@ -24,7 +24,7 @@ import torch
 
 from tg_tinker.errors import ValidationError
 
-from .paths import model_cache
+from tensafe_trainer.storage.paths import model_cache
 
 SMOLLM2_REF = "smollm2-135m"
 TINY_REF = "tiny-random-llama"

@@ -16,8 +16,8 @@ from typing import Optional
 from tg_tinker.errors import ArtifactNotFoundError, ValidationError
 from tg_tinker.types import ArtifactInfo, DatasetInfo, RegisterDataset
 
-from .artifacts import ArtifactStore
-from .ledger import check_dataset_id
+from tensafe_trainer.storage.artifacts import ArtifactStore
+from tensafe_trainer.privacy.ledger import check_dataset_id
 
 KIND = "dataset"
 DATASETS_OWNER = "_datasets"

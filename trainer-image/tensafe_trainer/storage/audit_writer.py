@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from tg_tinker.errors import AuditIntegrityError, TGTinkerError
 from tg_tinker.types import AuditEntry
 
-from .audit import AuditTrail
+from tensafe_trainer.storage.audit import AuditTrail
 
 log = logging.getLogger("tensafe.audit")
 

@@ -45,14 +45,14 @@ from tg_tinker.types import (
     SaveStateRequest,
 )
 
-from .. import admission
-from ..service import door, errors
-from ..models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
-from . import PREFIX, convert, listings
-from ..service.principals import Principal
-from .keys import TinkerKeys
-from .policy import PrivacyPolicy
-from .registry import (
+from tensafe_trainer.service import admission
+from tensafe_trainer.service import door, errors
+from tensafe_trainer.engine.models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
+from tensafe_trainer.api.tinker import PREFIX, convert, listings
+from tensafe_trainer.service.principals import Principal
+from tensafe_trainer.api.tinker.keys import TinkerKeys
+from tensafe_trainer.api.tinker.policy import PrivacyPolicy
+from tensafe_trainer.api.tinker.registry import (
     CHECKPOINT_KINDS,
     PATH_SCHEME,
     SESSION_LAPSE_S,

@@ -16,10 +16,10 @@ from typing import Optional
 
 from tg_tinker.errors import ArtifactNotFoundError, TGTinkerError, ValidationError
 
-from .artifacts import ARTIFACT_ID, ArtifactStore, write_private
-from .audit import parse_head, verify
+from tensafe_trainer.storage.artifacts import ARTIFACT_ID, ArtifactStore, write_private
+from tensafe_trainer.storage.audit import parse_head, verify
 from tg_tinker.keys import KeyProvider, StaticKeyProvider, load_keyset_file
-from .paths import artifact_keys_dir, key_provider, keys_dir, tensafe_home
+from tensafe_trainer.storage.paths import artifact_keys_dir, key_provider, keys_dir, tensafe_home
 
 RECEIPT_FILE = "tensafe-receipt.json"
 EXPORTABLE = ("checkpoint", "sampler")  # artifact kinds that hold model weights (a dataset holds examples)
@@ -55,8 +55,7 @@ def _keys(args, tenant: Optional[str] = None) -> tuple[str, KeyProvider]:
 def read_artifact(args) -> tuple[bytes, str]:
     """The decrypted payload of ``args.source`` and its kind: a file of stored (encrypted) bytes, or an artifact
     id in the home's store. A file names its own tenant and artifact id in its header."""
-    from . import crypto
-
+    from tensafe_trainer.storage import crypto
     source = Path(args.source)
     if source.is_file():
         data = source.read_bytes()
@@ -82,7 +81,7 @@ def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
     """Write a decrypted checkpoint or sampler artifact as a PEFT adapter folder."""
     from tg_tinker.config import TrainingConfig
 
-    from .engine import TrainingEngine, deserialize_state
+    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state
 
     state = deserialize_state(payload)
     config = TrainingConfig.parse(state["config"]).model_copy(update={"dp_config": None})
@@ -93,9 +92,9 @@ def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
 
 def shred_tenant(home: Path, tenant: str) -> int:
     """Keys, artifacts, index entries and the tenant's audit chain (unverifiable once its key is gone), and its
-    Tinker API keys, revoked first (tinker_api.keys: an old copy of the key file put back opens nothing). The
+    Tinker API keys, revoked first (api/tinker/keys.py: an old copy of the key file put back opens nothing). The
     privacy ledgers stay: spent budget is never given back."""
-    from .tinker_api.keys import revoke_tenant_keys
+    from tensafe_trainer.api.tinker.keys import revoke_tenant_keys
 
     store = open_store(home)
     revoke_tenant_keys(home, tenant, store.keys)
@@ -141,7 +140,7 @@ def artifact_command(args) -> int:
             else:
                 print(f"tenant {args.tenant}: new key {kid}; every data key re-wrapped (old keys kept: copies "
                       "taken before still decrypt; use --reencrypt to retire them)")
-            from .audit import AuditTrail
+            from tensafe_trainer.storage.audit import AuditTrail
 
             try:
                 generation, record = AuditTrail(home / "audit", store.keys).rotate_keys(args.tenant)

@@ -1,0 +1,1 @@
+"""The command line: tensafe serve, the admin commands, the demo."""

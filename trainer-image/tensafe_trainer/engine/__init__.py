@@ -1,0 +1,1 @@
+"""The training engine: models, losses, optimizer, sampling, the engine process."""

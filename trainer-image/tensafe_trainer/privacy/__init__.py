@@ -1,0 +1,1 @@
+"""DP-SGD: per-example clipping, secure noise, accounting, the ledger, registered datasets."""
