@@ -8,6 +8,7 @@ import math
 import pytest
 
 from tensafe_trainer.service import admission
+from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL
 from tensafe_trainer.service import door
 from tensafe_trainer.api.tinker import convert
 from tensafe_trainer.api.tinker import tinker_wire_pb2 as pb
@@ -116,11 +117,49 @@ def test_the_peek_refuses_too_many_datums_or_fields_and_a_torn_body():
 def test_a_request_whose_logits_would_not_fit_the_memory_budget_is_refused():
     limits = admission.Limits("training", batch_size=1024, max_seq_len=2048, vocab_size=32_000,
                               memory_budget=1 << 30)
-    rows = (1 << 30) // (1024 * 32_000 * admission.LOGIT_BYTES_PER_CELL)
+    rows = (1 << 30) // (1024 * 32_000 * TRAINING_BYTES_PER_CELL)
     admission.check_shape(rows, 1024, limits)  # just fits
-    with pytest.raises(RequestTooLargeError, match="MiB for its logits"):
+    with pytest.raises(RequestTooLargeError, match="MiB for their logits"):
         admission.check_shape(rows + 1, 1024, limits)
-    with pytest.raises(RequestTooLargeError, match="MiB for its logits"):
+    with pytest.raises(RequestTooLargeError, match="MiB for their logits"):
         admission.check_shape(16, 2048, limits)  # 1/64 of a Tinker model's rows: the review's 1,987 MiB engine
     before_load = admission.Limits("training", 1024, 2048, None, memory_budget=1 << 30)
     admission.check_shape(16, 2048, before_load)  # the engine checks until the vocabulary is known
+
+
+def test_the_peek_refuses_repeated_ids_and_wrong_wire_types_after_a_bounded_walk():
+    """The attacker review: 5.5 million repeated seq_id fields held the event loop for 11 s in the peek."""
+    seq_ids = pb.ForwardBackwardRequest(model_id="m").SerializeToString() + b"\x10\x00" * 100_000
+    with pytest.raises(MalformedRequestError):
+        convert.peek_forward_backward(seq_ids, 128)
+    model_ids = b"\x0a\x01m" * 3
+    with pytest.raises(MalformedRequestError):
+        convert.peek_forward_backward(model_ids, 128)
+    datum_as_varint = b"\x0a\x01m" + b"\x18\x00" * 10
+    with pytest.raises(MalformedRequestError):
+        convert.peek_forward_backward(datum_as_varint, 128)
+    config = pb.ForwardBackwardRequest(model_id="m")
+    for i in range(20):
+        config.loss_fn_config[f"k{i}"] = 1.0  # a map: one field per entry, repeated as protobuf allows
+    assert convert.peek_forward_backward(config.SerializeToString(), 128).model_id == "m"
+
+
+def test_scoring_and_a_samples_prefill_are_budgeted_too():
+    """The attacker review: prompt logprobs over a 16,000-token vocabulary took a sampler from 458 to 964 MiB
+    against a 32 MiB budget. Scoring holds about 20 B per cell (float32 logits, a float64 copy, its log-softmax)."""
+    from tg_tinker.types import ComputeLogprobsRequest, SampleRequest
+
+    limits = admission.Limits("sampling", 1, 4096, 16_000, memory_budget=32 << 20)
+    with pytest.raises(RequestTooLargeError, match="for their logits"):
+        admission.admit(ComputeLogprobsRequest(tokens=[1] * 2000), limits)
+    admission.admit(ComputeLogprobsRequest(tokens=[1] * 100), limits)
+    with pytest.raises(RequestTooLargeError, match="for their logits"):
+        admission.admit(SampleRequest(prompt=[1] * 4000, max_tokens=8), limits)
+    admission.admit(SampleRequest(prompt=[1] * 100, max_tokens=8), limits)
+
+
+def test_an_answer_echoing_a_lone_surrogate_still_encodes():
+    from tensafe_trainer.service.errors import answer
+
+    response = answer(ValidationError("unknown id 'op-\ud800'"), "/v1/operations/wait")
+    assert response.status_code == 422 and b"\\ud800" in response.body

@@ -19,13 +19,18 @@ from tg_tinker.local import LocalTrainer
 from conftest import tiny_config
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
+REQUEST_MEMORY = 512 << 10  # the trainer's budget for one request's logits: 2 x 64 tokens over 512 need 768 KiB
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     home = tmp_path_factory.mktemp("doors-home")
     keys = {tenant: create_key(home, tenant) for tenant in ("acme", "idle", "prober")}
-    local = LocalTrainer(home=home)
+    os.environ["TENSAFE_REQUEST_MEMORY"] = str(REQUEST_MEMORY)
+    try:
+        local = LocalTrainer(home=home)
+    finally:
+        del os.environ["TENSAFE_REQUEST_MEMORY"]
     local.keys = keys
     yield local
     local.close()
@@ -90,6 +95,8 @@ MALFORMED = [
     pytest.param(b"\xff\xfe", 400, id="not-utf8"),
     pytest.param(b"[" * 5000, 400, id="nested-too-deep"),
     pytest.param(b"[1, 2]", 422, id="not-an-object"),
+    pytest.param(b'\xef\xbb\xbf{"operation_ids": ["op-x"]}', 400, id="byte-order-mark"),
+    pytest.param(b'{"operation_ids": ' + b"[" * 300 + b"]" * 300 + b"}", 400, id="an-id-nested-too-deep"),
     pytest.param(b'{"x": "' + b"a" * (CONTROL_BYTES + 1) + b'"}', 413, id="over-a-control-call"),
 ]
 
@@ -167,3 +174,59 @@ def test_not_found_answers_count_against_a_keys_refusal_budget(trainer):
     # 16 at once, then 2 a second: each 429 is answered 1 s late (its body unread), by which time 2 more may pass
     assert statuses[:16] == [404] * 16 and 429 in statuses, statuses
     assert httpx.get(f"{trainer.base_url}/healthz").status_code == 200
+
+
+def test_a_batch_past_the_memory_budget_is_refused_even_while_its_client_loads(trainer):
+    """The attacker review: the door cannot size logits before the engine reports its vocabulary, so a batch sent
+    while the client was INITIALIZING ran whatever its size. The engine now asks the same question."""
+    body = {"config": tiny_config(batch_size=2).model_dump(mode="json"), "client_id": "early", "tenant_id": "acme"}
+    created = httpx.post(f"{trainer.base_url}/v1/training_clients", json=body, headers=admin(trainer), timeout=60)
+    token = {"authorization": f"Bearer {created.json()['access_token']}"}
+    batch = {"input_ids": [[1] * 64] * 2}
+    submitted = httpx.post(f"{trainer.base_url}/v1/clients/early/operations", headers=token, timeout=60,
+                           json={"request": {"type": "forward_backward", "batch": batch}})
+    if submitted.status_code != 413:  # queued while loading: the engine refuses it
+        assert submitted.status_code == 201, submitted.text
+        waited = httpx.post(f"{trainer.base_url}/v1/operations/wait", headers=token, timeout=120,
+                            json={"operation_ids": [submitted.json()["operation_id"]], "wait": 60})
+        record = waited.json()[0]
+        for _ in range(20):
+            if record["status"] not in ("pending", "running"):
+                break
+            record = httpx.post(f"{trainer.base_url}/v1/operations/wait", headers=token, timeout=120,
+                                json={"operation_ids": [record["operation_id"]], "wait": 60}).json()[0]
+        assert record["status"] == "failed" and record["error"]["type"] == "RequestTooLargeError", record
+    again = httpx.post(f"{trainer.base_url}/v1/clients/early/operations", headers=token, timeout=60,
+                       json={"request": {"type": "forward_backward", "batch": batch}})
+    assert again.status_code == 413 and "for their logits" in again.text
+
+
+def test_a_base_model_name_too_long_for_a_path_is_422_never_500(trainer):
+    """The attacker review: a 300-character base_model passed, and get_info then answered 500 (ENAMETOOLONG)."""
+    session = tinker_post(trainer, "acme", "create_session", {}).json()["session_id"]
+    for endpoint in ("create_model", "create_sampling_session"):
+        answer = tinker_post(trainer, "acme", endpoint, {"session_id": session, "base_model": "a" * 5000})
+        assert answer.status_code == 422 and "base_model" in answer.text, answer.text
+
+
+def test_a_lone_surrogate_is_the_same_400_on_both_doors_never_a_500(trainer, client_token):
+    """The attacker review: /v1's wait parsed its body with another parser, took a lone surrogate and answered 500
+    when its error message echoed it. Both doors now parse alike, and answers are ASCII-escaped JSON."""
+    body = b'{"operation_ids": ["op-\\ud800"], "request_id": "\\ud800"}'
+    v1 = httpx.post(f"{trainer.base_url}/v1/operations/wait", content=body,
+                    headers={**client_token, "content-type": "application/json"})
+    tinker = tinker_post(trainer, "acme", "retrieve_future", body)
+    assert v1.status_code == tinker.status_code == 400, (v1.text, tinker.text)
+
+
+@pytest.mark.parametrize("method, path, status", [("POST", "/v1/clients", 405),
+                                                  ("POST", "/v1/operations/wait", 410)])
+def test_every_refusal_counts_against_the_refusal_budget(trainer, method, path, status):
+    """The attacker review: 405s and 410s were never counted (40 of each, no 429)."""
+    body = {"config": tiny_config(batch_size=2).model_dump(mode="json"), "client_id": f"counted-{status}",
+            "tenant_id": "acme"}
+    created = httpx.post(f"{trainer.base_url}/v1/training_clients", json=body, headers=admin(trainer), timeout=60)
+    token = {"authorization": f"Bearer {created.json()['access_token']}"}
+    statuses = [httpx.request(method, f"{trainer.base_url}{path}", headers=token, timeout=60,
+                              json={"operation_ids": [f"op-{i}"]}).status_code for i in range(20)]
+    assert statuses[:16] == [status] * 16 and 429 in statuses, statuses

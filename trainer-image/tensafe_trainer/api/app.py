@@ -255,7 +255,7 @@ def create_app(settings: Settings) -> FastAPI:
             session.terminate()
         state.audit.close()
 
-    app = FastAPI(title="TenSafe trainer", version="v1", lifespan=lifespan)  # /docs etc.: see gate.DOC_PATHS
+    app = FastAPI(title="TenSafe trainer", version="v1", lifespan=lifespan, default_response_class=errors.AsciiJSONResponse)  # /docs etc.: see gate.DOC_PATHS
 
     # Dependencies are async (they never block): FastAPI runs a sync one on a worker thread, and that handoff
     # was half the event loop's time per request (measured with py-spy under benchmarks/tinker.py). On the
@@ -385,13 +385,15 @@ def create_app(settings: Settings) -> FastAPI:
         return session.info().model_copy(update={"access_token": state.issue_token(session)})
 
     @app.post("/v1/training_clients", response_model=ClientInfo, status_code=201, dependencies=[Depends(admin)],
-              response_model_exclude_none=True)
-    async def create_training_client(body: CreateTrainingClient, state: State = Depends(get_state)):
-        return with_token(state, state.start_training(body))
+              response_model_exclude_none=True, openapi_extra=json_body(CreateTrainingClient))
+    async def create_training_client(request: Request, state: State = Depends(get_state)):
+        return with_token(state, state.start_training(await parsed(request, CreateTrainingClient)))
 
-    @app.post("/v1/sampling_clients", response_model=ClientInfo, status_code=201, response_model_exclude_none=True)
-    async def create_sampling_client(body: CreateSamplingClient, state: State = Depends(get_state),
+    @app.post("/v1/sampling_clients", response_model=ClientInfo, status_code=201, response_model_exclude_none=True,
+              openapi_extra=json_body(CreateSamplingClient))
+    async def create_sampling_client(request: Request, state: State = Depends(get_state),
                                      principal: Principal = Depends(authenticate)):
+        body = await parsed(request, CreateSamplingClient)
         if body.training_client_id:
             session = client_session(state, principal, body.training_client_id)
             session.check_open()
@@ -506,12 +508,13 @@ def create_app(settings: Settings) -> FastAPI:
         await long_poll(op, wait)
         return op.record()
 
-    @app.post("/v1/operations/wait", response_model=list[OperationRecord])
-    async def wait_for_operations(body: WaitForOperations, state: State = Depends(get_state),
+    @app.post("/v1/operations/wait", response_model=list[OperationRecord], openapi_extra=json_body(WaitForOperations))
+    async def wait_for_operations(request: Request, state: State = Depends(get_state),
                                   principal: Principal = Depends(authenticate)):
         """Waits for the first operation like GET does, then answers with its record and those of the other
         listed ones that have finished (unfinished and unknown ones are left out: an unknown one's own poll
         reports it lost)."""
+        body = await parsed(request, WaitForOperations)
         first, _ = find(state, body.operation_ids[0], principal)
         await long_poll(first, body.wait)
         records = [first.record()]
@@ -535,9 +538,14 @@ def create_app(settings: Settings) -> FastAPI:
         principal.check_artifact(info, state.granted(principal))
         return info
 
-    @app.post("/v1/artifacts/{artifact_id}/grants", dependencies=[Depends(admin)])
-    def grant_artifact(artifact_id: str, body: GrantArtifact, state: State = Depends(get_state)):
+    @app.post("/v1/artifacts/{artifact_id}/grants", dependencies=[Depends(admin)],
+              openapi_extra=json_body(GrantArtifact))
+    async def grant_artifact(artifact_id: str, request: Request, state: State = Depends(get_state)):
         """Let one client's token use another client's artifact: an explicit, audited administrator's grant."""
+        body = await parsed(request, GrantArtifact)
+        return await asyncio.to_thread(grant, state, artifact_id, body)
+
+    def grant(state: State, artifact_id: str, body: GrantArtifact) -> dict:
         info = state.store.info(body.tenant_id, artifact_id)
         session = state.session(body.training_client_id)
         session.check_open()
@@ -645,6 +653,7 @@ def create_app(settings: Settings) -> FastAPI:
         sequence it was retired at; ``verify_receipt`` takes it and refuses a retired key's later receipts."""
         return state.store.keys.receipt_public_keys(tenant_of(principal, tenant_id))
 
-    with_body_schemas(app, (SubmitOperation, SubmitOperations, RegisterDataset))
+    with_body_schemas(app, (SubmitOperation, SubmitOperations, RegisterDataset, CreateTrainingClient,
+                            CreateSamplingClient, WaitForOperations, GrantArtifact))
     return app
 

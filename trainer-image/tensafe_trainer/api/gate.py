@@ -31,8 +31,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and counte
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 REFUSAL_DELAY_S = 1.0  # a refusal that leaves a body unread is answered this late (see Gate.refuse)
 MAX_DELAYED = 64  # refusals held back at once; past that they are answered at once
-# What a malformed or hostile request earns; a 404 too (an id probe, or a body naming nothing the caller has).
-REFUSED_STATUSES = frozenset({400, 401, 403, 404, 408, 413, 422})
+# What a malformed or hostile request earns: a 404 or 410 too (an id probe, a body naming nothing the caller has, or
+# what it no longer has), 405 (a body to a route that takes none), 409 (work for a client in ERROR). A 5xx is the
+# server's fault, never charged to the caller.
+REFUSED_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 409, 410, 413, 422})
 STILL_PENDING = (b"x-tensafe-pending", b"1")  # a long-poll's 408 "try again" (the Tinker wire's): not a refusal
 REFUSALS_BURST, REFUSALS_PER_S = 16, 2.0  # a client token may earn 16 refusals at once, then two a second
 REFUSAL_BYTES = 1 << 20  # a refusal costs one more for every MiB read before it was decided

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from tg_tinker.errors import ValidationError
 from tg_tinker.types import ComputeLogprobsResult, SampleRequest, SampleResult, SampleSequence
 
+from tensafe_trainer.engine.memory import PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, check_logits
+
 
 def _encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
@@ -62,6 +64,7 @@ class Sampler:
     def sample(self, req: SampleRequest) -> SampleResult:
         prompt = _encode_prompt(req.prompt, self.tokenizer, self.vocab_size)
         self._check_length(len(prompt) + req.max_tokens, "prompt + max_tokens")
+        check_logits(1, len(prompt), self.vocab_size, PREFILL_BYTES_PER_CELL, field="prompt")
         stop_ids, stop_texts = _split_stops(req.stop)
         if stop_texts and self.tokenizer is None:
             raise ValidationError("text stop sequences need a tokenizer; give token ids", {"field": "stop"})
@@ -120,6 +123,7 @@ class Sampler:
     def compute_logprobs(self, tokens: list[int]) -> ComputeLogprobsResult:
         _encode_prompt(tokens, None, self.vocab_size)
         self._check_length(len(tokens), "the token sequence")
+        check_logits(1, len(tokens), self.vocab_size, SCORING_BYTES_PER_CELL, field="tokens")
         was_training = self.model.training
         self.model.eval()
         try:

@@ -39,6 +39,7 @@ from tg_tinker.types import (
 from tensafe_trainer.engine.models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
+from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, check_logits
 from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
 from tensafe_trainer.privacy.dp import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
 from tensafe_trainer.privacy.secure_random import bernoulli_mask
@@ -171,6 +172,7 @@ class TrainingEngine:
                 f"sequence length {width} exceeds max_seq_len={self.config.max_seq_len}",
                 {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
             )
+        check_logits(rows, width, self.vocab_size, TRAINING_BYTES_PER_CELL)  # the door's check, before the load too
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
                 else torch.ones_like(ids))

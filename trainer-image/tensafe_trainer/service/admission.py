@@ -9,10 +9,7 @@ how many bytes one request of this client may carry at all. A submission refused
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional
 
 from tg_tinker.errors import RequestTooLargeError, ValidationError
@@ -27,6 +24,8 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.engine.losses import get_loss
+from tensafe_trainer.engine.memory import (PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, TRAINING_BYTES_PER_CELL,
+                                           check_logits, request_memory_budget)
 from tensafe_trainer.privacy.dp import check_noise_request
 
 TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
@@ -35,26 +34,6 @@ TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "opti
 BYTES_PER_TOKEN = 3 * 20 + 3 * 26
 BODY_SLACK = 256 << 10  # the envelope, metadata, a sealed blob
 TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many characters per allowed token cannot fit
-# A forward_backward holds its logits (rows x width x vocabulary float32) about three times over: the logits, their
-# log-softmax and its gradient. The loss is not computed in chunks of the vocabulary (yet), so that is the cost.
-LOGIT_BYTES_PER_CELL = 3 * 4
-REQUEST_MEMORY_ENV = "TENSAFE_REQUEST_MEMORY"  # bytes one request may need at most; default half the memory
-
-
-@lru_cache(maxsize=1)
-def request_memory_budget() -> int:
-    """The most memory one request may need: $TENSAFE_REQUEST_MEMORY, else half of what this process may use
-    (its cgroup's limit in a pod, the machine's memory elsewhere)."""
-    if os.environ.get(REQUEST_MEMORY_ENV):
-        return int(os.environ[REQUEST_MEMORY_ENV])
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total // 2
 
 
 @dataclass(frozen=True)
@@ -97,13 +76,7 @@ def check_shape(rows: int, width: int, limits: Limits) -> None:
     check_rows(rows, limits)
     _check_length(width, limits, "input_ids")
     if limits.vocab_size is not None:
-        need = rows * width * limits.vocab_size * LOGIT_BYTES_PER_CELL
-        if need > limits.memory_budget:
-            raise RequestTooLargeError(
-                f"a batch of {rows} x {width} tokens over a vocabulary of {limits.vocab_size} needs about "
-                f"{need >> 20} MiB for its logits, more than the {limits.memory_budget >> 20} MiB one request may take "
-                f"here ({REQUEST_MEMORY_ENV}): send fewer or shorter rows per request",
-                {"field": "input_ids", "rows": rows, "width": width, "memory_budget": limits.memory_budget})
+        check_logits(rows, width, limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget)
 
 
 def admit(request: Any, limits: Limits) -> None:
@@ -128,6 +101,9 @@ def admit(request: Any, limits: Limits) -> None:
         if isinstance(request.prompt, list):
             _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
             _check_vocab(max(request.prompt), limits, "prompt")
+            if limits.vocab_size is not None:
+                check_logits(1, len(request.prompt), limits.vocab_size, PREFILL_BYTES_PER_CELL, limits.memory_budget,
+                             "prompt")
         elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
             raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
                                        f"{limits.max_seq_len} tokens", {"field": "prompt"})
@@ -137,6 +113,9 @@ def admit(request: Any, limits: Limits) -> None:
     elif isinstance(request, ComputeLogprobsRequest):
         _check_length(len(request.tokens), limits, "tokens")
         _check_vocab(max(request.tokens), limits, "tokens")
+        if limits.vocab_size is not None:
+            check_logits(1, len(request.tokens), limits.vocab_size, SCORING_BYTES_PER_CELL, limits.memory_budget,
+                         "tokens")
 
 
 def _check_length(length: int, limits: Limits, name: str) -> None:

@@ -7,7 +7,8 @@ change: TenSafe's 409s (a client in ERROR, a spent budget) become 400 there.
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Optional
 
 from fastapi.responses import JSONResponse
 
@@ -27,6 +28,14 @@ from tensafe_trainer.api.tinker import PREFIX as TINKER_PREFIX
 # Errors the caller made (the Tinker wire's "user" category); everything else is the server's.
 USER_ERRORS = (ValidationError, DPBudgetExceededError, ArtifactNotFoundError, PermissionDeniedError,
                TrainingClientNotFoundError, ClientFailedError)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a caller's string echoed in an answer (a lone surrogate in an
+    id, say) can never make the answer itself fail to encode (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def on_tinker_wire(path: str) -> bool:
@@ -50,7 +59,7 @@ def answer(error: TGTinkerError, path: str, headers: Optional[dict] = None,
     body = {"error": error.to_wire()}
     if on_tinker_wire(path):
         body["detail"] = error.message
-    return JSONResponse(body, status_code=status_of(error, path, status), headers=headers)
+    return AsciiJSONResponse(body, status_code=status_of(error, path, status), headers=headers)
 
 
 def category(error: BaseException) -> str:

@@ -80,7 +80,7 @@ def _varint(body: bytes, at: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if at >= len(body) or shift > 63:
-            raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+            raise _not_the_message()
         byte = body[at]
         value |= (byte & 0x7F) << shift
         at, shift = at + 1, shift + 7
@@ -88,13 +88,26 @@ def _varint(body: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
+_WIRE_TYPES = {_FIELD_MODEL_ID: 2, _FIELD_SEQ_ID: 0, _FIELD_DATA: 2}
+
+
+def _not_the_message() -> MalformedRequestError:
+    return MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+
+
 def peek_forward_backward(body: bytes, max_datums: int) -> FwdBwdHead:
     """The top-level fields of a ForwardBackwardRequest, each skipped by its length (a datum is never looked
-    into): a body of more than ``max_datums`` datums, or of many other fields, is refused as soon as that shows."""
-    model_id, seq_id, datums, others, at = b"", 0, [], 0, 0
+    into). Every field counts: a body of more than ``max_datums`` datums, or of more than MAX_OTHER_FIELDS other
+    fields, is refused as soon as that shows, so the loop runs a few hundred times at most, whatever the body's
+    size; model_id and seq_id may appear once."""
+    model_id, seq_id, datums, others, at, seen = b"", 0, [], 0, 0, set()
     while at < len(body):
         tag, at = _varint(body, at)
         field, wire = tag >> 3, tag & 7
+        if _WIRE_TYPES.get(field, wire) != wire or field in seen:
+            raise _not_the_message()
+        if field in (_FIELD_MODEL_ID, _FIELD_SEQ_ID):
+            seen.add(field)
         if wire == 0:
             value, at = _varint(body, at)
             if field == _FIELD_SEQ_ID:
@@ -102,7 +115,7 @@ def peek_forward_backward(body: bytes, max_datums: int) -> FwdBwdHead:
         elif wire == 2:
             size, at = _varint(body, at)
             if at + size > len(body):
-                raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+                raise _not_the_message()
             if field == _FIELD_MODEL_ID:
                 model_id = body[at:at + size]
             elif field == _FIELD_DATA:
@@ -115,14 +128,14 @@ def peek_forward_backward(body: bytes, max_datums: int) -> FwdBwdHead:
         elif wire in (1, 5):
             at += 8 if wire == 1 else 4
         else:
-            raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
-        if field not in (_FIELD_DATA, _FIELD_MODEL_ID, _FIELD_SEQ_ID):
+            raise _not_the_message()
+        if field not in _WIRE_TYPES:
             others += 1
             if others > MAX_OTHER_FIELDS:
                 raise MalformedRequestError(f"a forward_backward request has more than {MAX_OTHER_FIELDS} fields "
                                             "besides its datums")
     if at > len(body):
-        raise MalformedRequestError("the forward_backward body is not a ForwardBackwardRequest message")
+        raise _not_the_message()
     try:
         name = model_id.decode()
     except UnicodeDecodeError:

@@ -77,6 +77,7 @@ MAX_DATUMS_PER_REQUEST = 128
 # for chunk and tensor headers; and per datum, room for its map keys and provenance spans.
 TINKER_BYTES_PER_TOKEN, DATUM_SLACK = 40, 4 << 10
 JSON_BYTES_PER_TOKEN = 21  # a prompt token in JSON: up to 20 digits and a comma
+MAX_BASE_MODEL_CHARS = 1024  # a built-in name or a folder's path
 MAX_SESSIONS_PER_KEY = 64  # of the tenant's MAX_OPEN_SESSIONS: one key cannot take them all
 PROTOBUF = "application/x-protobuf"
 DEFAULT_MAX_TOKENS = 256  # Tinker's max_tokens=None: generation stops at EOS, a stop sequence or this (hosted
@@ -120,12 +121,18 @@ class TinkerSettings:
     registry: TinkerRegistry = field(default_factory=TinkerRegistry)
 
     def check_base_model(self, base_model: str) -> str:
+        if len(base_model) > MAX_BASE_MODEL_CHARS:
+            raise ValidationError(f"base_model is longer than {MAX_BASE_MODEL_CHARS} characters", {"field": "base_model"})
         if is_tiny(base_model):
             parse_tiny(base_model)  # its sizes are the caller's: bounded at the door
         if is_tiny(base_model) or base_model == SMOLLM2_REF or self.model_roots is None:
             return base_model
-        real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
-        if real.is_dir() and any(real.is_relative_to(root.resolve()) for root in self.model_roots):
+        try:
+            real = Path(base_model).resolve()  # symlinks and '..' resolved: a link out of a root does not pass
+            inside = real.is_dir() and any(real.is_relative_to(root.resolve()) for root in self.model_roots)
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a folder of ours
+            inside = False
+        if inside:
             return base_model
         raise PermissionDeniedError(f"base_model {base_model[:200]!r} is not a built-in model or a folder under this "
                                     "trainer's model roots (TENSAFE_TINKER_MODEL_ROOTS)", {"field": "base_model"})
@@ -282,8 +289,11 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 "model_id": model_id}
 
     def tokenizer_id(base_model: str) -> str:
-        if Path(base_model).is_dir():
-            return str(Path(base_model).resolve())
+        try:
+            if Path(base_model).is_dir():
+                return str(Path(base_model).resolve())
+        except (OSError, ValueError):
+            pass
         if base_model == SMOLLM2_REF:
             return str(smollm2_folder())
         return base_model
@@ -345,7 +355,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                   "says proto_compress_fwdbwd=false)")
         body = await request.body()
         # The model found and the datums counted and sized from the protobuf's lengths, before anything is decoded.
-        head = convert.peek_forward_backward(body, MAX_DATUMS_PER_REQUEST)
+        head = await door.decode(len(body), convert.peek_forward_backward, body, MAX_DATUMS_PER_REQUEST)
         model = registry.model(head.model_id, key.tenant_id)
         largest = max(head.datum_bytes, default=0)
         if largest > datum_budget(model.session.limits):
