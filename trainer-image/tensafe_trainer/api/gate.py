@@ -21,9 +21,8 @@ from typing import Any, Callable, Optional
 from tg_tinker.errors import (AuthenticationError, RequestTimeoutError, RequestTooLargeError, ResourceExhaustedError,
                               TGTinkerError)
 
-from tensafe_trainer.service.errors import answer
+from tensafe_trainer.service.errors import answer, on_tinker_wire
 from tensafe_trainer.service.principals import Principal
-from tensafe_trainer.api.tinker import PREFIX as TINKER_PREFIX
 
 BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
 BODY_DEADLINE_S = 120.0  # and the most it may take in all (64 MiB at ~0.5 MB/s)
@@ -153,7 +152,7 @@ class Gate:
             return await self.app(scope, receive, send)
         try:
             state = getattr(scope["app"].state, "tensafe", None)
-            if scope["path"].startswith(TINKER_PREFIX + "/"):  # a tenant's Tinker key, metered like a client's token
+            if on_tinker_wire(scope["path"]):  # a tenant's Tinker key, metered like a client's token
                 if self.tinker_keys is None:
                     raise AuthenticationError("this trainer does not serve the Tinker API")
                 principal = self.tinker_keys.resolve(headers.get(b"x-api-key", b"").decode("latin-1"))

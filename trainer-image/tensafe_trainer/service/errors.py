@@ -39,7 +39,8 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def on_tinker_wire(path: str) -> bool:
-    return path.startswith(TINKER_PREFIX + "/") or path == TINKER_PREFIX
+    """A request to the Tinker wire: authenticated by a Tinker key (the Gate) and answered the Tinker way."""
+    return path.startswith(TINKER_PREFIX + "/")
 
 
 def status_of(error: TGTinkerError, path: str, status: Optional[int] = None) -> int:

@@ -573,7 +573,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         sampler = registry.sampler(sampler_id, key.tenant_id)
         return {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
-    def sample_request(body: dict, prompt: list[int]) -> SampleRequest:
+    def sample_request(body: dict, prompt: list[int], num_samples: int) -> SampleRequest:
         params = door.mapping(body, "sampling_params")
         stop = params.get("stop")
         top_k = params.get("top_k", -1)
@@ -583,7 +583,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 temperature=params.get("temperature", 1.0), top_p=params.get("top_p", 1.0),
                 top_k=None if top_k in (None, -1, 0) else top_k, seed=params.get("seed"),
                 stop=[stop] if isinstance(stop, str) else stop or None, stop_at_eos=stop != [],
-                num_samples=door.integer(body, "num_samples", 1, 1))
+                num_samples=num_samples)
         except ValueError as exc:
             raise ValidationError(f"bad sampling request: {exc}"[:1000], {"field": "sampling_params"}) from None
 
@@ -608,7 +608,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if earlier is not None:
             return {"request_id": earlier, "sample_sequence_ids": [f"{earlier}:{i}" for i in range(num)]}
         prompt = prompt_tokens(body)
-        sample = sample_request(body, prompt)
+        sample = sample_request(body, prompt, num)
         session = sampler.session
         session.check_open()
         logprobs_op = None
