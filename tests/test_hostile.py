@@ -20,7 +20,7 @@ import pytest
 
 from conftest import VOCAB, random_batch, tiny_config
 from tg_tinker import (AuthenticationError, ClientFailedError, ClientTerminatedError, PermissionDeniedError,
-                       ResourceExhaustedError, ServiceClient)
+                       ServiceClient)
 from tg_tinker.errors import ValidationError
 from tg_tinker.transport import Transport
 
@@ -262,14 +262,13 @@ def test_a_failed_sample_leaves_the_accumulated_gradients_alone(tensafe_home):
     discard them when it fails. A sample failing inside the engine (its seed past what torch takes, sent
     past the door's check here) once silently dropped the batch, and the next optim_step changed nothing."""
     from tensafe_trainer.engine.process import EngineProcess
+    from tensafe_trainer.engine.protocol import SlotSpec
 
     from tg_tinker.types import (BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest,
                                  SampleRequest)
 
     config = tiny_config()
-    spec = {"kind": "training", "client_id": "tc-keep", "tenant_id": "default",
-            "config": config.model_dump(mode="json")}
-    engine = EngineProcess(spec, tensafe_home)
+    engine = EngineProcess(SlotSpec.training("tc-keep", "default", config), tensafe_home)
     batch = BatchData(**random_batch())
     try:
         engine.hand_over(0, ForwardRequest(batch=batch))
@@ -387,38 +386,6 @@ def test_open_docs_is_a_flag_of_the_server(tmp_path):
             assert client.get("/v1/clients", headers={"authorization": "Bearer admin-token"}).json() == []
 
 
-def test_results_kept_per_client_are_bounded():
-    import asyncio
-
-    from tensafe_trainer.service.sessions import Operation, OperationIndex
-    from tg_tinker.types import OperationStatus, OptimStepRequest
-
-    class Owner:
-        def __init__(self):
-            self.forgotten = []
-
-        def forget(self, op):
-            self.forgotten.append(op.id)
-
-    loop = asyncio.new_event_loop()
-    index = OperationIndex(capacity=100, per_client=3, ttl_s=60)
-    noisy, quiet = Owner(), Owner()
-    ops = [Operation("noisy", OptimStepRequest(), None, "fp", loop) for _ in range(6)]
-    kept = Operation("quiet", OptimStepRequest(), None, "fp", loop)
-    index.add(kept, quiet)
-    kept.finish(OperationStatus.SUCCEEDED, result={})
-    for op in ops:
-        index.add(op, noisy)
-        op.finish(OperationStatus.SUCCEEDED, result={})
-    assert noisy.forgotten == [op.id for op in ops[:3]] and quiet.forgotten == []  # one client's flood only
-    kept.finished_at -= 120  # past the TTL: forgotten at the next add
-    index.add(Operation("noisy", OptimStepRequest(), None, "fp", loop), noisy)
-    assert quiet.forgotten == [kept.id]
-    with pytest.raises(KeyError):
-        index.get(kept.id)
-    loop.close()
-
-
 def test_tenant_ids_match_in_full_and_reads_create_no_folder(svc, home):
     for bad in ("t2\n", "../t2", "t2/x"):
         with pytest.raises((ValidationError, AuthenticationError)):
@@ -477,16 +444,20 @@ def test_a_new_client_under_an_old_id_cannot_read_the_old_ones_operations(svc):
 
 
 def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
-    from tensafe_trainer.api.app import MAX_SAMPLERS_PER_CLIENT
+    """The one sampler policy of both doors (service/samplers.py): a client's token keeps at most
+    MAX_LIVE_SAMPLERS sampling clients live; a newer one closes the oldest, whose token then hears why."""
+    from tensafe_trainer.service.samplers import MAX_LIVE_SAMPLERS
 
     parent = create(svc, "parent", "default")
     wait_ready(svc, "parent")
     with Transport(svc.base_url, parent["access_token"]) as token:
         saved = run(token, "parent", {"type": "save_state", "kind": "sampler"})["result"]["artifact_id"]
-        children = [token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
-                    for _ in range(MAX_SAMPLERS_PER_CLIENT)]
-        with pytest.raises(ResourceExhaustedError, match=f"already has {MAX_SAMPLERS_PER_CLIENT} sampling clients"):
-            token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
+        oldest, *children = [token.request("POST", "/v1/sampling_clients", json={"artifact_id": saved})
+                             for _ in range(MAX_LIVE_SAMPLERS + 1)]
+    with Transport(svc.base_url, oldest["access_token"]) as token, \
+            pytest.raises(AuthenticationError, match="its owner opened a newer one"):
+        token.request("GET", f"/v1/clients/{oldest['client_id']}")
+    assert svc.transport.request("GET", f"/v1/clients/{children[0]['client_id']}")["status"] != "TERMINATED"
     svc.transport.request("DELETE", "/v1/clients/parent")
     for child in children:
         for _ in range(1200):  # TERMINATED once its engine has stopped (it may still be loading: ~9 s of imports here)

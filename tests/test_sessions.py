@@ -7,20 +7,12 @@ import asyncio
 from tg_tinker.types import OperationStatus, OptimStepRequest
 
 
-class RecordingOwner:
-    def __init__(self):
-        self.forgotten = []
-
-    def forget(self, op):
-        self.forgotten.append(op.id)
-
-
 def make_ops(n):
     from tensafe_trainer.service.sessions import Operation, fingerprint
 
     loop = asyncio.new_event_loop()
     request = OptimStepRequest()
-    return loop, [Operation("tc-1", request, f"key-{i}", fingerprint(bytes(32), request), loop)
+    return loop, [Operation("tc-1", request, fingerprint(bytes(i + 1), request), loop)
                   for i in range(n)]
 
 
@@ -32,28 +24,11 @@ def test_finished_operations_drop_their_request():
     loop.close()
 
 
-def test_operation_index_forgets_the_oldest_finished_operations_only():
-    from tensafe_trainer.service.sessions import OperationIndex
-
-    loop, ops = make_ops(5)
-    owner = RecordingOwner()
-    index = OperationIndex(capacity=3)
-    for op in ops[:3]:
-        index.add(op, owner)
-    index.add(ops[3], owner)  # the oldest is still pending: nothing may be forgotten
-    assert len(index) == 4 and owner.forgotten == []
-    ops[0].finish(OperationStatus.SUCCEEDED, result={})
-    ops[1].finish(OperationStatus.SUCCEEDED, result={})
-    index.add(ops[4], owner)
-    assert len(index) == 3 and owner.forgotten == [ops[0].id, ops[1].id]
-    assert index.get(ops[4].id)[0] is ops[4]
-    loop.close()
-
-
-def training_spec(client_id, config) -> dict:
+def training_spec(client_id, config):
     """What the server passes an engine process for a training client."""
-    return {"kind": "training", "client_id": client_id, "tenant_id": "default",
-            "config": config.model_dump(mode="json")}
+    from tensafe_trainer.engine.protocol import SlotSpec
+
+    return SlotSpec.training(client_id, "default", config)
 
 
 def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_runs(tensafe_home):
@@ -107,7 +82,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
                       max_pending=16, hash_key=lambda: bytes(32))
     try:
-        ops = [session.submit(OptimStepRequest(), f"key-{i}")[0] for i in range(3)]
+        ops = [session.submit(OptimStepRequest()) for _ in range(3)]
         session._thread.join(timeout=120)
         assert not session._thread.is_alive()
         writer.flush()  # outcomes are published once their audit entries are written

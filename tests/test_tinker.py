@@ -150,7 +150,7 @@ def test_a_repeated_seq_id_runs_once(server, plain, model_dir):
         model_id=tc.model_id, seq_id=900)
     refused = httpx.post(f"{server.base_url}/api/v1/forward_backward", headers=headers,
                          content=forward_backward_request_to_proto(other).SerializeToString())
-    assert refused.status_code == 422 and "already submitted with another body" in refused.text
+    assert refused.status_code == 422 and "reused for a different request" in refused.text
     done = httpx.post(f"{server.base_url}/api/v1/retrieve_future", json={"request_id": ids[0]}, timeout=60,
                       headers={"X-API-Key": server.keys["plain"]})
     assert done.headers["content-type"].startswith("application/x-protobuf")
@@ -438,21 +438,19 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
         (model_dir.parent / "escape").unlink()
 
 
-def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, model_dir, monkeypatch):
-    """The dedup map and the session's idempotency keys are bounded (1 h, 50,000 futures; 2,000 operations); a
-    retry that comes after both forgot its request must not run it a second time (under DP: an example counted
-    twice). Here both forget at once (TTL 0), in process, on a real trainer app."""
+def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, model_dir):
+    """The future store is bounded (1 h; 2,000 futures per model); a retry that comes after its future was
+    forgotten must not run its request a second time (under DP: an example counted twice). Here futures are
+    forgotten at once (TTL 0), in process, on a real trainer app."""
     from fastapi.testclient import TestClient
 
     from tensafe_trainer.api.app import Settings, create_app
-    from tensafe_trainer.service.sessions import OperationIndex
-    from tensafe_trainer.api.tinker import registry
     from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.futures import FutureStore
 
-    monkeypatch.setattr(registry, "FUTURE_TTL_S", 0.0)
     key = create_key(tmp_path, "plain")
     with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
-        client.app.state.tensafe.operations = OperationIndex(ttl_s=0.0)
+        client.app.state.tensafe.futures = FutureStore(ttl_s=0.0)
         headers = {"X-API-Key": key}
 
         def call(endpoint: str, body: dict):

@@ -21,7 +21,8 @@ from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERA
                         TrainerAccess, child_name, key_secret_name, operation_spec, trainer_access)
 from .keys_kubernetes import keyset_key
 from .sealing import sealing_key
-from .types import RESULT_TYPES, ClientInfo, ClientStatus
+from .operations import RESULT_TYPES
+from .types import ClientInfo, ClientStatus
 
 # How long a finished trainer operation may wait for the operator to record it before the SDK says so.
 OPERATOR_GRACE_S = 60.0

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from .errors import ValidationError
+from .operations import OPERATIONS
 from .sealing import seal
 from .types import LoadStateRequest, SaveStateRequest
 
 GROUP, VERSION = "tensafe.io", "v1alpha1"
 TRAINING_CLIENTS, TRAINING_OPERATIONS = "trainingclients", "trainingoperations"
 PRIVACY_BUDGETS = "privacybudgets"
-OPERATION_TYPES = ("save_state", "load_state", "export")
+# A TrainingOperation's type: a durable operation, or ``export`` (a sampler save: weights to pull and decrypt)
+OPERATION_TYPES = (*(name for name, kind in OPERATIONS.items() if kind.durable), "export")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 TRAINER_PORT = 8000

@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 from .errors import OperationCancelledError, ResourceExhaustedError, TGTinkerError, error_from_wire
 from .futures import Future
 from .transport import Transport
-from .types import MAX_PACKED_BYTES, MAX_SUBMISSIONS, RESULT_TYPES, SubmittedOperations
+from .operations import RESULT_TYPES
+from .types import MAX_PACKED_BYTES, MAX_SUBMISSIONS, SubmittedOperations
 
 MAX_UNSENT = 256  # operations waiting to be sent before a call blocks
 IDLE_EXIT_S = 5.0  # the sender thread ends after this long with nothing to send

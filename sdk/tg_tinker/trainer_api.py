@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .transport import Transport
-from .types import ClientInfo, OperationRecord, SubmitOperation
+from .operations import SubmitOperation
+from .types import ClientInfo, OperationRecord
 
 
 class TrainerAPI:

@@ -263,24 +263,6 @@ class ExportAdapterRequest(WireModel):
     type: Literal["export_adapter"] = "export_adapter"
 
 
-OperationRequest = Union[
-    ForwardBackwardRequest,
-    ForwardBackwardSampledRequest,
-    ForwardRequest,
-    OptimStepRequest,
-    SaveStateRequest,
-    LoadStateRequest,
-    SampleRequest,
-    ComputeLogprobsRequest,
-    ExportAdapterRequest,
-]
-
-
-class SubmitOperation(WireModel):
-    request: OperationRequest = Field(discriminator="type")
-    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=128)
-
-
 # --- results ------------------------------------------------------------------------------------
 
 
@@ -437,13 +419,6 @@ MAX_WAITED_OPERATIONS = 256
 MAX_SUBMISSIONS = 256  # operations in one batched submission
 
 
-class SubmitOperations(WireModel):
-    """Several operations of one client in one request, queued in list order. The trainer stops at the first
-    one it refuses: those after it were meant to run after it, so they are not queued either."""
-
-    submissions: list[SubmitOperation] = Field(min_length=1, max_length=MAX_SUBMISSIONS)
-
-
 class SubmittedOperations(WireModel):
     """``records[i]`` answers ``submissions[i]``. ``error``, when set, is why ``submissions[len(records)]``
     was refused; the submissions after it were not looked at."""
@@ -577,16 +552,3 @@ class AuditEntry(WireModel):
     # before generations), and, on a ``rotate_keys`` record (the last of its generation's segment), the next.
     key_id: Optional[str] = None
     next_key_id: Optional[str] = None
-
-
-RESULT_TYPES: dict[str, type[WireModel]] = {
-    "forward_backward": ForwardBackwardResult,
-    "forward_backward_sampled": ForwardBackwardResult,
-    "forward": ForwardResult,
-    "optim_step": OptimStepResult,
-    "save_state": SaveStateResult,
-    "load_state": LoadStateResult,
-    "sample": SampleResult,
-    "compute_logprobs": ComputeLogprobsResult,
-    "export_adapter": ExportAdapterResult,
-}

@@ -46,28 +46,29 @@ from tg_tinker.types import (
     MAX_WAIT_S,
     OperationRecord,
     RegisterDataset,
-    SubmitOperation,
-    SubmitOperations,
     SubmittedOperations,
     WaitForOperations,
 )
 
-from tensafe_trainer.privacy import datasets
-from tensafe_trainer.service import metrics
-from tensafe_trainer.storage.artifacts import ArtifactStore
+from tg_tinker.keys import TENANT_PATTERN
+from tg_tinker.operations import SubmitOperation, SubmitOperations
 from tg_tinker.receipts import public_key_pem, sign_receipt
 from tg_tinker.wire import MAX_REPORTED_ERRORS, malformed_json, validation_error
 
+from tensafe_trainer.privacy import datasets
+from tensafe_trainer.service import metrics
+from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.audit import AuditTrail, request_hash
 from tensafe_trainer.storage.audit_writer import AuditWriter
-from tg_tinker.keys import TENANT_PATTERN
 from tensafe_trainer.storage.paths import key_provider
 from tensafe_trainer.engine.process import EngineProcess, busy_counter
+from tensafe_trainer.engine.protocol import SlotSpec
 from tensafe_trainer.api.gate import Gate, RevokedTokens, replaced, resolve, terminated, token_digest
 from tensafe_trainer.service import admission
-from tensafe_trainer.service import door, errors
+from tensafe_trainer.service import door, errors, samplers
 from tensafe_trainer.service.principals import Principal, Scope
-from tensafe_trainer.service.sessions import Operation, OperationIndex, Session
+from tensafe_trainer.service.futures import FutureStore, long_poll
+from tensafe_trainer.service.sessions import Operation, Session
 from tensafe_trainer.api.tinker.keys import NOT_VERIFIED, TinkerKeys
 from tensafe_trainer.api.tinker.policy import PrivacyPolicy
 from tensafe_trainer.api.tinker.registry import TinkerRegistry
@@ -76,7 +77,6 @@ from tensafe_trainer.api.tinker.routes import body_budget as tinker_body_budget
 
 log = logging.getLogger("tensafe.trainer")
 SUBMISSION_PATH = re.compile(r"/v1/clients/[^/]+/operations(/batch)?")  # where a client's token sends batches
-MAX_SAMPLERS_PER_CLIENT = 4  # sampling clients one client's token may have at once (each is an engine)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class State:
     audit: AuditWriter
     loop: asyncio.AbstractEventLoop
     sessions: dict[str, Session] = field(default_factory=dict)
-    operations: OperationIndex = field(default_factory=OperationIndex)
+    futures: FutureStore = field(default_factory=FutureStore)  # both doors' (service/futures.py)
     busy_engines: Any = field(default_factory=busy_counter)
     client_tokens: dict[bytes, "Principal"] = field(default_factory=dict)  # sha256(token) -> its client
     revoked: RevokedTokens = field(default_factory=RevokedTokens)  # so a revoked token hears why
@@ -120,6 +120,7 @@ class State:
             if not child.terminated:
                 metrics.CLIENTS.labels(child.kind).dec()
             child.terminate()
+            self.futures.release(child)
             self.revoke(child, why)
 
     def revoke(self, session: Session, why: Optional[str] = None) -> None:
@@ -184,13 +185,12 @@ class State:
         metrics.CLIENTS.labels(kind).inc()
         return session
 
-    def start_engine(self, spec: dict) -> EngineProcess:
+    def start_engine(self, spec: SlotSpec) -> EngineProcess:
         return EngineProcess(spec, self.settings.home, self.busy_engines)
 
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
-        spec = {"kind": "training", "client_id": client_id, "tenant_id": req.tenant_id,
-                "config": req.config.model_dump(mode="json"), "resume_from": req.resume_from}
+        spec = SlotSpec.training(client_id, req.tenant_id, req.config, req.resume_from)
         return self.start(client_id, req.tenant_id, "training", lambda: self.start_engine(spec), config=req.config)
 
 
@@ -405,16 +405,15 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             require_admin(principal)
         client_id = f"sc-{uuid.uuid4().hex[:12]}"
-        spec = {"kind": "sampling", "client_id": client_id, "tenant_id": body.tenant_id,
-                "artifact_id": body.artifact_id, "base_model": body.model_path or body.base_model}
+        spec = SlotSpec.sampling(client_id, body.tenant_id, body.artifact_id, body.model_path or body.base_model)
         if body.artifact_id:  # the artifact's use is on record, like a load
             await asyncio.to_thread(state.audit_artifact_use, "create_sampling_client", body.tenant_id, client_id,
                                     body.artifact_id)
         parent = principal.session
-        live_children = sum(not c.terminated for c in current(state, parent).children) if parent is not None else 0
-        if live_children >= MAX_SAMPLERS_PER_CLIENT:
-            raise ResourceExhaustedError(f"client {parent.client_id!r} already has {MAX_SAMPLERS_PER_CLIENT} sampling "
-                                         "clients: close one first", {"max_samplers": MAX_SAMPLERS_PER_CLIENT})
+        if parent is not None:  # the one sampler policy (service/samplers.py): its oldest makes room
+            parent.children = [c for c in current(state, parent).children if not c.terminated]
+            for old in samplers.make_room(parent.children):
+                state.stop(old, samplers.closed_for_newer(old.client_id))
         session = state.start(client_id, body.tenant_id, "sampling", lambda: state.start_engine(spec))
         if parent is not None:
             parent.children.append(session)  # it ends with the client whose token made it
@@ -448,10 +447,14 @@ def create_app(settings: Settings) -> FastAPI:
                                          session.granted)
 
     def queue_operation(state: State, session: Session, submission: SubmitOperation) -> tuple[Operation, bool]:
-        op, created = session.submit(submission.request, submission.idempotency_key)
-        if created:
-            state.operations.add(op, session)
-        return op, created
+        """(operation, created): a retry under an idempotency key gets the operation it made."""
+        fp = session.fingerprint(submission.request)
+        earlier = state.futures.claim(session, submission.idempotency_key, fp.encode())
+        if earlier is not None:
+            return earlier, False
+        op = session.submit(submission.request, fp)
+        state.futures.add(op, session, submission.idempotency_key, fp.encode())
+        return op, True
 
     @app.post("/v1/clients/{client_id}/operations", response_model=OperationRecord,
               openapi_extra=json_body(SubmitOperation))
@@ -484,7 +487,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     def find(state: State, operation_id: str, principal: Principal) -> tuple[Operation, Session]:
         try:
-            op, session = state.operations.get(operation_id)
+            op, session = state.futures.get(operation_id)
+            if not isinstance(op, Operation):  # a Tinker request's future: not polled here
+                raise KeyError(operation_id)
         except KeyError:
             raise OperationLostError(
                 f"operation {operation_id!r} is unknown to this trainer (it restarted, or the id is wrong); "
@@ -494,12 +499,6 @@ def create_app(settings: Settings) -> FastAPI:
             raise PermissionDeniedError(f"operation {operation_id!r} belongs to an earlier client {session.client_id!r}"
                                         ", not to this token's", {"operation_id": operation_id})
         return op, session
-
-    async def long_poll(op: Operation, wait: float) -> None:
-        waiter = op.waiter() if wait > 0 else None
-        if waiter is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter), timeout=wait)
 
     @app.get("/v1/operations/{operation_id}", response_model=OperationRecord)
     async def get_operation(operation_id: str, wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from tg_tinker.config import TrainingConfig
 from tg_tinker.errors import ValidationError
+from tg_tinker.operations import OPERATIONS, TRAINING_ONLY
 from tg_tinker.sealing import unseal
 from tg_tinker.types import (
     ComputeLogprobsRequest,
@@ -30,7 +31,6 @@ from tg_tinker.types import (
     WireModel,
 )
 
-from tensafe_trainer.service.admission import TRAINING_ONLY
 from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.crypto import ALGORITHM
 from tensafe_trainer.privacy.datasets import find_dataset, load_examples
@@ -96,25 +96,28 @@ class Runtime:
         kind = request.type
         if self.kind == "sampling" and kind in TRAINING_ONLY:
             raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
-        if isinstance(request, ForwardBackwardRequest):
-            return Outcome(self.engine.forward_backward(request.batch, request))
-        if isinstance(request, ForwardBackwardSampledRequest):
-            return Outcome(self.engine.forward_backward_sampled())
-        if isinstance(request, ForwardRequest):
-            return Outcome(self.engine.forward(request.batch, request))
-        if isinstance(request, OptimStepRequest):
-            return Outcome(self.engine.optim_step(request.apply_dp_noise, request.adam))
-        if isinstance(request, SaveStateRequest):
-            return self._save(request)
-        if isinstance(request, LoadStateRequest):
-            return self._load(request)
-        if isinstance(request, SampleRequest):
-            return Outcome(self.sampler.sample(request))
-        if isinstance(request, ComputeLogprobsRequest):
-            return Outcome(self.sampler.compute_logprobs(request.tokens))
-        if isinstance(request, ExportAdapterRequest):
-            return self._export()
-        raise ValidationError(f"unknown operation {kind!r}")
+        handler = HANDLERS.get(kind)
+        if handler is None:
+            raise ValidationError(f"unknown operation {kind!r}")
+        return handler(self, request)
+
+    def _forward_backward(self, req: ForwardBackwardRequest) -> Outcome:
+        return Outcome(self.engine.forward_backward(req.batch, req))
+
+    def _forward_backward_sampled(self, req: ForwardBackwardSampledRequest) -> Outcome:
+        return Outcome(self.engine.forward_backward_sampled())
+
+    def _forward(self, req: ForwardRequest) -> Outcome:
+        return Outcome(self.engine.forward(req.batch, req))
+
+    def _optim_step(self, req: OptimStepRequest) -> Outcome:
+        return Outcome(self.engine.optim_step(req.apply_dp_noise, req.adam))
+
+    def _sample(self, req: SampleRequest) -> Outcome:
+        return Outcome(self.sampler.sample(req))
+
+    def _compute_logprobs(self, req: ComputeLogprobsRequest) -> Outcome:
+        return Outcome(self.sampler.compute_logprobs(req.tokens))
 
     def _save(self, req: SaveStateRequest) -> Outcome:
         if req.sealed is not None:
@@ -148,7 +151,7 @@ class Runtime:
                 "base_model": self.engine.public_model_name, "tenant": self.tenant_id,
                 "training_client": self.client_id, "step": self.engine.step, **privacy, **extra}
 
-    def _export(self) -> Outcome:
+    def _export(self, req: ExportAdapterRequest) -> Outcome:
         """The adapter built in memory (never a plaintext file on the trainer's disk)."""
         files = self.engine.adapter_files()
         buffer = io.BytesIO()
@@ -229,3 +232,18 @@ class Runtime:
         result = LoadStateResult(artifact_id=req.artifact_id, step=self.engine.step, status="loaded",
                                  total_epsilon=self.engine.total_epsilon)
         return Outcome(result, consumed=[req.artifact_id])
+
+
+# What runs each operation of the table (tg_tinker.operations): every one, and nothing else.
+HANDLERS = {
+    "forward_backward": Runtime._forward_backward,
+    "forward_backward_sampled": Runtime._forward_backward_sampled,
+    "forward": Runtime._forward,
+    "optim_step": Runtime._optim_step,
+    "save_state": Runtime._save,
+    "load_state": Runtime._load,
+    "sample": Runtime._sample,
+    "compute_logprobs": Runtime._compute_logprobs,
+    "export_adapter": Runtime._export,
+}
+assert HANDLERS.keys() == OPERATIONS.keys(), set(HANDLERS) ^ set(OPERATIONS)

@@ -25,17 +25,18 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tg_tinker.errors import TGTinkerError, TrainingClientError, error_from_wire
+from tg_tinker.operations import ACCUMULATING
+
+from tensafe_trainer.engine.protocol import Reply, SlotSpec, SlotSummary
 
 log = logging.getLogger("tensafe.engine")
 
 # The operations that add to (or consume) the pending gradients: only their failure may discard them. A
 # failed sample or save leaves the batch accumulated so far alone.
-ACCUMULATING = frozenset({"forward_backward", "forward_backward_sampled", "optim_step"})
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
 
 _context = None
@@ -48,49 +49,26 @@ def _mp_context():
     return _context
 
 
-@dataclass
-class Reply:
-    seq: int
-    summary: dict
-    finished_at: float  # time.time() when the engine was done with it, and free for the next one
-    result: Optional[dict] = None
-    error: Optional[dict] = None
-    produced: list[str] = field(default_factory=list)
-    consumed: list[str] = field(default_factory=list)
-    dp_metrics: Optional[dict] = None
-    receipt_claims: Optional[dict] = None
-    withdrawn: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.withdrawn and self.error is None
-
-
-def _summary(runtime) -> dict:
+def _summary(runtime) -> SlotSummary:
     engine = runtime.engine
-    return {"step": engine.step, "total_epsilon": engine.total_epsilon,
-            "last_checkpoint": runtime.last_checkpoint, "resumed_from": runtime.resumed_from,
-            # what the door checks submissions against (admission.Limits)
-            "vocab_size": engine.vocab_size, "batch_size": engine.config.batch_size,
-            "max_seq_len": engine.config.max_seq_len}
+    return SlotSummary(step=engine.step, total_epsilon=engine.total_epsilon, last_checkpoint=runtime.last_checkpoint,
+                       resumed_from=runtime.resumed_from, vocab_size=engine.vocab_size,
+                       batch_size=engine.config.batch_size, max_seq_len=engine.config.max_seq_len)
 
 
-def _build(spec: dict, home: Path):
+def _build(spec: SlotSpec, home: Path):
     from tensafe_trainer.storage.artifacts import ArtifactStore
     from tensafe_trainer.storage.paths import key_provider, ledger_dir
     from tensafe_trainer.engine.operations import Runtime
 
-    from tg_tinker.config import TrainingConfig
-
     store = ArtifactStore(home / "artifacts", key_provider(home))
-    if spec["kind"] == "training":
-        runtime = Runtime.for_training(spec["client_id"], spec["tenant_id"], TrainingConfig.parse(spec["config"]),
-                                       store, ledger_dir(home))
-        if spec.get("resume_from"):
-            runtime.resume(spec["resume_from"])
+    if spec.kind == "training":
+        runtime = Runtime.for_training(spec.client_id, spec.tenant_id, spec.config, store, ledger_dir(home))
+        if spec.resume_from:
+            runtime.resume(spec.resume_from)
         return runtime
-    return Runtime.for_sampling(spec["client_id"], spec["tenant_id"], store, artifact_id=spec.get("artifact_id"),
-                                base_model=spec.get("base_model"))
+    return Runtime.for_sampling(spec.client_id, spec.tenant_id, store, artifact_id=spec.artifact_id,
+                                base_model=spec.base_model)
 
 
 class _ThreadShare:
@@ -174,19 +152,14 @@ class _Inbox:
         return self._items.get()
 
 
-def _is_private(spec: dict) -> bool:
-    dp = (spec.get("config") or {}).get("dp_config") if spec["kind"] == "training" else None
-    return bool(dp) and dp.get("enabled", True)
-
-
-def _child(requests, replies, spec: dict, home: str, busy_engines, gate: StartGate) -> None:
+def _child(requests, replies, spec: SlotSpec, home: str, busy_engines, gate: StartGate) -> None:
     # Before any key is read: no core dump of this process (it holds the tenant's KEKs), and it dies with
     # the server, even one killed with SIGKILL (hardening.py).
     from tensafe_trainer.cli.hardening import die_with_parent, disable_core_dumps
 
     disable_core_dumps()
     die_with_parent(multiprocessing.parent_process().pid)
-    private = _is_private(spec)
+    private = spec.private
     try:
         threads = _ThreadShare(busy_engines)
         runtime = _build(spec, Path(home))
@@ -239,21 +212,21 @@ def busy_counter():
 
 
 class EngineProcess:
-    """A client's engine in a child process. One thread (the session's worker) hands over operations and
+    """One slot's engine in a child process. One thread (the session's worker) hands over operations and
     takes their replies, in order; ``withdraw`` may be called from any thread."""
 
-    def __init__(self, spec: dict[str, Any], home: Path, busy_engines=None):
+    def __init__(self, spec: SlotSpec, home: Path, busy_engines=None):
         ctx = _mp_context()
         busy = busy_engines if busy_engines is not None else busy_counter()
         self._gate = StartGate(ctx)
         requests_out, self._requests = ctx.Pipe(duplex=False)
         self._replies, replies_in = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_child, args=(requests_out, replies_in, spec, str(home), busy, self._gate),
-                                   daemon=True, name=f"engine-{spec['client_id']}")
+                                   daemon=True, name=f"engine-{spec.client_id}")
         self.process.start()
         requests_out.close()
         replies_in.close()
-        self.summary: dict = {"step": 0, "total_epsilon": None, "last_checkpoint": None}
+        self.summary = SlotSummary()
         message = self._receive("start-up")
         if message[0] == "failed":
             self.close()

@@ -10,25 +10,24 @@ how many bytes one request of this client may carry at all. A submission refused
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tg_tinker.errors import RequestTooLargeError, ValidationError
+from tg_tinker.operations import OPERATIONS, TRAINING_ONLY
 from tg_tinker.types import (
     MAX_PACKED_BYTES,
     ComputeLogprobsRequest,
-    ForwardBackwardRequest,
     ForwardBackwardSampledRequest,
-    ForwardRequest,
     OptimStepRequest,
     SampleRequest,
 )
 
 from tensafe_trainer.engine.losses import get_loss
+from tensafe_trainer.engine.protocol import SlotSummary
 from tensafe_trainer.engine.memory import (PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, TRAINING_BYTES_PER_CELL,
                                            check_logits, request_memory_budget)
 from tensafe_trainer.privacy.dp import check_noise_request
 
-TRAINING_ONLY = frozenset({"forward_backward", "forward_backward_sampled", "optim_step", "save_state", "load_state"})
 # A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them. A float
 # (a loss input: weights, logprobs, advantages) at most 25 characters and a comma.
 BYTES_PER_TOKEN = 3 * 20 + 3 * 26
@@ -47,12 +46,12 @@ class Limits:
     memory_budget: int = field(default_factory=request_memory_budget)
 
     @classmethod
-    def of(cls, kind: str, config: Any, summary: dict) -> "Limits":
+    def of(cls, kind: str, config: Any, summary: SlotSummary) -> "Limits":
         """From the engine's own report once it is up; before that, from the client's config."""
-        batch_size = summary.get("batch_size") or getattr(config, "batch_size", 1)
-        max_seq_len = summary.get("max_seq_len") or getattr(config, "max_seq_len", 2048)
+        batch_size = summary.batch_size or getattr(config, "batch_size", 1)
+        max_seq_len = summary.max_seq_len or getattr(config, "max_seq_len", 2048)
         dp = config.dp_config if config is not None and config.dp_enabled else None
-        return cls(kind, batch_size, max_seq_len, summary.get("vocab_size"), dp is not None,
+        return cls(kind, batch_size, max_seq_len, summary.vocab_size, dp is not None,
                    dp.dataset_id if dp is not None else None)
 
 
@@ -84,38 +83,52 @@ def admit(request: Any, limits: Limits) -> None:
     kind = request.type
     if limits.kind == "sampling" and kind in TRAINING_ONLY:
         raise ValidationError(f"{kind} is not available on a sampling client", {"operation": kind})
-    if isinstance(request, (ForwardBackwardRequest, ForwardRequest)):
-        check_shape(*request.batch.shape, limits)
-        loss = get_loss(request.loss_fn)
-        loss.settings(request.loss_fn_config)
-        loss.check_inputs(set(request.batch.loss_inputs or {}))
-        _check_vocab(max(map(max, request.batch.input_ids)), limits, "input_ids")
-        if request.batch.labels is not None:
-            _check_vocab(max(map(max, request.batch.labels)), limits, "labels")
-    elif isinstance(request, OptimStepRequest):
-        check_noise_request(limits.dp_enabled, request.apply_dp_noise)
-    elif isinstance(request, ForwardBackwardSampledRequest) and limits.kind == "training" and not limits.dataset_id:
+    check = DOOR_CHECKS[kind]
+    if check is not None:
+        check(request, limits)
+
+
+def _check_batch(request: Any, limits: Limits) -> None:
+    check_shape(*request.batch.shape, limits)
+    loss = get_loss(request.loss_fn)
+    loss.settings(request.loss_fn_config)
+    loss.check_inputs(set(request.batch.loss_inputs or {}))
+    _check_vocab(max(map(max, request.batch.input_ids)), limits, "input_ids")
+    if request.batch.labels is not None:
+        _check_vocab(max(map(max, request.batch.labels)), limits, "labels")
+
+
+def _check_sampled(request: ForwardBackwardSampledRequest, limits: Limits) -> None:
+    if limits.kind == "training" and not limits.dataset_id:
         raise ValidationError("forward_backward_sampled needs dp_config.dataset_id naming a registered dataset",
-                              {"operation": kind})
-    elif isinstance(request, SampleRequest):
-        if isinstance(request.prompt, list):
-            _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
-            _check_vocab(max(request.prompt), limits, "prompt")
-            if limits.vocab_size is not None:
-                check_logits(1, len(request.prompt), limits.vocab_size, PREFILL_BYTES_PER_CELL, limits.memory_budget,
-                             "prompt")
-        elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
-            raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
-                                       f"{limits.max_seq_len} tokens", {"field": "prompt"})
-        stop_ids = [s for s in request.stop or () if isinstance(s, int)]
-        if stop_ids:
-            _check_vocab(max(stop_ids), limits, "stop")
-    elif isinstance(request, ComputeLogprobsRequest):
-        _check_length(len(request.tokens), limits, "tokens")
-        _check_vocab(max(request.tokens), limits, "tokens")
+                              {"operation": request.type})
+
+
+def _check_optim_step(request: OptimStepRequest, limits: Limits) -> None:
+    check_noise_request(limits.dp_enabled, request.apply_dp_noise)
+
+
+def _check_sample(request: SampleRequest, limits: Limits) -> None:
+    if isinstance(request.prompt, list):
+        _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
+        _check_vocab(max(request.prompt), limits, "prompt")
         if limits.vocab_size is not None:
-            check_logits(1, len(request.tokens), limits.vocab_size, SCORING_BYTES_PER_CELL, limits.memory_budget,
-                         "tokens")
+            check_logits(1, len(request.prompt), limits.vocab_size, PREFILL_BYTES_PER_CELL, limits.memory_budget,
+                         "prompt")
+    elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
+        raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
+                                   f"{limits.max_seq_len} tokens", {"field": "prompt"})
+    stop_ids = [s for s in request.stop or () if isinstance(s, int)]
+    if stop_ids:
+        _check_vocab(max(stop_ids), limits, "stop")
+
+
+def _check_logprobs(request: ComputeLogprobsRequest, limits: Limits) -> None:
+    _check_length(len(request.tokens), limits, "tokens")
+    _check_vocab(max(request.tokens), limits, "tokens")
+    if limits.vocab_size is not None:
+        check_logits(1, len(request.tokens), limits.vocab_size, SCORING_BYTES_PER_CELL, limits.memory_budget,
+                     "tokens")
 
 
 def _check_length(length: int, limits: Limits, name: str) -> None:
@@ -128,3 +141,19 @@ def _check_vocab(top: int, limits: Limits, name: str) -> None:
     if limits.vocab_size is not None and top >= limits.vocab_size:
         raise ValidationError(f"{name} holds token id {top}, outside the model's vocabulary of {limits.vocab_size}",
                               {"field": name, "token_id": top, "vocab_size": limits.vocab_size})
+
+
+# Each operation's door checks beyond its wire type (tg_tinker.operations): None where the engine needs no more
+# (a load's artifact is checked against the caller's grants by the door that takes it).
+DOOR_CHECKS: dict[str, Optional[Callable[[Any, Limits], None]]] = {
+    "forward_backward": _check_batch,
+    "forward_backward_sampled": _check_sampled,
+    "forward": _check_batch,
+    "optim_step": _check_optim_step,
+    "save_state": None,
+    "load_state": None,
+    "sample": _check_sample,
+    "compute_logprobs": _check_logprobs,
+    "export_adapter": None,
+}
+assert DOOR_CHECKS.keys() == OPERATIONS.keys(), set(DOOR_CHECKS) ^ set(OPERATIONS)

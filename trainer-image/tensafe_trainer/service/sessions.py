@@ -4,8 +4,8 @@ Submissions are appended under a lock and executed strictly in that order. The w
 engine the next operation while the current one runs (see engine_process) and takes the replies in
 order; an operation handed over but not yet started is still pending, and cancelling it withdraws
 it. Each operation has an asyncio future on the server's event loop, resolved from the worker
-thread, which is what the long-poll endpoint awaits. Idempotency keys map a retried submission to
-the operation it already created, so a retry never runs an operation twice.
+thread, which is what the long-poll awaits. Operations are kept for polling, and retries matched to
+them, by the future store (futures.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from tg_tinker.errors import (
     ResourceExhaustedError,
     TGTinkerError,
     TrainingClientError,
-    ValidationError,
 )
 from tg_tinker.types import ClientInfo, ClientStatus, ErrorInfo, OperationRecord, OperationStatus
 
@@ -36,6 +35,7 @@ from tensafe_trainer.service.admission import Limits
 from tensafe_trainer.storage.audit import request_hash
 from tensafe_trainer.storage.audit_writer import AuditWriter
 from tensafe_trainer.engine.process import PIPELINE_DEPTH, EngineProcess
+from tensafe_trainer.engine.protocol import SlotSummary
 from tensafe_trainer.privacy.dp import public_dp_metrics
 
 log = logging.getLogger("tensafe.trainer")
@@ -45,14 +45,12 @@ Signer = Callable[[dict], dict]  # receipt claims -> signed receipt (tg_tinker.r
 
 
 class Operation:
-    def __init__(self, client_id: str, request: Any, key: Optional[str], fingerprint: str,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(self, client_id: str, request: Any, fingerprint: str, loop: asyncio.AbstractEventLoop):
         self.id = f"op-{uuid.uuid4().hex}"
         self.client_id = client_id
         self.type: str = request.type
         self.request = request  # dropped once executed: a long run must not keep every batch
         self.seq: Optional[int] = None  # its place among the operations handed to the engine
-        self.key = key
         self.fingerprint = fingerprint
         self.status = OperationStatus.PENDING
         self.created_at = time.time()
@@ -75,6 +73,10 @@ class Operation:
         if waiter is not None:
             self._loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
 
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
     def waiter(self) -> Optional[asyncio.Future]:
         """Called on the event loop: a future resolved when this operation finishes; None once it has."""
         with self._finish_lock:
@@ -90,50 +92,6 @@ class Operation:
             created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at,
             result=self.result, error=self.error,
         )
-
-
-class OperationIndex:
-    """Operation id -> (operation, session), and the results kept for polling, bounded three ways: at most
-    ``capacity`` in all, ``per_client`` of any one client, none finished longer ago than ``ttl_s``. Only
-    finished operations are forgotten, oldest first; a forgotten one answers OperationLostError, as after
-    a restart."""
-
-    def __init__(self, capacity: int = 100_000, per_client: int = 2_000, ttl_s: float = 3600.0):
-        self.capacity, self.per_client, self.ttl_s = capacity, per_client, ttl_s
-        self._ops: collections.OrderedDict[str, tuple[Operation, "Session"]] = collections.OrderedDict()
-        self._by_client: dict[int, collections.deque[Operation]] = {}  # id(session) -> its operations, in order
-
-    def add(self, op: Operation, session: "Session") -> None:
-        self._ops[op.id] = (op, session)
-        mine = self._by_client.setdefault(id(session), collections.deque())
-        mine.append(op)
-        while len(mine) > self.per_client and mine[0].status.finished:
-            self._forget(mine.popleft(), session)
-        now = time.time()
-        while self._ops:
-            oldest, owner = next(iter(self._ops.values()))
-            expired = oldest.finished_at is not None and now - oldest.finished_at > self.ttl_s
-            if not oldest.status.finished or not (expired or len(self._ops) > self.capacity):
-                break
-            self._forget(oldest, owner)
-
-    def _forget(self, op: Operation, owner: "Session") -> None:
-        if self._ops.pop(op.id, None) is None:
-            return
-        mine = self._by_client.get(id(owner))
-        if mine and mine[0] is op:
-            mine.popleft()
-        elif mine is not None and op in mine:
-            mine.remove(op)
-        if mine is not None and not mine:
-            del self._by_client[id(owner)]
-        owner.forget(op)
-
-    def get(self, operation_id: str) -> tuple[Operation, "Session"]:
-        return self._ops[operation_id]
-
-    def __len__(self) -> int:
-        return len(self._ops)
 
 
 def fingerprint(key: bytes, request: Any) -> str:
@@ -161,7 +119,6 @@ class Session:
         self._queue: collections.deque[Operation] = collections.deque()
         self._handed: collections.deque[Operation] = collections.deque()  # handed to the engine, not answered
         self._next_seq = 0
-        self._by_key: dict[str, Operation] = {}
         self.status = ClientStatus.INITIALIZING
         self.error: Optional[str] = None
         self.error_type: Optional[str] = None
@@ -172,33 +129,25 @@ class Session:
 
     # --- called from the event loop ----------------------------------------------------------
 
-    def submit(self, request: Any, key: Optional[str]) -> tuple[Operation, bool]:
-        """Queue ``request``; returns (operation, created). A repeated key returns the first operation."""
-        fp = fingerprint(self._hash_key(), request)
+    def fingerprint(self, request: Any) -> str:
+        """``request``'s keyed hash under the tenant's current audit key (its idempotency digest, and the audit
+        log's request_hash)."""
+        return fingerprint(self._hash_key(), request)
+
+    def submit(self, request: Any, fp: Optional[str] = None) -> Operation:
+        """Queue ``request`` (idempotency is the future store's: service/futures.py)."""
+        fp = fp or self.fingerprint(request)
         with self._cond:
-            if key is not None and key in self._by_key:
-                existing = self._by_key[key]
-                if existing.fingerprint != fp:
-                    raise ValidationError("idempotency key reused for a different request",
-                                          {"idempotency_key": key, "operation_id": existing.id})
-                return existing, False
             self.check_open()
             if len(self._queue) >= self._max_pending:
                 raise ResourceExhaustedError(
                     f"client {self.client_id} already has {len(self._queue)} operations queued; "
                     "wait for some to finish", {"max_pending": self._max_pending})
-            op = Operation(self.client_id, request, key, fp, self._loop)
-            if key is not None:
-                self._by_key[key] = op
+            op = Operation(self.client_id, request, fp, self._loop)
             self._queue.append(op)
             self._cond.notify()
         self._count_queued(1)
-        return op, True
-
-    def knows(self, key: str) -> bool:
-        """Whether an operation under idempotency ``key`` is still kept (a submit would return it)."""
-        with self._cond:
-            return key in self._by_key
+        return op
 
     def check_open(self) -> None:
         """Refuse work once the client runs nothing more: 410 terminated, 409 in ERROR (never a 500)."""
@@ -217,12 +166,6 @@ class Session:
         self._audit.submit(operation=op.type, training_client_id=self.client_id, tenant_id=self.tenant_id,
                            request_hash=op.fingerprint, success=False, error=self._loggable(error))
 
-    def forget(self, op: Operation) -> None:
-        """Drop a finished operation's idempotency key (its retries are long over)."""
-        with self._cond:
-            if op.key is not None and self._by_key.get(op.key) is op:
-                del self._by_key[op.key]
-
     def cancel(self, op: Operation) -> bool:
         with self._cond:
             if op.status is not OperationStatus.PENDING:
@@ -237,15 +180,15 @@ class Session:
         return True
 
     def info(self) -> ClientInfo:
-        summary = self.engine.summary if self.engine else {}
+        summary = self.engine.summary if self.engine else SlotSummary()
         with self._cond:
             # A DP client's: what it sent and has not had back (not when each of its steps started).
             queued = len(self._queue) + (len(self._handed) if self._private else
                                          sum(op.status is OperationStatus.PENDING for op in self._handed))
         return ClientInfo(
             client_id=self.client_id, kind=self.kind, status=self.status, tenant_id=self.tenant_id,
-            step=summary.get("step", 0), config=self.config, total_epsilon=summary.get("total_epsilon"),
-            last_checkpoint=summary.get("last_checkpoint"), error=self.error, error_type=self.error_type,
+            step=summary.step, config=self.config, total_epsilon=summary.total_epsilon,
+            last_checkpoint=summary.last_checkpoint, error=self.error, error_type=self.error_type,
             queue_depth=queued, audit_head=self.audit_head,
         )
 
@@ -267,7 +210,7 @@ class Session:
     @property
     def limits(self) -> Limits:
         """What one submission of this client may hold (checked at the door: admission.py)."""
-        return Limits.of(self.kind, self.config, self.engine.summary if self.engine else {})
+        return Limits.of(self.kind, self.config, self.engine.summary if self.engine else SlotSummary())
 
     def terminate(self) -> None:
         with self._cond:
@@ -291,7 +234,7 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - reported to every caller, never swallowed
             self._enter_error(exc, f"client {self.client_id} failed to start")
             return
-        resumed = self.engine.summary.get("resumed_from")
+        resumed = self.engine.summary.resumed_from
         if resumed:
             try:
                 self._audit.submit(durable=True, operation="resume", training_client_id=self.client_id,

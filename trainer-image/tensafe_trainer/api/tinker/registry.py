@@ -1,4 +1,5 @@
-"""What the Tinker front door keeps: its sessions, models, samplers, futures and checkpoint names.
+"""What the Tinker front door keeps: its sessions, models, samplers and checkpoint names (its futures are in
+the service's one store: service/futures.py).
 
 Everything that trains, samples or is stored is TenSafe's own: a Tinker model is a TenSafe training
 client (``tk-`` + a hash of the model id), a sampler a TenSafe sampling client, a ``tinker://`` path an
@@ -8,28 +9,25 @@ with the tenant of the API key checked on every lookup (another tenant's ids ans
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Optional
+from typing import Any, Optional
 
 from tg_tinker.errors import (
-    ArtifactNotFoundError,
     ResourceExhaustedError,
     TrainingClientNotFoundError,
     ValidationError,
 )
 from tg_tinker.types import ArtifactInfo
 
+from tensafe_trainer.service.samplers import make_room
+
 PATH_SCHEME = "tinker://"
 CHECKPOINT_KINDS = {"weights": "checkpoint", "sampler_weights": "sampler"}  # Tinker kind -> TenSafe artifact kind
-MAX_LIVE_SAMPLERS = 4  # per Tinker session: each is an engine process; the oldest is closed past this
-FUTURE_TTL_S = 3600.0  # a finished future is kept this long for its poll
-MAX_FUTURES = 50_000
 # A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is finished: its engines
 # stop, its checkpoints stay. Without it, a client that exits without finishing its session (the cookbook's DPO
 # recipe does) would hold its engines until the trainer restarts.
@@ -62,9 +60,6 @@ class TinkerModel:
     user_metadata: dict[str, str]
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
-    # Every seq_id that ran, for the model's life (a few bytes each): a retry that comes after its future and
-    # its operation were forgotten is refused, not run again (under DP: an example counted twice).
-    seq_ids_run: set = field(default_factory=set)
 
     @property
     def description(self) -> dict:
@@ -80,16 +75,6 @@ class TinkerSampler:
     session: Any  # the TenSafe sampling Session
     base_model: str
     model_path: Optional[str]
-
-
-@dataclass
-class Pending:
-    """A Tinker future: the task that computes its answer, and whose it is."""
-
-    request_id: str
-    tenant_id: str
-    task: asyncio.Task
-    created_at: float = field(default_factory=time.time)
 
 
 def client_id_for(model_id: str) -> str:
@@ -123,9 +108,6 @@ class TinkerRegistry:
         self.sessions: dict[str, TinkerSession] = {}
         self.models: dict[str, TinkerModel] = {}
         self.samplers: dict[str, TinkerSampler] = {}
-        self.futures: collections.OrderedDict[str, Pending] = collections.OrderedDict()
-        # (kind, owner, seq) -> (request_id, SHA-256 of the body): a retried submission's future
-        self.by_request: dict[tuple, tuple[str, bytes]] = {}
         self._paths: dict[tuple[str, str], str] = {}  # (tenant, path) -> artifact id, filled from listings
 
     # --- sessions, models, samplers ---------------------------------------------------------
@@ -192,54 +174,15 @@ class TinkerRegistry:
         return found
 
     def add_sampler(self, owner: TinkerSession, sampler: TinkerSampler) -> list[TinkerSampler]:
-        """Register ``sampler``; returns the samplers it pushes out (the session's oldest), to be closed."""
+        """Register ``sampler``; returns the samplers it pushes out (the one sampler policy: service/samplers.py),
+        to be closed."""
+        evicted = make_room(list(owner.samplers.values()))
+        for old in evicted:
+            del owner.samplers[old.sampler_id]
+            self.samplers.pop(old.sampler_id, None)
         self.samplers[sampler.sampler_id] = sampler
         owner.samplers[sampler.sampler_id] = sampler
-        evicted = []
-        while len(owner.samplers) > MAX_LIVE_SAMPLERS:
-            _, old = owner.samplers.popitem(last=False)
-            self.samplers.pop(old.sampler_id, None)
-            evicted.append(old)
         return evicted
-
-    # --- futures ----------------------------------------------------------------------------
-
-    def retried(self, dedup: tuple, digest: bytes) -> Optional[str]:
-        """The future of an earlier submission under ``dedup`` (a retry: same body), None for a new one; a
-        different body under a used key is refused, never run, never answered with the other's future."""
-        earlier = self.by_request.get(dedup)
-        if earlier is None or earlier[0] not in self.futures:
-            return None
-        if earlier[1] != digest:
-            raise ValidationError(f"{dedup[0]} request {dedup[-1]} of {str(dedup[1])[:200]!r} was already submitted "
-                                  "with another body: a sequence id is used once", {"seq_id": dedup[-1]})
-        return earlier[0]
-
-    def submit(self, tenant_id: str, dedup: tuple, work: Coroutine, digest: bytes) -> str:
-        """A future for ``work``, found again by ``dedup`` (see ``retried``)."""
-        request_id = f"req-{uuid.uuid4().hex}"
-        self.futures[request_id] = Pending(request_id, tenant_id, asyncio.ensure_future(work))
-        self.by_request[dedup] = (request_id, digest)
-        self._forget_old(dedup)
-        return request_id
-
-    def pending(self, request_id: str, tenant_id: str) -> Pending:
-        found = self.futures.get(request_id)
-        if found is None or found.tenant_id != tenant_id:
-            raise ArtifactNotFoundError(f"unknown future {str(request_id)[:100]!r} (expired, or never submitted)",
-                                        {"request_id": request_id})
-        return found
-
-    def _forget_old(self, keep: tuple) -> None:
-        now = time.time()
-        while self.futures:
-            oldest = next(iter(self.futures.values()))
-            expired = oldest.task.done() and now - oldest.created_at > FUTURE_TTL_S
-            if not (expired or (len(self.futures) > MAX_FUTURES and oldest.task.done())):
-                break
-            self.futures.popitem(last=False)
-        if len(self.by_request) > 2 * MAX_FUTURES:
-            self.by_request = {k: v for k, v in self.by_request.items() if v[0] in self.futures or k == keep}
 
     # --- checkpoint paths -------------------------------------------------------------------
 

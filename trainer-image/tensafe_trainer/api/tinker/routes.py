@@ -2,10 +2,10 @@
 
 Each submit endpoint checks what it can at once (the key's tenant, the model, the request's shape
 through TenSafe's door checks), queues TenSafe operations on the model's session, and answers
-``{"request_id"}``; ``retrieve_future`` long-polls the future's task. Training requests are
-deduplicated on ``(model_id, seq_id)`` (the SDK retries for minutes with the same seq_id, and under DP
-an example counted twice would void the guarantee): a retry gets the first request's future, and the
-session's idempotency key makes sure its operation runs once.
+``{"request_id"}``: a future of the service's one future store (service/futures.py), long-polled by
+``retrieve_future``. A request's idempotency key is its ``(model_id, seq_id)`` (the SDK retries for
+minutes with the same seq_id, and under DP an example counted twice would void the guarantee): a retry
+gets the first request's future, and a seq_id runs once, under the store's one rule.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.service import admission
-from tensafe_trainer.service import door, errors
+from tensafe_trainer.service import door, errors, samplers
+from tensafe_trainer.service.futures import TaskFuture, long_poll
+from tensafe_trainer.engine.protocol import SlotSpec
 from tensafe_trainer.engine.models import SMOLLM2_REF, TINY_REF, is_tiny, parse_tiny, smollm2_folder
 from tensafe_trainer.api.tinker import PREFIX, convert, listings
 from tensafe_trainer.service.principals import Principal
@@ -159,6 +161,20 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def json_of(request: Request) -> dict:
         return await door.json_body(await request.body())
 
+    def claimed(request: Request, owner, dedup: tuple, digest: bytes) -> Optional[str]:
+        """The future of this same request made earlier (a retry), None for a new one (see ``submit``)."""
+        earlier = trainer(request).futures.claim(owner, dedup, digest)
+        return earlier.id if earlier is not None else None
+
+    def submit(request: Request, owner, dedup: tuple, digest: bytes, start) -> str:
+        """The one place a Tinker request becomes a future: its key claimed, its operations queued (``start``,
+        which returns the coroutine computing the answer) and its future kept, with no await in between, so two
+        copies of one request arriving together run once."""
+        earlier = claimed(request, owner, dedup, digest)
+        if earlier is not None:
+            return earlier
+        return trainer(request).futures.add(TaskFuture(start()), owner, dedup, digest).id
+
     # --- client, sessions, telemetry --------------------------------------------------------
 
     @router.post("/client/config")
@@ -169,13 +185,16 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         """Its engines go (an unnoised gradient sum with them); its checkpoints stay."""
         session.finished = True
         session.ended_at = time.monotonic()
+        state.futures.release(session)
         for model_id in session.models:
             model = registry.models.get(model_id)
             if model is not None:
                 state.stop(model.session)
+                state.futures.release(model)
         for sampler in list(session.samplers.values()):
             registry.samplers.pop(sampler.sampler_id, None)
             state.stop(sampler.session)
+            state.futures.release(sampler)
         session.samplers.clear()
 
     def end_lapsed_sessions(state) -> None:
@@ -239,7 +258,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         except ValueError as exc:
             raise ValidationError(f"bad model settings: {exc}"[:1000]) from None
 
-    async def start_model(state, tenant_id: str, model_id: str, description: dict, seed: Optional[int]) -> TinkerModel:
+    def start_model(state, tenant_id: str, model_id: str, description: dict, seed: Optional[int]) -> TinkerModel:
         settings.check_base_model(description["base_model"])
         flags = {k: bool(description.get(k, True)) for k in ("train_mlp", "train_attn", "train_unembed")}
         metadata = {str(k): str(v) for k, v in (description.get("user_metadata") or {}).items()}
@@ -262,8 +281,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         body = await json_of(request)
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
-        dedup = ("model", model_id)
-        earlier = registry.retried(dedup, await fingerprint(request))
+        dedup, digest = ("model", model_id), await fingerprint(request)
+        earlier = claimed(request, owner, dedup, digest)
         if earlier is not None:
             return {"request_id": earlier, "model_id": model_id}
         lora = door.mapping(body, "lora_config")
@@ -277,16 +296,14 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                        "user_metadata": door.mapping(body, "user_metadata")}
         if not description["base_model"]:
             raise ValidationError("create_model needs a base_model", {"field": "base_model"})
-        model = await start_model(trainer(request), key.tenant_id, model_id, description,
-                                  door.integer(lora, "seed", None))
+        model = start_model(trainer(request), key.tenant_id, model_id, description, door.integer(lora, "seed", None))
         owner.models.append(model_id)
 
         async def created():
             await ready(model.session)
             return {"model_id": model_id, "type": "create_model"}
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, created(), await fingerprint(request)),
-                "model_id": model_id}
+        return {"request_id": submit(request, owner, dedup, digest, created), "model_id": model_id}
 
     def tokenizer_id(base_model: str) -> str:
         try:
@@ -310,21 +327,11 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     # --- training ---------------------------------------------------------------------------
 
-    def queue(state, model: TinkerModel, request_obj, seq_id: int):
-        """One TenSafe operation on the model's session, checked at TenSafe's door first; the session's
-        idempotency key is the seq_id, so a retry that slipped past the dedup map still runs once."""
-        session = model.session
+    def queue(session, request_obj):
+        """One TenSafe operation on a model's or sampler's session, checked at TenSafe's door first."""
         session.check_open()
         admission.admit(request_obj, session.limits)
-        key = f"tinker:{seq_id}"
-        if seq_id in model.seq_ids_run and not session.knows(key):
-            raise ValidationError(f"request {seq_id} of model {model.model_id[:200]!r} already ran, and its result "
-                                  "is no longer kept: a sequence id runs once", {"seq_id": seq_id})
-        op, created = session.submit(request_obj, key)
-        if created:
-            model.seq_ids_run.add(seq_id)
-            state.operations.add(op, session)
-        return op
+        return session.submit(request_obj)
 
     async def outcome(op) -> dict:
         waiter = op.waiter()
@@ -337,13 +344,14 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def training_dedup(model_id: str, seq_id: int) -> tuple:
         return ("train", model_id, seq_id)
 
-    async def training_request(request: Request, key: Principal) -> tuple[dict, TinkerModel, tuple, Optional[str]]:
-        """A JSON training call: its body, its model (of this key's tenant), its dedup key, and the future of the
-        same submission made earlier, if this is a retry."""
+    async def training_request(request: Request, key: Principal) -> tuple[dict, TinkerModel, tuple, bytes,
+                                                                          Optional[str]]:
+        """A JSON training call: its body, its model (of this key's tenant), its idempotency key and digest, and
+        the future of the same submission made earlier, if this is a retry."""
         body = await json_of(request)
         model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup = training_dedup(model.model_id, door.integer(body, "seq_id"))
-        return body, model, dedup, registry.retried(dedup, await fingerprint(request))
+        dedup, digest = training_dedup(model.model_id, door.integer(body, "seq_id")), await fingerprint(request)
+        return body, model, dedup, digest, claimed(request, model, dedup, digest)
 
     @router.post("/forward_backward")
     async def forward_backward(request: Request, key: Principal = Depends(key_of)):
@@ -363,8 +371,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                                        f"{model.session.limits.max_seq_len} tokens", {"field": "data"})
         admission.check_rows(len(head.datum_bytes), model.session.limits)
         call = await door.decode(len(body), convert.decode_forward_backward, body)
-        dedup = training_dedup(call.model_id, call.seq_id)
-        earlier = registry.retried(dedup, await fingerprint(request))
+        dedup, digest = training_dedup(call.model_id, call.seq_id), await fingerprint(request)
+        earlier = claimed(request, model, dedup, digest)
         if earlier is not None:
             return {"request_id": earlier}
         if model.session.config.dp_enabled and "forward_backward_custom" in request.headers.get("x-sdk-method", ""):
@@ -379,18 +387,21 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         # Padding makes the conversion's cost rows x width, whatever the body's size (one long datum beside
         # hundreds of one-token ones), so that product decides where it runs.
         tensafe_request = await door.decode(len(call.rows) * width, convert.to_request, call)
-        op = queue(trainer(request), model, tensafe_request, call.seq_id)
 
-        async def result():
-            done = await outcome(op)
-            body = convert.encode_forward_output(done["logprobs"], lengths, {"loss:sum": done["loss_sum"]})
-            return Response(body, media_type=PROTOBUF)
+        def start():
+            op = queue(model.session, tensafe_request)
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
+            async def result():
+                done = await outcome(op)
+                body = convert.encode_forward_output(done["logprobs"], lengths, {"loss:sum": done["loss_sum"]})
+                return Response(body, media_type=PROTOBUF)
+            return result()
+
+        return {"request_id": submit(request, model, dedup, digest, start)}
 
     @router.post("/optim_step")
     async def optim_step(request: Request, key: Principal = Depends(key_of)):
-        body, model, dedup, earlier = await training_request(request, key)
+        body, model, dedup, digest, earlier = await training_request(request, key)
         if earlier is not None:
             return {"request_id": earlier}
         if "optimizer_params" in body:
@@ -399,17 +410,20 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             adam = AdamStep.parse(body.get("adam_params") or {"learning_rate": 1e-4})
         except ValueError as exc:
             raise ValidationError(f"bad adam_params: {exc}"[:1000], {"field": "adam_params"}) from None
-        op = queue(trainer(request), model, OptimStepRequest(adam=adam), dedup[2])
 
-        async def result():
-            done = await outcome(op)
-            metrics = {"learning_rate": done["learning_rate"], "step": float(done["step"])}
-            dp = done.get("dp_metrics")
-            if dp:
-                metrics.update(convert.dp_metrics(dp))
-            return {"metrics": metrics, "type": "optim_step"}
+        def start():
+            op = queue(model.session, OptimStepRequest(adam=adam))
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
+            async def result():
+                done = await outcome(op)
+                metrics = {"learning_rate": done["learning_rate"], "step": float(done["step"])}
+                dp = done.get("dp_metrics")
+                if dp:
+                    metrics.update(convert.dp_metrics(dp))
+                return {"metrics": metrics, "type": "optim_step"}
+            return result()
+
+        return {"request_id": submit(request, model, dedup, digest, start)}
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -426,22 +440,28 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise ArtifactNotFoundError(f"no checkpoint {path[:300]!r}", {"path": path})
         return found
 
-    def save(state, model: TinkerModel, kind: str, name: str, seq_id: int, ttl: Optional[float],
-             user_metadata: Optional[dict], dedup: tuple, digest: bytes) -> str:
-        path = f"{PATH_SCHEME}{model.model_id}/{kind}/{check_name(name)}"
-        metadata = {"tinker": {**model.description, "checkpoint_metadata": user_metadata or {},
+    def save(request: Request, model: TinkerModel, kind: str, body: dict, dedup: tuple, digest: bytes) -> str:
+        state = trainer(request)
+        path = f"{PATH_SCHEME}{model.model_id}/{kind}/{check_name(str(body.get('path') or ''))}"
+        ttl = door.ttl_seconds(body)
+        metadata = {"tinker": {**model.description, "checkpoint_metadata": door.mapping(body, "user_metadata"),
                                "expires_at": time.time() + ttl if ttl else None}}
-        op = queue(state, model, SaveStateRequest(kind=CHECKPOINT_KINDS[kind], include_optimizer=kind == "weights",
-                                                  name=path, metadata=metadata), seq_id)
 
-        async def result():
-            done = await outcome(op)
-            previous = registry.remember_path(model.tenant_id, path, done["artifact_id"])
-            if previous is not None:  # a save under an existing name replaces it
-                await asyncio.to_thread(delete_artifact, state, model.tenant_id, previous, model.session.client_id)
-            return {"path": path, "type": f"save_{kind}" if kind == "weights" else "save_weights_for_sampler"}
+        def start():
+            op = queue(model.session, SaveStateRequest(kind=CHECKPOINT_KINDS[kind],
+                                                       include_optimizer=kind == "weights", name=path,
+                                                       metadata=metadata))
 
-        return registry.submit(model.tenant_id, dedup, result(), digest)
+            async def result():
+                done = await outcome(op)
+                previous = registry.remember_path(model.tenant_id, path, done["artifact_id"])
+                if previous is not None:  # a save under an existing name replaces it
+                    await asyncio.to_thread(delete_artifact, state, model.tenant_id, previous,
+                                            model.session.client_id)
+                return {"path": path, "type": f"save_{kind}" if kind == "weights" else "save_weights_for_sampler"}
+            return result()
+
+        return submit(request, model, dedup, digest, start)
 
     def delete_artifact(state, tenant_id: str, artifact_id: str, client_id: Optional[str]) -> None:
         state.store.delete(tenant_id, artifact_id)
@@ -449,46 +469,46 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
 
     @router.post("/save_weights")
     async def save_weights(request: Request, key: Principal = Depends(key_of)):
-        body, model, dedup, earlier = await training_request(request, key)
+        body, model, dedup, digest, earlier = await training_request(request, key)
         if earlier is not None:
             return {"request_id": earlier}
-        return {"request_id": save(trainer(request), model, "weights", str(body.get("path") or ""), dedup[2],
-                                   door.ttl_seconds(body), door.mapping(body, "user_metadata"), dedup,
-                                   await fingerprint(request))}
+        return {"request_id": save(request, model, "weights", body, dedup, digest)}
 
     @router.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request, key: Principal = Depends(key_of)):
         state = trainer(request)
-        body, model, dedup, earlier = await training_request(request, key)
+        body, model, dedup, digest, earlier = await training_request(request, key)
         if earlier is not None:
             return {"request_id": earlier}
         if body.get("path"):
-            return {"request_id": save(state, model, "sampler_weights", str(body["path"]), dedup[2],
-                                       door.ttl_seconds(body), door.mapping(body, "user_metadata"), dedup,
-                                       await fingerprint(request))}
+            return {"request_id": save(request, model, "sampler_weights", body, dedup, digest)}
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
         owner = registry.sessions.get(session_id_of(model.model_id))
         if owner is None or owner.tenant_id != key.tenant_id:
             raise TrainingClientNotFoundError("the model's session is gone", {"model_id": model.model_id})
         sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
-        op = queue(state, model, SaveStateRequest(kind="sampler", include_optimizer=False), dedup[2])
 
-        async def result():
-            done = await outcome(op)
-            sampler = start_sampler(state, owner, sampler_id, model.base_model, None, done["artifact_id"])
-            await ready(sampler.session)
-            # Loaded: the unnamed artifact has served its purpose (the sampler holds the weights).
-            await asyncio.to_thread(delete_artifact, state, key.tenant_id, done["artifact_id"],
-                                    model.session.client_id)
-            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+        def start():
+            op = queue(model.session, SaveStateRequest(kind="sampler", include_optimizer=False))
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))}
+            async def result():
+                done = await outcome(op)
+                sampler = start_sampler(state, owner, sampler_id, model.base_model, None, done["artifact_id"])
+                await ready(sampler.session)
+                # Loaded: the unnamed artifact has served its purpose (the sampler holds the weights).
+                await asyncio.to_thread(delete_artifact, state, key.tenant_id, done["artifact_id"],
+                                        model.session.client_id)
+                return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+            return result()
+
+        return {"request_id": submit(request, model, dedup, digest, start)}
 
     @router.post("/load_weights")
     async def load_weights(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         state = trainer(request)
         info = await find_checkpoint(state, key.tenant_id, str(body.get("path")))
+        digest = await fingerprint(request)
         if info.kind != "checkpoint":
             raise ValidationError("load_weights takes a training checkpoint (tinker://.../weights/...), not sampler "
                                   "weights", {"field": "path"})
@@ -497,20 +517,20 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if body.get("model_id"):  # the deprecated in-place load of an existing model
             model = registry.model(str(body["model_id"]), key.tenant_id)
             dedup = training_dedup(model.model_id, door.integer(body, "seq_id"))
-            earlier = registry.retried(dedup, await fingerprint(request))
-            if earlier is not None:
-                return {"request_id": earlier}
-            op = queue(state, model, load, dedup[2])
 
-            async def loaded():
-                await outcome(op)
-                return {"path": body.get("path"), "model_id": model.model_id, "type": "load_weights"}
+            def start_load():
+                op = queue(model.session, load)
 
-            return {"request_id": registry.submit(key.tenant_id, dedup, loaded(), await fingerprint(request))}
+                async def loaded():
+                    await outcome(op)
+                    return {"path": body.get("path"), "model_id": model.model_id, "type": "load_weights"}
+                return loaded()
+
+            return {"request_id": submit(request, model, dedup, digest, start_load)}
         owner = registry.session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
         dedup = ("model", model_id)
-        earlier = registry.retried(dedup, await fingerprint(request))
+        earlier = claimed(request, owner, dedup, digest)
         if earlier is not None:
             return {"request_id": earlier, "model_id": model_id}
         description = dict(info.metadata.get("tinker") or {})
@@ -518,16 +538,18 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             raise ValidationError("this checkpoint was not saved through the Tinker API", {"field": "path"})
         if body.get("user_metadata"):
             description["user_metadata"] = door.mapping(body, "user_metadata")
-        model = await start_model(state, key.tenant_id, model_id, description, None)
+        model = start_model(state, key.tenant_id, model_id, description, None)
         owner.models.append(model_id)
-        op = queue(state, model, load, 0)
 
-        async def created():
-            await outcome(op)
-            return {"path": body.get("path"), "model_id": model_id, "type": "load_weights"}
+        def start_created():
+            op = queue(model.session, load)
 
-        return {"request_id": registry.submit(key.tenant_id, dedup, created(), await fingerprint(request)),
-                "model_id": model_id}
+            async def created():
+                await outcome(op)
+                return {"path": body.get("path"), "model_id": model_id, "type": "load_weights"}
+            return created()
+
+        return {"request_id": submit(request, owner, dedup, digest, start_created), "model_id": model_id}
 
     # --- sampling ---------------------------------------------------------------------------
 
@@ -538,14 +560,14 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             return existing
         end_lapsed_sessions(state)
         client_id = client_id_for(sampler_id)
-        spec = {"kind": "sampling", "client_id": client_id, "tenant_id": owner.tenant_id, "artifact_id": artifact_id,
-                "base_model": None if artifact_id else base_model}
+        spec = SlotSpec.sampling(client_id, owner.tenant_id, artifact_id, base_model)
         if artifact_id:  # the artifact's use is on record, like a load
             state.audit_artifact_use("create_sampling_client", owner.tenant_id, client_id, artifact_id)
         session = state.start(client_id, owner.tenant_id, "sampling", lambda: state.start_engine(spec))
         sampler = TinkerSampler(sampler_id, owner.tenant_id, session, base_model, model_path)
         for evicted in registry.add_sampler(owner, sampler):
-            state.stop(evicted.session)
+            state.stop(evicted.session, samplers.closed_for_newer(evicted.sampler_id))
+            state.futures.release(evicted)
         return sampler
 
     @router.post("/create_sampling_session")
@@ -600,34 +622,33 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     @router.post("/asample")
     async def asample(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
-        state = trainer(request)
         sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
         dedup = ("sample", sampler.sampler_id, door.integer(body, "seq_id"))
         num = door.integer(body, "num_samples", 1, 1, MAX_NUM_SAMPLES)
-        earlier = registry.retried(dedup, await fingerprint(request))
+        digest = await fingerprint(request)
+        earlier = claimed(request, sampler, dedup, digest)
         if earlier is not None:
             return {"request_id": earlier, "sample_sequence_ids": [f"{earlier}:{i}" for i in range(num)]}
         prompt = prompt_tokens(body)
         sample = sample_request(body, prompt, num)
         session = sampler.session
         session.check_open()
-        logprobs_op = None
-        if body.get("prompt_logprobs"):
-            scoring = ComputeLogprobsRequest(tokens=prompt)
-            admission.admit(scoring, session.limits)
-        admission.admit(sample, session.limits)
-        if body.get("prompt_logprobs"):
-            logprobs_op, _ = session.submit(scoring, None)
-            state.operations.add(logprobs_op, session)
-        sample_op, _ = session.submit(sample, None)
-        state.operations.add(sample_op, session)
+        scoring = ComputeLogprobsRequest(tokens=prompt) if body.get("prompt_logprobs") else None
+        for checked in (scoring, sample):  # both admitted before either is queued
+            if checked is not None:
+                admission.admit(checked, session.limits)
 
-        async def result():
-            scored = (await outcome(logprobs_op))["logprobs"] if logprobs_op is not None else None
-            sampled = SampleResult.parse(await outcome(sample_op))
-            return Response(convert.encode_sample_response(sampled, scored, len(prompt)), media_type=PROTOBUF)
+        def start():
+            logprobs_op = session.submit(scoring) if scoring is not None else None
+            sample_op = session.submit(sample)
 
-        request_id = registry.submit(key.tenant_id, dedup, result(), await fingerprint(request))
+            async def result():
+                scored = (await outcome(logprobs_op))["logprobs"] if logprobs_op is not None else None
+                sampled = SampleResult.parse(await outcome(sample_op))
+                return Response(convert.encode_sample_response(sampled, scored, len(prompt)), media_type=PROTOBUF)
+            return result()
+
+        request_id = submit(request, sampler, dedup, digest, start)
         return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num)]}
 
     # --- futures ----------------------------------------------------------------------------
@@ -635,18 +656,28 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     @router.post("/retrieve_future")
     async def retrieve_future(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
-        pending = registry.pending(str(body.get("request_id")), key.tenant_id)
-        try:
-            await asyncio.wait_for(asyncio.shield(pending.task), LONG_POLL_S)
-        except asyncio.TimeoutError:
-            return JSONResponse({"type": "try_again", "request_id": pending.request_id, "queue_state": "active"},
+        future = pending(request, str(body.get("request_id")), key.tenant_id)
+        if not await long_poll(future, LONG_POLL_S):
+            return JSONResponse({"type": "try_again", "request_id": future.id, "queue_state": "active"},
                                 status_code=408, headers={"x-tensafe-pending": "1"})
-        except TGTinkerError as exc:
-            return {"error": exc.message, "category": errors.category(exc)}
-        except Exception as exc:  # noqa: BLE001 - a bug: reported as the server's, never a hang
-            return {"error": f"{type(exc).__name__}: {exc}"[:1000], "category": "server"}
-        done = pending.task.result()
+        failure = future.task.exception() if not future.task.cancelled() else asyncio.CancelledError()
+        if isinstance(failure, TGTinkerError):
+            return {"error": failure.message, "category": errors.category(failure)}
+        if failure is not None:  # a bug: reported as the server's, never a hang
+            return {"error": f"{type(failure).__name__}: {failure}"[:1000], "category": "server"}
+        done = future.task.result()
         return done if isinstance(done, Response) else JSONResponse(done)
+
+    def pending(request: Request, request_id: str, tenant_id: str) -> TaskFuture:
+        """A Tinker future of this tenant (another tenant's, or a /v1 operation's id, is as unknown as a wrong one)."""
+        try:
+            future, owner = trainer(request).futures.get(request_id)
+        except KeyError:
+            future = owner = None
+        if not isinstance(future, TaskFuture) or owner.tenant_id != tenant_id:
+            raise ArtifactNotFoundError(f"unknown future {request_id[:100]!r} (expired, or never submitted)",
+                                        {"request_id": request_id[:100]})
+        return future
 
     # --- REST: training runs and checkpoints -----------------------------------------------
 
