@@ -38,9 +38,9 @@ SMALL_ROUNDS_FACTOR = 8
 
 
 def trained_state(config: TrainingConfig) -> dict:
-    from tensafe_trainer.engine.training import TrainingEngine
+    from tensafe_trainer.engine.adapter import AdapterSlot
 
-    engine = TrainingEngine(config)
+    engine = AdapterSlot(config)
     engine.forward_backward(BatchData(input_ids=[[1, 2, 3, 4]] * 2))
     engine.optim_step()
     return engine.state_dict(include_optimizer=True)
@@ -66,7 +66,7 @@ def plain_save(state: dict, folder: Path, durable: bool = False) -> float:
 
 def encrypted_save(state: dict, store) -> float:
     """What save_state does: torch.save streamed into the encrypting, hashing, fsyncing store."""
-    from tensafe_trainer.engine.training import write_state
+    from tensafe_trainer.engine.adapter import write_state
 
     start = time.perf_counter()
     info = store.put(lambda out: write_state(state, out), tenant_id="bench", training_client_id="tc-bench",
@@ -79,7 +79,7 @@ def encrypted_save(state: dict, store) -> float:
 
 def measure(rounds: int) -> dict:
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tensafe_trainer.engine.training import serialize_state
+    from tensafe_trainer.engine.adapter import serialize_state
     from tg_tinker.keys import LocalKeyProvider
 
     result = {}

@@ -40,7 +40,7 @@ NOISE, CLIP = 1.0, 1.0
 
 
 def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
-    from tensafe_trainer.engine.training import TrainingEngine
+    from tensafe_trainer.engine.adapter import AdapterSlot
     from tensafe_trainer.privacy.ledger import PrivacyLedger
     from tg_tinker.keys import LocalKeyProvider
 
@@ -51,7 +51,7 @@ def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
                            group_size=group_size) if dp else None)
     folder = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     ledger = PrivacyLedger(folder / "privacy", "default", None, keys=LocalKeyProvider(folder / "keys")) if dp else None
-    engine = TrainingEngine(config, ledger=ledger)
+    engine = AdapterSlot(config, ledger=ledger)
 
     def run(batches: list[BatchData]) -> int:
         tokens = 0

@@ -26,14 +26,14 @@ def fresh_ledger(dataset_id=None):
 
 
 def make_engine(ledger=None, dataset=None, **overrides):
-    from tensafe_trainer.engine.training import TrainingEngine
+    from tensafe_trainer.engine.adapter import AdapterSlot
 
     values = dict(dtype="float64", optimizer=SGD1)
     values.update(overrides)
     config = tiny_config(**values)
     if config.dp_enabled and ledger is None:
         ledger = fresh_ledger(config.dp_config.dataset_id)
-    engine = TrainingEngine(config, ledger=ledger, dataset=dataset)
+    engine = AdapterSlot(config, ledger=ledger, dataset=dataset)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for name, p in engine.trainable.items():

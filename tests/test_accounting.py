@@ -209,7 +209,7 @@ def test_a_ledger_counts_in_one_unit_and_a_client_of_another_is_refused():
 
 
 def test_a_checkpoint_that_names_no_ledger_head_does_not_load_over_a_file_ledger():
-    from tensafe_trainer.engine.training import deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state, serialize_state
 
     engine = make_engine(dp_config=dp_config(dataset_id="headless"), batch_size=2)
     engine.forward_backward(padded_batch(sequences(2, seed=1)))

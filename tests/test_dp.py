@@ -155,7 +155,7 @@ def _budget_for(steps: float) -> float:
 
 
 def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_reset_it(tmp_path):
-    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, serialize_state
 
     config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, dataset_size=400, target_epsilon=_budget_for(2.5))
     engine = make_engine(dp_config=config, batch_size=4)
@@ -176,7 +176,7 @@ def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_rese
         for name, p in engine.trainable.items():
             assert torch.equal(p, before[name])
     # A new engine on the same data (a restart, or another client) with the checkpoint loaded: the ledger holds.
-    restored = TrainingEngine(engine.config, ledger=fresh_ledger_at(engine.accountant.ledger))
+    restored = AdapterSlot(engine.config, ledger=fresh_ledger_at(engine.accountant.ledger))
     restored.load_state_dict(deserialize_state(saved))
     assert restored.total_epsilon == pytest.approx(spent)
     restored.forward_backward(padded_batch(rows))

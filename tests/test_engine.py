@@ -78,14 +78,14 @@ def test_warmup_and_cosine_schedule():
 
 
 def test_checkpoint_restores_weights_and_optimizer_state_bit_for_bit():
-    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, serialize_state
 
     rows = sequences(4, seed=8)
     engine = make_engine(batch_size=4, optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
     for _ in range(3):
         engine.forward_backward(padded_batch(rows))
         engine.optim_step()
-    restored = TrainingEngine(engine.config)
+    restored = AdapterSlot(engine.config)
     restored.load_state_dict(deserialize_state(serialize_state(engine.state_dict(include_optimizer=True))))
     assert restored.step == 3
     for name, p in engine.trainable.items():
@@ -103,7 +103,7 @@ def test_checkpoint_restores_weights_and_optimizer_state_bit_for_bit():
 
 
 def test_checkpoint_of_another_model_is_refused():
-    from tensafe_trainer.engine.training import deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state, serialize_state
 
     lora = make_engine(batch_size=4)
     full = make_engine(batch_size=4, lora_config=None)
@@ -141,7 +141,7 @@ def test_engine_refuses_batches_that_do_not_fit_the_model(bad, match):
 def test_bfloat16_tracks_float32_and_checkpoints_bit_for_bit(lora):
     """The dtype GPUs get by default ("auto" on CUDA with bf16), exercised on the CPU: the model is bf16 (LoRA
     adapters float32, peft's mixed precision), and its losses follow a float32 run of the same steps."""
-    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, serialize_state
 
     rows = sequences(4, seed=3)
     overrides = {"optimizer": OptimizerConfig(name="adamw", learning_rate=3e-2), "batch_size": 4}
@@ -159,7 +159,7 @@ def test_bfloat16_tracks_float32_and_checkpoints_bit_for_bit(lora):
             engine.optim_step()
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
-    restored = TrainingEngine(bf16.config)
+    restored = AdapterSlot(bf16.config)
     restored.load_state_dict(deserialize_state(serialize_state(bf16.state_dict(include_optimizer=True))))
     for name, p in bf16.trainable.items():
         assert p.dtype == restored.trainable[name].dtype and torch.equal(p, restored.trainable[name])

@@ -83,7 +83,7 @@ def test_each_step_is_keyed_with_fresh_256_bit_entropy_from_the_os(monkeypatch):
 
 
 def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_load_changes_nothing():
-    from tensafe_trainer.engine.training import deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state, serialize_state
 
     trained = make_engine(dp_config=dp_config(dataset_id="Y"), batch_size=2)
     trained.forward_backward(padded_batch(sequences(2, seed=1)))
@@ -99,7 +99,7 @@ def test_a_dp_checkpoint_continues_only_on_the_ledger_of_its_data_and_a_refused_
 def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
     """An administrator of the volume empties (or restores an old copy of) the ledger file: the weights trained
     with 2 steps would then carry a receipt claiming fewer. The load is refused, naming the rollback."""
-    from tensafe_trainer.engine.training import deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state, serialize_state
 
     ledger = fresh_ledger("rolled")
     trained = make_engine(dp_config=dp_config(dataset_id="rolled"), batch_size=2, ledger=ledger)
@@ -130,7 +130,7 @@ def test_a_checkpoint_does_not_load_over_a_ledger_rolled_back_behind_it():
 
 
 def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
-    from tensafe_trainer.engine.training import deserialize_state, serialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state, serialize_state
 
     engine = sampled_engine()
     saved = deserialize_state(serialize_state(engine.state_dict(include_optimizer=True)))
@@ -373,7 +373,7 @@ def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
 
 
 def test_a_dataset_registered_after_the_client_started_is_sampled_unless_it_trained_on_its_own_batches():
-    from tensafe_trainer.engine.training import TrainingEngine
+    from tensafe_trainer.engine.adapter import AdapterSlot
 
     from conftest import tiny_config
     from engine_helpers import SGD1
@@ -381,14 +381,14 @@ def test_a_dataset_registered_after_the_client_started_is_sampled_unless_it_trai
     registered: list = []
     config = tiny_config(dtype="float64", optimizer=SGD1, batch_size=3,
                          dp_config=DPConfig(noise_multiplier=1.0, dataset_id="late", sample_rate=0.5))
-    late = TrainingEngine(config, ledger=fresh_ledger("late"),
+    late = AdapterSlot(config, ledger=fresh_ledger("late"),
                           find_dataset=lambda: registered[0] if registered else None)
     with pytest.raises(ValidationError, match="naming a registered dataset"):
         late.forward_backward_sampled()
     registered.append(dataset(10, seed=2))
     late.forward_backward_sampled()
     assert late.optim_step().dp_metrics.sampling == "poisson"
-    own = TrainingEngine(config, ledger=fresh_ledger("late"), find_dataset=lambda: registered[0])
+    own = AdapterSlot(config, ledger=fresh_ledger("late"), find_dataset=lambda: registered[0])
     own.forward_backward(padded_batch(sequences(2, seed=1)))
     with pytest.raises(ValidationError, match="trained on its own batches"):
         own.forward_backward_sampled()

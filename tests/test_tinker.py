@@ -81,7 +81,7 @@ def reference_logprobs(model_dir, rows: list[list[int]]) -> list[np.ndarray]:
 def artifact_state(server, tenant: str, path: str) -> dict:
     """A saved Tinker checkpoint, decrypted with the tenant's key the way an operator's tools would."""
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tensafe_trainer.engine.training import deserialize_state
+    from tensafe_trainer.engine.adapter import deserialize_state
     from tensafe_trainer.storage.paths import key_provider
 
     store = ArtifactStore(server.home / "artifacts", key_provider(server.home))

@@ -81,11 +81,11 @@ def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
     """Write a decrypted checkpoint or sampler artifact as a PEFT adapter folder."""
     from tg_tinker.config import TrainingConfig
 
-    from tensafe_trainer.engine.training import TrainingEngine, deserialize_state
+    from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state
 
     state = deserialize_state(payload)
     config = TrainingConfig.parse(state["config"]).model_copy(update={"dp_config": None})
-    engine = TrainingEngine(config)
+    engine = AdapterSlot(config)
     engine.load_weights(state)
     return engine.export_adapter(out)
 

@@ -34,7 +34,7 @@ from tg_tinker.types import (
 from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.crypto import ALGORITHM
 from tensafe_trainer.privacy.datasets import find_dataset, load_examples
-from tensafe_trainer.engine.training import TrainingEngine, deserialize_state, write_state
+from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, write_state
 from tensafe_trainer.privacy.ledger import open_ledger
 from tensafe_trainer.engine.sampling import Sampler
 
@@ -55,7 +55,7 @@ class Runtime:
     client_id: str
     tenant_id: str
     kind: str  # "training" or "sampling"
-    engine: TrainingEngine
+    engine: AdapterSlot
     store: ArtifactStore
     last_checkpoint: Optional[str] = None
     resumed_from: Optional[str] = None
@@ -74,7 +74,7 @@ class Runtime:
             if dataset_id:
                 find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
                 dataset = find()
-        engine = TrainingEngine(config, ledger=ledger, dataset=dataset, client_id=client_id, find_dataset=find)
+        engine = AdapterSlot(config, ledger=ledger, dataset=dataset, client_id=client_id, find_dataset=find)
         return cls(client_id, tenant_id, "training", engine, store)
 
     @classmethod
@@ -82,13 +82,13 @@ class Runtime:
                      base_model: Optional[str] = None) -> "Runtime":
         if artifact_id is None:
             config = TrainingConfig(model_ref=base_model, lora_config=None)
-            return cls(client_id, tenant_id, "sampling", TrainingEngine(config), store)
+            return cls(client_id, tenant_id, "sampling", AdapterSlot(config), store)
         state = deserialize_state(store.get(tenant_id, artifact_id))
         config = TrainingConfig.parse(state["config"]).model_copy(update={"dp_config": None})
         if base_model and base_model != config.model_ref:
             raise ValidationError(f"artifact {artifact_id} was trained on {config.model_ref!r}, not {base_model!r}",
                                   {"field": "base_model"})
-        engine = TrainingEngine(config)
+        engine = AdapterSlot(config)
         engine.load_weights(state)
         return cls(client_id, tenant_id, "sampling", engine, store)
 

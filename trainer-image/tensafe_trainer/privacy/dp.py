@@ -3,7 +3,7 @@
 One mechanism, stated once (docs/privacy.md has the argument):
 - adjacency is add/remove one example (what opacus' accountants assume);
 - one logical batch = every micro-batch since the last ``optim_step`` (or one Poisson draw of a
-  registered dataset, see :meth:`TrainingEngine.forward_backward_sampled`); each example's gradient (of
+  registered dataset, see :meth:`AdapterSlot.forward_backward_sampled`); each example's gradient (of
   its own mean token loss) is clipped to C = ``max_grad_norm``, the clipped gradients are summed;
 - ``optim_step`` adds N(0, (sigma C)^2) to that sum, from a CSPRNG (secure_random), and divides by a
   fixed public denominator: the expected logical batch size, never the number of examples that came;

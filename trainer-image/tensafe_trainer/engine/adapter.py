@@ -1,4 +1,5 @@
-"""The training engine: one model, its optimizer, and the accumulated gradient of a logical batch.
+"""An adapter slot: one client's trainable part on a model host (host.py), its optimizer, and the
+accumulated gradient of a logical batch.
 
 Not thread-safe by design: a training client's operations run one at a time, in order, on the
 session's worker thread.
@@ -15,7 +16,6 @@ Loss conventions:
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 from pathlib import Path
@@ -36,7 +36,7 @@ from tg_tinker.types import (
     OptimStepResult,
 )
 
-from tensafe_trainer.engine.models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
+from tensafe_trainer.engine.host import ModelHost
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
 from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, check_logits
@@ -48,20 +48,6 @@ CHECKPOINT_FORMAT = 1
 # Fields that define the model: a checkpoint only loads into a client whose config agrees on them.
 MODEL_DEFINING = ("model_ref", "lora_config", "dtype")
 CROSS_ENTROPY = LossSpec()
-
-
-def _apply_lora(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora_config
-    peft_config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as exc:
-        raise ValidationError(f"invalid lora_config for this model: {exc}", {"field": "lora_config"}) from None
 
 
 def pad_examples(examples: list[dict]) -> BatchData:
@@ -77,29 +63,21 @@ def pad_examples(examples: list[dict]) -> BatchData:
     return BatchData(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-class TrainingEngine:
-    """``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
+class AdapterSlot:
+    """``host``: the model host it trains on (default: a host of its own, for its config). ``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
     dataset ``dp_config.dataset_id`` names, which this client then samples on the server. ``find_dataset``: looks
     for it again at the first ``forward_backward_sampled`` (a dataset registered after the client started, as on
     Kubernetes, where it is registered through the client's own trainer)."""
 
-    def __init__(self, config: TrainingConfig, *, ledger: Optional[PrivacyLedger] = None,
-                 dataset: Optional[list[dict]] = None, client_id: str = "",
+    def __init__(self, config: TrainingConfig, *, host: Optional[ModelHost] = None,
+                 ledger: Optional[PrivacyLedger] = None, dataset: Optional[list[dict]] = None, client_id: str = "",
                  find_dataset: Optional[Callable[[], Optional[list[dict]]]] = None):
         self.config = config
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
-        torch.manual_seed(config.seed)
-        loaded: LoadedModel = load_model(config.model_ref, seed=config.seed, dtype=self.dtype, device=self.device)
-        self.tokenizer = loaded.tokenizer
-        self.vocab_size = loaded.vocab_size
-        self.eos_token_id = loaded.eos_token_id
-        model = loaded.model
-        if config.lora_config is not None:
-            model = _apply_lora(model, config)
-        else:
-            model.requires_grad_(True)
-        self.model = model.train()
+        self.host = host if host is not None else ModelHost.for_config(config)
+        self.device, self.dtype = self.host.device, self.host.dtype
+        self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
+                                                              self.host.eos_token_id)
+        self.model = self.host.attach(config)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
         self.step = 0
@@ -439,9 +417,9 @@ class TrainingEngine:
             self._reset_accumulation()
             raise
 
-    @functools.cached_property
+    @property
     def public_model_name(self) -> str:
-        return public_model_name(self.config.model_ref)
+        return self.host.public_model_name
 
     @property
     def total_epsilon(self) -> Optional[float]:
