@@ -11,8 +11,10 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch first and pinned: anything else would pull a multi-GB CUDA build.
+# The packages' __init__.py files too: a package added since the editable install is installed again.
 $(STAMP): pyproject.toml tests/support/pyproject.toml trainer-image/requirements.txt trainer-image/requirements-demo.txt \
-		operator/requirements.txt tests/requirements.txt
+		operator/requirements.txt tests/requirements.txt $(wildcard sdk/*/__init__.py trainer-image/*/__init__.py \
+		operator/*/__init__.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0

@@ -80,7 +80,7 @@ def encrypted_save(state: dict, store) -> float:
 def measure(rounds: int) -> dict:
     from tensafe_trainer.storage.artifacts import ArtifactStore
     from tensafe_trainer.engine.adapter import serialize_state
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     result = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TENSAFE_BENCH_DIR")) as tmp:

@@ -42,7 +42,7 @@ NOISE, CLIP = 1.0, 1.0
 def engine_loop(dp: bool, lora: bool = True, group_size: int = 1):
     from tensafe_trainer.engine.adapter import AdapterSlot
     from tensafe_trainer.privacy.ledger import PrivacyLedger
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     config = TrainingConfig(
         model_ref=MODEL, batch_size=BATCH, max_seq_len=SEQ, optimizer=OptimizerConfig(learning_rate=1e-4),

@@ -19,7 +19,7 @@ def fresh_ledger(dataset_id=None):
     """A privacy ledger of its own, in a new folder."""
     from tensafe_trainer.privacy.ledger import PrivacyLedger
 
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     folder = Path(tempfile.mkdtemp(prefix="ledger-"))
     return PrivacyLedger(folder / "privacy", "default", dataset_id, keys=LocalKeyProvider(folder / "keys"))

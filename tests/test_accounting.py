@@ -90,7 +90,7 @@ def alternating_runtimes(tmp_path):
     entries, (1.0, 1.0, 2), (2.0, 1.0, 1), (1.0, 1.0, 2), ..."""
     from tensafe_trainer.storage.artifacts import ArtifactStore
     from tensafe_trainer.engine.operations import Runtime
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     store = ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
 

@@ -12,7 +12,7 @@ from tg_tinker import ArtifactIntegrityError, ArtifactNotFoundError, ValidationE
 @pytest.fixture
 def store(tmp_path):
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     return ArtifactStore(tmp_path / "artifacts", LocalKeyProvider(tmp_path / "keys"))
 
@@ -134,7 +134,7 @@ def test_renamed_artifact_and_other_tenant_are_refused(store):
 
 def test_wrong_key_is_refused(store, tmp_path):
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     info = put(store)
     # the data keys, but a different key set (KEKs) under the same tenant name
@@ -432,7 +432,7 @@ def test_a_deleted_dataset_does_not_come_back_from_a_restored_file(store):
 def test_rotation_keeps_readable_the_artifacts_of_another_home_on_the_same_key_store(tmp_path):
     """Homes share the per-user key store by default: retiring a KEK must not kill another home's artifacts."""
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     here, there = ArtifactStore(tmp_path / "a", keys), ArtifactStore(tmp_path / "b", keys)
@@ -481,7 +481,7 @@ def test_a_key_file_written_or_deleted_is_fsynced_with_its_folder(tmp_path, monk
     from pathlib import Path
 
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     synced = []
     real_fsync = os.fsync
@@ -538,7 +538,7 @@ def test_a_save_whose_data_key_cannot_be_stored_fails_and_leaves_no_file(tmp_pat
     """The data key is written beside the payload: if the key store refuses it (here, a key set given on the
     command line, read-only), the save fails and no artifact appears that nothing could ever open."""
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider, StaticKeyProvider
+    from tensafe_keys.store import LocalKeyProvider, StaticKeyProvider
 
     keyset = LocalKeyProvider(tmp_path / "keys").complete("acme")
     store = ArtifactStore(tmp_path / "artifacts", StaticKeyProvider("acme", keyset))

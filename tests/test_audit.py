@@ -15,7 +15,7 @@ from conftest import random_batch
 
 @pytest.fixture
 def keys(tmp_path):
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     return LocalKeyProvider(tmp_path / "keys")
 

@@ -77,7 +77,7 @@ def keys_in_process(keys_env, monkeypatch):
 
 
 def a_keyset(tmp_path) -> dict:
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     return LocalKeyProvider(tmp_path / "made").complete("default")
 
@@ -162,7 +162,7 @@ def test_read_only_commands_create_no_folder(tmp_path, keys_env):
 
 
 def test_an_empty_or_missing_audit_log_does_not_verify(tmp_path, keys_env):
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     LocalKeyProvider(tmp_path / "keys").complete("default")
     log = tmp_path / "home" / "audit" / "default.jsonl"
@@ -275,7 +275,7 @@ def test_revocation_survives_a_tenant_named_like_it_and_a_planted_twin(tmp_path)
 
     from tensafe_trainer.api.tinker.keys import TinkerKeys, create_key, keys_file, revoke_key
     from tg_tinker import AuthenticationError, ValidationError
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     home, store = tmp_path / "home", LocalKeyProvider(tmp_path / "keys")
     home.mkdir()

@@ -79,7 +79,7 @@ def test_disable_core_dumps_turns_dumpable_off():
 
 @pytest.mark.parametrize("command", [["audit", "verify"], ["artifact", "list", "--home", "{home}"]])
 def test_cli_commands_that_load_a_key_set_cannot_dump_core(tmp_path, command):
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keyset = LocalKeyProvider(tmp_path / "keys").complete("default")
     (tmp_path / "default.json").write_text(json.dumps(keyset))

@@ -268,7 +268,7 @@ def test_exports_are_built_in_memory(monkeypatch, tmp_path):
 
     from engine_helpers import make_engine
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
     from tensafe_trainer.engine.operations import Runtime
 
     runtime = Runtime("tc-1", "default", "training", make_engine(),

@@ -74,7 +74,7 @@ def test_a_save_on_kubernetes_leaves_no_name_or_metadata_and_publishes_the_audit
         log.write_text("\n".join(rows) + "\n")
 
         # Shred the tenant's keys in the Secret: the pulled copy, with the Secret as it is now, is dead.
-        from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
+        from tensafe_keys.kubernetes import KubernetesSecretKeyProvider
 
         (tmp_path / "copy.bin").write_bytes(copy)
         opened = tensafe("artifact", "decrypt", str(tmp_path / "copy.bin"), "--out", str(tmp_path / "a.pt"),

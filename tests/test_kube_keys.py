@@ -16,7 +16,7 @@ PAYLOAD = os.urandom(2 * 1024 * 1024 + 5)
 @pytest.fixture
 def provider(cluster, namespace, tmp_path):
     """The tenant's Secret through the API, and the trainer's data-key volume (here a folder)."""
-    from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
+    from tensafe_keys.kubernetes import KubernetesSecretKeyProvider
 
     return KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys", tmp_path / "data-keys")
 
@@ -27,7 +27,7 @@ def secret_data(cluster, namespace):
 
 def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespace, provider, tmp_path):
     from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     store = ArtifactStore(tmp_path / "artifacts", provider)
     info = store.put(PAYLOAD, tenant_id="acme", training_client_id="tc-1", kind="checkpoint", step=1)
@@ -72,7 +72,7 @@ def test_other_values_in_the_secret_survive_key_changes(cluster, namespace, prov
 
 
 def test_concurrent_rotations_cannot_drop_a_key(cluster, namespace, provider):
-    from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
+    from tensafe_keys.kubernetes import KubernetesSecretKeyProvider
 
     from tg_tinker import TGTinkerError
 

@@ -625,7 +625,7 @@ def test_a_ledger_is_named_by_pseudonym_and_found_again_after_rotation_and_shred
     """The folder lists no dataset id; the name survives a key rotation and a tenant's shred (spent budget must
     be found again), and a ledger named in clear by an earlier version is taken over, not started afresh."""
     from tensafe_trainer.privacy.ledger import PrivacyLedger
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     assert keys.names_key("acme") != keys.names_key("globex")
@@ -650,7 +650,7 @@ def test_a_ledger_rolled_back_or_removed_in_the_home_spends_nothing_more(tmp_pat
     import shutil
 
     from tensafe_trainer.privacy.ledger import PrivacyLedger
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)
@@ -679,7 +679,7 @@ def test_a_budget_line_written_into_the_ledger_file_sets_no_budget(tmp_path):
     """Second attacker review: a budget line appended by whoever can write the home became the data's budget
     (1e300: clients without a target of their own were no longer capped). The key store's head holds it."""
     from tensafe_trainer.privacy.ledger import PrivacyLedger
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     ledger = PrivacyLedger(tmp_path / "privacy", "acme", "ward7", keys=keys)

@@ -188,7 +188,7 @@ def _metric(service, name: str) -> float:
 
 def test_request_hashes_are_hmacs_under_the_tenant_audit_key_which_shredding_destroys(tmp_path):
     from tensafe_trainer.storage.audit import request_hash
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     keys = LocalKeyProvider(tmp_path / "keys")
     key = keys.audit_key("acme")

@@ -43,7 +43,7 @@ def keys(home):
 def forge(leaked: dict, prev: dict, **overrides) -> dict:
     """What an insider holding the leaked key set appends: the next record, MACed with the old chain key."""
     from tensafe_trainer.storage.audit import _fields
-    from tg_tinker.keys import chain_key_of, secrets_id_of
+    from tensafe_keys.store import chain_key_of, secrets_id_of
 
     record = _fields({"id": secrets_id_of(leaked), "chain_key": chain_key_of(leaked)}, prev,
                      **{**event(99), "success": False, **overrides})
@@ -61,7 +61,7 @@ def write_rows(path: Path, lines: list[str]) -> None:
 def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys):
     from tensafe_trainer.storage.audit import AuditTrail, _fields, verify
     from tg_tinker import AuditIntegrityError
-    from tg_tinker.keys import chain_key_of
+    from tensafe_keys.store import chain_key_of
 
     trail = AuditTrail(home / "audit", keys)
     trail.log("acme").append_many([event(i) for i in range(5)])
@@ -207,7 +207,7 @@ def test_an_interrupted_rotation_blocks_the_chain_until_it_is_completed(home, ke
     extends (it names a key the key set lacks) until `rotate` runs again and completes that very rotation."""
     from tensafe_trainer.storage.audit import ROTATE, AuditTrail, _fields, verify
     from tg_tinker import AuditIntegrityError, ValidationError
-    from tg_tinker.keys import StaticKeyProvider
+    from tensafe_keys.store import StaticKeyProvider
 
     trail = AuditTrail(home / "audit", keys)
     log = trail.log("acme")

@@ -63,7 +63,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     from tensafe_trainer.storage.audit import AuditTrail
     from tensafe_trainer.storage.audit_writer import AuditWriter
     from tensafe_trainer.engine.process import EngineProcess
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
     from tensafe_trainer.service.sessions import Session
 
     from conftest import tiny_config

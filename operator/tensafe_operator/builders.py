@@ -33,7 +33,7 @@ DATA_DIR = "/var/lib/tensafe"
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEYS_DIR = "/var/run/tensafe/keys"
 DATA_KEYS_DIR = "/var/run/tensafe/data-keys"
-NAMES_KEY = "names.key"  # the key store's names secret (tg_tinker.keys.KeyProvider.names_key), in the key Secret
+NAMES_KEY = "names.key"  # the key store's names secret (tensafe_keys.store.KeyProvider.names_key), in the key Secret
 TLS_DIR = "/var/run/tensafe/tls"
 TINKER_KEY_DIR = "/var/run/tensafe/tinker"
 TOKEN_DIR = "/var/run/tensafe/token"
@@ -219,7 +219,7 @@ def image_allowed(image: str, allowed: tuple[str, ...], default_image: str) -> b
 
 def build_pod(tc: dict[str, Any], *, default_image: str,
               defaults: TrainerDefaults = TrainerDefaults()) -> dict[str, Any]:
-    from tg_tinker.keys_kubernetes import keyset_key
+    from tg_tinker.resources import keyset_key
 
     spec = tc["spec"]
     name = tc["metadata"]["name"]

@@ -11,8 +11,8 @@ import secrets
 from typing import Optional
 
 from kubernetes.client.exceptions import ApiException
-from tg_tinker.keys import new_tinker_key
-from tg_tinker.keys_kubernetes import KubernetesSecretKeyProvider
+from tensafe_keys.store import new_tinker_key
+from tensafe_keys.kubernetes import KubernetesSecretKeyProvider
 from tg_tinker.errors import TGTinkerError
 from tg_tinker.resources import (TRAINING_CLIENTS, tinker_enabled, tinker_key_key, tls_secret_name, token_key,
                                  trainer_access)

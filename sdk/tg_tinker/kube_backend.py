@@ -18,8 +18,8 @@ from typing import Any, Optional
 from .config import TrainingConfig
 from .errors import TGTinkerError, TrainingClientError, TrainingClientNotFoundError, ValidationError, error_from_wire
 from .resources import (GROUP, TERMINAL_PHASES, TRAINING_CLIENTS, TRAINING_OPERATIONS, VERSION, DurableRequest,
-                        TrainerAccess, child_name, key_secret_name, operation_spec, trainer_access)
-from .keys_kubernetes import keyset_key
+                        TrainerAccess, child_name, key_secret_name, keyset_key, operation_spec,
+                        trainer_access)
 from .sealing import sealing_key
 from .operations import RESULT_TYPES
 from .types import ClientInfo, ClientStatus

@@ -40,7 +40,7 @@ from .errors import ReceiptVerificationError
 FORMAT = "tensafe-receipt/v1"
 ALG = "Ed25519"
 _DOMAIN = FORMAT.encode() + b"\n"
-KEYS_FORMAT = "tensafe-receipt-keys/v1"  # a tenant's receipt key list (tg_tinker.keys.receipt_public_keys_of)
+KEYS_FORMAT = "tensafe-receipt-keys/v1"  # a tenant's receipt key list (tensafe_keys.store.receipt_public_keys_of)
 
 
 def _raw_public(public_key) -> bytes:

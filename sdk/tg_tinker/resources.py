@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 from .errors import ValidationError
 from .operations import OPERATIONS
 from .sealing import seal
-from .types import LoadStateRequest, SaveStateRequest
+from .types import LoadStateRequest, SaveStateRequest, check_tenant
 
 GROUP, VERSION = "tensafe.io", "v1alpha1"
 TRAINING_CLIENTS, TRAINING_OPERATIONS = "trainingclients", "trainingoperations"
@@ -31,6 +31,11 @@ TINKER_KEY = "tinker"  # the Tinker API key's (spec.tinker.enabled), beside the 
 # The label that binds a Secret or PersistentVolumeClaim to a tenant: a TrainingClient may use a Secret or volume
 # only of its own tenant (the operator sets it on those it creates; docs/privacy.md, "What a TrainingClient may name").
 TENANT_LABEL = "tensafe.io/tenant"
+
+
+def keyset_key(tenant_id: str) -> str:
+    """The key Secret's data key that holds a tenant's key set (also the file name in the mounted volume)."""
+    return f"{check_tenant(tenant_id)}.json"
 
 
 def token_key(tc: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ anyone who may read it. Its user-chosen parameters (``name``, ``metadata``) trav
 ``spec.parameters.sealed``: AES-256-GCM under a key derived from the tenant's audit key (its key set, in
 the tenant's key Secret, which the SDK reads for the trainer's token anyway), bound to the training client's
 name. The trainer opens it; shredding the tenant's key set leaves it unreadable. The key follows the tenant's
-active secrets generation (tg_tinker.keys): a rotation replaces it, so a leaked key set's sealing key opens
+active secrets generation (tensafe_keys.store): a rotation replaces it, so a leaked key set's sealing key opens
 nothing sealed after the rotation, and parameters sealed before it no longer open (submit the operation again).
 """
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, Field, PlainSerializer, field_validator, model_validator
 
 from .config import TrainingConfig
+from .errors import ValidationError
 from .wire import WireModel
+
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a tenant id: also a folder and a Secret key's name
+
+
+def check_tenant(tenant_id: str) -> str:
+    if not isinstance(tenant_id, str) or not TENANT_PATTERN.fullmatch(tenant_id) or tenant_id in (".", ".."):
+        raise ValidationError(f"invalid tenant id {tenant_id!r}", {"field": "tenant_id"})
+    return tenant_id
+
+
+TenantId = Annotated[str, Field(pattern=f"^{TENANT_PATTERN.pattern}$")]
 
 IGNORE_INDEX = -100
 MAX_NUM_SAMPLES = 64  # sequences one sample request may ask for
@@ -438,7 +451,7 @@ class WaitForOperations(WireModel):
 class CreateTrainingClient(WireModel):
     config: TrainingConfig
     client_id: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant_id: TenantId = "default"
     resume_from: Optional[str] = Field(
         None, pattern=r"^(latest|art-[0-9a-f]{32})$",
         description="a checkpoint to load at start, or 'latest': this client id's newest checkpoint, if any")
@@ -449,7 +462,7 @@ class CreateSamplingClient(WireModel):
     artifact_id: Optional[str] = None
     model_path: Optional[str] = None
     base_model: Optional[str] = None
-    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant_id: TenantId = "default"
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -497,7 +510,7 @@ class GrantArtifact(WireModel):
     (given with the trainer's own token; audited; it ends with the grantee client)."""
 
     training_client_id: str = Field(min_length=1, max_length=128)
-    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant_id: TenantId = "default"
 
 
 class DatasetExample(WireModel):
@@ -520,7 +533,7 @@ DATASET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 class RegisterDataset(WireModel):
     examples: list[DatasetExample] = Field(min_length=1)
     dataset_id: Optional[str] = Field(None, pattern=DATASET_ID_PATTERN)
-    tenant_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant_id: TenantId = "default"
 
 
 class DatasetInfo(WireModel):

@@ -50,7 +50,7 @@ from tg_tinker.types import (
     WaitForOperations,
 )
 
-from tg_tinker.keys import TENANT_PATTERN
+from tg_tinker.types import TENANT_PATTERN
 from tg_tinker.operations import SubmitOperation, SubmitOperations
 from tg_tinker.receipts import public_key_pem, sign_receipt
 from tg_tinker.wire import MAX_REPORTED_ERRORS, malformed_json, validation_error

@@ -18,7 +18,7 @@ from tg_tinker.errors import ArtifactNotFoundError, TGTinkerError, ValidationErr
 
 from tensafe_trainer.storage.artifacts import ARTIFACT_ID, ArtifactStore, write_private
 from tensafe_trainer.storage.audit import parse_head, verify
-from tg_tinker.keys import KeyProvider, StaticKeyProvider, load_keyset_file
+from tensafe_keys.store import KeyProvider, StaticKeyProvider, load_keyset_file
 from tensafe_trainer.storage.paths import artifact_keys_dir, key_provider, keys_dir, tensafe_home
 
 RECEIPT_FILE = "tensafe-receipt.json"
@@ -103,7 +103,7 @@ def shred_tenant(home: Path, tenant: str) -> int:
     if log.exists():
         log.unlink()
         removed += 1
-        from tg_tinker.private_files import fsync_dir
+        from tensafe_keys.private_files import fsync_dir
 
         fsync_dir(log.parent)
     return removed
@@ -203,7 +203,7 @@ def receipt_keys(path: Path):
     its key list, so that a key retired by a rotation verifies only the receipts made before it."""
     import json
 
-    from tg_tinker.keys import receipt_public_keys_of
+    from tensafe_keys.store import receipt_public_keys_of
 
     try:
         text = Path(path).read_bytes().decode("utf-8")

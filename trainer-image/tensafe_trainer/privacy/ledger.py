@@ -32,9 +32,10 @@ from typing import Callable
 from tg_tinker.config import DPConfig
 from tg_tinker.errors import TrainingClientError, ValidationError
 
-from tg_tinker.private_files import fsync_dir, private_dir
+from tensafe_keys.private_files import fsync_dir, private_dir
 from tensafe_trainer.storage.crypto import pseudonym, seal_id
-from tg_tinker.keys import KeyProvider, check_tenant
+from tensafe_keys.store import KeyProvider
+from tg_tinker.types import check_tenant
 
 History = tuple[tuple[float, float, int], ...]  # ((noise multiplier, sample rate, steps), ...)
 TENANT_LEDGER = "_tenant"  # the ledger of a tenant's DP steps that name no dataset

@@ -31,8 +31,9 @@ from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 from tg_tinker.types import ArtifactInfo
 
 from tensafe_trainer.storage import crypto
-from tg_tinker.keys import KeyProvider, check_tenant
-from tg_tinker.private_files import FILE_MODE, atomic_write, fsync_dir, private_dir
+from tensafe_keys.store import KeyProvider
+from tg_tinker.types import check_tenant
+from tensafe_keys.private_files import FILE_MODE, atomic_write, fsync_dir, private_dir
 
 log = logging.getLogger(__name__)
 

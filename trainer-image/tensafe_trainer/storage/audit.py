@@ -53,9 +53,10 @@ from typing import Any, Iterator, Optional, Union
 from tg_tinker.errors import AuditIntegrityError
 from tg_tinker.types import AuditEntry, AuditHead
 
-from tg_tinker.private_files import FILE_MODE, private_dir
+from tensafe_keys.private_files import FILE_MODE, private_dir
 from tensafe_trainer.storage.crypto import canonical_json, open_id, seal_id
-from tg_tinker.keys import KeyProvider, check_tenant, new_secrets_id, secret_generations
+from tensafe_keys.store import KeyProvider, new_secrets_id, secret_generations
+from tg_tinker.types import check_tenant
 
 GENESIS = "0" * 64
 ROTATE = "rotate_keys"  # the last record of a secrets generation's segment

@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tg_tinker.errors import ArtifactIntegrityError, ArtifactNotFoundError
 
-from tg_tinker.keys import TENANT_PATTERN, KeyProvider
+from tensafe_keys.store import KeyProvider
+from tg_tinker.types import TENANT_PATTERN
 
 MAGIC = b"TSAF"
 VERSION = 3  # 1: description in clear (refused: it would leak what v2 seals); 2: wrapped DEK in the header (read)

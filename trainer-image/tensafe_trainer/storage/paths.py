@@ -54,7 +54,7 @@ def artifact_keys_dir(home: Path) -> Path:
 
 def key_provider(home: Path):
     """The trainer's key store for ``home``: key sets in ``keys_dir``, data keys in ``artifact_keys_dir``."""
-    from tg_tinker.keys import LocalKeyProvider
+    from tensafe_keys.store import LocalKeyProvider
 
     return LocalKeyProvider(keys_dir(home), artifact_keys_dir(home))
 

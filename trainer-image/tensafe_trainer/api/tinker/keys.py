@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tg_tinker.errors import AuthenticationError, ValidationError
-from tg_tinker.keys import TINKER_KEY_PREFIX as KEY_PREFIX
-from tg_tinker.keys import KeyProvider, check_tenant, new_tinker_key
-from tg_tinker.private_files import private_dir
+from tensafe_keys.store import TINKER_KEY_PREFIX as KEY_PREFIX
+from tensafe_keys.store import KeyProvider, new_tinker_key
+from tg_tinker.types import check_tenant
+from tensafe_keys.private_files import private_dir
 
 from tensafe_trainer.storage.artifacts import write_private
 from tensafe_trainer.storage.crypto import canonical_json

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 from tg_tinker.config import DPConfig, TrainingConfig
 from tg_tinker.errors import ValidationError
-from tg_tinker.keys import check_tenant
+from tg_tinker.types import check_tenant
 
 DEFAULT_BATCH_SIZE = 128
 METADATA_PREFIX = "tensafe.dp."

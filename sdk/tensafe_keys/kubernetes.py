@@ -1,7 +1,7 @@
 """Tenant key sets in a Kubernetes Secret: the key provider of the operator and of admin tools.
 
 The Secret named by a ``TrainingClient``'s ``spec.keySecretRef`` holds, under ``<tenant>.json``, the
-same key-set document :class:`~tg_tinker.keys.LocalKeyProvider` keeps in a file. The trainer pod
+same key-set document :class:`~tensafe_keys.store.LocalKeyProvider` keeps in a file. The trainer pod
 mounts that one key read-only as a file, so inside the pod the local provider reads it unchanged and the
 pod needs no API access. Rotation and crypto-shredding go through the API, with this provider; the artifacts'
 data keys are on the trainer's data-key volume (``artifact_keys``: a copy of it, or where it is mounted).
@@ -15,12 +15,9 @@ import secrets
 from pathlib import Path
 from typing import Any, Optional
 
-from .keys import ArtifactKeyFolder, KeyProvider, check_tenant
+from tg_tinker.resources import keyset_key
 
-
-def keyset_key(tenant_id: str) -> str:
-    """The Secret data key that holds a tenant's key set (also the file name in the mounted volume)."""
-    return f"{check_tenant(tenant_id)}.json"
+from .store import ArtifactKeyFolder, KeyProvider
 
 
 class KubernetesSecretKeyProvider(KeyProvider):

@@ -44,10 +44,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ArtifactIntegrityError, ValidationError
+from tg_tinker.errors import ArtifactIntegrityError, ValidationError
+from tg_tinker.types import TENANT_PATTERN, check_tenant
+
 from .private_files import atomic_write, fsync_dir, private_dir, write_durably
 
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ARTIFACT_ID = re.compile(r"art-[0-9a-f]{32}")
 SECRET_FIELDS = ("audit", "receipt")  # 32 random bytes each, besides the KEKs
 FIRST_SECRETS_ID = "s1"  # the secrets generation of a key set that names none
@@ -59,12 +60,6 @@ TINKER_KEY_PREFIX = "tml-"  # the official tinker SDK refuses keys without it
 def new_tinker_key() -> str:
     """A Tinker API key (``tml-`` + 256 random bits): ``tensafe tinker-key create`` and the operator both use it."""
     return TINKER_KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def check_tenant(tenant_id: str) -> str:
-    if not isinstance(tenant_id, str) or not TENANT_PATTERN.fullmatch(tenant_id) or tenant_id in (".", ".."):
-        raise ValidationError(f"invalid tenant id {tenant_id!r}", {"field": "tenant_id"})
-    return tenant_id
 
 
 class KeyProvider(ABC):
