@@ -215,11 +215,11 @@ class KeyProvider(ABC):
                 raise ValidationError(f"secrets id {successor!r} was used before", {"tenant_id": tenant_id})
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-            from .receipts import _raw_public, key_id
+            from tg_tinker.receipts import key_id, raw_public_key
 
             public = Ed25519PrivateKey.from_private_bytes(base64.b64decode(keyset["receipt"])).public_key()
             retired = {**keyset.get("retired_secrets", {}), retiring: {
-                "audit": keyset["audit"], "receipt_public": base64.b64encode(_raw_public(public)).decode(),
+                "audit": keyset["audit"], "receipt_public": base64.b64encode(raw_public_key(public)).decode(),
                 "receipt_key_id": key_id(public), "retired_at": int(retired_at), "head": head,
                 "successor": successor}}
             fresh = {name: base64.b64encode(secrets.token_bytes(32)).decode() for name in SECRET_FIELDS}
@@ -309,7 +309,7 @@ def receipt_public_keys_of(tenant_id: str, keyset: dict) -> dict:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-    from .receipts import KEYS_FORMAT, key_id
+    from tg_tinker.receipts import KEYS_FORMAT, key_id
 
     def pem(public) -> str:
         return public.public_bytes(serialization.Encoding.PEM,

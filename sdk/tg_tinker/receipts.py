@@ -43,14 +43,14 @@ _DOMAIN = FORMAT.encode() + b"\n"
 KEYS_FORMAT = "tensafe-receipt-keys/v1"  # a tenant's receipt key list (tensafe_keys.store.receipt_public_keys_of)
 
 
-def _raw_public(public_key) -> bytes:
+def raw_public_key(public_key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def key_id(public_key) -> str:
-    return hashlib.sha256(_raw_public(public_key)).hexdigest()[:16]
+    return hashlib.sha256(raw_public_key(public_key)).hexdigest()[:16]
 
 
 def public_key_pem(private_key) -> str:
