@@ -27,4 +27,4 @@ sudo ip route replace "$POD_CIDR" via "$NODE_IP"
 
 # Tests that restart the emulator or kill a local pod process skip themselves on a real cluster.
 TENSAFE_TEST_KUBECONFIG=$KUBECONFIG_FILE .venv/bin/python -m pytest -q \
-  tests/test_kube_operator.py tests/test_kube_kubectl.py tests/test_kube_keys.py
+  tests/kube/test_kube_operator.py tests/kube/test_kube_kubectl.py tests/kube/test_kube_keys.py

@@ -67,3 +67,11 @@ def tc(service):
     client = service.create_training_client(tiny_config())
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, as a model folder: the Tinker suites' model."""
+    from tinker_helpers import build_tokenized_tiny_model
+
+    return build_tokenized_tiny_model(tmp_path_factory.mktemp("tinker-model") / "tiny-smollm2-tokenizer")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tg_tinker import BatchData, OptimizerConfig
+from tg_tinker import BatchData, DPConfig, OptimizerConfig
 
 from conftest import tiny_config
 
@@ -101,3 +102,24 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-9, atol: float =
     assert actual.keys() == expected.keys()
     for n in actual:
         torch.testing.assert_close(actual[n], expected[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def sequences(n: int, seed: int, lengths=(5, 9, 12, 7, 10, 6)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+def fresh_ledger_at(ledger):
+    """Another ledger object on the same file, as another process or a restarted trainer opens it."""
+    from tensafe_trainer.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id, keys=ledger.keys)
+
+
+def dataset(n: int, seed: int) -> list[dict]:
+    return [{"input_ids": r} for r in sequences(n, seed=seed)]
+
+
+def sampled_engine(n=20, q=0.25, **overrides):
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts", sample_rate=q)
+    return make_engine(dp_config=config, batch_size=3, dataset=dataset(n, seed=21), **overrides)

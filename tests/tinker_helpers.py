@@ -58,3 +58,29 @@ def start_tinker_trainer(home: Path, policy: dict, tenants=("plain", "private"))
     policy_file.write_text(json.dumps(policy))
     trainer = LocalTrainer(home=home, privacy_policy=policy_file)
     return TinkerTrainer(trainer.base_url, keys, home, trainer)
+
+
+# Each tenant's DP policy on the Tinker tests' trainer.
+POLICY = {
+    "private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0,
+                       "dataset_size": 1000}, "batch_size": 8},
+    "tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8},
+    # The cookbook's RL recipes: a group of 4 samples of one prompt is one privacy unit.
+    "rl-private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8,
+                   "group_size": 4},
+    "rl-tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8,
+                 "group_size": 4},
+    # No unit named: a model declares its own groups (a ledger then counts in that unit only).
+    "declared": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8},
+}
+
+
+def artifact_state(server, tenant: str, path: str) -> dict:
+    """A saved Tinker checkpoint, decrypted with the tenant's key the way an operator's tools would."""
+    from tensafe_trainer.storage.artifacts import ArtifactStore
+    from tensafe_trainer.engine.adapter import deserialize_state
+    from tensafe_trainer.storage.paths import key_provider
+
+    store = ArtifactStore(server.home / "artifacts", key_provider(server.home))
+    (info,) = [a for a in store.list(tenant) if a.name == path]
+    return deserialize_state(store.get(tenant, info.artifact_id))

@@ -102,7 +102,7 @@ def _rdp_curve(sigma: float, q: float):
 @functools.lru_cache(maxsize=8)
 def epsilon_of(mechanism: str, delta: float, history: tuple) -> float:
     """Epsilon spent by ``history`` ((noise multiplier, sample rate, steps), ...) under ``mechanism`` ("rdp" or
-    "prv": both upper bounds; tests/test_accounting.py holds each against Google's dp-accounting PLD)."""
+    "prv": both upper bounds; tests/unit/privacy/test_accounting.py holds each against Google's dp-accounting PLD)."""
     if mechanism not in ("rdp", "prv"):
         raise ValueError(f"unknown accountant {mechanism!r}: rdp or prv")
     if not history:

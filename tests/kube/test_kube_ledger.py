@@ -222,7 +222,7 @@ def test_a_privacy_budget_counts_in_one_unit_and_the_api_keeps_it(cluster, names
 def test_abandoned_draws_on_fresh_trainers_are_each_charged_to_the_privacy_budget(cluster, namespace):
     """A draw is spent when drawn: each fresh trainer (a new client, a replaced pod) that draws and walks away
     without an optim_step leaves its step in the PrivacyBudget."""
-    from test_privacy import sampled_engine
+    from engine_helpers import sampled_engine
 
     make_budget(cluster, namespace, "facts")
     for _ in range(3):

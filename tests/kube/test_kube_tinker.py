@@ -12,7 +12,7 @@ import pytest
 from tg_tinker.resources import GROUP, PRIVACY_BUDGETS, VERSION, key_secret_name, privacy_budget_name, tinker_key_key
 
 from conftest import TINY, dp_config, tiny_config
-from test_accounting import pld_epsilon
+from accounting_helpers import pld_epsilon
 from kube_helpers import wait_for
 
 tinker = pytest.importorskip("tinker")

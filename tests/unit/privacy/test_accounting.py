@@ -20,19 +20,8 @@ from tg_tinker.types import (
 )
 
 from conftest import dp_config, tiny_config
-from engine_helpers import fresh_ledger, make_engine, padded_batch
-from test_dp import sequences
-
-def pld_epsilon(history, delta: float = 1e-5) -> float:
-    """Google's PLD accountant, add/remove adjacency (its default), Poisson-subsampled Gaussian per step."""
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-
-    accountant = pld_privacy_accountant.PLDAccountant()
-    for sigma, q, steps in history:
-        gaussian = dp_event.GaussianDpEvent(sigma)
-        accountant.compose(gaussian if q == 1.0 else dp_event.PoissonSampledDpEvent(q, gaussian), steps)
-    return accountant.get_epsilon(delta)
+from accounting_helpers import pld_epsilon
+from engine_helpers import fresh_ledger, make_engine, padded_batch, sequences
 
 
 @pytest.mark.parametrize("history", [
@@ -49,7 +38,7 @@ def test_both_accountants_we_run_are_at_or_above_googles_pld(history):
 
 
 def test_an_engines_metrics_and_claims_are_at_or_above_pld_for_client_batches_and_poisson_draws():
-    from test_privacy import sampled_engine
+    from engine_helpers import sampled_engine
 
     asserted = make_engine(dp_config=dp_config(noise_multiplier=1.1), batch_size=4)  # dataset_size: a claim
     for _ in range(3):
@@ -194,7 +183,7 @@ def test_an_edited_ledger_is_refused_whole_never_read_around(line):
 
 
 def test_a_ledger_counts_in_one_unit_and_a_client_of_another_is_refused():
-    from test_dp import fresh_ledger_at
+    from engine_helpers import fresh_ledger_at
 
     ledger = fresh_ledger("units")
     rows = make_engine(dp_config=dp_config(dataset_id="units"), batch_size=4, ledger=ledger)

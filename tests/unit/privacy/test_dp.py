@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -15,18 +14,15 @@ from conftest import dp_config
 from engine_helpers import (
     assert_close,
     clipped_mean,
+    fresh_ledger_at,
     make_engine,
     norm,
     padded_batch,
     per_example_gradients,
+    sequences,
     snapshot,
     update,
 )
-
-
-def sequences(n: int, seed: int, lengths=(5, 9, 12, 7, 10, 6)) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(512) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -182,13 +178,6 @@ def test_budget_refuses_the_step_that_would_exceed_it_and_a_reload_does_not_rese
     restored.forward_backward(padded_batch(rows))
     with pytest.raises(DPBudgetExceededError):
         restored.optim_step()
-
-
-def fresh_ledger_at(ledger):
-    """Another ledger object on the same file, as another process or a restarted trainer opens it."""
-    from tensafe_trainer.privacy.ledger import PrivacyLedger
-
-    return PrivacyLedger(ledger.path.parent.parent, ledger.tenant_id, ledger.dataset_id, keys=ledger.keys)
 
 
 def test_dp_logical_batch_cannot_exceed_what_the_accountant_assumes():

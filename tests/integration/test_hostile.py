@@ -289,7 +289,7 @@ def test_a_failed_sample_leaves_the_accumulated_gradients_alone(tensafe_home):
 
 
 def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_path):
-    from test_faults import engine_pids
+    from process_helpers import engine_pids
 
     with ServiceClient(home=tmp_path) as service:
         tc = service.create_training_client(tiny_config(), client_id="idle")
@@ -311,7 +311,7 @@ def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_pat
 
 
 def test_engine_processes_get_no_admin_token(svc, victim):
-    from test_faults import engine_pids
+    from process_helpers import engine_pids
 
     # Nor the server's own starting environment (/proc keeps it): the local backend hands the token over in a
     # 0600 file, removed once the server has read it.

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 from conftest import random_batch, tiny_config
+from process_helpers import engine_pids
 from tg_tinker import ClientStatus, ServiceClient, TGTinkerError, TrainingClientError
 from tg_tinker import ConnectionError as TrainerUnreachable
 from tg_tinker.submission import OperationQueue
@@ -19,14 +19,6 @@ from tg_tinker.transport import Transport
 from tg_tinker.types import BatchData, ForwardBackwardRequest
 
 SLOW_MODEL = "tiny-random-llama:hidden=256,layers=4,vocab=512"
-
-
-def engine_pids(server_pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server_pid), "--sort=start_time"],
-                         capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split()]
-    return [p for p in pids if "multiprocessing" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
-            and "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
 
 
 @pytest.fixture

@@ -171,7 +171,7 @@ def test_the_batch_endpoint_stops_at_the_first_refused_submission(service, clien
 def test_a_script_that_exits_right_after_its_last_call_still_sends_it(service):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from conftest import random_batch, tiny_config
         from tg_tinker import ServiceClient
         tc = ServiceClient(base_url={service.base_url!r}, api_key={service._local.token!r}).create_training_client(

@@ -12,8 +12,8 @@ from tg_tinker import BatchData, LoRAConfig, TrainingConfig
 
 from conftest import TINY, dp_config, random_batch, tiny_config
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "training-guide.md"
-SHARED_GUIDE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "training-guide.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "training-guide.md"
+SHARED_GUIDE = Path(__file__).resolve().parents[3] / "shared" / "seed" / "training-guide.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
 
 

@@ -131,7 +131,7 @@ def _policy_batch(rows, sampled, advantages):
 def test_a_sum_reduced_ppo_step_is_the_independent_gradient_and_reports_logprobs_and_loss_sum():
     from engine_helpers import assert_close, make_engine, snapshot, update
     from tg_tinker.types import ForwardBackwardRequest
-    from test_dp import sequences
+    from engine_helpers import sequences
 
     engine = make_engine(batch_size=4)
     rows = sequences(3, seed=7, lengths=(5, 9))
@@ -155,7 +155,7 @@ def test_a_sum_reduced_ppo_step_is_the_independent_gradient_and_reports_logprobs
 def test_a_logical_batch_does_not_mix_a_mean_and_a_sum():
     from engine_helpers import make_engine, padded_batch
     from tg_tinker.types import ForwardBackwardRequest
-    from test_dp import sequences
+    from engine_helpers import sequences
 
     engine = make_engine(batch_size=4)
     batch = padded_batch(sequences(2, seed=1))
@@ -170,7 +170,7 @@ def test_per_step_adam_parameters_are_those_of_an_independent_adamw_step():
     from engine_helpers import make_engine, padded_batch, snapshot
     from tg_tinker import OptimizerConfig
     from tg_tinker.types import AdamStep, ForwardBackwardRequest
-    from test_dp import sequences
+    from engine_helpers import sequences
 
     engine = make_engine(batch_size=4, optimizer=OptimizerConfig(name="adamw", learning_rate=1e-4))
     batch = padded_batch(sequences(3, seed=5))

@@ -12,7 +12,7 @@ from tg_tinker import TrainingConfig, ValidationError
 
 from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def walk(node):
@@ -385,7 +385,7 @@ def test_trainer_connections_are_reused_per_access_and_the_least_recent_closed()
 
 
 def test_a_client_may_name_only_its_tenants_secrets_and_volumes_and_only_allowed_images():
-    """Issue #26, finding 3, the rule as pure functions (the attack itself: test_kube_insiders.py)."""
+    """Issue #26, finding 3, the rule as pure functions (the attack itself: tests/kube/test_kube_insiders.py)."""
     from tensafe_operator.builders import build_claim, build_key_secret, foreign_to, image_allowed
     from tensafe_operator.status import desired_status, event_for
 

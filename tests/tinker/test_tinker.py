@@ -15,29 +15,11 @@ import torch
 
 from tg_tinker.errors import ValidationError, error_from_wire
 from tensafe_trainer.api.tinker.convert import SAMPLING_CODES
-from test_accounting import pld_epsilon
-from tinker_helpers import build_tokenized_tiny_model, start_tinker_trainer
+from accounting_helpers import pld_epsilon
+from tinker_helpers import POLICY, artifact_state, start_tinker_trainer
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
-
-POLICY = {
-    "private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0,
-                       "dataset_size": 1000}, "batch_size": 8},
-    "tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8},
-    # The cookbook's RL recipes: a group of 4 samples of one prompt is one privacy unit.
-    "rl-private": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8,
-                   "group_size": 4},
-    "rl-tight": {"dp": {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "target_epsilon": 3.5}, "batch_size": 8,
-                 "group_size": 4},
-    # No unit named: a model declares its own groups (a ledger then counts in that unit only).
-    "declared": {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": 50.0}, "batch_size": 8},
-}
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return build_tokenized_tiny_model(tmp_path_factory.mktemp("tinker-model") / "tiny-smollm2-tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +58,6 @@ def reference_logprobs(model_dir, rows: list[list[int]]) -> list[np.ndarray]:
             logits = model(input_ids=torch.tensor([r[:-1]])).logits[0].double()
             out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(r[1:])[:, None])[:, 0].numpy())
     return out
-
-
-def artifact_state(server, tenant: str, path: str) -> dict:
-    """A saved Tinker checkpoint, decrypted with the tenant's key the way an operator's tools would."""
-    from tensafe_trainer.storage.artifacts import ArtifactStore
-    from tensafe_trainer.engine.adapter import deserialize_state
-    from tensafe_trainer.storage.paths import key_provider
-
-    store = ArtifactStore(server.home / "artifacts", key_provider(server.home))
-    (info,) = [a for a in store.list(tenant) if a.name == path]
-    return deserialize_state(store.get(tenant, info.artifact_id))
 
 
 def test_forward_backward_and_forward_match_an_independent_computation(plain, model_dir):

@@ -16,7 +16,7 @@ from tg_tinker import ArtifactNotFoundError, DatasetInfo, DPConfig, ValidationEr
 from tg_tinker import ClientStatus, verify_receipt
 
 from conftest import VOCAB, random_batch, tiny_config
-from test_accounting import pld_epsilon
+from accounting_helpers import pld_epsilon
 
 UNNOISED = ("grad_norm_before_clip", "grad_norm_after_clip", "num_clipped", "num_examples")
 

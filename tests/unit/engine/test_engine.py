@@ -8,7 +8,7 @@ import torch
 from tg_tinker import OptimizerConfig, ValidationError
 
 from engine_helpers import assert_close, make_engine, padded_batch, snapshot, update
-from test_dp import sequences
+from engine_helpers import sequences
 
 
 def test_accumulation_equals_one_large_batch_token_weighted():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_tinker import POLICY, artifact_state, model_dir  # noqa: F401 - the shared model fixture
+from tinker_helpers import POLICY, artifact_state
 from tinker_helpers import start_tinker_trainer
 
 pytest.importorskip("tinker_cookbook")

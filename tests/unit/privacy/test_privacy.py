@@ -16,15 +16,17 @@ from tg_tinker import DPBudgetExceededError, DPConfig, OptimizerConfig, Training
 
 from conftest import dp_config
 from engine_helpers import (
+    dataset,
     fresh_ledger,
     make_engine,
     norm,
     padded_batch,
     per_example_gradients,
+    sampled_engine,
+    sequences,
     snapshot,
     update,
 )
-from test_dp import sequences
 
 
 def noise_of_one_step(rows, **config) -> torch.Tensor:
@@ -146,7 +148,7 @@ def test_a_drawn_batch_cannot_be_thrown_away_and_drawn_again():
 
 
 def test_the_datas_budget_is_held_with_rdp_whatever_the_clients_accountant():
-    from test_dp import fresh_ledger_at
+    from engine_helpers import fresh_ledger_at
 
     ledger = fresh_ledger("rdp-held")
     low = (rdp(1.0, 1.0, 2) + rdp(1.0, 1.0, 3)) / 2
@@ -163,7 +165,7 @@ def test_the_datas_budget_is_held_with_rdp_whatever_the_clients_accountant():
 
 
 def test_the_first_clients_budget_binds_a_later_client_with_a_higher_target():
-    from test_dp import fresh_ledger_at
+    from engine_helpers import fresh_ledger_at
 
     ledger = fresh_ledger("budgeted")
     low = (rdp(1.0, 1.0, 2) + rdp(1.0, 1.0, 3)) / 2  # two steps (client batches: q = 1)
@@ -256,17 +258,8 @@ def test_poisson_coins_are_consistent_with_q():
     assert not bernoulli_mask(1000, 1e-300, key=bytes(32)).any() and bernoulli_mask(1000, 1.0, key=bytes(32)).all()
 
 
-def dataset(n: int, seed: int) -> list[dict]:
-    return [{"input_ids": r} for r in sequences(n, seed=seed)]
-
-
-def sampled_engine(n=20, q=0.25, **overrides):
-    config = DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts", sample_rate=q)
-    return make_engine(dp_config=config, batch_size=3, dataset=dataset(n, seed=21), **overrides)
-
-
 def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_the_declared_batch(monkeypatch, no_noise):
-    from tensafe_trainer.engine import training as engine_module
+    from tensafe_trainer.engine import adapter as engine_module
     chosen = [1, 4, 5, 9, 13, 17, 18]  # more than one micro-batch of 3
     monkeypatch.setattr(engine_module, "bernoulli_mask",
                         lambda n, q: torch.tensor([i in chosen for i in range(n)]))
@@ -284,7 +277,7 @@ def test_a_sampled_step_is_the_clipped_sum_of_the_drawn_examples_over_the_declar
 def test_the_sampled_update_does_not_depend_on_the_dataset_size(monkeypatch, no_noise):
     """Add/remove adjacency: one more row in the dataset (not drawn) must not change the update's scale (a
     denominator of q x N did: the weights then revealed N, and with it whether a row was present)."""
-    from tensafe_trainer.engine import training as engine_module
+    from tensafe_trainer.engine import adapter as engine_module
     monkeypatch.setattr(engine_module, "bernoulli_mask", lambda n, q: torch.tensor([i < 4 for i in range(n)]))
     moves = []
     for n in (20, 21):
@@ -321,7 +314,7 @@ def test_a_sampling_client_refuses_client_batches_and_a_second_draw_per_step():
 
 
 def test_a_draw_is_charged_when_drawn_so_abandoned_draws_on_fresh_clients_all_count():
-    from test_dp import fresh_ledger_at
+    from engine_helpers import fresh_ledger_at
 
     ledger = fresh_ledger("facts")
     for _ in range(5):  # a new client, a restart, a replaced pod: each draws, sees the draw, walks away
@@ -330,7 +323,7 @@ def test_a_draw_is_charged_when_drawn_so_abandoned_draws_on_fresh_clients_all_co
 
 
 def test_a_draw_past_the_budget_is_refused_before_a_coin_is_tossed(monkeypatch):
-    from tensafe_trainer.engine import training as engine_module
+    from tensafe_trainer.engine import adapter as engine_module
     budget = (rdp(1.0, 0.25, 2) + rdp(1.0, 0.25, 3)) / 2
     engine = make_engine(dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=10.0, dataset_id="facts",
                                             sample_rate=0.25, target_epsilon=budget),
@@ -457,7 +450,7 @@ def test_the_ledger_composes_every_client_on_the_data_and_survives_reopening():
     for _ in range(2):
         first.forward_backward(padded_batch(sequences(2, seed=1)))
         first.optim_step()
-    from test_dp import fresh_ledger_at
+    from engine_helpers import fresh_ledger_at
 
     second = make_engine(dp_config=config, batch_size=2, ledger=fresh_ledger_at(ledger))  # a new client, restarted
     assert second.total_epsilon == pytest.approx(first.total_epsilon)
@@ -568,8 +561,8 @@ def test_the_embedding_rule_gives_the_padding_row_no_gradient_as_autograd_does()
 
 def test_a_client_that_cannot_run_the_largest_possible_draw_fails_at_start_not_at_a_large_draw(monkeypatch):
     from tg_tinker import TrainingClientError
-    from tensafe_trainer.engine import training as engine_module
-    real = engine_module.load_model
+    from tensafe_trainer.engine import host as host_module
+    real = host_module.load_model
 
     def small_memory(*args, **kwargs):  # a device that runs at most 30 tokens at once
         loaded = real(*args, **kwargs)
@@ -583,7 +576,7 @@ def test_a_client_that_cannot_run_the_largest_possible_draw_fails_at_start_not_a
         loaded.model.forward = limited
         return loaded
 
-    monkeypatch.setattr(engine_module, "load_model", small_memory)
+    monkeypatch.setattr(host_module, "load_model", small_memory)
     rows = dataset(20, seed=21)  # up to 12 tokens: 3 rows of 12 do not fit, 2 do
     config = DPConfig(noise_multiplier=1.0, dataset_id="facts", sample_rate=0.1)
     with pytest.raises(TrainingClientError, match="largest micro-batch"):

@@ -103,7 +103,7 @@ def assert_gone(pids: list[int], within: float) -> None:
 
 def busy_engine(service: ServiceClient) -> tuple[list[int], list]:
     """A client whose engine is running long steps, two more handed over: (engine pids, futures)."""
-    from test_faults import engine_pids
+    from process_helpers import engine_pids
 
     tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
     tc.forward_backward(random_batch()).result(timeout=120)
