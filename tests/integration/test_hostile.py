@@ -376,7 +376,8 @@ def test_a_client_is_refused_when_the_machine_lacks_the_memory_to_start_it(tmp_p
 
 def test_open_docs_is_a_flag_of_the_server(tmp_path):
     from fastapi.testclient import TestClient
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
 
     for open_docs, status in ((False, 401), (True, 200)):
         app = create_app(Settings(home=tmp_path / str(open_docs), token="admin-token", open_docs=open_docs))

@@ -19,6 +19,7 @@ from tg_tinker import (
     ArtifactIntegrityError,
     AuditIntegrityError,
     AuthenticationError,
+    OperationLostError,
     PermissionDeniedError,
     ReceiptVerificationError,
     ServiceClient,
@@ -94,6 +95,17 @@ def test_a_clients_token_reaches_its_own_artifacts_only_on_every_path(svc, alice
         # Its own artifacts: a sampler from its own checkpoint, and a load.
         own = token.request("POST", "/v1/sampling_clients", json={"artifact_id": alices.artifact_id})
         assert own["client_id"].startswith("sc-") and own["access_token"]
+    # Another client's operation id is as unknown to alice's token as a wrong one: it confirms nothing, and
+    # names no client (the attacker review of #27's one future store).
+    bobs_op = svc.transport.request("POST", "/v1/clients/bob/operations", json={"request": {"type": "export_adapter"}})
+    with as_client(svc, alice) as token:
+        for poll in (lambda: token.request("GET", f"/v1/operations/{bobs_op['operation_id']}"),
+                     lambda: token.request("POST", "/v1/operations/wait",
+                                           json={"operation_ids": [bobs_op["operation_id"]]}),
+                     lambda: token.request("POST", f"/v1/operations/{bobs_op['operation_id']}/cancel")):
+            with pytest.raises(OperationLostError) as refused:
+                poll()
+            assert "bob" not in str(refused.value)
     with pytest.raises(PermissionDeniedError, match="belongs to another training client"):
         alice.load_state(bobs.artifact_id)  # through the SDK: alice's client uses alice's token
     assert alice.load_state(alices.artifact_id).status == "loaded"

@@ -248,12 +248,17 @@ def test_a_running_trainer_follows_a_rotation(service, tensafe_home):
             tc.forward_backward(random_batch())
             tc.optim_step()
             first = tc.save_state()
+            keyed = {"request": {"type": "export_adapter"}, "idempotency_key": "before-rotation"}
+            submitted = svc.transport.request("POST", f"/v1/clients/{tc.id}/operations", json=keyed)
             leaked = json.loads(json.dumps(keys.complete(tenant)))
             env = {**os.environ}
             rotated = subprocess.run([sys.executable, "-m", "tensafe_trainer", "artifact", "rotate", "--reencrypt",
                                       "--tenant", tenant, "--home", str(tensafe_home)], capture_output=True,
                                      text=True, env=env, timeout=300)
             assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+            # A retry's match does not depend on the audit key: the same request after the rotation is a retry.
+            retried = svc.transport.request("POST", f"/v1/clients/{tc.id}/operations", json=keyed)
+            assert retried["operation_id"] == submitted["operation_id"]
             tc.forward_backward(random_batch(seed=1))
             tc.optim_step()
             second = tc.save_state()

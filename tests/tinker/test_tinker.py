@@ -415,7 +415,8 @@ def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, 
     forgotten at once (TTL 0), in process, on a real trainer app."""
     from fastapi.testclient import TestClient
 
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.api.tinker.keys import create_key
     from tensafe_trainer.service.futures import FutureStore
 
@@ -441,6 +442,50 @@ def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, 
         again = call("optim_step", step)  # the SDK's late retry of seq 5
         assert again.status_code == 422 and "already ran, and its result is no longer kept" in again.text
         assert call("get_info", {"model_id": model_id}).status_code == 200  # and the model serves on
+
+
+def test_a_finished_session_starts_nothing_and_seq_ids_are_what_the_client_sent(tmp_path, model_dir):
+    """What the attacker review of #27's future store found, each refused now: a finished session that still
+    created models (under the same model id, whose spent seq_ids had gone with the session, so a seq_id trained
+    twice) and samplers (engines nothing stopped); a sampler id reused by save_weights_for_sampler (the older
+    sampler's weights answered for the new ones); a JSON request without a seq_id taken as seq_id 0 (the second
+    step skipped as a retry of the first)."""
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.trainer import Settings
+
+    key = create_key(tmp_path, "plain")
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
+        headers = {"X-API-Key": key}
+
+        def call(endpoint: str, body: dict):
+            return client.post(f"/api/v1/{endpoint}", json=body, headers=headers)
+
+        def result(answer):
+            return call("retrieve_future", {"request_id": answer.json()["request_id"]}).json()
+
+        session_id = call("create_session", {}).json()["session_id"]
+        model = {"session_id": session_id, "base_model": str(model_dir), "lora_config": {"rank": 4}}
+        model_id = result(call("create_model", model))["model_id"]
+        step = {"model_id": model_id, "adam_params": {"learning_rate": 0.01}}
+        assert [result(call("optim_step", step))["metrics"]["step"] for _ in range(2)] == [1.0, 2.0]
+        sampler = {"model_id": model_id, "seq_id": 7, "sampling_session_seq_id": 0}
+        assert "sampling_session_id" in result(call("save_weights_for_sampler", sampler))
+        reused = call("save_weights_for_sampler", {**sampler, "seq_id": 8})
+        assert reused.status_code == 422 and "already exists" in reused.text
+        assert result(call("save_weights", {"model_id": model_id, "seq_id": 9, "path": "ck"}))["path"]
+        assert client.post(f"/api/v1/sessions/{session_id}/finish", json={}, headers=headers).status_code == 200
+        for endpoint, body in (("create_model", model), ("create_sampling_session",
+                                                         {"session_id": session_id, "base_model": str(model_dir),
+                                                          "sampling_session_seq_id": 1}),
+                               ("load_weights", {"session_id": session_id, "model_seq_id": 0,
+                                                 "path": f"tinker://{model_id}/weights/ck"})):
+            refused = call(endpoint, body)
+            assert refused.status_code == 410 and "finished" in refused.text, endpoint
+        live = [s for s in client.app.state.tensafe.sessions.values() if not s.terminated]
+        assert live == []  # every engine of the session stopped, none started after
 
 
 def test_a_failed_forward_backward_leaves_no_partial_gradients(server, plain, model_dir):
@@ -492,7 +537,8 @@ def test_a_key_planted_or_moved_in_the_key_file_opens_nothing_and_is_audited(tmp
 
     from fastapi.testclient import TestClient
 
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.api.tinker.keys import create_key, keys_file
 
     home = tmp_path / "home"
@@ -531,7 +577,8 @@ def test_a_revoked_key_stays_refused_when_an_old_key_file_is_put_back(tmp_path, 
     from fastapi.testclient import TestClient
 
     from tensafe_trainer.storage.paths import key_provider
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.api.tinker.keys import RESTORED, create_key, keys_file
 
     home = tmp_path / "home"
@@ -579,7 +626,8 @@ def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):
     who can write the volume) opens nothing; /api/v1 answers 401 to every key."""
     from fastapi.testclient import TestClient
 
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.api.tinker.keys import create_key
     from tg_tinker.types import CreateTrainingClient
 
@@ -597,7 +645,8 @@ def test_open_sessions_are_capped_per_key_and_per_tenant(tmp_path):
     whole is capped too, and another tenant is not affected."""
     from fastapi.testclient import TestClient
 
-    from tensafe_trainer.api.app import Settings, create_app
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.api.tinker.keys import create_key
     from tensafe_trainer.api.tinker.registry import MAX_OPEN_SESSIONS
     from tensafe_trainer.api.tinker.routes import MAX_SESSIONS_PER_KEY

@@ -111,3 +111,30 @@ def test_the_long_poll_waits_for_either_kind_of_future_and_never_cancels_it(loop
         assert isinstance(task_future.task.exception(), ValidationError) and task_future.finished_at is not None
 
     loop.run_until_complete(scenario())
+
+
+def test_one_tenants_many_owners_do_not_push_out_another_tenants_futures(loop):
+    """A tenant has many owners (sessions, models, samplers): bounded per tenant too, its flood forgets its own
+    futures, not another tenant's (the attacker review of #27 flooded 50 owners x 2,000 against the global cap)."""
+    store = FutureStore(capacity=20, per_tenant=10, per_owner=4)
+    victim = operation(loop, "victim")
+    store.add(victim, Owner("quiet"))
+    finish(victim)
+    for owner in [Owner("noisy") for _ in range(8)]:
+        for _ in range(4):
+            op = operation(loop, "noisy")
+            store.add(op, owner)
+            finish(op)
+    assert _kept(store, victim) and len(store) == 11
+
+
+def test_a_pending_future_does_not_hold_back_the_finished_ones_behind_it(loop):
+    store, owner = FutureStore(capacity=100, per_owner=3, ttl_s=0.0), Owner()
+    pending = operation(loop)
+    store.add(pending, owner)
+    done = [operation(loop) for _ in range(5)]
+    for op in done:
+        store.add(op, owner)
+        finish(op)
+    store.add(operation(loop), owner)
+    assert _kept(store, pending) and not any(_kept(store, op) for op in done)

@@ -11,9 +11,6 @@ arrives and refused the moment it passes the limit.
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
-import hmac
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -22,7 +19,7 @@ from tg_tinker.errors import (AuthenticationError, RequestTimeoutError, RequestT
                               TGTinkerError)
 
 from tensafe_trainer.service.errors import answer, on_tinker_wire
-from tensafe_trainer.service.principals import Principal
+from tensafe_trainer.service.tokens import resolve
 
 BODY_IDLE_S = 10.0  # the most a request body may pause between pieces
 BODY_DEADLINE_S = 120.0  # and the most it may take in all (64 MiB at ~0.5 MB/s)
@@ -37,26 +34,6 @@ REFUSED_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 409, 410, 413, 422})
 STILL_PENDING = (b"x-tensafe-pending", b"1")  # a long-poll's 408 "try again" (the Tinker wire's): not a refusal
 REFUSALS_BURST, REFUSALS_PER_S = 16, 2.0  # a client token may earn 16 refusals at once, then two a second
 REFUSAL_BYTES = 1 << 20  # a refusal costs one more for every MiB read before it was decided
-
-
-def token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-class RevokedTokens:
-    """The digests of the latest revoked tokens, each with why: what such a token hears (bounded)."""
-
-    def __init__(self, capacity: int = 10_000):
-        self.capacity = capacity
-        self._why: collections.OrderedDict[bytes, str] = collections.OrderedDict()
-
-    def remember(self, digest: bytes, why: str) -> None:
-        self._why[digest] = why
-        while len(self._why) > self.capacity:
-            self._why.popitem(last=False)
-
-    def why(self, digest: bytes) -> Optional[str]:
-        return self._why.get(digest)
 
 
 class RefusalBudget:
@@ -89,42 +66,6 @@ class RefusalBudget:
 
     def charge(self, session, read_bytes: int = 0) -> None:
         self._level[session] = (self._now_level(session) - 1 - read_bytes // REFUSAL_BYTES, self.clock())
-
-
-def replaced(client_id: str) -> str:
-    """What a token of a client replaced under the same id hears."""
-    return f"this token belonged to an earlier client {client_id!r}, since replaced: it opens nothing any more"
-
-
-def terminated(client_id: str) -> str:
-    """What a token of a terminated client hears."""
-    return f"this token's client {client_id!r} was terminated: it opens nothing any more"
-
-
-def resolve(state, admin_token: Optional[str], header: str) -> Principal:
-    """The principal an ``Authorization`` header names; AuthenticationError if none. A client's token
-    opens only the client instance it was issued for: once that client is terminated, or replaced by a
-    new one under the same id (perhaps another tenant's), the token is revoked for good."""
-    if admin_token is None:
-        return Principal.trainer()
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        raise AuthenticationError("missing or wrong bearer token for this trainer")
-    if hmac.compare_digest(presented.encode(), admin_token.encode()):
-        return Principal.trainer()
-    digest = token_digest(presented)  # a lookup by SHA-256: what timing can leak is about the hash
-    principal = state.client_tokens.get(digest) if state is not None else None
-    if principal is None:
-        raise AuthenticationError((state.revoked.why(digest) if state is not None else None)
-                                  or "missing or wrong bearer token for this trainer")
-    if state.sessions.get(principal.client_id) is not principal.session:
-        why = replaced(principal.client_id)
-    elif principal.session.terminated:
-        why = terminated(principal.client_id)
-    else:
-        return principal
-    state.revoke(principal.session, why)  # normally done when it happened; this is the backstop
-    raise AuthenticationError(why)
 
 
 class Gate:

@@ -19,7 +19,8 @@ from tg_tinker.types import CreateTrainingClient
 from tensafe_trainer.cli.hardening import disable_core_dumps
 from tensafe_trainer.api.http_guard import MAX_HEADER_BYTES, GuardedH11Protocol
 from tensafe_trainer.storage.paths import refuse_a_new_key_store_for_a_used_home, refuse_keys_inside_home, tensafe_home
-from tensafe_trainer.api.app import Settings, create_app
+from tensafe_trainer.api.app import create_app
+from tensafe_trainer.service.trainer import Settings
 
 TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
 TOKEN_FILE_ENV = "TENSAFE_AUTH_TOKEN_FILE"  # the token in a file instead (a Secret's, or the local backend's 0600 file)

@@ -12,8 +12,10 @@ sampler it was asked of) and may carry an idempotency key: ``/v1``'s ``idempoten
   run again (under DP, an example counted twice would void the guarantee). What is remembered of a spent
   key is a 16-byte tag, dropped with its owner (``release``).
 
-Kept: at most ``capacity`` futures in all, ``per_owner`` of any one owner, none finished longer ago than
-``ttl_s``; only finished futures are forgotten, oldest first, so one owner's flood pushes out only its own.
+Kept: at most ``per_owner`` futures of any one owner, ``per_tenant`` of one tenant, ``capacity`` in all, none
+finished longer ago than ``ttl_s``; only finished futures are forgotten, oldest first (a pending one does not
+hold back those behind it), so one owner's flood pushes out only its own, and one tenant's another tenant's
+only once more than capacity / per_tenant tenants are at their bound together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -75,6 +78,27 @@ class _Entry:
     future: Any
     owner: Hashable
     key: Optional[Hashable]
+    tenant: Optional[str]
+    gone: bool = False  # forgotten: dropped from the queues below when it reaches their head
+
+
+class _Queue:
+    """One owner's (or tenant's) entries in arrival order; ``live`` counts those not yet forgotten."""
+
+    def __init__(self):
+        self.entries: collections.deque[_Entry] = collections.deque()
+        self.live = 0
+
+    def oldest_finished(self) -> Optional[_Entry]:
+        """The oldest finished entry among the first SCAN live ones: a pending one does not shield those behind
+        it."""
+        while self.entries and self.entries[0].gone:
+            self.entries.popleft()
+        live = (e for e in self.entries if not e.gone)
+        return next((e for e in itertools.islice(live, SCAN) if e.future.finished), None)
+
+
+SCAN = 64  # entries looked at past pending ones, per bound and per add
 
 
 def _tag(key: Hashable) -> bytes:
@@ -82,10 +106,12 @@ def _tag(key: Hashable) -> bytes:
 
 
 class FutureStore:
-    def __init__(self, capacity: int = 100_000, per_owner: int = 2_000, ttl_s: float = 3600.0):
-        self.capacity, self.per_owner, self.ttl_s = capacity, per_owner, ttl_s
+    def __init__(self, capacity: int = 100_000, per_tenant: int = 20_000, per_owner: int = 2_000,
+                 ttl_s: float = 3600.0):
+        self.capacity, self.per_tenant, self.per_owner, self.ttl_s = capacity, per_tenant, per_owner, ttl_s
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._by_owner: dict[Hashable, collections.deque[_Entry]] = {}
+        self._owners: dict[Hashable, _Queue] = {}
+        self._tenants: dict[Optional[str], _Queue] = {}
         self._keys: dict[Hashable, dict[Hashable, tuple[str, bytes]]] = {}  # owner -> key -> (future id, digest)
         self._spent: dict[Hashable, set[bytes]] = {}  # owner -> tags of keys whose future was forgotten
 
@@ -100,7 +126,7 @@ class FutureStore:
             if first != digest:
                 raise ValidationError("idempotency key reused for a different request: a key (a Tinker seq_id) "
                                       "names one request", {"idempotency_key": str(key)[:200],
-                                                                           "operation_id": future_id})
+                                                            "operation_id": future_id})
             return self._entries[future_id].future
         if _tag(key) in self._spent.get(owner, ()):
             raise ValidationError("this request already ran, and its result is no longer kept: a key (a Tinker "
@@ -110,21 +136,25 @@ class FutureStore:
     def add(self, future: Pollable, owner: Hashable, key: Optional[Hashable] = None,
             digest: bytes = b"") -> Pollable:
         """Keep ``future`` for polling (``claim`` first, with no await in between, where it has a key)."""
-        entry = _Entry(future, owner, key)
+        entry = _Entry(future, owner, key, getattr(owner, "tenant_id", None))
         self._entries[future.id] = entry
         if key is not None:
             self._keys.setdefault(owner, {})[key] = (future.id, digest)
-        mine = self._by_owner.setdefault(owner, collections.deque())
-        mine.append(entry)
-        while len(mine) > self.per_owner and mine[0].future.finished:
-            self._forget(mine[0])
+        for queues, name, bound in ((self._owners, owner, self.per_owner),
+                                    (self._tenants, entry.tenant, self.per_tenant)):
+            queue = queues.setdefault(name, _Queue())
+            queue.entries.append(entry)
+            queue.live += 1
+            while queue.live > bound:
+                oldest = queue.oldest_finished()
+                if oldest is None:
+                    break
+                self._forget(oldest)
         now = time.time()
-        while self._entries:
-            oldest = next(iter(self._entries.values()))
-            done_at = oldest.future.finished_at if oldest.future.finished else None
-            if done_at is None or not (now - done_at > self.ttl_s or len(self._entries) > self.capacity):
-                break
-            self._forget(oldest)
+        for oldest in list(itertools.islice(self._entries.values(), SCAN)):
+            if oldest.future.finished and (now - oldest.future.finished_at > self.ttl_s
+                                           or len(self._entries) > self.capacity):
+                self._forget(oldest)
         return future
 
     def get(self, future_id: str) -> tuple[Any, Hashable]:
@@ -133,21 +163,21 @@ class FutureStore:
         return entry.future, entry.owner
 
     def release(self, owner: Hashable) -> None:
-        """``owner`` takes no more requests: what is kept of its keys goes (its futures expire as usual)."""
+        """``owner`` takes no more requests (its futures expire as usual): what is kept of its keys goes. Only for
+        an owner that can never come back under the same name (its requests would find their keys unspent)."""
         self._keys.pop(owner, None)
         self._spent.pop(owner, None)
 
     def _forget(self, entry: _Entry) -> None:
-        if self._entries.pop(entry.future.id, None) is None:
+        if entry.gone:
             return
-        mine = self._by_owner.get(entry.owner)
-        if mine:
-            if mine[0] is entry:
-                mine.popleft()
-            else:
-                mine.remove(entry)
-            if not mine:
-                del self._by_owner[entry.owner]
+        entry.gone = True
+        del self._entries[entry.future.id]
+        for queues, name in ((self._owners, entry.owner), (self._tenants, entry.tenant)):
+            queue = queues[name]
+            queue.live -= 1
+            if not queue.live:
+                del queues[name]
         keys = self._keys.get(entry.owner)
         if entry.key is not None and keys is not None and keys.get(entry.key, ("",))[0] == entry.future.id:
             del keys[entry.key]

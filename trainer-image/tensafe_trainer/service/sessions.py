@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -95,7 +96,7 @@ class Operation:
 
 
 def fingerprint(key: bytes, request: Any) -> str:
-    """The request's keyed hash: matches idempotent retries, and is the audit log's request_hash."""
+    """The request's keyed hash: the audit log's request_hash."""
     return request_hash(key, request.model_dump_json().encode())
 
 
@@ -129,14 +130,15 @@ class Session:
 
     # --- called from the event loop ----------------------------------------------------------
 
-    def fingerprint(self, request: Any) -> str:
-        """``request``'s keyed hash under the tenant's current audit key (its idempotency digest, and the audit
-        log's request_hash)."""
-        return fingerprint(self._hash_key(), request)
+    def digests(self, request: Any) -> tuple[str, bytes]:
+        """``request``'s keyed hash under the tenant's current audit key (the audit log's request_hash), and its
+        SHA-256 (what a retry must match: kept in memory only, and unchanged by a key rotation)."""
+        body = request.model_dump_json().encode()
+        return request_hash(self._hash_key(), body), hashlib.sha256(body).digest()
 
     def submit(self, request: Any, fp: Optional[str] = None) -> Operation:
         """Queue ``request`` (idempotency is the future store's: service/futures.py)."""
-        fp = fp or self.fingerprint(request)
+        fp = fp or self.digests(request)[0]
         with self._cond:
             self.check_open()
             if len(self._queue) >= self._max_pending:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tg_tinker.errors import (
+    ClientTerminatedError,
     ResourceExhaustedError,
     TrainingClientNotFoundError,
     ValidationError,
@@ -140,6 +141,15 @@ class TinkerRegistry:
         if found is None or found.tenant_id != tenant_id:
             raise TrainingClientNotFoundError(f"unknown session {str(session_id)[:100]!r}", {"session_id": session_id})
         found.last_heartbeat = time.monotonic()
+        return found
+
+    def open_session(self, session_id: str, tenant_id: str) -> TinkerSession:
+        """A session that may still start models and samplers: a finished (or lapsed) one is refused (410), so
+        nothing it starts outlives it, and none of its model ids (whose spent seq_ids went with it) comes back."""
+        found = self.session(session_id, tenant_id)
+        if found.finished:
+            raise ClientTerminatedError(f"session {session_id[:100]!r} is finished: create a new session",
+                                        {"session_id": session_id[:100]})
         return found
 
     def _alive(self, owned_id: str) -> None:

@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse, Response
 from tg_tinker.config import MAX_LORA_RANK, LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import (
     ArtifactNotFoundError,
+    ClientTerminatedError,
     PermissionDeniedError,
     RequestTooLargeError,
     TGTinkerError,
-    TrainingClientNotFoundError,
     ValidationError,
     error_from_wire,
 )
@@ -279,7 +279,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     @router.post("/create_model")
     async def create_model(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
-        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        owner = registry.open_session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
         dedup, digest = ("model", model_id), await fingerprint(request)
         earlier = claimed(request, owner, dedup, digest)
@@ -341,8 +341,10 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
             return op.result
         raise error_from_wire(op.error.model_dump() if op.error is not None else {"message": "operation failed"})
 
-    def training_dedup(model_id: str, seq_id: int) -> tuple:
-        return ("train", model_id, seq_id)
+    def training_dedup(model_id: str, seq_id: Optional[int]) -> Optional[tuple]:
+        """A training request's idempotency key; none for a JSON request without a seq_id (the SDK always sends
+        one: a request without is run as given, never mistaken for a retry of another)."""
+        return ("train", model_id, seq_id) if seq_id is not None else None
 
     async def training_request(request: Request, key: Principal) -> tuple[dict, TinkerModel, tuple, bytes,
                                                                           Optional[str]]:
@@ -350,7 +352,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         the future of the same submission made earlier, if this is a retry."""
         body = await json_of(request)
         model = registry.model(str(body.get("model_id")), key.tenant_id)
-        dedup, digest = training_dedup(model.model_id, door.integer(body, "seq_id")), await fingerprint(request)
+        dedup = training_dedup(model.model_id, door.integer(body, "seq_id", None))
+        digest = await fingerprint(request)
         return body, model, dedup, digest, claimed(request, model, dedup, digest)
 
     @router.post("/forward_backward")
@@ -483,17 +486,19 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         if body.get("path"):
             return {"request_id": save(request, model, "sampler_weights", body, dedup, digest)}
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
-        owner = registry.sessions.get(session_id_of(model.model_id))
-        if owner is None or owner.tenant_id != key.tenant_id:
-            raise TrainingClientNotFoundError("the model's session is gone", {"model_id": model.model_id})
+        owner = registry.open_session(session_id_of(model.model_id), key.tenant_id)
         sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
+        if sampler_id in registry.samplers:  # a new sampler of these weights, never an older one under its id
+            raise ValidationError(f"sampling session {sampler_id[:200]!r} already exists: use a new "
+                                  "sampling_session_seq_id", {"field": "sampling_session_seq_id"})
 
         def start():
             op = queue(model.session, SaveStateRequest(kind="sampler", include_optimizer=False))
 
             async def result():
                 done = await outcome(op)
-                sampler = start_sampler(state, owner, sampler_id, model.base_model, None, done["artifact_id"])
+                sampler = start_sampler(state, owner, sampler_id, model.base_model, None, done["artifact_id"],
+                                        reuse=False)
                 await ready(sampler.session)
                 # Loaded: the unnamed artifact has served its purpose (the sampler holds the weights).
                 await asyncio.to_thread(delete_artifact, state, key.tenant_id, done["artifact_id"],
@@ -516,7 +521,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         load = LoadStateRequest(artifact_id=info.artifact_id, include_optimizer=with_optimizer)
         if body.get("model_id"):  # the deprecated in-place load of an existing model
             model = registry.model(str(body["model_id"]), key.tenant_id)
-            dedup = training_dedup(model.model_id, door.integer(body, "seq_id"))
+            dedup = training_dedup(model.model_id, door.integer(body, "seq_id", None))
 
             def start_load():
                 op = queue(model.session, load)
@@ -527,7 +532,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
                 return loaded()
 
             return {"request_id": submit(request, model, dedup, digest, start_load)}
-        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        owner = registry.open_session(str(body.get("session_id")), key.tenant_id)
         model_id = f"{owner.session_id}:train:{door.integer(body, 'model_seq_id')}"
         dedup = ("model", model_id)
         earlier = claimed(request, owner, dedup, digest)
@@ -554,10 +559,16 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     # --- sampling ---------------------------------------------------------------------------
 
     def start_sampler(state, owner, sampler_id: str, base_model: str, model_path: Optional[str],
-                      artifact_id: Optional[str]) -> TinkerSampler:
+                      artifact_id: Optional[str], reuse: bool = True) -> TinkerSampler:
+        """The sampler ``sampler_id`` of an open session: the one already there (``reuse``), or a new one."""
+        if owner.finished:  # ended while this request waited (a save_weights_for_sampler's save)
+            raise ClientTerminatedError(f"session {owner.session_id!r} is finished", {"session_id": owner.session_id})
         existing = registry.samplers.get(sampler_id)
         if existing is not None:
-            return existing
+            if reuse:
+                return existing
+            raise ValidationError(f"sampling session {sampler_id[:200]!r} already exists: use a new "
+                                  "sampling_session_seq_id", {"field": "sampling_session_seq_id"})
         end_lapsed_sessions(state)
         client_id = client_id_for(sampler_id)
         spec = SlotSpec.sampling(client_id, owner.tenant_id, artifact_id, base_model)
@@ -574,7 +585,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def create_sampling_session(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         state = trainer(request)
-        owner = registry.session(str(body.get("session_id")), key.tenant_id)
+        owner = registry.open_session(str(body.get("session_id")), key.tenant_id)
         sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
         if sampler_id in registry.samplers:
             return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
@@ -623,7 +634,8 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     async def asample(request: Request, key: Principal = Depends(key_of)):
         body = await json_of(request)
         sampler = registry.sampler(str(body.get("sampling_session_id")), key.tenant_id)
-        dedup = ("sample", sampler.sampler_id, door.integer(body, "seq_id"))
+        seq_id = door.integer(body, "seq_id", None)
+        dedup = ("sample", sampler.sampler_id, seq_id) if seq_id is not None else None
         num = door.integer(body, "num_samples", 1, 1, MAX_NUM_SAMPLES)
         digest = await fingerprint(request)
         earlier = claimed(request, sampler, dedup, digest)

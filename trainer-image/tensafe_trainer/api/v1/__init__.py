@@ -1,0 +1,1 @@
+"""TenSafe's own door: ``/v1``."""
