@@ -291,7 +291,9 @@ def test_exports_are_built_in_memory(monkeypatch, tmp_path):
 
     for name in ("mkdtemp", "mkstemp", "TemporaryDirectory", "NamedTemporaryFile"):
         monkeypatch.setattr(tempfile, name, no_disk)
-    outcome = runtime._export()
+    from tg_tinker.types import ExportAdapterRequest
+
+    outcome = runtime.execute(ExportAdapterRequest())
     assert outcome.result.files == ["adapter_config.json", "adapter_model.safetensors"]
     import tarfile
 

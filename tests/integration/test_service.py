@@ -103,6 +103,7 @@ def test_timeout_then_later_result_and_cancel_before_start(service):
         first = slow.forward_backward(big)
         queued = [slow.forward_backward(big) for _ in range(3)]
         submitted = first.operation_id  # waits until it is sent: the timeout below is then the trainer's
+        assert all(q.operation_id for q in queued)  # all sent: the cancel below is the trainer's (and audited)
         with pytest.raises(FutureTimeoutError) as err:
             first.result(timeout=0.01)
         assert err.value.details["operation_id"] == submitted
@@ -335,12 +336,14 @@ def test_a_client_token_opens_its_own_client_and_nothing_else(tmp_path):
             with pytest.raises(AuthenticationError, match="trainer's own token"):
                 as_alice.request("POST", "/v1/training_clients", json={"config": tiny_config().model_dump(mode="json")})
             bob_op = bob.forward_backward(random_batch())
-            with pytest.raises(AuthenticationError):
+            with pytest.raises(OperationLostError):  # another client's operation: as unknown as a wrong id
                 as_alice.request("GET", f"/v1/operations/{bob_op.operation_id}")
             alice_op = alice.optim_step()
-            with pytest.raises(AuthenticationError):  # not even behind one of her own
-                as_alice.request("POST", "/v1/operations/wait",
-                                 json={"operation_ids": [alice_op.operation_id, bob_op.operation_id]})
+            bob_op.result()
+            waited = as_alice.request("POST", "/v1/operations/wait",  # not even behind one of her own
+                                      json={"operation_ids": [alice_op.operation_id, bob_op.operation_id],
+                                            "wait": 30})
+            assert [r["operation_id"] for r in waited] == [alice_op.operation_id]
             assert {e["training_client_id"] for e in as_alice.request("GET", "/v1/audit")} == {"alice"}
         with Transport(svc.base_url, "not-a-token") as stranger, pytest.raises(AuthenticationError):
             stranger.request("GET", "/v1/clients/alice")
