@@ -566,14 +566,15 @@ def test_a_client_that_cannot_run_the_largest_possible_draw_fails_at_start_not_a
 
     def small_memory(*args, **kwargs):  # a device that runs at most 30 tokens at once
         loaded = real(*args, **kwargs)
-        forward = loaded.model.forward
+        decoder = loaded.model.get_decoder()  # the body every path runs (the head may run in chunks after it)
+        forward = decoder.forward
 
         def limited(*a, input_ids=None, **k):
             if input_ids is not None and input_ids.numel() > 30:
                 raise RuntimeError("out of memory")
             return forward(*a, input_ids=input_ids, **k)
 
-        loaded.model.forward = limited
+        decoder.forward = limited
         return loaded
 
     monkeypatch.setattr(host_module, "load_model", small_memory)

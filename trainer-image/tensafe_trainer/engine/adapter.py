@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from tg_tinker.config import TrainingConfig
 from tg_tinker.errors import TrainingClientError, ValidationError
@@ -37,6 +36,7 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.engine.host import ModelHost
+from tensafe_trainer.engine.logits import chunk_for, token_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
 from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, check_logits
@@ -78,6 +78,7 @@ class AdapterSlot:
         self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
                                                               self.host.eos_token_id)
         self.model = self.host.attach(config)
+        self.logits_chunk = chunk_for(self.model, private=config.dp_enabled)  # positions whose logits exist at once
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
         self.step = 0
@@ -150,7 +151,8 @@ class AdapterSlot:
                 f"sequence length {width} exceeds max_seq_len={self.config.max_seq_len}",
                 {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
             )
-        check_logits(rows, width, self.vocab_size, TRAINING_BYTES_PER_CELL)  # the door's check, before the load too
+        # the door's check, before the load too
+        check_logits(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL)
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
                 else torch.ones_like(ids))
@@ -173,10 +175,7 @@ class AdapterSlot:
         """Per-token negative log-likelihood, [B, T], zero at ignored positions."""
         # Positions from the mask, so left padding gives each example the positions it would have alone.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return -token_logprobs(self.model, ids, mask, positions, labels, self.logits_chunk)
 
     # --- training ----------------------------------------------------------------------------
 

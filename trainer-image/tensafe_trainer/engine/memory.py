@@ -1,8 +1,9 @@
 """What one request's logits cost, and the most one request may take: asked at the door (service/admission.py),
 where the vocabulary is known once the engine has loaded, and again in the engine, which always knows it.
 
-The loss is not computed in chunks of the vocabulary: the model builds its whole [rows, width, vocabulary]
-logits, so that product is what a request costs."""
+A request's logits are [rows, positions, vocabulary] for the positions that exist at once: a chunk of each row
+where the loss runs in chunks (logits.py), else the row's whole width; a sample's prefill keeps the last
+position's only. That product is what a request costs."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ class Runtime:
 
     def __post_init__(self):
         e = self.engine
-        self.sampler = Sampler(e.model, e.tokenizer, e.vocab_size, e.eos_token_id, e.device, e.config.max_seq_len)
+        self.sampler = Sampler(e.model, e.tokenizer, e.vocab_size, e.eos_token_id, e.device, e.config.max_seq_len,
+                               e.logits_chunk)
 
     @classmethod
     def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore,

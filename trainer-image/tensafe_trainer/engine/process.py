@@ -53,7 +53,8 @@ def _summary(runtime) -> SlotSummary:
     engine = runtime.engine
     return SlotSummary(step=engine.step, total_epsilon=engine.total_epsilon, last_checkpoint=runtime.last_checkpoint,
                        resumed_from=runtime.resumed_from, vocab_size=engine.vocab_size,
-                       batch_size=engine.config.batch_size, max_seq_len=engine.config.max_seq_len)
+                       batch_size=engine.config.batch_size, max_seq_len=engine.config.max_seq_len,
+                       logits_chunk=engine.logits_chunk)
 
 
 def _build(spec: SlotSpec, home: Path):

@@ -53,6 +53,7 @@ class SlotSummary:
     vocab_size: Optional[int] = None
     batch_size: Optional[int] = None
     max_seq_len: Optional[int] = None
+    logits_chunk: Optional[int] = None  # positions whose logits exist at once (engine/logits.py); None: all
 
 
 @dataclass

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from tg_tinker.errors import ValidationError
-from tg_tinker.types import ComputeLogprobsResult, SampleRequest, SampleResult, SampleSequence
+from tg_tinker.types import IGNORE_INDEX, ComputeLogprobsResult, SampleRequest, SampleResult, SampleSequence
 
+from tensafe_trainer.engine.logits import token_logprobs
 from tensafe_trainer.engine.memory import PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, check_logits
 
 
@@ -51,9 +52,10 @@ def _split_stops(stop) -> tuple[set[int], list[str]]:
 
 class Sampler:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vocab_size: int, eos_token_id: Optional[int],
-                 device: torch.device, max_seq_len: int):
+                 device: torch.device, max_seq_len: int, logits_chunk: Optional[int] = None):
         self.model, self.tokenizer, self.vocab_size = model, tokenizer, vocab_size
         self.eos_token_id, self.device, self.max_seq_len = eos_token_id, device, max_seq_len
+        self.logits_chunk = logits_chunk  # see logits.py: then a prefill computes the last position's logits only
 
     def _check_length(self, length: int, what: str) -> None:
         if length > self.max_seq_len:
@@ -64,7 +66,8 @@ class Sampler:
     def sample(self, req: SampleRequest) -> SampleResult:
         prompt = _encode_prompt(req.prompt, self.tokenizer, self.vocab_size)
         self._check_length(len(prompt) + req.max_tokens, "prompt + max_tokens")
-        check_logits(1, len(prompt), self.vocab_size, PREFILL_BYTES_PER_CELL, field="prompt")
+        check_logits(1, 1 if self.logits_chunk else len(prompt), self.vocab_size, PREFILL_BYTES_PER_CELL,
+                     field="prompt")
         stop_ids, stop_texts = _split_stops(req.stop)
         if stop_texts and self.tokenizer is None:
             raise ValidationError("text stop sequences need a tokenizer; give token ids", {"field": "stop"})
@@ -80,7 +83,8 @@ class Sampler:
              index: int) -> SampleSequence:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(req.seed + index if req.seed is not None else secrets.randbits(63))
-        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+        last_only = {"logits_to_keep": 1} if self.logits_chunk else {}
+        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, **last_only)
         past, logits = out.past_key_values, out.logits[0, -1]
         tokens: list[int] = []
         logprobs: list[float] = []
@@ -123,12 +127,15 @@ class Sampler:
     def compute_logprobs(self, tokens: list[int]) -> ComputeLogprobsResult:
         _encode_prompt(tokens, None, self.vocab_size)
         self._check_length(len(tokens), "the token sequence")
-        check_logits(1, len(tokens), self.vocab_size, SCORING_BYTES_PER_CELL, field="tokens")
+        check_logits(1, min(len(tokens), self.logits_chunk or len(tokens)), self.vocab_size, SCORING_BYTES_PER_CELL,
+                     field="tokens")
+        ids = torch.tensor([tokens], device=self.device)
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(input_ids=torch.tensor([tokens], device=self.device)).logits[0].double()
+            logp = token_logprobs(self.model, ids, torch.ones_like(ids), torch.arange(len(tokens))[None].to(ids),
+                                  targets, self.logits_chunk, torch.float64)
         finally:
             self.model.train(was_training)
-        logp = F.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(tokens[1:], device=self.device)[:, None])
-        return ComputeLogprobsResult(logprobs=[None] + [float(v) for v in logp[:, 0]])
+        return ComputeLogprobsResult(logprobs=[None] + [float(v) for v in logp[0, :-1]])

@@ -43,6 +43,7 @@ class Limits:
     vocab_size: Optional[int]  # None until the engine has loaded the model (the engine checks meanwhile)
     dp_enabled: bool = False
     dataset_id: Optional[str] = None  # DP with server-side sampling of this registered dataset
+    logits_chunk: Optional[int] = None  # positions whose logits the engine holds at once (None: a whole row's)
     memory_budget: int = field(default_factory=request_memory_budget)
 
     @classmethod
@@ -52,7 +53,7 @@ class Limits:
         max_seq_len = summary.max_seq_len or getattr(config, "max_seq_len", 2048)
         dp = config.dp_config if config is not None and config.dp_enabled else None
         return cls(kind, batch_size, max_seq_len, summary.vocab_size, dp is not None,
-                   dp.dataset_id if dp is not None else None)
+                   dp.dataset_id if dp is not None else None, summary.logits_chunk)
 
 
 def body_limit(limits: Limits) -> int:
@@ -75,7 +76,7 @@ def check_shape(rows: int, width: int, limits: Limits) -> None:
     check_rows(rows, limits)
     _check_length(width, limits, "input_ids")
     if limits.vocab_size is not None:
-        check_logits(rows, width, limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget)
+        check_logits(rows, _held(width, limits), limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget)
 
 
 def admit(request: Any, limits: Limits) -> None:
@@ -113,8 +114,8 @@ def _check_sample(request: SampleRequest, limits: Limits) -> None:
         _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
         _check_vocab(max(request.prompt), limits, "prompt")
         if limits.vocab_size is not None:
-            check_logits(1, len(request.prompt), limits.vocab_size, PREFILL_BYTES_PER_CELL, limits.memory_budget,
-                         "prompt")
+            check_logits(1, 1 if limits.logits_chunk else len(request.prompt), limits.vocab_size,
+                         PREFILL_BYTES_PER_CELL, limits.memory_budget, "prompt")
     elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
         raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
                                    f"{limits.max_seq_len} tokens", {"field": "prompt"})
@@ -127,8 +128,13 @@ def _check_logprobs(request: ComputeLogprobsRequest, limits: Limits) -> None:
     _check_length(len(request.tokens), limits, "tokens")
     _check_vocab(max(request.tokens), limits, "tokens")
     if limits.vocab_size is not None:
-        check_logits(1, len(request.tokens), limits.vocab_size, SCORING_BYTES_PER_CELL, limits.memory_budget,
-                     "tokens")
+        check_logits(1, _held(len(request.tokens), limits), limits.vocab_size, SCORING_BYTES_PER_CELL,
+                     limits.memory_budget, "tokens")
+
+
+def _held(width: int, limits: Limits) -> int:
+    """The positions of a row whose logits the engine holds at once."""
+    return min(width, limits.logits_chunk or width)
 
 
 def _check_length(length: int, limits: Limits, name: str) -> None:
