@@ -18,6 +18,7 @@ import os
 import sys
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def measure(steps: int, rounds: int) -> dict:
     batches = make_batches(steps)
     sdk_batches = [BatchData(**b) for b in batches]  # validated once, like a prepared dataset
     direct_runs, sdk_runs = [], []
-    with ServiceClient() as service:
+    with ServiceClient(home=tempfile.mkdtemp(prefix="tensafe-bench-overhead-")) as service:  # a home of its own
         direct, sdk = DirectLoop(), SdkLoop(service)
         timed(direct, batches[:3])  # warm-up
         timed(sdk, sdk_batches[:3])

@@ -138,7 +138,7 @@ class Session:
 
     def submit(self, request: Any, fp: Optional[str] = None) -> Operation:
         """Queue ``request`` (idempotency is the future store's: service/futures.py)."""
-        fp = fp or self.digests(request)[0]
+        fp = fp or fingerprint(self._hash_key(), request)
         with self._cond:
             self.check_open()
             if len(self._queue) >= self._max_pending:
