@@ -84,3 +84,36 @@ def artifact_state(server, tenant: str, path: str) -> dict:
     store = ArtifactStore(server.home / "artifacts", key_provider(server.home))
     (info,) = [a for a in store.list(tenant) if a.name == path]
     return deserialize_state(store.get(tenant, info.artifact_id))
+
+
+class InProcessTinker:
+    """A trainer app in this process (FastAPI's TestClient) with one tenant's Tinker key: raw wire calls."""
+
+    def __init__(self, home: Path, tenant: str = "plain"):
+        from fastapi.testclient import TestClient
+
+        from tensafe_trainer.api.app import create_app
+        from tensafe_trainer.api.tinker.keys import create_key
+        from tensafe_trainer.service.trainer import Settings
+
+        self.headers = {"X-API-Key": create_key(home, tenant)}
+        self.client = TestClient(create_app(Settings(home=home, token="admin-token")))
+
+    def __enter__(self) -> "InProcessTinker":
+        self.client.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.__exit__(*exc)
+
+    @property
+    def service(self):
+        """The trainer's service object (service/trainer.py)."""
+        return self.client.app.state.tensafe
+
+    def call(self, endpoint: str, body: dict):
+        return self.client.post(f"/api/v1/{endpoint}", json=body, headers=self.headers)
+
+    def result(self, answer) -> dict:
+        """The answer of the future ``answer`` names."""
+        return self.call("retrieve_future", {"request_id": answer.json()["request_id"]}).json()

@@ -16,7 +16,7 @@ import torch
 from tg_tinker.errors import ValidationError, error_from_wire
 from tensafe_trainer.api.tinker.convert import SAMPLING_CODES
 from accounting_helpers import pld_epsilon
-from tinker_helpers import POLICY, artifact_state, start_tinker_trainer
+from tinker_helpers import POLICY, InProcessTinker, artifact_state, start_tinker_trainer
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
@@ -413,24 +413,11 @@ def test_a_seq_id_whose_result_was_forgotten_is_refused_not_run_again(tmp_path, 
     """The future store is bounded (1 h; 2,000 futures per model); a retry that comes after its future was
     forgotten must not run its request a second time (under DP: an example counted twice). Here futures are
     forgotten at once (TTL 0), in process, on a real trainer app."""
-    from fastapi.testclient import TestClient
-
-    from tensafe_trainer.api.app import create_app
-    from tensafe_trainer.service.trainer import Settings
-    from tensafe_trainer.api.tinker.keys import create_key
     from tensafe_trainer.service.futures import FutureStore
 
-    key = create_key(tmp_path, "plain")
-    with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
-        client.app.state.tensafe.futures = FutureStore(ttl_s=0.0)
-        headers = {"X-API-Key": key}
-
-        def call(endpoint: str, body: dict):
-            return client.post(f"/api/v1/{endpoint}", json=body, headers=headers)
-
-        def result(answer):
-            return call("retrieve_future", {"request_id": answer.json()["request_id"]}).json()
-
+    with InProcessTinker(tmp_path) as trainer:
+        trainer.service.futures = FutureStore(ttl_s=0.0)
+        call, result = trainer.call, trainer.result
         session_id = call("create_session", {}).json()["session_id"]
         created = call("create_model", {"session_id": session_id, "base_model": str(model_dir),
                                         "lora_config": {"rank": 4}})
@@ -450,22 +437,8 @@ def test_a_finished_session_starts_nothing_and_seq_ids_are_what_the_client_sent(
     twice) and samplers (engines nothing stopped); a sampler id reused by save_weights_for_sampler (the older
     sampler's weights answered for the new ones); a JSON request without a seq_id taken as seq_id 0 (the second
     step skipped as a retry of the first)."""
-    from fastapi.testclient import TestClient
-
-    from tensafe_trainer.api.app import create_app
-    from tensafe_trainer.api.tinker.keys import create_key
-    from tensafe_trainer.service.trainer import Settings
-
-    key = create_key(tmp_path, "plain")
-    with TestClient(create_app(Settings(home=tmp_path, token="admin-token"))) as client:
-        headers = {"X-API-Key": key}
-
-        def call(endpoint: str, body: dict):
-            return client.post(f"/api/v1/{endpoint}", json=body, headers=headers)
-
-        def result(answer):
-            return call("retrieve_future", {"request_id": answer.json()["request_id"]}).json()
-
+    with InProcessTinker(tmp_path) as trainer:
+        call, result = trainer.call, trainer.result
         session_id = call("create_session", {}).json()["session_id"]
         model = {"session_id": session_id, "base_model": str(model_dir), "lora_config": {"rank": 4}}
         model_id = result(call("create_model", model))["model_id"]
@@ -476,7 +449,8 @@ def test_a_finished_session_starts_nothing_and_seq_ids_are_what_the_client_sent(
         reused = call("save_weights_for_sampler", {**sampler, "seq_id": 8})
         assert reused.status_code == 422 and "already exists" in reused.text
         assert result(call("save_weights", {"model_id": model_id, "seq_id": 9, "path": "ck"}))["path"]
-        assert client.post(f"/api/v1/sessions/{session_id}/finish", json={}, headers=headers).status_code == 200
+        finished = trainer.client.post(f"/api/v1/sessions/{session_id}/finish", json={}, headers=trainer.headers)
+        assert finished.status_code == 200
         for endpoint, body in (("create_model", model), ("create_sampling_session",
                                                          {"session_id": session_id, "base_model": str(model_dir),
                                                           "sampling_session_seq_id": 1}),
@@ -484,7 +458,7 @@ def test_a_finished_session_starts_nothing_and_seq_ids_are_what_the_client_sent(
                                                  "path": f"tinker://{model_id}/weights/ck"})):
             refused = call(endpoint, body)
             assert refused.status_code == 410 and "finished" in refused.text, endpoint
-        live = [s for s in client.app.state.tensafe.sessions.values() if not s.terminated]
+        live = [s for s in trainer.service.sessions.values() if not s.terminated]
         assert live == []  # every engine of the session stopped, none started after
 
 
