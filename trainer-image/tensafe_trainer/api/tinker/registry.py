@@ -146,11 +146,20 @@ class TinkerRegistry:
     def open_session(self, session_id: str, tenant_id: str) -> TinkerSession:
         """A session that may still start models and samplers: a finished (or lapsed) one is refused (410), so
         nothing it starts outlives it, and none of its model ids (whose spent seq_ids went with it) comes back."""
-        found = self.session(session_id, tenant_id)
-        if found.finished:
-            raise ClientTerminatedError(f"session {session_id[:100]!r} is finished: create a new session",
-                                        {"session_id": session_id[:100]})
-        return found
+        return self.check_open(self.session(session_id, tenant_id))
+
+    @staticmethod
+    def check_open(session: TinkerSession) -> TinkerSession:
+        if session.finished:
+            raise ClientTerminatedError(f"session {session.session_id[:100]!r} is finished: create a new session",
+                                        {"session_id": session.session_id[:100]})
+        return session
+
+    def check_unused_sampler(self, sampler_id: str) -> None:
+        """A sampler of new weights gets a new id, never an older sampler's (which would answer for them)."""
+        if sampler_id in self.samplers:
+            raise ValidationError(f"sampling session {sampler_id[:200]!r} already exists: use a new "
+                                  "sampling_session_seq_id", {"field": "sampling_session_seq_id"})
 
     def _alive(self, owned_id: str) -> None:
         """A request on a model or sampler (``{session_id}:train:N``, ``...:sample:N``) is its session's heartbeat."""

@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, Response
 from tg_tinker.config import MAX_LORA_RANK, LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import (
     ArtifactNotFoundError,
-    ClientTerminatedError,
     PermissionDeniedError,
     RequestTooLargeError,
     TGTinkerError,
@@ -488,9 +487,7 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
         # Ephemeral: a sampler of the weights as they are now, from an unnamed sampler artifact.
         owner = registry.open_session(session_id_of(model.model_id), key.tenant_id)
         sampler_id = f"{owner.session_id}:sample:{door.integer(body, 'sampling_session_seq_id')}"
-        if sampler_id in registry.samplers:  # a new sampler of these weights, never an older one under its id
-            raise ValidationError(f"sampling session {sampler_id[:200]!r} already exists: use a new "
-                                  "sampling_session_seq_id", {"field": "sampling_session_seq_id"})
+        registry.check_unused_sampler(sampler_id)
 
         def start():
             op = queue(model.session, SaveStateRequest(kind="sampler", include_optimizer=False))
@@ -561,14 +558,11 @@ def tinker_router(settings: TinkerSettings) -> APIRouter:
     def start_sampler(state, owner, sampler_id: str, base_model: str, model_path: Optional[str],
                       artifact_id: Optional[str], reuse: bool = True) -> TinkerSampler:
         """The sampler ``sampler_id`` of an open session: the one already there (``reuse``), or a new one."""
-        if owner.finished:  # ended while this request waited (a save_weights_for_sampler's save)
-            raise ClientTerminatedError(f"session {owner.session_id!r} is finished", {"session_id": owner.session_id})
+        registry.check_open(owner)  # it may have ended while this request waited (a save_weights_for_sampler's save)
         existing = registry.samplers.get(sampler_id)
-        if existing is not None:
-            if reuse:
-                return existing
-            raise ValidationError(f"sampling session {sampler_id[:200]!r} already exists: use a new "
-                                  "sampling_session_seq_id", {"field": "sampling_session_seq_id"})
+        if existing is not None and reuse:
+            return existing
+        registry.check_unused_sampler(sampler_id)
         end_lapsed_sessions(state)
         client_id = client_id_for(sampler_id)
         spec = SlotSpec.sampling(client_id, owner.tenant_id, artifact_id, base_model)
