@@ -202,7 +202,7 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
 
     import tinker
 
-    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.keys import create_key
 
     home = Path(tempfile.mkdtemp(prefix="tensafe-load-"))
     tinker_keys = {tenant: create_key(home, tenant) for tenant in ("tinker-user", "intruder")}

@@ -74,7 +74,7 @@ def cpu_s(process) -> float:
 def measure(steps: int, rounds: int) -> dict:
     import psutil
 
-    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.keys import create_key
 
     batches = make_batches(steps)
     ours_batches = [BatchData(**b) for b in batches]

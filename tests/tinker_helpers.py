@@ -49,7 +49,7 @@ class TinkerTrainer:
 
 
 def start_tinker_trainer(home: Path, policy: dict, tenants=("plain", "private")) -> TinkerTrainer:
-    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.keys import create_key
     from tg_tinker.local import LocalTrainer
 
     home.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ class InProcessTinker:
         from fastapi.testclient import TestClient
 
         from tensafe_trainer.api.app import create_app
-        from tensafe_trainer.api.tinker.keys import create_key
+        from tensafe_trainer.service.tinker.keys import create_key
         from tensafe_trainer.service.trainer import Settings
 
         self.headers = {"X-API-Key": create_key(home, tenant)}

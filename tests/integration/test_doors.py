@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tensafe_trainer.api.tinker import tinker_wire_pb2 as pb
-from tensafe_trainer.api.tinker.keys import create_key
+from tensafe_trainer.service.tinker.keys import create_key
 from tensafe_trainer.api.tinker.routes import MAX_DATUMS_PER_REQUEST
 from tensafe_trainer.service.door import CONTROL_BYTES
 from tg_tinker.local import LocalTrainer

@@ -128,7 +128,7 @@ def test_a_repeated_seq_id_runs_once(server, plain, model_dir):
     audit = httpx.get(f"{server.base_url}/v1/audit", params={"tenant_id": "plain", "operation": "forward_backward",
                                                              "limit": 10_000},
                       headers={"Authorization": f"Bearer {server.trainer.token}"}).json()
-    from tensafe_trainer.api.tinker.registry import client_id_for
+    from tensafe_trainer.service.tinker.registry import client_id_for
 
     assert sum(e["training_client_id"] == client_id_for(tc.model_id) for e in audit) == 1
 
@@ -295,7 +295,7 @@ def test_a_group_declared_in_metadata_is_clipped_whole_and_a_batch_must_hold_who
 
 
 def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path):
-    from tensafe_trainer.api.tinker.policy import PrivacyPolicy
+    from tensafe_trainer.service.tinker.policy import PrivacyPolicy
     from tg_tinker import ValidationError
 
     cases = {"sample_rate": {"t": {"dp": {"noise_multiplier": 1.0, "sample_rate": 0.001}}},
@@ -315,7 +315,7 @@ def test_a_policy_may_not_claim_a_sample_rate_and_puts_groups_beside_dp(tmp_path
 
 
 def test_metadata_cannot_lower_a_noise_the_policy_computes():
-    from tensafe_trainer.api.tinker.policy import PrivacyPolicy, TenantPolicy
+    from tensafe_trainer.service.tinker.policy import PrivacyPolicy, TenantPolicy
     from tg_tinker import DPConfig, ValidationError
 
     policy = PrivacyPolicy({"t": TenantPolicy(DPConfig(target_epsilon=8.0, planned_steps=100, dataset_size=1000))})
@@ -330,8 +330,8 @@ def test_metadata_cannot_lower_a_noise_the_policy_computes():
 def test_a_trainer_for_one_client_gives_that_clients_dp_to_its_tenants_tinker_models(tmp_path):
     """A TrainingClient's pod: the client's DP config and logical batch are its tenant's Tinker policy (a policy
     file may not say otherwise for that tenant), and its key is kept as a digest only."""
-    from tensafe_trainer.api.tinker.keys import TinkerKeys
-    from tensafe_trainer.api.tinker.policy import PrivacyPolicy, TenantPolicy
+    from tensafe_trainer.service.tinker.keys import TinkerKeys
+    from tensafe_trainer.service.tinker.policy import PrivacyPolicy, TenantPolicy
     from tg_tinker import DPConfig, TrainingConfig, ValidationError
 
     config = TrainingConfig(model_ref="tiny-random-llama", batch_size=8, gradient_accumulation_steps=2,
@@ -348,7 +348,7 @@ def test_a_trainer_for_one_client_gives_that_clients_dp_to_its_tenants_tinker_mo
     with pytest.raises(ValueError, match="its DP comes from the client's config"):
         PrivacyPolicy({"acme": TenantPolicy(None)}).with_client("acme", config)
 
-    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.keys import create_key
     from tg_tinker import AuthenticationError
 
     planted = create_key(tmp_path, "acme")  # an insider with write access to the data volume adds a digest
@@ -513,7 +513,7 @@ def test_a_key_planted_or_moved_in_the_key_file_opens_nothing_and_is_audited(tmp
 
     from tensafe_trainer.api.app import create_app
     from tensafe_trainer.service.trainer import Settings
-    from tensafe_trainer.api.tinker.keys import create_key, keys_file
+    from tensafe_trainer.service.tinker.keys import create_key, keys_file
 
     home = tmp_path / "home"
     home.mkdir()
@@ -553,7 +553,7 @@ def test_a_revoked_key_stays_refused_when_an_old_key_file_is_put_back(tmp_path, 
     from tensafe_trainer.storage.paths import key_provider
     from tensafe_trainer.api.app import create_app
     from tensafe_trainer.service.trainer import Settings
-    from tensafe_trainer.api.tinker.keys import RESTORED, create_key, keys_file
+    from tensafe_trainer.service.tinker.keys import RESTORED, create_key, keys_file
 
     home = tmp_path / "home"
     home.mkdir()
@@ -602,7 +602,7 @@ def test_a_trainer_for_one_client_reads_no_key_file(tmp_path):
 
     from tensafe_trainer.api.app import create_app
     from tensafe_trainer.service.trainer import Settings
-    from tensafe_trainer.api.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.keys import create_key
     from tg_tinker.types import CreateTrainingClient
 
     from conftest import tiny_config
@@ -621,9 +621,9 @@ def test_open_sessions_are_capped_per_key_and_per_tenant(tmp_path):
 
     from tensafe_trainer.api.app import create_app
     from tensafe_trainer.service.trainer import Settings
-    from tensafe_trainer.api.tinker.keys import create_key
-    from tensafe_trainer.api.tinker.registry import MAX_OPEN_SESSIONS
-    from tensafe_trainer.api.tinker.routes import MAX_SESSIONS_PER_KEY
+    from tensafe_trainer.service.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.registry import MAX_OPEN_SESSIONS
+    from tensafe_trainer.service.tinker.service import MAX_SESSIONS_PER_KEY
 
     per_tenant = MAX_OPEN_SESSIONS // MAX_SESSIONS_PER_KEY + 1
     plain = [{"X-API-Key": create_key(tmp_path, "plain", f"k{i}")} for i in range(per_tenant)]

@@ -229,7 +229,7 @@ def test_tinker_keys_are_listed_and_revoked(tmp_path, keys_env):
 
 
 def test_a_shred_revokes_the_tenants_tinker_keys(tmp_path, keys_env, keys_in_process):
-    from tensafe_trainer.api.tinker.keys import TinkerKeys, create_key
+    from tensafe_trainer.service.tinker.keys import TinkerKeys, create_key
     from tg_tinker import AuthenticationError
 
     home = tmp_path / "home"
@@ -273,7 +273,7 @@ def test_revocation_survives_a_tenant_named_like_it_and_a_planted_twin(tmp_path)
     victim's key revoked by an operator cleaning it up."""
     import json
 
-    from tensafe_trainer.api.tinker.keys import TinkerKeys, create_key, keys_file, revoke_key
+    from tensafe_trainer.service.tinker.keys import TinkerKeys, create_key, keys_file, revoke_key
     from tg_tinker import AuthenticationError, ValidationError
     from tensafe_keys.store import LocalKeyProvider
 

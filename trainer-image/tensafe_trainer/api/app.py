@@ -21,15 +21,16 @@ from tg_tinker.types import TENANT_PATTERN
 from tg_tinker.wire import MAX_REPORTED_ERRORS, malformed_json, validation_error
 
 from tensafe_trainer.api.gate import Gate
-from tensafe_trainer.api.tinker.keys import NOT_VERIFIED, TinkerKeys
-from tensafe_trainer.api.tinker.policy import PrivacyPolicy
-from tensafe_trainer.api.tinker.registry import TinkerRegistry
-from tensafe_trainer.api.tinker.routes import TinkerSettings, tinker_router
 from tensafe_trainer.api.tinker.routes import body_budget as tinker_body_budget
+from tensafe_trainer.api.tinker.routes import router as tinker_router
 from tensafe_trainer.api.v1.routes import BODY_MODELS
 from tensafe_trainer.api.v1.routes import router as v1_router
 from tensafe_trainer.service import admission, door, errors
 from tensafe_trainer.service.principals import Scope
+from tensafe_trainer.service.tinker.keys import NOT_VERIFIED, TinkerKeys
+from tensafe_trainer.service.tinker.policy import PrivacyPolicy
+from tensafe_trainer.service.tinker.registry import TinkerRegistry
+from tensafe_trainer.service.tinker.service import TinkerService
 from tensafe_trainer.service.trainer import Settings, TrainerService
 from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.audit import AuditTrail, request_hash
@@ -67,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
             logging.getLogger("tensafe.trainer").warning("removed %s, left by an interrupted write", path.name)
         state = TrainerService(settings, store, trail, AuditWriter(trail), asyncio.get_running_loop())
         app.state.tensafe = state
+        app.state.tinker = TinkerService(state, tinker_keys, policy, settings.tinker_model_roots, tinker_registry)
         if settings.initial_client is not None:
             state.start_training(settings.initial_client)
         yield
@@ -113,8 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     if initial is not None:  # a trainer for one client: its tenant's Tinker models train under the client's DP
         policy = policy.with_client(initial.tenant_id, initial.config)
     app.include_router(v1_router)
-    app.include_router(tinker_router(TinkerSettings(tinker_keys, policy, settings.tinker_model_roots,
-                                                    tinker_registry)))
+    app.include_router(tinker_router)
     with_body_schemas(app, BODY_MODELS)
 
     @app.exception_handler(TGTinkerError)

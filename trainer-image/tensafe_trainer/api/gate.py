@@ -74,7 +74,7 @@ class Gate:
     def __init__(self, app, admin_token: Optional[str], limit_for: Callable[[Any, str], int],
                  open_docs: bool = False, refusals: Optional[RefusalBudget] = None, tinker_keys=None):
         self.app, self.admin_token, self.limit_for = app, admin_token, limit_for
-        self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: api/tinker/keys.py
+        self.tinker_keys = tinker_keys  # the Tinker wire (/api/v1) authenticates by X-API-Key: service/tinker/keys.py
         self.open_paths = OPEN_PATHS | (DOC_PATHS if open_docs else frozenset())
         self.refusals = refusals or RefusalBudget()
         self.delayed = 0

@@ -92,9 +92,9 @@ def export_adapter_folder(payload: bytes, out: Path) -> list[str]:
 
 def shred_tenant(home: Path, tenant: str) -> int:
     """Keys, artifacts, index entries and the tenant's audit chain (unverifiable once its key is gone), and its
-    Tinker API keys, revoked first (api/tinker/keys.py: an old copy of the key file put back opens nothing). The
+    Tinker API keys, revoked first (service/tinker/keys.py: an old copy of the key file put back opens nothing). The
     privacy ledgers stay: spent budget is never given back."""
-    from tensafe_trainer.api.tinker.keys import revoke_tenant_keys
+    from tensafe_trainer.service.tinker.keys import revoke_tenant_keys
 
     store = open_store(home)
     revoke_tenant_keys(home, tenant, store.keys)

@@ -31,7 +31,7 @@ def _tinker_key(args) -> int:
     from tg_tinker.errors import TGTinkerError
 
     from tensafe_trainer.storage.paths import tensafe_home
-    from tensafe_trainer.api.tinker.keys import create_key, list_keys, revoke_key
+    from tensafe_trainer.service.tinker.keys import create_key, list_keys, revoke_key
 
     def shown(value, width: int) -> str:  # an entry's fields may be planted: no control characters, bounded
         text = "".join(c if c.isprintable() else "?" for c in str(value))

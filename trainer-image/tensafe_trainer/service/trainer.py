@@ -55,7 +55,7 @@ class Settings:
     min_free_memory: int = 1 << 30  # a new client is refused while the machine has less available than this
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
     initial_client: Optional[CreateTrainingClient] = None
-    privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (api/tinker/policy.py)
+    privacy_policy: Optional[Path] = None  # the Tinker wire's DP policy per tenant (service/tinker/policy.py)
     tinker_key: Optional[str] = None  # a trainer pod's Tinker key, for its initial client's tenant
     tinker_model_roots: Optional[tuple] = None  # folders a Tinker key may name as base_model (None: any)
 

@@ -3,4 +3,4 @@
 artifacts, audit and privacy are TenSafe's own (see routes.py)."""
 
 SUPPORTED_SDK_VERSIONS = ("0.38.0",)  # the versions the suite runs; the vendored schema is 0.38.0's
-PREFIX = "/api/v1"  # where the Tinker wire is served; its callers authenticate by X-API-Key (keys.py)
+PREFIX = "/api/v1"  # where the Tinker wire is served; its callers authenticate by X-API-Key (service/tinker/keys.py)

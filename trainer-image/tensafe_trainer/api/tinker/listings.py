@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from tg_tinker.errors import TrainingClientNotFoundError
 
-from tensafe_trainer.api.tinker.registry import CHECKPOINT_KINDS, TinkerModel, parse_path
+from tensafe_trainer.service.tinker.registry import CHECKPOINT_KINDS, TinkerModel, parse_path
 
 
 def iso(ts: Optional[float]) -> Optional[str]:

@@ -233,9 +233,10 @@ class TinkerKeys:
                 entries.remove(entry)
                 self._refuse_revoked(entry, restored)
             known = self._by_digest  # keep each key's object (and its refusal budget) across re-reads
-            self._by_digest = {e["digest"]: known.get(e["digest"])
-                               or Principal.tinker_key(e["digest"][:16], check_tenant(e["tenant_id"]), e.get("name", ""))
-                               for e in entries}
+            self._by_digest = {
+                e["digest"]: known.get(e["digest"])
+                or Principal.tinker_key(e["digest"][:16], check_tenant(e["tenant_id"]), e.get("name", ""))
+                for e in entries}
             self._stamp, self._revoked = stamp, revoked
 
     def _tell(self, entry: dict, reason: str) -> None:
