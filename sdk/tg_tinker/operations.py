@@ -4,8 +4,8 @@ Each entry names the operation's request and result types and what the rest of t
 of it: whether only a training client runs it, whether it adds to or applies the logical batch's
 gradients (so a failure discards them), and whether it may be a durable ``TrainingOperation`` resource on
 Kubernetes. The wire's request union, the SDK's result parsing, the Kubernetes resources, the trainer's
-door checks and its engine dispatcher all read this table (and the trainer checks at import that it
-handles every entry).
+door checks, its engine dispatcher and its audit trail all read this table (and the trainer checks at import that
+it handles every entry; the audit trail writes no event named elsewhere).
 """
 
 from __future__ import annotations
@@ -63,6 +63,19 @@ OPERATIONS: dict[str, OperationKind] = {kind.name: kind for kind in (
 )}
 for _name, _kind in OPERATIONS.items():  # the request's ``type`` literal is the table's name
     assert _kind.request.model_fields["type"].default == _name, _name
+
+# What the audit trail records beside the operations above: the service's own events, each with what it records.
+SERVICE_EVENTS: dict[str, str] = {
+    "resume": "a training client started from a checkpoint (the artifact consumed)",
+    "create_sampling_client": "a sampling client started from saved weights (the artifact consumed)",
+    "grant_artifact": "the trainer let a client load an artifact it did not make",
+    "delete_artifact": "a Tinker checkpoint deleted (by the client, an overwrite or its TTL)",
+    "register_dataset": "an encrypted dataset registered (the artifact produced)",
+    "delete_dataset": "a dataset deleted",
+    "tinker_key_refused": "an entry of the Tinker key file that does not verify (or was revoked)",
+    "rotate_keys": "the last record of a secrets generation's segment (a key rotation)",
+}
+AUDITED = frozenset(OPERATIONS) | frozenset(SERVICE_EVENTS)  # every name an audit entry's ``operation`` may hold
 
 RESULT_TYPES: dict[str, type[WireModel]] = {name: kind.result for name, kind in OPERATIONS.items()}
 TRAINING_ONLY = frozenset(name for name, kind in OPERATIONS.items() if kind.training_only)

@@ -276,3 +276,22 @@ def test_resume_latest_refuses_when_the_newest_checkpoint_file_is_gone(service, 
         assert rolled_back.step == 1
     finally:
         rolled_back.close()
+
+
+def test_the_log_writes_only_the_declared_operations_and_events(log):
+    from tg_tinker.operations import AUDITED, OPERATIONS, SERVICE_EVENTS
+
+    assert set(OPERATIONS) <= AUDITED and not set(OPERATIONS) & set(SERVICE_EVENTS)
+    with pytest.raises(ValueError, match="not an audited"):  # a misspelt event is a bug, never a silent entry
+        log.append_many([dict(operation="forward_backwards", training_client_id="tc-1", tenant_id="acme",
+                              request_hash="0" * 64, success=True)])
+    ok, count, message = verify(log)
+    assert ok and count == 5, message
+
+
+def test_a_query_for_an_operation_the_log_never_records_is_refused(service, tc):
+    from tg_tinker.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="save_state"):  # the answer names what the log records
+        service.get_audit_logs(operation="save_sate")
+    assert service.get_audit_logs(operation="grant_artifact") == []  # declared, not yet recorded: empty

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from tg_tinker.errors import AuditIntegrityError
+from tg_tinker.errors import AuditIntegrityError, ValidationError
+from tg_tinker.operations import AUDITED
 from tg_tinker.types import AuditEntry, AuditHead
 
 from tensafe_keys.private_files import FILE_MODE, private_dir
@@ -59,7 +60,7 @@ from tensafe_keys.store import KeyProvider, new_secrets_id, secret_generations
 from tg_tinker.types import check_tenant
 
 GENESIS = "0" * 64
-ROTATE = "rotate_keys"  # the last record of a secrets generation's segment
+ROTATE = "rotate_keys"  # (tg_tinker.operations.SERVICE_EVENTS) the last record of a secrets generation's segment
 
 
 def request_hash(key: bytes, payload: Any) -> str:
@@ -107,6 +108,8 @@ def _fields(generation: dict, prev: Optional[dict], *, operation: str, training_
             tenant_id: str, request_hash: str, success: bool, produced: list[str] = (),
             consumed: list[str] = (), dp_metrics: Optional[dict] = None, error: Optional[str] = None,
             next_key_id: Optional[str] = None) -> dict:
+    if operation not in AUDITED:  # a bug: every audited name is declared (tg_tinker.operations)
+        raise ValueError(f"{operation!r} is not an audited operation or event (tg_tinker.operations.AUDITED)")
     fields = {
         "entry_id": f"aud-{uuid.uuid4().hex}",
         "sequence": prev["sequence"] + 1 if prev else 0,
@@ -489,6 +492,9 @@ class AuditTrail:
 
     def query(self, tenant_id: str, training_client_id: Optional[str] = None, operation: Optional[str] = None,
               limit: int = 100) -> list[AuditEntry]:
+        if operation is not None and operation not in AUDITED:  # would match nothing: a typo, not an empty log
+            raise ValidationError(f"{operation[:100]!r} is not an operation or event the audit log records; these "
+                                  f"are: {sorted(AUDITED)}", {"field": "operation"})
         hits = [fields for fields in self.records(tenant_id) or ()
                 if (training_client_id is None or fields.get("training_client_id") == training_client_id)
                 and (operation is None or fields.get("operation") == operation)]
