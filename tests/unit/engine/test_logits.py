@@ -7,7 +7,7 @@ import pytest
 from tg_tinker import LoRAConfig
 
 from conftest import dp_config
-from engine_helpers import assert_close, make_engine, padded_batch, sequences, snapshot, update
+from engine_helpers import assert_close, make_engine, norm, padded_batch, per_example_gradients, sequences, snapshot, update
 
 from tensafe_trainer.engine import logits
 
@@ -37,7 +37,11 @@ def one_step(**overrides) -> tuple[dict, dict, list]:
     {"lora_config": HEAD_TOO},  # LoRA on the output head too: recomputed in backward
     {"lora_config": None},  # full fine-tuning (the head's weight tied to the embedding's)
     {"dp_config": dp_config(max_grad_norm=1e-3)},  # DP (noise off here), clipping active, the head frozen
-], ids=["lora", "lora-head", "full", "dp"])
+    # DP with the head trained: each chunk's per-example gradient paired with its own input, the recomputation
+    # recorded never (twice would double the head's share of every example's norm, and so its clipping).
+    {"lora_config": HEAD_TOO, "dp_config": dp_config(max_grad_norm=1e-3)},
+    {"lora_config": None, "dp_config": dp_config(max_grad_norm=1e-3)},  # DP, full fine-tuning, tied head
+], ids=["lora", "lora-head", "full", "dp", "dp-head", "dp-full"])
 def test_chunks_give_the_numbers_of_the_whole_width(small_chunks, monkeypatch, no_noise, overrides):
     chunked, chunked_update, chunked_forward = one_step(**overrides)
     assert chunked.logits_chunk == small_chunks
@@ -65,11 +69,20 @@ def test_at_most_one_chunk_of_logits_exists_at_once(small_chunks):
     assert len(widths) > 2 * (30 // small_chunks)
 
 
-def test_under_dp_a_trainable_head_is_computed_whole(small_chunks):
-    """The per-example hooks record each call of a trainable module once; recomputing the head in backward would
-    call it twice. So a DP client training its head runs (and is budgeted for) the whole width."""
-    assert make_engine(lora_config=HEAD_TOO, dp_config=dp_config()).logits_chunk is None
-    assert make_engine(dp_config=dp_config()).logits_chunk == small_chunks
+def test_under_dp_the_head_is_chunked_and_each_example_is_clipped_once(small_chunks, no_noise):
+    """A DP client training its head holds one chunk of logits too, and its clipped sum is that of each example's
+    own gradient (computed one example at a time, without hooks), each clipped to the bound once."""
+    import torch
+
+    bound = 1e-3
+    engine = make_engine(lora_config=HEAD_TOO, dp_config=dp_config(max_grad_norm=bound))
+    assert engine.logits_chunk == small_chunks
+    expected = per_example_gradients(engine, WIDE)
+    assert all(norm(g) > bound for g in expected)  # every example clipped: a norm counted twice would show
+    engine.forward_backward(padded_batch(WIDE))
+    for name, p in engine.trainable.items():
+        want = sum(g[name] * (bound / (norm(g) + 1e-6)) for g in expected)
+        assert torch.allclose(engine.dp.summed[p], want, rtol=1e-7, atol=1e-15), name
 
 
 def test_the_door_budgets_one_chunk_of_logits_per_row():

@@ -8,9 +8,10 @@ chunk is checkpointed (its logits are computed again in the backward pass rather
 request holds one chunk's logits at a time, forward and backward.
 
 Chunking applies where the head is a plain projection of the last hidden state (the architectures in
-``PLAIN_HEADS``: no logit scaling or soft-capping) and, under DP, where the head holds no trainable parameter (the
-per-example hooks record each call of a trainable module once; a checkpoint's recomputation would call it
-again). Elsewhere the whole width is one chunk, and memory.py budgets it as such.
+``PLAIN_HEADS``: no logit scaling or soft-capping); elsewhere the whole width is one chunk, and memory.py budgets
+it as such. Under DP a trainable head is chunked too: the per-example hooks pair each chunk's output gradient
+with that chunk's own input, reduce it to per-example gradients at once, and ignore the recomputed call
+(privacy/per_example.py).
 """
 
 from __future__ import annotations
@@ -32,14 +33,9 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chunk_for(model: torch.nn.Module, private: bool) -> Optional[int]:
+def chunk_for(model: torch.nn.Module) -> Optional[int]:
     """The positions per chunk this model's loss may be computed in; None: the whole width at once."""
-    lm = causal_lm(model)
-    if type(lm).__name__ not in PLAIN_HEADS:
-        return None
-    if private and any(p.requires_grad for p in lm.get_output_embeddings().parameters()):
-        return None
-    return CHUNK
+    return CHUNK if type(causal_lm(model)).__name__ in PLAIN_HEADS else None
 
 
 def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

@@ -60,14 +60,18 @@ _RULES: dict[type, Callable] = {nn.Linear: _linear, nn.Embedding: _embedding}
 
 
 class PerExampleGradients:
-    """Hooks a model. Inside :meth:`capture`, forward and backward record each hooked call's input
-    activation and output gradient; :meth:`collect` then forms {param: [B, *shape]} per-example
-    gradients (after backward, since functorch transforms must not run inside autograd's engine)."""
+    """Hooks a model. Inside :meth:`capture`, each hooked call's output gradient is paired with that call's own
+    input activation (held by the hook on its output, not by call order): a call recomputed in the backward
+    pass (a checkpointed chunk of the loss, engine/logits.py) adds a call whose output gets no gradient, so it
+    records nothing. ``nn.Linear`` and ``nn.Embedding`` calls are reduced to per-example gradients at once (the
+    output gradient, for the head a chunk's ``rows x positions x vocabulary``, is not kept); other modules'
+    are formed by :meth:`collect`, after backward, since functorch transforms must not run inside autograd's
+    engine. :meth:`collect` returns {param: [B, *shape]}, summed over calls (tied weights, chunks)."""
 
     def __init__(self, model: nn.Module):
         self._handles = []
         self._capturing = False
-        self._pending: dict[nn.Module, list[torch.Tensor]] = {}
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._recorded: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.params: list[nn.Parameter] = []
         seen = set()
@@ -91,33 +95,36 @@ class PerExampleGradients:
 
     @contextlib.contextmanager
     def capture(self):
-        self._pending, self._recorded = {}, []
+        self._grads, self._recorded = {}, []
         self._capturing = True
         try:
             yield self
         finally:
             self._capturing = False
-            self._pending = {}
 
     def _on_forward(self, module: nn.Module, inputs, output) -> None:
         if not self._capturing or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return
-        self._pending.setdefault(module, []).append(inputs[0].detach())
-        output.register_hook(lambda grad, m=module: self._on_backward(m, grad))
+        activation = inputs[0].detach()
+        output.register_hook(lambda grad, m=module, a=activation: self._on_backward(m, a, grad))
 
-    def _on_backward(self, module: nn.Module, grad_output: torch.Tensor) -> None:
-        activation = self._pending[module].pop()  # backward visits calls in reverse order
-        self._recorded.append((module, activation, grad_output.detach()))
+    def _on_backward(self, module: nn.Module, activation: torch.Tensor, grad_output: torch.Tensor) -> None:
+        rule = _RULES.get(type(module))
+        if rule is None:
+            self._recorded.append((module, activation, grad_output.detach()))
+        else:
+            self._add(module, rule(module, activation, grad_output.detach()))
+
+    def _add(self, module: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+        for name, grad in grads.items():
+            param = getattr(module, name)
+            self._grads[param] = self._grads[param] + grad if param in self._grads else grad
 
     def collect(self) -> dict[nn.Parameter, torch.Tensor]:
         self._capturing = False  # the generic rule calls the module again: that call must not be recorded
-        grads: dict[nn.Parameter, torch.Tensor] = {}
         for module, activation, grad_output in self._recorded:
-            rule = _RULES.get(type(module), _generic)
-            for name, grad in rule(module, activation, grad_output).items():
-                param = getattr(module, name)
-                grads[param] = grads[param] + grad if param in grads else grad  # tied weights add up
-        self._recorded = []
+            self._add(module, _generic(module, activation, grad_output))
+        grads, self._grads, self._recorded = self._grads, {}, []
         return grads
 
 
