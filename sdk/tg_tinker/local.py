@@ -60,6 +60,11 @@ class LocalTrainer:
         info = json.loads(ready.read_text())
         self.base_url = f"http://127.0.0.1:{info['port']}"
 
+    @property
+    def directory(self) -> Path:
+        """The private folder of this trainer's files: its log, and its token file until the server has read it."""
+        return self._dir
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -82,6 +82,11 @@ class ServiceClient:
         self.transport = Transport(base_url, api_key, timeout=timeout, verify=verify)
         self.base_url = base_url
 
+    @property
+    def local_trainer(self) -> Optional[LocalTrainer]:
+        """The embedded trainer this client started (``backend='local'``); None for the other backends."""
+        return self._local
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -77,6 +77,11 @@ class OperationQueue:
         self._closed: Optional[TGTinkerError] = None
         _queues.add(self)
 
+    @property
+    def transport(self) -> Transport:
+        """The transport this queue's operations, and their futures, go through."""
+        return self._transport
+
     def submit(self, request: Any, on_result: Optional[Callable[[Any], None]] = None,
                idempotency_key: Optional[str] = None) -> Future:
         key = idempotency_key or uuid.uuid4().hex

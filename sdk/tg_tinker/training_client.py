@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from .config import TrainingConfig
 from .errors import TrainingClientError
 from .futures import Future
+from .transport import Transport
 from .types import (
     AdamStep,
     BatchData,
@@ -95,6 +96,11 @@ class TrainingClient:
     def info(self) -> ClientInfo:
         return self._info
 
+    @property
+    def transport(self) -> Transport:
+        """The connection this client's operations go through: its own bearer token (on Kubernetes, its own trainer)."""
+        return self._queue.transport
+
     def refresh(self) -> "TrainingClient":
         self._info = self._service._client_info(self.id)
         return self
@@ -169,6 +175,11 @@ class TrainingClient:
             _write_private(folder / RECEIPT_FILE, (json.dumps(result.receipt, indent=2) + "\n").encode())
         self.last_export = result
         return folder
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every operation called so far has reached the trainer (queued or refused); False if ``timeout``
+        ran out first."""
+        return self._queue.flush(timeout)
 
     def close(self) -> None:
         """Terminate the trainer session; queued operations are cancelled. On Kubernetes the TrainingClient is

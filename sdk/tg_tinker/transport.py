@@ -66,6 +66,11 @@ class Transport:
     def close(self) -> None:
         self._client.close()
 
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called."""
+        return self._client.is_closed
+
     def request(self, method: str, path: str, *, json: Any = None, content: Optional[bytes] = None,
                 params: Optional[dict] = None, timeout: Optional[float] = None, raw: bool = False) -> Any:
         """``json``: a body to encode; ``content``: a body already encoded as JSON."""

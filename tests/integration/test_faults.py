@@ -34,7 +34,7 @@ def test_engine_killed_during_forward_backward_fails_the_future_and_keeps_checkp
     tc.optim_step().result()
     checkpoint = tc.save_state()
     bystander = own_service.create_training_client(tiny_config())
-    victim_pid = engine_pids(own_service._local.process.pid)[0]  # the oldest: tc's engine
+    victim_pid = engine_pids(own_service.local_trainer.process.pid)[0]  # the oldest: tc's engine
     running = tc.forward_backward(random_batch(rows=8, width=512))
     queued = tc.optim_step()
     time.sleep(0.3)
@@ -64,7 +64,7 @@ def test_trainer_killed_under_a_waiting_future_raises_instead_of_hanging(tmp_pat
         tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
         service.transport.retries, service.transport.backoff = 2, 0.05
         future = tc.forward_backward(random_batch(rows=8, width=512))
-        service._local.process.kill()
+        service.local_trainer.process.kill()
         started = time.monotonic()
         with pytest.raises(TrainerUnreachable, match="unreachable"):
             future.result(timeout=120)
@@ -87,7 +87,7 @@ def test_a_lost_client_is_replaced_and_resumes_from_its_latest_checkpoint(own_se
     fresh.forward_backward(random_batch())
     fresh.optim_step().result()
     newest = fresh.save_state()
-    os.kill(engine_pids(own_service._local.process.pid)[-1], signal.SIGKILL)
+    os.kill(engine_pids(own_service.local_trainer.process.pid)[-1], signal.SIGKILL)
     with pytest.raises(TrainingClientError):
         fresh.forward_backward(random_batch()).result(timeout=60)
     replaced = own_service.create_training_client(config, client_id="resume-me", resume_from="latest")
@@ -111,8 +111,8 @@ def test_a_flood_of_submissions_meets_back_pressure_and_loses_nothing(tmp_path, 
     with ServiceClient(home=tmp_path) as service:
         tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
         running = tc.forward_backward(random_batch(rows=8, width=512))
-        tc._queue.flush()  # on the trainer, and busy for a while
-        transport, path = tc._queue._transport, f"/v1/clients/{tc.id}/operations"
+        tc.flush()  # on the trainer, and busy for a while
+        transport, path = tc.transport, f"/v1/clients/{tc.id}/operations"
         for i in range(4):
             transport.request("POST", path, json={"request": {"type": "optim_step"}, "idempotency_key": f"k{i}"})
         with pytest.raises(ResourceExhaustedError) as err:
@@ -143,7 +143,8 @@ def test_trainer_killed_while_writing_a_checkpoint_loses_nothing_saved(tmp_path)
         while not list(folder.glob(".*.tmp")):
             assert time.monotonic() < deadline and saving.is_alive(), "the second save never started writing"
             time.sleep(0.001)
-        for pid in [service._local.process.pid] + engine_pids(service._local.process.pid):  # the whole pod
+        server = service.local_trainer.process.pid
+        for pid in [server] + engine_pids(server):  # the whole pod
             os.kill(pid, signal.SIGKILL)
         saving.join(120)
         assert isinstance(outcome["result"], TGTinkerError), outcome  # failed, not "saved"

@@ -23,7 +23,7 @@ def test_fuzzing_the_api_finds_no_server_error(tmp_path):
         schema = tmp_path / "openapi.json"  # the schema itself needs the token: fetched, then given as a file
         schema.write_text(json.dumps(service.transport.request("GET", "/openapi.json")))
         command = [str(schemathesis), "--config-file", str(config), "run", str(schema), "--url", service.base_url,
-                   "-H", f"Authorization: Bearer {service._local.token}", "--checks", "not_a_server_error",
+                   "-H", f"Authorization: Bearer {service.transport.token}", "--checks", "not_a_server_error",
                    "-n", "40", "--seed", "1", "--request-timeout", "60",
                    # creating clients would start an engine process per generated body; DELETE would end ours
                    "--exclude-path", "/v1/training_clients", "--exclude-path", "/v1/sampling_clients",

@@ -131,7 +131,7 @@ def test_work_for_a_terminated_or_failed_client_is_409_or_410_never_500(svc):
     wait_ready(svc, "doomed")
     svc.transport.request("DELETE", "/v1/clients/doomed")
     response = httpx.post(f"{svc.base_url}/v1/clients/doomed/operations", json={"request": {"type": "optim_step"}},
-                          headers={"authorization": f"Bearer {svc._local.token}"})
+                          headers={"authorization": f"Bearer {svc.transport.token}"})
     assert response.status_code == 410 and response.json()["error"]["type"] == "ClientTerminatedError"
     with pytest.raises(ClientTerminatedError, match="TERMINATED"):
         run(svc.transport, "doomed", {"type": "optim_step"})
@@ -149,7 +149,7 @@ def test_an_unauthenticated_body_is_refused_before_it_is_read(svc):
 
 def test_a_chunked_body_is_counted_and_cut_off_at_the_callers_limit(svc, victim):
     """Transfer-Encoding: chunked carries no Content-Length: the bytes are counted as they arrive."""
-    token = svc._clients[victim.id].token
+    token = victim.transport.token
     head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
     chunk = b"x" * (1 << 20)
@@ -184,7 +184,7 @@ def test_submissions_are_checked_at_the_door_against_what_the_client_can_run(svc
                                                                              error, message):
     before = victim.refresh().info.queue_depth
     response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", json={"request": request_body},
-                          headers={"authorization": f"Bearer {svc._local.token}"})
+                          headers={"authorization": f"Bearer {svc.transport.token}"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] == error and message in response.json()["error"]["message"]
     assert victim.refresh().info.queue_depth == before
@@ -200,12 +200,12 @@ def test_a_batch_with_one_bad_submission_queues_nothing(svc, victim):
     body = {"submissions": [{"request": {"type": "optim_step"}},
                             {"request": {"type": "save_state", "metadata": nested}}]}
     response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", json=body,
-                          headers={"authorization": f"Bearer {svc._local.token}"})
+                          headers={"authorization": f"Bearer {svc.transport.token}"})
     assert response.status_code == 422 and response.json()["error"]["type"] == "ValidationError"
     over = {"submissions": [{"request": {"type": "optim_step"}},
                             {"request": {"type": "forward_backward", "batch": random_batch(rows=5)}}]}
     response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", json=over,
-                          headers={"authorization": f"Bearer {svc._local.token}"})
+                          headers={"authorization": f"Bearer {svc.transport.token}"})
     assert response.status_code == 413 and "batch_size=2" in response.json()["error"]["message"]
     time.sleep(0.5)
     assert len(svc.get_audit_logs(training_client_id=victim.id, operation="optim_step", limit=1000)) == steps
@@ -248,7 +248,7 @@ def test_one_clients_largest_request_does_not_freeze_the_server(svc, victim):
     try:
         for _ in range(3):
             response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations/batch", content=body,
-                                  timeout=120, headers={"authorization": f"Bearer {svc._local.token}",
+                                  timeout=120, headers={"authorization": f"Bearer {svc.transport.token}",
                                                         "content-type": "application/json"})
             assert response.status_code == 413 and "max_seq_len=64" in response.json()["error"]["message"]
     finally:
@@ -293,7 +293,7 @@ def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_pat
 
     with ServiceClient(home=tmp_path) as service:
         tc = service.create_training_client(tiny_config(), client_id="idle")
-        os.kill(engine_pids(service._local.process.pid)[-1], signal.SIGKILL)
+        os.kill(engine_pids(service.local_trainer.process.pid)[-1], signal.SIGKILL)
         for _ in range(100):
             if tc.refresh().status.value == "ERROR":
                 break
@@ -303,7 +303,7 @@ def test_an_engine_that_dies_while_idle_puts_its_client_in_error_at_once(tmp_pat
         with pytest.raises(ClientFailedError, match="is ERROR"):
             tc.optim_step().result(timeout=30)
         # Re-created under the same id: the old instance's token is revoked, the new one works.
-        old_token = service._clients["idle"].token
+        old_token = tc.transport.token
         fresh = service.create_training_client(tiny_config(), client_id="idle")
         assert fresh.optim_step().result().step == 1
         with Transport(service.base_url, old_token) as stale, pytest.raises(AuthenticationError, match="replaced"):
@@ -315,13 +315,14 @@ def test_engine_processes_get_no_admin_token(svc, victim):
 
     # Nor the server's own starting environment (/proc keeps it): the local backend hands the token over in a
     # 0600 file, removed once the server has read it.
-    server_environ = open(f"/proc/{svc._local.process.pid}/environ", "rb").read()
-    assert svc._local.token.encode() not in server_environ
-    assert not (svc._local._dir / "token").exists()
-    for pid in engine_pids(svc._local.process.pid):
+    local = svc.local_trainer
+    server_environ = open(f"/proc/{local.process.pid}/environ", "rb").read()
+    assert local.token.encode() not in server_environ
+    assert not (local.directory / "token").exists()
+    for pid in engine_pids(local.process.pid):
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         assert not any(entry.startswith(b"TENSAFE_AUTH_TOKEN=") for entry in environ)
-        assert svc._local.token.encode() not in b"\0".join(environ)
+        assert local.token.encode() not in b"\0".join(environ)
 
 
 def test_docs_need_a_token_and_readyz_names_no_client(svc, victim):
@@ -473,7 +474,7 @@ def test_sampling_clients_a_token_makes_end_with_its_client_and_are_capped(svc):
 def test_a_trickled_body_is_cut_off_and_open_paths_take_no_body(svc, victim):
     from tensafe_trainer.api.gate import BODY_IDLE_S
 
-    token = svc._clients[victim.id].token
+    token = victim.transport.token
     head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
     start = time.monotonic()
@@ -485,7 +486,7 @@ def test_a_trickled_body_is_cut_off_and_open_paths_take_no_body(svc, victim):
 
 
 def test_a_body_in_tiny_chunks_is_refused(svc, victim):
-    token = svc._clients[victim.id].token
+    token = victim.transport.token
     head = (f"POST /v1/clients/{victim.id}/operations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
     start = time.monotonic()
@@ -497,12 +498,13 @@ def test_a_body_in_tiny_chunks_is_refused(svc, victim):
 def test_a_body_full_of_errors_gets_a_short_answer(svc, victim):
     body = b'{"request":{"type":"sample","prompt":[' + b",".join([b"-1"] * 100_000) + b"]}}"
     response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", content=body, timeout=60,
-                          headers={"authorization": f"Bearer {svc._local.token}", "content-type": "application/json"})
+                          headers={"authorization": f"Bearer {svc.transport.token}",
+                                   "content-type": "application/json"})
     assert response.status_code == 422 and len(response.content) < 20_000
     assert "more" in response.json()["error"]["message"] and response.json()["error"]["details"]["error_count"] > 10
     for bad in (b"{not json", b"\xff\xfe", b"[" * 5000):
         response = httpx.post(f"{svc.base_url}/v1/sampling_clients", content=bad,
-                              headers={"authorization": f"Bearer {svc._local.token}",
+                              headers={"authorization": f"Bearer {svc.transport.token}",
                                        "content-type": "application/json"})
         assert response.status_code == 400 and response.json()["error"]["type"] == "MalformedRequestError"
 
@@ -514,7 +516,7 @@ def test_a_body_full_of_errors_gets_a_short_answer(svc, victim):
 ])
 def test_more_of_what_the_engine_would_refuse_is_refused_at_the_door(svc, victim, request_body, message):
     response = httpx.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", json={"request": request_body},
-                          headers={"authorization": f"Bearer {svc._local.token}"})
+                          headers={"authorization": f"Bearer {svc.transport.token}"})
     assert response.status_code in (413, 422) and message in response.json()["error"]["message"], response.text
 
 
@@ -592,10 +594,10 @@ def test_a_token_refused_too_often_has_its_bodies_refused_unread_until_it_refill
             # Without a body it still gets through: it can collect what it queued.
             assert client.get(f"{svc.base_url}/v1/clients/noisy", headers=auth).status_code == 200
             # Other clients and the trainer's own token are not held to this client's refusals.
-            victim_token = svc._clients[victim.id].token
+            victim_token = victim.transport.token
             assert client.post(f"{svc.base_url}/v1/clients/{victim.id}/operations", content=b"{not json",
                                headers={**auth, "authorization": f"Bearer {victim_token}"}).status_code in (400, 422)
-            admin = {**auth, "authorization": f"Bearer {svc._local.token}"}
+            admin = {**auth, "authorization": f"Bearer {svc.transport.token}"}
             for _ in range(REFUSALS_BURST + 2):
                 assert client.post(path, content=b"{not json", headers=admin).status_code in (400, 422)
             time.sleep(1.5 / REFUSALS_PER_S)

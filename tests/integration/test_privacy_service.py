@@ -73,7 +73,7 @@ def test_poisson_training_through_the_sdk(service, registered):
         with pytest.raises(ValidationError, match="samples registered dataset"):
             refused.result()
         # Another client whose token is not the service's cannot see the dataset.
-        client_token = service._transport_for(tc.id)
+        client_token = tc.transport
         with pytest.raises(Exception, match="trainer's own token"):
             client_token.request("GET", "/v1/datasets", params={"tenant_id": "default"})
     finally:

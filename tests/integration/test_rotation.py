@@ -242,7 +242,7 @@ def test_a_running_trainer_follows_a_rotation(service, tensafe_home):
 
     tenant = "rotating"
     keys = key_provider(Path(tensafe_home))
-    with ServiceClient(service.base_url, service._local.token, tenant_id=tenant) as svc:
+    with ServiceClient(service.base_url, service.transport.token, tenant_id=tenant) as svc:
         tc = svc.create_training_client(tiny_config())
         try:
             tc.forward_backward(random_batch())

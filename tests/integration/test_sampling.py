@@ -61,7 +61,8 @@ def test_sampler_from_saved_weights_matches_the_live_client(service, trained):
         trained.optim_step().result()
         assert frozen.sample([4, 2], max_tokens=10, seed=11).result().tokens == live.tokens  # a snapshot
         with pytest.raises(ValidationError, match="not available on a sampling client"):
-            frozen._queue.submit(__import__("tg_tinker").types.OptimStepRequest()).result()
+            service.transport.request("POST", f"/v1/clients/{frozen.id}/operations",
+                                      json={"request": {"type": "optim_step"}})
     finally:
         frozen.close()
 

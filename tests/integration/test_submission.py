@@ -62,7 +62,7 @@ def client(service):
 
 
 def test_calls_return_at_once_and_what_queued_meanwhile_goes_in_one_request(client, monkeypatch):
-    held = HeldSender(client._queue._transport, monkeypatch)
+    held = HeldSender(client.transport, monkeypatch)
     futures = [client.forward_backward(random_batch(seed=i)) for i in range(5)] + [client.optim_step()]
     assert not any(f.done() for f in futures)  # nothing has reached the trainer: the first request is held
     held.release()
@@ -72,8 +72,9 @@ def test_calls_return_at_once_and_what_queued_meanwhile_goes_in_one_request(clie
 
 
 def test_a_refused_submission_fails_what_queued_behind_it_and_the_next_call_raises(service, client, monkeypatch):
-    queue = OperationQueue(Transport(service.base_url, "not-the-token"), client.id)
-    held = HeldSender(queue._transport, monkeypatch)
+    wrong_token = Transport(service.base_url, "not-the-token")
+    queue = OperationQueue(wrong_token, client.id)
+    held = HeldSender(wrong_token, monkeypatch)
     first = queue.submit(ForwardBackwardRequest(batch=random_batch()))
     behind = [queue.submit(OptimStepRequest()), queue.submit(OptimStepRequest())]
     seen_by_callback = []  # runs on the sender thread as it settles the future: must not wait on itself
@@ -98,7 +99,7 @@ def test_a_refused_submission_fails_what_queued_behind_it_and_the_next_call_rais
 
 
 def test_an_unsent_operation_cancels_without_reaching_the_trainer(service, client, monkeypatch):
-    held = HeldSender(client._queue._transport, monkeypatch)
+    held = HeldSender(client.transport, monkeypatch)
     sent = client.forward_backward(random_batch())
     held.wait_in_flight()
     unsent = client.optim_step()
@@ -113,7 +114,7 @@ def test_an_unsent_operation_cancels_without_reaching_the_trainer(service, clien
 
 def test_calls_block_while_too_many_operations_wait_to_be_sent(client, monkeypatch):
     monkeypatch.setattr(submission_module, "MAX_UNSENT", 2)
-    held = HeldSender(client._queue._transport, monkeypatch)
+    held = HeldSender(client.transport, monkeypatch)
     futures = [client.optim_step()]
     held.wait_in_flight()
     futures += [client.optim_step(), client.optim_step()]  # one in flight, two waiting
@@ -129,7 +130,7 @@ def test_calls_block_while_too_many_operations_wait_to_be_sent(client, monkeypat
 
 def test_operations_not_sent_when_the_client_closes_are_cancelled(service, monkeypatch):
     client = service.create_training_client(tiny_config())
-    held = HeldSender(client._queue._transport, monkeypatch)
+    held = HeldSender(client.transport, monkeypatch)
     in_flight = client.forward_backward(random_batch())
     held.wait_in_flight()
     unsent = client.optim_step()
@@ -144,7 +145,7 @@ def test_operations_not_sent_when_the_client_closes_are_cancelled(service, monke
 
 
 def test_the_batch_endpoint_stops_at_the_first_refused_submission(service, client):
-    transport, path = client._queue._transport, f"/v1/clients/{client.id}{BATCH_PATH}"
+    transport, path = client.transport, f"/v1/clients/{client.id}{BATCH_PATH}"
     done = client.optim_step()
     done.result(timeout=60)
     reused_key = done.idempotency_key  # reused for a different request: refused
@@ -174,14 +175,14 @@ def test_a_script_that_exits_right_after_its_last_call_still_sends_it(service):
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from conftest import random_batch, tiny_config
         from tg_tinker import ServiceClient
-        tc = ServiceClient(base_url={service.base_url!r}, api_key={service._local.token!r}).create_training_client(
+        tc = ServiceClient(base_url={service.base_url!r}, api_key={service.transport.token!r}).create_training_client(
             tiny_config(), client_id="exits-early")
         tc.forward_backward(random_batch())
         tc.optim_step()  # neither waited on nor closed: the interpreter exits next
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     deadline = time.monotonic() + 60
-    while service._client_info("exits-early").step < 1:
+    while service.transport.request("GET", "/v1/clients/exits-early")["step"] < 1:
         assert time.monotonic() < deadline, "the script's last operation never ran"
         time.sleep(0.1)
     assert audit_count(service, "exits-early", "forward_backward") == 1
@@ -192,7 +193,7 @@ def test_waiting_without_a_timeout_outlasts_a_slow_submission(client, monkeypatc
     from tg_tinker import futures as futures_module
 
     monkeypatch.setattr(futures_module, "POLL_S", 0.2)
-    held = HeldSender(client._queue._transport, monkeypatch)
+    held = HeldSender(client.transport, monkeypatch)
     step = client.optim_step()
     threading.Timer(0.8, held.release).start()
     assert step.result().step == 1

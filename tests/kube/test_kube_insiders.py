@@ -126,8 +126,8 @@ def test_a_client_created_again_under_its_name_gets_a_new_token_and_the_old_one_
                            delete_on_close=False) as service:
             tc = service.get_training_client("reborn")
             assert tc.optim_step().result().step == 1
-            access = service._kube.access(service._kube.get("reborn"))
-        return access, service._kube.get("reborn")["metadata"]["uid"]
+        resource = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, "reborn")
+        return tc.transport, resource["metadata"]["uid"]  # the trainer's address and the instance's token
 
     first, first_uid = instance()
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, TRAINING_CLIENTS, "reborn")

@@ -4,6 +4,7 @@ view of the same key through the mounted Secret file."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pytest
@@ -49,8 +50,6 @@ def test_keys_in_a_secret_rotate_rewrap_or_reencrypt_and_shred(cluster, namespac
     before = path.read_bytes()
     last_kid, retired = store.rotate("acme", reencrypt=True)
     assert sorted(retired) == sorted([info.key_id, new_kid])
-    import json
-
     assert list(json.loads(base64.b64decode(secret_data(cluster, namespace)["acme.json"]))["keys"]) == [last_kid]
     assert store.get("acme", info.artifact_id) == PAYLOAD
     path.write_bytes(before)
@@ -78,8 +77,30 @@ def test_concurrent_rotations_cannot_drop_a_key(cluster, namespace, provider):
 
     provider.active_key("acme")
     other = KubernetesSecretKeyProvider(cluster.core, namespace, "acme-keys")
-    stale = provider._load("acme")  # read, then someone else rotates before this one writes
-    other.rotate("acme")
+
+    def rotate_elsewhere():
+        """Another process's rotation: a key added to the key set in the Secret."""
+        keyset = json.loads(other.get_value("acme.json"))
+        keyset["keys"]["acme/kek-elsewhere"] = base64.b64encode(os.urandom(32)).decode()
+        other.put_value("acme.json", json.dumps(keyset).encode())
+
+    class RacedAPI:
+        """The API as the rotating provider sees it: the other rotation lands right after its first read."""
+
+        raced = False
+
+        def __getattr__(self, name):
+            return getattr(cluster.core, name)
+
+        def read_namespaced_secret(self, *args, **kwargs):
+            secret = cluster.core.read_namespaced_secret(*args, **kwargs)
+            if not self.raced:
+                self.raced = True
+                rotate_elsewhere()
+            return secret
+
+    racing = KubernetesSecretKeyProvider(RacedAPI(), namespace, "acme-keys")
     with pytest.raises(TGTinkerError, match="changed while its keys were being updated"):
-        provider._store("acme", provider._new_keyset("acme", stale))
-    assert len(provider._load("acme")["keys"]) == 2  # the other rotation's key survived
+        racing.rotate("acme")
+    keys = json.loads(other.get_value("acme.json"))["keys"]
+    assert len(keys) == 2 and "acme/kek-elsewhere" in keys  # the other rotation's key survived

@@ -107,7 +107,7 @@ def busy_engine(service: ServiceClient) -> tuple[list[int], list]:
 
     tc = service.create_training_client(tiny_config(model_ref=SLOW_MODEL, max_seq_len=512))
     tc.forward_backward(random_batch()).result(timeout=120)
-    engines = engine_pids(service._local.process.pid)
+    engines = engine_pids(service.local_trainer.process.pid)
     assert len(engines) == 1
     futures = [tc.forward_backward(random_batch(rows=8, width=512)) for _ in range(3)]
     time.sleep(0.5)
@@ -117,7 +117,7 @@ def busy_engine(service: ServiceClient) -> tuple[list[int], list]:
 def test_the_server_and_its_engines_cannot_dump_core_and_engines_die_with_a_killed_server(tmp_path):
     service = ServiceClient(home=tmp_path)
     try:
-        server = service._local.process.pid
+        server = service.local_trainer.process.pid
         engines, _ = busy_engine(service)
         seen = dumpable(server, *engines)
         if seen is not None:
@@ -125,7 +125,7 @@ def test_the_server_and_its_engines_cannot_dump_core_and_engines_die_with_a_kill
         # A killed server's engine used to finish what it was handed (its pipe's EOF is read only between
         # operations), for seconds; now the kernel kills it with its server.
         os.kill(server, signal.SIGKILL)
-        service._local.process.wait(timeout=30)
+        service.local_trainer.process.wait(timeout=30)
         assert_gone(engines, within=2.0)
     finally:
         service.close()
@@ -139,8 +139,8 @@ def test_a_stopped_server_stops_its_engines(tmp_path):
     service = ServiceClient(home=tmp_path)
     try:
         engines, _ = busy_engine(service)
-        os.kill(service._local.process.pid, signal.SIGTERM)
-        service._local.process.wait(timeout=60)
+        os.kill(service.local_trainer.process.pid, signal.SIGTERM)
+        service.local_trainer.process.wait(timeout=60)
         assert_gone(engines, within=1.0)
     finally:
         service.close()

@@ -134,7 +134,7 @@ def test_engine_refuses_batches_that_do_not_fit_the_model(bad, match):
     engine = make_engine()
     with pytest.raises(ValidationError, match=match):
         engine.forward_backward(BatchData(**bad))
-    assert engine._grad_sum is None  # nothing was accumulated
+    assert engine.gradient_sum is None  # nothing was accumulated
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

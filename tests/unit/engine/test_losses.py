@@ -177,7 +177,7 @@ def test_per_step_adam_parameters_are_those_of_an_independent_adamw_step():
     step = AdamStep(learning_rate=0.03, beta1=0.5, beta2=0.7, eps=1e-6, weight_decay=0.1, grad_clip_norm=0.05)
     before = snapshot(engine)
     engine.forward_backward(batch, ForwardBackwardRequest(batch=batch, reduction="sum"))
-    grads = [g.clone() for g in engine._grad_sum]
+    grads = [g.clone() for g in engine.gradient_sum]
     result = engine.optim_step(adam=step)
     assert result.learning_rate == 0.03
     total = float(torch.sqrt(sum((g ** 2).sum() for g in grads)))

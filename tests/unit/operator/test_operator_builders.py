@@ -379,9 +379,9 @@ def test_trainer_connections_are_reused_per_access_and_the_least_recent_closed()
     assert rotated is not first and len(pool) == 2
     pool.get(TrainerAccess("http://10.0.0.1:8000", "token-a"))  # first is now the most recent
     moved = pool.get(TrainerAccess("http://10.0.0.2:8000", "token-a"))  # a replaced pod's new IP
-    assert len(pool) == 2 and rotated._client.is_closed and not first._client.is_closed
+    assert len(pool) == 2 and rotated.closed and not first.closed
     pool.close()
-    assert first._client.is_closed and moved._client.is_closed and len(pool) == 0
+    assert first.closed and moved.closed and len(pool) == 0
 
 
 def test_a_client_may_name_only_its_tenants_secrets_and_volumes_and_only_allowed_images():

@@ -345,15 +345,15 @@ def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
     engine = sampled_engine(n=40, q=0.9)
     spent = engine.total_epsilon
     calls = []
-    real = engine._forward_backward
+    real = engine.dp.backward  # once per micro-batch of the draw
 
-    def fail_second(batch, capped=True):
+    def fail_second(per_example_loss_fn):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("out of memory")
-        return real(batch, capped)
+        return real(per_example_loss_fn)
 
-    monkeypatch.setattr(engine, "_forward_backward", fail_second)
+    monkeypatch.setattr(engine.dp, "backward", fail_second)
     with pytest.raises(TrainingClientError, match="releases no further step"):
         engine.forward_backward_sampled()
     assert engine.dp.summed == {} and engine.dp.num_examples == 0  # the first micro-batch is gone too
@@ -516,20 +516,18 @@ def test_dp_without_noise_is_refused():
     DPConfig(enabled=False, noise_multiplier=0.0)  # DP off: nothing is claimed
 
 
-def test_bf16_clipped_contributions_stay_within_the_bound():
+def test_bf16_clipped_contributions_stay_within_the_bound(monkeypatch):
     from tensafe_trainer.privacy.per_example import clip_and_sum, per_example_norms
 
     engine = make_engine(dtype="bfloat16", lora_config=None, dp_config=dp_config(max_grad_norm=0.1),
                          optimizer=OptimizerConfig(name="sgd", learning_rate=0.1), batch_size=6)
     rows = sequences(6, seed=13)
-    batch = padded_batch(rows)
-    ids, mask, labels = engine._tensors(batch)
-    counts = (labels != -100).sum(dim=1)
     hooks = engine.dp.hooks
-    with hooks.capture():
-        nll = engine._token_nll(ids, mask, labels)
-        (nll.sum(dim=1) / counts).sum().backward()
-        grads = hooks.collect()
+    collected = []  # the per-example gradients of each example's mean NLL, as the DP step collects them
+    real_collect = hooks.collect
+    monkeypatch.setattr(hooks, "collect", lambda: collected.append(real_collect()) or collected[-1])
+    engine.forward_backward(padded_batch(rows))
+    (grads,) = collected
     assert all(g.dtype == torch.bfloat16 for g in grads.values())
     for b in range(len(rows)):
         one = {p: g[b:b + 1] for p, g in grads.items()}

@@ -83,8 +83,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
                       max_pending=16, hash_key=lambda: bytes(32))
     try:
         ops = [session.submit(OptimStepRequest()) for _ in range(3)]
-        session._thread.join(timeout=120)
-        assert not session._thread.is_alive()
+        assert session.join(timeout=120)  # the worker ended instead of hanging
         writer.flush()  # outcomes are published once their audit entries are written
         info = session.info()
         assert info.status is ClientStatus.ERROR and "answered operation 1, expected 0" in info.error

@@ -218,7 +218,7 @@ def test_audit_reads_refuse_an_edited_or_truncated_log_under_a_running_trainer(s
     from tensafe_trainer.storage.paths import key_provider
     from tg_tinker import AuditIntegrityError, ServiceClient
 
-    with ServiceClient(service.base_url, service._local.token, tenant_id="audit-tamper") as svc:
+    with ServiceClient(service.base_url, service.transport.token, tenant_id="audit-tamper") as svc:
         for seed in range(3):  # six audited operations of the tenant
             svc.delete_dataset(svc.register_dataset(random_batch(rows=2, width=4, seed=seed)).dataset_id)
         head = svc.audit_head()

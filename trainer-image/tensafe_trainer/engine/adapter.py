@@ -187,6 +187,11 @@ class AdapterSlot:
             self.dp.reset()
 
     @property
+    def gradient_sum(self) -> Optional[list[torch.Tensor]]:
+        """Without DP: the logical batch's summed gradient so far, one tensor per trainable parameter; None if none."""
+        return self._grad_sum
+
+    @property
     def samples_on_server(self) -> bool:
         return self.dataset is not None
 

@@ -194,6 +194,11 @@ class Session:
             queue_depth=queued, audit_head=self.audit_head,
         )
 
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the worker thread has ended (the client TERMINATED or in ERROR); False if ``timeout`` ran out."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     @property
     def stopping(self) -> bool:
         return self._stopping
