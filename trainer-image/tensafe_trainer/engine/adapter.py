@@ -78,7 +78,7 @@ class AdapterSlot:
         self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
                                                               self.host.eos_token_id)
         self.model = self.host.attach(config)
-        self.logits_chunk = chunk_for(self.model, private=config.dp_enabled)  # positions whose logits exist at once
+        self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
         self.step = 0
