@@ -183,7 +183,7 @@ def trainer_cpu_s(service) -> float:
     """CPU seconds the trainer (server and engines) has used so far."""
     import psutil
 
-    server = psutil.Process(service._local.process.pid)
+    server = psutil.Process(service.local_trainer.process.pid)
     total = 0.0
     for process in [server, *server.children(recursive=True)]:
         try:
@@ -215,9 +215,9 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
         tinker.ServiceClient(base_url=service.base_url, api_key=tinker_keys["intruder"]) \
             .create_lora_training_client(base_model=MODEL, rank=4).result()
         # The attacker: a client of another tenant, with its own token, sending what is refused.
-        with ServiceClient(service.base_url, service._local.token, tenant_id="intruder") as admin:
+        with ServiceClient(service.base_url, service.transport.token, tenant_id="intruder") as admin:
             intruder = admin.create_training_client(CONFIG, client_id="intruder")
-            intruder_token = admin._clients[intruder.id].token
+            intruder_token = intruder.transport.token
         concurrent_s, burst_s = workload(tcs, steps, burst, latencies, burst_latencies, outcome, tinker_model, [])
         server_cpu: dict = {"quiet": [], "attack": []}
         rates: list[tuple[str, float]] = []

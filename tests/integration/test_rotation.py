@@ -42,10 +42,10 @@ def keys(home):
 
 def forge(leaked: dict, prev: dict, **overrides) -> dict:
     """What an insider holding the leaked key set appends: the next record, MACed with the old chain key."""
-    from tensafe_trainer.storage.audit import _fields
+    from tensafe_trainer.storage.audit import next_record
     from tensafe_keys.store import chain_key_of, secrets_id_of
 
-    record = _fields({"id": secrets_id_of(leaked), "chain_key": chain_key_of(leaked)}, prev,
+    record = next_record({"id": secrets_id_of(leaked), "chain_key": chain_key_of(leaked)}, prev,
                      **{**event(99), "success": False, **overrides})
     return record
 
@@ -59,7 +59,7 @@ def write_rows(path: Path, lines: list[str]) -> None:
 
 
 def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys):
-    from tensafe_trainer.storage.audit import AuditTrail, _fields, verify
+    from tensafe_trainer.storage.audit import AuditTrail, next_record, verify
     from tg_tinker import AuditIntegrityError
     from tensafe_keys.store import chain_key_of
 
@@ -116,7 +116,7 @@ def test_after_rotate_an_entry_forged_with_the_old_key_set_is_refused(home, keys
                             tenant_id="acme", request_hash=fields["request_hash"],
                             success=fields["success"] if record["sequence"] != 2 else False,
                             next_key_id=fields.get("next_key_id"))
-        prev = _fields(old, prev, **event_fields)
+        prev = next_record(old, prev, **event_fields)
         rewritten.append(json.dumps(prev, sort_keys=True))
     assert json.loads(rewritten[0])["prev_hash"] == GENESIS
     write_rows(path, rewritten)
@@ -205,7 +205,7 @@ def test_rotation_replaces_the_sealing_and_request_hash_keys(home, keys):
 def test_an_interrupted_rotation_blocks_the_chain_until_it_is_completed(home, keys):
     """The rotation record is written first, then the key set: a crash between the two leaves a log that no writer
     extends (it names a key the key set lacks) until `rotate` runs again and completes that very rotation."""
-    from tensafe_trainer.storage.audit import ROTATE, AuditTrail, _fields, verify
+    from tensafe_trainer.storage.audit import ROTATE, AuditTrail, next_record, verify
     from tg_tinker import AuditIntegrityError, ValidationError
     from tensafe_keys.store import StaticKeyProvider
 
@@ -217,7 +217,7 @@ def test_an_interrupted_rotation_blocks_the_chain_until_it_is_completed(home, ke
     assert len(rows(log.path)) == 2  # a key set that cannot be written: the log is left alone
 
     last = json.loads(rows(log.path)[-1])
-    record = _fields(log.generations().active, last, operation=ROTATE, training_client_id=None, tenant_id="acme",
+    record = next_record(log.generations().active, last, operation=ROTATE, training_client_id=None, tenant_id="acme",
                      request_hash="0" * 64, success=True, next_key_id="s2-interrupted")
     write_rows(log.path, rows(log.path) + [json.dumps(record, sort_keys=True)])  # the crash: key set not written
     with pytest.raises(AuditIntegrityError, match="interrupted"):

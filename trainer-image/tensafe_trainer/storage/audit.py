@@ -104,10 +104,11 @@ def _last_line(f) -> Optional[bytes]:
         block = min(end, block * 2)
 
 
-def _fields(generation: dict, prev: Optional[dict], *, operation: str, training_client_id: Optional[str],
-            tenant_id: str, request_hash: str, success: bool, produced: list[str] = (),
-            consumed: list[str] = (), dp_metrics: Optional[dict] = None, error: Optional[str] = None,
-            next_key_id: Optional[str] = None) -> dict:
+def next_record(generation: dict, prev: Optional[dict], *, operation: str, training_client_id: Optional[str],
+                tenant_id: str, request_hash: str, success: bool, produced: list[str] = (),
+                consumed: list[str] = (), dp_metrics: Optional[dict] = None, error: Optional[str] = None,
+                next_key_id: Optional[str] = None) -> dict:
+    """The record that follows ``prev`` in a chain, MACed under ``generation``'s chain key."""
     if operation not in AUDITED:  # a bug: every audited name is declared (tg_tinker.operations)
         raise ValueError(f"{operation!r} is not an audited operation or event (tg_tinker.operations.AUDITED)")
     fields = {
@@ -335,7 +336,7 @@ class AuditLog:
         os.fsync(f.fileno())
 
     def append_many(self, events: list[dict[str, Any]]) -> list[AuditEntry]:
-        """Chain and write ``events`` (keyword sets of :func:`_fields`) under one lock and one fsync."""
+        """Chain and write ``events`` (keyword sets of :func:`next_record`) under one lock and one fsync."""
         written = []
         with open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # the chain head is read and extended under one lock
@@ -347,7 +348,7 @@ class AuditLog:
                 names = self._names
                 for event in events:
                     client = event.get("training_client_id")
-                    fields = _fields(generations.active, prev, **{
+                    fields = next_record(generations.active, prev, **{
                         **event, "training_client_id": seal_id(names, self.tenant_id, client)})
                     lines.append(json.dumps(fields, sort_keys=True).encode() + b"\n")
                     written.append(AuditEntry(**{**fields, "training_client_id": client}))
@@ -376,7 +377,7 @@ class AuditLog:
                     self._extendable(prev, generations)
                     self._keys.check_writable(self.tenant_id)  # a read-only key set fails here, the log untouched
                     successor = new_secrets_id(keyset)
-                    record = _fields(active, prev, operation=ROTATE, training_client_id=None,
+                    record = next_record(active, prev, operation=ROTATE, training_client_id=None,
                                      tenant_id=self.tenant_id, success=True, next_key_id=successor,
                                      request_hash=request_hash(self._keys.audit_key(self.tenant_id),
                                                                successor.encode()))
