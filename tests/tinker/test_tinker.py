@@ -642,3 +642,42 @@ def test_open_sessions_are_capped_per_key_and_per_tenant(tmp_path):
         assert open_session(other).status_code == 200
         assert client.post(f"/api/v1/sessions/{opened[0]}/finish", json={}, headers=plain[0]).status_code == 200
         assert open_session(plain[-1]).status_code == 200
+
+
+def test_one_key_holds_at_most_its_share_of_the_engines(tmp_path):
+    """The attacker review: one key's models filled every engine slot of the trainer, and another tenant got 429.
+    A key's sessions hold at most MAX_ENGINES_PER_KEY models and samplers; another tenant still starts its own."""
+    from fastapi.testclient import TestClient
+
+    from tensafe_trainer.api.app import create_app
+    from tensafe_trainer.service.trainer import Settings
+    from tensafe_trainer.service.tinker.keys import create_key
+    from tensafe_trainer.service.tinker.service import MAX_ENGINES_PER_KEY
+
+    greedy, other = {"X-API-Key": create_key(tmp_path, "plain")}, {"X-API-Key": create_key(tmp_path, "other")}
+    model = "tiny-random-llama:hidden=64,layers=1,heads=4,vocab=128,intermediate=64"
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token", max_clients=MAX_ENGINES_PER_KEY + 1,
+                                        min_free_memory=0))) as client:
+        def create(headers, seq):
+            session = client.post("/api/v1/create_session", json={}, headers=headers).json()["session_id"]
+            return client.post("/api/v1/create_model", headers=headers, json={
+                "session_id": session, "model_seq_id": seq, "base_model": model, "lora_config": {"rank": 2}})
+
+        assert all(create(greedy, i).status_code == 200 for i in range(MAX_ENGINES_PER_KEY))
+        refused = create(greedy, MAX_ENGINES_PER_KEY)
+        assert refused.status_code == 429 and f"the most one key may ({MAX_ENGINES_PER_KEY})" in refused.text
+        assert create(other, 0).status_code == 200  # the last slot is still another tenant's to take
+
+
+def test_a_prompt_whose_chunks_are_not_a_list_is_refused_like_a_bad_chunk(tmp_path):
+    """Both shapes of a wrong prompt answer 422 (the attacker review saw 400 for one, 422 for the other)."""
+    with InProcessTinker(tmp_path) as trainer:
+        session_id = trainer.call("create_session", {}).json()["session_id"]
+        sampler = trainer.call("create_sampling_session", {
+            "session_id": session_id, "sampling_session_seq_id": 0,
+            "base_model": "tiny-random-llama:hidden=64,layers=1,heads=4,vocab=128,intermediate=64"})
+        sampler_id = sampler.json()["sampling_session_id"]
+        for chunks in (5, [{"tokens": "ab"}], [{"tokens": {"a": 1}}]):
+            answer = trainer.call("asample", {"sampling_session_id": sampler_id, "prompt": {"chunks": chunks},
+                                              "sampling_params": {}})
+            assert answer.status_code == 422 and "prompt" in answer.text, chunks

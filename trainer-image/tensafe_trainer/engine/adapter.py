@@ -36,10 +36,10 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.engine.host import ModelHost
-from tensafe_trainer.engine.logits import chunk_for, token_logprobs
+from tensafe_trainer.engine.logits import causal_lm, chunk_for, token_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
-from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, check_logits
+from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, activation_bytes_per_token, check_logits
 from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
 from tensafe_trainer.privacy.dp import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
 from tensafe_trainer.privacy.secure_random import bernoulli_mask
@@ -79,6 +79,7 @@ class AdapterSlot:
                                                               self.host.eos_token_id)
         self.model = self.host.attach(config)
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
+        self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
         self.step = 0
@@ -152,7 +153,8 @@ class AdapterSlot:
                 {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
             )
         # the door's check, before the load too
-        check_logits(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL)
+        check_logits(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL,
+                     full_width=width, activations_per_token=self.activation_bytes_per_token)
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
                 else torch.ones_like(ids))

@@ -1,22 +1,26 @@
-"""What one request's logits cost, and the most one request may take: asked at the door (service/admission.py),
-where the vocabulary is known once the engine has loaded, and again in the engine, which always knows it.
+"""What one request costs in memory, and the most one request may take: asked at the door (service/admission.py),
+where the model's sizes are known once the engine has loaded, and again in the engine, which always knows them.
 
 A request's logits are [rows, positions, vocabulary] for the positions that exist at once: a chunk of each row
 where the loss runs in chunks (logits.py), else the row's whole width; a sample's prefill keeps the last
-position's only. That product is what a request costs."""
+position's only. A training request also keeps each layer's activations for its backward pass: per token, a
+multiple of the model's hidden and intermediate sizes (``activation_bytes_per_token``). Attention scores are not
+counted: the engine's attention kernel never holds them whole (models.py refuses a tiny model whose heads would
+fall back to one that does)."""
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tg_tinker.errors import RequestTooLargeError
 
 TRAINING_BYTES_PER_CELL = 3 * 4  # forward_backward: float32 logits, their log-softmax and its gradient
 SCORING_BYTES_PER_CELL = 4 + 8 + 8  # compute_logprobs: float32 logits, a float64 copy and its log-softmax
 PREFILL_BYTES_PER_CELL = 4  # a sample's prefill: the prompt's float32 logits (samples run one at a time)
+ACTIVATION_BYTES_PER_HIDDEN, ACTIVATION_BYTES_PER_INTERMEDIATE = 112, 44  # per token and layer: measured, +5%
 REQUEST_MEMORY_ENV = "TENSAFE_REQUEST_MEMORY"  # bytes one request may need at most; default half the memory
 
 
@@ -36,13 +40,27 @@ def request_memory_budget() -> int:
     return total // 2
 
 
+def activation_bytes_per_token(config: Any) -> int:
+    """What a training pass keeps per token for its backward, over all layers of a model with this (transformers)
+    config: measured on tiny Llamas and SmolLM2-135M in float32 with LoRA on every projection at most
+    106 B x hidden + 40 B x intermediate per layer (benchmarks/memory.py prints the estimate beside the peak)."""
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    return int(config.num_hidden_layers) * (ACTIVATION_BYTES_PER_HIDDEN * hidden
+                                            + ACTIVATION_BYTES_PER_INTERMEDIATE * intermediate)
+
+
 def check_logits(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
-                 field: str = "input_ids") -> None:
-    """RequestTooLargeError (413) if ``rows`` x ``width`` logits over ``vocab_size`` would pass ``budget``."""
+                 field: str = "input_ids", full_width: Optional[int] = None, activations_per_token: int = 0) -> None:
+    """RequestTooLargeError (413) if ``rows`` x ``width`` logits over ``vocab_size``, with ``rows`` x ``full_width``
+    tokens' activations (a training pass's; ``full_width`` defaults to ``width``), would pass ``budget``."""
     budget = request_memory_budget() if budget is None else budget
-    need = rows * width * vocab_size * bytes_per_cell
-    if need > budget:
+    logits = rows * width * vocab_size * bytes_per_cell
+    activations = rows * (full_width or width) * activations_per_token
+    if logits + activations > budget:
         raise RequestTooLargeError(
-            f"{rows} x {width} tokens over a vocabulary of {vocab_size} need about {need >> 20} MiB for their logits, "
-            f"more than the {budget >> 20} MiB one request may take here ({REQUEST_MEMORY_ENV}): send fewer or shorter "
-            "rows per request", {"field": field, "rows": rows, "width": width, "memory_budget": budget})
+            f"{rows} x {full_width or width} tokens need about {(logits + activations) >> 20} MiB ({logits >> 20} MiB "
+            f"for their logits over a vocabulary of {vocab_size}, {activations >> 20} MiB for the activations kept "
+            f"for the backward pass), more than the {budget >> 20} MiB one request may take here "
+            f"({REQUEST_MEMORY_ENV}): send fewer or shorter rows per request",
+            {"field": field, "rows": rows, "width": full_width or width, "memory_budget": budget})

@@ -56,6 +56,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 MAX_TINY_PARAMETERS = 200_000_000
+MIN_HEAD_DIM = 8
 
 
 def is_tiny(ref: str) -> bool:
@@ -88,6 +89,11 @@ def parse_tiny(ref: str) -> dict[str, int]:
             )
         sizes[key] = int(value)
     h = sizes["hidden"]
+    if h % sizes["heads"] or h // sizes["heads"] < MIN_HEAD_DIM:
+        # Heads narrower than this send attention to a kernel that holds every score (rows x heads x width^2) at
+        # once: 2 rows of 900 tokens took 1.2 GB on a 64-wide model of 64 heads.
+        raise ValidationError(f"model_ref {ref!r}: hidden must be a multiple of heads with at least {MIN_HEAD_DIM} "
+                              "per head", {"field": "model_ref"})
     params = sizes["layers"] * (4 * h * h + 3 * h * sizes["intermediate"]) + 2 * sizes["vocab"] * h
     if params > MAX_TINY_PARAMETERS:  # a built-in any Tinker key may name: it must not take the machine's memory
         raise ValidationError(f"model_ref {ref!r} has ~{params:,} parameters; a tiny random model has at most "

@@ -54,7 +54,8 @@ def _summary(runtime) -> SlotSummary:
     return SlotSummary(step=engine.step, total_epsilon=engine.total_epsilon, last_checkpoint=runtime.last_checkpoint,
                        resumed_from=runtime.resumed_from, vocab_size=engine.vocab_size,
                        batch_size=engine.config.batch_size, max_seq_len=engine.config.max_seq_len,
-                       logits_chunk=engine.logits_chunk)
+                       logits_chunk=engine.logits_chunk,
+                       activation_bytes_per_token=engine.activation_bytes_per_token)
 
 
 def _build(spec: SlotSpec, home: Path):

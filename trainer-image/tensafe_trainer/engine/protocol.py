@@ -54,6 +54,7 @@ class SlotSummary:
     batch_size: Optional[int] = None
     max_seq_len: Optional[int] = None
     logits_chunk: Optional[int] = None  # positions whose logits exist at once (engine/logits.py); None: all
+    activation_bytes_per_token: Optional[int] = None  # what a training pass keeps per token (engine/memory.py)
 
 
 @dataclass

@@ -44,6 +44,7 @@ class Limits:
     dp_enabled: bool = False
     dataset_id: Optional[str] = None  # DP with server-side sampling of this registered dataset
     logits_chunk: Optional[int] = None  # positions whose logits the engine holds at once (None: a whole row's)
+    activation_bytes_per_token: int = 0  # what a training pass keeps per token (engine/memory.py); 0 until known
     memory_budget: int = field(default_factory=request_memory_budget)
 
     @classmethod
@@ -53,7 +54,8 @@ class Limits:
         max_seq_len = summary.max_seq_len or getattr(config, "max_seq_len", 2048)
         dp = config.dp_config if config is not None and config.dp_enabled else None
         return cls(kind, batch_size, max_seq_len, summary.vocab_size, dp is not None,
-                   dp.dataset_id if dp is not None else None, summary.logits_chunk)
+                   dp.dataset_id if dp is not None else None, summary.logits_chunk,
+                   summary.activation_bytes_per_token or 0)
 
 
 def body_limit(limits: Limits) -> int:
@@ -71,12 +73,13 @@ def check_rows(rows: int, limits: Limits) -> None:
 
 def check_shape(rows: int, width: int, limits: Limits) -> None:
     """A batch of ``rows`` examples of at most ``width`` tokens: within this client's batch_size and max_seq_len,
-    and its logits within the memory one request may take (also asked before a batch is padded, so that an
-    oversized one costs nothing to refuse)."""
+    and its logits and activations within the memory one request may take (also asked before a batch is padded, so
+    that an oversized one costs nothing to refuse)."""
     check_rows(rows, limits)
     _check_length(width, limits, "input_ids")
     if limits.vocab_size is not None:
-        check_logits(rows, _held(width, limits), limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget)
+        check_logits(rows, _held(width, limits), limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget,
+                     full_width=width, activations_per_token=limits.activation_bytes_per_token)
 
 
 def admit(request: Any, limits: Limits) -> None:

@@ -387,7 +387,10 @@ def sample_request(body: dict, prompt: list[int], num_samples: int) -> SampleReq
 
 def prompt_tokens(body: dict) -> list[int]:
     tokens: list[int] = []
-    for chunk in door.mapping(body, "prompt").get("chunks") or []:
+    chunks = door.mapping(body, "prompt").get("chunks") or []
+    if not isinstance(chunks, list):
+        raise ValidationError("prompt.chunks is a list of encoded_text chunks", {"field": "prompt"})
+    for chunk in chunks:
         if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
             raise ValidationError("only encoded_text prompt chunks are supported", {"field": "prompt"})
         tokens.extend(chunk.get("tokens") or [])

@@ -172,6 +172,12 @@ class TinkerRegistry:
         cutoff = time.monotonic() - SESSION_LAPSE_S
         return [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < cutoff]
 
+    def engines_of_key(self, tenant_id: str, key_id: str) -> int:
+        """Live models and samplers of the open sessions one key opened."""
+        mine = [s for s in self.sessions.values() if not s.finished and s.tenant_id == tenant_id and s.key_id == key_id]
+        models = [self.models.get(m) for s in mine for m in s.models]
+        return sum(m is not None and not m.session.terminated for m in models) + sum(len(s.samplers) for s in mine)
+
     def open_models(self, tenant_id: str) -> list[TinkerModel]:
         return [m for m in self.models.values()
                 if m.tenant_id == tenant_id and not m.session.terminated]

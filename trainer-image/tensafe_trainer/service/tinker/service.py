@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine, Hashable, Optional
 
 from tg_tinker.config import MAX_LORA_RANK, LoRAConfig, OptimizerConfig, TrainingConfig
-from tg_tinker.errors import ArtifactNotFoundError, PermissionDeniedError, ValidationError, error_from_wire
+from tg_tinker.errors import (
+    ArtifactNotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    ValidationError,
+    error_from_wire,
+)
 from tg_tinker.types import ArtifactInfo, ClientStatus, CreateTrainingClient, OperationStatus, SaveStateRequest
 
 from tensafe_trainer.engine.models import SMOLLM2_REF, is_tiny, parse_tiny, smollm2_folder
@@ -43,6 +49,9 @@ log = logging.getLogger("tensafe.tinker")
 READY_POLL_S = 0.05
 MAX_BASE_MODEL_CHARS = 1024  # a built-in name or a folder's path
 MAX_SESSIONS_PER_KEY = 64  # of the tenant's MAX_OPEN_SESSIONS: one key cannot take them all
+# Live models and samplers (each an engine holding a model) of one key's sessions: of the trainer's max_clients (16 by
+# default), one key cannot take them all. A shared trainer caps each tenant too (TENSAFE_MAX_CLIENTS_PER_TENANT).
+MAX_ENGINES_PER_KEY = 8
 TRAIN_FLAGS = ("train_mlp", "train_attn", "train_unembed")
 TARGETS = {"train_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "train_mlp": ["gate_proj", "up_proj", "down_proj"],
            "train_unembed": ["lm_head"]}
@@ -194,6 +203,7 @@ class TinkerService:
                      "user_metadata": {str(k): str(v) for k, v in (description.get("user_metadata") or {}).items()}}
         config = self.model_config(owner.tenant_id, described, seed)
         self.end_lapsed_sessions()
+        self.check_engine_room(owner)
         session = self.trainer.start_training(CreateTrainingClient(config=config, client_id=client_id_for(model_id),
                                                                    tenant_id=owner.tenant_id))
         model = TinkerModel(model_id, owner.tenant_id, session, base_model, described["lora_rank"],
@@ -201,6 +211,16 @@ class TinkerService:
         self.registry.models[model_id] = model
         owner.models.append(model_id)
         return model
+
+    def check_engine_room(self, owner: TinkerSession, freed: int = 0) -> None:
+        """Refuse a new engine for ``owner``'s key once its sessions hold MAX_ENGINES_PER_KEY (``freed``: those the
+        new one will close)."""
+        held = self.registry.engines_of_key(owner.tenant_id, owner.key_id) - freed
+        if held >= MAX_ENGINES_PER_KEY:
+            raise ResourceExhaustedError(
+                f"this key's sessions already hold {held} models and samplers, the most one key may "
+                f"({MAX_ENGINES_PER_KEY}): finish a session (ServiceClient.close) first",
+                {"max_engines_per_key": MAX_ENGINES_PER_KEY})
 
     @staticmethod
     def queue(session: Session, request: Any) -> Operation:
@@ -220,6 +240,7 @@ class TinkerService:
             return existing
         self.registry.check_unused_sampler(sampler_id)
         self.end_lapsed_sessions()
+        self.check_engine_room(owner, freed=len(samplers.make_room(list(owner.samplers.values()))))
         state = self.trainer
         client_id = client_id_for(sampler_id)
         spec = SlotSpec.sampling(client_id, owner.tenant_id, artifact_id, base_model)
