@@ -50,8 +50,9 @@ def drive(tc, operations: int, latencies: list, outcome: dict) -> None:
     for submitted, future in pending:
         try:
             result = future.result(timeout=600)
-        except TGTinkerError:
+        except TGTinkerError as exc:
             outcome["errors"] += 1
+            outcome["error_kinds"].append(f"/v1: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         latencies.append(time.perf_counter() - submitted)
         if future.type == "optim_step":
@@ -80,8 +81,9 @@ def drive_tinker(model, done: threading.Event, rates: list, outcome: dict) -> No
         for future in step:
             try:
                 future.result()
-            except Exception:  # noqa: BLE001 - any failure of a legitimate call is what is counted
+            except Exception as exc:  # noqa: BLE001 - any failure of a legitimate call is what is counted
                 outcome["errors"] += 1
+                outcome["error_kinds"].append(f"Tinker: {type(exc).__name__}: {str(exc)[:200]}")
         steps += 1
     rates.append(steps / (time.perf_counter() - start))
 
@@ -197,7 +199,7 @@ def trainer_cpu_s(service) -> float:
 def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
     latencies: list[float] = []
     burst_latencies: list[float] = []
-    outcome = {"errors": 0, "dropped": 0, "reordered": 0}
+    outcome = {"errors": 0, "dropped": 0, "reordered": 0, "error_kinds": []}
     import tempfile
 
     import tinker
@@ -266,7 +268,7 @@ def measure(clients: int, steps: int, burst: int, rounds: int) -> dict:
             "concurrent_ops_per_s": round(clients * 2 * steps / concurrent_s, 1),
             "burst_ops_per_s": round(burst / burst_s, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
             "burst_p50_ms": round(1000 * statistics.median(burst_latencies), 1) if burst_latencies else 0.0,
-            "errors": outcome["errors"], "dropped": outcome["dropped"], "reordered": outcome["reordered"],
+            "errors": outcome["errors"], "error_kinds": outcome["error_kinds"][:5], "dropped": outcome["dropped"], "reordered": outcome["reordered"],
             "operations": total, "clients": clients,
             "attack_ratio": round(statistics.median(ratios), 3), "attack_ratios": [round(r, 3) for r in ratios],
             "tinker_attack_ratio": round(statistics.median(tinker_ratios), 3),
@@ -286,6 +288,8 @@ def report(result: dict) -> None:
     print(f"latency submit->result: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms "
           f"(queued work included: a burst's last future waits for all before it)")
     print(f"errors {result['errors']}, dropped {result['dropped']}, reordered {result['reordered']}")
+    for kind in result["error_kinds"]:
+        print(f"  {kind}")
     print(f"phases (ops/s): {result['phase_ops_per_s']}")
     print(f"under attack vs quiet either side: median ratio {result['attack_ratio']} of {result['attack_ratios']} "
           f"(goal >= 0.9); the Tinker door's client: median {result['tinker_attack_ratio']} of "

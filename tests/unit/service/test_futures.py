@@ -138,3 +138,24 @@ def test_a_pending_future_does_not_hold_back_the_finished_ones_behind_it(loop):
         finish(op)
     store.add(operation(loop), owner)
     assert _kept(store, pending) and not any(_kept(store, op) for op in done)
+
+
+def test_a_future_done_before_its_callback_ran_is_kept_and_forgotten_like_any_other(loop):
+    """The load benchmark found it: a Tinker answer whose task had finished, its done callback not yet run, met
+    the store's scan (finished, with no finish time) and every request adding a future then answered 500."""
+    async def scenario():
+        store = FutureStore(ttl_s=0.0)
+        owner = Owner()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result({"ok": True})
+        early = TaskFuture(done)  # its task is done; its done callback is only scheduled
+        assert early.finished and early.finished_at is not None
+        store.add(early, owner)
+        later = TaskFuture(asyncio.sleep(0))
+        store.add(later, owner)  # the scan meets ``early``: finished, past its TTL of 0 s
+        with pytest.raises(KeyError):
+            store.get(early.id)
+        assert store.get(later.id)[0] is later
+        await later.task
+
+    loop.run_until_complete(scenario())

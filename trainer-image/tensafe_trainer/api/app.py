@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,6 +128,12 @@ def create_app(settings: Settings) -> FastAPI:
         its key's refusal budget; nothing of the body is echoed. (On /v1 the wire models read every body.)"""
         if not errors.on_tinker_wire(request.url.path):
             raise exc
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ is not None else None
+        # Where it was raised, never its message (which can quote the body): an operator can tell a bug from a
+        # caller's bad shape.
+        logging.getLogger("tensafe.tinker").warning(
+            "%s %s refused as malformed: %s raised at %s:%s", request.method, request.url.path, type(exc).__name__,
+            frame.filename if frame else "?", frame.lineno if frame else "?")
         err = MalformedRequestError(f"malformed request body ({type(exc).__name__}): see the Tinker API's request "
                                     "shapes")
         return errors.answer(err, request.url.path)

@@ -48,14 +48,22 @@ class TaskFuture:
     def __init__(self, work: Coroutine):
         self.id = f"req-{uuid.uuid4().hex}"
         self.created_at = time.time()
-        self.finished_at: Optional[float] = None
+        self._finished_at: Optional[float] = None
         self.task = asyncio.ensure_future(work)
         self.task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
-        self.finished_at = time.time()
+        self._finished_at = self._finished_at or time.time()
         if not task.cancelled():
             task.exception()  # retrieved here: a failure is its poller's answer, not an "unretrieved" warning
+
+    @property
+    def finished_at(self) -> Optional[float]:
+        """When it finished; read as soon as its task is done (its done callback may not have run yet: the store
+        met such a future, and a request answered 500)."""
+        if self._finished_at is None and self.task.done():
+            self._finished_at = time.time()
+        return self._finished_at
 
     @property
     def finished(self) -> bool:
