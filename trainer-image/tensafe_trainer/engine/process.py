@@ -38,7 +38,7 @@ log = logging.getLogger("tensafe.engine")
 
 # The operations that add to (or consume) the pending gradients: only their failure may discard them. A
 # failed sample or save leaves the batch accumulated so far alone.
-OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
 
 _context = None
@@ -47,11 +47,12 @@ _context = None
 def _mp_context():
     global _context
     if _context is None:
-        # Engines' OpenMP threads sleep, rather than spin, while they wait (unless the operator says otherwise): engines
-        # share the cores with each other and the server, and a spinning team burns the core another needs (measured
-        # with benchmarks/load.py: the trainer's CPU per phase fell from 30-36 s to 20-22 s, its throughput rose a
-        # third). Spawned engines inherit this process's environment.
-        os.environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
+        # Engines' OpenMP threads spin only briefly before they sleep (unless the operator says otherwise): engines
+        # share the cores with each other and the server, and a team spinning libgomp's default 300,000 rounds burns
+        # the core another needs. Measured (benchmarks/load.py, overhead.py, 2026-12-07): default spin, /v1 under
+        # attack 0.80 of quiet; this, 0.98 with overhead.py at 0.980; OMP_WAIT_POLICY=PASSIVE, 0.95 and 60% more
+        # multi-client throughput but overhead.py 0.943. Spawned engines inherit this process's environment.
+        os.environ.setdefault(SPIN_COUNT_ENV, "10000")
         _context = multiprocessing.get_context("spawn")
     return _context
 
