@@ -67,3 +67,40 @@ def test_a_tiny_model_with_heads_too_narrow_for_the_attention_kernel_is_refused(
     with pytest.raises(ValidationError, match="multiple of heads"):
         parse_tiny("tiny-random-llama:hidden=64,heads=6")
     assert parse_tiny("tiny-random-llama:hidden=64,heads=8")["heads"] == 8
+
+
+def test_a_tiny_spec_is_bounded_in_each_size_not_only_in_parameters():
+    """The second attacker review: 446,428 one-wide layers (few parameters, ~51 GiB of modules) and an MLP 8,000,000
+    wide on a hidden size of 8 (few parameters, LoRA of rank 1,024 on it 24.6 G) both passed the parameter cap."""
+    from tg_tinker.errors import ValidationError
+
+    from tensafe_trainer.engine.models import parse_tiny
+
+    for spec, named in (("hidden=8,heads=1,layers=446428,vocab=16,intermediate=8", "layers=446428"),
+                        ("hidden=8,heads=1,layers=1,vocab=16,intermediate=8000000", "intermediate=8000000"),
+                        ("hidden=64,heads=8,vocab=12000000", "vocab=12000000")):
+        with pytest.raises(ValidationError, match=named):
+            parse_tiny(f"tiny-random-llama:{spec}")
+
+
+def test_a_client_whose_trainable_state_passes_the_budget_is_refused_before_it_trains():
+    from tg_tinker.errors import ValidationError
+
+    from tensafe_trainer.engine.memory import check_trainable_state
+
+    check_trainable_state(1_000_000, 0, budget=16 << 20)  # 1 M values with gradient and AdamW: 15 MiB
+    with pytest.raises(ValidationError, match="trainable parameters need about"):
+        check_trainable_state(1_000_000, 8, budget=16 << 20)  # under DP, 8 rows of per-example gradients too
+
+    # A whole engine: LoRA of rank 512 on every projection of the 64-wide tiny model, under a 4 MiB budget.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TENSAFE_REQUEST_MEMORY", str(4 << 20))
+        from tensafe_trainer.engine import memory
+
+        memory.request_memory_budget.cache_clear()
+        try:
+            with pytest.raises(ValidationError, match="lower LoRA rank"):
+                make_engine(lora_config=LoRAConfig(rank=512, target_modules=EVERY_PROJECTION))
+        finally:
+            patch.delenv("TENSAFE_REQUEST_MEMORY")
+            memory.request_memory_budget.cache_clear()

@@ -39,7 +39,12 @@ from tensafe_trainer.engine.host import ModelHost
 from tensafe_trainer.engine.logits import causal_lm, chunk_for, token_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
-from tensafe_trainer.engine.memory import TRAINING_BYTES_PER_CELL, activation_bytes_per_token, check_logits
+from tensafe_trainer.engine.memory import (
+    TRAINING_BYTES_PER_CELL,
+    activation_bytes_per_token,
+    check_logits,
+    check_trainable_state,
+)
 from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
 from tensafe_trainer.privacy.dp import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
 from tensafe_trainer.privacy.secure_random import bernoulli_mask
@@ -81,6 +86,8 @@ class AdapterSlot:
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        check_trainable_state(sum(p.numel() for p in self.trainable.values()),
+                              config.batch_size if config.dp_enabled else 0)
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
         self.step = 0
         self.dp: Optional[DPGradientAccumulator] = None

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from tg_tinker.errors import RequestTooLargeError
+from tg_tinker.errors import RequestTooLargeError, ValidationError
 
 TRAINING_BYTES_PER_CELL = 3 * 4  # forward_backward: float32 logits, their log-softmax and its gradient
 SCORING_BYTES_PER_CELL = 4 + 8 + 8  # compute_logprobs: float32 logits, a float64 copy and its log-softmax
@@ -48,6 +48,20 @@ def activation_bytes_per_token(config: Any) -> int:
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
     return int(config.num_hidden_layers) * (ACTIVATION_BYTES_PER_HIDDEN * hidden
                                             + ACTIVATION_BYTES_PER_INTERMEDIATE * intermediate)
+
+
+def check_trainable_state(parameters: int, per_example_rows: int, budget: Optional[int] = None) -> None:
+    """ValidationError (422) if a client's trainable state would pass the memory one request may take: each
+    trainable value with its gradient and two AdamW moments (16 B), and under DP a per-example gradient for each of
+    a micro-batch's ``per_example_rows`` (4 B each). LoRA's rank and targets are the caller's to choose."""
+    budget = request_memory_budget() if budget is None else budget
+    need = parameters * (16 + 4 * per_example_rows)
+    if need > budget:
+        raise ValidationError(
+            f"{parameters:,} trainable parameters need about {need >> 20} MiB (weights, gradients, optimizer state"
+            f"{', a per-example gradient per row under DP' if per_example_rows else ''}), more than the "
+            f"{budget >> 20} MiB one client may take here ({REQUEST_MEMORY_ENV}): a lower LoRA rank, fewer target "
+            "modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
 
 
 def check_logits(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,

@@ -57,6 +57,11 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 MAX_TINY_PARAMETERS = 200_000_000
 MIN_HEAD_DIM = 8
+# Each size of a tiny spec bounded too, not only their parameter count: a model of 446,428 one-wide layers has few
+# parameters but ~51 GiB of modules, and an MLP 1,000,000 wide on a hidden size of 8 few parameters but LoRA of
+# rank 1,024 on it 61 M, and activations of 92 MiB a token (the attacker review of #27).
+MAX_TINY_SIZES = {"layers": 64, "vocab": 262_144, "hidden": 8192, "heads": 256}
+MAX_INTERMEDIATE_PER_HIDDEN = 16
 
 
 def is_tiny(ref: str) -> bool:
@@ -89,6 +94,12 @@ def parse_tiny(ref: str) -> dict[str, int]:
             )
         sizes[key] = int(value)
     h = sizes["hidden"]
+    too_large = [f"{key}={sizes[key]} (at most {bound:,})" for key, bound in MAX_TINY_SIZES.items()
+                 if sizes[key] > bound]
+    if sizes["intermediate"] > MAX_INTERMEDIATE_PER_HIDDEN * h:
+        too_large.append(f"intermediate={sizes['intermediate']} (at most {MAX_INTERMEDIATE_PER_HIDDEN} x hidden)")
+    if too_large:
+        raise ValidationError(f"model_ref {ref!r}: {', '.join(too_large)}", {"field": "model_ref"})
     if h % sizes["heads"] or h // sizes["heads"] < MIN_HEAD_DIM:
         # Heads narrower than this send attention to a kernel that holds every score (rows x heads x width^2) at
         # once: 2 rows of 900 tokens took 1.2 GB on a 64-wide model of 64 heads.

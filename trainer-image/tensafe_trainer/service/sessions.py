@@ -67,9 +67,10 @@ class Operation:
     def finish(self, status: OperationStatus, result: Optional[dict] = None, error: Optional[ErrorInfo] = None,
                finished_at: Optional[float] = None):
         with self._finish_lock:
+            # finished_at first: the event loop reads ``finished`` (the status), then finished_at, without the lock
+            self.finished_at = finished_at or time.time()
             self.status, self.result, self.error = status, result, error
             self.request = None
-            self.finished_at = finished_at or time.time()
             waiter = self._waiter
         if waiter is not None:
             self._loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))

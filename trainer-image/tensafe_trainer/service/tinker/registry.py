@@ -104,6 +104,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_checkpoint(info: ArtifactInfo) -> bool:
+    """Saved by the Tinker door: a well-formed path and its description (an artifact a /v1 client of the tenant
+    named ``tinker://...`` itself is not one, and must not break the tenant's listings)."""
+    try:
+        parse_path(info.name)
+    except ValidationError:
+        return False
+    return isinstance(info.metadata.get("tinker"), dict)
+
+
 class TinkerRegistry:
     def __init__(self):
         self.sessions: dict[str, TinkerSession] = {}
@@ -228,7 +238,7 @@ class TinkerRegistry:
         where two carry one path (an overwrite interrupted before the old one was removed)."""
         found = {}
         for info in artifacts:
-            if info.name and info.name.startswith(PATH_SCHEME):
+            if info.name and info.name.startswith(PATH_SCHEME) and is_checkpoint(info):
                 found[info.name] = info
         for path, info in found.items():
             self._paths[(tenant_id, path)] = info.artifact_id
