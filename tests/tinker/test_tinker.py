@@ -386,10 +386,11 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
             assert post("retrieve_future", {"request_id": answer["request_id"]}, tenant)[1]["type"] == "create_model"
             return answer["model_id"]
 
-        huge = "tiny-random-llama:hidden=100000"  # a built-in with the caller's sizes: bounded at the door
-        code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
-                                             "base_model": huge, "lora_config": {"rank": 4}})
-        assert code == 422 and "a tiny random model has at most 200,000,000" in answer["detail"]
+        for huge, named in (("tiny-random-llama:hidden=100000", "hidden=100000 (at most 8,192)"),  # each size
+                            ("tiny-random-llama:hidden=8192,layers=8", "a tiny random model has at most 200,000,000")):
+            code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
+                                                 "base_model": huge, "lora_config": {"rank": 4}})
+            assert code == 422 and named in answer["detail"], answer
         for outside in (str(tmp_path), str(model_dir.parent / "escape"), f"{model_dir}/../../{tmp_path.name}"):
             code, answer = post("create_model", {"session_id": post("create_session", {})[1]["session_id"],
                                                  "base_model": outside, "lora_config": {"rank": 4}})
@@ -484,12 +485,14 @@ def test_a_failed_forward_backward_leaves_no_partial_gradients(server, plain, mo
         assert torch.equal(saved[0][name], saved[1][name]), name
 
 
-def test_a_call_of_many_datums_is_split_by_the_sdk_and_an_oversized_request_refused(server, plain, model_dir):
+def test_a_call_of_many_datums_is_split_by_the_sdk_and_an_oversized_request_refused(server, model_dir):
     """client/config tells the SDK to send at most 128 datums a request (a request's conversion holds the GIL for
-    its rows x width padded tokens); the SDK splits a larger call, and a request past it is refused unconverted."""
+    its rows x width padded tokens); the SDK splits a larger call, and a request past it is refused unconverted.
+    Another tenant's key: the module's plain key already holds most of what one key may."""
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
-    tc = plain.create_lora_training_client(base_model=str(model_dir), rank=4).result()
+    own = server.service("other")
+    tc = own.create_lora_training_client(base_model=str(model_dir), rank=4).result()
     data = [datum(r) for r in sequences(130, seed=40, lengths=(3, 5))]
     out = tc.forward_backward(data, "cross_entropy").result()
     assert len(out.loss_fn_outputs) == 130
@@ -498,7 +501,7 @@ def test_a_call_of_many_datums_is_split_by_the_sdk_and_an_oversized_request_refu
         model_id=tc.model_id, seq_id=7000)
     refused = httpx.post(f"{server.base_url}/api/v1/forward_backward",
                          content=forward_backward_request_to_proto(request).SerializeToString(),
-                         headers={"X-API-Key": server.keys["plain"], "Content-Type": "application/x-protobuf"})
+                         headers={"X-API-Key": server.keys["other"], "Content-Type": "application/x-protobuf"})
     assert refused.status_code == 413 and "at most 128 datums" in refused.text
 
 
@@ -646,27 +649,30 @@ def test_open_sessions_are_capped_per_key_and_per_tenant(tmp_path):
 
 def test_one_key_holds_at_most_its_share_of_the_engines(tmp_path):
     """The attacker review: one key's models filled every engine slot of the trainer, and another tenant got 429.
-    A key's sessions hold at most MAX_ENGINES_PER_KEY models and samplers; another tenant still starts its own."""
+    A key's sessions hold at most max_clients less a quarter; another tenant still starts its own."""
     from fastapi.testclient import TestClient
 
     from tensafe_trainer.api.app import create_app
     from tensafe_trainer.service.trainer import Settings
     from tensafe_trainer.service.tinker.keys import create_key
-    from tensafe_trainer.service.tinker.service import MAX_ENGINES_PER_KEY
+    from tensafe_trainer.service.tinker.service import engines_per_key
 
+    max_clients = 8
+    per_key = engines_per_key(max_clients)
+    assert per_key == 6
     greedy, other = {"X-API-Key": create_key(tmp_path, "plain")}, {"X-API-Key": create_key(tmp_path, "other")}
     model = "tiny-random-llama:hidden=64,layers=1,heads=4,vocab=128,intermediate=64"
-    with TestClient(create_app(Settings(home=tmp_path, token="admin-token", max_clients=MAX_ENGINES_PER_KEY + 1,
+    with TestClient(create_app(Settings(home=tmp_path, token="admin-token", max_clients=max_clients,
                                         min_free_memory=0))) as client:
         def create(headers, seq):
             session = client.post("/api/v1/create_session", json={}, headers=headers).json()["session_id"]
             return client.post("/api/v1/create_model", headers=headers, json={
                 "session_id": session, "model_seq_id": seq, "base_model": model, "lora_config": {"rank": 2}})
 
-        assert all(create(greedy, i).status_code == 200 for i in range(MAX_ENGINES_PER_KEY))
-        refused = create(greedy, MAX_ENGINES_PER_KEY)
-        assert refused.status_code == 429 and f"the most one key may ({MAX_ENGINES_PER_KEY})" in refused.text
-        assert create(other, 0).status_code == 200  # the last slot is still another tenant's to take
+        assert all(create(greedy, i).status_code == 200 for i in range(per_key))
+        refused = create(greedy, per_key)
+        assert refused.status_code == 429 and f"the most one key may ({per_key})" in refused.text
+        assert create(other, 0).status_code == 200 and create(other, 1).status_code == 200  # the rest: another's
 
 
 def test_a_prompt_whose_chunks_are_not_a_list_is_refused_like_a_bad_chunk(tmp_path):

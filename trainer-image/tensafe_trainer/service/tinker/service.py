@@ -49,9 +49,14 @@ log = logging.getLogger("tensafe.tinker")
 READY_POLL_S = 0.05
 MAX_BASE_MODEL_CHARS = 1024  # a built-in name or a folder's path
 MAX_SESSIONS_PER_KEY = 64  # of the tenant's MAX_OPEN_SESSIONS: one key cannot take them all
-# Live models and samplers (each an engine holding a model) of one key's sessions: of the trainer's max_clients (16 by
-# default), one key cannot take them all. A shared trainer caps each tenant too (TENSAFE_MAX_CLIENTS_PER_TENANT).
-MAX_ENGINES_PER_KEY = 8
+# Live models and samplers (each an engine holding a model) of one key's sessions: at most the trainer's max_clients
+# less a quarter of them (16 by default: 12), so one key cannot take every slot. A shared trainer caps each tenant too
+# (TENSAFE_MAX_CLIENTS_PER_TENANT).
+RESERVED_FOR_OTHERS = 4  # one slot in this many is beyond any one key's reach
+
+
+def engines_per_key(max_clients: int) -> int:
+    return max(1, max_clients - max(1, max_clients // RESERVED_FOR_OTHERS))
 TRAIN_FLAGS = ("train_mlp", "train_attn", "train_unembed")
 TARGETS = {"train_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "train_mlp": ["gate_proj", "up_proj", "down_proj"],
            "train_unembed": ["lm_head"]}
@@ -213,14 +218,14 @@ class TinkerService:
         return model
 
     def check_engine_room(self, owner: TinkerSession, freed: int = 0) -> None:
-        """Refuse a new engine for ``owner``'s key once its sessions hold MAX_ENGINES_PER_KEY (``freed``: those the
+        """Refuse a new engine for ``owner``'s key once its sessions hold ``engines_per_key`` (``freed``: those the
         new one will close)."""
         held = self.registry.engines_of_key(owner.tenant_id, owner.key_id) - freed
-        if held >= MAX_ENGINES_PER_KEY:
+        cap = engines_per_key(self.trainer.settings.max_clients)
+        if held >= cap:
             raise ResourceExhaustedError(
-                f"this key's sessions already hold {held} models and samplers, the most one key may "
-                f"({MAX_ENGINES_PER_KEY}): finish a session (ServiceClient.close) first",
-                {"max_engines_per_key": MAX_ENGINES_PER_KEY})
+                f"this key's sessions already hold {held} models and samplers, the most one key may ({cap}): finish "
+                "a session (ServiceClient.close) first", {"max_engines_per_key": cap})
 
     @staticmethod
     def queue(session: Session, request: Any) -> Operation:
