@@ -92,15 +92,10 @@ def test_a_client_whose_trainable_state_passes_the_budget_is_refused_before_it_t
     with pytest.raises(ValidationError, match="trainable parameters need about"):
         check_trainable_state(1_000_000, 8, budget=16 << 20)  # under DP, 8 rows of per-example gradients too
 
-    # A whole engine: LoRA of rank 512 on every projection of the 64-wide tiny model, under a 4 MiB budget.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TENSAFE_REQUEST_MEMORY", str(4 << 20))
-        from tensafe_trainer.engine import memory
+    # A whole engine: LoRA of rank 512 on every projection of the 64-wide tiny model, with 4 MiB to spare.
+    from tensafe_trainer.engine import memory
 
-        memory.request_memory_budget.cache_clear()
-        try:
-            with pytest.raises(ValidationError, match="lower LoRA rank"):
-                make_engine(lora_config=LoRAConfig(rank=512, target_modules=EVERY_PROJECTION))
-        finally:
-            patch.delenv("TENSAFE_REQUEST_MEMORY")
-            memory.request_memory_budget.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory, "machine_memory_budget", lambda: 4 << 20)
+        with pytest.raises(ValidationError, match="lower LoRA rank"):
+            make_engine(lora_config=LoRAConfig(rank=512, target_modules=EVERY_PROJECTION))

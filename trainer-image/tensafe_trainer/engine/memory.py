@@ -25,11 +25,8 @@ REQUEST_MEMORY_ENV = "TENSAFE_REQUEST_MEMORY"  # bytes one request may need at m
 
 
 @lru_cache(maxsize=1)
-def request_memory_budget() -> int:
-    """The most memory one request may need: $TENSAFE_REQUEST_MEMORY, else half of what this process may use
-    (its cgroup's limit in a pod, the machine's memory elsewhere)."""
-    if os.environ.get(REQUEST_MEMORY_ENV):
-        return int(os.environ[REQUEST_MEMORY_ENV])
+def machine_memory_budget() -> int:
+    """Half of what this process may use: its cgroup's limit in a pod, the machine's memory elsewhere."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
@@ -38,6 +35,14 @@ def request_memory_budget() -> int:
     except OSError:
         pass
     return total // 2
+
+
+@lru_cache(maxsize=1)
+def request_memory_budget() -> int:
+    """The most memory one request may need: $TENSAFE_REQUEST_MEMORY, else ``machine_memory_budget``."""
+    if os.environ.get(REQUEST_MEMORY_ENV):
+        return int(os.environ[REQUEST_MEMORY_ENV])
+    return machine_memory_budget()
 
 
 def activation_bytes_per_token(config: Any) -> int:
@@ -51,17 +56,17 @@ def activation_bytes_per_token(config: Any) -> int:
 
 
 def check_trainable_state(parameters: int, per_example_rows: int, budget: Optional[int] = None) -> None:
-    """ValidationError (422) if a client's trainable state would pass the memory one request may take: each
+    """ValidationError (422) if a client's trainable state would pass half the memory this process may use: each
     trainable value with its gradient and two AdamW moments (16 B), and under DP a per-example gradient for each of
     a micro-batch's ``per_example_rows`` (4 B each). LoRA's rank and targets are the caller's to choose."""
-    budget = request_memory_budget() if budget is None else budget
+    budget = machine_memory_budget() if budget is None else budget
     need = parameters * (16 + 4 * per_example_rows)
     if need > budget:
         raise ValidationError(
             f"{parameters:,} trainable parameters need about {need >> 20} MiB (weights, gradients, optimizer state"
             f"{', a per-example gradient per row under DP' if per_example_rows else ''}), more than the "
-            f"{budget >> 20} MiB one client may take here ({REQUEST_MEMORY_ENV}): a lower LoRA rank, fewer target "
-            "modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
+            f"{budget >> 20} MiB one client may take here (half this trainer's memory): a lower LoRA rank, fewer "
+            "target modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
 
 
 def check_logits(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
