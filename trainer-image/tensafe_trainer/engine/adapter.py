@@ -42,7 +42,7 @@ from tensafe_trainer.engine.losses import get_loss
 from tensafe_trainer.engine.memory import (
     TRAINING_BYTES_PER_CELL,
     activation_bytes_per_token,
-    check_logits,
+    check_request_memory,
     check_trainable_state,
 )
 from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
@@ -160,8 +160,8 @@ class AdapterSlot:
                 {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
             )
         # the door's check, before the load too
-        check_logits(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL,
-                     full_width=width, activations_per_token=self.activation_bytes_per_token)
+        check_request_memory(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL,
+                             full_width=width, activations_per_token=self.activation_bytes_per_token)
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
                 else torch.ones_like(ids))

@@ -47,8 +47,9 @@ def request_memory_budget() -> int:
 
 def activation_bytes_per_token(config: Any) -> int:
     """What a training pass keeps per token for its backward, over all layers of a model with this (transformers)
-    config: measured on tiny Llamas and SmolLM2-135M in float32 with LoRA on every projection at most
-    106 B x hidden + 40 B x intermediate per layer (benchmarks/memory.py prints the estimate beside the peak)."""
+    config: the peak memory of a training pass on tiny Llamas and SmolLM2-135M in float32 with LoRA on every
+    projection was at most 106 B x hidden + 40 B x intermediate per layer and token (tests/unit/engine/test_memory.py
+    checks the estimate against the tensors autograd saves)."""
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
     return int(config.num_hidden_layers) * (ACTIVATION_BYTES_PER_HIDDEN * hidden
@@ -69,8 +70,9 @@ def check_trainable_state(parameters: int, per_example_rows: int, budget: Option
             "target modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
 
 
-def check_logits(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
-                 field: str = "input_ids", full_width: Optional[int] = None, activations_per_token: int = 0) -> None:
+def check_request_memory(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
+                         field: str = "input_ids", full_width: Optional[int] = None,
+                         activations_per_token: int = 0) -> None:
     """RequestTooLargeError (413) if ``rows`` x ``width`` logits over ``vocab_size``, with ``rows`` x ``full_width``
     tokens' activations (a training pass's; ``full_width`` defaults to ``width``), would pass ``budget``."""
     budget = request_memory_budget() if budget is None else budget

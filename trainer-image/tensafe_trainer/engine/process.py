@@ -36,10 +36,8 @@ from tensafe_trainer.engine.protocol import Reply, SlotSpec, SlotSummary
 
 log = logging.getLogger("tensafe.engine")
 
-# The operations that add to (or consume) the pending gradients: only their failure may discard them. A
-# failed sample or save leaves the batch accumulated so far alone.
-SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"  # rounds an idle OpenMP thread spins before it sleeps (see _mp_context)
 
 _context = None
 

@@ -16,7 +16,7 @@ from tg_tinker.errors import ValidationError
 from tg_tinker.types import IGNORE_INDEX, ComputeLogprobsResult, SampleRequest, SampleResult, SampleSequence
 
 from tensafe_trainer.engine.logits import token_logprobs
-from tensafe_trainer.engine.memory import PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, check_logits
+from tensafe_trainer.engine.memory import PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, check_request_memory
 
 
 def _encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
@@ -66,8 +66,8 @@ class Sampler:
     def sample(self, req: SampleRequest) -> SampleResult:
         prompt = _encode_prompt(req.prompt, self.tokenizer, self.vocab_size)
         self._check_length(len(prompt) + req.max_tokens, "prompt + max_tokens")
-        check_logits(1, 1 if self.logits_chunk else len(prompt), self.vocab_size, PREFILL_BYTES_PER_CELL,
-                     field="prompt")
+        check_request_memory(1, 1 if self.logits_chunk else len(prompt), self.vocab_size, PREFILL_BYTES_PER_CELL,
+                             field="prompt")
         stop_ids, stop_texts = _split_stops(req.stop)
         if stop_texts and self.tokenizer is None:
             raise ValidationError("text stop sequences need a tokenizer; give token ids", {"field": "stop"})
@@ -127,8 +127,8 @@ class Sampler:
     def compute_logprobs(self, tokens: list[int]) -> ComputeLogprobsResult:
         _encode_prompt(tokens, None, self.vocab_size)
         self._check_length(len(tokens), "the token sequence")
-        check_logits(1, min(len(tokens), self.logits_chunk or len(tokens)), self.vocab_size, SCORING_BYTES_PER_CELL,
-                     field="tokens")
+        check_request_memory(1, min(len(tokens), self.logits_chunk or len(tokens)), self.vocab_size,
+                             SCORING_BYTES_PER_CELL, field="tokens")
         ids = torch.tensor([tokens], device=self.device)
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
         was_training = self.model.training

@@ -99,8 +99,9 @@ class PerExampleGradients:
         self._capturing = True
         try:
             yield self
-        finally:
+        finally:  # a backward that failed leaves no per-example tensor behind
             self._capturing = False
+            self._grads, self._recorded = {}, []
 
     def _on_forward(self, module: nn.Module, inputs, output) -> None:
         if not self._capturing or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):

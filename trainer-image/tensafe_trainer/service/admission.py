@@ -25,7 +25,7 @@ from tg_tinker.types import (
 from tensafe_trainer.engine.losses import get_loss
 from tensafe_trainer.engine.protocol import SlotSummary
 from tensafe_trainer.engine.memory import (PREFILL_BYTES_PER_CELL, SCORING_BYTES_PER_CELL, TRAINING_BYTES_PER_CELL,
-                                           check_logits, request_memory_budget)
+                                           check_request_memory, request_memory_budget)
 from tensafe_trainer.privacy.dp import check_noise_request
 
 # A JSON token id is at most 19 digits and a comma; input_ids, labels and attention_mask: three of them. A float
@@ -78,8 +78,9 @@ def check_shape(rows: int, width: int, limits: Limits) -> None:
     check_rows(rows, limits)
     _check_length(width, limits, "input_ids")
     if limits.vocab_size is not None:
-        check_logits(rows, _held(width, limits), limits.vocab_size, TRAINING_BYTES_PER_CELL, limits.memory_budget,
-                     full_width=width, activations_per_token=limits.activation_bytes_per_token)
+        check_request_memory(rows, _held(width, limits), limits.vocab_size, TRAINING_BYTES_PER_CELL,
+                             limits.memory_budget, full_width=width,
+                             activations_per_token=limits.activation_bytes_per_token)
 
 
 def admit(request: Any, limits: Limits) -> None:
@@ -117,8 +118,8 @@ def _check_sample(request: SampleRequest, limits: Limits) -> None:
         _check_length(len(request.prompt) + request.max_tokens, limits, "prompt + max_tokens")
         _check_vocab(max(request.prompt), limits, "prompt")
         if limits.vocab_size is not None:
-            check_logits(1, 1 if limits.logits_chunk else len(request.prompt), limits.vocab_size,
-                         PREFILL_BYTES_PER_CELL, limits.memory_budget, "prompt")
+            check_request_memory(1, 1 if limits.logits_chunk else len(request.prompt), limits.vocab_size,
+                                 PREFILL_BYTES_PER_CELL, limits.memory_budget, "prompt")
     elif len(request.prompt) > limits.max_seq_len * TEXT_BYTES_PER_TOKEN:
         raise RequestTooLargeError(f"prompt of {len(request.prompt)} characters cannot fit in max_seq_len="
                                    f"{limits.max_seq_len} tokens", {"field": "prompt"})
@@ -131,8 +132,8 @@ def _check_logprobs(request: ComputeLogprobsRequest, limits: Limits) -> None:
     _check_length(len(request.tokens), limits, "tokens")
     _check_vocab(max(request.tokens), limits, "tokens")
     if limits.vocab_size is not None:
-        check_logits(1, _held(len(request.tokens), limits), limits.vocab_size, SCORING_BYTES_PER_CELL,
-                     limits.memory_budget, "tokens")
+        check_request_memory(1, _held(len(request.tokens), limits), limits.vocab_size, SCORING_BYTES_PER_CELL,
+                             limits.memory_budget, "tokens")
 
 
 def _held(width: int, limits: Limits) -> int:
