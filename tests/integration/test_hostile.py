@@ -261,14 +261,14 @@ def test_a_failed_sample_leaves_the_accumulated_gradients_alone(tensafe_home):
     """The engine's own rule behind the door's checks: only an operation that accumulates gradients may
     discard them when it fails. A sample failing inside the engine (its seed past what torch takes, sent
     past the door's check here) once silently dropped the batch, and the next optim_step changed nothing."""
-    from tensafe_trainer.engine.process import EngineProcess
+    from tensafe_trainer.engine.process import slot_on_own_host
     from tensafe_trainer.engine.protocol import SlotSpec
 
     from tg_tinker.types import (BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest,
                                  SampleRequest)
 
     config = tiny_config()
-    engine = EngineProcess(SlotSpec.training("tc-keep", "default", config), tensafe_home)
+    engine = slot_on_own_host(SlotSpec.training("tc-keep", "default", config), tensafe_home)
     batch = BatchData(**random_batch())
     try:
         engine.hand_over(0, ForwardRequest(batch=batch))

@@ -34,12 +34,12 @@ def training_spec(client_id, config):
 def test_the_engine_takes_the_next_operation_early_and_a_withdrawn_one_never_runs(tensafe_home):
     """The session hands the engine the next operation while one runs; withdrawing it still works until it
     starts, decided by the engine's start gate."""
-    from tensafe_trainer.engine.process import EngineProcess
+    from tensafe_trainer.engine.process import slot_on_own_host
 
     from conftest import random_batch, tiny_config
     from tg_tinker.types import BatchData, ForwardBackwardRequest
 
-    engine = EngineProcess(training_spec("tc-gate", tiny_config(max_seq_len=512)), tensafe_home)
+    engine = slot_on_own_host(training_spec("tc-gate", tiny_config(max_seq_len=512)), tensafe_home)
     try:
         big = ForwardBackwardRequest(batch=BatchData(**random_batch(rows=8, width=512)))
         engine.hand_over(0, big)
@@ -62,16 +62,24 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     client's operations fail with the reason and its status says ERROR; nothing waits for ever."""
     from tensafe_trainer.storage.audit import AuditTrail
     from tensafe_trainer.storage.audit_writer import AuditWriter
-    from tensafe_trainer.engine.process import EngineProcess
+    from tensafe_trainer.engine.process import slot_on_own_host
     from tensafe_keys.store import LocalKeyProvider
     from tensafe_trainer.service.sessions import Session
 
     from conftest import tiny_config
     from tg_tinker.types import ClientStatus
 
-    class OutOfOrderEngine(EngineProcess):
+    class OutOfOrderEngine:
+        """A real slot whose replies come numbered one ahead."""
+
+        def __init__(self, slot):
+            self.slot = slot
+
+        def __getattr__(self, name):
+            return getattr(self.slot, name)
+
         def reply(self, what):
-            reply = super().reply(what)
+            reply = self.slot.reply(what)
             reply.seq += 1
             return reply
 
@@ -79,7 +87,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
     loop = asyncio.new_event_loop()
     trail = AuditTrail(tmp_path / "audit", LocalKeyProvider(tmp_path / "keys"))
     writer = AuditWriter(trail)
-    session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(spec, tensafe_home), writer, loop,
+    session = Session("tc-broken", "default", "training", lambda: OutOfOrderEngine(slot_on_own_host(spec, tensafe_home)), writer, loop,
                       max_pending=16, hash_key=lambda: bytes(32))
     try:
         ops = [session.submit(OptimStepRequest()) for _ in range(3)]
@@ -89,7 +97,7 @@ def test_a_failure_in_the_session_worker_puts_the_client_in_error_instead_of_han
         assert info.status is ClientStatus.ERROR and "answered operation 1, expected 0" in info.error
         assert [op.status for op in ops] == [OperationStatus.FAILED] * 3
         assert all("worker failed" in op.error.message for op in ops)
-        assert not session.engine.process.is_alive()
+        assert not session.engine.host.process.is_alive()
         assert [e.success for e in trail.query("default", training_client_id="tc-broken", limit=10)] == [False] * 3
     finally:
         writer.close()

@@ -75,6 +75,9 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         for session in state.sessions.values():
             session.terminate()
+        for session in state.sessions.values():
+            session.join(10)  # each leaves its host once its running operation is done
+        state.hosts.close()
         state.audit.close()
 
     app = FastAPI(title="TenSafe trainer", version="v1", lifespan=lifespan,  # /docs etc.: see gate.DOC_PATHS

@@ -35,7 +35,7 @@ from tg_tinker.types import (
     OptimStepResult,
 )
 
-from tensafe_trainer.engine.host import ModelHost
+from tensafe_trainer.engine.host import ModelHost, canonical_name
 from tensafe_trainer.engine.logits import causal_lm, chunk_for, token_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
@@ -82,10 +82,11 @@ class AdapterSlot:
         self.device, self.dtype = self.host.device, self.host.dtype
         self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
                                                               self.host.eos_token_id)
-        self.model = self.host.attach(config)
+        self.model, self.adapter = self.host.attach(config)  # adapter: its name on the host (None: the base itself)
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
-        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.trainable = {canonical_name(n, self.adapter): p for n, p in self.model.named_parameters()
+                          if (f".{self.adapter}." in n if self.adapter is not None else p.requires_grad)}
         check_trainable_state(sum(p.numel() for p in self.trainable.values()),
                               config.batch_size if config.dp_enabled else 0)
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
@@ -103,7 +104,8 @@ class AdapterSlot:
                 raise ValueError("a DP engine needs the privacy ledger of its data")
             plan = plan_sampling(config.dp_config, config.effective_batch_size, dataset is not None)
             self.accountant = PrivacyAccountant(config.dp_config, plan, ledger, client_id)
-            self.dp = DPGradientAccumulator(self.model, config.dp_config, self.accountant.noise_multiplier)
+            self.dp = DPGradientAccumulator(self.model, list(self.trainable.values()), config.dp_config,
+                                             self.accountant.noise_multiplier)
         self._draw_failed = False
         self._batch_lost = False
         self._draw_charge: tuple[float, float] = (0.0, 0.0)
@@ -452,8 +454,9 @@ class AdapterSlot:
         if self.config.lora_config is None:
             raise ValidationError("this client does full fine-tuning: there is no adapter to export; "
                                   "use save_state for the full weights", {"field": "lora_config"})
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
-        config = self.model.peft_config["default"].to_dict()
+        weights = {k: v.detach().cpu().contiguous()
+                   for k, v in get_peft_model_state_dict(self.model, adapter_name=self.adapter).items()}
+        config = self.model.peft_config[self.adapter].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         config["inference_mode"] = True
         return {"adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
@@ -464,6 +467,16 @@ class AdapterSlot:
         from tensafe_trainer.storage.artifacts import write_private_folder
 
         return write_private_folder(Path(folder), self.adapter_files())
+
+    def activate(self) -> None:
+        """Make this slot's adapter the one its host's next pass runs with: before each of its operations."""
+        self.host.activate(self.adapter)
+
+    def close(self) -> None:
+        """Leave the host: the adapter's weights go, and with this object its optimizer and accumulators."""
+        if self.dp is not None:
+            self.dp.hooks.close()
+        self.host.detach(self.adapter)
 
     # --- checkpoints -------------------------------------------------------------------------
 

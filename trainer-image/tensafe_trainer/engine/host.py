@@ -2,25 +2,44 @@
 
 A slot (adapter.py) is one client's trainable part: its LoRA adapter (or, for full fine-tuning, the
 weights themselves), optimizer, gradient accumulator, privacy accountant and step. The host holds what is
-not the client's: the base model's weights, tokenizer and vocabulary, and the lock a pass over the model
-holds. Today a host carries one slot (an engine process per client); several slots on one host, their rows
-in shared passes, is where it is going (the multi-LoRA issue).
+not the client's: the base model's weights, tokenizer and vocabulary. LoRA slots share it: each is a named
+PEFT adapter on the one base model, and the host switches the adapter a pass runs with (``activate``). A slot
+that trains weights of the base itself (full fine-tuning, or LoRA with a trainable ``bias``) holds a host of its
+own: nothing it changes may reach another slot.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
+import itertools
+from typing import Optional
 
 import torch
 
 from tg_tinker.config import TrainingConfig
 from tg_tinker.errors import ValidationError
 
-from tensafe_trainer.engine.models import LoadedModel, load_model, pick_device, pick_dtype, public_model_name
+from tensafe_trainer.engine.models import LoadedModel, is_tiny, load_model, pick_device, pick_dtype, public_model_name
 
 # Fields of a client's config that pick its host: a slot fits a host only if they agree.
 HOST_DEFINING = ("model_ref", "device", "dtype", "seed")
+CANONICAL_ADAPTER = "default"  # how checkpoints and exports name a slot's adapter, whatever the host calls it
+
+
+def shares_host(config: TrainingConfig) -> bool:
+    """Whether a client trains only weights of its own (a LoRA adapter without a trainable bias), so that its
+    slot may sit on a host beside others."""
+    return config.lora_config is not None and config.lora_config.bias == "none"
+
+
+def host_key(config: TrainingConfig) -> tuple:
+    """What a host is for. The seed picks a tiny random model's weights; a real model's it does not (there it
+    only starts each adapter, which the slot does itself)."""
+    return _key(config.model_ref, config.device, config.dtype, config.seed)
+
+
+def _key(model_ref: str, device: str, dtype: str, seed: int) -> tuple:
+    return (model_ref, device, dtype, seed if is_tiny(model_ref) else None)
 
 
 class ModelHost:
@@ -29,47 +48,87 @@ class ModelHost:
         self.defining = {"model_ref": model_ref, "device": device, "dtype": dtype, "seed": seed}
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        torch.manual_seed(seed)  # a tiny random model's weights, and then the first slot's adapter, follow the seed
+        torch.manual_seed(seed)  # a tiny random model's weights follow the seed
         loaded: LoadedModel = load_model(model_ref, seed=seed, dtype=self.dtype, device=self.device)
         self.base = loaded.model
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.vocab_size
         self.eos_token_id = loaded.eos_token_id
-        self.lock = threading.Lock()  # held by a pass over the model
-        self.slots = 0
+        self.peft = None  # the PEFT model the adapters live on, from the first LoRA slot
+        self.adapters: set[str] = set()
+        self.active: Optional[str] = None
+        self.exclusive = False  # a slot that trains the base's own weights holds it
+        self._names = (f"slot{i}" for i in itertools.count())
 
     @classmethod
     def for_config(cls, config: TrainingConfig) -> "ModelHost":
         return cls(config.model_ref, device=config.device, dtype=config.dtype, seed=config.seed)
 
-    def attach(self, config: TrainingConfig) -> torch.nn.Module:
-        """The model a new slot trains: the base with the slot's LoRA adapter, or the base itself (full
-        fine-tuning). One slot per host for now: a second is refused rather than silently sharing weights."""
-        differing = [f for f in HOST_DEFINING if getattr(config, f) != self.defining[f]]
-        if differing:
+    @property
+    def slots(self) -> int:
+        return len(self.adapters) + int(self.exclusive)
+
+    def fits(self, config: TrainingConfig) -> bool:
+        return host_key(config) == _key(**self.defining)
+
+    def attach(self, config: TrainingConfig) -> tuple[torch.nn.Module, Optional[str]]:
+        """The model a new slot trains and its adapter's name on this host: the base with a new LoRA adapter
+        (started from the config's seed), or the base itself (None: full fine-tuning, on a host of its own)."""
+        if not self.fits(config):
+            differing = [f for f in HOST_DEFINING if getattr(config, f) != self.defining[f]]
             raise ValidationError(f"this client's {', '.join(differing)} differ from its model host's",
                                   {"field": differing[0]})
-        if self.slots:
-            raise ValidationError("this model host already carries a slot (one per host for now)")
-        self.slots += 1
-        if config.lora_config is None:
-            return self.base.requires_grad_(True).train()
-        return _with_lora(self.base, config).train()
+        if self.exclusive or (not shares_host(config) and self.slots):
+            raise ValidationError("a slot that trains the base model's own weights (full fine-tuning, or a LoRA bias) "
+                                  "needs a model host of its own", {"field": "lora_config"})
+        if config.lora_config is None or not shares_host(config):
+            self.exclusive = True
+            if config.lora_config is None:
+                return self.base.requires_grad_(True).train(), None
+        name = next(self._names)
+        torch.manual_seed(config.seed)  # the adapter's start depends on its own seed, not on the slots before it
+        self._add_adapter(name, config)
+        self.adapters.add(name)
+        self.activate(name)
+        return self.peft.train(), name
+
+    def _add_adapter(self, name: str, config: TrainingConfig) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora_config
+        peft_config = LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
+        )
+        try:
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, peft_config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, peft_config)
+        except ValueError as exc:
+            raise ValidationError(f"invalid lora_config for this model: {exc}", {"field": "lora_config"}) from None
+
+    def activate(self, name: Optional[str]) -> None:
+        """Make ``name``'s adapter the one the next pass runs with (and the only one with gradients)."""
+        if name is not None and name != self.active:
+            self.peft.base_model.set_adapter(name)
+            self.active = name
+
+    def detach(self, name: Optional[str]) -> None:
+        """Remove a slot's adapter (its weights and optimizer go with the slot object)."""
+        if name is None:
+            self.exclusive = False
+            return
+        self.adapters.discard(name)
+        self.peft.delete_adapter(name)
+        if self.active == name:
+            self.active = None
 
     @functools.cached_property
     def public_model_name(self) -> str:
         return public_model_name(self.model_ref)
 
 
-def _with_lora(model: torch.nn.Module, config: TrainingConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora_config
-    peft_config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as exc:
-        raise ValidationError(f"invalid lora_config for this model: {exc}", {"field": "lora_config"}) from None
+def canonical_name(parameter: str, adapter: Optional[str]) -> str:
+    """A slot's parameter as a checkpoint names it: the adapter called ``default`` whatever its name on the host."""
+    return parameter if adapter is None else parameter.replace(f".{adapter}.", f".{CANONICAL_ADAPTER}.")

@@ -35,6 +35,7 @@ from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.crypto import ALGORITHM
 from tensafe_trainer.privacy.datasets import find_dataset, load_examples
 from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, write_state
+from tensafe_trainer.engine.host import ModelHost
 from tensafe_trainer.privacy.ledger import open_ledger
 from tensafe_trainer.engine.sampling import Sampler
 
@@ -67,7 +68,8 @@ class Runtime:
 
     @classmethod
     def for_training(cls, client_id: str, tenant_id: str, config: TrainingConfig, store: ArtifactStore,
-                     ledger_root: Path) -> "Runtime":
+                     ledger_root: Path, host: Optional[ModelHost] = None) -> "Runtime":
+        """``host``: the model host the client's slot goes on (default: a host of its own)."""
         ledger = dataset = find = None
         if config.dp_enabled:
             dataset_id = config.dp_config.dataset_id
@@ -75,7 +77,8 @@ class Runtime:
             if dataset_id:
                 find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
                 dataset = find()
-        engine = AdapterSlot(config, ledger=ledger, dataset=dataset, client_id=client_id, find_dataset=find)
+        engine = AdapterSlot(config, host=host, ledger=ledger, dataset=dataset, client_id=client_id,
+                             find_dataset=find)
         return cls(client_id, tenant_id, "training", engine, store)
 
     @classmethod
@@ -100,7 +103,11 @@ class Runtime:
         handler = HANDLERS.get(kind)
         if handler is None:
             raise ValidationError(f"unknown operation {kind!r}")
+        self.engine.activate()  # its host may have run another slot's adapter last
         return handler(self, request)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def _forward_backward(self, req: ForwardBackwardRequest) -> Outcome:
         return Outcome(self.engine.forward_backward(req.batch, req))

@@ -1,23 +1,29 @@
-"""Each client's engine runs in a process of its own, fed over a pipe by the session's worker.
+"""A model host runs in a process of its own; each client on it is a slot there, fed over the host's pipe by the
+client's session worker.
 
 Why a process and not a thread: the engine holds the GIL for most of every step (Python-level model
 code), and on a small machine the HTTP server's request handling then stalls the engine and vice
 versa (measured: -20% tokens/s with both in one interpreter). A separate process also means an
-engine crash (a CUDA fault, an OOM kill) fails that client's operations cleanly while the server
+engine crash (a CUDA fault, an OOM kill) fails its host's clients' operations cleanly while the server
 keeps serving everyone else.
+
+Several LoRA clients of one base model share a host process (engine/host.py, service/hosts.py): one copy of
+the model, and the process runs their operations one at a time, taking the clients with work in turn, so a
+client with a deep queue does not starve the others. A host process that crashes fails each of its clients.
 
 Children are spawned, not forked: a fresh interpreter has no inherited threads or allocator state
 (measured: forkserver children with torch preloaded trained ~15% slower here), at the price of a
-few seconds of imports per client.
+few seconds of imports per host.
 
 The session hands over the next operation while the current one runs (``PIPELINE_DEPTH``), so the
 engine goes from one operation to the next without waiting on the server (measured: about 1.2 ms
 per operation otherwise). An operation handed over but not started can still be withdrawn: the
-``StartGate`` decides, atomically for both processes, whether it starts or is skipped.
+``StartGates`` decide, atomically for both processes, whether it starts or is skipped.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -27,7 +33,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tg_tinker.errors import TGTinkerError, TrainingClientError, error_from_wire
 from tg_tinker.operations import ACCUMULATING
@@ -64,14 +70,15 @@ def _summary(runtime) -> SlotSummary:
                        activation_bytes_per_token=engine.activation_bytes_per_token)
 
 
-def _build(spec: SlotSpec, home: Path):
+def _build(spec: SlotSpec, home: Path, host):
     from tensafe_trainer.storage.artifacts import ArtifactStore
     from tensafe_trainer.storage.paths import key_provider, ledger_dir
     from tensafe_trainer.engine.operations import Runtime
 
     store = ArtifactStore(home / "artifacts", key_provider(home))
     if spec.kind == "training":
-        runtime = Runtime.for_training(spec.client_id, spec.tenant_id, spec.config, store, ledger_dir(home))
+        runtime = Runtime.for_training(spec.client_id, spec.tenant_id, spec.config, store, ledger_dir(home),
+                                       host=host)
         if spec.resume_from:
             runtime.resume(spec.resume_from)
         return runtime
@@ -110,37 +117,45 @@ class _ThreadShare:
                 self._busy.value -= 1
 
 
-class StartGate:
-    """Whether a handed-over operation starts or is withdrawn: decided once, under a lock both processes share.
+class StartGates:
+    """Whether a handed-over operation starts or is withdrawn: decided once per operation, under a lock both
+    processes share, for each of a host's slots (by its index).
 
-    Sequence numbers count the operations handed to one engine. At most ``PIPELINE_DEPTH`` are outstanding,
-    so a ring of that many slots holds every withdrawal that can still matter."""
+    Sequence numbers count the operations handed to one slot. At most ``PIPELINE_DEPTH`` are outstanding,
+    so a ring of that many entries per slot holds every withdrawal that can still matter."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, capacity: int):
         self._lock = ctx.Lock()
-        self._started = ctx.RawValue("q", -1)
-        self._withdrawn = ctx.RawArray("q", [-1] * PIPELINE_DEPTH)
+        self._started = ctx.RawArray("q", [-1] * capacity)
+        self._withdrawn = ctx.RawArray("q", [-1] * (capacity * PIPELINE_DEPTH))
 
-    def start(self, seq: int) -> bool:
-        """Called by the engine before it runs ``seq``: False if it was withdrawn."""
+    def reset(self, index: int) -> None:
+        """A slot index taken by a new client: its numbering starts again."""
         with self._lock:
-            if self._withdrawn[seq % PIPELINE_DEPTH] == seq:
+            self._started[index] = -1
+            for i in range(PIPELINE_DEPTH):
+                self._withdrawn[index * PIPELINE_DEPTH + i] = -1
+
+    def start(self, index: int, seq: int) -> bool:
+        """Called by the host before it runs ``seq`` of slot ``index``: False if it was withdrawn."""
+        with self._lock:
+            if self._withdrawn[index * PIPELINE_DEPTH + seq % PIPELINE_DEPTH] == seq:
                 return False
-            self._started.value = seq
+            self._started[index] = seq
             return True
 
-    def withdraw(self, seq: int) -> bool:
-        """Called by the session: True if ``seq`` will not run, False if the engine has already started it."""
+    def withdraw(self, index: int, seq: int) -> bool:
+        """Called by the session: True if ``seq`` will not run, False if the host has already started it."""
         with self._lock:
-            if self._started.value >= seq:
+            if self._started[index] >= seq:
                 return False
-            self._withdrawn[seq % PIPELINE_DEPTH] = seq
+            self._withdrawn[index * PIPELINE_DEPTH + seq % PIPELINE_DEPTH] = seq
             return True
 
 
 class _Inbox:
     """Reads the request pipe on a thread of its own, so the server's next hand-over never waits on this
-    engine finishing its current operation (and a large request cannot deadlock against a large reply)."""
+    host finishing its current operation (and a large request cannot deadlock against a large reply)."""
 
     def __init__(self, conn):
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -156,47 +171,116 @@ class _Inbox:
             if item is None:
                 return
 
-    def get(self):
-        return self._items.get()
+    def get(self, block: bool = True):
+        """The next item; with ``block`` False, ``_EMPTY`` if none has come."""
+        try:
+            return self._items.get(block=block)
+        except queue.Empty:
+            return _EMPTY
 
 
-def _child(requests, replies, spec: SlotSpec, home: str, busy_engines, gate: StartGate) -> None:
-    # Before any key is read: no core dump of this process (it holds the tenant's KEKs), and it dies with
+_EMPTY = object()
+
+
+class _HostLoop:
+    """The host process's side: its slots (one Runtime each, on one ModelHost), each with its queue of handed-over
+    operations, run one at a time, the slots with work taken in turn."""
+
+    def __init__(self, replies, home: Path, busy_engines, gates: StartGates):
+        self.replies, self.home, self.gates = replies, home, gates
+        self.threads = _ThreadShare(busy_engines)
+        self.host = None  # the ModelHost, from the first slot
+        self.slots: dict[int, tuple[SlotSpec, object]] = {}
+        self.queues: dict[int, collections.deque] = {}
+        self.turns: collections.deque[int] = collections.deque()  # slots with work, in the order they are served
+
+    def send(self, index: int, payload) -> None:
+        self.replies.send((index, payload))
+
+    def take(self, item) -> None:
+        """One message of the server: attach a slot, detach one, or an operation for one."""
+        kind, index = item[0], item[1]
+        if kind == "attach":
+            self.attach(index, item[2])
+        elif kind == "detach":
+            self.detach(index)
+        else:
+            if not self.queues[index]:
+                self.turns.append(index)
+            self.queues[index].append(item[2:])
+
+    def attach(self, index: int, spec: SlotSpec) -> None:
+        try:
+            if self.host is None and spec.kind == "training":
+                from tensafe_trainer.engine.host import ModelHost
+
+                self.host = ModelHost.for_config(spec.config)
+            runtime = _build(spec, self.home, self.host if spec.kind == "training" else None)
+        except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller
+            self.send(index, ("failed", wire_error(exc, private=spec.private)))
+            return
+        self.slots[index] = (spec, runtime)
+        self.queues[index] = collections.deque()
+        self.send(index, ("ready", _summary(runtime)))
+
+    def detach(self, index: int) -> None:
+        _, runtime = self.slots.pop(index, (None, None))
+        self.queues.pop(index, None)
+        if index in self.turns:
+            self.turns.remove(index)
+        if runtime is not None:
+            try:
+                runtime.close()
+            except Exception:  # noqa: BLE001 - the slot is gone either way; the host goes on for the others
+                log.exception("closing a slot failed")
+        self.send(index, ("detached",))
+
+    def run_next(self) -> None:
+        """Run the oldest operation of the slot whose turn it is, and answer it."""
+        index = self.turns.popleft()
+        queue_ = self.queues[index]
+        seq, request = queue_.popleft()
+        if queue_:
+            self.turns.append(index)  # its next operation waits for the others' turns
+        spec, runtime = self.slots[index]
+
+        def answer(**outcome) -> None:
+            self.send(index, Reply(seq, _summary(runtime), time.time(), **outcome))
+
+        if not self.gates.start(index, seq):
+            answer(withdrawn=True)
+            return
+        try:
+            with self.threads.working():
+                outcome = runtime.execute(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
+            if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
+                runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
+            answer(error=wire_error(exc, request.type, spec.private))
+            return
+        dp = getattr(outcome.result, "dp_metrics", None)
+        answer(result=outcome.result.model_dump(mode="json"), produced=outcome.produced, consumed=outcome.consumed,
+               dp_metrics=dp.model_dump(mode="json") if dp is not None else None,
+               receipt_claims=outcome.receipt_claims)
+
+
+def _child(requests, replies, home: str, busy_engines, gates: StartGates) -> None:
+    # Before any key is read: no core dump of this process (it holds the tenants' KEKs), and it dies with
     # the server, even one killed with SIGKILL (hardening.py).
     from tensafe_trainer.cli.hardening import die_with_parent, disable_core_dumps
 
     disable_core_dumps()
     die_with_parent(multiprocessing.parent_process().pid)
-    private = spec.private
-    try:
-        threads = _ThreadShare(busy_engines)
-        runtime = _build(spec, Path(home))
-    except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller
-        replies.send(("failed", wire_error(exc, private=private)))
-        return
-    replies.send(("ready", _summary(runtime)))
-
-    def answer(seq: int, **outcome) -> None:
-        replies.send(Reply(seq, _summary(runtime), time.time(), **outcome))
-
+    loop = _HostLoop(replies, Path(home), busy_engines, gates)
     inbox = _Inbox(requests)
-    while (item := inbox.get()) is not None:
-        seq, request = item
-        if not gate.start(seq):
-            answer(seq, withdrawn=True)
-            continue
-        try:
-            with threads.working():
-                outcome = runtime.execute(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
-            if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
-                runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
-            answer(seq, error=wire_error(exc, request.type, private))
-            continue
-        dp = getattr(outcome.result, "dp_metrics", None)
-        answer(seq, result=outcome.result.model_dump(mode="json"), produced=outcome.produced,
-               consumed=outcome.consumed, dp_metrics=dp.model_dump(mode="json") if dp is not None else None,
-               receipt_claims=outcome.receipt_claims)
+    while True:
+        item = inbox.get(block=not loop.turns)
+        if item is None:
+            return
+        if item is not _EMPTY:
+            loop.take(item)
+            continue  # everything that has come first, then the next turn
+        loop.run_next()
 
 
 def wire_error(exc: BaseException, operation: str = "start-up", private: bool = False) -> dict:
@@ -219,74 +303,179 @@ def busy_counter():
     return _mp_context().Value("i", 0)
 
 
-class EngineProcess:
-    """One slot's engine in a child process. One thread (the session's worker) hands over operations and
-    takes their replies, in order; ``withdraw`` may be called from any thread."""
+class HostProcess:
+    """A model host in a child process, carrying up to ``capacity`` slots. Its clients' session workers hand
+    over operations and take replies through their ``EngineSlot``; a reader thread routes each reply to its slot."""
 
-    def __init__(self, spec: SlotSpec, home: Path, busy_engines=None):
+    def __init__(self, home: Path, capacity: int, busy_engines=None, name: str = "host",
+                 on_release: Optional[Callable[["HostProcess"], None]] = None, key: Optional[tuple] = None):
         ctx = _mp_context()
-        busy = busy_engines if busy_engines is not None else busy_counter()
-        self._gate = StartGate(ctx)
+        self.key = key  # what the pool keeps it for (service/hosts.py)
+        self.on_release = on_release  # called after a slot has left
+        # kept: the child unpickles these by name, and the parent's copy must outlive its start-up
+        self.busy = busy = busy_engines if busy_engines is not None else busy_counter()
+        self.capacity = capacity
+        self.gates = StartGates(ctx, capacity)
         requests_out, self._requests = ctx.Pipe(duplex=False)
         self._replies, replies_in = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_child, args=(requests_out, replies_in, spec, str(home), busy, self._gate),
-                                   daemon=True, name=f"engine-{spec.client_id}")
+        self.process = ctx.Process(target=_child, args=(requests_out, replies_in, str(home), busy, self.gates),
+                                   daemon=True, name=f"engine-{name}")
         self.process.start()
         requests_out.close()
         replies_in.close()
-        self.summary = SlotSummary()
-        message = self._receive("start-up")
-        if message[0] == "failed":
-            self.close()
-            raise error_from_wire(message[1])
-        self.summary = message[1]
-
-    def _receive(self, what: str):
-        try:
-            return self._replies.recv()
-        except (EOFError, OSError):
-            code = self.process.exitcode
-            if code is None:
-                self.process.join(timeout=5)
-                code = self.process.exitcode
-            raise TrainingClientError(
-                f"the engine process died during {what} (exit code {code}); this client must be restarted "
-                "from its last checkpoint", {"exit_code": code}) from None
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._inboxes: dict[int, queue.SimpleQueue] = {}
+        self._free = list(range(capacity))
+        self.closing = False
+        self._dead = False
+        threading.Thread(target=self._route, name=f"replies-{name}", daemon=True).start()
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return not self._dead and self.process.is_alive()
 
     @property
     def exit_code(self) -> Optional[int]:
         return self.process.exitcode
 
-    def hand_over(self, seq: int, request: Any) -> None:
-        """Queue ``request`` as operation ``seq`` (numbered from 0, in order) behind those handed over before."""
+    @property
+    def attached(self) -> int:
+        with self._lock:
+            return self.capacity - len(self._free)
+
+    @property
+    def has_room(self) -> bool:
+        with self._lock:
+            return bool(self._free) and self.alive and not self.closing
+
+    def send(self, message) -> None:
         try:
-            self._requests.send((seq, request))
+            with self._send_lock:
+                self._requests.send(message)
         except (BrokenPipeError, OSError):
-            pass  # the engine is gone: the next reply() says how
+            pass  # the host is gone: the slot's next reply says how
 
-    def withdraw(self, seq: int) -> bool:
-        """Stop a handed-over operation from starting; False if it already has. Its reply still comes."""
-        return self._gate.withdraw(seq)
+    def _route(self) -> None:
+        while True:
+            try:
+                index, payload = self._replies.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                inbox = self._inboxes.get(index)
+            if inbox is not None:
+                inbox.put(payload)
+        self._dead = True
+        with self._lock:
+            inboxes = list(self._inboxes.values())
+        for inbox in inboxes:
+            inbox.put(None)  # the process is gone: each slot's waiting worker hears it
 
-    def reply(self, what: str) -> Reply:
-        """The reply to the oldest operation handed over and not yet answered (``what``: its type)."""
-        reply: Reply = self._receive(what)
-        self.summary = reply.summary
-        return reply
+    def reserve(self) -> int:
+        """Take a free slot index (the pool does, under its lock, before it starts the slot with ``attach``)."""
+        with self._lock:
+            if not self._free:
+                raise RuntimeError("this host has no free slot")  # the pool checks first: a bug, never input
+            index = self._free.pop(0)
+            self._inboxes[index] = queue.SimpleQueue()
+        self.gates.reset(index)
+        return index
+
+    def attach(self, spec: SlotSpec, index: int) -> "EngineSlot":
+        """Start ``spec``'s slot at a reserved index; returns when it is ready (or raises its start-up error)."""
+        slot = EngineSlot(self, index, spec.client_id)
+        self.send(("attach", index, spec))
+        message = slot.receive("start-up")
+        if message[0] == "failed":
+            self.release(index)
+            raise error_from_wire(message[1])
+        slot.summary = message[1]
+        return slot
+
+    def receive(self, index: int):
+        with self._lock:
+            inbox = self._inboxes[index]
+        return inbox.get()
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            self._inboxes.pop(index, None)
+            self._free.append(index)
+        if self.on_release is not None:
+            self.on_release(self)
 
     def close(self) -> None:
+        """End the process once its current operation is done (killed after a grace)."""
+        self.closing = True
         if self.process.is_alive():
-            try:
-                self._requests.send(None)
-            except (BrokenPipeError, OSError):
-                pass
+            self.send(None)
             self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
         self._requests.close()
-        self._replies.close()
+
+
+class EngineSlot:
+    """One client's slot on a host process. One thread (the session's worker) hands over operations and
+    takes their replies, in order; ``withdraw`` may be called from any thread."""
+
+    def __init__(self, host: HostProcess, index: int, client_id: str):
+        self.host, self.index, self.client_id = host, index, client_id
+        self.summary = SlotSummary()
+        self._closed = False
+
+    def receive(self, what: str):
+        message = self.host.receive(self.index) if not self._closed else None
+        if message is None:
+            code = self.host.exit_code
+            if code is None:
+                self.host.process.join(timeout=5)
+                code = self.host.exit_code
+            raise TrainingClientError(
+                f"the engine process died during {what} (exit code {code}); this client must be restarted "
+                "from its last checkpoint", {"exit_code": code}) from None
+        return message
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self.host.alive
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return self.host.exit_code
+
+    def hand_over(self, seq: int, request: Any) -> None:
+        """Queue ``request`` as operation ``seq`` (numbered from 0, in order) behind those handed over before."""
+        self.host.send(("run", self.index, seq, request))
+
+    def withdraw(self, seq: int) -> bool:
+        """Stop a handed-over operation from starting; False if it already has. Its reply still comes."""
+        return self.host.gates.withdraw(self.index, seq)
+
+    def reply(self, what: str) -> Reply:
+        """The reply to the oldest operation handed over and not yet answered (``what``: its type)."""
+        reply: Reply = self.receive(what)
+        self.summary = reply.summary
+        return reply
+
+    def close(self) -> None:
+        """Leave the host (its other slots go on); the host's pool decides when the process ends."""
+        if self._closed:
+            return
+        if self.host.alive:
+            self.host.send(("detach", self.index))
+            try:
+                while (message := self.receive("detach")) != ("detached",):
+                    log.warning("%s left its host with a reply unread (%s)", self.client_id, type(message).__name__)
+            except TrainingClientError:
+                pass
+        self._closed = True
+        self.host.release(self.index)
+
+
+def slot_on_own_host(spec: SlotSpec, home: Path, busy_engines=None) -> EngineSlot:
+    """A slot on a host process of its own, which ends when the slot leaves."""
+    host = HostProcess(home, 1, busy_engines, name=spec.client_id, on_release=lambda h: h.close())
+    return host.attach(spec, host.reserve())

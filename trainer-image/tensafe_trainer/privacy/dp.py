@@ -316,10 +316,11 @@ class DPGradientAccumulator:
     Tinker SDK splits a call into requests by bytes): the rows of a group not yet complete are summed, unclipped,
     until its last row comes; a logical batch that ends inside a group is refused at ``release``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: DPConfig, noise_multiplier: float):
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: DPConfig,
+                 noise_multiplier: float):
         self.cfg = cfg
         self.group_size = cfg.group_size
-        self.hooks = PerExampleGradients(model)
+        self.hooks = PerExampleGradients(model, params)
         self.params = self.hooks.params
         self.noise = NoiseAhead(self.params, noise_multiplier * cfg.max_grad_norm)
         self.reset()

@@ -16,7 +16,7 @@ example: that is what makes DP on LoRA nearly free.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -68,15 +68,18 @@ class PerExampleGradients:
     are formed by :meth:`collect`, after backward, since functorch transforms must not run inside autograd's
     engine. :meth:`collect` returns {param: [B, *shape]}, summed over calls (tied weights, chunks)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, params: Optional[list[nn.Parameter]] = None):
+        """``params``: the parameters to hook (a slot's own, on a host that carries several); default: every
+        parameter of ``model`` that requires a gradient."""
         self._handles = []
         self._capturing = False
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._recorded: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        wanted = {id(p) for p in params} if params is not None else {id(p) for p in model.parameters() if p.requires_grad}
         self.params: list[nn.Parameter] = []
         seen = set()
         for module in model.modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
             for p in own:
@@ -84,8 +87,7 @@ class PerExampleGradients:
                     seen.add(id(p))
                     self.params.append(p)
             self._handles.append(module.register_forward_hook(self._on_forward))
-        trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        if trainable != seen:
+        if wanted != seen:
             raise RuntimeError("some trainable parameters are not owned by any hooked module")
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from tensafe_trainer.service import metrics
 from tensafe_trainer.service.admission import Limits
 from tensafe_trainer.storage.audit import request_hash
 from tensafe_trainer.storage.audit_writer import AuditWriter
-from tensafe_trainer.engine.process import PIPELINE_DEPTH, EngineProcess
+from tensafe_trainer.engine.process import PIPELINE_DEPTH, EngineSlot
 from tensafe_trainer.engine.protocol import SlotSummary
 from tensafe_trainer.privacy.dp import public_dp_metrics
 
@@ -102,7 +102,7 @@ def fingerprint(key: bytes, request: Any) -> str:
 
 
 class Session:
-    def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineProcess],
+    def __init__(self, client_id: str, tenant_id: str, kind: str, start_engine: Callable[[], EngineSlot],
                  audit: AuditWriter, loop: asyncio.AbstractEventLoop, *, max_pending: int, hash_key: Callable[[], bytes],
                  sign: Optional[Signer] = None, config=None):
         self.client_id, self.tenant_id, self.kind, self.config = client_id, tenant_id, kind, config
@@ -124,7 +124,7 @@ class Session:
         self.status = ClientStatus.INITIALIZING
         self.error: Optional[str] = None
         self.error_type: Optional[str] = None
-        self.engine: Optional[EngineProcess] = None
+        self.engine: Optional[EngineSlot] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=f"session-{client_id}", daemon=True)
         self._thread.start()

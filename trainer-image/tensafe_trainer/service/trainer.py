@@ -33,10 +33,11 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.service.tokens import RevokedTokens, replaced, terminated, token_digest
-from tensafe_trainer.engine.process import EngineProcess, busy_counter
+from tensafe_trainer.engine.process import EngineSlot, busy_counter
 from tensafe_trainer.engine.protocol import SlotSpec
 from tensafe_trainer.service import admission, metrics, samplers
 from tensafe_trainer.service.futures import FutureStore
+from tensafe_trainer.service.hosts import HostPool
 from tensafe_trainer.service.principals import Principal
 from tensafe_trainer.service.sessions import Operation, Session
 from tensafe_trainer.storage.artifacts import ArtifactStore
@@ -50,7 +51,10 @@ class Settings:
     token: Optional[str]
     max_pending: int = 10_000
     max_request_bytes: int = 64 << 20  # the trainer's own token (dataset uploads); clients get less (admission.py)
-    max_clients: int = 16  # live clients at once: each is an engine process holding a model
+    max_clients: int = 16  # live clients at once (each an adapter slot on a model host)
+    host_adapters: int = 8  # LoRA clients one host process carries at most (service/hosts.py)
+    host_idle_s: float = 60.0  # how long a shared host with no client stays warm
+    share_hosts_across_tenants: bool = False  # clients of different tenants may share a host process
     max_clients_per_tenant: Optional[int] = None  # of those, one tenant's at most (a shared trainer: None is no cap)
     min_free_memory: int = 1 << 30  # a new client is refused while the machine has less available than this
     open_docs: bool = False  # /docs, /redoc and /openapi.json without a token (tensafe serve --open-docs)
@@ -73,8 +77,15 @@ class TrainerService:
     sessions: dict[str, Session] = field(default_factory=dict)
     futures: FutureStore = field(default_factory=FutureStore)  # both doors' (service/futures.py)
     busy_engines: Any = field(default_factory=busy_counter)
+    hosts: Optional[HostPool] = None  # made from the settings
     client_tokens: dict[bytes, Principal] = field(default_factory=dict)  # sha256(token) -> its client
     revoked: RevokedTokens = field(default_factory=RevokedTokens)  # so a revoked token hears why
+
+    def __post_init__(self):
+        if self.hosts is None:
+            s = self.settings
+            self.hosts = HostPool(s.home, self.busy_engines, s.host_adapters, s.host_idle_s,
+                                  s.share_hosts_across_tenants)
 
     def issue_token(self, session: Session) -> str:
         """A bearer token for this one client: its operations, its artifacts, its audit entries."""
@@ -219,8 +230,8 @@ class TrainerService:
         live = sum(s.holds_engine for s in self.sessions.values())
         if live >= self.settings.max_clients:
             raise ResourceExhaustedError(
-                f"this trainer already runs {live} clients, its limit (each holds a model in an engine process of "
-                "its own): close one first, or start the trainer with a higher TENSAFE_MAX_CLIENTS",
+                f"this trainer already runs {live} clients, its limit: close one first, or start the trainer with a "
+                "higher TENSAFE_MAX_CLIENTS",
                 {"max_clients": self.settings.max_clients})
         cap = self.settings.max_clients_per_tenant
         if cap is not None:
@@ -243,8 +254,8 @@ class TrainerService:
         metrics.CLIENTS.labels(kind).inc()
         return session
 
-    def start_engine(self, spec: SlotSpec) -> EngineProcess:
-        return EngineProcess(spec, self.settings.home, self.busy_engines)
+    def start_engine(self, spec: SlotSpec) -> EngineSlot:
+        return self.hosts.attach(spec)
 
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
