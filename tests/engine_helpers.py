@@ -26,7 +26,8 @@ def fresh_ledger(dataset_id=None):
     return PrivacyLedger(folder / "privacy", "default", dataset_id, keys=LocalKeyProvider(folder / "keys"))
 
 
-def make_engine(ledger=None, dataset=None, **overrides):
+def make_engine(ledger=None, dataset=None, host=None, **overrides):
+    """A float64 slot trained by SGD at lr 1 (on ``host``, or a host of its own), its LoRA B not zero."""
     from tensafe_trainer.engine.adapter import AdapterSlot
 
     values = dict(dtype="float64", optimizer=SGD1)
@@ -34,7 +35,7 @@ def make_engine(ledger=None, dataset=None, **overrides):
     config = tiny_config(**values)
     if config.dp_enabled and ledger is None:
         ledger = fresh_ledger(config.dp_config.dataset_id)
-    engine = AdapterSlot(config, ledger=ledger, dataset=dataset)
+    engine = AdapterSlot(config, host=host, ledger=ledger, dataset=dataset)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for name, p in engine.trainable.items():

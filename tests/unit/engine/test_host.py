@@ -9,23 +9,16 @@ from conftest import dp_config, tiny_config
 from tg_tinker import LoRAConfig
 from tg_tinker.errors import ValidationError
 
-from engine_helpers import SGD1, fresh_ledger, padded_batch, sequences
+from engine_helpers import SGD1, fresh_ledger, make_engine, padded_batch, sequences
 from tensafe_trainer.engine.adapter import AdapterSlot
 from tensafe_trainer.engine.host import ModelHost
 
 
-NEIGHBOUR = tiny_config(dtype="float64", batch_size=4,
-                        lora_config=LoRAConfig(rank=8, alpha=4, target_modules=["q_proj", "o_proj"]))
+NEIGHBOUR = dict(batch_size=4, lora_config=LoRAConfig(rank=8, alpha=4, target_modules=["q_proj", "o_proj"]))
 
 
 def _slot(config, host=None, ledger=None) -> AdapterSlot:
-    slot = AdapterSlot(config, host=host, ledger=ledger)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        for name, p in slot.trainable.items():
-            if "lora_B" in name:  # peft starts B at zero: give A a gradient too
-                p.normal_(0.0, 0.2)
-    return slot
+    return make_engine(host=host, ledger=ledger, **{k: getattr(config, k) for k in type(config).model_fields})
 
 
 def _train(slot: AdapterSlot, seed: int, steps: int = 2) -> None:
@@ -77,7 +70,7 @@ def test_a_slots_training_is_the_same_with_or_without_a_neighbour_on_its_host():
     _train(alone, seed=10)
     host = ModelHost.for_config(config)
     mine = _slot(config, host=host)
-    neighbour = _slot(NEIGHBOUR, host=host)
+    neighbour = make_engine(host=host, **NEIGHBOUR)
     for step in range(2):  # the neighbour's operations between each of mine
         neighbour.activate()
         neighbour.forward_backward(padded_batch(sequences(3, seed=50 + step)))
@@ -98,7 +91,7 @@ def test_a_dp_slots_clipped_sum_is_the_same_with_or_without_a_neighbour_on_its_h
     alone.forward_backward(padded_batch(sequences(4, seed=7)))
     host = ModelHost.for_config(config)
     mine = _slot(config, host=host, ledger=fresh_ledger())
-    neighbour = _slot(NEIGHBOUR.model_copy(update={"dp_config": dp_config()}), host=host, ledger=fresh_ledger())
+    neighbour = make_engine(host=host, dp_config=dp_config(), **NEIGHBOUR)
     neighbour.activate()
     neighbour.forward_backward(padded_batch(sequences(4, seed=8)))
     mine.activate()

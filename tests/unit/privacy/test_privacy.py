@@ -345,15 +345,15 @@ def test_a_draw_that_fails_part_way_releases_nothing_more(monkeypatch):
     engine = sampled_engine(n=40, q=0.9)
     spent = engine.total_epsilon
     calls = []
-    real = engine.dp.backward  # once per micro-batch of the draw
+    real = engine.dp.absorb  # once per micro-batch of the draw
 
-    def fail_second(per_example_loss_fn):
+    def fail_second(batch):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("out of memory")
-        return real(per_example_loss_fn)
+        return real(batch)
 
-    monkeypatch.setattr(engine.dp, "backward", fail_second)
+    monkeypatch.setattr(engine.dp, "absorb", fail_second)
     with pytest.raises(TrainingClientError, match="releases no further step"):
         engine.forward_backward_sampled()
     assert engine.dp.summed == {} and engine.dp.num_examples == 0  # the first micro-batch is gone too

@@ -36,7 +36,7 @@ from tg_tinker.types import (
 )
 
 from tensafe_trainer.engine.host import ModelHost, canonical_name
-from tensafe_trainer.engine.logits import causal_lm, chunk_for, token_logprobs
+from tensafe_trainer.engine.logits import causal_lm, chunk_for, row_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
 from tensafe_trainer.engine.memory import (
@@ -44,7 +44,9 @@ from tensafe_trainer.engine.memory import (
     activation_bytes_per_token,
     check_request_memory,
     check_trainable_state,
+    request_memory_need,
 )
+from tensafe_trainer.engine.passes import PassPart, forward_backward_pass
 from tensafe_trainer.engine.optim import apply_adam_step, build_optimizer, set_learning_rate
 from tensafe_trainer.privacy.dp import DPGradientAccumulator, PrivacyAccountant, check_noise_request, plan_sampling
 from tensafe_trainer.privacy.secure_random import bernoulli_mask
@@ -69,7 +71,8 @@ def pad_examples(examples: list[dict]) -> BatchData:
 
 
 class AdapterSlot:
-    """``host``: the model host it trains on (default: a host of its own, for its config). ``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
+    """``host``: the model host it trains on (default: a host of its own, for its config); LoRA slots share one.
+    ``ledger``: the privacy ledger of the data (required with DP). ``dataset``: the examples of the registered
     dataset ``dp_config.dataset_id`` names, which this client then samples on the server. ``find_dataset``: looks
     for it again at the first ``forward_backward_sampled`` (a dataset registered after the client started, as on
     Kubernetes, where it is registered through the client's own trainer)."""
@@ -105,7 +108,7 @@ class AdapterSlot:
             plan = plan_sampling(config.dp_config, config.effective_batch_size, dataset is not None)
             self.accountant = PrivacyAccountant(config.dp_config, plan, ledger, client_id)
             self.dp = DPGradientAccumulator(self.model, list(self.trainable.values()), config.dp_config,
-                                             self.accountant.noise_multiplier)
+                                            self.accountant.noise_multiplier)
         self._draw_failed = False
         self._batch_lost = False
         self._draw_charge: tuple[float, float] = (0.0, 0.0)
@@ -184,9 +187,7 @@ class AdapterSlot:
 
     def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood, [B, T], zero at ignored positions."""
-        # Positions from the mask, so left padding gives each example the positions it would have alone.
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return -token_logprobs(self.model, ids, mask, positions, labels, self.logits_chunk)
+        return -row_logprobs(self.model, ids, mask, labels, self.logits_chunk)
 
     # --- training ----------------------------------------------------------------------------
 
@@ -225,13 +226,23 @@ class AdapterSlot:
                                       "start a new client from the last checkpoint")
 
     def forward_backward(self, batch: BatchData, spec: LossSpec = CROSS_ENTROPY) -> ForwardBackwardResult:
+        return self._run(self.begin_client_batch(batch, spec))
+
+    def begin_client_batch(self, batch: BatchData, spec: LossSpec = CROSS_ENTROPY) -> PassPart:
+        """A forward_backward of the client's own batch as its part of a pass (its host may run it beside others')."""
         if self.samples_on_server:
             raise ValidationError(
                 f"this client samples registered dataset {self.config.dp_config.dataset_id!r} on the server: "
                 "call forward_backward_sampled(); client-supplied batches would void the sampling guarantee",
                 {"operation": "forward_backward"})
         self._own_batches = True
-        return self._forward_backward(batch, spec=spec)
+        return self.begin(batch, spec)
+
+    def training_pass_bytes(self, rows: int, width: int) -> int:
+        """What a training pass of ``rows`` x ``width`` tokens needs (the request budget's count: memory.py)."""
+        return request_memory_need(rows, min(width, self.logits_chunk or width), self.vocab_size,
+                                   TRAINING_BYTES_PER_CELL, full_width=width,
+                                   activations_per_token=self.activation_bytes_per_token)
 
     def forward_backward_sampled(self) -> ForwardBackwardResult:
         """Draw one logical batch: each example of the registered dataset independently with probability q
@@ -273,13 +284,21 @@ class AdapterSlot:
 
     def _forward_backward(self, batch: BatchData, capped: bool = True,
                           spec: LossSpec = CROSS_ENTROPY) -> ForwardBackwardResult:
+        return self._run(self.begin(batch, spec, capped=capped))
+
+    @staticmethod
+    def _run(part: PassPart) -> ForwardBackwardResult:
+        (outcome,) = forward_backward_pass([part])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def begin(self, batch: BatchData, spec: LossSpec = CROSS_ENTROPY, capped: bool = True) -> PassPart:
+        """This slot's rows for a forward/backward pass (engine/passes.py), checked: nothing runs yet."""
         loss = get_loss(spec.loss_fn)
         settings = loss.settings(spec.loss_fn_config)
         ids, mask, labels = self._tensors(batch)
         inputs = self._loss_inputs(batch, loss, labels)
-        valid = labels != IGNORE_INDEX
-        token_counts = valid.sum(dim=1)
-        n_tokens = int(token_counts.sum())
         self._check_reduction(spec.reduction)
         if capped and self.dp is not None and self.dp.num_examples + ids.shape[0] > self.config.effective_batch_size:
             raise ValidationError(
@@ -287,34 +306,37 @@ class AdapterSlot:
                 f"{self.config.effective_batch_size} examples (the accountant's sampling rate assumes it); "
                 "call optim_step first", {"field": "input_ids"},
             )
-        self.model.train()
-        holder = {}
+        return PassPart(self, spec, loss, settings, ids, mask, labels, inputs)
 
-        def per_token_loss() -> torch.Tensor:
-            holder["logprobs"] = logprobs = -self._token_nll(ids, mask, labels)
-            return self._per_token(loss, settings, inputs, logprobs, valid)
+    def objective(self, part: PassPart, logprobs: torch.Tensor) -> torch.Tensor:
+        """What this slot's rows add to the pass's loss, given their log-probabilities: the sum of their token losses
+        (their mean is taken at optim_step), or under DP the sum of per-example losses, a non-finite row's zeroed."""
+        part.logprobs = logprobs
+        per_token = self._per_token(part.loss, part.settings, part.inputs, logprobs, part.valid)
+        if self.dp is None:
+            part.per_token = self._finite(per_token)
+            return part.per_token.sum()
+        part.kept = torch.isfinite(per_token).all(dim=1)
+        part.per_token = torch.where(part.kept.unsqueeze(1), per_token, 0.0)
+        summed = part.per_token.sum(dim=1)
+        if part.spec.reduction != "sum":
+            summed = summed / part.token_counts.clamp(min=1).to(summed.dtype)
+        return summed.sum()
 
+    def conclude(self, part: PassPart) -> ForwardBackwardResult:
+        """After the pass's backward: this slot's gradients into its logical batch (clipped per example under DP,
+        inside the DP accumulator's capture)."""
         if self.dp is not None:
-            def per_example_loss() -> torch.Tensor:
-                per_token = per_token_loss()
-                holder["kept"] = torch.isfinite(per_token).all(dim=1)
-                holder["per_token"] = torch.where(holder["kept"].unsqueeze(1), per_token, 0.0)
-                summed = holder["per_token"].sum(dim=1)
-                if spec.reduction == "sum":
-                    return summed
-                return summed / token_counts.clamp(min=1).to(summed.dtype)
-
-            _, grad_norm = self.dp.backward(per_example_loss)
-            per_token = holder["per_token"]
-            n_tokens = int(token_counts[holder["kept"]].sum())
+            grad_norm = self.dp.absorb(part.rows)
+            n_tokens = int(part.token_counts[part.kept].sum())
         else:
-            per_token = self._finite(per_token_loss())
-            per_token.sum().backward()
+            n_tokens = int(part.token_counts.sum())
             grad_norm = self._accumulate(n_tokens)
-        total = float(per_token.detach().sum())
+        total = float(part.per_token.detach().sum())
         return ForwardBackwardResult(loss=total / max(n_tokens, 1), grad_norm=grad_norm, tokens_processed=n_tokens,
-                                     num_examples=int(ids.shape[0]), loss_sum=total,
-                                     logprobs=self._rows(holder["logprobs"], valid) if spec.return_logprobs else None)
+                                     num_examples=part.rows, loss_sum=total,
+                                     logprobs=self._rows(part.logprobs, part.valid) if part.spec.return_logprobs
+                                     else None)
 
     def _check_reduction(self, reduction: str) -> None:
         """One logical batch reduces one way: a mean over its tokens and a plain sum do not mix."""
@@ -468,6 +490,11 @@ class AdapterSlot:
 
         return write_private_folder(Path(folder), self.adapter_files())
 
+    def forget_pass(self) -> None:
+        """Drop what a pass that failed as a whole left in this slot's parameters (its logical batch is untouched)."""
+        for p in self.trainable.values():
+            p.grad = None
+
     def activate(self) -> None:
         """Make this slot's adapter the one its host's next pass runs with: before each of its operations."""
         self.host.activate(self.adapter)
@@ -475,7 +502,7 @@ class AdapterSlot:
     def close(self) -> None:
         """Leave the host: the adapter's weights go, and with this object its optimizer and accumulators."""
         if self.dp is not None:
-            self.dp.hooks.close()
+            self.dp.close()
         self.host.detach(self.adapter)
 
     # --- checkpoints -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ own: nothing it changes may reach another slot.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from typing import Optional
@@ -113,6 +114,29 @@ class ModelHost:
         if name is not None and name != self.active:
             self.peft.base_model.set_adapter(name)
             self.active = name
+
+    @contextlib.contextmanager
+    def routed(self, adapter_per_row: list[Optional[str]]):
+        """Inside: a pass over the base model sends each row through its own adapter (PEFT's per-row routing, a
+        sub-batch per adapter), and every one of these adapters has gradients."""
+        from peft.tuners.lora import LoraLayer
+
+        names = sorted({n for n in adapter_per_row if n is not None})
+        self.peft.base_model.set_adapter(names)
+        self.active = None  # several: the next single pass sets its own again
+        routing = [n if n is not None else "__base__" for n in adapter_per_row]
+
+        def route(module, args, kwargs):
+            kwargs["adapter_names"] = routing
+            return args, kwargs
+
+        handles = [m.register_forward_pre_hook(route, with_kwargs=True)
+                   for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def detach(self, name: Optional[str]) -> None:
         """Remove a slot's adapter (its weights and optimizer go with the slot object)."""

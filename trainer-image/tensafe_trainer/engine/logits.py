@@ -38,6 +38,14 @@ def chunk_for(model: torch.nn.Module) -> Optional[int]:
     return CHUNK if type(causal_lm(model)).__name__ in PLAIN_HEADS else None
 
 
+def row_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                 chunk: Optional[int]) -> torch.Tensor:
+    """``token_logprobs`` with each row's positions counted from its first unmasked token, so a left-padded row
+    gets the positions it would have alone."""
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return token_logprobs(model, ids, mask, positions, labels, chunk)
+
+
 def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                    labels: torch.Tensor, chunk: Optional[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """log p(labels[b, t] | ids[b, :t+1]), [rows, width], 0 at ignored positions; computed in ``dtype`` (float32

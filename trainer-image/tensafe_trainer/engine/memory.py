@@ -70,6 +70,13 @@ def check_trainable_state(parameters: int, per_example_rows: int, budget: Option
             "target modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
 
 
+def request_memory_need(rows: int, width: int, vocab_size: int, bytes_per_cell: int,
+                        full_width: Optional[int] = None, activations_per_token: int = 0) -> int:
+    """What ``check_request_memory`` counts: the logits of ``rows`` x ``width`` positions, and the activations of
+    ``rows`` x ``full_width`` tokens."""
+    return rows * width * vocab_size * bytes_per_cell + rows * (full_width or width) * activations_per_token
+
+
 def check_request_memory(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
                          field: str = "input_ids", full_width: Optional[int] = None,
                          activations_per_token: int = 0) -> None:
@@ -78,7 +85,7 @@ def check_request_memory(rows: int, width: int, vocab_size: int, bytes_per_cell:
     budget = request_memory_budget() if budget is None else budget
     logits = rows * width * vocab_size * bytes_per_cell
     activations = rows * (full_width or width) * activations_per_token
-    if logits + activations > budget:
+    if request_memory_need(rows, width, vocab_size, bytes_per_cell, full_width, activations_per_token) > budget:
         raise RequestTooLargeError(
             f"{rows} x {full_width or width} tokens need about {(logits + activations) >> 20} MiB ({logits >> 20} MiB "
             f"for their logits over a vocabulary of {vocab_size}, {activations >> 20} MiB for the activations kept "

@@ -43,6 +43,8 @@ from tensafe_trainer.engine.protocol import Reply, SlotSpec, SlotSummary
 log = logging.getLogger("tensafe.engine")
 
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
+SHARED_PASS_OPS = frozenset({"forward_backward"})  # what several slots' operations may run in one pass
+MAX_SHARED_PASS = 8  # slots in one pass at most
 SPIN_COUNT_ENV = "GOMP_SPINCOUNT"  # rounds an idle OpenMP thread spins before it sleeps (see _mp_context)
 
 _context = None
@@ -236,32 +238,105 @@ class _HostLoop:
         self.send(index, ("detached",))
 
     def run_next(self) -> None:
-        """Run the oldest operation of the slot whose turn it is, and answer it."""
+        """Run the oldest operation of the slot whose turn it is, with those of other slots that can share its pass,
+        and answer them."""
         index = self.turns.popleft()
-        queue_ = self.queues[index]
-        seq, request = queue_.popleft()
-        if queue_:
-            self.turns.append(index)  # its next operation waits for the others' turns
+        jobs = []
+        for i in [index, *self._companions(index)]:
+            operations = self.queues[i]
+            seq, request = operations.popleft()
+            if operations:
+                self.turns.append(i)  # its next operation waits for the others' turns
+            if self.gates.start(i, seq):
+                jobs.append((i, seq, request))
+            else:
+                self._answer(i, seq, withdrawn=True)
+        with self.threads.working():
+            if len(jobs) > 1:
+                self._run_shared(jobs)
+            elif jobs:
+                self._run_alone(*jobs[0])
+
+    def _shareable(self, index: int) -> bool:
+        _, request = self.queues[index][0]
+        runtime = self.slots[index][1]
+        return request.type in SHARED_PASS_OPS and runtime.kind == "training" and runtime.engine.adapter is not None
+
+    def _companions(self, index: int) -> list[int]:
+        """Slots waiting their turn whose next operation can join ``index``'s in one pass (taken out of the turns),
+        as many as fit in one request's memory budget, at most ``MAX_SHARED_PASS`` in all."""
+        if not self._shareable(index):
+            return []
+        from tensafe_trainer.engine.memory import request_memory_budget
+
+        engine = self.slots[index][1].engine
+        rows, width = self.queues[index][0][1].batch.shape
+        chosen = []
+        for other in list(self.turns):
+            if len(chosen) + 1 >= MAX_SHARED_PASS:
+                break
+            if not self._shareable(other):
+                continue
+            more, wider = self.queues[other][0][1].batch.shape
+            if engine.training_pass_bytes(rows + more, max(width, wider)) > request_memory_budget():
+                continue
+            rows, width = rows + more, max(width, wider)
+            chosen.append(other)
+            self.turns.remove(other)
+        return chosen
+
+    def _answer(self, index: int, seq: int, **outcome) -> None:
+        self.send(index, Reply(seq, _summary(self.slots[index][1]), time.time(), **outcome))
+
+    def _succeed(self, index: int, seq: int, outcome, shared_pass: bool = False) -> None:
+        dp = getattr(outcome.result, "dp_metrics", None)
+        self._answer(index, seq, result=outcome.result.model_dump(mode="json"), produced=outcome.produced,
+                     consumed=outcome.consumed, dp_metrics=dp.model_dump(mode="json") if dp is not None else None,
+                     receipt_claims=outcome.receipt_claims, shared_pass=shared_pass)
+
+    def _fail(self, index: int, seq: int, request, exc: BaseException) -> None:
         spec, runtime = self.slots[index]
+        if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
+            runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
+        self._answer(index, seq, error=wire_error(exc, request.type, spec.private))
 
-        def answer(**outcome) -> None:
-            self.send(index, Reply(seq, _summary(runtime), time.time(), **outcome))
+    def _run_alone(self, index: int, seq: int, request) -> None:
+        try:
+            outcome = self.slots[index][1].execute(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
+            self._fail(index, seq, request, exc)
+            return
+        self._succeed(index, seq, outcome)
 
-        if not self.gates.start(index, seq):
-            answer(withdrawn=True)
+    def _run_shared(self, jobs: list[tuple[int, int, Any]]) -> None:
+        """Several slots' forward_backward operations in one pass (engine/passes.py)."""
+        from tensafe_trainer.engine.operations import Outcome
+        from tensafe_trainer.engine.passes import forward_backward_pass
+
+        parts = []
+        for index, seq, request in jobs:
+            try:
+                parts.append((index, seq, request, self.slots[index][1].engine.begin_client_batch(request.batch,
+                                                                                                  request)))
+            except Exception as exc:  # noqa: BLE001 - that operation's own error; the others go on
+                self._fail(index, seq, request, exc)
+        if len(parts) < 2:
+            for index, seq, request, _ in parts:
+                self._run_alone(index, seq, request)
             return
         try:
-            with self.threads.working():
-                outcome = runtime.execute(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the operation's error
-            if not isinstance(exc, TGTinkerError) and request.type in ACCUMULATING:
-                runtime.engine.discard_gradients()  # a half-accumulated batch must not reach optim_step
-            answer(error=wire_error(exc, request.type, spec.private))
+            outcomes = forward_backward_pass([part for *_, part in parts])
+        except Exception as exc:  # noqa: BLE001 - not one part's own failure: each runs again, alone
+            log.warning("a shared pass of %d slots failed (%s): each runs alone", len(parts), type(exc).__name__)
+            for index, seq, request, part in parts:
+                part.slot.forget_pass()
+                self._run_alone(index, seq, request)
             return
-        dp = getattr(outcome.result, "dp_metrics", None)
-        answer(result=outcome.result.model_dump(mode="json"), produced=outcome.produced, consumed=outcome.consumed,
-               dp_metrics=dp.model_dump(mode="json") if dp is not None else None,
-               receipt_claims=outcome.receipt_claims)
+        for (index, seq, request, _), outcome in zip(parts, outcomes):
+            if isinstance(outcome, BaseException):
+                self._fail(index, seq, request, outcome)
+            else:
+                self._succeed(index, seq, Outcome(outcome), shared_pass=True)
 
 
 def _child(requests, replies, home: str, busy_engines, gates: StartGates) -> None:

@@ -69,6 +69,7 @@ class Reply:
     dp_metrics: Optional[dict] = None
     receipt_claims: Optional[dict] = None
     withdrawn: bool = False
+    shared_pass: bool = False  # it ran in one pass with other slots' operations (engine/passes.py)
 
     @property
     def ok(self) -> bool:

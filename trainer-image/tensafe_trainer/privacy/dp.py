@@ -13,10 +13,11 @@ One mechanism, stated once (docs/privacy.md has the argument):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
@@ -298,6 +299,9 @@ class NoiseAhead:
         noise, self._next = self._next.result(), None
         return noise
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _draw(self) -> list[torch.Tensor]:
         stream = KeyStream()
         out = []
@@ -366,17 +370,19 @@ class DPGradientAccumulator:
         self.open_group = left
         return units
 
-    def backward(self, per_example_loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """Run ``per_example_loss_fn`` (the forward) and backpropagate the sum of its losses, then add
-        the clipped per-unit gradients to the running sum.
-
-        Returns the per-example losses and the norm of this micro-batch's clipped sum over its rows.
-        """
+    @contextlib.contextmanager
+    def capturing(self):
+        """Around a forward and its backward whose loss is a sum of per-example losses (of this accumulator's rows;
+        a shared pass holds other slots' rows too, which reach none of these parameters): inside it,
+        ``absorb`` takes the per-example gradients."""
         self.noise.start()
         with self.hooks.capture():
-            per_example_loss = per_example_loss_fn()
-            per_example_loss.sum().backward()
-            grads = self.hooks.collect()
+            yield
+
+    def absorb(self, batch: int) -> float:
+        """Clip the per-unit gradients of the ``batch`` rows just backpropagated and add them to the running sum;
+        returns the norm of their clipped sum over the rows."""
+        grads = self.hooks.collect()
         missing = [p for p in self.params if p not in grads]
         if missing:
             raise TrainingClientError(
@@ -386,10 +392,9 @@ class DPGradientAccumulator:
         for p in self.params:
             p.grad = None  # autograd's batch-summed gradient is not used under DP
         units = self._units(grads)
-        batch = per_example_loss.shape[0]
         self.num_examples += batch
         if not units:
-            return per_example_loss, 0.0
+            return 0.0
         summed, norms, factors = clip_and_sum(units, self.cfg.max_grad_norm)
         for p, g in summed.items():
             if p in self.summed:
@@ -401,7 +406,11 @@ class DPGradientAccumulator:
         self.norm_sum += float(norms.sum())
         self.clipped_norm_sum += float((norms * factors).sum())
         mean_sq = sum(float(g.pow(2).sum()) for g in summed.values())
-        return per_example_loss, math.sqrt(mean_sq) / batch
+        return math.sqrt(mean_sq) / batch
+
+    def close(self) -> None:
+        self.hooks.close()
+        self.noise.close()
 
     def check_whole_groups(self) -> None:
         if self.open_rows:

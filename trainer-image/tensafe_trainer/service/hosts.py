@@ -18,6 +18,7 @@ from typing import Any, Optional
 from tensafe_trainer.engine.host import host_key, shares_host
 from tensafe_trainer.engine.process import EngineSlot, HostProcess
 from tensafe_trainer.engine.protocol import SlotSpec
+from tensafe_trainer.service import metrics
 
 
 class HostPool:
@@ -46,6 +47,7 @@ class HostPool:
                 host = HostProcess(self.home, self.capacity if key is not None else 1, self.busy_engines,
                                    name=f"{next(self._names)}-{spec.client_id}", on_release=self._released, key=key)
                 hosts.append(host)
+                metrics.HOSTS.inc()
             index = host.reserve()
         return host.attach(spec, index)
 
@@ -69,10 +71,15 @@ class HostPool:
             hosts = self._hosts.get(host.key, [])
             if host in hosts:
                 hosts.remove(host)
+                metrics.HOSTS.dec()
         host.close()
 
     def close(self) -> None:
         """End every host (their sessions were told to stop)."""
-        for host in self.hosts():
+        with self._lock:
+            hosts = [h for hosts in self._hosts.values() for h in hosts]
+            self._hosts.clear()
+            metrics.HOSTS.dec(len(hosts))
+        for host in hosts:
             host.closing = True
             host.close()

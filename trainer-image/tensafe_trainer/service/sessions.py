@@ -353,7 +353,8 @@ class Session:
             metrics.observe_private(op.type)
         else:
             tokens = (reply.result or {}).get("tokens_processed", 0) if reply else 0
-            metrics.observe(op.type, status.value, finished_at - op.started_at, tokens)
+            metrics.observe(op.type, status.value, finished_at - op.started_at, tokens,
+                            shared=reply.shared_pass if reply else False)
 
         def written(entry, audit_error) -> None:
             if audit_error is not None:  # fail closed: this operation, and the client, which ran unaudited

@@ -1,0 +1,75 @@
+"""Which host process a client's slot goes on (service/hosts.py), and a host running its slots' operations in
+shared passes (engine/process.py)."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import random_batch, tiny_config
+from tg_tinker.types import BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest
+
+from tensafe_trainer.engine.process import busy_counter
+from tensafe_trainer.engine.protocol import SlotSpec
+from tensafe_trainer.service.hosts import HostPool
+
+
+def _spec(client_id: str, tenant: str = "default", **config) -> SlotSpec:
+    return SlotSpec.training(client_id, tenant, tiny_config(**config))
+
+
+def _ended(host, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while host.process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not host.process.is_alive()
+
+
+def test_lora_clients_of_one_tenant_and_model_share_a_host_up_to_its_capacity(tensafe_home):
+    pool = HostPool(tensafe_home, busy_counter(), capacity=2, idle_s=0.2)
+    try:
+        first, second = pool.attach(_spec("a")), pool.attach(_spec("b", seed=0, batch_size=2))
+        other_tenant = pool.attach(_spec("c", tenant="other"))
+        third = pool.attach(_spec("d"))  # the first host is full
+        full = pool.attach(_spec("e", lora_config=None))
+        assert first.host is second.host
+        assert len({id(s.host) for s in (first, other_tenant, third, full)}) == 4
+        shared = first.host
+        first.close()
+        assert shared.alive and second.alive  # the other slot goes on
+        second.close()
+        assert _ended(shared)  # idle past idle_s, with no slot: it ends
+        full.close()
+        assert _ended(full.host)  # a host of its own ends with its slot
+    finally:
+        pool.close()
+
+
+def test_tenants_share_a_host_only_when_the_trainer_allows_it(tensafe_home):
+    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2, share_across_tenants=True)
+    try:
+        assert pool.attach(_spec("a", tenant="one")).host is pool.attach(_spec("b", tenant="two")).host
+    finally:
+        pool.close()
+
+
+def test_forward_backwards_ready_at_once_run_in_one_pass_and_a_withdrawn_one_does_not(tensafe_home):
+    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
+    slow, first, second, third = (pool.attach(_spec(name, max_seq_len=512)) for name in "swxy")
+    try:
+        batch = BatchData(**random_batch(rows=4, width=16))
+        slow.hand_over(0, ForwardRequest(batch=BatchData(**random_batch(rows=8, width=512))))  # keeps the host busy
+        for slot in (first, second, third):
+            slot.hand_over(0, ForwardBackwardRequest(batch=batch))
+        assert third.withdraw(0)
+        assert slow.reply("forward").ok
+        one, two, withdrawn = first.reply("forward_backward"), second.reply("forward_backward"), third.reply("")
+        assert one.ok and two.ok and one.shared_pass and two.shared_pass
+        assert one.result == two.result  # same base, same seed, same batch: the same numbers
+        assert withdrawn.withdrawn
+        for slot in (first, second):
+            slot.hand_over(1, OptimStepRequest())
+            assert slot.reply("optim_step").result["step"] == 1
+        third.hand_over(1, OptimStepRequest())
+        assert third.reply("optim_step").result["step"] == 1  # its numbering goes on past the withdrawn one
+    finally:
+        pool.close()
