@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from conftest import random_batch, tiny_config
 from tg_tinker.types import BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest
 
@@ -71,5 +73,39 @@ def test_forward_backwards_ready_at_once_run_in_one_pass_and_a_withdrawn_one_doe
             assert slot.reply("optim_step").result["step"] == 1
         third.hand_over(1, OptimStepRequest())
         assert third.reply("optim_step").result["step"] == 1  # its numbering goes on past the withdrawn one
+    finally:
+        pool.close()
+
+
+def test_a_sampler_of_a_lora_clients_weights_joins_that_clients_host_and_samples_as_it_would_alone(tensafe_home):
+    import dataclasses
+
+    from tg_tinker.types import ComputeLogprobsRequest, SampleRequest, SaveStateRequest
+
+    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
+    try:
+        trainer = pool.attach(_spec("trained"))
+        trainer.hand_over(0, ForwardBackwardRequest(batch=BatchData(**random_batch())))
+        trainer.hand_over(1, OptimStepRequest())
+        trainer.hand_over(2, SaveStateRequest(kind="sampler"))
+        assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
+        artifact = trainer.reply("save_state").result["artifact_id"]
+        trainer.hand_over(3, ForwardBackwardRequest(batch=BatchData(**random_batch(seed=1))))
+        trainer.hand_over(4, OptimStepRequest(adam={"learning_rate": 0.5}))  # the trainer's adapter moves on, far
+        assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
+        spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
+        shared = pool.attach(dataclasses.replace(spec, saved_by=tiny_config()))
+        alone = pool.attach(dataclasses.replace(spec, client_id="alone"))  # its saver unknown: a host of its own
+        assert shared.host is trainer.host and alone.host is not trainer.host
+        tokens = [5, 9, 200, 17, 3, 64, 81, 2]
+        scores, samples = [], []
+        for slot, seq in ((shared, 0), (alone, 0), (trainer, 5)):
+            slot.hand_over(seq, ComputeLogprobsRequest(tokens=tokens))
+            scores.append(slot.reply("compute_logprobs").result["logprobs"][1:])
+        for slot in (shared, alone):
+            slot.hand_over(1, SampleRequest(prompt=[1, 2, 3], max_tokens=8, temperature=1.0, seed=5))
+            samples.append(slot.reply("sample").result["sequences"])
+        assert scores[0] == pytest.approx(scores[1], rel=1e-6) and samples[0] == samples[1]  # its own weights
+        assert scores[0] != pytest.approx(scores[2], rel=1e-3)  # not the trainer's, which moved on
     finally:
         pool.close()

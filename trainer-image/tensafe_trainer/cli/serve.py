@@ -26,7 +26,10 @@ TOKEN_ENV = "TENSAFE_AUTH_TOKEN"
 TOKEN_FILE_ENV = "TENSAFE_AUTH_TOKEN_FILE"  # the token in a file instead (a Secret's, or the local backend's 0600 file)
 CLIENT_CONFIG_ENV = "TENSAFE_CLIENT_CONFIG"
 MAX_PENDING_ENV = "TENSAFE_MAX_PENDING"  # operations queued per client before submissions get 429
-MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (engine processes) before creating one gets 429
+MAX_CLIENTS_ENV = "TENSAFE_MAX_CLIENTS"  # live clients (adapter slots) before creating one gets 429
+HOST_ADAPTERS_ENV = "TENSAFE_HOST_ADAPTERS"  # LoRA clients one model host process carries (1: a process each)
+HOST_IDLE_ENV = "TENSAFE_HOST_IDLE_S"  # seconds a shared host with no client stays warm
+SHARE_HOSTS_ENV = "TENSAFE_SHARE_HOSTS_ACROSS_TENANTS"  # "1": clients of different tenants may share a host
 MAX_CLIENTS_PER_TENANT_ENV = "TENSAFE_MAX_CLIENTS_PER_TENANT"  # of those, one tenant's (unset: no cap)
 MIN_FREE_MEMORY_ENV = "TENSAFE_MIN_FREE_MEMORY"  # bytes the machine must have available to start a client
 TINKER_KEY_FILE_ENV = "TENSAFE_TINKER_KEY_FILE"  # a trainer pod's Tinker API key, a file its Secret mounts
@@ -106,6 +109,9 @@ def run(host: str, port: int, home: Optional[Path], ready_file: Optional[Path], 
                         max_clients_per_tenant=int(os.environ[MAX_CLIENTS_PER_TENANT_ENV])
                         if os.environ.get(MAX_CLIENTS_PER_TENANT_ENV) else None,
                         min_free_memory=int(os.environ.get(MIN_FREE_MEMORY_ENV, Settings.min_free_memory)),
+                        host_adapters=int(os.environ.get(HOST_ADAPTERS_ENV, Settings.host_adapters)),
+                        host_idle_s=float(os.environ.get(HOST_IDLE_ENV, Settings.host_idle_s)),
+                        share_hosts_across_tenants=os.environ.get(SHARE_HOSTS_ENV, "") == "1",
                         open_docs=open_docs, privacy_policy=privacy_policy, tinker_key=tinker_key,
                         tinker_model_roots=_model_roots(os.environ.get(TINKER_MODEL_ROOTS_ENV)))
     app = create_app(settings)

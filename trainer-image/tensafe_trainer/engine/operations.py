@@ -35,7 +35,7 @@ from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.crypto import ALGORITHM
 from tensafe_trainer.privacy.datasets import find_dataset, load_examples
 from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, write_state
-from tensafe_trainer.engine.host import ModelHost
+from tensafe_trainer.engine.host import ModelHost, shares_host
 from tensafe_trainer.privacy.ledger import open_ledger
 from tensafe_trainer.engine.sampling import Sampler
 
@@ -83,7 +83,9 @@ class Runtime:
 
     @classmethod
     def for_sampling(cls, client_id: str, tenant_id: str, store: ArtifactStore, *, artifact_id: Optional[str] = None,
-                     base_model: Optional[str] = None) -> "Runtime":
+                     base_model: Optional[str] = None, host: Optional[ModelHost] = None) -> "Runtime":
+        """``host``: the host of the client that saved the artifact, which its adapter joins if it fits there;
+        other weights, and a base model alone, get a host of their own."""
         if artifact_id is None:
             config = TrainingConfig(model_ref=base_model, lora_config=None)
             return cls(client_id, tenant_id, "sampling", AdapterSlot(config), store)
@@ -92,7 +94,8 @@ class Runtime:
         if base_model and base_model != config.model_ref:
             raise ValidationError(f"artifact {artifact_id} was trained on {config.model_ref!r}, not {base_model!r}",
                                   {"field": "base_model"})
-        engine = AdapterSlot(config)
+        fits = host is not None and host.fits(config) and shares_host(config)
+        engine = AdapterSlot(config, host=host if fits else None)
         engine.load_weights(state)
         return cls(client_id, tenant_id, "sampling", engine, store)
 

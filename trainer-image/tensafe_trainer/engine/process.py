@@ -85,7 +85,7 @@ def _build(spec: SlotSpec, home: Path, host):
             runtime.resume(spec.resume_from)
         return runtime
     return Runtime.for_sampling(spec.client_id, spec.tenant_id, store, artifact_id=spec.artifact_id,
-                                base_model=spec.base_model)
+                                base_model=spec.base_model, host=host)
 
 
 class _ThreadShare:
@@ -213,11 +213,11 @@ class _HostLoop:
 
     def attach(self, index: int, spec: SlotSpec) -> None:
         try:
-            if self.host is None and spec.kind == "training":
+            if self.host is None and spec.host_config is not None:
                 from tensafe_trainer.engine.host import ModelHost
 
-                self.host = ModelHost.for_config(spec.config)
-            runtime = _build(spec, self.home, self.host if spec.kind == "training" else None)
+                self.host = ModelHost.for_config(spec.host_config)
+            runtime = _build(spec, self.home, self.host)
         except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller
             self.send(index, ("failed", wire_error(exc, private=spec.private)))
             return

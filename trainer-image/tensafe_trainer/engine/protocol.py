@@ -25,6 +25,8 @@ class SlotSpec:
     resume_from: Optional[str] = None  # training: a checkpoint id, or "latest"
     artifact_id: Optional[str] = None  # sampling: the weights of this artifact
     base_model: Optional[str] = None  # sampling: else this base model (a built-in name or a folder)
+    # sampling an artifact: the config of the client that saved it, if the service knows it (picks the host)
+    saved_by: Optional[TrainingConfig] = None
 
     @classmethod
     def training(cls, client_id: str, tenant_id: str, config: TrainingConfig,
@@ -36,6 +38,12 @@ class SlotSpec:
                  base_model: Optional[str] = None) -> "SlotSpec":
         return cls(client_id, tenant_id, "sampling", artifact_id=artifact_id,
                    base_model=None if artifact_id else base_model)
+
+    @property
+    def host_config(self) -> Optional[TrainingConfig]:
+        """The config whose model host this slot may share: a training client's own, or for a sampler of an
+        artifact, that of the client that saved it; None: a host of its own."""
+        return self.config if self.kind == "training" else self.saved_by
 
     @property
     def private(self) -> bool:

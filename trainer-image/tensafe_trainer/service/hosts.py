@@ -1,8 +1,9 @@
 """Which host process a client's slot goes on: one host per (base model, dtype, device) and tenant, shared by that
 tenant's LoRA clients up to the host's adapter capacity.
 
-A client that trains the base model's own weights (full fine-tuning, a LoRA bias) and a sampling client get a
-host of their own, which ends with them. A shared host that has no slot left stays warm for ``idle_s`` seconds, so
+A sampler of a LoRA client's artifact goes on that client's host (its adapter a slot there). A client that trains
+the base model's own weights (full fine-tuning, a LoRA bias), and a sampler of such weights or of a base model alone,
+get a host of their own, which ends with them. A shared host that has no slot left stays warm for ``idle_s`` seconds, so
 the next client of that model attaches without loading it; then it ends. Clients of different tenants share a
 host only when the trainer is started with ``share_across_tenants`` (off by default): they then share a process,
 and so its fate (a crash fails all of them) and its memory, though never an adapter, a gradient or a key.
@@ -34,9 +35,10 @@ class HostPool:
 
     def key(self, spec: SlotSpec) -> Optional[tuple]:
         """The hosts a slot may join; None: a host of its own."""
-        if spec.kind != "training" or not shares_host(spec.config):
+        config = spec.host_config
+        if config is None or not shares_host(config):
             return None
-        return (None if self.share_across_tenants else spec.tenant_id, *host_key(spec.config))
+        return (None if self.share_across_tenants else spec.tenant_id, *host_key(config))
 
     def attach(self, spec: SlotSpec) -> EngineSlot:
         key = self.key(spec)

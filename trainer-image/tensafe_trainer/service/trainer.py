@@ -6,6 +6,7 @@ the audit writer; the doors authenticate, parse their wire format and encode the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -255,7 +256,15 @@ class TrainerService:
         return session
 
     def start_engine(self, spec: SlotSpec) -> EngineSlot:
+        if spec.kind == "sampling" and spec.artifact_id:
+            spec = dataclasses.replace(spec, saved_by=self._config_that_saved(spec.tenant_id, spec.artifact_id))
         return self.hosts.attach(spec)
+
+    def _config_that_saved(self, tenant_id: str, artifact_id: str):
+        """The config of the live client that saved an artifact (its sampler may share that client's host); None
+        if that client is gone. The host checks the artifact's own config against it."""
+        session = self.sessions.get(self.store.info(tenant_id, artifact_id).training_client_id)
+        return session.config if session is not None and session.tenant_id == tenant_id else None
 
     def start_training(self, req: CreateTrainingClient) -> Session:
         client_id = req.client_id or f"tc-{uuid.uuid4().hex[:12]}"
