@@ -3,6 +3,7 @@ shared passes (engine/process.py)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -42,6 +43,23 @@ def test_lora_clients_of_one_tenant_and_model_share_a_host_up_to_its_capacity(te
         assert _ended(shared)  # idle past idle_s, with no slot: it ends
         full.close()
         assert _ended(full.host)  # a host of its own ends with its slot
+    finally:
+        pool.close()
+
+
+def test_a_shared_host_outlives_the_thread_that_started_it(tensafe_home):
+    # An engine dies with the thread that started it (cli/hardening.py): a session worker ends with its client.
+    pool = HostPool(tensafe_home, busy_counter(), capacity=2, idle_s=0.2)
+    try:
+        started = []
+        worker = threading.Thread(target=lambda: started.append(pool.attach(_spec("first"))))
+        worker.start()
+        worker.join()
+        second = pool.attach(_spec("second"))
+        assert second.host is started[0].host
+        time.sleep(0.5)
+        second.hand_over(0, ForwardRequest(batch=BatchData(**random_batch())))
+        assert second.reply("forward").ok and second.host.alive
     finally:
         pool.close()
 

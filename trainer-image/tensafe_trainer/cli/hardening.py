@@ -58,8 +58,8 @@ def dumpable() -> Optional[bool]:
 
 def die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process as soon as its parent is gone (``PR_SET_PDEATHSIG``), however the parent
-    ends (kill -9 included). The signal comes when the parent *thread* that started this process ends: the
-    engine is started by its session's worker thread, which lives until the engine is closed. A parent that
+    ends (kill -9 included). The signal comes when the parent *thread* that started this process ends: host
+    processes are started by one thread of the host pool's, which lives as long as the server. A parent that
     died before the signal was armed is caught by ``getppid``. Elsewhere a no-op (engines still stop at the
     end of their current operation, when their request pipe closes)."""
     if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL) is None:

@@ -11,6 +11,7 @@ and so its fate (a crash fails all of them) and its memory, though never an adap
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import threading
 from pathlib import Path
@@ -30,6 +31,10 @@ class HostPool:
         self.home, self.busy_engines, self.capacity, self.idle_s = home, busy_engines, capacity, idle_s
         self.share_across_tenants = share_across_tenants
         self._lock = threading.Lock()
+        # Host processes are started from this one thread, which lives as long as the pool: a child's
+        # PR_SET_PDEATHSIG (cli/hardening.py) fires when the *thread* that started it ends, and a shared host must
+        # outlive the session worker of the client that happened to start it.
+        self._starter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-starter")
         self._hosts: dict[Optional[tuple], list[HostProcess]] = {}
         self._names = itertools.count()
 
@@ -46,8 +51,9 @@ class HostPool:
             hosts = self._hosts.setdefault(key, [])
             host = next((h for h in hosts if h.has_room), None) if key is not None else None
             if host is None:
-                host = HostProcess(self.home, self.capacity if key is not None else 1, self.busy_engines,
-                                   name=f"{next(self._names)}-{spec.client_id}", on_release=self._released, key=key)
+                host = self._starter.submit(
+                    HostProcess, self.home, self.capacity if key is not None else 1, self.busy_engines,
+                    name=f"{next(self._names)}-{spec.client_id}", on_release=self._released, key=key).result()
                 hosts.append(host)
                 metrics.HOSTS.inc()
             index = host.reserve()
