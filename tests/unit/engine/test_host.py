@@ -119,3 +119,8 @@ def test_a_slot_that_leaves_frees_its_adapter_and_its_checkpoint_loads_in_a_slot
     restored.load_state_dict(state)
     for name, value in _weights(second).items():
         assert torch.equal(restored.trainable[name].detach(), value), name
+    second.close()
+    assert host.slots == 0
+    again = _slot(config, host=host)  # a host all of whose slots left takes new ones
+    again.activate()
+    assert again.forward(padded_batch(sequences(2, seed=9))).tokens_processed > 0

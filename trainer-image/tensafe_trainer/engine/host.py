@@ -112,7 +112,7 @@ class ModelHost:
     def activate(self, name: Optional[str]) -> None:
         """Make ``name``'s adapter the one the next pass runs with (and the only one with gradients)."""
         if name is not None and name != self.active:
-            self.peft.base_model.set_adapter(name)
+            self.peft.set_adapter(name)  # the PEFT model's own record too (get_base_model reads it)
             self.active = name
 
     @contextlib.contextmanager
@@ -122,6 +122,7 @@ class ModelHost:
         from peft.tuners.lora import LoraLayer
 
         names = sorted({n for n in adapter_per_row if n is not None})
+        self.peft.set_adapter(names[0])
         self.peft.base_model.set_adapter(names)
         self.active = None  # several: the next single pass sets its own again
         routing = [n if n is not None else "__base__" for n in adapter_per_row]
