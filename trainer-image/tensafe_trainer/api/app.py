@@ -72,7 +72,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tinker = TinkerService(state, tinker_keys, policy, settings.tinker_model_roots, tinker_registry)
         if settings.initial_client is not None:
             state.start_training(settings.initial_client)
+        sweeper = asyncio.create_task(app.state.tinker.sweep_lapsed_sessions())
         yield
+        sweeper.cancel()
         for session in state.sessions.values():
             session.terminate()
         for session in state.sessions.values():

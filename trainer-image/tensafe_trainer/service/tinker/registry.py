@@ -29,10 +29,11 @@ from tensafe_trainer.service.samplers import make_room
 
 PATH_SCHEME = "tinker://"
 CHECKPOINT_KINDS = {"weights": "checkpoint", "sampler_weights": "sampler"}  # Tinker kind -> TenSafe artifact kind
-# A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is finished: its engines
-# stop, its checkpoints stay. Without it, a client that exits without finishing its session (the cookbook's DPO
-# recipe does) would hold its engines until the trainer restarts.
-SESSION_LAPSE_S = float(os.environ.get("TENSAFE_TINKER_SESSION_LAPSE_S", "300"))
+# A session whose client sent no heartbeat (the SDK sends one every 10 s) for this long is finished: its models and
+# samplers leave their hosts, its checkpoints stay. Without it, a client that exits without finishing its session
+# (the cookbook's DPO recipe does) would hold its slots until the trainer restarts.
+SESSION_LAPSE_S = float(os.environ.get("TENSAFE_TINKER_SESSION_LAPSE_S", "60"))
+LAPSE_SWEEP_S = min(10.0, SESSION_LAPSE_S / 3)  # how often lapsed sessions are looked for, besides each start
 MAX_OPEN_SESSIONS = 256  # per tenant: a session costs little, but every one is kept and scanned for its lapse
 ENDED_KEPT_S = 3600.0  # an ended session (and its models) is remembered this long, to answer 410 / TERMINATED
 

@@ -34,6 +34,7 @@ from tensafe_trainer.service.tinker.policy import PrivacyPolicy
 from tensafe_trainer.service.tinker.registry import (
     CHECKPOINT_KINDS,
     PATH_SCHEME,
+    LAPSE_SWEEP_S,
     SESSION_LAPSE_S,
     TinkerModel,
     TinkerRegistry,
@@ -150,11 +151,22 @@ class TinkerService:
         session.samplers.clear()
 
     def end_lapsed_sessions(self) -> None:
-        """Run before anything that starts an engine, so silent sessions free their slots first."""
+        """Run before anything that starts an engine, so silent sessions free their slots first (and every
+        ``LAPSE_SWEEP_S`` by ``sweep_lapsed_sessions``)."""
         for session in self.registry.lapsed():
             log.info("finishing Tinker session %s of tenant %s: no heartbeat for %.0f s", session.session_id,
                      session.tenant_id, SESSION_LAPSE_S)
             self.end_session(session)
+
+    async def sweep_lapsed_sessions(self) -> None:
+        """Runs with the server: a script that exited without ending its session frees its slots within
+        SESSION_LAPSE_S + LAPSE_SWEEP_S, whether or not anyone starts a model meanwhile."""
+        while True:
+            await asyncio.sleep(LAPSE_SWEEP_S)
+            try:
+                self.end_lapsed_sessions()
+            except Exception:  # noqa: BLE001 - the next round tries again; the server goes on
+                log.exception("ending lapsed Tinker sessions failed")
 
     # --- models -------------------------------------------------------------------------------
 
