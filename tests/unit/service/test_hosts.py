@@ -64,6 +64,24 @@ def test_a_shared_host_outlives_the_thread_that_started_it(tensafe_home):
         pool.close()
 
 
+def test_on_a_host_tenants_share_each_tenant_gets_a_turn_as_often_whatever_its_number_of_clients(tensafe_home):
+    pool = HostPool(tensafe_home, busy_counter(), capacity=5, idle_s=0.2, share_across_tenants=True)
+    slow, *many = (pool.attach(_spec(name, tenant="many", max_seq_len=512)) for name in ("s", "a1", "a2", "a3"))
+    one = pool.attach(_spec("b", tenant="one"))
+    try:
+        slow.hand_over(0, ForwardRequest(batch=BatchData(**random_batch(rows=8, width=512))))  # all queue behind it
+        batch = BatchData(**random_batch())
+        for slot in [*many, one]:
+            for seq in range(2):
+                slot.hand_over(seq, ForwardRequest(batch=batch))
+        assert slow.reply("forward").ok
+        finished = sorted((slot.reply("forward").finished_at, slot.client_id) for slot in [*many, one] for _ in "12")
+        order = [client for _, client in finished]
+        assert order.index("b") < order.index("a1") and order[:4].count("b") == 2, order  # b, a1, b, a2, ...
+    finally:
+        pool.close()
+
+
 def test_tenants_share_a_host_only_when_the_trainer_allows_it(tensafe_home):
     pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2, share_across_tenants=True)
     try:

@@ -8,8 +8,8 @@ engine crash (a CUDA fault, an OOM kill) fails its host's clients' operations cl
 keeps serving everyone else.
 
 Several LoRA clients of one base model share a host process (engine/host.py, service/hosts.py): one copy of
-the model, and the process runs their operations one at a time, taking the clients with work in turn, so a
-client with a deep queue does not starve the others. A host process that crashes fails each of its clients.
+the model, and the process runs their operations one at a time, taking the tenants, and each tenant's clients, with
+work in turn, so neither a client with a deep queue nor a tenant with many clients starves the others. A host process that crashes fails each of its clients.
 
 Children are spawned, not forked: a fresh interpreter has no inherited threads or allocator state
 (measured: forkserver children with torch preloaded trained ~15% slower here), at the price of a
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -186,7 +187,8 @@ _EMPTY = object()
 
 class _HostLoop:
     """The host process's side: its slots (one Runtime each, on one ModelHost), each with its queue of handed-over
-    operations, run one at a time, the slots with work taken in turn."""
+    operations, run one at a time. Whose turn it is: the tenant served longest ago, and of its slots the one served
+    longest ago (a tenant with many clients on a shared host gets a turn as often as one with one client)."""
 
     def __init__(self, replies, home: Path, busy_engines, gates: StartGates):
         self.replies, self.home, self.gates = replies, home, gates
@@ -194,7 +196,25 @@ class _HostLoop:
         self.host = None  # the ModelHost, from the first slot
         self.slots: dict[int, tuple[SlotSpec, object]] = {}
         self.queues: dict[int, collections.deque] = {}
-        self.turns: collections.deque[int] = collections.deque()  # slots with work, in the order they are served
+        self._clock = itertools.count(1)
+        self._served: dict[int, int] = {}  # slot -> when it was last served
+        self._tenant_served: dict[str, int] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return any(self.queues.values())
+
+    def _in_turn(self) -> list[int]:
+        """The slots with work, in the order they are owed a turn."""
+        waiting = [i for i, operations in self.queues.items() if operations]
+        return sorted(waiting, key=lambda i: (self._tenant_served.get(self.slots[i][0].tenant_id, 0),
+                                              self._served.get(i, 0), i))
+
+    def _mark_served(self, indices: list[int]) -> None:
+        now = next(self._clock)
+        for i in indices:
+            self._served[i] = now
+            self._tenant_served[self.slots[i][0].tenant_id] = now
 
     def send(self, index: int, payload) -> None:
         self.replies.send((index, payload))
@@ -207,8 +227,6 @@ class _HostLoop:
         elif kind == "detach":
             self.detach(index)
         else:
-            if not self.queues[index]:
-                self.turns.append(index)
             self.queues[index].append(item[2:])
 
     def attach(self, index: int, spec: SlotSpec) -> None:
@@ -228,8 +246,7 @@ class _HostLoop:
     def detach(self, index: int) -> None:
         _, runtime = self.slots.pop(index, (None, None))
         self.queues.pop(index, None)
-        if index in self.turns:
-            self.turns.remove(index)
+        self._served.pop(index, None)
         if runtime is not None:
             try:
                 runtime.close()
@@ -240,13 +257,12 @@ class _HostLoop:
     def run_next(self) -> None:
         """Run the oldest operation of the slot whose turn it is, with those of other slots that can share its pass,
         and answer them."""
-        index = self.turns.popleft()
+        index, *others = self._in_turn()
+        chosen = [index, *self._companions(index, others)]
+        self._mark_served(chosen)
         jobs = []
-        for i in [index, *self._companions(index)]:
-            operations = self.queues[i]
-            seq, request = operations.popleft()
-            if operations:
-                self.turns.append(i)  # its next operation waits for the others' turns
+        for i in chosen:
+            seq, request = self.queues[i].popleft()
             if self.gates.start(i, seq):
                 jobs.append((i, seq, request))
             else:
@@ -262,9 +278,9 @@ class _HostLoop:
         runtime = self.slots[index][1]
         return request.type in SHARED_PASS_OPS and runtime.kind == "training" and runtime.engine.adapter is not None
 
-    def _companions(self, index: int) -> list[int]:
-        """Slots waiting their turn whose next operation can join ``index``'s in one pass (taken out of the turns),
-        as many as fit in one request's memory budget, at most ``MAX_SHARED_PASS`` in all."""
+    def _companions(self, index: int, others: list[int]) -> list[int]:
+        """Of ``others`` (in the order they are owed a turn), those whose next operation can join ``index``'s in one
+        pass, as many as fit in one request's memory budget, at most ``MAX_SHARED_PASS`` in all."""
         if not self._shareable(index):
             return []
         from tensafe_trainer.engine.memory import request_memory_budget
@@ -272,7 +288,7 @@ class _HostLoop:
         engine = self.slots[index][1].engine
         rows, width = self.queues[index][0][1].batch.shape
         chosen = []
-        for other in list(self.turns):
+        for other in others:
             if len(chosen) + 1 >= MAX_SHARED_PASS:
                 break
             if not self._shareable(other):
@@ -282,7 +298,6 @@ class _HostLoop:
                 continue
             rows, width = rows + more, max(width, wider)
             chosen.append(other)
-            self.turns.remove(other)
         return chosen
 
     def _answer(self, index: int, seq: int, **outcome) -> None:
@@ -349,7 +364,7 @@ def _child(requests, replies, home: str, busy_engines, gates: StartGates) -> Non
     loop = _HostLoop(replies, Path(home), busy_engines, gates)
     inbox = _Inbox(requests)
     while True:
-        item = inbox.get(block=not loop.turns)
+        item = inbox.get(block=not loop.has_work)
         if item is None:
             return
         if item is not _EMPTY:
