@@ -9,7 +9,8 @@ keeps serving everyone else.
 
 Several LoRA clients of one base model share a host process (engine/host.py, service/hosts.py): one copy of
 the model, and the process runs their operations one at a time, taking the tenants, and each tenant's clients, with
-work in turn, so neither a client with a deep queue nor a tenant with many clients starves the others. A host process that crashes fails each of its clients.
+work in turn, so neither a client with a deep queue nor a tenant with many clients starves the others. A host
+process that crashes fails each of its clients.
 
 Children are spawned, not forked: a fresh interpreter has no inherited threads or allocator state
 (measured: forkserver children with torch preloaded trained ~15% slower here), at the price of a
