@@ -457,8 +457,8 @@ class HostProcess:
                 inbox = self._inboxes.get(index)
             if inbox is not None:
                 inbox.put(payload)
-        self._dead = True
         with self._lock:
+            self._dead = True
             inboxes = list(self._inboxes.values())
         for inbox in inboxes:
             inbox.put(None)  # the process is gone: each slot's waiting worker hears it
@@ -469,7 +469,9 @@ class HostProcess:
             if not self._free:
                 raise RuntimeError("this host has no free slot")  # the pool checks first: a bug, never input
             index = self._free.pop(0)
-            self._inboxes[index] = queue.SimpleQueue()
+            self._inboxes[index] = inbox = queue.SimpleQueue()
+            if self._dead:
+                inbox.put(None)  # it died after the pool chose it: the start-up hears so at once
         self.gates.reset(index)
         return index
 

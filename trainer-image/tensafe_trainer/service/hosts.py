@@ -64,6 +64,8 @@ class HostPool:
             return [h for hosts in self._hosts.values() for h in hosts]
 
     def _released(self, host: HostProcess) -> None:
+        if host.attached:
+            return
         if host.key is None:
             self._end_if_empty(host)
         else:
