@@ -59,10 +59,6 @@ class HostPool:
             index = host.reserve()
         return host.attach(spec, index)
 
-    def hosts(self) -> list[HostProcess]:
-        with self._lock:
-            return [h for hosts in self._hosts.values() for h in hosts]
-
     def _released(self, host: HostProcess) -> None:
         if host.attached:
             return
