@@ -52,7 +52,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dp.py
 	$(BIN)/python benchmarks/artifacts.py
 	$(BIN)/python benchmarks/load.py
-	$(BIN)/python benchmarks/tinker.py
+	$(BIN)/python benchmarks/tinker_wire.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/multitenant.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -7,6 +7,9 @@ host (the default: one process, their ready forward_backwards in shared passes) 
 TENSAFE_HOST_ADAPTERS=1 (an engine process, and a copy of the model, per client: the behaviour before shared
 hosts). Rounds alternate a/b; the ratio is aggregate tokens/s of (a) over (b), the median of the rounds' ratios.
 
+DP inside a shared host (dp.py's setup, batches of 8 x 128): a DP client's tokens/s over a plain client's, each
+training alone on the same shared host, rounds alternating (dp.py measures the same ratio in-process).
+
 Memory (SmolLM2-135M): the resident memory of the trainer's engine processes (the sum of their RSS) with 8
 clients on one host vs 1 client, and with 8 clients each in a process of its own. Start: seconds from
 create_training_client to the first forward_backward's result, the first client of a model (a model load) vs a
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from common import median_interval, run_benchmark  # noqa: E402
-from tg_tinker import BatchData, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
+from tg_tinker import BatchData, DPConfig, LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig  # noqa: E402
 
 TINY = "tiny-random-llama:hidden=256,layers=4"
 SMOLLM2 = "smollm2-135m"
@@ -42,16 +45,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 COUNTS = (1, 2, 4, 8)
 
 
-def config(model: str) -> TrainingConfig:
+def config(model: str, rows: int = ROWS, seq: int = SEQ, dp: bool = False) -> TrainingConfig:
     return TrainingConfig(model_ref=model, lora_config=LoRAConfig(rank=16, alpha=32, target_modules=TARGETS),
-                          optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=ROWS, max_seq_len=SEQ)
+                          optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=rows, max_seq_len=seq,
+                          dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0) if dp else None)
 
 
-def batches(n: int, seed: int, vocab: int = VOCAB) -> list[BatchData]:
+def batches(n: int, seed: int, vocab: int = VOCAB, rows: int = ROWS, seq: int = SEQ) -> list[BatchData]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        ids = [[rng.randrange(vocab) for _ in range(SEQ)] for _ in range(ROWS)]
+        ids = [[rng.randrange(vocab) for _ in range(seq)] for _ in range(rows)]
         out.append(BatchData(input_ids=ids, labels=[row[1:] + [-100] for row in ids]))
     return out
 
@@ -130,6 +134,23 @@ def measure_throughput(steps: int, rounds: int) -> dict:
     return out
 
 
+def measure_dp(steps: int, rounds: int) -> dict:
+    work = batches(steps, seed=7, rows=8, seq=128)
+    dp_runs, plain_runs = [], []
+    with trainer(8) as service:
+        private = service.create_training_client(config(TINY, rows=8, seq=128, dp=True))
+        plain = service.create_training_client(config(TINY, rows=8, seq=128))
+        aggregate([private], [work])  # warm-up
+        aggregate([plain], [work])
+        for i in range(rounds):
+            order = [(dp_runs, private), (plain_runs, plain)]
+            for runs, client in (order if i % 2 == 0 else order[::-1]):
+                runs.append(aggregate([client], [work]))
+    ratios = [a / b for a, b in zip(dp_runs, plain_runs)]
+    return {"dp_tok_s": round(statistics.median(dp_runs), 1), "plain_tok_s": round(statistics.median(plain_runs), 1),
+            "ratio": round(statistics.median(ratios), 3), "ratio_ci95": [round(r, 3) for r in median_interval(ratios)]}
+
+
 def measure_memory() -> dict:
     batch = batches(1, seed=99, vocab=49152)[0]
     out = {}
@@ -151,8 +172,9 @@ def measure_memory() -> dict:
 
 def measure(steps: int, rounds: int) -> dict:
     throughput = measure_throughput(steps, rounds)
+    dp = measure_dp(steps, 2 * rounds)
     memory = measure_memory()
-    return {"throughput": throughput, "memory": memory,
+    return {"throughput": throughput, "dp_in_shared_host": dp, "memory": memory,
             "memory_ratio": round(memory["eight_clients_one_host_mib"] / memory["one_client_mib"], 3),
             "throughput_ratio": throughput[max(COUNTS)]["ratio"], "steps_per_client": steps, "rounds": rounds}
 
@@ -164,6 +186,9 @@ def report(result: dict) -> None:
         low, high = row["ratio_ci95"]
         print(f"  {n:>7}   {row['shared_tok_s']:>11.1f}   {row['separate_tok_s']:>14.1f}   "
               f"{row['ratio']:.3f} ({low:.3f}-{high:.3f})")
+    d = result["dp_in_shared_host"]
+    print(f"DP client / plain client on a shared host (8x128): {d['ratio']:.3f} "
+          f"({d['ratio_ci95'][0]:.3f}-{d['ratio_ci95'][1]:.3f}); {d['dp_tok_s']} vs {d['plain_tok_s']} tok/s")
     m = result["memory"]
     print(f"SmolLM2-135M engines' RSS: 1 client {m['one_client_mib']} MiB; 8 on one host "
           f"{m['eight_clients_one_host_mib']} MiB (memory_ratio {result['memory_ratio']}; goal <= 1.5); "
