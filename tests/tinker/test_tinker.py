@@ -366,7 +366,7 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
     """A client that stops sending heartbeats (it exited without finishing its session) loses its engines when the
     next one starts; with a per-tenant cap, one tenant's models cannot hold the slots other tenants need; with model
     roots, a key holder cannot make the server load any other folder as a model."""
-    monkeypatch.setenv("TENSAFE_TINKER_SESSION_LAPSE_S", "3")
+    monkeypatch.setenv("TENSAFE_TINKER_SESSION_LAPSE_S", "8")  # longer than a model's cold start here
     monkeypatch.setenv("TENSAFE_MAX_CLIENTS_PER_TENANT", "1")
     monkeypatch.setenv("TENSAFE_TINKER_MODEL_ROOTS", str(model_dir.parent))
     (model_dir.parent / "escape").symlink_to(tmp_path, target_is_directory=True)
@@ -400,7 +400,7 @@ def test_a_shared_trainer_frees_silent_sessions_caps_tenants_and_loads_models_fr
                                              "base_model": str(model_dir), "lora_config": {"rank": 4}})
         assert code == 429 and "its limit per tenant" in answer["detail"]  # plain holds its one slot
         created("other")  # another tenant is not held back by plain's model
-        time.sleep(4.5)  # both sessions are silent now, and the server's sweep (every second here) has ended them
+        time.sleep(11)  # both sessions are silent now, and the server's sweep (every 2.7 s here) has ended them
         code, answer = post("optim_step", {"model_id": silent, "seq_id": 1, "adam_params": {"learning_rate": 0.1}})
         outcome = post("retrieve_future", {"request_id": answer["request_id"]})[1] if code == 200 else answer
         assert "is TERMINATED" in json.dumps(outcome)  # without a start meanwhile; its checkpoints would stay
