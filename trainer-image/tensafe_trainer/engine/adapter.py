@@ -86,6 +86,7 @@ class AdapterSlot:
         self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
                                                               self.host.eos_token_id)
         self.model, self.adapter = self.host.attach(config)  # adapter: its name on the host (None: the base itself)
+        self.shares_passes = self.host.routes(self.adapter)  # its rows may join other slots' (engine/passes.py)
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
         self.trainable = {canonical_name(n, self.adapter): p for n, p in self.model.named_parameters()

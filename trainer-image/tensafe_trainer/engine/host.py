@@ -116,28 +116,52 @@ class ModelHost:
             self.active = name
 
     @contextlib.contextmanager
-    def routed(self, adapter_per_row: list[Optional[str]]):
-        """Inside: a pass over the base model sends each row through its own adapter (PEFT's per-row routing, a
-        sub-batch per adapter), and every one of these adapters has gradients."""
-        from peft.tuners.lora import LoraLayer
+    def routed(self, spans: list[tuple[Optional[str], int, int]]):
+        """Inside: a pass over the base model sends each span of rows ``(adapter, start, end)`` (contiguous, in
+        order, covering the batch) through its own adapter, and every one of these adapters has gradients.
 
-        names = sorted({n for n in adapter_per_row if n is not None})
-        self.peft.set_adapter(names[0])
-        self.peft.base_model.set_adapter(names)
-        self.active = None  # several: the next single pass sets its own again
-        routing = [n if n is not None else "__base__" for n in adapter_per_row]
+        PEFT's own forward then computes the base layer alone, and a hook on each LoRA layer adds each span's
+        ``B(A(dropout(x))) * scaling`` for its rows: slices, not PEFT's per-row gather and scatter (measured: the
+        gathers cost a pass of eight slots more than it saved)."""
+        names = {n for n, _, _ in spans if n is not None}
+        layers = self.lora_layers()
+        self.peft.base_model.disable_adapter_layers()
+        self.active = None  # the next single pass activates its own adapter again
+        for layer in layers:
+            for name in names & set(layer.lora_A):
+                layer.lora_A[name].requires_grad_(True)
+                layer.lora_B[name].requires_grad_(True)
 
-        def route(module, args, kwargs):
-            kwargs["adapter_names"] = routing
-            return args, kwargs
+        def add_deltas(layer, args, output):
+            x = args[0]
+            if not names & set(layer.lora_A):
+                return output
+            deltas = []
+            for name, start, end in spans:
+                if name is None or name not in layer.lora_A:
+                    deltas.append(output.new_zeros((end - start, *output.shape[1:])))
+                    continue
+                a, b = layer.lora_A[name], layer.lora_B[name]
+                rows = layer.lora_dropout[name](x[start:end].to(a.weight.dtype))
+                deltas.append((b(a(rows)) * layer.scaling[name]).to(output.dtype))
+            return output + torch.cat(deltas)
 
-        handles = [m.register_forward_pre_hook(route, with_kwargs=True)
-                   for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        handles = [layer.register_forward_hook(add_deltas) for layer in layers]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            self.peft.base_model.enable_adapter_layers()
+
+    def lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft.modules() if isinstance(m, LoraLayer)] if self.peft is not None else []
+
+    def routes(self, name: Optional[str]) -> bool:
+        """Whether ``routed`` can carry this adapter: LoRA on linear layers only (not on embeddings)."""
+        return name is not None and not any(name in layer.lora_embedding_A for layer in self.lora_layers())
 
     def detach(self, name: Optional[str]) -> None:
         """Remove a slot's adapter (its weights and optimizer go with the slot object)."""

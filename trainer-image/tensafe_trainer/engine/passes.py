@@ -3,7 +3,7 @@
 Several LoRA clients of one base model whose forward_backward operations are ready at once run them as one pass
 (the host process decides which: engine/process.py): their rows are stacked (right-padded to the widest, which a
 causal model's real positions never attend to), each row goes through the base model and its own slot's adapter
-(PEFT's per-row adapter routing, host.routed), each slot's loss is formed from its own rows only and the pass
+(host.routed: a slice of the rows per adapter), each slot's loss is formed from its own rows only and the pass
 backpropagates their sum once. A slot's adapter touches only its own rows, and rows do not mix in a causal LM, so
 each slot's gradient is the one it would get alone (to floating-point rounding: the base's matrix products run
 over more rows). Under DP each slot's per-example gradients come from its own adapter's hooks, clipped to its C
@@ -78,7 +78,11 @@ def forward_backward_pass(parts: list[PassPart]) -> list[Union[ForwardBackwardRe
         ids, mask, labels = _stack(parts)
     with contextlib.ExitStack() as stack:
         if len(parts) > 1:
-            stack.enter_context(first.host.routed([p.slot.adapter for p in parts for _ in range(p.rows)]))
+            spans, start = [], 0
+            for part in parts:
+                spans.append((part.slot.adapter, start, start + part.rows))
+                start += part.rows
+            stack.enter_context(first.host.routed(spans))
         for part in parts:
             if part.slot.dp is not None:
                 stack.enter_context(part.slot.dp.capturing())

@@ -277,7 +277,7 @@ class _HostLoop:
     def _shareable(self, index: int) -> bool:
         _, request = self.queues[index][0]
         runtime = self.slots[index][1]
-        return request.type in SHARED_PASS_OPS and runtime.kind == "training" and runtime.engine.adapter is not None
+        return request.type in SHARED_PASS_OPS and runtime.kind == "training" and runtime.engine.shares_passes
 
     def _companions(self, index: int, others: list[int]) -> list[int]:
         """Of ``others`` (in the order they are owed a turn), those whose next operation can join ``index``'s in one
