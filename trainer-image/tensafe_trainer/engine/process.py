@@ -396,7 +396,9 @@ def busy_counter():
 
 class HostProcess:
     """A model host in a child process, carrying up to ``capacity`` slots. Its clients' session workers hand
-    over operations and take replies through their ``EngineSlot``; a reader thread routes each reply to its slot."""
+    over operations and take replies through their ``EngineSlot``. The replies share one pipe, read by whichever
+    waiting worker gets to it first, which leaves the others' replies in their mailboxes: no thread of its own,
+    so a single client's reply reaches its worker as directly as before hosts were shared."""
 
     def __init__(self, home: Path, capacity: int, busy_engines=None, name: str = "host",
                  on_release: Optional[Callable[["HostProcess"], None]] = None, key: Optional[tuple] = None):
@@ -416,11 +418,12 @@ class HostProcess:
         replies_in.close()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._inboxes: dict[int, queue.SimpleQueue] = {}
+        self._arrived = threading.Condition(self._lock)  # a reply was left in a mailbox, or the reader stopped
+        self._mailboxes: dict[int, collections.deque] = {}
+        self._reading = False  # a worker is reading the pipe
         self._free = list(range(capacity))
         self.closing = False
         self._dead = False
-        threading.Thread(target=self._route, name=f"replies-{name}", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -447,31 +450,13 @@ class HostProcess:
         except (BrokenPipeError, OSError):
             pass  # the host is gone: the slot's next reply says how
 
-    def _route(self) -> None:
-        while True:
-            try:
-                index, payload = self._replies.recv()
-            except (EOFError, OSError):
-                break
-            with self._lock:
-                inbox = self._inboxes.get(index)
-            if inbox is not None:
-                inbox.put(payload)
-        with self._lock:
-            self._dead = True
-            inboxes = list(self._inboxes.values())
-        for inbox in inboxes:
-            inbox.put(None)  # the process is gone: each slot's waiting worker hears it
-
     def reserve(self) -> int:
         """Take a free slot index (the pool does, under its lock, before it starts the slot with ``attach``)."""
         with self._lock:
             if not self._free:
                 raise RuntimeError("this host has no free slot")  # the pool checks first: a bug, never input
             index = self._free.pop(0)
-            self._inboxes[index] = inbox = queue.SimpleQueue()
-            if self._dead:
-                inbox.put(None)  # it died after the pool chose it: the start-up hears so at once
+            self._mailboxes[index] = collections.deque()
         self.gates.reset(index)
         return index
 
@@ -487,13 +472,42 @@ class HostProcess:
         return slot
 
     def receive(self, index: int):
-        with self._lock:
-            inbox = self._inboxes[index]
-        return inbox.get()
+        """Slot ``index``'s next message, or None once the process is gone. The caller reads the pipe itself unless
+        another worker is reading it, which then leaves this slot's message in its mailbox."""
+        with self._arrived:
+            while True:
+                mailbox = self._mailboxes[index]
+                if mailbox:
+                    return mailbox.popleft()
+                if self._dead:
+                    return None
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._arrived.wait()
+        try:
+            while True:
+                try:
+                    target, payload = self._replies.recv()
+                except (EOFError, OSError):
+                    with self._arrived:
+                        self._dead = True
+                    return None
+                if target == index:
+                    return payload
+                with self._arrived:
+                    mailbox = self._mailboxes.get(target)
+                    if mailbox is not None:  # else a slot that has left: its late reply goes
+                        mailbox.append(payload)
+                        self._arrived.notify_all()
+        finally:
+            with self._arrived:
+                self._reading = False
+                self._arrived.notify_all()  # a waiting worker reads next
 
     def release(self, index: int) -> None:
         with self._lock:
-            self._inboxes.pop(index, None)
+            self._mailboxes.pop(index, None)
             self._free.append(index)
         if self.on_release is not None:
             self.on_release(self)
