@@ -47,6 +47,10 @@ log = logging.getLogger("tensafe.engine")
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
 SHARED_PASS_OPS = frozenset({"forward_backward"})  # what several slots' operations may run in one pass
 MAX_SHARED_PASS = 8  # slots in one pass at most
+# Tokens in one shared pass on a CPU: past about this many, a pass runs slower per token than smaller ones (its
+# activations and logits leave the caches; measured with 4 x 64-token batches on the tiny Llama: 2 or 4 slots a pass
+# 0.39 s per 8 batches, 8 slots 0.43-0.47 s). A GPU takes as many as the memory budget allows.
+CPU_SHARED_PASS_TOKENS = 1024
 SPIN_COUNT_ENV = "GOMP_SPINCOUNT"  # rounds an idle OpenMP thread spins before it sleeps (see _mp_context)
 
 _context = None
@@ -281,12 +285,14 @@ class _HostLoop:
 
     def _companions(self, index: int, others: list[int]) -> list[int]:
         """Of ``others`` (in the order they are owed a turn), those whose next operation can join ``index``'s in one
-        pass, as many as fit in one request's memory budget, at most ``MAX_SHARED_PASS`` in all."""
+        pass, as many as fit in one request's memory budget (and on a CPU, ``CPU_SHARED_PASS_TOKENS``), at most
+        ``MAX_SHARED_PASS`` in all."""
         if not self._shareable(index):
             return []
         from tensafe_trainer.engine.memory import request_memory_budget
 
         engine = self.slots[index][1].engine
+        tokens = CPU_SHARED_PASS_TOKENS if engine.device.type == "cpu" else None
         rows, width = self.queues[index][0][1].batch.shape
         chosen = []
         for other in others:
@@ -295,6 +301,8 @@ class _HostLoop:
             if not self._shareable(other):
                 continue
             more, wider = self.queues[other][0][1].batch.shape
+            if tokens is not None and (rows + more) * max(width, wider) > tokens:
+                continue
             if engine.training_pass_bytes(rows + more, max(width, wider)) > request_memory_budget():
                 continue
             rows, width = rows + more, max(width, wider)
