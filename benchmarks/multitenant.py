@@ -15,6 +15,9 @@ clients on one host vs 1 client, and with 8 clients each in a process of its own
 create_training_client until the client is READY, and until its first forward_backward's result, for the first
 client of a model (a model load) and for a client joining a warm host.
 
+On a GPU machine the same script is the GPU row: models go to CUDA (bf16) by default, and the GPU memory of the
+engine processes (nvidia-smi) is reported beside their RSS.
+
     python benchmarks/multitenant.py [--steps 6] [--rounds 4] [--json]
 """
 
@@ -23,12 +26,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,15 +77,26 @@ def trainer(host_adapters: int):
         os.environ.pop("TENSAFE_HOST_ADAPTERS", None)
 
 
+def engine_processes(service: ServiceClient) -> list[psutil.Process]:
+    server = psutil.Process(service.local_trainer.process.pid)
+    return [child for child in server.children()
+            if "multiprocessing" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline())]
+
+
 def engines_rss(service: ServiceClient) -> int:
     """The summed RSS of the trainer's engine (host) processes."""
-    server = psutil.Process(service.local_trainer.process.pid)
-    total = 0
-    for child in server.children():
-        cmdline = " ".join(child.cmdline())
-        if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
-            total += child.memory_info().rss
-    return total
+    return sum(p.memory_info().rss for p in engine_processes(service))
+
+
+def engines_gpu_mib(service: ServiceClient) -> Optional[int]:
+    """On a GPU machine (models are placed on CUDA by default there): the GPU memory of the engine processes."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    pids = {p.pid for p in engine_processes(service)}
+    return sum(int(used) for pid, used in (line.split(",") for line in out.splitlines() if line.strip())
+               if int(pid) in pids)
 
 
 def aggregate(clients, work: list[list[BatchData]]) -> float:
@@ -159,16 +176,19 @@ def measure_memory() -> dict:
     with trainer(8) as service:
         first, out["cold_ready_s"], out["cold_first_result_s"] = start_seconds(service, SMOLLM2, batch)
         out["one_client_mib"] = engines_rss(service) >> 20
+        out["one_client_gpu_mib"] = engines_gpu_mib(service)
         second, out["warm_ready_s"], out["warm_first_result_s"] = start_seconds(service, SMOLLM2, batch)
         others = [service.create_training_client(config(SMOLLM2)) for _ in range(6)]
         for tc in others:
             tc.forward_backward(batch).result()
         out["eight_clients_one_host_mib"] = engines_rss(service) >> 20
+        out["eight_clients_one_host_gpu_mib"] = engines_gpu_mib(service)
     with trainer(1) as service:
         clients = [service.create_training_client(config(SMOLLM2)) for _ in range(8)]
         for tc in clients:
             tc.forward_backward(batch).result()
         out["eight_processes_mib"] = engines_rss(service) >> 20
+        out["eight_processes_gpu_mib"] = engines_gpu_mib(service)
     return out
 
 
