@@ -215,6 +215,9 @@ def report(result: dict) -> None:
     print(f"SmolLM2-135M engines' RSS: 1 client {m['one_client_mib']} MiB; 8 on one host "
           f"{m['eight_clients_one_host_mib']} MiB (memory_ratio {result['memory_ratio']}; goal <= 1.5); "
           f"8 in a process each {m['eight_processes_mib']} MiB")
+    if m.get("one_client_gpu_mib") is not None:
+        print(f"GPU memory of the engines: 1 client {m['one_client_gpu_mib']} MiB; 8 on one host "
+              f"{m['eight_clients_one_host_gpu_mib']} MiB; 8 in a process each {m['eight_processes_gpu_mib']} MiB")
     print(f"a new client READY: cold host {m['cold_ready_s']:.2f} s, warm host {m['warm_ready_s']:.2f} s; its first "
           f"result: {m['cold_first_result_s']:.2f} s, {m['warm_first_result_s']:.2f} s")
     print(f"throughput_ratio (8 clients, shared / separate): {result['throughput_ratio']} (goal >= 1.3)")
