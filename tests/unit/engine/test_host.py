@@ -124,3 +124,28 @@ def test_a_slot_that_leaves_frees_its_adapter_and_its_checkpoint_loads_in_a_slot
     again = _slot(config, host=host)  # a host all of whose slots left takes new ones
     again.activate()
     assert again.forward(padded_batch(sequences(2, seed=9))).tokens_processed > 0
+
+
+def test_a_slots_dropout_draws_from_its_own_stream_whatever_its_neighbours_draw():
+    # One stream for every slot would let a client read a neighbour's batch shape off its own dropout masks.
+    config = tiny_config(dtype="float64", batch_size=4, lora_config=LoRAConfig(rank=4, dropout=0.3,
+                                                                               target_modules=["q_proj"]))
+
+    def losses(neighbour_batches) -> list[float]:
+        host = ModelHost.for_config(config)
+        mine = _slot(config, host=host)
+        neighbour = _slot(config, host=host)
+        assert not mine.shares_passes  # its masks would come from the pass's one stream
+        out = []
+        for step, rows in enumerate(neighbour_batches):
+            if rows:
+                neighbour.activate()
+                with neighbour.own_randomness():
+                    neighbour.forward_backward(padded_batch(sequences(rows, seed=40 + step)))
+            mine.activate()
+            with mine.own_randomness():
+                out.append(mine.forward_backward(padded_batch(sequences(4, seed=30 + step))).loss)
+        return out
+
+    quiet = losses([0, 0, 0])
+    assert losses([1, 4, 2]) == quiet == losses([3, 0, 4])

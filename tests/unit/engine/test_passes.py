@@ -113,3 +113,24 @@ def test_a_dp_neighbours_non_finite_row_is_dropped_from_its_own_batch_only():
     for i in range(len(clients)):
         _assert_same_result(outcomes[i], expected[i])
         _assert_same_gradients(shared[i], alone[i])
+
+
+def test_a_part_that_fails_taking_its_gradients_fails_alone_and_the_others_take_theirs_once(monkeypatch):
+    # After one part has taken its gradients into its logical batch, the pass must not fail as a whole: the host
+    # would run every part again, and the concluded ones would count their rows twice (beyond their C under DP).
+    clients = [(dict(batch_size=4, dp_config=dp_config(max_grad_norm=0.05)), _request("cross_entropy", 3, seed=11)),
+               (dict(batch_size=4), _request("cross_entropy", rows=2, seed=12))]
+    alone, expected, shared, _ = _alone_and_shared(*clients)
+    host = ModelHost.for_config(alone[0].config)
+    mine, neighbour = (make_engine(host=host, **config) for config, _ in clients)
+
+    def out_of_memory(part):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(neighbour, "conclude", out_of_memory)
+    outcomes = forward_backward_pass([mine.begin_client_batch(clients[0][1].batch, clients[0][1]),
+                                      neighbour.begin_client_batch(clients[1][1].batch, clients[1][1])])
+    assert isinstance(outcomes[1], RuntimeError)
+    _assert_same_result(outcomes[0], expected[0])
+    _assert_same_gradients(mine, alone[0])  # its 3 rows, once
+    assert all(p.grad is None for p in neighbour.trainable.values())

@@ -145,3 +145,26 @@ def test_a_sampler_of_a_lora_clients_weights_joins_that_clients_host_and_samples
         assert scores[0] != pytest.approx(scores[2], rel=1e-3)  # not the trainer's, which moved on
     finally:
         pool.close()
+
+
+def test_a_sampler_sent_to_a_host_its_weights_do_not_fit_gets_a_host_of_its_own(tensafe_home):
+    # The pool places a sampler by the config of the live client under its saver's id; that id may have been taken
+    # by a client of another model since. Another model must not load inside that client's host.
+    import dataclasses
+
+    from tg_tinker.types import SampleRequest, SaveStateRequest
+
+    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
+    try:
+        saver = pool.attach(_spec("saver"))
+        saver.hand_over(0, SaveStateRequest(kind="sampler"))
+        artifact = saver.reply("save_state").result["artifact_id"]
+        other = pool.attach(_spec("replacement", seed=7))  # a tiny model of another seed: another model
+        spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
+        sampler = pool.attach(dataclasses.replace(spec, saved_by=tiny_config(seed=7)))
+        assert sampler.host is not other.host and sampler.host is not saver.host
+        sampler.hand_over(0, SampleRequest(prompt=[1, 2], max_tokens=2, seed=1))
+        assert sampler.reply("sample").ok
+        assert other.host.attached == 1  # the refused start left nothing behind there
+    finally:
+        pool.close()

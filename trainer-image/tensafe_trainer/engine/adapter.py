@@ -16,6 +16,7 @@ Loss conventions:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -86,7 +87,10 @@ class AdapterSlot:
         self.tokenizer, self.vocab_size, self.eos_token_id = (self.host.tokenizer, self.host.vocab_size,
                                                               self.host.eos_token_id)
         self.model, self.adapter = self.host.attach(config)  # adapter: its name on the host (None: the base itself)
-        self.shares_passes = self.host.routes(self.adapter)  # its rows may join other slots' (engine/passes.py)
+        # Its rows may join other slots' in one pass (engine/passes.py); not with LoRA dropout, whose masks would
+        # come from one random stream for every slot of the pass.
+        self.shares_passes = self.host.routes(self.adapter) and not (config.lora_config and config.lora_config.dropout)
+        self._randomness = _start_randomness(config.seed, self.device)
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
         self.trainable = {canonical_name(n, self.adapter): p for n, p in self.model.named_parameters()
@@ -491,6 +495,19 @@ class AdapterSlot:
 
         return write_private_folder(Path(folder), self.adapter_files())
 
+    @contextlib.contextmanager
+    def own_randomness(self):
+        """Inside: torch's global generators (LoRA dropout draws from them) hold this slot's own stream, started from
+        its seed and carried on from its last operation. On a shared host no slot's draws then move another's: one
+        client cannot learn from its own dropout how many numbers a neighbour's batch drew."""
+        outer = _randomness(self.device)
+        _set_randomness(self.device, self._randomness)
+        try:
+            yield
+        finally:
+            self._randomness = _randomness(self.device)
+            _set_randomness(self.device, outer)
+
     def forget_pass(self) -> None:
         """Drop what a pass that failed as a whole left in this slot's parameters (its logical batch is untouched)."""
         for p in self.trainable.values():
@@ -551,6 +568,23 @@ class AdapterSlot:
             self.optimizer = build_optimizer(self.trainable.values(), self.config.optimizer)
         self.step = int(state["step"])
         self._reset_accumulation()
+
+
+def _start_randomness(seed: int, device: torch.device) -> tuple:
+    cpu = torch.Generator().manual_seed(seed).get_state()
+    if device.type != "cuda":
+        return (cpu, None)
+    return (cpu, torch.Generator(device=device).manual_seed(seed).get_state())
+
+
+def _randomness(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_randomness(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def write_state(state: dict[str, Any], out) -> None:

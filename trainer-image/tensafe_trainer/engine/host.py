@@ -24,6 +24,7 @@ from tensafe_trainer.engine.models import LoadedModel, is_tiny, load_model, pick
 
 # Fields of a client's config that pick its host: a slot fits a host only if they agree.
 HOST_DEFINING = ("model_ref", "device", "dtype", "seed")
+HOST_MISMATCH = "host_mismatch"  # an error's detail: a slot was sent to a host its model does not fit
 CANONICAL_ADAPTER = "default"  # how checkpoints and exports name a slot's adapter, whatever the host calls it
 
 
@@ -87,8 +88,9 @@ class ModelHost:
             if config.lora_config is None:
                 return self.base.requires_grad_(True).train(), None
         name = next(self._names)
-        torch.manual_seed(config.seed)  # the adapter's start depends on its own seed, not on the slots before it
-        self._add_adapter(name, config)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(config.seed)  # the adapter starts from its own seed, and leaves the host's stream be
+            self._add_adapter(name, config)
         self.adapters.add(name)
         self.activate(name)
         return self.peft.train(), name

@@ -35,7 +35,7 @@ from tensafe_trainer.storage.artifacts import ArtifactStore
 from tensafe_trainer.storage.crypto import ALGORITHM
 from tensafe_trainer.privacy.datasets import find_dataset, load_examples
 from tensafe_trainer.engine.adapter import AdapterSlot, deserialize_state, write_state
-from tensafe_trainer.engine.host import ModelHost, shares_host
+from tensafe_trainer.engine.host import HOST_MISMATCH, ModelHost, shares_host
 from tensafe_trainer.privacy.ledger import open_ledger
 from tensafe_trainer.engine.sampling import Sampler
 
@@ -94,8 +94,11 @@ class Runtime:
         if base_model and base_model != config.model_ref:
             raise ValidationError(f"artifact {artifact_id} was trained on {config.model_ref!r}, not {base_model!r}",
                                   {"field": "base_model"})
-        fits = host is not None and host.fits(config) and shares_host(config)
-        engine = AdapterSlot(config, host=host if fits else None)
+        if host is not None and not (host.fits(config) and shares_host(config)):
+            # Its saver's config, by which the pool chose this host, was not the one these weights were saved under
+            # (that client id has been taken by another since): another model must not load beside the host's.
+            raise ValidationError("these weights do not fit this model host", {HOST_MISMATCH: True})
+        engine = AdapterSlot(config, host=host)
         engine.load_weights(state)
         return cls(client_id, tenant_id, "sampling", engine, store)
 
@@ -107,7 +110,8 @@ class Runtime:
         if handler is None:
             raise ValidationError(f"unknown operation {kind!r}")
         self.engine.activate()  # its host may have run another slot's adapter last
-        return handler(self, request)
+        with self.engine.own_randomness():
+            return handler(self, request)
 
     def close(self) -> None:
         self.engine.close()

@@ -9,8 +9,9 @@ each slot's gradient is the one it would get alone (to floating-point rounding: 
 over more rows). Under DP each slot's per-example gradients come from its own adapter's hooks, clipped to its C
 and noised at its optim_step from its own key; the other slots' rows reach none of its parameters.
 
-A slot whose part fails on its own (a non-finite loss) gets its error; the others go on. Anything else failing
-inside a shared pass fails the pass, and the host process runs each part again alone.
+A slot whose part fails on its own (a non-finite loss; anything failing while its gradients are taken into its
+logical batch) gets its error; the others go on. Anything failing in the forward or backward, before any part has
+taken its gradients, fails the pass, and the host process runs each part again alone: nothing is taken twice.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def forward_backward_pass(parts: list[PassPart]) -> list[Union[ForwardBackwardRe
             if outcomes[i] is None:
                 try:
                     outcomes[i] = part.slot.conclude(part)
-                except TGTinkerError as exc:
-                    outcomes[i] = exc
+                except Exception as exc:  # noqa: BLE001 - this part's own failure, after others may have concluded:
+                    outcomes[i] = exc  # the pass must not fail as a whole now (it would run concluded parts again)
             if isinstance(outcomes[i], BaseException):
                 part.slot.forget_pass()  # the backward still reached its adapter (zero, or NaN from its own rows)
     return outcomes

@@ -202,6 +202,7 @@ class _HostLoop:
         self.slots: dict[int, tuple[SlotSpec, object]] = {}
         self.queues: dict[int, collections.deque] = {}
         self._clock = itertools.count(1)
+        self._answered: set[tuple[int, int]] = set()  # of the operations run_next took
         self._served: dict[int, int] = {}  # slot -> when it was last served
         self._tenant_served: dict[str, int] = {}
 
@@ -272,11 +273,17 @@ class _HostLoop:
                 jobs.append((i, seq, request))
             else:
                 self._answer(i, seq, withdrawn=True)
-        with self.threads.working():
-            if len(jobs) > 1:
-                self._run_shared(jobs)
-            elif jobs:
-                self._run_alone(*jobs[0])
+        self._answered = set()
+        try:
+            with self.threads.working():
+                if len(jobs) > 1:
+                    self._run_shared(jobs)
+                elif jobs:
+                    self._run_alone(*jobs[0])
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail these operations, not the host's other slots
+            for index, seq, request in jobs:
+                if (index, seq) not in self._answered:
+                    self._answer(index, seq, error=wire_error(exc, request.type, self.slots[index][0].private))
 
     def _shareable(self, index: int) -> bool:
         _, request = self.queues[index][0]
@@ -311,6 +318,7 @@ class _HostLoop:
 
     def _answer(self, index: int, seq: int, **outcome) -> None:
         self.send(index, Reply(seq, _summary(self.slots[index][1]), time.time(), **outcome))
+        self._answered.add((index, seq))
 
     def _succeed(self, index: int, seq: int, outcome, shared_pass: bool = False) -> None:
         dp = getattr(outcome.result, "dp_metrics", None)
@@ -356,11 +364,14 @@ class _HostLoop:
                 part.slot.forget_pass()
                 self._run_alone(index, seq, request)
             return
+        # Counted as shared (tensafe_shared_pass_operations_total) only where no DP client's part was in the pass:
+        # the count would otherwise say when a DP client's forward_backward was ready.
+        shared = not any(self.slots[index][0].private for index, *_ in parts)
         for (index, seq, request, _), outcome in zip(parts, outcomes):
             if isinstance(outcome, BaseException):
                 self._fail(index, seq, request, outcome)
             else:
-                self._succeed(index, seq, Outcome(outcome), shared_pass=True)
+                self._succeed(index, seq, Outcome(outcome), shared_pass=shared)
 
 
 def _child(requests, replies, home: str, busy_engines, gates: StartGates) -> None:

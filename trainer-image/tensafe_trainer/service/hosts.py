@@ -12,12 +12,15 @@ and so its fate (a crash fails all of them) and its memory, though never an adap
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from tensafe_trainer.engine.host import host_key, shares_host
+from tg_tinker.errors import ValidationError
+
+from tensafe_trainer.engine.host import HOST_MISMATCH, host_key, shares_host
 from tensafe_trainer.engine.process import EngineSlot, HostProcess
 from tensafe_trainer.engine.protocol import SlotSpec
 from tensafe_trainer.service import metrics
@@ -57,7 +60,12 @@ class HostPool:
                 hosts.append(host)
                 metrics.HOSTS.inc()
             index = host.reserve()
-        return host.attach(spec, index)
+        try:
+            return host.attach(spec, index)
+        except ValidationError as exc:
+            if not exc.details.get(HOST_MISMATCH) or spec.saved_by is None:
+                raise
+        return self.attach(dataclasses.replace(spec, saved_by=None))  # a sampler whose weights fit elsewhere
 
     def _released(self, host: HostProcess) -> None:
         if host.attached:
