@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import tarfile
@@ -40,7 +41,6 @@ from tensafe_trainer.privacy.ledger import open_ledger
 from tensafe_trainer.engine.sampling import Sampler
 
 
-
 @dataclass
 class Outcome:
     result: WireModel
@@ -75,7 +75,7 @@ class Runtime:
             dataset_id = config.dp_config.dataset_id
             ledger = open_ledger(ledger_root, tenant_id, config.dp_config, store.keys)
             if dataset_id:
-                find = lambda: load_examples(store, tenant_id, dataset_id)  # noqa: E731
+                find = functools.partial(load_examples, store, tenant_id, dataset_id)
                 dataset = find()
         engine = AdapterSlot(config, host=host, ledger=ledger, dataset=dataset, client_id=client_id,
                              find_dataset=find)
