@@ -9,7 +9,10 @@ import time
 import pytest
 
 from conftest import random_batch, tiny_config
-from tg_tinker.types import BatchData, ForwardBackwardRequest, ForwardRequest, OptimStepRequest
+import dataclasses
+
+from tg_tinker.types import (BatchData, ComputeLogprobsRequest, ForwardBackwardRequest, ForwardRequest,
+                             OptimStepRequest, SampleRequest, SaveStateRequest)
 
 from tensafe_trainer.engine.process import busy_counter
 from tensafe_trainer.engine.protocol import SlotSpec
@@ -18,6 +21,14 @@ from tensafe_trainer.service.hosts import HostPool
 
 def _spec(client_id: str, tenant: str = "default", **config) -> SlotSpec:
     return SlotSpec.training(client_id, tenant, tiny_config(**config))
+
+
+@pytest.fixture
+def pool(tensafe_home):
+    """A pool of hosts of 4 slots, per tenant, ending 0.2 s after their last slot leaves."""
+    hosts = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
+    yield hosts
+    hosts.close()
 
 
 def _ended(host, seconds: float = 20.0) -> bool:
@@ -90,81 +101,61 @@ def test_tenants_share_a_host_only_when_the_trainer_allows_it(tensafe_home):
         pool.close()
 
 
-def test_forward_backwards_ready_at_once_run_in_one_pass_and_a_withdrawn_one_does_not(tensafe_home):
-    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
+def test_forward_backwards_ready_at_once_run_in_one_pass_and_a_withdrawn_one_does_not(pool):
     slow, first, second, third = (pool.attach(_spec(name, max_seq_len=512)) for name in "swxy")
-    try:
-        batch = BatchData(**random_batch(rows=4, width=16))
-        slow.hand_over(0, ForwardRequest(batch=BatchData(**random_batch(rows=8, width=512))))  # keeps the host busy
-        for slot in (first, second, third):
-            slot.hand_over(0, ForwardBackwardRequest(batch=batch))
-        assert third.withdraw(0)
-        assert slow.reply("forward").ok
-        one, two, withdrawn = first.reply("forward_backward"), second.reply("forward_backward"), third.reply("")
-        assert one.ok and two.ok and one.shared_pass and two.shared_pass
-        assert one.result == two.result  # same base, same seed, same batch: the same numbers
-        assert withdrawn.withdrawn
-        for slot in (first, second):
-            slot.hand_over(1, OptimStepRequest())
-            assert slot.reply("optim_step").result["step"] == 1
-        third.hand_over(1, OptimStepRequest())
-        assert third.reply("optim_step").result["step"] == 1  # its numbering goes on past the withdrawn one
-    finally:
-        pool.close()
+    batch = BatchData(**random_batch(rows=4, width=16))
+    slow.hand_over(0, ForwardRequest(batch=BatchData(**random_batch(rows=8, width=512))))  # keeps the host busy
+    for slot in (first, second, third):
+        slot.hand_over(0, ForwardBackwardRequest(batch=batch))
+    assert third.withdraw(0)
+    assert slow.reply("forward").ok
+    one, two, withdrawn = first.reply("forward_backward"), second.reply("forward_backward"), third.reply("")
+    assert one.ok and two.ok and one.shared_pass and two.shared_pass
+    assert one.result == two.result  # same base, same seed, same batch: the same numbers
+    assert withdrawn.withdrawn
+    for slot in (first, second):
+        slot.hand_over(1, OptimStepRequest())
+        assert slot.reply("optim_step").result["step"] == 1
+    third.hand_over(1, OptimStepRequest())
+    assert third.reply("optim_step").result["step"] == 1  # its numbering goes on past the withdrawn one
 
 
-def test_a_sampler_of_a_lora_clients_weights_joins_that_clients_host_and_samples_as_it_would_alone(tensafe_home):
-    import dataclasses
-
-    from tg_tinker.types import ComputeLogprobsRequest, SampleRequest, SaveStateRequest
-
-    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
-    try:
-        trainer = pool.attach(_spec("trained"))
-        trainer.hand_over(0, ForwardBackwardRequest(batch=BatchData(**random_batch())))
-        trainer.hand_over(1, OptimStepRequest())
-        trainer.hand_over(2, SaveStateRequest(kind="sampler"))
-        assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
-        artifact = trainer.reply("save_state").result["artifact_id"]
-        trainer.hand_over(3, ForwardBackwardRequest(batch=BatchData(**random_batch(seed=1))))
-        trainer.hand_over(4, OptimStepRequest(adam={"learning_rate": 0.5}))  # the trainer's adapter moves on, far
-        assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
-        spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
-        shared = pool.attach(dataclasses.replace(spec, saved_by=tiny_config()))
-        alone = pool.attach(dataclasses.replace(spec, client_id="alone"))  # its saver unknown: a host of its own
-        assert shared.host is trainer.host and alone.host is not trainer.host
-        tokens = [5, 9, 200, 17, 3, 64, 81, 2]
-        scores, samples = [], []
-        for slot, seq in ((shared, 0), (alone, 0), (trainer, 5)):
-            slot.hand_over(seq, ComputeLogprobsRequest(tokens=tokens))
-            scores.append(slot.reply("compute_logprobs").result["logprobs"][1:])
-        for slot in (shared, alone):
-            slot.hand_over(1, SampleRequest(prompt=[1, 2, 3], max_tokens=8, temperature=1.0, seed=5))
-            samples.append(slot.reply("sample").result["sequences"])
-        assert scores[0] == pytest.approx(scores[1], rel=1e-6) and samples[0] == samples[1]  # its own weights
-        assert scores[0] != pytest.approx(scores[2], rel=1e-3)  # not the trainer's, which moved on
-    finally:
-        pool.close()
+def test_a_sampler_of_a_lora_clients_weights_joins_that_clients_host_and_samples_as_it_would_alone(pool):
+    trainer = pool.attach(_spec("trained"))
+    trainer.hand_over(0, ForwardBackwardRequest(batch=BatchData(**random_batch())))
+    trainer.hand_over(1, OptimStepRequest())
+    trainer.hand_over(2, SaveStateRequest(kind="sampler"))
+    assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
+    artifact = trainer.reply("save_state").result["artifact_id"]
+    trainer.hand_over(3, ForwardBackwardRequest(batch=BatchData(**random_batch(seed=1))))
+    trainer.hand_over(4, OptimStepRequest(adam={"learning_rate": 0.5}))  # the trainer's adapter moves on, far
+    assert trainer.reply("forward_backward").ok and trainer.reply("optim_step").ok
+    spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
+    shared = pool.attach(dataclasses.replace(spec, saved_by=tiny_config()))
+    alone = pool.attach(dataclasses.replace(spec, client_id="alone"))  # its saver unknown: a host of its own
+    assert shared.host is trainer.host and alone.host is not trainer.host
+    tokens = [5, 9, 200, 17, 3, 64, 81, 2]
+    scores, samples = [], []
+    for slot, seq in ((shared, 0), (alone, 0), (trainer, 5)):
+        slot.hand_over(seq, ComputeLogprobsRequest(tokens=tokens))
+        scores.append(slot.reply("compute_logprobs").result["logprobs"][1:])
+    for slot in (shared, alone):
+        slot.hand_over(1, SampleRequest(prompt=[1, 2, 3], max_tokens=8, temperature=1.0, seed=5))
+        samples.append(slot.reply("sample").result["sequences"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6) and samples[0] == samples[1]  # its own weights
+    assert scores[0] != pytest.approx(scores[2], rel=1e-3)  # not the trainer's, which moved on
 
 
-def test_a_sampler_sent_to_a_host_its_weights_do_not_fit_gets_a_host_of_its_own(tensafe_home):
+def test_a_sampler_sent_to_a_host_its_weights_do_not_fit_gets_a_host_of_its_own(pool):
     # The pool places a sampler by the config of the live client under its saver's id; that id may have been taken
     # by a client of another model since. Another model must not load inside that client's host.
-    import dataclasses
-
-    from tg_tinker.types import SampleRequest, SaveStateRequest
-
-    pool = HostPool(tensafe_home, busy_counter(), capacity=4, idle_s=0.2)
-    try:
-        saver = pool.attach(_spec("saver"))
-        saver.hand_over(0, SaveStateRequest(kind="sampler"))
-        artifact = saver.reply("save_state").result["artifact_id"]
-        other = pool.attach(_spec("replacement", seed=7))  # a tiny model of another seed: another model
-        spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
-        sampler = pool.attach(dataclasses.replace(spec, saved_by=tiny_config(seed=7)))
-        assert sampler.host is not other.host and sampler.host is not saver.host
-        sampler.hand_over(0, SampleRequest(prompt=[1, 2], max_tokens=2, seed=1))
-        assert sampler.reply("sample").ok
-        assert other.host.attached == 1  # the refused start left nothing behind there
-    finally:
-        pool.close()
+    saver = pool.attach(_spec("saver"))
+    saver.hand_over(0, SaveStateRequest(kind="sampler"))
+    artifact = saver.reply("save_state").result["artifact_id"]
+    other = pool.attach(_spec("replacement", seed=7))  # a tiny model of another seed: another model
+    spec = SlotSpec.sampling("sampler", "default", artifact_id=artifact)
+    sampler = pool.attach(dataclasses.replace(spec, saved_by=tiny_config(seed=7)))
+    assert sampler.host is not other.host and sampler.host is not saver.host
+    sampler.hand_over(0, SampleRequest(prompt=[1, 2], max_tokens=2, seed=1))
+    assert sampler.reply("sample").ok
+    assert other.host.attached == 1  # the refused start left nothing behind there
