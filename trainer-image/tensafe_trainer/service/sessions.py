@@ -210,7 +210,7 @@ class Session:
 
     @property
     def holds_engine(self) -> bool:
-        """Whether this client still holds an engine slot: until its engine process has exited."""
+        """Whether this client still holds its slot: until it has left its host (or its host has died)."""
         if self.status in (ClientStatus.TERMINATED, ClientStatus.ERROR):
             return self.engine is not None and self.engine.alive
         return True
