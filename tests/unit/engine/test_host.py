@@ -149,3 +149,23 @@ def test_a_slots_dropout_draws_from_its_own_stream_whatever_its_neighbours_draw(
 
     quiet = losses([0, 0, 0])
     assert losses([1, 4, 2]) == quiet == losses([3, 0, 4])
+
+
+def test_lora_on_embeddings_trains_on_a_shared_host_and_a_neighbours_export_holds_only_its_own_adapter():
+    config = tiny_config(dtype="float64", batch_size=4)
+    host = ModelHost.for_config(config)
+    embedded = _slot(tiny_config(dtype="float64", batch_size=4, optimizer=SGD1,
+                                 lora_config=LoRAConfig(rank=4, target_modules=["embed_tokens"])), host=host)
+    headed = _slot(tiny_config(dtype="float64", batch_size=4, lora_config=LoRAConfig(rank=4, target_modules=["lm_head"])),
+                   host=host)
+    names = set(embedded.trainable)
+    assert names and all("lora_embedding" in n and n.endswith(".default") for n in names)
+    assert not embedded.shares_passes and headed.shares_passes  # the shared pass routes linear layers only
+    before = _weights(embedded)
+    _train(embedded, seed=5, steps=1)
+    assert any(not torch.equal(before[n], p.detach()) for n, p in embedded.trainable.items())
+    assert set(embedded.state_dict(include_optimizer=False)["trainable"]) == names
+    from safetensors.torch import load as load_safetensors
+
+    exported = load_safetensors(headed.adapter_files()["adapter_model.safetensors"])
+    assert exported and all("lm_head.lora_" in k for k in exported)

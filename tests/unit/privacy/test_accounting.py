@@ -207,3 +207,13 @@ def test_a_checkpoint_that_names_no_ledger_head_does_not_load_over_a_file_ledger
     state["accountant"].pop("ledger_head")  # as saved before ledgers were chained, or over a PrivacyBudget
     with pytest.raises(ValidationError, match="names no head"):
         engine.load_state_dict(state)
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_a_noise_multiplier_below_the_accounted_floor_is_infinite_epsilon_at_once(mechanism):
+    # Left to the accountants, 1e-160 at q = 0.001 never ended (a DP client's step stalled its whole model host).
+    from tensafe_trainer.privacy.dp import MIN_ACCOUNTED_SIGMA, epsilon_of
+
+    for sigma in (1e-160, 0.02, MIN_ACCOUNTED_SIGMA / 2):
+        assert epsilon_of(mechanism, 1e-5, ((sigma, 1e-3, 3),)) == math.inf
+    assert epsilon_of(mechanism, 1e-5, ((1.0, 1e-3, 3),)) < 1.0

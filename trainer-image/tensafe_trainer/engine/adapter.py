@@ -36,7 +36,7 @@ from tg_tinker.types import (
     OptimStepResult,
 )
 
-from tensafe_trainer.engine.host import ModelHost, canonical_name
+from tensafe_trainer.engine.host import ModelHost, canonical_name, owns
 from tensafe_trainer.engine.logits import causal_lm, chunk_for, row_logprobs
 from tensafe_trainer.privacy.ledger import PrivacyLedger
 from tensafe_trainer.engine.losses import get_loss
@@ -94,7 +94,7 @@ class AdapterSlot:
         self.logits_chunk = chunk_for(self.model)  # positions whose logits exist at once
         self.activation_bytes_per_token = activation_bytes_per_token(causal_lm(self.model).config)
         self.trainable = {canonical_name(n, self.adapter): p for n, p in self.model.named_parameters()
-                          if (f".{self.adapter}." in n if self.adapter is not None else p.requires_grad)}
+                          if (owns(n, self.adapter) if self.adapter is not None else p.requires_grad)}
         check_trainable_state(sum(p.numel() for p in self.trainable.values()),
                               config.batch_size if config.dp_enabled else 0)
         self.optimizer = build_optimizer(self.trainable.values(), config.optimizer)
@@ -482,7 +482,10 @@ class AdapterSlot:
             raise ValidationError("this client does full fine-tuning: there is no adapter to export; "
                                   "use save_state for the full weights", {"field": "lora_config"})
         weights = {k: v.detach().cpu().contiguous()
-                   for k, v in get_peft_model_state_dict(self.model, adapter_name=self.adapter).items()}
+                   # the adapter's own weights: not the base's embeddings, tied to the head, which PEFT adds once any
+                   # slot of the host has LoRA on them (and which safetensors refuses as shared memory)
+                   for k, v in get_peft_model_state_dict(self.model, adapter_name=self.adapter,
+                                                         save_embedding_layers=False).items()}
         config = self.model.peft_config[self.adapter].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         config["inference_mode"] = True

@@ -180,6 +180,16 @@ class ModelHost:
         return public_model_name(self.model_ref)
 
 
+def owns(parameter: str, adapter: str) -> bool:
+    """Whether a parameter of the PEFT model is ``adapter``'s: ``...lora_A.<adapter>.weight`` (a linear layer's), or
+    ``...lora_embedding_A.<adapter>`` (an embedding's, a parameter of its own)."""
+    return f".{adapter}." in parameter or parameter.endswith(f".{adapter}")
+
+
 def canonical_name(parameter: str, adapter: Optional[str]) -> str:
     """A slot's parameter as a checkpoint names it: the adapter called ``default`` whatever its name on the host."""
-    return parameter if adapter is None else parameter.replace(f".{adapter}.", f".{CANONICAL_ADAPTER}.")
+    if adapter is None:
+        return parameter
+    if parameter.endswith(f".{adapter}"):
+        parameter = parameter[:-len(adapter)] + CANONICAL_ADAPTER
+    return parameter.replace(f".{adapter}.", f".{CANONICAL_ADAPTER}.")

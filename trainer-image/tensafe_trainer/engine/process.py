@@ -45,6 +45,8 @@ from tensafe_trainer.engine.protocol import Reply, SlotSpec, SlotSummary
 log = logging.getLogger("tensafe.engine")
 
 PIPELINE_DEPTH = 2  # operations handed to an engine at once: the running one and the next
+DETACH_WAIT_S = 120.0  # how long a client that ends waits for its host to let it go (the host's current operation)
+TIMED_OUT = object()  # HostProcess.receive: no message within the timeout
 SHARED_PASS_OPS = frozenset({"forward_backward"})  # what several slots' operations may run in one pass
 MAX_SHARED_PASS = 8  # slots in one pass at most
 # Tokens in one shared pass on a CPU: past about this many, a pass runs slower per token than smaller ones (its
@@ -242,12 +244,13 @@ class _HostLoop:
 
                 self.host = ModelHost.for_config(spec.host_config)
             runtime = _build(spec, self.home, self.host)
-        except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller
+            ready = ("ready", _summary(runtime))
+        except Exception as exc:  # noqa: BLE001 - reported to the session, which fails every caller; the host goes on
             self.send(index, ("failed", wire_error(exc, private=spec.private)))
             return
         self.slots[index] = (spec, runtime)
         self.queues[index] = collections.deque()
-        self.send(index, ("ready", _summary(runtime)))
+        self.send(index, ready)
 
     def detach(self, index: int) -> None:
         _, runtime = self.slots.pop(index, (None, None))
@@ -300,12 +303,14 @@ class _HostLoop:
 
         engine = self.slots[index][1].engine
         tokens = CPU_SHARED_PASS_TOKENS if engine.device.type == "cpu" else None
+        # At most one DP part a pass: each holds per-example gradients, which the pass's budget does not count.
+        private = self.slots[index][0].private
         rows, width = self.queues[index][0][1].batch.shape
         chosen = []
         for other in others:
             if len(chosen) + 1 >= MAX_SHARED_PASS:
                 break
-            if not self._shareable(other):
+            if not self._shareable(other) or (private and self.slots[other][0].private):
                 continue
             more, wider = self.queues[other][0][1].batch.shape
             if tokens is not None and (rows + more) * max(width, wider) > tokens:
@@ -313,6 +318,7 @@ class _HostLoop:
             if engine.training_pass_bytes(rows + more, max(width, wider)) > request_memory_budget():
                 continue
             rows, width = rows + more, max(width, wider)
+            private = private or self.slots[other][0].private
             chosen.append(other)
         return chosen
 
@@ -490,9 +496,11 @@ class HostProcess:
         slot.summary = message[1]
         return slot
 
-    def receive(self, index: int):
-        """Slot ``index``'s next message, or None once the process is gone. The caller reads the pipe itself unless
-        another worker is reading it, which then leaves this slot's message in its mailbox."""
+    def receive(self, index: int, timeout: Optional[float] = None):
+        """Slot ``index``'s next message, None once the process is gone, or ``TIMED_OUT`` after ``timeout`` seconds.
+        The caller reads the pipe itself unless another worker is reading it, which then leaves this slot's message
+        in its mailbox."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._arrived:
             while True:
                 mailbox = self._mailboxes[index]
@@ -503,9 +511,13 @@ class HostProcess:
                 if not self._reading:
                     self._reading = True
                     break
-                self._arrived.wait()
+                if deadline is not None and deadline <= time.monotonic():
+                    return TIMED_OUT
+                self._arrived.wait(None if deadline is None else deadline - time.monotonic())
         try:
             while True:
+                if deadline is not None and not self._replies.poll(max(0.0, deadline - time.monotonic())):
+                    return TIMED_OUT
                 try:
                     target, payload = self._replies.recv()
                 except (EOFError, OSError):
@@ -592,11 +604,12 @@ class EngineSlot:
             return
         if self.host.alive:
             self.host.send(("detach", self.index))
-            try:
-                while (message := self.receive("detach")) != ("detached",):
-                    log.warning("%s left its host with a reply unread (%s)", self.client_id, type(message).__name__)
-            except TrainingClientError:
-                pass
+            while (message := self.host.receive(self.index, timeout=DETACH_WAIT_S)) not in (("detached",), None):
+                if message is TIMED_OUT:  # the host is stuck in an operation: this client ends; its index stays taken
+                    log.error("%s could not leave its host within %.0f s", self.client_id, DETACH_WAIT_S)
+                    self._closed = True
+                    return
+                log.warning("%s left its host with a reply unread (%s)", self.client_id, type(message).__name__)
         self._closed = True
         self.host.release(self.index)
 
