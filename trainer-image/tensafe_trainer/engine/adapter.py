@@ -169,9 +169,7 @@ class AdapterSlot:
                 f"sequence length {width} exceeds max_seq_len={self.config.max_seq_len}",
                 {"field": "input_ids", "length": width, "max_seq_len": self.config.max_seq_len},
             )
-        # the door's check, before the load too
-        check_request_memory(rows, min(width, self.logits_chunk or width), self.vocab_size, TRAINING_BYTES_PER_CELL,
-                             full_width=width, activations_per_token=self.activation_bytes_per_token)
+        check_request_memory(**self._training_pass(rows, width))  # the door's check, before the load too
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         mask = (torch.tensor(batch.attention_mask, dtype=torch.long) if batch.attention_mask is not None
                 else torch.ones_like(ids))
@@ -245,9 +243,14 @@ class AdapterSlot:
 
     def training_pass_bytes(self, rows: int, width: int) -> int:
         """What a training pass of ``rows`` x ``width`` tokens needs (the request budget's count: memory.py)."""
-        return request_memory_need(rows, min(width, self.logits_chunk or width), self.vocab_size,
-                                   TRAINING_BYTES_PER_CELL, full_width=width,
-                                   activations_per_token=self.activation_bytes_per_token)
+        return request_memory_need(**self._training_pass(rows, width))
+
+    def _training_pass(self, rows: int, width: int) -> dict:
+        """A training pass of ``rows`` x ``width`` tokens as memory.py counts it: logits of one chunk of positions
+        at a time, activations of every token."""
+        return dict(rows=rows, width=min(width, self.logits_chunk or width), vocab_size=self.vocab_size,
+                    bytes_per_cell=TRAINING_BYTES_PER_CELL, full_width=width,
+                    activations_per_token=self.activation_bytes_per_token)
 
     def forward_backward_sampled(self) -> ForwardBackwardResult:
         """Draw one logical batch: each example of the registered dataset independently with probability q

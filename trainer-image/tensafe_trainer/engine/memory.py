@@ -70,11 +70,17 @@ def check_trainable_state(parameters: int, per_example_rows: int, budget: Option
             "target modules or a smaller batch_size", {"field": "lora_config", "trainable_parameters": parameters})
 
 
+def request_memory_parts(rows: int, width: int, vocab_size: int, bytes_per_cell: int,
+                         full_width: Optional[int] = None, activations_per_token: int = 0) -> tuple[int, int]:
+    """What ``check_request_memory`` counts: the logits of ``rows`` x ``width`` positions, and the activations of
+    ``rows`` x ``full_width`` tokens (``full_width`` defaults to ``width``)."""
+    return rows * width * vocab_size * bytes_per_cell, rows * (full_width or width) * activations_per_token
+
+
 def request_memory_need(rows: int, width: int, vocab_size: int, bytes_per_cell: int,
                         full_width: Optional[int] = None, activations_per_token: int = 0) -> int:
-    """What ``check_request_memory`` counts: the logits of ``rows`` x ``width`` positions, and the activations of
-    ``rows`` x ``full_width`` tokens."""
-    return rows * width * vocab_size * bytes_per_cell + rows * (full_width or width) * activations_per_token
+    """``request_memory_parts`` in all."""
+    return sum(request_memory_parts(rows, width, vocab_size, bytes_per_cell, full_width, activations_per_token))
 
 
 def check_request_memory(rows: int, width: int, vocab_size: int, bytes_per_cell: int, budget: Optional[int] = None,
@@ -83,9 +89,9 @@ def check_request_memory(rows: int, width: int, vocab_size: int, bytes_per_cell:
     """RequestTooLargeError (413) if ``rows`` x ``width`` logits over ``vocab_size``, with ``rows`` x ``full_width``
     tokens' activations (a training pass's; ``full_width`` defaults to ``width``), would pass ``budget``."""
     budget = request_memory_budget() if budget is None else budget
-    logits = rows * width * vocab_size * bytes_per_cell
-    activations = rows * (full_width or width) * activations_per_token
-    if request_memory_need(rows, width, vocab_size, bytes_per_cell, full_width, activations_per_token) > budget:
+    logits, activations = request_memory_parts(rows, width, vocab_size, bytes_per_cell, full_width,
+                                               activations_per_token)
+    if logits + activations > budget:
         raise RequestTooLargeError(
             f"{rows} x {full_width or width} tokens need about {(logits + activations) >> 20} MiB ({logits >> 20} MiB "
             f"for their logits over a vocabulary of {vocab_size}, {activations >> 20} MiB for the activations kept "
