@@ -156,8 +156,8 @@ def test_lora_on_embeddings_trains_on_a_shared_host_and_a_neighbours_export_hold
     host = ModelHost.for_config(config)
     embedded = _slot(tiny_config(dtype="float64", batch_size=4, optimizer=SGD1,
                                  lora_config=LoRAConfig(rank=4, target_modules=["embed_tokens"])), host=host)
-    headed = _slot(tiny_config(dtype="float64", batch_size=4, lora_config=LoRAConfig(rank=4, target_modules=["lm_head"])),
-                   host=host)
+    headed = _slot(tiny_config(dtype="float64", batch_size=4,
+                               lora_config=LoRAConfig(rank=4, target_modules=["lm_head"])), host=host)
     names = set(embedded.trainable)
     assert names and all("lora_embedding" in n and n.endswith(".default") for n in names)
     assert not embedded.shares_passes and headed.shares_passes  # the shared pass routes linear layers only
@@ -169,3 +169,18 @@ def test_lora_on_embeddings_trains_on_a_shared_host_and_a_neighbours_export_hold
 
     exported = load_safetensors(headed.adapter_files()["adapter_model.safetensors"])
     assert exported and all("lm_head.lora_" in k for k in exported)
+
+
+def test_a_host_whose_base_a_slot_trained_takes_no_other_slot_even_after_it_left():
+    # What full fine-tuning or a LoRA bias changed stays in the base: no later slot may train on top of it.
+    config = tiny_config()
+    for holder_config in (tiny_config(lora_config=None),
+                          tiny_config(lora_config=LoRAConfig(rank=2, target_modules=["q_proj"], bias="all"))):
+        host = ModelHost.for_config(config)
+        holder = AdapterSlot(holder_config, host=host)
+        with pytest.raises(ValidationError, match="takes no other slot"):
+            AdapterSlot(config, host=host)
+        holder.close()
+        assert host.slots == 0
+        with pytest.raises(ValidationError, match="takes no other slot"):
+            AdapterSlot(config, host=host)

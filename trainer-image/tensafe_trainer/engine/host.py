@@ -26,6 +26,7 @@ from tensafe_trainer.engine.models import LoadedModel, is_tiny, load_model, pick
 HOST_DEFINING = ("model_ref", "device", "dtype", "seed")
 HOST_MISMATCH = "host_mismatch"  # an error's detail: a slot was sent to a host its model does not fit
 CANONICAL_ADAPTER = "default"  # how checkpoints and exports name a slot's adapter, whatever the host calls it
+BASE = ""  # ModelHost.exclusive: full fine-tuning holds the host (no adapter name)
 
 
 def shares_host(config: TrainingConfig) -> bool:
@@ -59,7 +60,10 @@ class ModelHost:
         self.peft = None  # the PEFT model the adapters live on, from the first LoRA slot
         self.adapters: set[str] = set()
         self.active: Optional[str] = None
-        self.exclusive = False  # a slot that trains the base's own weights holds it
+        # A slot that trains the base's own weights holds the host alone, for good: what it changed stays in the
+        # base after it leaves. Its adapter's name, or BASE (full fine-tuning); None if none ever came.
+        self.exclusive: Optional[str] = None
+        self._base_attached = False  # a full fine-tuning slot is on it now
         self._names = (f"slot{i}" for i in itertools.count())
 
     @classmethod
@@ -68,7 +72,7 @@ class ModelHost:
 
     @property
     def slots(self) -> int:
-        return len(self.adapters) + int(self.exclusive)
+        return len(self.adapters) + int(self._base_attached)
 
     def fits(self, config: TrainingConfig) -> bool:
         return host_key(config) == _key(**self.defining)
@@ -80,18 +84,23 @@ class ModelHost:
             differing = [f for f in HOST_DEFINING if getattr(config, f) != self.defining[f]]
             raise ValidationError(f"this client's {', '.join(differing)} differ from its model host's",
                                   {"field": differing[0]})
-        if self.exclusive or (not shares_host(config) and self.slots):
+        if self.exclusive is not None:
+            raise ValidationError("this model host's base was handed to a slot that trains it (full fine-tuning, or a "
+                                  "LoRA bias), which needs a model host of its own: it takes no other slot",
+                                  {"field": "lora_config"})
+        if not shares_host(config) and self.slots:
             raise ValidationError("a slot that trains the base model's own weights (full fine-tuning, or a LoRA bias) "
                                   "needs a model host of its own", {"field": "lora_config"})
-        if config.lora_config is None or not shares_host(config):
-            self.exclusive = True
-            if config.lora_config is None:
-                return self.base.requires_grad_(True).train(), None
+        if config.lora_config is None:
+            self.exclusive, self._base_attached = BASE, True
+            return self.base.requires_grad_(True).train(), None
         name = next(self._names)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(config.seed)  # the adapter starts from its own seed, and leaves the host's stream be
             self._add_adapter(name, config)
         self.adapters.add(name)
+        if not shares_host(config):
+            self.exclusive = name
         self.activate(name)
         return self.peft.train(), name
 
@@ -168,7 +177,7 @@ class ModelHost:
     def detach(self, name: Optional[str]) -> None:
         """Remove a slot's adapter (its weights and optimizer go with the slot object)."""
         if name is None:
-            self.exclusive = False
+            self._base_attached = False
             return
         self.adapters.discard(name)
         self.peft.delete_adapter(name)
