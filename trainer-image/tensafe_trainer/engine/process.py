@@ -266,6 +266,7 @@ class _HostLoop:
     def run_next(self) -> None:
         """Run the oldest operation of the slot whose turn it is, with those of other slots that can share its pass,
         and answer them."""
+        self._answered = set()
         index, *others = self._in_turn()
         chosen = [index, *self._companions(index, others)]
         self._mark_served(chosen)
@@ -276,7 +277,6 @@ class _HostLoop:
                 jobs.append((i, seq, request))
             else:
                 self._answer(i, seq, withdrawn=True)
-        self._answered = set()
         try:
             with self.threads.working():
                 if len(jobs) > 1:

@@ -12,7 +12,7 @@ TOKENS = Counter("tensafe_tokens_processed_total", "Label tokens processed by fo
 QUEUE_DEPTH = Gauge("tensafe_queue_depth", "Operations waiting in all queues", registry=REGISTRY)
 CLIENTS = Gauge("tensafe_clients", "Live clients", ["kind"], registry=REGISTRY)
 SHARED_PASSES = Counter("tensafe_shared_pass_operations_total", "forward_backward operations that ran in one pass "
-                        "with other clients' (DP clients' not counted)", registry=REGISTRY)
+                        "with other clients' (passes with a DP client's part not counted)", registry=REGISTRY)
 HOSTS = Gauge("tensafe_model_hosts", "Model host processes (a base model in memory each)", registry=REGISTRY)
 DP_OPERATIONS = Counter("tensafe_dp_operations_total", "Finished operations of DP clients (no outcome or duration: "
                         "both depend on private batches)", ["type"], registry=REGISTRY)
